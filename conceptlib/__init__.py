@@ -1,0 +1,20 @@
+"""conceptlib: textual-inversion concepts for Stable Diffusion on KerasCV.
+
+Importing conceptlib never imports TensorFlow, JAX or Keras; ``apply`` imports them on first use.
+"""
+
+from conceptlib.concept import Concept
+from conceptlib.errors import ConceptlibError
+
+__version__ = "0.1.0"
+
+__all__ = ["Concept", "ConceptlibError", "apply", "__version__"]
+
+
+def apply(sd, concepts, *, library=None):
+    """Apply concepts (library names, tokens, file paths or Concept objects) to a KerasCV
+    StableDiffusion / StableDiffusionV2 in one step. Returns a handle with ``.unload()``;
+    also usable as a context manager. See conceptlib.kerascv.apply."""
+    from conceptlib.kerascv.apply import apply as _apply
+
+    return _apply(sd, concepts, library=library)

@@ -1,0 +1,1 @@
+"""Library management commands (issue 2)."""

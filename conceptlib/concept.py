@@ -1,0 +1,134 @@
+"""The Concept value object: a named token and its learned embedding vectors."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from conceptlib.errors import ConceptError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+FORMAT = "conceptlib/1"
+
+# Vector width of each base model's text encoder.
+DIMS = {"sd-1": 768, "sd-2": 1024}
+BASE_MODEL_BY_DIM = {dim: base for base, dim in DIMS.items()}
+
+# A name is a file-system-safe slug: it becomes "<name>.safetensors" inside the library.
+_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]|\.(?!\.)){0,63}$")
+# A token is what prompts contain. KerasCV's tokenizer lowercases prompts, so only lowercase
+# tokens can ever match; whitespace would split the token into several words.
+_TOKEN_RE = re.compile(r"^[^\sA-Z]{1,64}$")
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a valid library name (a lowercase slug), else raise ConceptError."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith("."):
+        raise ConceptError(
+            f"invalid concept name {name!r}: use 1-64 lowercase letters, digits, '-', '_' or '.' "
+            "(no '/', '..' or leading '.'), e.g. 'cat-doll'"
+        )
+    return name
+
+
+def validate_token(token: str) -> str:
+    """Return ``token`` if prompts can contain it (lowercase, no whitespace), else raise."""
+    if not isinstance(token, str) or not token:
+        raise ConceptError(f"invalid token {token!r}: a token must be a non-empty string like '<cat-doll>'")
+    if token != token.lower():
+        raise ConceptError(
+            f"invalid token {token!r}: KerasCV lowercases prompts, so a token with capitals never "
+            f"matches; use {token.lower()!r}"
+        )
+    if not _TOKEN_RE.match(token):
+        raise ConceptError(
+            f"invalid token {token!r}: use 1-64 characters without whitespace, e.g. '<cat-doll>'"
+        )
+    return token
+
+
+def slug_from_token(token: str) -> str:
+    """A default library name for a token: '<Cat Doll>' -> 'cat-doll'."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", token.lower()).strip("-._")
+    slug = re.sub(r"\.{2,}", ".", slug)[:64].strip("-._")
+    return slug or "concept"
+
+
+def validate_vectors(vectors, *, source: str = "concept") -> "np.ndarray":
+    """Return ``vectors`` as a C-contiguous float32 array of shape (n, 768|1024), or raise.
+
+    A 1-D vector of width 768/1024 is accepted as one vector (diffusers writes those).
+    """
+    import numpy as np
+
+    try:
+        array = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise ConceptError(f"{source}: vectors are not numeric ({exc}); expected a (n, 768|1024) array") from None
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise ConceptError(
+            f"{source}: vectors have rank {array.ndim} (shape {tuple(array.shape)}); "
+            "expected a (num_vectors, dim) array"
+        )
+    num, dim = array.shape
+    if dim not in BASE_MODEL_BY_DIM:
+        raise ConceptError(
+            f"{source}: vector width {dim} is not 768 (SD 1.x) or 1024 (SD 2.x); "
+            "this file was not made for a Stable Diffusion 1.x/2.x text encoder"
+        )
+    if num < 1 or num > 75:
+        raise ConceptError(f"{source}: {num} vectors; a concept needs 1 to 75 vectors")
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).any(axis=1).argmax())
+        raise ConceptError(
+            f"{source}: vector {bad} contains NaN or Inf; the training that produced it diverged, "
+            "retrain with a lower learning rate"
+        )
+    return np.ascontiguousarray(array)
+
+
+@dataclass
+class Concept:
+    """A learned concept: ``token`` stands for ``vectors`` (num_vectors, dim) float32.
+
+    ``metadata`` holds the file's string metadata as read or to be written, including keys
+    conceptlib does not know (they are preserved on rewrite).
+    """
+
+    name: str
+    token: str
+    vectors: "np.ndarray"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        validate_token(self.token)
+        self.vectors = validate_vectors(self.vectors, source=f"concept {self.name!r}")
+        self.metadata = {str(k): str(v) for k, v in (self.metadata or {}).items()}
+
+    @property
+    def num_vectors(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def base_model(self) -> str:
+        """'sd-1' for 768-wide vectors, 'sd-2' for 1024-wide."""
+        return BASE_MODEL_BY_DIM[self.dim]
+
+    def renamed(self, name: str | None = None, token: str | None = None) -> "Concept":
+        """A copy with a new name and/or token (metadata kept, identity keys updated on write)."""
+        return Concept(
+            name=name or self.name,
+            token=token or self.token,
+            vectors=self.vectors.copy(),
+            metadata=dict(self.metadata),
+        )

@@ -1,0 +1,375 @@
+"""ConceptLibrary: the on-disk collection of concepts (contract 2).
+
+Layout under the library root ($CONCEPTLIB_HOME, else platformdirs' user data dir)::
+
+    concepts/<name>.safetensors   one concept file each (contract 1); the file name is the name
+    runs/                         training run folders (owned by the trainers)
+    .lock                         flock()ed around every mutation, between processes
+    .index.json                   a cache of the concept files' headers, never the source of truth
+
+The index makes listing 10,000 concepts cheap: each entry is validated against the file's
+(inode, mtime_ns, size) and re-read from the file header when stale; a missing or corrupt index
+is simply rebuilt. It keeps only short metadata values; long ones (the preview thumbnail, loss
+history) are read from the file header on first access of ``header.metadata``.
+
+Nothing here imports numpy or TensorFlow except ``get`` (which loads vectors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from conceptlib.concept import Concept, validate_name, validate_token
+from conceptlib.errors import (
+    CollisionError,
+    ConceptError,
+    ConceptFileError,
+    LibraryError,
+    NotFoundError,
+)
+from conceptlib.files import SUFFIX, ConceptHeader, _fsync_dir, read_concept, read_header, write_concept
+
+INDEX_VERSION = 1
+# Metadata values longer than this stay out of the index and load lazily from the file.
+_INDEX_VALUE_LIMIT = 512
+
+
+def default_root() -> Path:
+    """$CONCEPTLIB_HOME if set, else platformdirs' per-user data folder for conceptlib."""
+    env = os.environ.get("CONCEPTLIB_HOME")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_path("conceptlib"))
+
+
+class _IndexedHeader(ConceptHeader):
+    """A ConceptHeader built from the index: ``metadata`` loads long values from the file header
+    the first time it is read; ``summary()`` never needs them."""
+
+    def __init__(self, path, name, token, num_vectors, dim, metadata=None, *, small=None, long_keys=()):
+        # Same signature as ConceptHeader (so dataclasses.replace works) plus the index's parts.
+        small = dict(metadata if metadata is not None else small or {})
+        object.__setattr__(self, "_small", small)
+        object.__setattr__(self, "_full", metadata if metadata is not None else (None if long_keys else small))
+        super().__init__(path=path, name=name, token=token, num_vectors=num_vectors, dim=dim, metadata=None)
+
+    @property
+    def metadata(self) -> dict[str, str]:  # type: ignore[override]
+        if self._full is None:
+            try:
+                full = read_header(self.path).metadata
+            except ConceptFileError:
+                full = dict(self._small)  # the file changed or vanished since listing
+            object.__setattr__(self, "_full", full)
+        return self._full
+
+    @metadata.setter
+    def metadata(self, value) -> None:
+        if value is not None:
+            object.__setattr__(self, "_full", value)
+
+    def summary(self) -> dict:
+        return ConceptHeader(
+            path=self.path, name=self.name, token=self.token, num_vectors=self.num_vectors, dim=self.dim,
+            metadata=self._small,
+        ).summary()
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A file in the library's concepts folder that is not a usable concept (listing skips it)."""
+
+    path: Path
+    message: str
+
+
+class ConceptLibrary:
+    """The local concept library. Names (file-system slugs) and tokens are unique within it.
+
+    Every mutation runs under an inter-process lock and writes atomically, so concurrent
+    processes lose nothing and a process killed mid-write leaves the library readable.
+    """
+
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_root()
+        self.concepts_dir = self.root / "concepts"
+        self._lock_path = self.root / ".lock"
+        self._index_path = self.root / ".index.json"
+        self._thread_lock = threading.RLock()
+        self._lock_depth = 0
+        self._lock_fd: int | None = None
+        #: Files skipped by the last ``list()`` (corrupt, foreign, badly named), with the reason.
+        self.problems: list[Problem] = []
+
+    def __repr__(self) -> str:
+        return f"ConceptLibrary({str(self.root)!r})"
+
+    @property
+    def runs_dir(self) -> Path:
+        """Where training run folders live by default."""
+        return self.root / "runs"
+
+    def path_for(self, name: str) -> Path:
+        """The file a concept named ``name`` is (or would be) stored in."""
+        return self.concepts_dir / f"{validate_name(name)}{SUFFIX}"
+
+    # -- locking -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the library's inter-process lock (re-entrant within this object)."""
+        with self._thread_lock:
+            if self._lock_depth == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._lock_fd = fd
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0:
+                    fd, self._lock_fd = self._lock_fd, None
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    os.close(fd)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def list(self) -> list[ConceptHeader]:
+        """All concepts' headers, sorted by name (header reads only; cached in the index).
+
+        Files that are not usable concepts are skipped and recorded in ``self.problems``.
+        """
+        headers, problems = self._scan()
+        self.problems = problems
+        return headers
+
+    def header(self, ref: str) -> ConceptHeader:
+        """The header of the concept whose name or token is ``ref``; NotFoundError otherwise."""
+        if _looks_like_name(ref):
+            path = self.concepts_dir / f"{ref}{SUFFIX}"
+            if path.is_file():
+                return _with_name(read_header(path), ref)
+        found = self.find_token(ref)
+        if found is None:
+            raise NotFoundError(self._not_found_message(ref))
+        return found
+
+    def get(self, ref: str) -> Concept:
+        """Load the concept whose name or token is ``ref`` (vectors included)."""
+        header = self.header(ref)
+        concept = read_concept(header.path)
+        if concept.name != header.name:
+            concept = Concept(header.name, concept.token, concept.vectors, concept.metadata)
+        return concept
+
+    def find_token(self, token: str) -> ConceptHeader | None:
+        """The header of the concept whose token is ``token``, or None."""
+        for header in self.list():
+            if header.token == token:
+                return header
+        return None
+
+    def __contains__(self, ref: str) -> bool:
+        try:
+            self.header(ref)
+        except NotFoundError:
+            return False
+        return True
+
+    def check_available(self, name: str, token: str) -> None:
+        """Raise (ConceptError/CollisionError) unless a concept with this name and token can be added."""
+        self._check_available(name, token, replacing=None)
+
+    # -- mutating ----------------------------------------------------------------------------
+
+    def add(self, concept: Concept, *, overwrite: bool = False) -> ConceptHeader:
+        """Store ``concept`` as <root>/concepts/<name>.safetensors, atomically and under the lock.
+
+        With ``overwrite`` an existing concept of the same name is replaced; a token used by a
+        different concept is always a CollisionError.
+        """
+        with self.lock():
+            self._remove_stale_temp_files()
+            self._check_available(concept.name, concept.token, replacing=concept.name if overwrite else None)
+            path = write_concept(concept, self.path_for(concept.name))
+            return _with_name(read_header(path), concept.name)
+
+    def remove(self, name: str) -> None:
+        """Delete the concept called ``name`` (NotFoundError if there is none)."""
+        with self.lock():
+            path = self._existing_path(name)
+            os.unlink(path)
+            _fsync_dir(path.parent)
+
+    def rename(self, old: str, new: str, token: str | None = None) -> ConceptHeader:
+        """Rename concept ``old`` to ``new`` (and optionally give it a new token)."""
+        with self.lock():
+            old_path = self._existing_path(old)
+            concept = read_concept(old_path)
+            validate_name(new)
+            new_token = validate_token(token) if token is not None else concept.token
+            if new == old and new_token == concept.token:
+                return _with_name(read_header(old_path), old)
+            self._check_available(new, new_token, replacing=old)
+            metadata = dict(concept.metadata)
+            if metadata.get("modelspec.title") in (None, old, concept.name):
+                metadata["modelspec.title"] = new
+            renamed = Concept(new, new_token, concept.vectors, metadata)
+            new_path = write_concept(renamed, self.path_for(new))
+            if new_path != old_path:
+                os.unlink(old_path)
+                _fsync_dir(old_path.parent)
+            return _with_name(read_header(new_path), new)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _existing_path(self, name: str) -> Path:
+        if not _looks_like_name(name):
+            raise NotFoundError(self._not_found_message(name))
+        path = self.concepts_dir / f"{name}{SUFFIX}"
+        if not path.is_file():
+            raise NotFoundError(self._not_found_message(name))
+        return path
+
+    def _not_found_message(self, ref: str) -> str:
+        return f"no concept named or with token {ref!r} in {self.root}; see `conceptlib list`"
+
+    def _check_available(self, name: str, token: str, *, replacing: str | None) -> None:
+        validate_name(name)
+        validate_token(token)
+        if name != replacing and (self.concepts_dir / f"{name}{SUFFIX}").exists():
+            raise CollisionError(
+                f"a concept named {name!r} already exists; choose another name (--name) or remove it first"
+            )
+        owner = self.find_token(token)
+        if owner is not None and owner.name != replacing:
+            raise CollisionError(
+                f"token {token!r} is already used by concept {owner.name!r}; choose another token (--token)"
+            )
+
+    def _remove_stale_temp_files(self) -> None:
+        # Under the lock no other process is writing, so temp files are leftovers of a killed writer.
+        try:
+            entries = list(os.scandir(self.concepts_dir))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.name.startswith(".tmp-"):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+    def _scan(self) -> tuple[list[ConceptHeader], list[Problem]]:
+        try:
+            entries = list(os.scandir(self.concepts_dir))
+        except FileNotFoundError:
+            return [], []
+        except NotADirectoryError:
+            raise LibraryError(f"{self.concepts_dir} is not a folder; move it away or set CONCEPTLIB_HOME") from None
+        old_index = self._load_index()
+        new_index: dict[str, dict] = {}
+        changed = False
+        headers: list[ConceptHeader] = []
+        problems: list[Problem] = []
+        for entry in entries:
+            file_name = entry.name
+            if file_name.startswith(".") or not file_name.endswith(SUFFIX):
+                continue
+            try:
+                stat = entry.stat()
+            except OSError:
+                continue  # removed while listing
+            key = [stat.st_ino, stat.st_mtime_ns, stat.st_size]
+            cached = old_index.get(file_name)
+            if cached is None or cached.get("key") != key:
+                cached = _index_entry(Path(entry.path), key)
+                changed = True
+            new_index[file_name] = cached
+            path = Path(entry.path)
+            if "error" in cached:
+                problems.append(Problem(path, cached["error"]))
+                continue
+            headers.append(
+                _IndexedHeader(path, cached["name"], cached["token"], cached["num_vectors"], cached["dim"],
+                               small=cached["metadata"], long_keys=cached["long_keys"])
+            )
+        if changed or len(new_index) != len(old_index):
+            self._save_index(new_index)
+        headers.sort(key=lambda h: h.name)
+        problems.sort(key=lambda p: p.path.name)
+        return headers, problems
+
+    def _load_index(self) -> dict[str, dict]:
+        try:
+            with open(self._index_path, "rb") as handle:
+                data = json.loads(handle.read())
+            if data.get("version") == INDEX_VERSION and isinstance(data.get("files"), dict):
+                return data["files"]
+        except (OSError, ValueError, AttributeError):
+            pass
+        return {}
+
+    def _save_index(self, files: dict[str, dict]) -> None:
+        data = json.dumps({"version": INDEX_VERSION, "files": files}, separators=(",", ":")).encode()
+        tmp = self._index_path.with_name(f".index.{os.getpid()}.{threading.get_ident()}.tmp")
+        # Best effort and without the lock: os.replace makes it atomic, and every entry is
+        # re-validated against its file before use, so a lost or stale index costs only time.
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, self._index_path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _index_entry(path: Path, key: list[int]) -> dict:
+    name = path.name[: -len(SUFFIX)]
+    if not _looks_like_name(name):
+        return {"key": key, "error": f"file name {path.name!r} is not a valid concept name; rename the file"}
+    try:
+        header = read_header(path)
+    except ConceptFileError as exc:
+        return {"key": key, "error": str(exc)}
+    try:
+        validate_token(header.token)
+    except ConceptError as exc:
+        return {"key": key, "error": f"{path}: {exc}"}
+    small = {k: v for k, v in header.metadata.items() if len(v) <= _INDEX_VALUE_LIMIT}
+    long_keys = [k for k in header.metadata if k not in small]
+    return {
+        "key": key,
+        "name": name,
+        "token": header.token,
+        "num_vectors": header.num_vectors,
+        "dim": header.dim,
+        "metadata": small,
+        "long_keys": long_keys,
+    }
+
+
+def _looks_like_name(ref: str) -> bool:
+    try:
+        validate_name(ref)
+    except ConceptError:
+        return False
+    return True
+
+
+def _with_name(header: ConceptHeader, name: str) -> ConceptHeader:
+    """The library's name for a file is its file name, whatever its metadata says."""
+    return header if header.name == name else dataclasses.replace(header, name=name)

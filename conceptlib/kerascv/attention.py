@@ -1,0 +1,143 @@
+"""A fused attention path for KerasCV's Stable Diffusion UNet.
+
+KerasCV's ``CrossAttention`` (used by ``DiffusionModel`` and ``DiffusionModelV2``) materialises
+the full ``(batch, heads, query, key)`` score tensor through two ``td_dot`` calls and a softmax:
+at 512 px that is 4096 x 4096 scores per head for every self-attention layer. ``fused_attention``
+makes the CrossAttention layers of ONE model instance compute the same function with
+``keras.ops.dot_product_attention`` on the same weights (``to_q``/``to_k``/``to_v``/``out_proj``),
+optionally with cuDNN flash attention for the self-attention layers.
+
+cuDNN flash refuses the 77-token cross-attention ("Unsupported sequence length Q 4096, KV 77"),
+and ``flash_attention=None`` (auto) picks cuDNN on GPU and fails the same way, so cross-attention
+always runs the plain path (``flash_attention=False``) and only self-attention may use flash.
+
+Nothing global is patched: the swap sets an instance attribute ``call`` on each attention layer
+of the given model and ``restore()`` deletes it again, so other models (and other code using
+keras-cv) are untouched. Keras' ``Layer.__call__`` looks ``self.call`` up on the instance.
+
+Usage::
+
+    with fused_attention(diffusion_model, flash=on_gpu) as patch:
+        ...  # trace / jit / run the model here
+    # or: patch = fused_attention(model, flash=True); ...; patch.restore()
+
+Tracing must happen while the patch is active (a jitted function keeps what it traced).
+"""
+
+from __future__ import annotations
+
+__all__ = ["AttentionPatch", "fused_attention", "attention_layers", "flash_available"]
+
+
+def attention_layers(model) -> list:
+    """Every keras-cv Stable Diffusion ``CrossAttention`` layer inside ``model`` (any depth)."""
+    from keras_cv.src.models.stable_diffusion.diffusion_model import CrossAttention
+
+    return [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+            if isinstance(layer, CrossAttention)]
+
+
+def flash_available() -> bool:
+    """True when flash attention can be requested: the JAX backend on a CUDA GPU."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.devices()[0].platform == "gpu"
+
+
+class AttentionPatch:
+    """The fused call installed on a model's attention layers; undo with ``restore()``.
+
+    ``flash_calls`` / ``plain_calls`` count the traced calls that took each path (a jitted step
+    traces each layer once), so benchmarks can report what actually ran.
+    """
+
+    def __init__(self, model, *, flash: bool = False):
+        self.model = model
+        self.flash = bool(flash)
+        self.layers = attention_layers(model)
+        self.flash_calls = 0
+        self.plain_calls = 0
+        self.flash_refused: list[str] = []
+        self._active = False
+
+    def install(self) -> "AttentionPatch":
+        if self._active:
+            return self
+        for layer in self.layers:
+            if "call" in vars(layer):
+                raise RuntimeError(
+                    f"attention layer {layer.name} already has an instance-level call; "
+                    "restore the earlier patch before installing another"
+                )
+        for layer in self.layers:
+            layer.call = _make_fused_call(layer, self)
+        self._active = True
+        return self
+
+    def restore(self) -> None:
+        """Give every patched layer back its class's own ``call``."""
+        if not self._active:
+            return
+        for layer in self.layers:
+            vars(layer).pop("call", None)
+        self._active = False
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def __enter__(self) -> "AttentionPatch":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def fused_attention(model, *, flash: bool = False) -> AttentionPatch:
+    """Make ``model``'s keras-cv attention layers use ``keras.ops.dot_product_attention``.
+
+    Returns an installed :class:`AttentionPatch` (also a context manager that restores on exit).
+    ``flash=True`` asks for flash attention (cuDNN, JAX backend on GPU) on self-attention only;
+    keep it False on CPU. Raises ValueError if the model has no keras-cv attention layers.
+    """
+    patch = AttentionPatch(model, flash=flash)
+    if not patch.layers:
+        raise ValueError(
+            f"model {getattr(model, 'name', model)!r} has no keras-cv CrossAttention layers; "
+            "pass a DiffusionModel or DiffusionModelV2"
+        )
+    return patch.install()
+
+
+def _make_fused_call(layer, patch: AttentionPatch):
+    from keras import ops
+
+    num_heads, head_size, scale = layer.num_heads, layer.head_size, layer.scale
+
+    def call(inputs, context=None):
+        is_self = context is None
+        if is_self:
+            context = inputs
+        q = ops.reshape(layer.to_q(inputs), (-1, inputs.shape[1], num_heads, head_size))
+        k = ops.reshape(layer.to_k(context), (-1, context.shape[1], num_heads, head_size))
+        v = ops.reshape(layer.to_v(context), (-1, context.shape[1], num_heads, head_size))
+        out = None
+        if patch.flash and is_self:
+            try:
+                out = ops.dot_product_attention(q, k, v, scale=scale, flash_attention=True)
+                patch.flash_calls += 1
+            except (RuntimeError, ValueError, NotImplementedError) as exc:
+                # e.g. a head size cuDNN does not support: fall back for this layer only.
+                patch.flash_refused.append(f"{layer.name}: {str(exc).splitlines()[0][:160]}")
+        if out is None:
+            # flash_attention=False, never None: "auto" picks cuDNN on GPU, which refuses KV 77.
+            out = ops.dot_product_attention(q, k, v, scale=scale, flash_attention=False)
+            patch.plain_calls += 1
+        out = ops.reshape(out, (-1, inputs.shape[1], num_heads * head_size))
+        return layer.out_proj(out)
+
+    return call

@@ -1,1 +1,27 @@
-"""The one package that touches keras-cv internals."""
+"""The one package that touches keras-cv internals.
+
+Nothing here imports keras at module import time: Keras fixes its backend at its first import,
+so callers (the CLI) choose the backend first; ``keras_module()`` imports it on demand.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_BACKEND = "tensorflow"
+
+
+def set_default_backend(backend: str | None = None) -> str:
+    """Set ``KERAS_BACKEND`` before keras is imported: an existing environment value wins, then
+    ``backend``, then TensorFlow (the reference backend). Returns the backend in effect."""
+    os.environ.setdefault("KERAS_BACKEND", backend or DEFAULT_BACKEND)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return os.environ["KERAS_BACKEND"]
+
+
+def keras_module():
+    """Import and return keras (after making sure a backend is chosen)."""
+    set_default_backend()
+    import keras
+
+    return keras

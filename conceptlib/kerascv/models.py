@@ -1,0 +1,219 @@
+"""Build keras-cv's Stable Diffusion models without keras-cv's own downloads.
+
+Every part is constructed with ``download_weights=False`` and then loaded from files resolved by
+``conceptlib.weights`` (``weights`` = ``resolve_weights(...)``'s dict), or left randomly
+initialised (``weights=None``) for tests and smoke runs.
+
+``build_stable_diffusion`` returns a real ``keras_cv.models.StableDiffusion`` /
+``StableDiffusionV2`` (a subclass whose lazy properties build parts through this module instead of
+downloading), so everything written for keras-cv's classes works on it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from conceptlib.errors import WeightsError
+from conceptlib.kerascv import keras_module
+from conceptlib.weights import PARTS, validate_base_model
+
+MAX_PROMPT_LENGTH = 77
+
+
+def _load(model, part: str, weights) -> None:
+    if weights is None:
+        return
+    if isinstance(weights, (str, os.PathLike)):
+        path = Path(weights)
+    else:
+        try:
+            path = Path(weights[part])
+        except KeyError:
+            raise WeightsError(
+                f"no {part} weights among the resolved files ({', '.join(sorted(weights)) or 'none'}); "
+                f"resolve them with resolve_weights(base_model, parts=[..., {part!r}])"
+            ) from None
+    from conceptlib.weights import check_weight_file
+
+    check_weight_file(path)
+    try:
+        model.load_weights(str(path))
+    except Exception as exc:  # h5py OSError, Keras ValueError on a layout/shape mismatch
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsError(
+            f"{path}: could not load {part} weights ({detail[:200]}); the file is corrupt or belongs "
+            "to another model, delete it and re-download it or rewrite it with `conceptlib weights init-random`"
+        ) from None
+
+
+def build_text_encoder(base_model: str, weights=None):
+    """keras-cv's TextEncoder (sd-1, 768-d) or TextEncoderV2 (sd-2, 1024-d)."""
+    validate_base_model(base_model)
+    keras_module()
+    from keras_cv.models.stable_diffusion import TextEncoder
+    from keras_cv.src.models.stable_diffusion.text_encoder import TextEncoderV2
+
+    cls = TextEncoder if base_model == "sd-1" else TextEncoderV2
+    model = cls(MAX_PROMPT_LENGTH, download_weights=False)
+    _load(model, "text_encoder", weights)
+    return model
+
+
+def _check_size(img_size: int) -> int:
+    img_size = int(img_size)
+    if img_size < 64 or img_size % 64:
+        raise WeightsError(f"image size {img_size} is not a positive multiple of 64; use e.g. 512")
+    return img_size
+
+
+def build_diffusion_model(base_model: str, img_size: int, weights=None):
+    """keras-cv's DiffusionModel (sd-1) or DiffusionModelV2 (sd-2) for ``img_size`` pixels."""
+    validate_base_model(base_model)
+    img_size = _check_size(img_size)
+    keras_module()
+    from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel, DiffusionModelV2
+
+    cls = DiffusionModel if base_model == "sd-1" else DiffusionModelV2
+    model = cls(img_size, img_size, MAX_PROMPT_LENGTH, download_weights=False)
+    _load(model, "diffusion_model", weights)
+    return model
+
+
+def build_decoder(base_model: str, img_size: int, weights=None):
+    """keras-cv's VAE Decoder (shared by sd-1 and sd-2) for ``img_size`` pixels."""
+    validate_base_model(base_model)
+    img_size = _check_size(img_size)
+    keras_module()
+    from keras_cv.models.stable_diffusion import Decoder
+
+    model = Decoder(img_size, img_size, download_weights=False)
+    _load(model, "decoder", weights)
+    return model
+
+
+def build_image_encoder(img_size: int | None = None, weights=None):
+    """keras-cv's VAE ImageEncoder (any image size; returns the scaled posterior mean only)."""
+    keras_module()
+    from keras_cv.models.stable_diffusion import ImageEncoder
+
+    model = ImageEncoder(download_weights=False)
+    _load(model, "image_encoder", weights)
+    return model
+
+
+def build_part(base_model: str, part: str, img_size: int = 512, weights=None):
+    """Build one of ``conceptlib.weights.PARTS`` by name."""
+    if part == "text_encoder":
+        return build_text_encoder(base_model, weights)
+    if part == "diffusion_model":
+        return build_diffusion_model(base_model, img_size, weights)
+    if part == "decoder":
+        return build_decoder(base_model, img_size, weights)
+    if part == "image_encoder":
+        return build_image_encoder(img_size, weights)
+    raise WeightsError(f"unknown model part {part!r}; use one of {', '.join(PARTS)}")
+
+
+def save_legacy_h5_weights(model, path: str | os.PathLike) -> Path:
+    """Write ``model``'s weights in the legacy Keras HDF5 layout keras-cv's files use (so
+    ``model.load_weights('kcv_encoder.h5')`` reads them), atomically."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        with h5py.File(tmp, "w") as handle:
+            legacy_h5_format.save_weights_to_hdf5_group(handle, model)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+_SD_CLASSES: dict[str, type] = {}
+
+
+def _stable_diffusion_class(base_model: str) -> type:
+    """A subclass of keras-cv's StableDiffusion[V2] whose lazily built parts come from this
+    module (never keras-cv's downloads) and whose tokenizer is found offline."""
+    if base_model in _SD_CLASSES:
+        return _SD_CLASSES[base_model]
+    keras_module()
+    from keras_cv.models import StableDiffusion, StableDiffusionV2
+
+    base_cls = StableDiffusion if base_model == "sd-1" else StableDiffusionV2
+
+    def _part(self, attribute: str, part: str):
+        if getattr(self, attribute) is None:
+            model = build_part(self.conceptlib_base_model, part, self.img_height, self.conceptlib_weights)
+            if self.jit_compile:
+                model.compile(jit_compile=True)
+            setattr(self, attribute, model)
+        return getattr(self, attribute)
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from conceptlib.kerascv.tokenizer import make_tokenizer
+
+            self._tokenizer = make_tokenizer()
+        return self._tokenizer
+
+    namespace = {
+        "__doc__": f"keras-cv {base_cls.__name__} whose parts are built by conceptlib (weights from "
+        "conceptlib.weights, never keras-cv's downloads).",
+        "__module__": __name__,
+        "text_encoder": property(lambda self: _part(self, "_text_encoder", "text_encoder")),
+        "diffusion_model": property(lambda self: _part(self, "_diffusion_model", "diffusion_model")),
+        "decoder": property(lambda self: _part(self, "_decoder", "decoder")),
+        "image_encoder": property(lambda self: _part(self, "_image_encoder", "image_encoder")),
+        "tokenizer": property(tokenizer),
+    }
+    cls = type(f"Conceptlib{base_cls.__name__}", (base_cls,), namespace)
+    _SD_CLASSES[base_model] = cls
+    return cls
+
+
+def build_stable_diffusion(base_model: str, img_size: int = 512, weights=None, *, jit_compile: bool = False):
+    """A keras-cv ``StableDiffusion`` (sd-1) or ``StableDiffusionV2`` (sd-2) for square
+    ``img_size`` images (a multiple of 64; keras-cv itself only allows multiples of 128).
+
+    Parts are built on first use, as keras-cv does, but with ``download_weights=False`` and loaded
+    from ``weights`` (a ``resolve_weights`` dict; ``None`` = random initialisation). The tokenizer
+    uses the locally found CLIP vocabulary. ``jit_compile`` defaults to False because XLA is slower
+    than plain tf.function on CPU.
+    """
+    validate_base_model(base_model)
+    img_size = _check_size(img_size)
+    cls = _stable_diffusion_class(base_model)
+    import contextlib
+    import sys
+
+    # keras-cv prints its license notice on stdout; keep it, but off the CLI's stdout (paths).
+    with contextlib.redirect_stdout(sys.stderr):
+        sd = cls(img_height=img_size, img_width=img_size, jit_compile=jit_compile)
+    # keras-cv rounds sizes to multiples of 128 (64 would become 0); the UNet works on any
+    # multiple of 64, which keeps smoke tests small.
+    sd.img_height = sd.img_width = img_size
+    sd.conceptlib_base_model = base_model
+    sd.conceptlib_weights = weights
+    return sd
+
+
+def base_model_of(sd) -> str:
+    """'sd-2' for a StableDiffusionV2 instance, 'sd-1' for a StableDiffusion one."""
+    keras_module()
+    from keras_cv.models import StableDiffusion, StableDiffusionV2
+
+    if isinstance(sd, StableDiffusionV2):
+        return "sd-2"
+    if isinstance(sd, StableDiffusion):
+        return "sd-1"
+    from conceptlib.errors import ApplyError
+
+    raise ApplyError(
+        f"expected a keras_cv.models.StableDiffusion or StableDiffusionV2, got {type(sd).__name__}; "
+        "build one with conceptlib.kerascv.models.build_stable_diffusion()"
+    )

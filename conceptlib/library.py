@@ -107,6 +107,9 @@ class ConceptLibrary:
         self._thread_lock = threading.RLock()
         self._lock_depth = 0
         self._lock_fd: int | None = None
+        # While this object holds the lock nobody else can change the library, so the token
+        # table is kept in memory (importing 1,000 files must not rescan 1,000 times).
+        self._held_headers: dict[str, ConceptHeader] | None = None
         #: Files skipped by the last ``list()`` (corrupt, foreign, badly named), with the reason.
         self.problems: list[Problem] = []
 
@@ -137,12 +140,14 @@ class ConceptLibrary:
                     os.close(fd)
                     raise
                 self._lock_fd = fd
+                self._held_headers = None
             self._lock_depth += 1
             try:
                 yield
             finally:
                 self._lock_depth -= 1
                 if self._lock_depth == 0:
+                    self._held_headers = None
                     fd, self._lock_fd = self._lock_fd, None
                     fcntl.flock(fd, fcntl.LOCK_UN)
                     os.close(fd)
@@ -160,7 +165,7 @@ class ConceptLibrary:
 
     def header(self, ref: str) -> ConceptHeader:
         """The header of the concept whose name or token is ``ref``; NotFoundError otherwise."""
-        if _looks_like_name(ref):
+        if is_valid_name(ref):
             path = self.concepts_dir / f"{ref}{SUFFIX}"
             if path.is_file():
                 return _with_name(read_header(path), ref)
@@ -179,7 +184,10 @@ class ConceptLibrary:
 
     def find_token(self, token: str) -> ConceptHeader | None:
         """The header of the concept whose token is ``token``, or None."""
-        for header in self.list():
+        headers = self._held_headers.values() if self._held_headers is not None else self.list()
+        if self._lock_depth and self._held_headers is None:
+            self._held_headers = {h.name: h for h in headers}
+        for header in headers:
             if header.token == token:
                 return header
         return None
@@ -207,7 +215,10 @@ class ConceptLibrary:
             self._remove_stale_temp_files()
             self._check_available(concept.name, concept.token, replacing=concept.name if overwrite else None)
             path = write_concept(concept, self.path_for(concept.name))
-            return _with_name(read_header(path), concept.name)
+            header = _with_name(read_header(path), concept.name)
+            if self._held_headers is not None:
+                self._held_headers[header.name] = header
+            return header
 
     def remove(self, name: str) -> None:
         """Delete the concept called ``name`` (NotFoundError if there is none)."""
@@ -215,6 +226,7 @@ class ConceptLibrary:
             path = self._existing_path(name)
             os.unlink(path)
             _fsync_dir(path.parent)
+            self._held_headers = None
 
     def rename(self, old: str, new: str, token: str | None = None) -> ConceptHeader:
         """Rename concept ``old`` to ``new`` (and optionally give it a new token)."""
@@ -234,12 +246,13 @@ class ConceptLibrary:
             if new_path != old_path:
                 os.unlink(old_path)
                 _fsync_dir(old_path.parent)
+            self._held_headers = None
             return _with_name(read_header(new_path), new)
 
     # -- internals ----------------------------------------------------------------------------
 
     def _existing_path(self, name: str) -> Path:
-        if not _looks_like_name(name):
+        if not is_valid_name(name):
             raise NotFoundError(self._not_found_message(name))
         path = self.concepts_dir / f"{name}{SUFFIX}"
         if not path.is_file():
@@ -339,7 +352,7 @@ class ConceptLibrary:
 
 def _index_entry(path: Path, key: list[int]) -> dict:
     name = path.name[: -len(SUFFIX)]
-    if not _looks_like_name(name):
+    if not is_valid_name(name):
         return {"key": key, "error": f"file name {path.name!r} is not a valid concept name; rename the file"}
     try:
         header = read_header(path)
@@ -362,7 +375,8 @@ def _index_entry(path: Path, key: list[int]) -> dict:
     }
 
 
-def _looks_like_name(ref: str) -> bool:
+def is_valid_name(ref: str) -> bool:
+    """True if ``ref`` is a valid library name (see concept.validate_name)."""
     try:
         validate_name(ref)
     except ConceptError:

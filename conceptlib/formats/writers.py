@@ -1,0 +1,108 @@
+"""Write a concept in the layout another tool loads unchanged (no torch needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from conceptlib.concept import Concept
+from conceptlib.errors import ConceptFileError, UsageError
+from conceptlib.files import atomic_write_bytes, concept_metadata, write_concept
+
+EXPORT_FORMATS = ("conceptlib", "diffusers", "a1111", "sd-concepts", "kohya")
+# What AUTOMATIC1111 itself writes: the id of '*' in CLIP's vocabulary.
+_A1111_STAR_TOKEN_ID = 265
+
+
+def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``concept`` in format ``fmt`` to ``out`` and return the path written.
+
+    ``out`` is a file path, or an existing folder (then a conventional file name is used inside).
+    For ``sd-concepts`` ``out`` is the concept folder to create. Existing files are kept unless
+    ``overwrite``.
+
+    * conceptlib: our file (contract 1).
+    * diffusers: ``learned_embeds.safetensors``, one tensor keyed by the token, for
+      ``pipeline.load_textual_inversion``; a ``.bin`` path gives the torch pickle ``{token: tensor}``.
+    * a1111: ``<name>.pt``, a torch zip pickle with string_to_param {'*': tensor}; AUTOMATIC1111
+      uses the file name as the prompt word.
+    * sd-concepts: a folder with learned_embeds.bin, token_identifier.txt, type_of_concept.txt.
+    * kohya: ``<name>.safetensors`` with one tensor ``emb_params`` (kohya-ss sd-scripts).
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    out = Path(out).expanduser()
+    if fmt == "sd-concepts":
+        return _export_sd_concepts(concept, out, overwrite)
+    defaults = {
+        "conceptlib": f"{concept.name}.safetensors",
+        "diffusers": "learned_embeds.safetensors",
+        "a1111": f"{concept.name}.pt",
+        "kohya": f"{concept.name}.safetensors",
+    }
+    target = out / defaults[fmt] if out.is_dir() else out
+    _check_target(target, overwrite)
+    if fmt == "conceptlib":
+        return write_concept(concept, target)
+    if fmt == "diffusers":
+        if target.suffix == ".bin":
+            return atomic_write_bytes(target, _pickle({concept.token: concept.vectors}, target))
+        return atomic_write_bytes(target, _safetensors({concept.token: concept.vectors}, concept))
+    if fmt == "kohya":
+        return atomic_write_bytes(target, _safetensors({"emb_params": concept.vectors}, concept))
+    return atomic_write_bytes(target, _pickle(_a1111_dict(concept), target))
+
+
+def _a1111_dict(concept: Concept) -> dict:
+    import json
+
+    step = None
+    try:
+        step = int(json.loads(concept.metadata.get("training", "{}")).get("steps"))
+    except (ValueError, TypeError, AttributeError):
+        pass
+    return {
+        "string_to_token": {"*": _A1111_STAR_TOKEN_ID},
+        "string_to_param": {"*": concept.vectors},
+        "name": concept.name,
+        "step": step,
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": None,
+    }
+
+
+def _export_sd_concepts(concept: Concept, folder: Path, overwrite: bool) -> Path:
+    if folder.exists() and not folder.is_dir():
+        raise ConceptFileError(f"{folder}: exists and is not a folder; sd-concepts export writes a folder, choose another --out")
+    embeds = folder / "learned_embeds.bin"
+    _check_target(embeds, overwrite)
+    # sd-concepts-library stores a single vector as shape [dim], as diffusers' script saved it.
+    vectors = concept.vectors[0] if concept.num_vectors == 1 else concept.vectors
+    atomic_write_bytes(embeds, _pickle({concept.token: vectors}, embeds))
+    atomic_write_bytes(folder / "token_identifier.txt", concept.token.encode("utf-8"))
+    kind = concept.metadata.get("type_of_concept", "object")
+    atomic_write_bytes(folder / "type_of_concept.txt", kind.encode("utf-8"))
+    return folder
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise ConceptFileError(f"{target}: already exists; choose another --out or pass --force to replace it")
+
+
+def _safetensors(tensors: dict, concept: Concept) -> bytes:
+    from safetensors.numpy import save
+
+    return save(tensors, metadata=concept_metadata(concept))
+
+
+def _pickle(obj: dict, target: Path) -> bytes:
+    from conceptlib.pickle_safe import dump_tensor_pickle
+
+    return dump_tensor_pickle(obj, archive_name=_archive_name(target))
+
+
+def _archive_name(target: Path) -> str:
+    # torch.save names the zip's top folder after the file; any plain name loads.
+    stem = "".join(c if c.isalnum() or c in "_-" else "_" for c in target.stem)
+    return stem or "archive"

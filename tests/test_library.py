@@ -1,0 +1,275 @@
+"""ConceptLibrary: location, add/get/list/remove/rename, uniqueness, the index cache, and safety
+between processes (concurrent writers, SIGKILL mid-write)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conceptlib.concept import Concept
+from conceptlib.errors import CollisionError, ConceptError, NotFoundError
+from conceptlib.files import read_concept, write_concept
+from conceptlib.library import ConceptLibrary
+
+
+def make(name, token=None, n=1, dim=768, seed=0, **metadata):
+    rng = np.random.default_rng(seed)
+    return Concept(name, token or f"<{name}>", rng.standard_normal((n, dim)).astype(np.float32), metadata)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every concept file's bytes: 'library unchanged' means this is equal before and after."""
+    folder = root / "concepts"
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*"))} if folder.exists() else {}
+
+
+@pytest.fixture
+def library(tmp_path):
+    return ConceptLibrary(tmp_path / "lib")
+
+
+def test_location_from_env_and_platformdirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONCEPTLIB_HOME", str(tmp_path / "home"))
+    assert ConceptLibrary().root == tmp_path / "home"
+    monkeypatch.delenv("CONCEPTLIB_HOME")
+    import platformdirs
+
+    assert ConceptLibrary().root == Path(platformdirs.user_data_path("conceptlib"))
+    assert ConceptLibrary(tmp_path).runs_dir == tmp_path / "runs"
+
+
+def test_add_get_list_remove(library):
+    assert library.list() == []
+    header = library.add(make("cat-doll", n=2, trainer="tensorflow", custom_key="kept"))
+    assert header.path == library.root / "concepts" / "cat-doll.safetensors"
+    assert (header.name, header.token, header.num_vectors, header.dim, header.base_model) == ("cat-doll", "<cat-doll>", 2, 768, "sd-1")
+    library.add(make("oil-style", dim=1024, seed=1))
+    assert [h.name for h in library.list()] == ["cat-doll", "oil-style"]
+    by_name, by_token = library.get("cat-doll"), library.get("<cat-doll>")
+    np.testing.assert_array_equal(by_name.vectors, make("cat-doll", n=2).vectors)
+    np.testing.assert_array_equal(by_token.vectors, by_name.vectors)
+    assert by_name.metadata["custom_key"] == "kept"
+    assert library.header("<oil-style>").base_model == "sd-2"
+    assert library.find_token("<oil-style>").name == "oil-style"
+    assert library.find_token("<nope>") is None
+    assert "cat-doll" in library and "<nope>" not in library
+    library.remove("cat-doll")
+    assert [h.name for h in library.list()] == ["oil-style"]
+    with pytest.raises(NotFoundError, match="cat-doll"):
+        library.get("cat-doll")
+    with pytest.raises(NotFoundError):
+        library.remove("cat-doll")
+
+
+def test_names_and_tokens_are_unique(library):
+    library.add(make("cat-doll"))
+    before = snapshot(library.root)
+    with pytest.raises(CollisionError, match="named 'cat-doll'"):
+        library.add(make("cat-doll", token="<other>"))
+    with pytest.raises(CollisionError, match="token '<cat-doll>' is already used"):
+        library.add(make("other", token="<cat-doll>"))
+    with pytest.raises(CollisionError):
+        library.check_available("x", "<cat-doll>")
+    library.check_available("x", "<x>")
+    assert snapshot(library.root) == before
+    # overwrite replaces the same name, never steals another concept's token.
+    library.add(make("cat-doll", n=3), overwrite=True)
+    assert library.header("cat-doll").num_vectors == 3
+    library.add(make("b"))
+    with pytest.raises(CollisionError):
+        library.add(make("cat-doll", token="<b>"), overwrite=True)
+
+
+@pytest.mark.parametrize("bad", ["../evil", "a/b", "..", ".hidden", "UPPER", "", "x" * 65])
+def test_names_that_escape_the_library_are_refused(library, bad, tmp_path):
+    library.add(make("ok"))
+    before = snapshot(library.root)
+    with pytest.raises(ConceptError):
+        library.check_available(bad, "<t>")
+    with pytest.raises((ConceptError, NotFoundError)):
+        library.rename("ok", bad)
+    with pytest.raises(NotFoundError):
+        library.remove(bad)
+    assert snapshot(library.root) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib"]
+
+
+def test_rename(library):
+    library.add(make("a", preview="x" * 2000))
+    library.add(make("b"))
+    header = library.rename("a", "c", token="<c>")
+    assert (header.name, header.token) == ("c", "<c>")
+    concept = library.get("c")
+    assert concept.metadata["name"] == "c" and concept.metadata["modelspec.trigger_phrase"] == "<c>"
+    assert concept.metadata["preview"] == "x" * 2000
+    assert [h.name for h in library.list()] == ["b", "c"]
+    before = snapshot(library.root)
+    with pytest.raises(CollisionError):
+        library.rename("c", "b")
+    with pytest.raises(CollisionError):
+        library.rename("c", "d", token="<b>")
+    with pytest.raises(NotFoundError):
+        library.rename("zzz", "y")
+    assert snapshot(library.root) == before
+    assert library.rename("c", "c", token="<cc>").token == "<cc>"
+
+
+def test_index_is_a_cache_never_the_truth(library):
+    library.add(make("a", preview="p" * 5000, trainer="tf"))
+    library.add(make("b"))
+    assert [h.name for h in library.list()] == ["a", "b"]
+    index = library.root / ".index.json"
+    assert index.exists()
+    # Long values stay out of the index but load from the file on access.
+    assert "p" * 5000 not in index.read_text()
+    header = ConceptLibrary(library.root).list()[0]
+    assert header.summary()["trainer"] == "tf"
+    assert header.metadata["preview"] == "p" * 5000
+    # A file changed behind the index's back (same size!) is re-read.
+    write_concept(make("a", token="<a2>", preview="q" * 5000, trainer="tf"), library.root / "concepts" / "a.safetensors")
+    assert ConceptLibrary(library.root).header("a").token == "<a2>"
+    assert [h.token for h in ConceptLibrary(library.root).list()] == ["<a2>", "<b>"]
+    # Corrupt or foreign index: rebuilt silently.
+    for garbage in (b"{not json", b"[]", json.dumps({"version": 1, "files": {"a.safetensors": {"key": 1}}}).encode()):
+        index.write_bytes(garbage)
+        assert [h.token for h in ConceptLibrary(library.root).list()] == ["<a2>", "<b>"]
+    # A file added or removed without the library is noticed.
+    write_concept(make("c"), library.root / "concepts" / "c.safetensors")
+    (library.root / "concepts" / "b.safetensors").unlink()
+    assert [h.name for h in ConceptLibrary(library.root).list()] == ["a", "c"]
+
+
+def test_broken_files_in_the_library_are_reported_not_fatal(library):
+    library.add(make("good"))
+    folder = library.root / "concepts"
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00")
+    (folder / "Bad Name.safetensors").write_bytes((folder / "good.safetensors").read_bytes())
+    (folder / ".tmp-abc.safetensors").write_bytes(b"partial")
+    (folder / "notes.txt").write_text("ignored")
+    assert [h.name for h in library.list()] == ["good"]
+    assert sorted(p.path.name for p in library.problems) == ["Bad Name.safetensors", "broken.safetensors"]
+    assert all("\n" not in p.message for p in library.problems)
+
+
+def test_name_comes_from_the_file_name(library):
+    # A file copied in by hand under another name is known by its file name.
+    path = library.root / "concepts" / "copied.safetensors"
+    write_concept(make("original"), path)
+    assert library.header("copied").name == "copied"
+    assert library.get("copied").name == "copied"
+    assert library.list()[0].name == "copied"
+
+
+def test_lock_is_reentrant_and_exclusive_between_processes(library):
+    with library.lock():
+        with library.lock():
+            library.add(make("a"))
+        code = textwrap.dedent(f"""
+            import fcntl, os
+            fd = os.open({str(library.root / '.lock')!r}, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                print("acquired")
+            except BlockingIOError:
+                print("blocked")
+        """)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "blocked"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "acquired"
+
+
+_ADDER = """
+import sys, numpy as np
+from conceptlib.concept import Concept
+from conceptlib.errors import CollisionError
+from conceptlib.library import ConceptLibrary
+root, worker, count, shared = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+library = ConceptLibrary(root)
+for i in range(count):
+    name = f"w{worker}-c{i}"
+    token = "<shared>" if shared else f"<{name}>"
+    vectors = np.full((2, 768), worker * 1000 + i, dtype=np.float32)
+    try:
+        library.add(Concept(name, token, vectors, {"worker": str(worker)}))
+        print("added", name)
+    except CollisionError:
+        print("collision", name)
+"""
+
+
+def _spawn_adders(root, workers, count, shared):
+    procs = [subprocess.Popen([sys.executable, "-c", _ADDER, str(root), str(w), str(count), "1" if shared else "0"],
+                              stdout=subprocess.PIPE, text=True) for w in range(workers)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    return outputs
+
+
+def test_concurrent_processes_lose_nothing(library):
+    workers, count = 6, 8
+    _spawn_adders(library.root, workers, count, shared=False)
+    headers = library.list()
+    assert library.problems == []
+    assert len(headers) == workers * count
+    for w in range(workers):
+        for i in range(count):
+            concept = library.get(f"w{w}-c{i}")
+            assert concept.token == f"<w{w}-c{i}>"
+            assert np.all(concept.vectors == w * 1000 + i)
+    assert not list((library.root / "concepts").glob(".tmp-*"))
+
+
+def test_concurrent_processes_same_token_exactly_one_wins(library):
+    outputs = _spawn_adders(library.root, 4, 1, shared=True)
+    assert sum(out.count("added") for out in outputs) == 1
+    assert sum(out.count("collision") for out in outputs) == 3
+    assert [h.token for h in library.list()] == ["<shared>"]
+
+
+_KILLED_WRITER = """
+import os, sys, time, numpy as np
+from conceptlib.concept import Concept
+from conceptlib.library import ConceptLibrary
+library = ConceptLibrary(sys.argv[1])
+real_fsync = os.fsync
+def fsync_then_hang(fd):
+    real_fsync(fd)
+    print("mid-write", flush=True)
+    time.sleep(60)
+os.fsync = fsync_then_hang
+library.add(Concept("victim", "<victim>", np.full((4, 768), 9, dtype=np.float32), {"preview": "z" * 100000}),
+            overwrite=True)
+"""
+
+
+def test_sigkill_mid_write_leaves_a_readable_library(library):
+    library.add(make("victim", n=1))
+    library.add(make("bystander"))
+    before = snapshot(library.root)
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(library.root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "mid-write"
+        temp_files = list((library.root / "concepts").glob(".tmp-*"))
+        assert temp_files, "the child should be killed with its temp file written but not yet renamed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    # Old contents intact, the half-done write invisible, the lock released by the kernel.
+    assert snapshot(library.root) == before | {p.name: p.read_bytes() for p in temp_files}
+    fresh = ConceptLibrary(library.root)
+    assert [h.name for h in fresh.list()] == ["bystander", "victim"] and fresh.problems == []
+    assert fresh.get("victim").num_vectors == 1
+    fresh.add(make("after"))  # would hang if the dead process still held the lock
+    assert not list((library.root / "concepts").glob(".tmp-*")), "leftover temp files are cleaned up under the lock"
+    for header in fresh.list():
+        read_concept(header.path)

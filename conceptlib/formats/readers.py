@@ -157,7 +157,7 @@ def _load_safetensors(path: Path, *, token: str | None, name: str | None) -> Con
     key = keys[0]
     vectors = _read_safetensors_tensor(path, key)
     metadata = dict(header.metadata)
-    if metadata.get("format") == FORMAT:
+    if metadata.get("format") == FORMAT and key not in ("emb_params", "*"):
         # Our own file: it names itself.
         return _make(path, metadata.get("name"), key, vectors, metadata, token=token, name=name, fmt=None)
     if key in ("emb_params", "*"):

@@ -49,7 +49,9 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
             return atomic_write_bytes(target, _pickle({concept.token: concept.vectors}, target))
         return atomic_write_bytes(target, _safetensors({concept.token: concept.vectors}, concept))
     if fmt == "kohya":
-        return atomic_write_bytes(target, _safetensors({"emb_params": concept.vectors}, concept))
+        # Not our layout (the key is not the token), so the file must not claim our format;
+        # modelspec.trigger_phrase still carries the token.
+        return atomic_write_bytes(target, _safetensors({"emb_params": concept.vectors}, concept, drop=("format",)))
     return atomic_write_bytes(target, _pickle(_a1111_dict(concept), target))
 
 
@@ -90,10 +92,11 @@ def _check_target(target: Path, overwrite: bool) -> None:
         raise ConceptFileError(f"{target}: already exists; choose another --out or pass --force to replace it")
 
 
-def _safetensors(tensors: dict, concept: Concept) -> bytes:
+def _safetensors(tensors: dict, concept: Concept, drop: tuple[str, ...] = ()) -> bytes:
     from safetensors.numpy import save
 
-    return save(tensors, metadata=concept_metadata(concept))
+    metadata = {k: v for k, v in concept_metadata(concept).items() if k not in drop}
+    return save(tensors, metadata=metadata)
 
 
 def _pickle(obj: dict, target: Path) -> bytes:

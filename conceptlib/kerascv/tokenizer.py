@@ -137,3 +137,27 @@ def make_tokenizer(*, download: bool = True):
             f"{path}: not a readable CLIP vocabulary ({exc}); replace it with a fresh copy of "
             f"{VOCAB_FILE} or set ${ENV_VAR}"
         ) from None
+
+
+def find_tokens(text: str, tokens) -> list[str]:
+    """The members of ``tokens`` that keras-cv's tokenizer would match in ``text`` if they were
+    added to it, in order of first appearance (same cleaning, lowercasing and longest-first
+    matching as the applied tokenizer). Needs no vocabulary and no TensorFlow."""
+    import html
+
+    import regex as re
+
+    tokens = {token for token in tokens if token}
+    if not text or not tokens:
+        return []
+    cleaned = re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip().lower()
+    pattern = re.compile(
+        "|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True))
+        + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+        re.IGNORECASE,
+    )
+    found: list[str] = []
+    for piece in pattern.findall(cleaned):
+        if piece in tokens and piece not in found:
+            found.append(piece)
+    return found

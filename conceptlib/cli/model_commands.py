@@ -1,0 +1,208 @@
+"""Model commands (issue 3): ``generate`` and the ``weights`` group.
+
+Keras fixes its backend at its first import, so each command calls ``set_default_backend()``
+(an existing KERAS_BACKEND wins, else TensorFlow) before anything imports keras.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import re
+import secrets
+import sys
+from pathlib import Path
+
+import click
+
+from conceptlib.cli import main
+from conceptlib.errors import ApplyError, UsageError
+
+_MODELS = click.Choice(["sd-1", "sd-2"])
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:limit].strip("-") or "image"
+
+
+def _unique(path: Path) -> Path:
+    if not path.exists():
+        return path
+    for index in range(1, 10_000):
+        candidate = path.with_name(f"{path.stem}-{index}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+    raise UsageError(f"too many files named like {path} already; pass another --out folder")
+
+
+def concepts_in_prompts(library, *texts: str):
+    """Library headers whose tokens occur in any of ``texts`` (as the tokenizer would match them)."""
+    from conceptlib.kerascv.tokenizer import find_tokens
+
+    headers = library.list()
+    by_token = {header.token: header for header in headers}
+    found: list = []
+    for text in texts:
+        for token in find_tokens(text or "", by_token):
+            if by_token[token] not in found:
+                found.append(by_token[token])
+    return found
+
+
+def _pick_base_model(model: str | None, headers) -> str:
+    widths = {header.base_model for header in headers}
+    if model is None:
+        if len(widths) > 1:
+            names = ", ".join(f"{h.name} ({h.base_model})" for h in headers)
+            raise ApplyError(f"the prompt mixes concepts for sd-1 and sd-2 ({names}); use concepts of one base model")
+        model = widths.pop() if widths else "sd-1"
+    from conceptlib.concept import DIMS
+
+    for header in headers:
+        if header.dim != DIMS[model]:
+            raise ApplyError(
+                f"concept {header.name!r} ({header.token}) has {header.dim}-wide vectors ({header.base_model}) "
+                f"but --model {model} takes {DIMS[model]}-wide ones; pass --model {header.base_model} or "
+                "remove its token from the prompt"
+            )
+    return model
+
+
+def contact_sheet(images, columns: int | None = None):
+    """One PIL image holding ``images`` (PIL images of equal size) in a grid."""
+    from PIL import Image
+
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    gap = 4
+    sheet = Image.new("RGB", (columns * width + (columns - 1) * gap, rows * height + (rows - 1) * gap), "white")
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        sheet.paste(image, (column * (width + gap), row * (height + gap)))
+    return sheet
+
+
+@main.command("generate")
+@click.argument("prompt")
+@click.option("--negative", default=None, help="Negative prompt (may contain concept tokens too).")
+@click.option("-n", "--num-images", "num_images", default=3, show_default=True, type=click.IntRange(1, 64),
+              help="How many images.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000), help="Diffusion steps.")
+@click.option("--seed", default=None, type=int, help="Random seed (printed and stored in the PNGs if not given).")
+@click.option("--size", default=512, show_default=True, type=int, help="Image width and height (multiple of 64).")
+@click.option("--guidance", default=7.5, show_default=True, type=float, help="Classifier-free guidance scale.")
+@click.option("--weights", "weights_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of keras-cv weight files (default: $CONCEPTLIB_WEIGHTS, then the Keras cache, then download).")
+@click.option("--model", default=None, type=_MODELS,
+              help="Base model (default: that of the concepts in the prompt, else sd-1).")
+@click.option("--out", "out_dir", default="conceptlib-images", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Folder for the PNGs.")
+def generate_command(prompt, negative, num_images, steps, seed, size, guidance, weights_dir, model, out_dir):
+    """Generate images for PROMPT, applying every library concept whose token it contains.
+
+    Writes one PNG per image and a contact sheet, and prints their paths.
+    """
+    if size < 64 or size % 64:
+        raise UsageError(f"--size {size} is not a positive multiple of 64; use e.g. 512")
+    from conceptlib.library import ConceptLibrary
+
+    library = ConceptLibrary()
+    headers = concepts_in_prompts(library, prompt, negative or "")
+    base_model = _pick_base_model(model, headers)
+
+    from conceptlib.weights import is_random, resolve_weights
+
+    weights = resolve_weights(base_model, weights_dir, parts=("text_encoder", "diffusion_model", "decoder"))
+    if is_random(weights):
+        click.echo(f"Warning: {base_model} weights in {weights['text_encoder'].parent} are RANDOM; images will be noise", err=True)
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+        click.echo(f"Seed: {seed}", err=True)
+
+    from conceptlib.kerascv import set_default_backend
+
+    set_default_backend()
+    from conceptlib.kerascv.apply import apply
+    from conceptlib.kerascv.models import build_stable_diffusion
+
+    # keras-cv prints a license notice and progress bars on stdout; stdout is for the paths.
+    with contextlib.redirect_stdout(sys.stderr):
+        sd = build_stable_diffusion(base_model, size, weights)
+        applied = apply(sd, [library.get(header.name) for header in headers], library) if headers else None
+        try:
+            images = sd.text_to_image(
+                prompt,
+                negative_prompt=negative or None,
+                batch_size=num_images,
+                num_steps=steps,
+                unconditional_guidance_scale=guidance,
+                seed=seed,
+            )
+        finally:
+            if applied is not None:
+                applied.unload()
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    settings = {
+        "prompt": prompt, "negative": negative, "seed": seed, "steps": steps, "size": size,
+        "guidance": guidance, "base_model": base_model, "concepts": [h.name for h in headers],
+        "random_weights": is_random(weights),
+    }
+    info.add_text("conceptlib", json.dumps(settings, ensure_ascii=False))
+    info.add_text("parameters", f"{prompt}\nNegative prompt: {negative or ''}\nSteps: {steps}, Seed: {seed}, "
+                                f"CFG scale: {guidance}, Size: {size}x{size}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{_slug(prompt)}-{seed}"
+    pictures = [Image.fromarray(array) for array in images]
+    paths = []
+    for index, picture in enumerate(pictures):
+        path = _unique(out_dir / f"{stem}-{index}.png")
+        picture.save(path, pnginfo=info)
+        paths.append(path)
+    sheet_path = _unique(out_dir / f"{stem}-sheet.png")
+    contact_sheet(pictures).save(sheet_path, pnginfo=info)
+    for path in paths + [sheet_path]:
+        click.echo(str(path))
+
+
+@main.group("weights")
+def weights_group() -> None:
+    """Stable Diffusion weights: where they come from, random ones for smoke runs."""
+
+
+@weights_group.command("init-random")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", default="sd-1", show_default=True, type=_MODELS, help="Base model.")
+def init_random_command(directory: Path, model: str) -> None:
+    """Write RANDOMLY initialised weights into DIRECTORY (for --weights), for smoke runs and tests.
+
+    Images generated with them are noise. The folder is marked with RANDOM-WEIGHTS.txt.
+    """
+    from conceptlib.kerascv import set_default_backend
+
+    set_default_backend()
+    from conceptlib.weights import write_random_weights
+
+    with contextlib.redirect_stdout(sys.stderr):
+        folder = write_random_weights(directory, model)
+    click.echo(str(folder))
+
+
+@weights_group.command("where")
+@click.option("--model", default="sd-1", show_default=True, type=_MODELS, help="Base model.")
+@click.option("--weights", "weights_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of keras-cv weight files.")
+def where_command(model: str, weights_dir: Path | None) -> None:
+    """Print which file each part would be loaded from (no download)."""
+    from conceptlib.weights import PARTS, is_random, resolve_weights
+
+    for part in PARTS:
+        path = resolve_weights(model, weights_dir, parts=(part,), download=False)[part]
+        click.echo(f"{part}\t{path}{'  (RANDOM)' if is_random({part: path}) else ''}")

@@ -1,0 +1,150 @@
+"""`conceptlib train`, `conceptlib plugins`, `conceptlib templates` (issue 4).
+
+`train` picks the trainer plugin first and sets KERAS_BACKEND from it before anything imports
+keras; every check (images, name/token, vocabulary, init words, template pack, weights) runs
+before any model is built.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import click
+
+from conceptlib.cli import main
+from conceptlib.errors import UsageError
+
+
+def _split_words(values) -> list[str]:
+    words: list[str] = []
+    for value in values or ():
+        words.extend(w for w in re.split(r"[\s,]+", value) if w)
+    return words
+
+
+@main.command()
+@click.argument("images", required=False, type=click.Path(file_okay=True, dir_okay=True, path_type=str))
+@click.option("--name", "-n", help="Library name (a slug); default: from the token.")
+@click.option("--token", "-t", help="The word prompts will use, e.g. '<cat-doll>'; default: '<NAME>'.")
+@click.option("--init", "-i", "init", multiple=True, metavar="WORD[S]",
+              help="Start from these words' embeddings, spread over the vectors (e.g. 'cat' or 'toy cat'). "
+              "Default: random vectors.")
+@click.option("--weights", "-w", type=click.Path(file_okay=False, path_type=str),
+              help="Folder with keras-cv weight files (else $CONCEPTLIB_WEIGHTS, the Keras cache, or download).")
+@click.option("--base-model", type=click.Choice(["sd-1", "sd-2"]), default="sd-1", show_default=True)
+@click.option("--trainer", default="tensorflow", show_default=True, help="Trainer plugin (see `conceptlib plugins`).")
+@click.option("--template", default="object", show_default=True, help="Template pack (see `conceptlib templates list`).")
+@click.option("--resolution", "-r", type=int, default=512, show_default=True, help="Training size in pixels (multiple of 64).")
+@click.option("--steps", "-s", type=int, default=1000, show_default=True)
+@click.option("--batch-size", "-b", type=int, default=1, show_default=True)
+@click.option("--num-vectors", type=int, default=1, show_default=True, help="Embedding vectors the token stands for.")
+@click.option("--lr", "learning_rate", type=float, default=5e-3, show_default=True, help="Peak learning rate.")
+@click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same data and noise, same vectors (on CPU).")
+@click.option("--no-flip", is_flag=True, help="Do not flip images horizontally (e.g. for text or asymmetric logos).")
+@click.option("--checkpoint-every", type=int, default=100, show_default=True, help="Steps between checkpoints (0: none).")
+@click.option("--preview-every", type=int, default=0, show_default=True,
+              help="Steps between preview grids written to the run folder (0: none).")
+@click.option("--preview-steps", type=int, default=10, show_default=True, help="Denoising steps per preview.")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=str), help="Run folder (default: in the library's runs/).")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=str), metavar="RUN_DIR",
+              help="Continue an interrupted run from its last checkpoint (its own settings are used).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def train(images, name, token, init, weights, base_model, trainer, template, resolution, steps, batch_size,
+          num_vectors, learning_rate, lr_schedule, warmup_steps, seed, no_flip, checkpoint_every,
+          preview_every, preview_steps, run_dir, resume, quiet):
+    """Learn a new token from the pictures in IMAGES and add it to the library.
+
+    Example: conceptlib train photos/ --name cat-doll --token '<cat-doll>' --init 'toy cat'
+    """
+    from conceptlib.concept import slug_from_token
+    from conceptlib.training import TrainingConfig
+    from conceptlib.training import train as run_training
+
+    if resume is None:
+        if not images:
+            raise UsageError("missing IMAGES: give the folder holding the training pictures (or --resume RUN_DIR)")
+        if not name and not token:
+            raise UsageError("give --name and/or --token, e.g. --name cat-doll --token '<cat-doll>'")
+        token = token or f"<{name}>"
+        name = name or slug_from_token(token)
+        config = TrainingConfig(
+            images=str(images), name=name, token=token, base_model=base_model, weights=weights,
+            trainer=trainer, template=template, init=_split_words(init), num_vectors=num_vectors,
+            resolution=resolution, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+            lr_schedule=lr_schedule, warmup_steps=warmup_steps, seed=seed, flip=not no_flip,
+            checkpoint_every=checkpoint_every, preview_every=preview_every, preview_steps=preview_steps,
+            run_dir=run_dir,
+        )
+    else:
+        config = None
+    header, job = run_training(config, resume=resume, progress=not quiet, announce=not quiet)
+    click.echo(f"Added {header.name} ({header.token}) to the library: {header.path}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json):
+    """List installed trainer and template-pack plugins, and any that failed to load."""
+    from conceptlib.plugins import TRAINERS, discover
+
+    registry = discover()
+    if as_json:
+        payload = {
+            "trainers": {
+                name: {"backend": cls.backend, "version": str(getattr(cls, "version", "?"))}
+                for name, cls in registry.trainers.items()
+            },
+            "template_packs": sorted(registry.template_packs),
+            "entry_points": [info.__dict__ for info in registry.infos],
+        }
+        click.echo(json.dumps(payload, indent=2))
+        return
+    click.echo("Trainers:")
+    for info in [i for i in registry.infos if i.group == TRAINERS]:
+        if info.ok:
+            cls = registry.trainers[info.name]
+            click.echo(f"  {info.name:<14} backend={cls.backend:<11} {info.distribution} {info.version}")
+    click.echo("Template packs:")
+    for pack in registry.template_packs.values():
+        click.echo(f"  {pack.name:<14} {len(pack.templates):>3} templates  ({pack.source})")
+    if registry.broken:
+        click.echo("Failed to load:")
+        for info in registry.broken:
+            click.echo(f"  {info.group} {info.name} = {info.value} ({info.distribution} {info.version}): {info.error}")
+
+
+@main.group()
+def templates():
+    """Template packs: the prompts a concept is trained with."""
+
+
+@templates.command("list")
+def templates_list():
+    """List the template packs."""
+    from conceptlib.plugins import discover
+
+    for pack in discover().template_packs.values():
+        click.echo(f"{pack.name:<12} {len(pack.templates):>3}  {pack.description}")
+
+
+@templates.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def templates_show(name, as_json):
+    """Print the templates of pack NAME."""
+    from conceptlib.plugins import get_template_pack
+
+    pack = get_template_pack(name)
+    if as_json:
+        click.echo(json.dumps(pack.to_dict(), indent=2))
+        return
+    click.echo(f"# {pack.name}: {pack.description} ({pack.source})")
+    for template in pack.templates:
+        click.echo(template)
+    click.echo("# with a caption file:")
+    for template in pack.caption_templates:
+        click.echo(template)

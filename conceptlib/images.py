@@ -1,0 +1,147 @@
+"""Training images: find, check, hash, caption, load and augment them (PIL + numpy only).
+
+Augmentation (random square crop of 80-100 % of the area, resize, horizontal flip) is a pure
+function of a numpy Generator, so a run's data is reproducible from its seed and step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from conceptlib.errors import TrainingError
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MIN_SIDE = 64  # the smallest training resolution
+CROP_AREA = (0.8, 1.0)  # keras.io example: RandomCropAndResize(crop_area_factor=(0.8, 1.0))
+
+
+@dataclass(frozen=True)
+class TrainingImage:
+    """One checked training image and its optional caption (``<stem>.txt`` beside it)."""
+
+    path: Path
+    width: int
+    height: int
+    sha256: str
+    caption: str | None
+
+
+def find_images(source: str | Path) -> list[TrainingImage]:
+    """The training images in a folder (or one image file), checked and sorted by name.
+
+    Raises TrainingError (one line) if there are none, or one is unreadable or smaller than
+    MIN_SIDE pixels on a side.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    source = Path(source)
+    if source.is_file():
+        paths = [source]
+    elif source.is_dir():
+        paths = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
+        if not paths:
+            raise TrainingError(
+                f"no images in {source}: put a few .png/.jpg/.webp pictures of the concept there"
+            )
+    else:
+        raise TrainingError(f"{source}: no such folder; give the folder holding the training images")
+    images = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+            with Image.open(path) as image:
+                image.load()
+                width, height = image.size
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise TrainingError(
+                f"{path}: cannot read this image ({type(exc).__name__}); replace or remove it"
+            ) from None
+        if min(width, height) < MIN_SIDE:
+            raise TrainingError(
+                f"{path}: image is {width}x{height}, smaller than {MIN_SIDE} px on a side; "
+                "use a larger picture or remove it"
+            )
+        caption_path = path.with_suffix(".txt")
+        caption = None
+        if caption_path.is_file():
+            caption = " ".join(caption_path.read_text(encoding="utf-8").split()) or None
+        images.append(
+            TrainingImage(path, width, height, hashlib.sha256(data).hexdigest(), caption)
+        )
+    return images
+
+
+def load_rgb(path: Path, short_side: int):
+    """The image as a uint8 (H, W, 3) array resized so its short side is ``short_side``."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        scale = short_side / min(image.size)
+        size = (max(short_side, round(image.width * scale)), max(short_side, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+        return np.asarray(image, dtype=np.uint8)
+
+
+def augment(array, resolution: int, rng, *, flip: bool = True):
+    """A random square crop (80-100 % of the short side's square area, random position), resized
+    to ``resolution`` and randomly flipped; float32 in [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    height, width = array.shape[:2]
+    short = min(height, width)
+    area = rng.uniform(*CROP_AREA)
+    side = max(1, int(round(short * area**0.5)))
+    top = int(rng.integers(0, height - side + 1))
+    left = int(rng.integers(0, width - side + 1))
+    crop = Image.fromarray(array[top : top + side, left : left + side])
+    crop = crop.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    out = np.asarray(crop, dtype=np.float32) / 127.5 - 1.0
+    if flip and rng.random() < 0.5:
+        out = out[:, ::-1, :]
+    return np.ascontiguousarray(out)
+
+
+def thumbnail_png(array, size: int = 128) -> bytes:
+    """A PNG thumbnail (longest side ``size``) of a uint8 (H, W, 3) array."""
+    import io
+
+    from PIL import Image
+
+    image = Image.fromarray(array)
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def grid(images, columns: int | None = None):
+    """Tile uint8 (N, H, W, 3) images into one (rows*H, columns*W, 3) array."""
+    import math
+
+    import numpy as np
+
+    images = np.asarray(images, dtype=np.uint8)
+    count, height, width, channels = images.shape
+    columns = columns or min(count, 4)
+    rows = math.ceil(count / columns)
+    out = np.zeros((rows * height, columns * width, channels), dtype=np.uint8)
+    for index, image in enumerate(images):
+        row, col = divmod(index, columns)
+        out[row * height : (row + 1) * height, col * width : (col + 1) * width] = image
+    return out
+
+
+def save_png(array, path: Path) -> Path:
+    from PIL import Image
+
+    from conceptlib.files import atomic_write_bytes
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return atomic_write_bytes(Path(path), buffer.getvalue())

@@ -1,0 +1,133 @@
+"""Plugin discovery through entry points (contract 4).
+
+Two groups:
+
+- ``conceptlib.trainers``: ``name = "module:Class"``; the class implements
+  conceptlib.training.Trainer. Loading it must be cheap (no TensorFlow/JAX import).
+- ``conceptlib.template_packs``: ``name = "module:object"``; the object is a TemplatePack, a list
+  of them, a callable returning those, or a dict ``{pack_name: [template, ...]}``.
+
+A plugin that fails to load is recorded with its error and reported by ``conceptlib plugins``;
+it never stops the CLI or the other plugins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import metadata
+
+from conceptlib.errors import PluginError
+
+TRAINERS = "conceptlib.trainers"
+TEMPLATE_PACKS = "conceptlib.template_packs"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One entry point: where it comes from and whether it loaded."""
+
+    group: str
+    name: str
+    value: str
+    distribution: str
+    version: str
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Registry:
+    """The loaded plugins of one process."""
+
+    trainers: dict[str, type] = field(default_factory=dict)
+    template_packs: dict = field(default_factory=dict)  # name -> TemplatePack
+    infos: list[PluginInfo] = field(default_factory=list)
+
+    @property
+    def broken(self) -> list[PluginInfo]:
+        return [info for info in self.infos if not info.ok]
+
+
+_registry: Registry | None = None
+
+
+def _entry_points(group: str):
+    return sorted(metadata.entry_points(group=group), key=lambda ep: ep.name)
+
+
+def _dist(ep) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "?", "?"
+    return dist.metadata["Name"] or "?", dist.version or "?"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def discover(refresh: bool = False) -> Registry:
+    """Load every trainer and template-pack entry point once per process (``refresh`` reloads)."""
+    global _registry
+    if _registry is not None and not refresh:
+        return _registry
+    from conceptlib.templates import coerce_packs
+
+    registry = Registry()
+    for ep in _entry_points(TRAINERS):
+        dist, version = _dist(ep)
+        error = None
+        try:
+            cls = ep.load()
+            missing = [attr for attr in ("name", "backend", "run") if not hasattr(cls, attr)]
+            if missing:
+                raise PluginError(f"{ep.value} is not a Trainer (missing {', '.join(missing)})")
+            if ep.name in registry.trainers:
+                raise PluginError(f"trainer name {ep.name!r} is already taken by another plugin")
+            registry.trainers[ep.name] = cls
+        except Exception as exc:  # a broken plugin is reported, never fatal
+            error = _one_line(exc)
+        registry.infos.append(PluginInfo(TRAINERS, ep.name, ep.value, dist, version, error))
+    for ep in _entry_points(TEMPLATE_PACKS):
+        dist, version = _dist(ep)
+        error = None
+        try:
+            packs = coerce_packs(ep.load(), source=f"{dist}:{ep.name}")
+            taken = [p.name for p in packs if p.name in registry.template_packs]
+            if taken:
+                raise PluginError(f"template pack name(s) {', '.join(taken)} already taken by another plugin")
+            for pack in packs:
+                registry.template_packs[pack.name] = pack
+        except Exception as exc:
+            error = _one_line(exc)
+        registry.infos.append(PluginInfo(TEMPLATE_PACKS, ep.name, ep.value, dist, version, error))
+    _registry = registry
+    return registry
+
+
+def _unknown(kind: str, name: str, known, broken: list[PluginInfo]) -> PluginError:
+    hint = f"installed: {', '.join(sorted(known)) or 'none'}"
+    failed = [info for info in broken if info.name == name]
+    if failed:
+        return PluginError(f"{kind} plugin {name!r} failed to load ({failed[0].error}); run `conceptlib plugins`")
+    return PluginError(f"unknown {kind} {name!r}; {hint} (see `conceptlib plugins`)")
+
+
+def get_trainer(name: str):
+    """The Trainer class registered as ``name``; PluginError if unknown or broken."""
+    registry = discover()
+    if name not in registry.trainers:
+        raise _unknown("trainer", name, registry.trainers, registry.broken)
+    return registry.trainers[name]
+
+
+def get_template_pack(name: str):
+    """The TemplatePack registered as ``name``; PluginError if unknown."""
+    registry = discover()
+    if name not in registry.template_packs:
+        raise _unknown("template pack", name, registry.template_packs, registry.broken)
+    return registry.template_packs[name]

@@ -1,0 +1,608 @@
+"""Training: the Trainer protocol, TrainingConfig, run directories, checkpoints and progress.
+
+The core does everything that does not depend on a backend, so every trainer plugin behaves
+the same: checks (before any model is built), the data (augmented images, prompts, noise and
+timesteps, a pure function of the seed and the step), checkpoints, previews, progress, and
+adding the finished concept to the library. A trainer plugin only builds the models and runs
+the optimisation steps::
+
+    class MyTrainer:
+        name = "mine"; version = "1.0"; backend = "jax"   # KERAS_BACKEND to use
+        def run(self, job: TrainingJob) -> TrainingResult: ...
+
+Nothing here imports keras, TensorFlow or JAX at module import time.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as _dt
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Protocol, runtime_checkable
+
+from conceptlib.errors import ConceptlibError, TrainingError, UsageError
+
+LR_SCHEDULES = ("cosine", "constant")
+MAX_LOSS_HISTORY = 200  # points kept in the concept's metadata
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """A training backend, registered under the ``conceptlib.trainers`` entry-point group.
+
+    ``backend`` is the KERAS_BACKEND it needs (the CLI sets it before anything imports keras).
+    ``run`` must: build the models for ``job.config`` (weights from ``job.weights``), start from
+    ``job.initial_vectors(table)`` or ``job.load_checkpoint()``, and for each step in
+    ``range(job.start_step, job.config.steps)`` train on ``job.batch(step)`` and then call
+    ``job.step_done(step, loss, save=...)`` (which reports progress and, when due, asks for a
+    checkpoint/preview through the callbacks). Importing the class must be cheap: heavy imports
+    happen inside ``run``.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+    backend: ClassVar[str]
+
+    def run(self, job: "TrainingJob") -> "TrainingResult": ...
+
+
+@dataclass
+class TrainingConfig:
+    """Every setting of a training run (written to the run folder as config.json)."""
+
+    images: str
+    name: str
+    token: str
+    base_model: str = "sd-1"
+    weights: str | None = None
+    trainer: str = "tensorflow"
+    template: str = "object"
+    init: list[str] = field(default_factory=list)  # init words; empty = random init
+    num_vectors: int = 1
+    resolution: int = 512
+    steps: int = 1000
+    batch_size: int = 1
+    learning_rate: float = 5e-3
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.004
+    clip_norm: float = 10.0
+    seed: int = 0
+    flip: bool = True
+    checkpoint_every: int = 100  # 0 = only at the end
+    preview_every: int = 0  # 0 = no previews during training
+    preview_steps: int = 10  # denoising steps of a preview
+    run_dir: str | None = None
+
+    def validate(self) -> "TrainingConfig":
+        """Raise UsageError (one line) for a setting out of range."""
+        from conceptlib.concept import validate_name, validate_token
+
+        validate_name(self.name)
+        validate_token(self.token)
+        if self.base_model not in ("sd-1", "sd-2"):
+            raise UsageError(f"unknown base model {self.base_model!r}; use sd-1 or sd-2")
+        if self.resolution < 64 or self.resolution % 64:
+            raise UsageError(f"--resolution {self.resolution} is not a positive multiple of 64; use e.g. 512")
+        for option, value, low in (
+            ("--steps", self.steps, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--num-vectors", self.num_vectors, 1),
+            ("--checkpoint-every", self.checkpoint_every, 0),
+            ("--preview-every", self.preview_every, 0),
+            ("--warmup-steps", self.warmup_steps, 0),
+            ("--preview-steps", self.preview_steps, 1),
+        ):
+            if value < low:
+                raise UsageError(f"{option} {value} must be at least {low}")
+        if self.num_vectors > 75:
+            raise UsageError(f"--num-vectors {self.num_vectors} is too many; a prompt holds at most 75 tokens")
+        if not self.learning_rate > 0:
+            raise UsageError(f"--lr {self.learning_rate} must be positive, e.g. 5e-3")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UsageError(f"unknown --lr-schedule {self.lr_schedule!r}; use {' or '.join(LR_SCHEDULES)}")
+        if not 0 <= self.seed < 2**32:
+            raise UsageError(f"--seed {self.seed} must be between 0 and 2**32 - 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainingConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def training_summary(self) -> dict:
+        """The settings recorded in the concept's ``training`` metadata."""
+        keys = (
+            "steps", "batch_size", "learning_rate", "lr_schedule", "warmup_steps", "weight_decay",
+            "clip_norm", "resolution", "template", "seed", "num_vectors", "flip", "base_model",
+        )
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to continue a run bit-identically: the next step, the vectors, the
+    optimizer's variables (in the trainer's order) and the loss history so far."""
+
+    step: int
+    vectors: "object"  # np.ndarray (num_vectors, dim)
+    optimizer: list = field(default_factory=list)  # list of np.ndarray
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class TrainingResult:
+    """What a trainer returns: the final vectors, the per-step losses, and an optional preview
+    image (uint8 (H, W, 3)) generated with the final vectors."""
+
+    vectors: "object"
+    losses: list[float]
+    preview: "object | None" = None
+
+
+class RunDirectory:
+    """A training run's folder: config.json, checkpoints/, previews/, concept.safetensors."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def previews(self) -> Path:
+        return self.path / "previews"
+
+    @property
+    def concept_path(self) -> Path:
+        return self.path / "concept.safetensors"
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def create(self, config: TrainingConfig, extra: dict) -> None:
+        from conceptlib.files import atomic_write_bytes
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        data = {"config": config.to_dict(), **extra}
+        atomic_write_bytes(self.config_path, json.dumps(data, indent=2).encode())
+
+    def read(self) -> dict:
+        try:
+            return json.loads(self.config_path.read_text())
+        except FileNotFoundError:
+            raise TrainingError(
+                f"{self.path} is not a training run folder (no config.json); give the folder a "
+                "`conceptlib train` run printed"
+            ) from None
+        except ValueError as exc:
+            raise TrainingError(f"{self.config_path}: corrupt ({exc}); start a new run") from None
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:07d}.npz"
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.checkpoints.glob("step-*.npz")) if self.checkpoints.is_dir() else []
+        return found[-1] if found else None
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> Path:
+        import numpy as np
+
+        from conceptlib.files import atomic_write_bytes
+
+        arrays = {"vectors": np.asarray(checkpoint.vectors, dtype=np.float32)}
+        for index, value in enumerate(checkpoint.optimizer):
+            arrays[f"optimizer_{index:04d}"] = np.asarray(value)
+        arrays["meta"] = np.frombuffer(
+            json.dumps({"step": checkpoint.step, "losses": checkpoint.losses, "optimizer": len(checkpoint.optimizer)}).encode(),
+            dtype=np.uint8,
+        )
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return atomic_write_bytes(self.checkpoint_path(checkpoint.step), buffer.getvalue())
+
+    def load_checkpoint(self, path: Path | None = None) -> Checkpoint | None:
+        import numpy as np
+
+        path = path or self.latest_checkpoint()
+        if path is None:
+            return None
+        try:
+            with np.load(path) as data:
+                meta = json.loads(bytes(data["meta"]).decode())
+                return Checkpoint(
+                    step=int(meta["step"]),
+                    vectors=data["vectors"].copy(),
+                    optimizer=[data[f"optimizer_{i:04d}"].copy() for i in range(int(meta["optimizer"]))],
+                    losses=[float(x) for x in meta["losses"]],
+                )
+        except (OSError, ValueError, KeyError) as exc:
+            raise TrainingError(f"{path}: unreadable checkpoint ({exc}); delete it to resume from an earlier one") from None
+
+
+class Progress:
+    """A one-line progress report on stderr: step, loss, steps/s and ETA. Rewrites the line on a
+    terminal; elsewhere prints a line every ~10 % of the run (and the first and last step)."""
+
+    def __init__(self, total: int, start: int = 0, stream=None, enabled: bool = True):
+        self.total = total
+        self.start = start
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.first_step_at: float | None = None
+        self.started = time.perf_counter()
+        self._every = max(1, (total - start) // 10)
+
+    def update(self, step: int, loss: float) -> None:
+        now = time.perf_counter()
+        done = step + 1
+        if self.first_step_at is None:
+            self.first_step_at = now
+        timed = done - self.start - 1  # the first step includes tracing/compilation
+        if timed > 0:
+            per_step = (now - self.first_step_at) / timed
+            eta = _format_seconds(per_step * (self.total - done))
+            rate = f"{per_step:.2f} s/step"
+        else:
+            eta, rate = "?", "first step"
+        line = f"step {done}/{self.total}  loss {loss:.4f}  {rate}  ETA {eta}"
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r" + line.ljust(70) + ("\n" if done == self.total else ""))
+            self.stream.flush()
+        elif done == self.start + 1 or done == self.total or (done - self.start) % self._every == 0:
+            print(line, file=self.stream, flush=True)
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def _rng(seed: int, *stream: int):
+    import numpy as np
+
+    return np.random.default_rng([seed, *stream])
+
+
+# Distinct RNG streams derived from the seed (so e.g. adding previews never changes the data).
+_STREAM_STEP, _STREAM_EPOCH, _STREAM_INIT, _STREAM_PREVIEW = 0, 1, 2, 3
+
+
+class TrainingJob:
+    """One prepared run: checked inputs, the run folder, the data, and the callbacks a trainer
+    uses. Built by ``prepare`` (all checks happen there, before any model is built)."""
+
+    def __init__(self, config, trainer_cls, pack, images, tokenizer, init_ids, weights, run_dir, library, resume):
+        self.config: TrainingConfig = config
+        self.trainer_cls = trainer_cls
+        self.pack = pack
+        self.images = images
+        self.tokenizer = tokenizer
+        self.init_ids: list[int] = init_ids
+        self.weights = weights  # resolve_weights dict
+        self.run_dir: RunDirectory = run_dir
+        self.library = library
+        self.resume = resume
+        self.vocab_size = len(tokenizer.encoder)
+        self.new_ids = list(range(self.vocab_size, self.vocab_size + config.num_vectors))
+        self.start_step = 0
+        self.losses: list[float] = []
+        self.progress = Progress(config.steps)
+        self.timings: dict[str, float] = {"prepared": time.perf_counter()}
+        self._arrays: dict[int, object] = {}
+        # Callbacks the trainer sets so the job can ask for a checkpoint / preview when due.
+        self.checkpoint_fn = None  # () -> (vectors, [optimizer variable values]) after the step
+        self.preview_fn = None  # (token_ids, latent_noise) -> uint8 (B, R, R, 3)
+
+    # --- data -------------------------------------------------------------------------------
+
+    def _image(self, index: int):
+        if index not in self._arrays:
+            from conceptlib.images import load_rgb
+
+            self._arrays[index] = load_rgb(self.images[index].path, self.config.resolution)
+        return self._arrays[index]
+
+    def _image_index(self, position: int) -> int:
+        count = len(self.images)
+        epoch, offset = divmod(position, count)
+        return int(_rng(self.config.seed, _STREAM_EPOCH, epoch).permutation(count)[offset])
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        from conceptlib.kerascv.textual_inversion import encode_prompt
+
+        try:
+            return encode_prompt(self.tokenizer, prompt, self.config.token, self.new_ids)
+        except ValueError as exc:
+            raise TrainingError(f"{exc}; shorten the caption or template, or use fewer --num-vectors") from None
+
+    def batch(self, step: int) -> dict:
+        """The batch for ``step`` as numpy arrays (see TextualInversion.loss): a pure function of
+        the seed and the step, so a resumed run sees exactly the data an uninterrupted one does."""
+        import numpy as np
+
+        from conceptlib.images import augment
+
+        config = self.config
+        rng = _rng(config.seed, _STREAM_STEP, step)
+        size, latent = config.resolution, config.resolution // 8
+        images, ids = [], []
+        for j in range(config.batch_size):
+            index = self._image_index(step * config.batch_size + j)
+            image = self.images[index]
+            images.append(augment(self._image(index), size, rng, flip=config.flip))
+            template = int(rng.integers(0, 1 << 30))
+            ids.append(self.prompt_ids(self.pack.render(template, config.token, image.caption)))
+        shape = (config.batch_size, latent, latent, 4)
+        return {
+            "images": np.stack(images).astype(np.float32),
+            "token_ids": np.asarray(ids, dtype=np.int32),
+            "posterior_noise": rng.standard_normal(shape, dtype=np.float32),
+            "noise": rng.standard_normal(shape, dtype=np.float32),
+            "timesteps": rng.integers(0, 1000, size=(config.batch_size,)).astype(np.int32),
+        }
+
+    def initial_vectors(self, table):
+        """Starting vectors from the frozen token table (init words spread over the vectors, or
+        seeded random vectors)."""
+        from conceptlib.kerascv.textual_inversion import initial_rows
+
+        return initial_rows(table, self.init_ids, self.config.num_vectors, _rng(self.config.seed, _STREAM_INIT))
+
+    def preview_inputs(self, count: int = 2):
+        """Token ids and start noise for previews (fixed for the run, so previews compare)."""
+        import numpy as np
+
+        config = self.config
+        prompt = self.pack.render(0, config.token)
+        ids = np.asarray([self.prompt_ids(prompt)] * count, dtype=np.int32)
+        latent = config.resolution // 8
+        noise = _rng(config.seed, _STREAM_PREVIEW).standard_normal((count, latent, latent, 4), dtype=np.float32)
+        return ids, noise
+
+    # --- checkpoints, previews, progress ----------------------------------------------------
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        """The latest checkpoint when resuming (sets ``start_step`` and the loss history)."""
+        if not self.resume:
+            return None
+        checkpoint = self.run_dir.load_checkpoint()
+        if checkpoint is not None:
+            self.start_step = checkpoint.step
+            self.losses = list(checkpoint.losses)
+            self.progress = Progress(self.config.steps, start=checkpoint.step, enabled=self.progress.enabled)
+        return checkpoint
+
+    def step_done(self, step: int, loss: float) -> None:
+        """Record ``loss`` for ``step`` (0-based), report progress, and checkpoint/preview when due."""
+        loss = float(loss)
+        if "first_step" not in self.timings:
+            self.timings["first_step"] = time.perf_counter()
+        self.losses.append(loss)
+        self.progress.update(step, loss)
+        done = step + 1
+        every = self.config.checkpoint_every
+        if self.checkpoint_fn is not None and every and done % every == 0 and done < self.config.steps:
+            vectors, optimizer = self.checkpoint_fn()
+            self.run_dir.save_checkpoint(Checkpoint(done, vectors, list(optimizer), list(self.losses)))
+        every = self.config.preview_every
+        if self.preview_fn is not None and every and done % every == 0:
+            self.write_preview(done, self.preview_fn(*self.preview_inputs()))
+        self.timings["last_step"] = time.perf_counter()
+
+    def write_preview(self, step: int, images) -> Path:
+        from conceptlib.images import grid, save_png
+
+        return save_png(grid(images), self.run_dir.previews / f"step-{step:07d}.png")
+
+    @property
+    def wants_previews(self) -> bool:
+        return self.config.preview_every > 0
+
+
+def default_run_dir(library, name: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(library.runs_dir) / f"{name}-{stamp}-{os.getpid()}"
+
+
+def _ensure_backend(backend: str) -> None:
+    """Make KERAS_BACKEND match the trainer before keras is imported (or fail clearly)."""
+    current = os.environ.get("KERAS_BACKEND")
+    if "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() != backend:
+            raise TrainingError(
+                f"keras is already running on the {keras.backend.backend()!r} backend but this trainer "
+                f"needs {backend!r}; start a new process with KERAS_BACKEND={backend}"
+            )
+    elif current and current != backend:
+        raise TrainingError(
+            f"KERAS_BACKEND={current} but the trainer needs {backend!r}; unset KERAS_BACKEND or set it to {backend}"
+        )
+    os.environ["KERAS_BACKEND"] = backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def tokenize_init(tokenizer, words: list[str]) -> list[int]:
+    """The token ids of the init words (without start/end), or TrainingError if a word gives none."""
+    ids: list[int] = []
+    for word in words:
+        word_ids = tokenizer.encode(word)[1:-1]
+        if not word_ids:
+            raise TrainingError(
+                f"--init word {word!r} tokenizes to nothing; use an ordinary word such as 'cat' or 'painting'"
+            )
+        ids.extend(word_ids)
+    return ids
+
+
+def token_in_vocabulary(tokenizer, token: str) -> bool:
+    """True if ``token`` is already one CLIP token (a concept must not shadow a real word)."""
+    token = token.lower()
+    return token in tokenizer.encoder or f"{token}</w>" in tokenizer.encoder
+
+
+def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path | None = None) -> TrainingJob:
+    """Check everything and set up the run folder; no model is built here.
+
+    With ``resume`` the run's own config.json is used (``config`` is ignored), and the training
+    images must be unchanged.
+    """
+    from conceptlib import plugins
+    from conceptlib.images import find_images
+    from conceptlib.library import ConceptLibrary
+
+    library = library if library is not None else ConceptLibrary()
+    extra: dict = {}
+    if resume is None and config is None:
+        raise UsageError("nothing to train: give a TrainingConfig or a run folder to resume")
+    if resume is not None:
+        run_dir = RunDirectory(resume)
+        saved = run_dir.read()
+        config = TrainingConfig.from_dict(saved["config"])
+        config.run_dir = str(run_dir.path)
+        if run_dir.concept_path.exists():
+            raise TrainingError(f"run {run_dir.path} already finished (concept.safetensors exists); nothing to resume")
+    config.validate()
+    trainer_cls = plugins.get_trainer(config.trainer)
+    pack = plugins.get_template_pack(config.template)
+    _ensure_backend(trainer_cls.backend)
+    library.check_available(config.name, config.token)
+    images = find_images(config.images)
+    hashes = [image.sha256 for image in images]
+    if resume is not None and saved.get("image_sha256") and saved["image_sha256"] != hashes:
+        raise TrainingError(
+            f"the images in {config.images} changed since run {run_dir.path} started; restore them or start a new run"
+        )
+    from conceptlib.weights import resolve_weights
+
+    parts = ["text_encoder", "diffusion_model", "image_encoder"] + (["decoder"] if config.preview_every else [])
+    weights = resolve_weights(config.base_model, config.weights, parts)
+    from conceptlib.kerascv.tokenizer import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    if token_in_vocabulary(tokenizer, config.token):
+        raise TrainingError(
+            f"token {config.token!r} is already a word of the CLIP vocabulary; pick an unused one such as '<{config.name}>'"
+        )
+    init_ids = tokenize_init(tokenizer, config.init)
+    if resume is None:
+        run_dir = RunDirectory(config.run_dir or default_run_dir(library, config.name))
+        if run_dir.exists():
+            raise TrainingError(f"{run_dir.path} already holds a run; resume it with --resume {run_dir.path} or pick another --run-dir")
+        config.run_dir = str(run_dir.path)
+    job = TrainingJob(config, trainer_cls, pack, images, tokenizer, init_ids, weights, run_dir, library, resume is not None)
+    # Every prompt must fit: render each template/caption once now rather than fail mid-run.
+    for image in images:
+        for index in range(len(pack.caption_templates if image.caption else pack.templates)):
+            job.prompt_ids(pack.render(index, config.token, image.caption))
+    if resume is None:
+        from conceptlib.weights import is_random
+
+        extra = {"image_sha256": hashes, "init_ids": init_ids, "random_weights": is_random(weights)}
+        run_dir.create(config, extra)
+    return job
+
+
+def finish(job: TrainingJob, result: TrainingResult, *, trainer_version: str):
+    """Write the concept (run folder + library) with the full metadata of contract 1."""
+    import numpy as np
+
+    from conceptlib.concept import Concept
+    from conceptlib.files import write_concept
+    from conceptlib.images import load_rgb, thumbnail_png
+    from conceptlib.weights import is_random
+
+    config = job.config
+    losses = [float(x) for x in result.losses]
+    if len(losses) > MAX_LOSS_HISTORY:
+        # Keep an evenly spaced summary (always the first and last step).
+        picks = np.unique(np.linspace(0, len(losses) - 1, MAX_LOSS_HISTORY).round().astype(int))
+        history = [[int(i) + 1, round(losses[i], 6)] for i in picks]
+    else:
+        history = [[i + 1, round(loss, 6)] for i, loss in enumerate(losses)]
+    if result.preview is not None:
+        preview, source = np.asarray(result.preview, dtype=np.uint8), "generated"
+    else:
+        preview, source = load_rgb(job.images[0].path, 128), "training-image"
+    init_tokens = [job.tokenizer.decode([i]).strip() for i in job.init_ids]
+    metadata = {
+        "init_tokens": json.dumps(init_tokens),
+        "init_words": json.dumps(config.init),
+        "trainer": config.trainer,
+        "trainer_version": trainer_version,
+        "training": json.dumps(config.training_summary(), sort_keys=True),
+        "final_loss": f"{losses[-1]:.6f}" if losses else "",
+        "loss_history": json.dumps(history),
+        "image_sha256": json.dumps([image.sha256 for image in job.images]),
+        "preview": base64.b64encode(thumbnail_png(preview)).decode("ascii"),
+        "preview_source": source,
+        "random_weights": "true" if is_random(job.weights) else "false",
+        "created_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    concept = Concept(config.name, config.token, np.asarray(result.vectors, dtype=np.float32), metadata)
+    write_concept(concept, job.run_dir.concept_path)
+    try:
+        return job.library.add(concept)
+    except ConceptlibError as exc:
+        raise TrainingError(
+            f"{exc} (the trained concept is saved in {job.run_dir.concept_path}; add it under another "
+            "name with `conceptlib import`)"
+        ) from None
+
+
+def train(
+    config: TrainingConfig | None,
+    *,
+    library=None,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    announce: bool = False,
+):
+    """Prepare, run the trainer plugin, and add the concept to the library. Returns
+    (ConceptHeader, TrainingJob). ``announce`` prints the run folder (and a warning for random
+    weights) on stderr."""
+    job = prepare(config, library=library, resume=resume)
+    job.progress.enabled = progress
+    if announce:
+        from conceptlib.weights import is_random
+
+        if is_random(job.weights):
+            print(
+                "WARNING: training with RANDOM weights (from `conceptlib weights init-random`): this "
+                "is a smoke run, the concept will be meaningless.",
+                file=sys.stderr,
+            )
+        verb = "Resuming" if job.resume else "Training"
+        print(
+            f"{verb} {job.config.name} ({job.config.token}) with trainer {job.config.trainer} on "
+            f"{len(job.images)} image(s); run folder {job.run_dir.path} (continue it with --resume)",
+            file=sys.stderr,
+            flush=True,
+        )
+    trainer = job.trainer_cls()
+    result = trainer.run(job)
+    header = finish(job, result, trainer_version=str(getattr(trainer, "version", "?")))
+    return header, job

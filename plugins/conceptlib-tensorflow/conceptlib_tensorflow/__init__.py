@@ -1,0 +1,118 @@
+"""conceptlib's reference trainer: textual inversion on the Keras 3 TensorFlow backend.
+
+Importing this module is cheap; TensorFlow, Keras and keras-cv are imported inside ``run``, after
+the CLI has set ``KERAS_BACKEND=tensorflow``.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# Models built in this process, keyed by what they depend on. Training never writes a model
+# variable (only the new vectors learn), so repeated runs in one process (tests, benchmarks) can
+# share them.
+_MODELS: dict = {}
+
+
+def build_models(base_model: str, resolution: int, weights, *, decoder: bool = False):
+    """A TextualInversion over keras-cv's text encoder, UNet and VAE encoder (and decoder when
+    previews are wanted), built once per process for the same arguments."""
+    from conceptlib.kerascv import models
+    from conceptlib.kerascv.textual_inversion import TextualInversion
+
+    key = (base_model, resolution, tuple(sorted((k, str(v)) for k, v in (weights or {}).items())))
+    cached = _MODELS.get(key)
+    if cached is None or (decoder and cached.decoder is None):
+        if cached is None:
+            text_encoder = models.build_text_encoder(base_model, weights)
+            diffusion_model = models.build_diffusion_model(base_model, resolution, weights)
+            image_encoder = models.build_image_encoder(resolution, weights)
+        else:
+            text_encoder, diffusion_model = cached.text_encoder, cached.diffusion_model
+            image_encoder = cached.image_encoder
+        dec = models.build_decoder(base_model, resolution, weights) if decoder else None
+        cached = TextualInversion(text_encoder, diffusion_model, image_encoder, dec)
+        cached.image_encoder = image_encoder
+        _MODELS[key] = cached
+    return cached
+
+
+def make_train_step(ti, rows, optimizer):
+    """A tf.function running one optimisation step on ``rows`` (a keras.Variable holding the new
+    vectors) and returning the loss. Gradient flows only into ``rows``: every model weight is read,
+    never written."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def step(batch):
+        state = ti.frozen_state()
+        with tf.GradientTape() as tape:
+            tape.watch(rows.value)
+            loss = ti.loss(rows.value, state, batch)
+        grad = tape.gradient(loss, rows.value)
+        optimizer.apply_gradients([(grad, rows)])
+        return loss
+
+    return step
+
+
+class TensorFlowTrainer:
+    """The ``tensorflow`` trainer (conceptlib.training.Trainer)."""
+
+    name = "tensorflow"
+    version = __version__
+    backend = "tensorflow"
+
+    def run(self, job):
+        import warnings
+
+        import keras
+        import numpy as np
+
+        from conceptlib.errors import TrainingError
+        from conceptlib.images import grid
+        from conceptlib.kerascv.textual_inversion import make_optimizer
+        from conceptlib.training import TrainingResult
+
+        config = job.config
+        # At 64 px the UNet's deepest attention sees one pixel; Keras warns about that softmax.
+        warnings.filterwarnings("ignore", message="You are using a softmax over axis")
+        ti = build_models(config.base_model, config.resolution, job.weights, decoder=job.wants_previews)
+        if ti.vocab_size != job.vocab_size:
+            raise TrainingError(
+                f"the text encoder has {ti.vocab_size} tokens but the tokenizer {job.vocab_size}; "
+                "the weights do not belong to this base model"
+            )
+        rows = keras.Variable(job.initial_vectors(ti.token_table()), dtype="float32", name="concept_vectors")
+        optimizer = make_optimizer(
+            config.learning_rate,
+            config.steps,
+            schedule=config.lr_schedule,
+            warmup_steps=config.warmup_steps,
+            weight_decay=config.weight_decay,
+            clip_norm=config.clip_norm,
+        )
+        optimizer.build([rows])
+        checkpoint = job.load_checkpoint()
+        if checkpoint is not None:
+            rows.assign(checkpoint.vectors)
+            if len(checkpoint.optimizer) != len(optimizer.variables):
+                raise TrainingError("the checkpoint's optimizer state does not match this trainer; start a new run")
+            for variable, value in zip(optimizer.variables, checkpoint.optimizer):
+                variable.assign(value)
+        job.checkpoint_fn = lambda: (
+            np.asarray(rows.numpy()),
+            [np.asarray(keras.ops.convert_to_numpy(v)) for v in optimizer.variables],
+        )
+
+        def preview(token_ids, noise):
+            return ti.sample(rows.value, token_ids, noise, num_steps=config.preview_steps)
+
+        if job.wants_previews:
+            job.preview_fn = preview
+        step = make_train_step(ti, rows, optimizer)
+        for index in range(job.start_step, config.steps):
+            loss = step(job.batch(index))
+            job.step_done(index, float(loss))
+        final_preview = grid(preview(*job.preview_inputs())) if job.wants_previews else None
+        return TrainingResult(np.asarray(rows.numpy()), list(job.losses), final_preview)

@@ -1,0 +1,205 @@
+"""Weights resolution: --weights DIR / $CONCEPTLIB_WEIGHTS, then the Keras cache, then keras-cv's
+own download; clear errors that say where we looked; random weights written in the same layout."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from conceptlib import weights as W
+from conceptlib.errors import WeightsError
+
+
+def _h5(path):
+    """A small but real HDF5 file (resolution only checks that a file is HDF5)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("x", data=np.arange(3))
+    return path
+
+
+@pytest.fixture()
+def cache(monkeypatch, tmp_path):
+    """An isolated Keras cache folder and no $CONCEPTLIB_WEIGHTS."""
+    folder = tmp_path / "keras-cache" / "datasets"
+    folder.mkdir(parents=True)
+    monkeypatch.setattr(W, "keras_cache_dirs", lambda: [folder])
+    monkeypatch.delenv(W.ENV_VAR, raising=False)
+    return folder
+
+
+def test_file_names_and_urls_are_keras_cvs_own():
+    from keras_cv.src.models.stable_diffusion import decoder, diffusion_model, image_encoder, text_encoder
+
+    source = "".join(inspect.getsource(m) for m in (decoder, diffusion_model, image_encoder, text_encoder))
+    for base_model, parts in W.WEIGHT_FILES.items():
+        assert set(parts) == set(W.PARTS)
+        for spec in parts.values():
+            assert spec.url in source and spec.sha256 in source
+    assert W.weight_filename("sd-1", "text_encoder") == "kcv_encoder.h5"
+    assert W.weight_filename("sd-2", "diffusion_model") == "diffusion_model_v2_1.h5"
+    assert W.weight_filename("sd-2", "decoder") == W.weight_filename("sd-1", "decoder") == "kcv_decoder.h5"
+    assert W.weight_filename("sd-1", "image_encoder") == "vae_encoder.h5"
+
+
+def test_weights_dir_comes_before_the_keras_cache(cache, tmp_path):
+    mine = tmp_path / "mine"
+    for part in W.PARTS:
+        _h5(cache / W.weight_filename("sd-1", part))
+    _h5(mine / "kcv_encoder.h5")
+    resolved = W.resolve_weights("sd-1", mine, download=False)
+    assert resolved["text_encoder"] == mine / "kcv_encoder.h5"
+    # Parts the folder lacks fall back to the cache.
+    assert resolved["diffusion_model"] == cache / "kcv_diffusion_model.h5"
+    assert set(resolved) == set(W.PARTS)
+
+
+def test_env_var_is_the_default_weights_dir(cache, tmp_path, monkeypatch):
+    mine = tmp_path / "env-weights"
+    _h5(mine / "text_encoder_v2_1.h5")
+    monkeypatch.setenv(W.ENV_VAR, str(mine))
+    assert W.resolve_weights("sd-2", parts=["text_encoder"], download=False) == {
+        "text_encoder": mine / "text_encoder_v2_1.h5"
+    }
+
+
+def test_a_keras_cache_works_as_is(cache):
+    _h5(cache / "text_encoder_v2_1.h5")
+    assert W.resolve_weights("sd-2", parts=("text_encoder",), download=False)["text_encoder"] == cache / "text_encoder_v2_1.h5"
+
+
+def test_missing_weights_say_where_they_were_looked_for(cache, tmp_path):
+    mine = tmp_path / "empty"
+    mine.mkdir()
+    with pytest.raises(WeightsError) as info:
+        W.resolve_weights("sd-1", mine, parts=["diffusion_model"], download=False)
+    message = str(info.value)
+    assert "kcv_diffusion_model.h5" in message and str(mine) in message and str(cache) in message
+    assert "init-random" in message and "\n" not in message
+
+
+def test_missing_weights_folder_is_an_error(cache, tmp_path):
+    with pytest.raises(WeightsError, match=r"weights folder .*nope.* does not exist"):
+        W.resolve_weights("sd-1", tmp_path / "nope")
+
+
+def test_unknown_base_model_or_part(cache):
+    with pytest.raises(WeightsError, match="unknown base model 'sd-3'"):
+        W.resolve_weights("sd-3")
+    with pytest.raises(WeightsError, match="unknown model part 'vae'"):
+        W.resolve_weights("sd-1", parts=["vae"])
+
+
+def test_corrupt_file_is_reported_with_its_path(cache, tmp_path):
+    mine = tmp_path / "w"
+    mine.mkdir()
+    (mine / "kcv_encoder.h5").write_bytes(b"<html>rate limited</html>")
+    with pytest.raises(WeightsError, match=r"kcv_encoder\.h5 is corrupt \(not an HDF5 file\)"):
+        W.resolve_weights("sd-1", mine, parts=["text_encoder"])
+
+
+def test_download_uses_keras_cv_url_and_hash(cache, monkeypatch, tmp_path):
+    import keras
+
+    calls = []
+
+    def fake_get_file(fname=None, origin=None, file_hash=None, **kwargs):
+        calls.append((origin, file_hash))
+        return str(_h5(cache / origin.rsplit("/", 1)[-1]))
+
+    monkeypatch.setattr(keras.utils, "get_file", fake_get_file)
+    resolved = W.resolve_weights("sd-2", parts=["text_encoder", "decoder"])
+    assert calls == [
+        (W.WEIGHT_FILES["sd-2"]["text_encoder"].url, W.WEIGHT_FILES["sd-2"]["text_encoder"].sha256),
+        (W.WEIGHT_FILES["sd-2"]["decoder"].url, W.WEIGHT_FILES["sd-2"]["decoder"].sha256),
+    ]
+    assert resolved["decoder"] == cache / "kcv_decoder.h5"
+
+
+def test_failed_download_says_where_it_looked(cache, monkeypatch):
+    import keras
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(WeightsError) as info:
+        W.resolve_weights("sd-1", parts=["image_encoder"])
+    message = str(info.value)
+    assert str(cache) in message and W.WEIGHT_FILES["sd-1"]["image_encoder"].url in message
+    assert "name resolution" in message and "--weights" in message
+
+
+# -- random weights ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def random_dir(tmp_path_factory):
+    # The image encoder is the smallest part (137 MB); the CLI test of every part is test_generate.
+    return W.write_random_weights(tmp_path_factory.mktemp("random-weights"), "sd-1", parts=["image_encoder"])
+
+
+def test_random_weights_are_marked_and_listed(random_dir):
+    assert (random_dir / W.RANDOM_MARKER).read_text().startswith("These Stable Diffusion weights are RANDOMLY")
+    manifest = json.loads((random_dir / W.MANIFEST).read_text())
+    assert manifest["random"] is True
+    assert manifest["files"]["vae_encoder.h5"]["part"] == "image_encoder"
+    assert manifest["files"]["vae_encoder.h5"]["bytes"] == (random_dir / "vae_encoder.h5").stat().st_size
+    assert W.is_random(random_dir)
+    assert W.is_random(W.resolve_weights("sd-1", random_dir, parts=["image_encoder"], download=False))
+
+
+def test_random_weights_load_through_the_builders(random_dir):
+    from conceptlib.kerascv import models
+
+    resolved = W.resolve_weights("sd-1", random_dir, parts=["image_encoder"], download=False)
+    loaded = models.build_image_encoder(weights=resolved)
+    fresh = models.build_image_encoder()
+    with h5py.File(resolved["image_encoder"]) as handle:
+        names = [n.decode() if isinstance(n, bytes) else n for n in handle.attrs["layer_names"]]
+        stored = [
+            np.asarray(handle[name][w])
+            for name in names
+            for w in [x.decode() if isinstance(x, bytes) else x for x in handle[name].attrs["weight_names"]]
+        ]
+    assert len(stored) == len(loaded.weights) > 0
+    for value, variable in zip(stored, loaded.weights):
+        np.testing.assert_array_equal(value, variable.numpy())
+    # And they are not just the initialiser's output.
+    assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(loaded.weights, fresh.weights))
+
+
+def test_truncated_weights_fail_to_load_with_a_clear_error(random_dir, tmp_path):
+    from conceptlib.kerascv import models
+
+    broken = tmp_path / "vae_encoder.h5"
+    broken.write_bytes((random_dir / "vae_encoder.h5").read_bytes()[:4096])
+    with pytest.raises(WeightsError) as info:
+        models.build_image_encoder(weights={"image_encoder": broken})
+    assert str(broken) in str(info.value) and "corrupt" in str(info.value)
+
+
+def test_wrong_model_weights_fail_to_load_with_a_clear_error(random_dir):
+    from conceptlib.kerascv import models
+
+    with pytest.raises(WeightsError, match="could not load decoder weights"):
+        models.build_decoder("sd-1", 64, weights={"decoder": random_dir / "vae_encoder.h5"})
+
+
+def test_missing_part_in_a_weights_dict(random_dir):
+    from conceptlib.kerascv import models
+
+    with pytest.raises(WeightsError, match="no text_encoder weights among the resolved files"):
+        models.build_text_encoder("sd-1", weights={"image_encoder": random_dir / "vae_encoder.h5"})
+
+
+def test_random_weights_never_overwrite_unmarked_files(tmp_path):
+    real = _h5(tmp_path / "real" / "vae_encoder.h5")
+    before = real.read_bytes()
+    with pytest.raises(WeightsError, match="not marked random; refusing to overwrite"):
+        W.write_random_weights(tmp_path / "real", "sd-1", parts=["image_encoder"])
+    assert real.read_bytes() == before

@@ -9,8 +9,8 @@ Layout under the library root ($CONCEPTLIB_HOME, else platformdirs' user data di
 
 The index makes listing 10,000 concepts cheap: each entry is validated against the file's
 (inode, mtime_ns, size) and re-read from the file header when stale; a missing or corrupt index
-is simply rebuilt. It keeps only short metadata values; long ones (the preview thumbnail, loss
-history) are read from the file header on first access of ``header.metadata``.
+is simply rebuilt. It keeps only what ``conceptlib list`` shows; the rest of the metadata (preview
+thumbnail, loss history, ...) is read from the file header on first access of ``header.metadata``.
 
 Nothing here imports numpy or TensorFlow except ``get`` (which loads vectors).
 """
@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from conceptlib.concept import Concept, validate_name, validate_token
+from conceptlib.concept import BASE_MODEL_BY_DIM, Concept, validate_name, validate_token
 from conceptlib.errors import (
     CollisionError,
     ConceptError,
@@ -36,9 +36,10 @@ from conceptlib.errors import (
 )
 from conceptlib.files import SUFFIX, ConceptHeader, _fsync_dir, read_concept, read_header, write_concept
 
-INDEX_VERSION = 1
-# Metadata values longer than this stay out of the index and load lazily from the file.
-_INDEX_VALUE_LIMIT = 512
+INDEX_VERSION = 2
+_ENTRY_FIELDS = {"key", "name", "token", "num_vectors", "dim", "metadata"}
+# The metadata keys ConceptHeader.summary() shows; the rest is read from the file when used.
+_INDEXED_KEYS = ("trainer", "created_at")
 
 
 def default_root() -> Path:
@@ -52,14 +53,13 @@ def default_root() -> Path:
 
 
 class _IndexedHeader(ConceptHeader):
-    """A ConceptHeader built from the index: ``metadata`` loads long values from the file header
-    the first time it is read; ``summary()`` never needs them."""
+    """A ConceptHeader built from the index: ``metadata`` is read from the file header the first
+    time it is used; ``summary()`` needs only what the index holds."""
 
-    def __init__(self, path, name, token, num_vectors, dim, metadata=None, *, small=None, long_keys=()):
-        # Same signature as ConceptHeader (so dataclasses.replace works) plus the index's parts.
-        small = dict(metadata if metadata is not None else small or {})
-        object.__setattr__(self, "_small", small)
-        object.__setattr__(self, "_full", metadata if metadata is not None else (None if long_keys else small))
+    def __init__(self, path, name, token, num_vectors, dim, metadata=None, *, indexed=None):
+        # Same signature as ConceptHeader (so dataclasses.replace works) plus the index's part.
+        object.__setattr__(self, "_indexed", dict(metadata if metadata is not None else indexed or {}))
+        object.__setattr__(self, "_full", metadata)
         super().__init__(path=path, name=name, token=token, num_vectors=num_vectors, dim=dim, metadata=None)
 
     @property
@@ -68,7 +68,7 @@ class _IndexedHeader(ConceptHeader):
             try:
                 full = read_header(self.path).metadata
             except ConceptFileError:
-                full = dict(self._small)  # the file changed or vanished since listing
+                full = dict(self._indexed)  # the file changed or vanished since listing
             object.__setattr__(self, "_full", full)
         return self._full
 
@@ -80,7 +80,7 @@ class _IndexedHeader(ConceptHeader):
     def summary(self) -> dict:
         return ConceptHeader(
             path=self.path, name=self.name, token=self.token, num_vectors=self.num_vectors, dim=self.dim,
-            metadata=self._small,
+            metadata=self._indexed,
         ).summary()
 
 
@@ -141,6 +141,7 @@ class ConceptLibrary:
                     raise
                 self._lock_fd = fd
                 self._held_headers = None
+                self._remove_stale_temp_files()
             self._lock_depth += 1
             try:
                 yield
@@ -159,9 +160,28 @@ class ConceptLibrary:
 
         Files that are not usable concepts are skipped and recorded in ``self.problems``.
         """
-        headers, problems = self._scan()
-        self.problems = problems
-        return headers
+        found, self.problems = self._scan()
+        return [
+            _IndexedHeader(Path(path), e["name"], e["token"], e["num_vectors"], e["dim"], indexed=e["metadata"])
+            for path, e in found
+        ]
+
+    def summaries(self) -> list[dict]:
+        """``[header.summary() for header in self.list()]``, straight from the index (what
+        `conceptlib list` prints; no header objects, so 10,000 concepts list fast)."""
+        found, self.problems = self._scan()
+        return [
+            {
+                "name": e["name"],
+                "token": e["token"],
+                "num_vectors": e["num_vectors"],
+                "dim": e["dim"],
+                "base_model": BASE_MODEL_BY_DIM.get(e["dim"], "unknown"),
+                "trainer": e["metadata"].get("trainer", ""),
+                "created_at": e["metadata"].get("created_at", ""),
+            }
+            for _, e in found
+        ]
 
     def header(self, ref: str) -> ConceptHeader:
         """The header of the concept whose name or token is ``ref``; NotFoundError otherwise."""
@@ -212,7 +232,6 @@ class ConceptLibrary:
         different concept is always a CollisionError.
         """
         with self.lock():
-            self._remove_stale_temp_files()
             self._check_available(concept.name, concept.token, replacing=concept.name if overwrite else None)
             path = write_concept(concept, self.path_for(concept.name))
             header = _with_name(read_header(path), concept.name)
@@ -276,7 +295,8 @@ class ConceptLibrary:
             )
 
     def _remove_stale_temp_files(self) -> None:
-        # Under the lock no other process is writing, so temp files are leftovers of a killed writer.
+        # Called on taking the lock: no other process is writing now, so temp files are
+        # leftovers of a killed writer.
         try:
             entries = list(os.scandir(self.concepts_dir))
         except FileNotFoundError:
@@ -286,7 +306,9 @@ class ConceptLibrary:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
 
-    def _scan(self) -> tuple[list[ConceptHeader], list[Problem]]:
+    def _scan(self) -> tuple[list[tuple[str, dict]], list[Problem]]:
+        """(path, index entry) for each usable concept file sorted by name, and the problems;
+        index entries are re-read from the file when its (inode, mtime_ns, size) changed."""
         try:
             entries = list(os.scandir(self.concepts_dir))
         except FileNotFoundError:
@@ -296,7 +318,7 @@ class ConceptLibrary:
         old_index = self._load_index()
         new_index: dict[str, dict] = {}
         changed = False
-        headers: list[ConceptHeader] = []
+        found: list[tuple[str, dict]] = []
         problems: list[Problem] = []
         for entry in entries:
             file_name = entry.name
@@ -308,23 +330,19 @@ class ConceptLibrary:
                 continue  # removed while listing
             key = [stat.st_ino, stat.st_mtime_ns, stat.st_size]
             cached = old_index.get(file_name)
-            if cached is None or cached.get("key") != key:
+            if not _is_current(cached, key):
                 cached = _index_entry(Path(entry.path), key)
                 changed = True
             new_index[file_name] = cached
-            path = Path(entry.path)
             if "error" in cached:
-                problems.append(Problem(path, cached["error"]))
-                continue
-            headers.append(
-                _IndexedHeader(path, cached["name"], cached["token"], cached["num_vectors"], cached["dim"],
-                               small=cached["metadata"], long_keys=cached["long_keys"])
-            )
+                problems.append(Problem(Path(entry.path), cached["error"]))
+            else:
+                found.append((entry.path, cached))
         if changed or len(new_index) != len(old_index):
             self._save_index(new_index)
-        headers.sort(key=lambda h: h.name)
+        found.sort(key=lambda item: item[1]["name"])
         problems.sort(key=lambda p: p.path.name)
-        return headers, problems
+        return found, problems
 
     def _load_index(self) -> dict[str, dict]:
         try:
@@ -350,6 +368,15 @@ class ConceptLibrary:
                 os.unlink(tmp)
 
 
+def _is_current(entry, key: list[int]) -> bool:
+    """A well-formed index entry made from the file as it is now."""
+    if not isinstance(entry, dict) or entry.get("key") != key:
+        return False
+    return isinstance(entry.get("error"), str) or (
+        _ENTRY_FIELDS.issubset(entry) and isinstance(entry["metadata"], dict)
+    )
+
+
 def _index_entry(path: Path, key: list[int]) -> dict:
     name = path.name[: -len(SUFFIX)]
     if not is_valid_name(name):
@@ -362,16 +389,14 @@ def _index_entry(path: Path, key: list[int]) -> dict:
         validate_token(header.token)
     except ConceptError as exc:
         return {"key": key, "error": f"{path}: {exc}"}
-    small = {k: v for k, v in header.metadata.items() if len(v) <= _INDEX_VALUE_LIMIT}
-    long_keys = [k for k in header.metadata if k not in small]
+    indexed = {k: header.metadata[k] for k in _INDEXED_KEYS if k in header.metadata}
     return {
         "key": key,
         "name": name,
         "token": header.token,
         "num_vectors": header.num_vectors,
         "dim": header.dim,
-        "metadata": small,
-        "long_keys": long_keys,
+        "metadata": indexed,
     }
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from conceptlib.concept import Concept
 from conceptlib.errors import CollisionError, ConceptError, NotFoundError
-from conceptlib.files import read_concept, write_concept
+from conceptlib.files import read_concept, read_header, write_concept
 from conceptlib.library import ConceptLibrary
 
 
@@ -132,6 +132,8 @@ def test_index_is_a_cache_never_the_truth(library):
     assert "p" * 5000 not in index.read_text()
     header = ConceptLibrary(library.root).list()[0]
     assert header.summary()["trainer"] == "tf"
+    assert ConceptLibrary(library.root).summaries() == [h.summary() for h in library.list()]
+    assert library.summaries()[0] == read_header(header.path).summary() | {"name": "a"}
     assert header.metadata["preview"] == "p" * 5000
     # A file changed behind the index's back (same size!) is re-read.
     write_concept(make("a", token="<a2>", preview="q" * 5000, trainer="tf"), library.root / "concepts" / "a.safetensors")

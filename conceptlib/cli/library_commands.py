@@ -34,9 +34,8 @@ def _warn_problems(library) -> None:
 def list_command(as_json: bool) -> None:
     """List the concepts in the library."""
     library = _library()
-    headers = library.list()
+    rows = library.summaries()
     _warn_problems(library)
-    rows = [h.summary() for h in headers]
     if as_json:
         click.echo(json.dumps(rows, ensure_ascii=False))
         return

@@ -261,10 +261,13 @@ class ConceptLibrary:
             if metadata.get("modelspec.title") in (None, old, concept.name):
                 metadata["modelspec.title"] = new
             renamed = Concept(new, new_token, concept.vectors, metadata)
-            new_path = write_concept(renamed, self.path_for(new))
+            new_path = self.path_for(new)
             if new_path != old_path:
-                os.unlink(old_path)
-                _fsync_dir(old_path.parent)
+                # Move first (atomic), then rewrite in place (atomic): a crash in between leaves the
+                # concept under its new name with its old metadata, never two files with one token.
+                os.rename(old_path, new_path)
+                _fsync_dir(new_path.parent)
+            write_concept(renamed, new_path)
             self._held_headers = None
             return _with_name(read_header(new_path), new)
 

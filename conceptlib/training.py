@@ -30,6 +30,9 @@ from typing import ClassVar, Protocol, runtime_checkable
 from conceptlib.errors import ConceptlibError, TrainingError, UsageError
 
 LR_SCHEDULES = ("cosine", "constant")
+# ``TrainingConfig.weights`` value for models randomly initialised in memory (no files): for
+# benchmarks and smoke runs; the concept is marked random_weights=true.
+RANDOM_WEIGHTS = "random"
 MAX_LOSS_HISTORY = 200  # points kept in the concept's metadata
 
 
@@ -417,6 +420,13 @@ class TrainingJob:
         return save_png(grid(images), self.run_dir.previews / f"step-{step:07d}.png")
 
     @property
+    def random_weights(self) -> bool:
+        """True for in-memory random weights or files written by `weights init-random`."""
+        from conceptlib.weights import is_random
+
+        return self.weights is None or is_random(self.weights)
+
+    @property
     def wants_previews(self) -> bool:
         return self.config.preview_every > 0
 
@@ -498,8 +508,11 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
         )
     from conceptlib.weights import resolve_weights
 
-    parts = ["text_encoder", "diffusion_model", "image_encoder"] + (["decoder"] if config.preview_every else [])
-    weights = resolve_weights(config.base_model, config.weights, parts)
+    if config.weights == RANDOM_WEIGHTS:
+        weights = None  # randomly initialised in memory: benchmarks and smoke runs only
+    else:
+        parts = ["text_encoder", "diffusion_model", "image_encoder"] + (["decoder"] if config.preview_every else [])
+        weights = resolve_weights(config.base_model, config.weights, parts)
     from conceptlib.kerascv.tokenizer import make_tokenizer
 
     tokenizer = make_tokenizer()
@@ -519,9 +532,7 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
         for index in range(len(pack.caption_templates if image.caption else pack.templates)):
             job.prompt_ids(pack.render(index, config.token, image.caption))
     if resume is None:
-        from conceptlib.weights import is_random
-
-        extra = {"image_sha256": hashes, "init_ids": init_ids, "random_weights": is_random(weights)}
+        extra = {"image_sha256": hashes, "init_ids": init_ids, "random_weights": job.random_weights}
         run_dir.create(config, extra)
     return job
 
@@ -533,7 +544,6 @@ def finish(job: TrainingJob, result: TrainingResult, *, trainer_version: str):
     from conceptlib.concept import Concept
     from conceptlib.files import write_concept
     from conceptlib.images import load_rgb, thumbnail_png
-    from conceptlib.weights import is_random
 
     config = job.config
     losses = [float(x) for x in result.losses]
@@ -559,7 +569,7 @@ def finish(job: TrainingJob, result: TrainingResult, *, trainer_version: str):
         "image_sha256": json.dumps([image.sha256 for image in job.images]),
         "preview": base64.b64encode(thumbnail_png(preview)).decode("ascii"),
         "preview_source": source,
-        "random_weights": "true" if is_random(job.weights) else "false",
+        "random_weights": "true" if job.random_weights else "false",
         "created_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
     }
     concept = Concept(config.name, config.token, np.asarray(result.vectors, dtype=np.float32), metadata)
@@ -587,9 +597,7 @@ def train(
     job = prepare(config, library=library, resume=resume)
     job.progress.enabled = progress
     if announce:
-        from conceptlib.weights import is_random
-
-        if is_random(job.weights):
+        if job.random_weights:
             print(
                 "WARNING: training with RANDOM weights (from `conceptlib weights init-random`): this "
                 "is a smoke run, the concept will be meaningless.",

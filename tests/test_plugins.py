@@ -1,0 +1,109 @@
+"""Plugin discovery: the built-in trainer comes through its entry point; broken plugins are
+reported, never fatal; nothing heavy is imported to list or look up plugins."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from importlib import metadata
+
+from conceptlib.plugins import TEMPLATE_PACKS, TRAINERS, discover, get_trainer
+from conceptlib.training import Trainer
+
+
+def test_tensorflow_trainer_is_discovered_through_its_entry_point():
+    entry_points = {ep.name: ep for ep in metadata.entry_points(group=TRAINERS)}
+    assert entry_points["tensorflow"].value == "conceptlib_tensorflow:TensorFlowTrainer"
+    assert entry_points["tensorflow"].dist.metadata["Name"] == "conceptlib-tensorflow"
+    cls = get_trainer("tensorflow")
+    assert cls.__module__ == "conceptlib_tensorflow"
+    assert cls.backend == "tensorflow" and cls.name == "tensorflow"
+    assert isinstance(cls(), Trainer)
+
+
+def test_builtin_template_packs_come_from_the_root_distribution_entry_point():
+    (builtin,) = [ep for ep in metadata.entry_points(group=TEMPLATE_PACKS) if ep.name == "builtin"]
+    assert builtin.value == "conceptlib.templates:builtin_packs"
+    registry = discover()
+    assert {"object", "style", "group"} <= set(registry.template_packs)
+    assert registry.template_packs["object"].source == "conceptlib:builtin"
+
+
+def _fake_distribution(root, name, entry_points: str, module_source: dict[str, str]):
+    """A minimal installed distribution (dist-info + modules) on a folder put on PYTHONPATH."""
+    dist_info = root / f"{name.replace('-', '_')}-0.0.1.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.0.1\n")
+    (dist_info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+    for module, source in module_source.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+def _run(args, pythonpath, **env):
+    full_env = dict(os.environ, PYTHONPATH=str(pythonpath), TF_CPP_MIN_LOG_LEVEL="2", **env)
+    return subprocess.run(
+        [shutil.which("conceptlib"), *args], env=full_env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_broken_plugins_are_reported_and_the_cli_keeps_working(tmp_path):
+    _fake_distribution(
+        tmp_path,
+        "conceptlib-broken",
+        """
+        [conceptlib.trainers]
+        crashy = broken_trainer:Trainer
+        notatrainer = broken_trainer:NOT_A_TRAINER
+        [conceptlib.template_packs]
+        badpack = broken_pack:PACKS
+        goodpack = good_pack:PACKS
+        """,
+        {
+            "broken_trainer": "raise ImportError('needs a library that is not installed')\n",
+            "broken_pack": "PACKS = {'nope': ['no placeholder here']}\n",
+            "good_pack": "PACKS = {'toys': ['a {token} toy', 'a plastic {token}']}\n",
+        },
+    )
+    listed = _run(["plugins"], tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    out = listed.stdout
+    assert "tensorflow" in out and "toys" in out  # the working plugins still load
+    assert "Failed to load:" in out
+    assert "crashy = broken_trainer:Trainer (conceptlib-broken 0.0.1): ImportError: needs a library" in out
+    assert "badpack" in out and "lacks the {token} placeholder" in out
+
+    as_json = json.loads(_run(["plugins", "--json"], tmp_path).stdout)
+    errors = {e["name"]: e["error"] for e in as_json["entry_points"] if e["error"]}
+    assert set(errors) == {"crashy", "notatrainer", "badpack"}
+    assert as_json["trainers"]["tensorflow"]["backend"] == "tensorflow"
+
+    # Asking for the broken trainer gives one line and exit 1, before anything else happens.
+    train = _run(["train", str(tmp_path), "--name", "x", "--trainer", "crashy"], tmp_path)
+    assert train.returncode == 1
+    assert train.stderr.strip().splitlines() == [
+        "Error: trainer plugin 'crashy' failed to load (ImportError: needs a library that is not "
+        "installed); run `conceptlib plugins`"
+    ]
+    # A third-party template pack is usable by name.
+    shown = _run(["templates", "show", "toys"], tmp_path)
+    assert shown.returncode == 0 and "a plastic {token}" in shown.stdout
+
+
+def test_listing_plugins_imports_no_keras_tensorflow_or_jax():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from conceptlib.cli import main\n"
+        "for args in (['plugins'], ['templates', 'list'], ['templates', 'show', 'object']):\n"
+        "    r = CliRunner().invoke(main, args); assert r.exit_code == 0, r.output\n"
+        "from conceptlib.plugins import get_trainer\n"
+        "get_trainer('tensorflow')\n"
+        "heavy = sorted(m for m in ('keras', 'tensorflow', 'jax', 'keras_cv') if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

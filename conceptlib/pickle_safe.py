@@ -397,9 +397,9 @@ def dump_tensor_pickle(obj: dict, archive_name: str = "archive") -> bytes:
             info.compress_type = zipfile.ZIP_STORED
             archive.writestr(info, data)
 
+        # Only the records AUTOMATIC1111's safe loader accepts (<dir>/data.pkl, <dir>/data/<n>,
+        # <dir>/version); torch reads a missing byteorder record as little-endian.
         record("data.pkl", bytes(writer.out))
-        record(".format_version", b"1")
-        record("byteorder", b"little")
         for key, data in enumerate(writer.storages):
             record(f"data/{key}", data)
         record("version", b"3\n")

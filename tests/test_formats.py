@@ -298,6 +298,36 @@ def test_export_a1111(tmp_path, concept):
     np.testing.assert_array_equal(back.vectors, concept.vectors)
 
 
+def _passes_a1111_safe_check(path) -> bool:
+    """AUTOMATIC1111's modules/safe.py check_pt, restated: zip entries limited to <dir>/data.pkl,
+    <dir>/data/<n>, <dir>/version, and the pickle's globals limited to its allowlist."""
+    import pickletools
+    import re
+    import zipfile
+
+    allowed_names = re.compile(r"^([^/]+)/((data/\d+)|version|(data\.pkl))$")
+    allowed_globals = {"collections OrderedDict", "torch._utils _rebuild_tensor_v2", "torch._utils _rebuild_parameter",
+                       "torch FloatStorage", "torch HalfStorage", "torch IntStorage", "torch LongStorage",
+                       "torch DoubleStorage", "torch ByteStorage", "torch BFloat16Storage", "_codecs encode"}
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        if not all(allowed_names.match(n) for n in names):
+            return False
+        (pkl,) = [n for n in names if n.endswith("/data.pkl")]
+        ops = list(pickletools.genops(archive.read(pkl)))
+    return all(arg in allowed_globals for op, arg, _ in ops if op.name == "GLOBAL") and not any(
+        op.name == "STACK_GLOBAL" for op, _, _ in ops)
+
+
+def test_exported_pickles_pass_a1111_safe_loader(tmp_path, concept):
+    assert _passes_a1111_safe_check(export(concept, "a1111", tmp_path))
+    assert _passes_a1111_safe_check(export(concept, "sd-concepts", tmp_path / "sdc") / "learned_embeds.bin")
+    assert _passes_a1111_safe_check(export(concept, "diffusers", tmp_path / "x.bin"))
+    # The check is real: files torch itself writes today carry extra records A1111's check refuses.
+    torch.save({"<x>": torch.zeros(768)}, tmp_path / "torch.bin")
+    assert not _passes_a1111_safe_check(tmp_path / "torch.bin")
+
+
 def test_export_sd_concepts(tmp_path, concept):
     single = Concept("toy", "<toy>", concept.vectors[:1], {"type_of_concept": "style"})
     folder = export(single, "sd-concepts", tmp_path / "toy")

@@ -1,0 +1,126 @@
+"""`conceptlib train` refuses bad input with one line and exit 1 (2 for usage) BEFORE any model
+is built, and leaves the library (and the runs folder) unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conceptlib.cli import main
+from conceptlib.concept import Concept
+from conceptlib.library import ConceptLibrary
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An isolated library holding one concept, and a trainer that fails if a model is built."""
+    import conceptlib_tensorflow
+
+    root = tmp_path / "home"
+    monkeypatch.setenv("CONCEPTLIB_HOME", str(root))
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")  # restored after the test
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was built before the checks finished")
+
+    monkeypatch.setattr(conceptlib_tensorflow, "build_models", no_models)
+    library = ConceptLibrary(root)
+    vectors = np.random.default_rng(0).standard_normal((1, 768)).astype(np.float32)
+    library.add(Concept("taken", "<taken>", vectors))
+    return library
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(2):
+        Image.fromarray((rng.random((80, 96, 3)) * 255).astype("uint8")).save(folder / f"p{index}.png")
+    return folder
+
+
+def _snapshot(library):
+    files = sorted(p.relative_to(library.root) for p in library.root.rglob("*") if p.is_file())
+    return [(p, (library.root / p).read_bytes()) for p in files if not p.name.startswith(".")]
+
+
+def _refused(library, args, message, exit_code=1):
+    before = _snapshot(library)
+    result = CliRunner().invoke(main, ["train", *args])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == exit_code, result.output
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert message in lines[0]
+    assert _snapshot(library) == before
+    assert not (library.root / "runs").exists() or not any((library.root / "runs").iterdir())
+    return lines[0]
+
+
+def test_no_images_in_folder(home, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    _refused(home, [str(tmp_path / "empty"), "--name", "new", "--weights", "random"], "no images in")
+
+
+def test_missing_folder(home, tmp_path):
+    _refused(home, [str(tmp_path / "nowhere"), "--name", "new"], "no such folder")
+
+
+def test_unreadable_image(home, images):
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    line = _refused(home, [str(images), "--name", "new", "--weights", "random"], "cannot read this image")
+    assert "broken.png" in line and "replace or remove it" in line
+
+
+def test_tiny_image(home, images):
+    Image.new("RGB", (40, 300)).save(images / "tiny.png")
+    line = _refused(home, [str(images), "--name", "new"], "is 40x300, smaller than 64 px")
+    assert "tiny.png" in line
+
+
+def test_name_already_in_library(home, images):
+    _refused(home, [str(images), "--name", "taken", "--token", "<fresh>"], "taken")
+
+
+def test_token_already_in_library(home, images):
+    line = _refused(home, [str(images), "--name", "fresh", "--token", "<taken>"], "<taken>")
+    assert "fresh" not in [h.name for h in home.list()]
+    assert line
+
+
+def test_unknown_trainer(home, images):
+    _refused(home, [str(images), "--name", "new", "--trainer", "pytorch"], "unknown trainer 'pytorch'; installed:")
+
+
+def test_unknown_template_pack(home, images):
+    _refused(home, [str(images), "--name", "new", "--template", "landscapes"], "unknown template pack 'landscapes'")
+
+
+def test_bad_settings_are_usage_errors(home, images):
+    _refused(home, [str(images), "--name", "new", "--resolution", "100"], "not a positive multiple of 64", 2)
+    _refused(home, [str(images), "--name", "new", "--steps", "0"], "--steps 0 must be at least 1", 2)
+    _refused(home, [str(images), "--name", "Bad Name"], "invalid concept name", 1)
+    _refused(home, [str(images)], "give --name and/or --token", 2)
+
+
+def test_missing_weights_folder(home, images, tmp_path):
+    _refused(home, [str(images), "--name", "new", "--weights", str(tmp_path / "no-weights")], "does not exist")
+
+
+def test_token_that_is_already_a_clip_word(home, images):
+    line = _refused(home, [str(images), "--name", "new", "--token", "cat", "--weights", "random"], "CLIP vocabulary")
+    assert "'cat'" in line
+
+
+def test_init_word_that_tokenizes_to_nothing(home, images):
+    # "&nbsp;" is unescaped to a no-break space by CLIP's text cleaning, leaving no token.
+    line = _refused(home, [str(images), "--name", "new", "--init", "&nbsp;", "--weights", "random"], "tokenizes to nothing")
+    assert "&nbsp;" in line
+
+
+def test_caption_too_long_for_the_text_encoder(home, images):
+    (images / "p0.txt").write_text(" ".join(["word"] * 80))
+    _refused(home, [str(images), "--name", "new", "--weights", "random"], "more than the text encoder's 77")

@@ -1,0 +1,260 @@
+"""apply()/unload() on real keras-cv StableDiffusion / StableDiffusionV2 text encoders (random
+weights): encodings match a hand-built embedding table run through the encoder's layers by hand,
+concepts don't disturb each other or plain prompts, unload is bit-identical, validation happens
+before any change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conceptlib import Concept
+from conceptlib.errors import ApplyError, NotFoundError, PromptTooLongError
+from conceptlib.kerascv.apply import apply, token_embedding_layer
+from conceptlib.kerascv.models import build_stable_diffusion
+from conceptlib.kerascv.tokenizer import make_tokenizer
+
+PROMPT_A = "a photo of <cat-doll> on a table"
+PLAIN = ["a photo of a cat on a table", "", "an oil painting of a harbour at dusk, trending"]
+
+
+def _concept(name, token, num_vectors, dim, seed):
+    rng = np.random.default_rng(seed)
+    return Concept(name, token, rng.normal(0.0, 0.05, size=(num_vectors, dim)).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    sd = build_stable_diffusion("sd-1", 128)
+    sd.text_encoder  # noqa: B018  (built once for the module; only the text encoder is needed)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer():
+    return make_tokenizer()
+
+
+def table_of(sd):
+    return np.array(token_embedding_layer(sd.text_encoder).embeddings)
+
+
+def encode_by_hand(text_encoder, table, ids, end_of_text):
+    """The text encoder's forward pass, run layer by layer on an explicit embedding table."""
+    import keras
+
+    ids = list(ids) + [end_of_text] * (77 - len(ids))
+    embedding = next(l for l in text_encoder.layers if hasattr(l, "token_embedding"))
+    positions = np.array(embedding.position_embedding.embeddings)
+    x = keras.ops.convert_to_tensor((table[np.array(ids)] + positions[:77])[None])
+    after = text_encoder.layers[text_encoder.layers.index(embedding) + 1 :]
+    for layer in after:
+        x = layer(x)
+    return np.array(x)
+
+
+def reference_ids(plain_tokenizer, before, concept_ids, after):
+    return plain_tokenizer.encode(before)[:-1] + list(concept_ids) + plain_tokenizer.encode(after)[1:]
+
+
+CAT = _concept("cat-doll", "<cat-doll>", 1, 768, seed=1)
+STYLE = _concept("oil-style", "<oil-style>", 3, 768, seed=2)
+
+
+@pytest.mark.parametrize("concept", [CAT, STYLE], ids=["1-vector", "3-vector"])
+def test_encoding_equals_encoder_on_hand_built_table(sd1, plain_tokenizer, concept):
+    original = table_of(sd1)
+    sd1.encode_text("warm up the compiled predict function")
+    with apply(sd1, [concept]) as applied:
+        assert sd1.text_encoder.predict_function is None  # the traced function held the old table
+        got = sd1.encode_text(f"a photo of {concept.token} on a table")
+        ids = applied.token_ids[concept.token]
+    rows = original.shape[0]
+    assert ids == tuple(range(rows, rows + concept.num_vectors))
+    table = np.concatenate([original, concept.vectors])
+    expected = encode_by_hand(
+        sd1.text_encoder, table, reference_ids(plain_tokenizer, "a photo of", ids, "on a table"),
+        plain_tokenizer.end_of_text,
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # The token changed the encoding (vs the tokens keras-cv would otherwise make of its text).
+    assert not np.allclose(got, sd1.encode_text(f"a photo of {concept.token} on a table"), atol=1e-4)
+
+
+def test_user_types_a_multi_vector_token_once(sd1, plain_tokenizer):
+    with apply(sd1, [STYLE, CAT]) as applied:
+        ids = sd1.tokenizer.encode("<oil-style> <cat-doll>")
+        assert ids == [plain_tokenizer.start_of_text, *applied.token_ids["<oil-style>"],
+                       *applied.token_ids["<cat-doll>"], plain_tokenizer.end_of_text]
+        assert len(applied.token_ids["<oil-style>"]) == 3
+        assert applied.encode("<oil-style>") == ids[:4] + [plain_tokenizer.end_of_text]
+        assert applied.tokens == ["<oil-style>", "<cat-doll>"]
+
+
+def test_two_concepts_together_equal_each_alone(sd1):
+    alone = {}
+    for concept in (CAT, STYLE):
+        with apply(sd1, [concept]):
+            alone[concept.token] = sd1.encode_text(f"a photo of {concept.token} on a table")
+    with apply(sd1, [CAT, STYLE]):
+        for token, encoding in alone.items():
+            np.testing.assert_allclose(sd1.encode_text(f"a photo of {token} on a table"), encoding, rtol=0, atol=1e-6)
+
+
+def test_plain_prompts_unchanged_while_applied_and_bit_identical_after_unload(sd1):
+    original_table = table_of(sd1)
+    variable = token_embedding_layer(sd1.text_encoder)._embeddings
+    before = [sd1.encode_text(p) for p in PLAIN]
+    applied = apply(sd1, [CAT, STYLE])
+    for prompt, encoding in zip(PLAIN, before):
+        np.testing.assert_allclose(sd1.encode_text(prompt), encoding, rtol=0, atol=1e-6)
+    applied.unload()
+    applied.unload()  # idempotent
+    for prompt, encoding in zip(PLAIN, before):
+        assert np.array_equal(sd1.encode_text(prompt), encoding)
+    assert token_embedding_layer(sd1.text_encoder)._embeddings is variable
+    assert np.array_equal(table_of(sd1), original_table)
+    assert "<cat-doll>" not in sd1.tokenizer.encoder and len(sd1.tokenizer.vocab) == original_table.shape[0]
+    # Applying again after unload gives the same encodings as the first time.
+    with apply(sd1, [CAT]):
+        first = sd1.encode_text(PROMPT_A)
+    with apply(sd1, [CAT]):
+        assert np.array_equal(sd1.encode_text(PROMPT_A), first)
+
+
+def test_after_unload_the_token_is_plain_text_again(sd1, plain_tokenizer):
+    with apply(sd1, [CAT]):
+        pass
+    assert sd1.tokenizer.encode(PROMPT_A) == plain_tokenizer.encode(PROMPT_A)
+
+
+def test_prompt_too_long_after_expansion_says_by_how_much(sd1):
+    wide = _concept("wide", "<wide>", 70, 768, seed=3)
+    words = " ".join(["cat"] * 6)  # 1 + 70 + 6 + 1 = 78 tokens
+    with apply(sd1, [wide]):
+        with pytest.raises(PromptTooLongError) as info:
+            sd1.encode_text(f"<wide> {words}")
+        assert "78 tokens" in str(info.value) and "shorten it by 1 token" in str(info.value)
+        assert "69 of them from multi-vector concepts" in str(info.value)
+        sd1.encode_text(f"<wide> {' '.join(['cat'] * 5)}")  # exactly 77 fits
+
+
+def _assert_unchanged(sd, table_rows, vocab_size):
+    assert token_embedding_layer(sd.text_encoder)._embeddings.shape[0] == table_rows
+    assert len(sd.tokenizer.vocab) == vocab_size and "<cat-doll>" not in sd.tokenizer.encoder
+
+
+@pytest.mark.parametrize(
+    "concepts, message",
+    [
+        ([CAT, _concept("wide-one", "<wide-one>", 1, 1024, 4)], r"1024-wide vectors \(sd-2\).*768-wide vectors \(sd-1\)"),
+        ([CAT, CAT.renamed(name="other")], r"token '<cat-doll>' is given twice"),
+        ([CAT, _concept("cat", "cat", 1, 768, 5)], r"token 'cat' of concept 'cat' is already in the tokenizer's vocabulary"),
+        ([CAT, _concept("sot", "<|startoftext|>", 1, 768, 5)], r"already in the tokenizer's vocabulary"),
+        ([CAT, 42], r"cannot apply 42"),
+    ],
+    ids=["width", "duplicate", "clip-word", "special", "junk"],
+)
+def test_bad_input_changes_nothing(sd1, concepts, message):
+    rows, vocab = token_embedding_layer(sd1.text_encoder)._embeddings.shape[0], len(sd1.tokenizer.vocab)
+    with pytest.raises(ApplyError, match=message):
+        apply(sd1, concepts)
+    _assert_unchanged(sd1, rows, vocab)
+
+
+def test_a_token_already_applied_is_refused_and_unload_order_is_enforced(sd1):
+    outer = apply(sd1, [CAT])
+    try:
+        with pytest.raises(ApplyError, match="already in the tokenizer's vocabulary"):
+            apply(sd1, [CAT])
+        inner = apply(sd1, [STYLE])
+        with pytest.raises(ApplyError, match="unload those first"):
+            outer.unload()
+        with_both = sd1.encode_text("<cat-doll> <oil-style>")
+        inner.unload()
+        assert "<oil-style>" not in sd1.tokenizer.encoder and "<cat-doll>" in sd1.tokenizer.encoder
+    finally:
+        outer.unload()
+    with apply(sd1, [CAT, STYLE]):
+        np.testing.assert_allclose(sd1.encode_text("<cat-doll> <oil-style>"), with_both, rtol=0, atol=1e-6)
+
+
+def test_concepts_by_library_name_token_and_path(sd1, tmp_path):
+    from conceptlib.files import write_concept
+    from conceptlib.library import ConceptLibrary
+
+    library = ConceptLibrary(tmp_path / "lib")
+    library.add(CAT)
+    library.add(STYLE)
+    third = _concept("third", "<third>", 2, 768, seed=6)
+    path = write_concept(third, tmp_path / "third.safetensors")
+    with apply(sd1, ["cat-doll", "<oil-style>", str(path)], library=library) as applied:
+        assert applied.tokens == ["<cat-doll>", "<oil-style>", "<third>"]
+        np.testing.assert_array_equal(
+            table_of(sd1)[list(applied.token_ids["<third>"])], third.vectors
+        )
+    with pytest.raises(NotFoundError):
+        apply(sd1, ["no-such-concept"], library=library)
+
+
+def test_top_level_apply_is_the_same(sd1):
+    import conceptlib
+
+    with conceptlib.apply(sd1, [CAT]) as applied:
+        assert applied.token_ids["<cat-doll>"]
+
+
+def test_sd2_with_1024_wide_concepts(plain_tokenizer):
+    sd2 = build_stable_diffusion("sd-2", 128)
+    original = table_of(sd2)
+    assert original.shape[1] == 1024
+    wide = _concept("wide-doll", "<wide-doll>", 2, 1024, seed=7)
+    plain_before = sd2.encode_text(PLAIN[0])
+    with pytest.raises(ApplyError) as info:
+        apply(sd2, [CAT])
+    assert "768" in str(info.value) and "1024" in str(info.value) and "sd-2" in str(info.value)
+    with apply(sd2, [wide]) as applied:
+        got = sd2.encode_text("a photo of <wide-doll> on a table")
+        ids = applied.token_ids["<wide-doll>"]
+        np.testing.assert_allclose(sd2.encode_text(PLAIN[0]), plain_before, rtol=0, atol=1e-6)
+    expected = encode_by_hand(
+        sd2.text_encoder, np.concatenate([original, wide.vectors]),
+        reference_ids(plain_tokenizer, "a photo of", ids, "on a table"), plain_tokenizer.end_of_text,
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(sd2.encode_text(PLAIN[0]), plain_before)
+
+
+def test_not_yet_built_keras_cv_instance_builds_from_resolved_weights(tmp_path_factory, monkeypatch, plain_tokenizer):
+    """A plain keras_cv StableDiffusion whose parts are not built: apply builds the text encoder
+    from $CONCEPTLIB_WEIGHTS and the tokenizer from the local vocabulary, never downloading."""
+    import keras
+    import keras_cv
+
+    from conceptlib.weights import write_random_weights
+
+    folder = write_random_weights(tmp_path_factory.mktemp("te-weights"), "sd-1", parts=["text_encoder"])
+    monkeypatch.setenv("CONCEPTLIB_WEIGHTS", str(folder))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"tried to download {args} {kwargs}")
+
+    monkeypatch.setattr(keras.utils, "get_file", no_download)
+    sd = keras_cv.models.StableDiffusion(img_height=128, img_width=128, jit_compile=False)
+    assert sd._text_encoder is None and sd._tokenizer is None
+    with apply(sd, [CAT]) as applied:
+        got = sd.encode_text(PROMPT_A)
+        ids = applied.token_ids["<cat-doll>"]
+    table = table_of(sd)
+    expected = encode_by_hand(
+        sd.text_encoder, np.concatenate([table, CAT.vectors]),
+        reference_ids(plain_tokenizer, "a photo of", ids, "on a table"), plain_tokenizer.end_of_text,
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # The table came from the file, not from a fresh initialisation.
+    import h5py
+
+    with h5py.File(folder / "kcv_encoder.h5") as handle:
+        stored = []
+        handle.visititems(lambda name, obj: stored.append(np.asarray(obj)) if getattr(obj, "shape", None) == table.shape else None)
+    assert any(np.array_equal(s, table) for s in stored)

@@ -1,0 +1,167 @@
+"""The jitted textual-inversion step on the Keras 3 JAX backend.
+
+The math is conceptlib.kerascv.textual_inversion's (``TextualInversion.loss_from_latents``, the
+keras.io algorithm shared with the TensorFlow trainer); this module only arranges it for speed:
+
+- every frozen weight is an ARGUMENT of the jitted step (closing over ~1B parameters makes XLA
+  constant-fold them for minutes);
+- the gradient is taken with respect to the new rows only (no weight gradients are computed);
+- the VAE is not in the step: each augmented image's posterior (mean, std) is computed once and
+  cached on the device; the step draws the posterior sample, the noise, the timesteps, the image
+  variant and the prompt template on the device from a PRNG key, so a step needs no host data;
+- the optimizer is the TensorFlow trainer's own keras optimizer (``make_optimizer``), applied
+  with ``stateless_apply`` inside the jit;
+- the carried state (new rows, optimizer state, key) is donated; several steps may run per call
+  (``lax.scan``) to take dispatch off the host.
+
+Nothing here imports jax or keras at module import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from conceptlib.kerascv import textual_inversion as ti_math
+
+
+def fast_textual_inversion_class():
+    """TextualInversion whose text lookup never builds the (vocab + n, dim) extended table.
+
+    Same function as the reference ``encode_text`` (``take(concat(table, rows), ids)``), written
+    as a select between the frozen table's row and the new row, so the backward pass scatters
+    into the (n, dim) new rows only instead of a zero (vocab + n, dim) table gradient.
+    """
+    from keras import ops
+
+    class FastTextualInversion(ti_math.TextualInversion):
+        def encode_text(self, new_rows, state, token_ids):
+            table = state["token_table"]
+            vocab = int(table.shape[0])
+            num_new = int(new_rows.shape[0])
+            token_ids = ops.convert_to_tensor(token_ids, "int32")
+            frozen = ops.take(table, ops.minimum(token_ids, vocab - 1), axis=0)
+            new_index = ops.clip(token_ids - vocab, 0, num_new - 1)
+            learned = ops.take(ops.cast(new_rows, table.dtype), new_index, axis=0)
+            hidden = ops.where(ops.expand_dims(token_ids >= vocab, -1), learned, frozen)
+            length = ops.shape(token_ids)[1]
+            hidden = hidden + ops.expand_dims(state["position_table"][:length], 0)
+            encoded, _ = self.text_tail.stateless_call(*state["text"], hidden)
+            return encoded
+
+    return FastTextualInversion
+
+
+def step_state(state: dict) -> dict:
+    """The part of ``TextualInversion.frozen_state()`` the step reads (no VAE)."""
+    return {key: value for key, value in state.items() if key != "vae"}
+
+
+def posterior_moments_fn(ti):
+    """A jitted ``(vae_state, images) -> (mean, std)`` of the VAE posterior, log-variance clipped
+    as in ``TextualInversion.encode_latents``; the step then samples ``(mean + std * eps) * 0.18215``."""
+    import jax
+    from keras import ops
+
+    def moments(vae_state, images):
+        out, _ = ti.posterior.stateless_call(*vae_state, images)
+        mean, logvar = ops.split(ops.cast(out, "float32"), 2, axis=-1)
+        logvar = ops.clip(logvar, ti_math.LOGVAR_MIN, ti_math.LOGVAR_MAX)
+        return mean, ops.exp(0.5 * logvar)
+
+    return jax.jit(moments)
+
+
+@dataclass
+class DeviceData:
+    """The training data, resident on the device: one entry per augmented image variant.
+
+    mean, std      (N, R/8, R/8, 4) float32: VAE posterior of each variant
+    image_of       (N,) int32: which training image a variant comes from
+    prompts        (I, T, 77) int32: prompt token ids per image and template (padded by repeats)
+    prompt_count   (I,) int32: how many of the T templates image i really has
+    """
+
+    mean: object
+    std: object
+    image_of: object
+    prompts: object
+    prompt_count: object
+
+    def tree(self) -> dict:
+        return {
+            "mean": self.mean,
+            "std": self.std,
+            "image_of": self.image_of,
+            "prompts": self.prompts,
+            "prompt_count": self.prompt_count,
+        }
+
+
+def sample_batch(key, data: dict, batch_size: int):
+    """Draw one batch on the device: variant, template, posterior eps, noise, timesteps."""
+    import jax
+    import jax.numpy as jnp
+
+    k_variant, k_template, k_eps, k_noise, k_time = jax.random.split(key, 5)
+    variant = jax.random.randint(k_variant, (batch_size,), 0, data["mean"].shape[0])
+    image = data["image_of"][variant]
+    count = data["prompt_count"][image]
+    template = jnp.minimum(
+        (jax.random.uniform(k_template, (batch_size,)) * count).astype(jnp.int32), count - 1
+    )
+    token_ids = data["prompts"][image, template]
+    mean, std = data["mean"][variant], data["std"][variant]
+    eps = jax.random.normal(k_eps, mean.shape, jnp.float32)
+    latents = (mean + std * eps) * ti_math.VAE_SCALE
+    noise = jax.random.normal(k_noise, mean.shape, jnp.float32)
+    timesteps = jax.random.randint(k_time, (batch_size,), 0, ti_math.TRAIN_TIMESTEPS, jnp.int32)
+    return latents, noise, timesteps, token_ids
+
+
+def loss_and_grad_fn(ti):
+    """``(new_rows, state, latents, noise, timesteps, token_ids) -> (loss, d loss / d new_rows)``,
+    not jitted: the shared loss under ``jax.value_and_grad`` with respect to the new rows only."""
+    import jax
+
+    def loss(new_rows, state, latents, noise, timesteps, token_ids):
+        return ti.loss_from_latents(new_rows, state, latents, noise, timesteps, token_ids)
+
+    return jax.value_and_grad(loss)
+
+
+def make_train_step(ti, optimizer, batch_size: int, *, steps_per_call: int = 1, batch_sharding=None):
+    """The jitted training step.
+
+    ``step(carry, state, data, key) -> (carry, losses)`` where ``carry = (new_rows,
+    optimizer_values, step_index)`` is donated, ``state = step_state(ti.frozen_state())``,
+    ``data = DeviceData.tree()`` and ``key`` (the run's PRNG key) are arguments (never closed
+    over), and ``losses`` has one float32 per step run (``steps_per_call`` of them). Step ``i``
+    draws its batch from ``fold_in(key, i)``, so a resumed run sees the same batches as an
+    uninterrupted one. ``batch_sharding(ndim)`` (a jax Sharding over the batch axis) spreads each
+    batch over several devices; weights and data stay replicated and XLA inserts the gradient
+    all-reduce.
+    """
+    import jax
+
+    value_and_grad = loss_and_grad_fn(ti)
+
+    def constrain(x):
+        if batch_sharding is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, batch_sharding(x.ndim))
+
+    def one_step(carry, state, data, key):
+        new_rows, opt_values, index = carry
+        batch = sample_batch(jax.random.fold_in(key, index), data, batch_size)
+        latents, noise, timesteps, token_ids = (constrain(x) for x in batch)
+        loss, grad = value_and_grad(new_rows, state, latents, noise, timesteps, token_ids)
+        (new_rows,), opt_values = optimizer.stateless_apply(opt_values, [grad], [new_rows])
+        return (new_rows, opt_values, index + 1), loss
+
+    def step(carry, state, data, key):
+        if steps_per_call == 1:
+            carry, loss = one_step(carry, state, data, key)
+            return carry, loss[None]
+        return jax.lax.scan(lambda c, _: one_step(c, state, data, key), carry, None, length=steps_per_call)
+
+    return jax.jit(step, donate_argnums=(0,))

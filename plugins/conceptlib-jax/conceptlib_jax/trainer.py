@@ -1,0 +1,385 @@
+"""The ``jax`` trainer: conceptlib's textual inversion on the Keras 3 JAX backend.
+
+Same algorithm and options as the TensorFlow trainer (the loss is
+``conceptlib.kerascv.textual_inversion``'s, the optimizer its ``make_optimizer``); what differs is
+how the work is laid out for a GPU (see ``conceptlib_jax.step``):
+
+- bf16 compute with fp32 vectors and fp32 optimizer state (``precision="bf16"``, the default on
+  GPU; ``"fp32"`` everywhere else and for the equivalence tests);
+- the UNet's attention through ``keras.ops.dot_product_attention`` (conceptlib.kerascv.attention),
+  cuDNN flash for self-attention on GPU;
+- the VAE runs once per augmented image variant before training, not in the step: each image
+  gets ``variants`` random crops (80-100 % of the area, as the reference), each cached flipped and
+  unflipped when flipping is on, and a step draws from them. This is the one deliberate
+  difference from the TensorFlow trainer, which draws a fresh crop every step;
+- data parallel over several devices (``devices``) through keras.distribution.DataParallel.
+
+Options come from the constructor or, for ``conceptlib train --trainer jax``, from environment
+variables: CONCEPTLIB_JAX_PRECISION (bf16|fp32|auto), CONCEPTLIB_JAX_FLASH (on|off|auto),
+CONCEPTLIB_JAX_DEVICES (all|N), CONCEPTLIB_JAX_BATCH_SIZE (auto|N: overrides --batch-size),
+CONCEPTLIB_JAX_VARIANTS (crops per image), CONCEPTLIB_JAX_CACHE (a folder for JAX's persistent
+compilation cache, or "off").
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from conceptlib_jax import __version__
+
+# Models built in this process, keyed by what they depend on; training never writes a model
+# variable, so benchmarks and tests can run several configurations on one build.
+_MODELS: dict = {}
+
+# Memory per sample of the training step at 512 px, bf16, flash self-attention (GiB), and the
+# extra for the materialised 4096 x 4096 attention scores without flash. From H100 runs of the
+# KerasCV step (batch 32: 26 GiB, batch 64: 47 GiB with flash; without flash batch 32 ran out).
+_GIB = 1 << 30
+_PER_SAMPLE_512 = 0.70
+_NO_FLASH_EXTRA_512 = 2.0
+_MAX_AUTO_BATCH = 64
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"CONCEPTLIB_JAX_{name}", default).strip().lower()
+
+
+def on_gpu() -> bool:
+    import jax
+
+    return jax.devices()[0].platform == "gpu"
+
+
+def resolve_devices(devices):
+    """The jax devices to train on: ``"all"``/None = every local device, N = the first N."""
+    import jax
+
+    local = jax.local_devices()
+    if devices in (None, "all", "auto"):
+        return local
+    count = int(devices)
+    if not 1 <= count <= len(local):
+        from conceptlib.errors import TrainingError
+
+        raise TrainingError(f"--devices {count}: this machine has {len(local)} {local[0].platform} device(s)")
+    return local[:count]
+
+
+def auto_batch_size(resolution: int, precision: str, flash: bool, devices) -> int:
+    """The batch size that fits the free memory of the devices (a multiple of the device count),
+    or 1 where the backend reports no memory (CPU)."""
+    stats = devices[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if not limit:
+        return 1 * len(devices)
+    free = (limit - stats.get("bytes_in_use", 0)) * 0.85
+    scale = (resolution / 512) ** 2
+    per_sample = _PER_SAMPLE_512 * scale * (2 if precision == "fp32" else 1)
+    if not flash:
+        per_sample += _NO_FLASH_EXTRA_512 * scale * scale
+    per_device = int(free // (per_sample * _GIB))
+    per_device = max(1, min(_MAX_AUTO_BATCH, per_device))
+    if per_device >= 8:
+        per_device -= per_device % 8
+    return per_device * len(devices)
+
+
+def build_models(base_model, resolution, weights, *, precision="fp32", decoder=False, distribution=None):
+    """A FastTextualInversion over keras-cv's models, the text encoder and UNet in the compute
+    dtype (``bfloat16`` variables for bf16: the frozen weights are only ever read in bf16), the
+    VAE in float32. Built once per process for the same arguments."""
+    import contextlib
+
+    import keras
+
+    from conceptlib.kerascv import models
+    from conceptlib_jax.step import fast_textual_inversion_class
+
+    key = (base_model, resolution, precision, tuple(sorted((k, str(v)) for k, v in (weights or {}).items())))
+    cached = _MODELS.get(key)
+    if cached is not None and (cached.decoder is not None or not decoder):
+        return cached
+    scope = distribution.scope() if distribution is not None else contextlib.nullcontext()
+    with scope:
+        if cached is None:
+            policy = keras.config.dtype_policy()
+            keras.config.set_dtype_policy("bfloat16" if precision == "bf16" else "float32")
+            try:
+                text_encoder = models.build_text_encoder(base_model, weights)
+                diffusion_model = models.build_diffusion_model(base_model, resolution, weights)
+            finally:
+                keras.config.set_dtype_policy(policy)
+            image_encoder = models.build_image_encoder(resolution, weights)
+        else:
+            text_encoder, diffusion_model = cached.text_encoder, cached.diffusion_model
+            image_encoder = cached.image_encoder
+        dec = models.build_decoder(base_model, resolution, weights) if decoder else None
+    ti = fast_textual_inversion_class()(text_encoder, diffusion_model, image_encoder, dec)
+    ti.image_encoder = image_encoder
+    _MODELS[key] = ti
+    return ti
+
+
+def enable_compilation_cache(path=None) -> str | None:
+    """Point JAX's persistent compilation cache at ``path`` (default: conceptlib's user cache),
+    so a second run skips XLA compilation. Returns the folder, or None when disabled."""
+    import jax
+
+    path = path or os.environ.get("CONCEPTLIB_JAX_CACHE")
+    if path and path.lower() == "off":
+        return None
+    if not path:
+        import platformdirs
+
+        path = str(platformdirs.user_cache_path("conceptlib") / "jax")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return path
+
+
+class JaxTrainer:
+    """The ``jax`` trainer (conceptlib.training.Trainer)."""
+
+    name = "jax"
+    version = __version__
+    backend = "jax"
+
+    def __init__(
+        self,
+        *,
+        precision: str | None = None,
+        flash: str | bool | None = None,
+        devices=None,
+        batch_size: int | str | None = None,
+        variants: int | None = None,
+        steps_per_call: int = 1,
+        compilation_cache: str | None = None,
+    ):
+        self.precision = precision or _env("PRECISION", "auto")
+        self.flash = flash if flash is not None else _env("FLASH", "auto")
+        self.devices = devices if devices is not None else _env("DEVICES", "all")
+        self.batch_size = batch_size if batch_size is not None else (_env("BATCH_SIZE", "") or None)
+        self.variants = int(variants if variants is not None else _env("VARIANTS", "8"))
+        self.steps_per_call = int(steps_per_call)
+        self.compilation_cache = compilation_cache
+        self.report: dict = {}  # what ran: precision, flash, devices, batch, timings (for benchmarks)
+
+    # --- settings -----------------------------------------------------------------------------
+
+    def _settings(self):
+        gpu = on_gpu()
+        precision = self.precision
+        if precision == "auto":
+            precision = "bf16" if gpu else "fp32"
+        if precision not in ("bf16", "fp32"):
+            from conceptlib.errors import TrainingError
+
+            raise TrainingError(f"jax trainer precision {precision!r}: use bf16, fp32 or auto")
+        flash = self.flash
+        if isinstance(flash, str):
+            flash = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}.get(flash, gpu)
+        return precision, bool(flash) and gpu, gpu
+
+    # --- data ---------------------------------------------------------------------------------
+
+    def latent_data(self, job, ti, vae_state, *, chunk: int = 8):
+        """Each training image's crops (``variants`` of them, plus their mirror images when
+        flipping) through the VAE once: a DeviceData of posterior (mean, std) per variant, and
+        the prompt table. A pure function of the seed."""
+        import jax.numpy as jnp
+        import numpy as np
+
+        from conceptlib.images import augment, load_rgb
+        from conceptlib_jax.step import DeviceData, posterior_moments_fn
+
+        config = job.config
+        moments = posterior_moments_fn(ti)
+        crops, image_of = [], []
+        for index, image in enumerate(job.images):
+            array = load_rgb(image.path, config.resolution)
+            rng = np.random.default_rng([config.seed, 4, index])
+            for _ in range(self.variants):
+                crop = augment(array, config.resolution, rng, flip=False)
+                crops.append(crop)
+                image_of.append(index)
+                if config.flip:
+                    crops.append(np.ascontiguousarray(crop[:, ::-1, :]))
+                    image_of.append(index)
+        means, stds = [], []
+        crops = np.stack(crops).astype(np.float32)
+        for start in range(0, len(crops), chunk):
+            part = crops[start : start + chunk]
+            if len(part) < chunk:  # one compiled shape
+                part = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), axis=0)])
+            mean, std = moments(vae_state, part)
+            means.append(mean)
+            stds.append(std)
+        count = len(crops)
+        mean = jnp.concatenate(means)[:count]
+        std = jnp.concatenate(stds)[:count]
+        pack = job.pack
+        prompt_lists = []
+        for image in job.images:
+            templates = pack.caption_templates if image.caption else pack.templates
+            prompt_lists.append(
+                [job.prompt_ids(pack.render(j, config.token, image.caption)) for j in range(len(templates))]
+            )
+        width = max(len(p) for p in prompt_lists)
+        prompts = np.asarray([p + [p[-1]] * (width - len(p)) for p in prompt_lists], dtype=np.int32)
+        counts = np.asarray([len(p) for p in prompt_lists], dtype=np.int32)
+        return DeviceData(mean, std, jnp.asarray(image_of, jnp.int32), jnp.asarray(prompts), jnp.asarray(counts))
+
+    # --- run ----------------------------------------------------------------------------------
+
+    def run(self, job):
+        import jax
+        import keras
+        import numpy as np
+
+        from conceptlib.errors import TrainingError
+        from conceptlib.images import grid
+        from conceptlib.kerascv.attention import fused_attention
+        from conceptlib.kerascv.textual_inversion import make_optimizer
+        from conceptlib.training import TrainingResult
+        from conceptlib_jax.step import make_train_step, step_state
+
+        timings = {"start": time.perf_counter()}
+        config = job.config
+        cache_dir = enable_compilation_cache(self.compilation_cache)
+        precision, flash, gpu = self._settings()
+        devices = resolve_devices(self.devices)
+        distribution = None
+        if len(devices) > 1:
+            distribution = keras.distribution.DataParallel(
+                devices=[f"{d.platform}:{d.id}" for d in devices]
+            )
+
+        ti = build_models(
+            config.base_model, config.resolution, job.weights,
+            precision=precision, decoder=job.wants_previews, distribution=distribution,
+        )
+        timings["models_built"] = time.perf_counter()
+        if ti.vocab_size != job.vocab_size:
+            raise TrainingError(
+                f"the text encoder has {ti.vocab_size} tokens but the tokenizer {job.vocab_size}; "
+                "the weights do not belong to this base model"
+            )
+
+        requested = self.batch_size if self.batch_size is not None else config.batch_size
+        if requested in (None, 0, "auto"):
+            config.batch_size = auto_batch_size(config.resolution, precision, flash, devices)
+        else:
+            config.batch_size = int(requested)
+        if config.batch_size % len(devices):
+            raise TrainingError(
+                f"--batch-size {config.batch_size} does not split over {len(devices)} devices; "
+                f"use a multiple of {len(devices)}"
+            )
+
+        rows_var = keras.Variable(job.initial_vectors(ti.token_table()), dtype="float32", name="concept_vectors")
+        optimizer = make_optimizer(
+            config.learning_rate, config.steps, schedule=config.lr_schedule,
+            warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, clip_norm=config.clip_norm,
+        )
+        optimizer.build([rows_var])
+        rows = rows_var.value
+        opt_values = [v.value for v in optimizer.variables]
+        checkpoint = job.load_checkpoint()
+        if checkpoint is not None:
+            if len(checkpoint.optimizer) != len(opt_values):
+                raise TrainingError("the checkpoint's optimizer state does not match this trainer; start a new run")
+            rows = jax.numpy.asarray(checkpoint.vectors, "float32")
+            opt_values = [jax.numpy.asarray(v, dtype=o.dtype) for v, o in zip(checkpoint.optimizer, opt_values)]
+
+        state = ti.frozen_state()
+        data = self.latent_data(job, ti, state["vae"])
+        timings["latents_ready"] = time.perf_counter()
+        state = step_state(state)
+
+        batch_sharding = None
+        carry = (rows, opt_values, jax.numpy.int32(job.start_step))
+        data_tree = data.tree()
+        base_key = jax.random.key(config.seed)
+        if distribution is not None:
+            mesh = distribution.device_mesh.backend_mesh
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            state, carry, data_tree, base_key = jax.device_put((state, carry, data_tree, base_key), replicated)
+
+            def batch_sharding(ndim):
+                spec = ["batch"] + [None] * (ndim - 1)
+                return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+        patch = fused_attention(ti.diffusion_model, flash=flash)
+        try:
+            step = make_train_step(
+                ti, optimizer, config.batch_size,
+                steps_per_call=self.steps_per_call, batch_sharding=batch_sharding,
+            )
+            compiled = step.lower(carry, state, data_tree, base_key).compile()
+            timings["compiled"] = time.perf_counter()
+            self.report = {
+                "precision": precision, "flash": flash, "flash_layers": patch.flash_calls,
+                "plain_attention_layers": patch.plain_calls, "flash_refused": patch.flash_refused,
+                "devices": len(devices), "device": str(devices[0].device_kind),
+                "batch_size": config.batch_size, "compilation_cache": cache_dir,
+                "latent_variants": int(data.mean.shape[0]),
+            }
+
+            def current():
+                rows_now, opt_now, _ = carry
+                return np.asarray(rows_now, np.float32), [np.asarray(v) for v in opt_now]
+
+            job.checkpoint_fn = current
+
+            def preview(token_ids, noise):
+                return ti.sample(carry[0], token_ids, noise, num_steps=config.preview_steps)
+
+            if job.wants_previews:
+                job.preview_fn = preview
+
+            def due(done):
+                every_c, every_p = config.checkpoint_every, config.preview_every
+                return (every_c and done % every_c == 0) or (every_p and done % every_p == 0)
+
+            # Report a step's loss only after the next step is queued (the device never waits
+            # for the host), except where a checkpoint/preview must see that step's vectors.
+            pending = None
+            index = job.start_step
+            per_call = self.steps_per_call
+            while index < config.steps:
+                if per_call > 1 and config.steps - index < per_call:
+                    per_call = 1  # the tail of the run, one step at a time
+                    compiled = make_train_step(ti, optimizer, config.batch_size, batch_sharding=batch_sharding)
+                carry, losses = compiled(carry, state, data_tree, base_key)
+                if pending is not None:
+                    self._report(job, *pending)
+                pending = (index, losses)
+                index += per_call
+                if index == job.start_step + per_call or any(due(d) for d in range(index - per_call + 1, index + 1)):
+                    self._report(job, *pending)
+                    pending = None
+                    if "first_step" not in timings:
+                        timings["first_step"] = time.perf_counter()
+            if pending is not None:
+                self._report(job, *pending)
+            final_preview = grid(preview(*job.preview_inputs())) if job.wants_previews else None
+        finally:
+            patch.restore()
+        timings["done"] = time.perf_counter()
+        self.report["timings"] = {k: round(v - timings["start"], 3) for k, v in timings.items()}
+        job.timings.update({f"jax_{k}": v for k, v in timings.items()})
+        vectors = np.asarray(carry[0], dtype=np.float32)
+        return TrainingResult(vectors, list(job.losses), final_preview)
+
+    @staticmethod
+    def _report(job, first: int, losses) -> None:
+        for offset, loss in enumerate(_host(losses)):
+            job.step_done(first + offset, float(loss))
+
+
+def _host(losses):
+    import numpy as np
+
+    return np.asarray(losses, dtype=np.float32).reshape(-1)

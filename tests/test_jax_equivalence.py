@@ -1,0 +1,173 @@
+"""The JAX trainer computes the TensorFlow trainer's loss and gradient; the fused attention path
+computes keras-cv's attention.
+
+Keras fixes its backend per process, so each backend runs this file as a worker subprocess
+(``python tests/test_jax_equivalence.py BACKEND OUT.npz``) on the same deterministic weights and
+batch, and the test compares the .npz files. One model build per backend, at 64 px, fp32.
+
+- TensorFlow: the reference path (TextualInversion.loss under tf.GradientTape, as the
+  TensorFlow trainer's step does: VAE posterior sample, concat-table text encoding, keras-cv's
+  own attention).
+- JAX: the JAX trainer's path (posterior moments computed once, FastTextualInversion's
+  select-based lookup, the fused attention patch, jax.value_and_grad w.r.t. the new rows), plus
+  the UNet's output with and without the fused attention on the same inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+RES = 64
+BATCH = 2
+NUM_NEW = 2
+SEED = 1234
+
+
+def _deterministic_weights(models) -> None:
+    """Overwrite every variable with values that depend only on its position and shape, so two
+    processes (two backends) hold identical weights without writing ~4 GB of files."""
+    index = 0
+    for model in models:
+        for variable in model.weights:
+            shape = tuple(variable.shape)
+            rng = np.random.default_rng([SEED, index])
+            noise = rng.standard_normal(shape, dtype=np.float32)
+            if len(shape) >= 2:
+                value = noise / np.sqrt(float(np.prod(shape[:-1])))
+            elif "gamma" in variable.path or "scale" in variable.path:
+                value = 1.0 + 0.1 * noise
+            else:
+                value = 0.1 * noise
+            variable.assign(value.astype(np.float32))
+            index += 1
+
+
+def _batch(vocab: int, dim: int):
+    rng = np.random.default_rng(SEED)
+    ids = np.full((BATCH, 77), 49407, dtype=np.int32)
+    ids[:, 0] = 49406
+    ids[0, 1:6] = [320, 1125, 539, vocab, vocab + 1]  # "a photo of <new0> <new1>"
+    ids[1, 1:5] = [320, vocab + 1, 2368, vocab]  # the new ids in another order
+    latent = RES // 8
+    return {
+        "images": rng.uniform(-1, 1, (BATCH, RES, RES, 3)).astype(np.float32),
+        "token_ids": ids,
+        "posterior_noise": rng.standard_normal((BATCH, latent, latent, 4), dtype=np.float32),
+        "noise": rng.standard_normal((BATCH, latent, latent, 4), dtype=np.float32),
+        "timesteps": np.asarray([17, 803], dtype=np.int32),
+        "new_rows": (0.02 * rng.standard_normal((NUM_NEW, dim))).astype(np.float32),
+    }
+
+
+def worker(backend: str, out: str) -> None:
+    from conceptlib.kerascv import models
+
+    text_encoder = models.build_text_encoder("sd-1")
+    diffusion_model = models.build_diffusion_model("sd-1", RES)
+    image_encoder = models.build_image_encoder(RES)
+    _deterministic_weights([text_encoder, diffusion_model, image_encoder])
+    results = {}
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        from conceptlib.kerascv.textual_inversion import TextualInversion
+
+        ti = TextualInversion(text_encoder, diffusion_model, image_encoder)
+        batch = _batch(ti.vocab_size, ti.dim)
+        import keras
+
+        # Exactly the TensorFlow trainer's step (conceptlib_tensorflow.make_train_step).
+        rows = keras.Variable(batch.pop("new_rows"), dtype="float32")
+        with tf.GradientTape() as tape:
+            tape.watch(rows.value)
+            loss = ti.loss(rows.value, ti.frozen_state(), batch)
+        results["loss"] = np.asarray(loss)
+        # tf.gather's gradient is IndexedSlices: densify it.
+        results["grad"] = np.asarray(tf.convert_to_tensor(tape.gradient(loss, rows.value)))
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        from conceptlib.kerascv.attention import fused_attention
+        from conceptlib.kerascv.textual_inversion import VAE_SCALE
+        from conceptlib_jax.step import fast_textual_inversion_class, loss_and_grad_fn
+        from conceptlib_jax.step import posterior_moments_fn, step_state
+
+        ti = fast_textual_inversion_class()(text_encoder, diffusion_model, image_encoder)
+        batch = _batch(ti.vocab_size, ti.dim)
+        state = ti.frozen_state()
+        mean, std = posterior_moments_fn(ti)(state["vae"], batch["images"])
+        latents = (mean + std * batch["posterior_noise"]) * VAE_SCALE
+        unet_inputs = [
+            np.asarray(latents), np.random.default_rng(7).standard_normal((BATCH, 320)).astype(np.float32),
+            np.random.default_rng(8).standard_normal((BATCH, 77, 768)).astype(np.float32),
+        ]
+        results["unet_keras_cv"] = np.asarray(diffusion_model(unet_inputs))
+        with fused_attention(diffusion_model, flash=False) as patch:
+            results["unet_fused"] = np.asarray(diffusion_model(unet_inputs))
+            value_and_grad = jax.jit(loss_and_grad_fn(ti))
+            loss, grad = value_and_grad(
+                jnp.asarray(batch["new_rows"]), step_state(state), latents,
+                batch["noise"], batch["timesteps"], batch["token_ids"],
+            )
+            results["patched_layers"] = np.asarray(len(patch.layers))
+            results["plain_calls"] = np.asarray(patch.plain_calls)
+        results["unet_restored"] = np.asarray(diffusion_model(unet_inputs))
+        results["loss"] = np.asarray(loss)
+        results["grad"] = np.asarray(grad)
+    np.savez(out, **results)
+
+
+def _run_worker(backend: str, out: Path) -> dict:
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, __file__, backend, str(out)], env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, f"{backend} worker failed:\n{proc.stderr[-4000:]}"
+    with np.load(out) as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("jax-equivalence")
+    # Sequential, not parallel: each worker holds a full SD model (~7 GB) on a shared machine.
+    return {backend: _run_worker(backend, folder / f"{backend}.npz") for backend in ("tensorflow", "jax")}
+
+
+@pytest.mark.slow
+def test_jax_loss_equals_tensorflow_loss(results):
+    tf_loss, jax_loss = float(results["tensorflow"]["loss"]), float(results["jax"]["loss"])
+    assert np.isfinite(tf_loss) and tf_loss > 0
+    np.testing.assert_allclose(jax_loss, tf_loss, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_jax_gradient_on_new_rows_equals_tensorflow(results):
+    tf_grad, jax_grad = results["tensorflow"]["grad"], results["jax"]["grad"]
+    assert tf_grad.shape == jax_grad.shape == (NUM_NEW, 768)
+    # Both new rows are used by the batch, so both must get a real gradient.
+    assert np.all(np.linalg.norm(tf_grad, axis=1) > 0)
+    np.testing.assert_allclose(jax_grad, tf_grad, rtol=1e-3, atol=1e-4 * np.abs(tf_grad).max())
+
+
+@pytest.mark.slow
+def test_fused_attention_matches_keras_cv_attention(results):
+    jax_results = results["jax"]
+    assert int(jax_results["patched_layers"]) == 32  # 16 transformer blocks x (self + cross)
+    assert int(jax_results["plain_calls"]) >= 32
+    reference = jax_results["unet_keras_cv"]
+    assert np.abs(reference).max() > 0
+    np.testing.assert_allclose(jax_results["unet_fused"], reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
+    # restore() gives the layers back their own call: bit-identical to before.
+    np.testing.assert_array_equal(jax_results["unet_restored"], reference)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2])

@@ -99,9 +99,10 @@ def contact_sheet(images, columns: int | None = None):
               help="Folder of keras-cv weight files (default: $CONCEPTLIB_WEIGHTS, then the Keras cache, then download).")
 @click.option("--model", default=None, type=_MODELS,
               help="Base model (default: that of the concepts in the prompt, else sd-1).")
+@click.option("--offline", is_flag=True, help="Never download weights; fail if they are not found locally.")
 @click.option("--out", "out_dir", default="conceptlib-images", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Folder for the PNGs.")
-def generate_command(prompt, negative, num_images, steps, seed, size, guidance, weights_dir, model, out_dir):
+def generate_command(prompt, negative, num_images, steps, seed, size, guidance, weights_dir, model, offline, out_dir):
     """Generate images for PROMPT, applying every library concept whose token it contains.
 
     Writes one PNG per image and a contact sheet, and prints their paths.
@@ -116,7 +117,10 @@ def generate_command(prompt, negative, num_images, steps, seed, size, guidance, 
 
     from conceptlib.weights import is_random, resolve_weights
 
-    weights = resolve_weights(base_model, weights_dir, parts=("text_encoder", "diffusion_model", "decoder"))
+    with contextlib.redirect_stdout(sys.stderr):  # keras' download progress
+        weights = resolve_weights(
+            base_model, weights_dir, parts=("text_encoder", "diffusion_model", "decoder"), download=not offline
+        )
     if is_random(weights):
         click.echo(f"Warning: {base_model} weights in {weights['text_encoder'].parent} are RANDOM; images will be noise", err=True)
     if seed is None:

@@ -1,0 +1,115 @@
+"""`conceptlib generate` and `conceptlib weights`: refusals in-process (CliRunner, no model
+built), and one end-to-end run as a real subprocess at 64 px with `weights init-random` weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conceptlib import Concept
+from conceptlib.cli import main
+from conceptlib.library import ConceptLibrary
+
+
+def _concept(name, token, num_vectors, dim, seed):
+    rng = np.random.default_rng(seed)
+    return Concept(name, token, rng.normal(0.0, 0.05, size=(num_vectors, dim)).astype(np.float32))
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONCEPTLIB_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CONCEPTLIB_WEIGHTS", raising=False)
+    library = ConceptLibrary()
+    library.add(_concept("cat-doll", "<cat-doll>", 2, 768, 1))
+    library.add(_concept("wide-doll", "<wide-doll>", 1, 1024, 2))
+    return tmp_path
+
+
+def test_generate_refuses_concepts_of_the_other_width(home):
+    result = CliRunner().invoke(main, ["generate", "a <wide-doll> in a field", "--model", "sd-1", "--weights", str(home)])
+    assert result.exit_code == 1
+    assert "1024-wide" in result.output and "768-wide" in result.output and "--model sd-2" in result.output
+    result = CliRunner().invoke(main, ["generate", "a <cat-doll>", "--negative", "<wide-doll>", "--weights", str(home)])
+    assert result.exit_code == 1 and "mixes concepts for sd-1 and sd-2" in result.output
+
+
+def test_generate_says_where_it_looked_for_weights(home):
+    empty = home / "empty-weights"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["generate", "a <cat-doll>", "--weights", str(empty), "--offline"])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: sd-1 text_encoder weights (kcv_encoder.h5) not found in")
+    assert str(empty) in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_generate_size_must_be_a_multiple_of_64(home):
+    result = CliRunner().invoke(main, ["generate", "a cat", "--size", "100"])
+    assert result.exit_code == 2 and "--size 100" in result.output
+
+
+def test_concepts_in_prompts_finds_tokens_in_prompt_and_negative(home):
+    from conceptlib.cli.model_commands import concepts_in_prompts
+
+    library = ConceptLibrary()
+    assert [h.name for h in concepts_in_prompts(library, "a <CAT-DOLL>", "")] == ["cat-doll"]
+    assert [h.name for h in concepts_in_prompts(library, "a cat", "no <wide-doll>")] == ["wide-doll"]
+    assert concepts_in_prompts(library, "a cat-doll without brackets", None) == []
+
+
+def test_weights_where_lists_each_part(home):
+    from conceptlib.weights import write_random_weights
+
+    folder = write_random_weights(home / "w", "sd-1", parts=["image_encoder"])
+    result = CliRunner().invoke(main, ["weights", "where", "--weights", str(folder)])
+    assert result.exit_code == 1 and "text_encoder weights (kcv_encoder.h5) not found" in result.output
+
+
+@pytest.mark.slow
+def test_generate_end_to_end_with_init_random_weights(home):
+    """The real CLI in subprocesses: init-random writes every sd-1 part (~4 GB), generate builds
+    the full model at 64 px, runs 1 step for 2 images and writes valid PNGs."""
+    env = dict(os.environ, CONCEPTLIB_HOME=str(home / "home"), TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("KERAS_BACKEND", None)
+    cli = [sys.executable, "-c", "import sys; from conceptlib.cli import main; sys.exit(main())"]
+    weights = home / "weights"
+    try:
+        _init_and_generate(cli, env, home, weights)
+    finally:
+        shutil.rmtree(weights, ignore_errors=True)  # ~4 GB; don't leave it in pytest's tmp
+
+
+def _init_and_generate(cli, env, home, weights):
+    from PIL import Image
+
+    init = subprocess.run(cli + ["weights", "init-random", str(weights)], env=env, capture_output=True, text=True)
+    assert init.returncode == 0, init.stderr[-2000:]
+    assert init.stdout.strip() == str(weights)
+    assert (weights / "RANDOM-WEIGHTS.txt").exists()
+    assert {p.name for p in weights.glob("*.h5")} == {"kcv_encoder.h5", "kcv_diffusion_model.h5", "kcv_decoder.h5", "vae_encoder.h5"}
+
+    out = home / "out"
+    result = subprocess.run(
+        cli + ["generate", "a <cat-doll> on a table", "--negative", "blurry", "-n", "2", "--steps", "1",
+               "--size", "64", "--seed", "7", "--weights", str(weights), "--out", str(out)],
+        env=env, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "RANDOM" in result.stderr
+    paths = result.stdout.strip().splitlines()
+    assert len(paths) == 3 and paths[-1].endswith("-sheet.png")
+    for path in paths:
+        with Image.open(path) as image:
+            image.verify()
+    for path in paths[:2]:
+        with Image.open(path) as image:
+            assert image.size == (64, 64) and image.mode == "RGB"
+            assert '"concepts": ["cat-doll"]' in image.text["conceptlib"]
+    with Image.open(paths[2]) as sheet:
+        assert sheet.size[0] > 64 and sheet.size[1] == 64

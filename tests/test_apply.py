@@ -258,3 +258,48 @@ def test_not_yet_built_keras_cv_instance_builds_from_resolved_weights(tmp_path_f
         stored = []
         handle.visititems(lambda name, obj: stored.append(np.asarray(obj)) if getattr(obj, "shape", None) == table.shape else None)
     assert any(np.array_equal(s, table) for s in stored)
+
+
+_JAX_SCRIPT = r"""
+import numpy as np
+import keras
+from conceptlib import Concept
+from conceptlib.kerascv.apply import apply, token_embedding_layer
+from conceptlib.kerascv.models import build_stable_diffusion
+from conceptlib.kerascv.tokenizer import make_tokenizer
+
+assert keras.backend.backend() == "jax"
+sd = build_stable_diffusion("sd-1", 128, jit_compile=True)  # jax.jit predict function
+plain = make_tokenizer()
+base = sd.encode_text("a photo of a cat")
+table = np.array(token_embedding_layer(sd.text_encoder).embeddings)
+concept = Concept("x", "<x>", np.random.default_rng(0).normal(0, 0.05, (3, 768)).astype("float32"))
+with apply(sd, [concept]) as applied:
+    got = sd.encode_text("a <x> cat")
+    assert np.array_equal(sd.encode_text("a photo of a cat"), base)
+    ids = plain.encode("a")[:-1] + list(applied.token_ids["<x>"]) + plain.encode("cat")[1:]
+ids = ids + [plain.end_of_text] * (77 - len(ids))
+encoder = sd.text_encoder
+embedding = next(l for l in encoder.layers if hasattr(l, "token_embedding"))
+x = np.concatenate([table, concept.vectors])[np.array(ids)] + np.array(embedding.position_embedding.embeddings)
+x = keras.ops.convert_to_tensor(x[None])
+for layer in encoder.layers[encoder.layers.index(embedding) + 1:]:
+    x = layer(x)
+np.testing.assert_allclose(got, np.array(x), rtol=1e-5, atol=1e-5)
+assert np.array_equal(sd.encode_text("a photo of a cat"), base)
+with apply(sd, [concept]):
+    assert np.array_equal(sd.encode_text("a <x> cat"), got)
+print("ok")
+"""
+
+
+def test_jax_backend_jit_predict_function_sees_the_new_table():
+    """Keras fixes its backend per process: run the JAX check in a subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, "-c", _JAX_SCRIPT], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")

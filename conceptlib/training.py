@@ -611,6 +611,12 @@ def train(
             flush=True,
         )
     trainer = job.trainer_cls()
-    result = trainer.run(job)
+    try:
+        result = trainer.run(job)
+    except KeyboardInterrupt:
+        last = job.run_dir.latest_checkpoint()
+        where = f"from {last.name}" if last else "from the start (no checkpoint yet)"
+        print(f"\nInterrupted. Continue {where} with: conceptlib train --resume {job.run_dir.path}", file=sys.stderr)
+        raise
     header = finish(job, result, trainer_version=str(getattr(trainer, "version", "?")))
     return header, job

@@ -32,7 +32,8 @@ def _split_words(values) -> list[str]:
               help="Start from these words' embeddings, spread over the vectors (e.g. 'cat' or 'toy cat'). "
               "Default: random vectors.")
 @click.option("--weights", "-w", type=click.Path(file_okay=False, path_type=str),
-              help="Folder with keras-cv weight files (else $CONCEPTLIB_WEIGHTS, the Keras cache, or download).")
+              help="Folder with keras-cv weight files (else $CONCEPTLIB_WEIGHTS, the Keras cache, or download); "
+              "'random' = random weights in memory, for smoke runs only.")
 @click.option("--base-model", type=click.Choice(["sd-1", "sd-2"]), default="sd-1", show_default=True)
 @click.option("--trainer", default="tensorflow", show_default=True, help="Trainer plugin (see `conceptlib plugins`).")
 @click.option("--template", default="object", show_default=True, help="Template pack (see `conceptlib templates list`).")
@@ -81,7 +82,10 @@ def train(images, name, token, init, weights, base_model, trainer, template, res
         )
     else:
         config = None
-    header, job = run_training(config, resume=resume, progress=not quiet, announce=not quiet)
+    try:
+        header, job = run_training(config, resume=resume, progress=not quiet, announce=not quiet)
+    except KeyboardInterrupt:
+        sys.exit(130)  # training.train has said how to resume
     click.echo(f"Added {header.name} ({header.token}) to the library: {header.path}")
 
 

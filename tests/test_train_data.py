@@ -1,0 +1,121 @@
+"""The backend-free parts of training: prompts to token ids, initial vectors, augmentation, the
+per-step batches (a pure function of seed and step), run folders and checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conceptlib.images import augment, find_images, grid
+from conceptlib.kerascv.textual_inversion import END_OF_TEXT, MAX_LENGTH, START_OF_TEXT, encode_prompt, initial_rows
+from conceptlib.plugins import get_template_pack
+from conceptlib.training import Checkpoint, RunDirectory, TrainingConfig, TrainingJob
+
+
+class WordTokenizer:
+    """A stand-in for CLIP's tokenizer: one id per word (enough for the id bookkeeping)."""
+
+    def __init__(self):
+        self.encoder = {f"w{i}": i for i in range(49408)}
+        self.words: dict[str, int] = {}
+
+    def encode(self, text):
+        ids = [self.words.setdefault(word, 100 + len(self.words)) for word in text.lower().split()]
+        return [START_OF_TEXT, *ids, END_OF_TEXT]
+
+
+def test_encode_prompt_places_every_vector_of_the_token():
+    tok = WordTokenizer()
+    ids = encode_prompt(tok, "a photo of <x>, on <x> chair", "<x>", [49408, 49409])
+    a, photo, of, comma, on, chair = (tok.words[w] for w in ("a", "photo", "of", ",", "on", "chair"))
+    assert ids[:10] == [START_OF_TEXT, a, photo, of, 49408, 49409, comma, on, 49408, 49409]
+    assert ids[10:12] == [chair, END_OF_TEXT]
+    assert len(ids) == MAX_LENGTH and set(ids[12:]) == {END_OF_TEXT}
+
+
+def test_encode_prompt_too_long_says_by_how_much():
+    with pytest.raises(ValueError, match="needs 80 tokens, 3 more than"):
+        encode_prompt(WordTokenizer(), " ".join(["w"] * 77) + " <x>", "<x>", [49408])
+
+
+def test_initial_rows_spread_init_words_over_vectors():
+    table = np.arange(10 * 768, dtype=np.float32).reshape(10, 768)
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(initial_rows(table, [3], 1, rng), table[[3]])
+    # More vectors than words: each word covers a contiguous span.
+    np.testing.assert_array_equal(initial_rows(table, [2, 5], 4, rng), table[[2, 2, 5, 5]])
+    # Fewer vectors than words: each vector is the mean of a group.
+    np.testing.assert_array_equal(initial_rows(table, [1, 2, 3], 2, rng), np.stack([table[[1, 2]].mean(0), table[3]]))
+    random = initial_rows(table, [], 3, np.random.default_rng(1))
+    assert random.shape == (3, 768) and random.dtype == np.float32
+    np.testing.assert_array_equal(random, initial_rows(table, None, 3, np.random.default_rng(1)))
+
+
+def test_augment_crops_resizes_flips_in_range():
+    array = (np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8)
+    out = augment(array, 64, np.random.default_rng(3))
+    assert out.shape == (64, 64, 3) and out.dtype == np.float32
+    assert out.min() >= -1.0 and out.max() <= 1.0
+    np.testing.assert_array_equal(out, augment(array, 64, np.random.default_rng(3)))
+    flips = {bool(np.array_equal(augment(array, 64, np.random.default_rng(s), flip=False),
+                                 augment(array, 64, np.random.default_rng(s)))) for s in range(12)}
+    assert flips == {True, False}  # sometimes flipped, sometimes not
+
+
+def test_grid_tiles_images():
+    images = np.stack([np.full((8, 8, 3), i, np.uint8) for i in range(3)])
+    tiled = grid(images, columns=2)
+    assert tiled.shape == (16, 16, 3) and tiled[0, 8, 0] == 1 and tiled[8, 0, 0] == 2 and tiled[8, 8, 0] == 0
+
+
+@pytest.fixture
+def job(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        Image.fromarray((rng.random((70, 80 + index, 3)) * 255).astype("uint8")).save(folder / f"i{index}.png")
+    (folder / "i1.txt").write_text("  on a   red chair \n")
+    config = TrainingConfig(images=str(folder), name="x", token="<x>", resolution=64, batch_size=2,
+                            num_vectors=2, seed=11).validate()
+    images = find_images(folder)
+    return TrainingJob(config, None, get_template_pack("object"), images, WordTokenizer(), [], None,
+                       RunDirectory(tmp_path / "run"), None, False)
+
+
+def test_captions_are_read_beside_images(job):
+    assert [image.caption for image in job.images] == [None, "on a red chair", None]
+    assert all(len(image.sha256) == 64 for image in job.images)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step(job):
+    first = job.batch(4)
+    again = job.batch(4)
+    for key in first:
+        np.testing.assert_array_equal(first[key], again[key])
+    assert first["images"].shape == (2, 64, 64, 3)
+    assert first["posterior_noise"].shape == first["noise"].shape == (2, 8, 8, 4)
+    assert first["token_ids"].shape == (2, 77) and first["token_ids"].dtype == np.int32
+    assert ((first["timesteps"] >= 0) & (first["timesteps"] < 1000)).all()
+    # The token's two vectors are in every prompt.
+    for row in first["token_ids"]:
+        assert list(row).count(job.new_ids[0]) == 1 and list(row).count(job.new_ids[1]) == 1
+    assert not np.array_equal(job.batch(5)["noise"], first["noise"])
+    # Each epoch visits every image once: steps 0..2 with batch 2 cover 2 epochs of 3 images.
+    seen = [job._image_index(p) for p in range(6)]
+    assert sorted(seen[:3]) == [0, 1, 2] and sorted(seen[3:]) == [0, 1, 2]
+
+
+def test_checkpoints_round_trip(tmp_path):
+    run = RunDirectory(tmp_path / "run")
+    run.create(TrainingConfig(images="i", name="x", token="<x>"), {"image_sha256": []})
+    vectors = np.random.default_rng(0).standard_normal((2, 768)).astype(np.float32)
+    optimizer = [np.int64(7), np.ones((2, 768), np.float32), np.zeros((2, 768), np.float32)]
+    run.save_checkpoint(Checkpoint(5, vectors, optimizer, [1.0, 0.5]))
+    run.save_checkpoint(Checkpoint(10, vectors * 2, optimizer, [1.0, 0.5, 0.25]))
+    latest = run.load_checkpoint()
+    assert latest.step == 10 and latest.losses == [1.0, 0.5, 0.25]
+    np.testing.assert_array_equal(latest.vectors, vectors * 2)
+    assert [np.asarray(a).tolist() for a in latest.optimizer] == [np.asarray(a).tolist() for a in optimizer]
+    assert run.read()["config"]["name"] == "x"

@@ -1,0 +1,257 @@
+"""`conceptlib train` end to end on the real keras-cv models (random weights, 64 px, CPU).
+
+Keras fixes its backend per process and the UNet costs ~17 s and several GB to build, so the
+model-level checks run once, in a worker subprocess (this file run as a script, TensorFlow
+backend), that builds the models once and reports what it measured as JSON; the tests assert on
+that report. The CLI itself runs as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).resolve()
+
+
+def _env(home: Path) -> dict:
+    return dict(os.environ, CONCEPTLIB_HOME=str(home), TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+
+
+def make_images(folder: Path, count: int = 3) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    for index in range(count):
+        Image.fromarray((rng.random((72 + 8 * index, 96, 3)) * 255).astype("uint8")).save(folder / f"img{index}.png")
+    (folder / "img1.txt").write_text("sitting on a red chair\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    weights = root / "weights"
+    init = subprocess.run(
+        [shutil.which("conceptlib"), "weights", "init-random", str(weights)],
+        env=_env(root / "home"), capture_output=True, text=True, timeout=600,
+    )
+    assert init.returncode == 0, init.stderr
+    return {"root": root, "weights": weights, "images": make_images(root / "images"), "home": root / "home"}
+
+
+@pytest.fixture(scope="module")
+def cli_run(workspace):
+    cmd = [
+        shutil.which("conceptlib"), "train", str(workspace["images"]),
+        "--name", "cli-concept", "--token", "<cli-concept>", "--init", "toy cat",
+        "--weights", str(workspace["weights"]), "--resolution", "64", "--steps", "2",
+        "--batch-size", "1", "--num-vectors", "2", "--trainer", "tensorflow", "--seed", "5",
+        "--checkpoint-every", "1", "--preview-every", "2", "--preview-steps", "2",
+        "--run-dir", str(workspace["root"] / "cli-run"),
+    ]
+    proc = subprocess.run(cmd, env=_env(workspace["home"]), capture_output=True, text=True, timeout=900)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def report(workspace, cli_run):
+    out = workspace["root"] / "report.json"
+    proc = subprocess.run(
+        [sys.executable, str(HERE), str(workspace["weights"]), str(workspace["images"]), str(workspace["home"]), str(out)],
+        env=_env(workspace["home"]), capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_cli_train_adds_concept_with_full_metadata(workspace, cli_run):
+    assert cli_run.returncode == 0, cli_run.stderr[-3000:]
+    assert cli_run.stdout.strip().startswith("Added cli-concept (<cli-concept>) to the library: ")
+    assert "RANDOM weights" in cli_run.stderr
+    assert "step 2/2" in cli_run.stderr and "loss" in cli_run.stderr
+
+    from conceptlib.library import ConceptLibrary
+
+    concept = ConceptLibrary(workspace["home"]).get("cli-concept")
+    assert concept.token == "<cli-concept>" and concept.vectors.shape == (2, 768)
+    meta = concept.metadata
+    assert meta["trainer"] == "tensorflow" and meta["trainer_version"] == "0.1.0"
+    assert json.loads(meta["init_tokens"]) == ["toy", "cat"]
+    training = json.loads(meta["training"])
+    assert training["steps"] == 2 and training["resolution"] == 64 and training["seed"] == 5
+    assert training["num_vectors"] == 2 and training["batch_size"] == 1 and training["template"] == "object"
+    history = json.loads(meta["loss_history"])
+    assert [step for step, _ in history] == [1, 2]
+    assert float(meta["final_loss"]) == pytest.approx(history[-1][1], abs=1e-6)
+    assert len(json.loads(meta["image_sha256"])) == 3
+    assert meta["random_weights"] == "true" and meta["preview_source"] == "generated"
+    import base64
+
+    assert base64.b64decode(meta["preview"]).startswith(b"\x89PNG")
+    assert meta["created_at"] and meta["modelspec.trigger_phrase"] == "<cli-concept>"
+
+    run = workspace["root"] / "cli-run"
+    assert (run / "config.json").is_file() and (run / "concept.safetensors").is_file()
+    assert (run / "checkpoints" / "step-0000001.npz").is_file()
+    assert (run / "previews" / "step-0000002.png").is_file()
+
+
+def test_trained_concept_loads_with_conceptlib_apply(report):
+    applied = report["apply"]
+    assert applied["tokens"] == ["<cli-concept>"]
+    # The applied token encodes exactly as the training loss saw it...
+    assert applied["max_diff_vs_training_encoding"] < 1e-5
+    # ...differs from the prompt without it, and unload restores the original encoding.
+    assert applied["changed_by_token"]
+    assert applied["unload_bit_identical"]
+
+
+def test_only_the_new_vectors_change(report):
+    # Text encoder (incl. the token table) + UNet + VAE encoder: ~990 variables, hashed before and
+    # after the fixed-batch run and three training runs.
+    assert report["variables_checked"] > 900 and report["token_table_checked"]
+    assert report["changed_variables"] == []
+    assert report["vectors_moved"]
+
+
+def test_loss_falls_on_a_fixed_batch(report):
+    losses = report["fixed_batch_losses"]
+    assert len(losses) == 20
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert losses[-1] < losses[0]
+
+
+def test_resumed_run_ends_with_the_same_vectors(report):
+    resume = report["resume"]
+    assert resume["interrupted_after_step"] == 2 and resume["resumed_from_step"] == 2
+    assert resume["vectors_equal"], resume
+    assert resume["losses_equal"], resume
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker: python tests/test_train_model.py WEIGHTS IMAGES HOME OUT.json
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _hash_variables(models) -> dict[str, str]:
+    import hashlib
+
+    import keras
+
+    hashes = {}
+    for model in models:
+        for index, variable in enumerate(model.variables):
+            data = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))
+            hashes[f"{model.name}/{index}/{variable.path}"] = hashlib.sha256(data.tobytes()).hexdigest()
+    return hashes
+
+
+def _worker(weights_dir: str, images: str, home: str, out: str) -> None:
+    import keras
+
+    import conceptlib
+    import conceptlib_tensorflow as ctf
+    from conceptlib.kerascv.models import build_stable_diffusion
+    from conceptlib.kerascv.textual_inversion import encode_prompt, make_optimizer
+    from conceptlib.library import ConceptLibrary
+    from conceptlib.training import TrainingConfig, prepare, train
+    from conceptlib.weights import resolve_weights
+
+    library = ConceptLibrary(home)
+    weights = resolve_weights("sd-1", weights_dir, ["text_encoder", "diffusion_model", "image_encoder"])
+    report: dict = {}
+
+    # 1. The CLI-trained concept applied to a keras-cv StableDiffusion.
+    sd = build_stable_diffusion("sd-1", 64, resolve_weights("sd-1", weights_dir, ["text_encoder"]))
+    prompt = "a photo of <cli-concept> on a table"
+    plain = np.asarray(sd.encode_text("a photo of on a table"))
+    concept = library.get("cli-concept")
+    ti = ctf.build_models("sd-1", 64, weights)
+    ids = encode_prompt(sd.tokenizer, prompt, concept.token, ti.new_ids(concept.num_vectors))
+    expected = keras.ops.convert_to_numpy(
+        ti.encode_text(concept.vectors, ti.frozen_state(), np.asarray([ids], dtype=np.int32))
+    )
+    before_apply = np.asarray(sd.encode_text("a photo of a cat"))
+    with conceptlib.apply(sd, ["cli-concept"], library=library) as handle:
+        encoded = np.asarray(sd.encode_text(prompt))
+        tokens = list(handle.tokens)
+    report["apply"] = {
+        "tokens": tokens,
+        "max_diff_vs_training_encoding": float(np.abs(encoded - expected).max()),
+        "changed_by_token": bool(np.abs(encoded - plain).max() > 0),
+        "unload_bit_identical": bool(np.array_equal(before_apply, np.asarray(sd.encode_text("a photo of a cat")))),
+    }
+    del sd
+
+    models = [ti.text_encoder, ti.diffusion_model, ti.image_encoder]
+    hashes_before = _hash_variables(models)
+
+    # 2. Loss on one fixed batch over 20 steps.
+    config = TrainingConfig(images=images, name="fixed", token="<fixed>", weights=weights_dir, resolution=64,
+                            steps=20, init=["cat"], seed=1, learning_rate=2e-2, lr_schedule="constant")
+    job = prepare(config, library=library)
+    rows = keras.Variable(job.initial_vectors(ti.token_table()), dtype="float32")
+    initial = np.asarray(rows.numpy()).copy()
+    optimizer = make_optimizer(config.learning_rate, config.steps, schedule="constant")
+    optimizer.build([rows])
+    step = ctf.make_train_step(ti, rows, optimizer)
+    batch = job.batch(0)
+    report["fixed_batch_losses"] = [float(step(batch)) for _ in range(config.steps)]
+    report["vectors_moved"] = bool(np.abs(np.asarray(rows.numpy()) - initial).max() > 0)
+
+    # 3. Resume: an interrupted run, resumed, ends like an uninterrupted one.
+    def settings(name):
+        return TrainingConfig(images=images, name=name, token=f"<{name}>", weights=weights_dir, resolution=64,
+                              steps=4, num_vectors=2, init=["toy"], seed=3, checkpoint_every=2)
+
+    full_header, _ = train(settings("full"), library=library, progress=False)
+    job = prepare(settings("part"), library=library)
+    job.progress.enabled = False
+    original_step_done = job.step_done
+
+    def step_done(index, loss):
+        original_step_done(index, loss)
+        if index + 1 == 2:
+            raise _Interrupted()
+
+    job.step_done = step_done
+    try:
+        job.trainer_cls().run(job)
+        interrupted = None
+    except _Interrupted:
+        interrupted = 2
+    resumed_header, resumed_job = train(None, library=library, resume=job.run_dir.path, progress=False)
+    full, resumed = library.get("full"), library.get("part")
+    report["resume"] = {
+        "interrupted_after_step": interrupted,
+        "resumed_from_step": resumed_job.start_step,
+        "vectors_equal": bool(np.array_equal(full.vectors, resumed.vectors)),
+        "max_diff": float(np.abs(full.vectors - resumed.vectors).max()),
+        "losses_equal": full.metadata["loss_history"] == resumed.metadata["loss_history"],
+    }
+
+    # 4. No model weight changed through all of the above.
+    hashes_after = _hash_variables(models)
+    report["variables_checked"] = len(hashes_before)
+    report["token_table_checked"] = any("token_embedding" in key for key in hashes_before)
+    report["changed_variables"] = sorted(k for k in hashes_before if hashes_before[k] != hashes_after.get(k))
+    Path(out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    _worker(*sys.argv[1:5])

@@ -247,7 +247,8 @@ def _worker(weights_dir: str, images: str, home: str, out: str) -> None:
     # 4. No model weight changed through all of the above.
     hashes_after = _hash_variables(models)
     report["variables_checked"] = len(hashes_before)
-    report["token_table_checked"] = any("token_embedding" in key for key in hashes_before)
+    table_keys = [f"{m.name}/{i}/{v.path}" for m in models for i, v in enumerate(m.variables) if v is ti._token_table]
+    report["token_table_checked"] = len(table_keys) == 1 and table_keys[0] in hashes_before
     report["changed_variables"] = sorted(k for k in hashes_before if hashes_before[k] != hashes_after.get(k))
     Path(out).write_text(json.dumps(report, indent=2))
 

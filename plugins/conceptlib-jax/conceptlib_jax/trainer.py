@@ -325,6 +325,7 @@ class JaxTrainer:
                 "devices": len(devices), "device": str(devices[0].device_kind),
                 "batch_size": config.batch_size, "compilation_cache": cache_dir,
                 "latent_variants": int(data.mean.shape[0]),
+                "step_memory_gib": _step_memory_gib(compiled),
             }
 
             def current():
@@ -377,6 +378,19 @@ class JaxTrainer:
     def _report(job, first: int, losses) -> None:
         for offset, loss in enumerate(_host(losses)):
             job.step_done(first + offset, float(loss))
+
+
+def _step_memory_gib(compiled):
+    """XLA's estimate of the step's device memory (arguments + temporaries + outputs - aliased)."""
+    try:
+        stats = compiled.memory_analysis()
+        total = (
+            stats.argument_size_in_bytes + stats.temp_size_in_bytes
+            + stats.output_size_in_bytes - stats.alias_size_in_bytes
+        )
+        return round(total / _GIB, 3)
+    except Exception:  # not every backend/version reports it
+        return None
 
 
 def _host(losses):

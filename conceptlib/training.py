@@ -522,7 +522,11 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
         )
     init_ids = tokenize_init(tokenizer, config.init)
     if resume is None:
-        run_dir = RunDirectory(config.run_dir or default_run_dir(library, config.name))
+        # Absolute paths, so `--resume` works from any working directory.
+        config.images = str(Path(config.images).resolve())
+        if config.weights not in (None, RANDOM_WEIGHTS):
+            config.weights = str(Path(config.weights).expanduser().resolve())
+        run_dir = RunDirectory(Path(config.run_dir or default_run_dir(library, config.name)).resolve())
         if run_dir.exists():
             raise TrainingError(f"{run_dir.path} already holds a run; resume it with --resume {run_dir.path} or pick another --run-dir")
         config.run_dir = str(run_dir.path)

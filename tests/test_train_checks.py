@@ -124,3 +124,24 @@ def test_init_word_that_tokenizes_to_nothing(home, images):
 def test_caption_too_long_for_the_text_encoder(home, images):
     (images / "p0.txt").write_text(" ".join(["word"] * 80))
     _refused(home, [str(images), "--name", "new", "--weights", "random"], "more than the text encoder's 77")
+
+
+def test_resume_refuses_non_runs_and_finished_runs(home, tmp_path):
+    _refused(home, ["--resume", str(tmp_path)], "is not a training run folder (no config.json)")
+    from conceptlib.training import RunDirectory, TrainingConfig
+
+    run = RunDirectory(tmp_path / "done")
+    run.create(TrainingConfig(images=str(tmp_path), name="done", token="<done>"), {})
+    run.concept_path.write_bytes(b"")
+    _refused(home, ["--resume", str(run.path)], "already finished")
+
+
+def test_resume_refuses_changed_images(home, images, tmp_path):
+    from conceptlib.images import find_images
+    from conceptlib.training import RunDirectory, TrainingConfig
+
+    run = RunDirectory(tmp_path / "run")
+    hashes = [image.sha256 for image in find_images(images)]
+    run.create(TrainingConfig(images=str(images), name="again", token="<again>", weights="random"), {"image_sha256": hashes})
+    Image.new("RGB", (90, 90), (1, 2, 3)).save(images / "p9.png")
+    _refused(home, ["--resume", str(run.path)], "changed since run")

@@ -284,8 +284,9 @@ class JaxTrainer:
             warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, clip_norm=config.clip_norm,
         )
         optimizer.build([rows_var])
-        rows = rows_var.value
-        opt_values = [v.value for v in optimizer.variables]
+        # Copies: the step donates its carry, and the keras variables must keep valid buffers.
+        rows = jax.numpy.array(rows_var.value, copy=True)
+        opt_values = [jax.numpy.array(v.value, copy=True) for v in optimizer.variables]
         checkpoint = job.load_checkpoint()
         if checkpoint is not None:
             if len(checkpoint.optimizer) != len(opt_values):

@@ -50,6 +50,8 @@ def _device(backend: str) -> tuple[str, float | None]:
         except Exception:  # CPU devices have no memory stats
             pass
         count = len(jax.devices())
+        if device.platform == "cpu":
+            return f"cpu:{platform.processor() or platform.machine()} ({os.cpu_count()} cores, jax)", None
         name = getattr(device, "device_kind", device.platform)
         return f"{device.platform}:{name}" + (f" x{count}" if count > 1 else ""), (peak / gib if peak else None)
     if backend == "tensorflow":

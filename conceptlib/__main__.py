@@ -1,0 +1,5 @@
+"""`python -m conceptlib` runs the CLI."""
+
+from conceptlib.cli import main
+
+main()

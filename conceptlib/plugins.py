@@ -131,3 +131,19 @@ def get_template_pack(name: str):
     if name not in registry.template_packs:
         raise _unknown("template pack", name, registry.template_packs, registry.broken)
     return registry.template_packs[name]
+
+
+def has_nvidia_gpu() -> bool:
+    """Whether this machine has an NVIDIA GPU, judged without importing any framework."""
+    import os
+    import shutil
+
+    return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None
+
+
+def default_trainer() -> str:
+    """The trainer `--trainer auto` means: the JAX trainer where there is a GPU for it (only the
+    JAX backend runs KerasCV on the GPU), else the TensorFlow reference trainer."""
+    if has_nvidia_gpu() and "jax" in discover().trainers:
+        return "jax"
+    return "tensorflow"

@@ -107,3 +107,12 @@ def test_listing_plugins_imports_no_keras_tensorflow_or_jax():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
+
+def test_auto_trainer_is_jax_on_a_gpu_machine_and_tensorflow_elsewhere(monkeypatch):
+    import conceptlib.plugins as plugins
+
+    monkeypatch.setattr(plugins, "has_nvidia_gpu", lambda: True)
+    assert plugins.default_trainer() == "jax"
+    monkeypatch.setattr(plugins, "has_nvidia_gpu", lambda: False)
+    assert plugins.default_trainer() == "tensorflow"

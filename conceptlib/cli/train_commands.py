@@ -35,7 +35,8 @@ def _split_words(values) -> list[str]:
               help="Folder with keras-cv weight files (else $CONCEPTLIB_WEIGHTS, the Keras cache, or download); "
               "'random' = random weights in memory, for smoke runs only.")
 @click.option("--base-model", type=click.Choice(["sd-1", "sd-2"]), default="sd-1", show_default=True)
-@click.option("--trainer", default="tensorflow", show_default=True, help="Trainer plugin (see `conceptlib plugins`).")
+@click.option("--trainer", default="auto", show_default=True,
+              help="Trainer plugin (see `conceptlib plugins`); auto = jax where there is an NVIDIA GPU, else tensorflow.")
 @click.option("--template", default="object", show_default=True, help="Template pack (see `conceptlib templates list`).")
 @click.option("--resolution", "-r", type=int, default=512, show_default=True, help="Training size in pixels (multiple of 64).")
 @click.option("--steps", "-s", type=int, default=1000, show_default=True)
@@ -71,6 +72,10 @@ def train(images, name, token, init, weights, base_model, trainer, template, res
         if not name and not token:
             raise UsageError("give --name and/or --token, e.g. --name cat-doll --token '<cat-doll>'")
         token = token or f"<{name}>"
+        if trainer == "auto":
+            from conceptlib.plugins import default_trainer
+
+            trainer = default_trainer()
         name = name or slug_from_token(token)
         config = TrainingConfig(
             images=str(images), name=name, token=token, base_model=base_model, weights=weights,

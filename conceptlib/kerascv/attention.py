@@ -55,9 +55,12 @@ class AttentionPatch:
     traces each layer once), so benchmarks can report what actually ran.
     """
 
-    def __init__(self, model, *, flash: bool = False):
+    def __init__(self, model, *, flash: bool = False, cross_pad: bool = False, fuse_qkv: bool = False):
         self.model = model
         self.flash = bool(flash)
+        self.cross_pad = bool(cross_pad)
+        self.fuse_qkv = bool(fuse_qkv)
+        self.cross_pad_calls = 0
         self.layers = attention_layers(model)
         self.flash_calls = 0
         self.plain_calls = 0
@@ -97,14 +100,20 @@ class AttentionPatch:
         self.restore()
 
 
-def fused_attention(model, *, flash: bool = False) -> AttentionPatch:
+def fused_attention(model, *, flash: bool = False, cross_pad: bool = False, fuse_qkv: bool = False) -> AttentionPatch:
     """Make ``model``'s keras-cv attention layers use ``keras.ops.dot_product_attention``.
 
     Returns an installed :class:`AttentionPatch` (also a context manager that restores on exit).
     ``flash=True`` asks for flash attention (cuDNN, JAX backend on GPU) on self-attention only;
-    keep it False on CPU. Raises ValueError if the model has no keras-cv attention layers.
+    keep it False on CPU. ``cross_pad=True`` (JAX backend) runs the 77-token cross-attention
+    with its keys/values zero-padded to 128 and masked by ``key_value_seq_lengths`` through
+    ``jax.nn.dot_product_attention`` (cuDNN when ``flash``, else XLA): cuDNN refuses KV 77 but
+    takes a masked 128. ``fuse_qkv=True`` computes q, k, v (self-attention) or k, v
+    (cross-attention) with ONE matmul on the concatenated kernels (same weights, concatenated in
+    the traced function: a few MB, against activations of hundreds). Raises ValueError if the
+    model has no keras-cv attention layers.
     """
-    patch = AttentionPatch(model, flash=flash)
+    patch = AttentionPatch(model, flash=flash, cross_pad=cross_pad, fuse_qkv=fuse_qkv)
     if not patch.layers:
         raise ValueError(
             f"model {getattr(model, 'name', model)!r} has no keras-cv CrossAttention layers; "
@@ -118,13 +127,26 @@ def _make_fused_call(layer, patch: AttentionPatch):
 
     num_heads, head_size, scale = layer.num_heads, layer.head_size, layer.scale
 
+    def project(inputs, context, is_self):
+        if patch.fuse_qkv and not any(d.use_bias for d in (layer.to_q, layer.to_k, layer.to_v)):
+            dtype = layer.compute_dtype
+            if is_self:
+                kernel = ops.concatenate([ops.cast(d.kernel, dtype) for d in (layer.to_q, layer.to_k, layer.to_v)], 1)
+                q, k, v = ops.split(ops.matmul(ops.cast(inputs, dtype), kernel), 3, axis=-1)
+                return q, k, v
+            kernel = ops.concatenate([ops.cast(d.kernel, dtype) for d in (layer.to_k, layer.to_v)], 1)
+            k, v = ops.split(ops.matmul(ops.cast(context, dtype), kernel), 2, axis=-1)
+            return layer.to_q(inputs), k, v
+        return layer.to_q(inputs), layer.to_k(context), layer.to_v(context)
+
     def call(inputs, context=None):
         is_self = context is None
         if is_self:
             context = inputs
-        q = ops.reshape(layer.to_q(inputs), (-1, inputs.shape[1], num_heads, head_size))
-        k = ops.reshape(layer.to_k(context), (-1, context.shape[1], num_heads, head_size))
-        v = ops.reshape(layer.to_v(context), (-1, context.shape[1], num_heads, head_size))
+        q, k, v = project(inputs, context, is_self)
+        q = ops.reshape(q, (-1, inputs.shape[1], num_heads, head_size))
+        k = ops.reshape(k, (-1, context.shape[1], num_heads, head_size))
+        v = ops.reshape(v, (-1, context.shape[1], num_heads, head_size))
         out = None
         if patch.flash and is_self:
             try:
@@ -133,6 +155,12 @@ def _make_fused_call(layer, patch: AttentionPatch):
             except (RuntimeError, ValueError, NotImplementedError) as exc:
                 # e.g. a head size cuDNN does not support: fall back for this layer only.
                 patch.flash_refused.append(f"{layer.name}: {str(exc).splitlines()[0][:160]}")
+        if out is None and patch.cross_pad and not is_self:
+            try:
+                out = _padded_cross_attention(q, k, v, scale, cudnn=patch.flash)
+                patch.cross_pad_calls += 1
+            except (RuntimeError, ValueError, NotImplementedError, TypeError) as exc:
+                patch.flash_refused.append(f"{layer.name} (cross, padded): {str(exc).splitlines()[0][:160]}")
         if out is None:
             # flash_attention=False, never None: "auto" picks cuDNN on GPU, which refuses KV 77.
             out = ops.dot_product_attention(q, k, v, scale=scale, flash_attention=False)
@@ -141,3 +169,19 @@ def _make_fused_call(layer, patch: AttentionPatch):
         return layer.out_proj(out)
 
     return call
+
+
+def _padded_cross_attention(q, k, v, scale, *, cudnn: bool, multiple: int = 128):
+    """Attention over keys/values zero-padded to a multiple of ``multiple`` tokens, the padding
+    masked out by ``key_value_seq_lengths``: the same function as unpadded attention."""
+    import jax
+    import jax.numpy as jnp
+
+    length = k.shape[1]
+    padded = -(-length // multiple) * multiple
+    pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    lengths = jnp.full((q.shape[0],), length, jnp.int32)
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation="cudnn" if cudnn else None
+    )

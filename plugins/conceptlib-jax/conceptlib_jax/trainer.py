@@ -18,7 +18,12 @@ Options come from the constructor or, for ``conceptlib train --trainer jax``, fr
 variables: CONCEPTLIB_JAX_PRECISION (bf16|fp32|auto), CONCEPTLIB_JAX_FLASH (on|off|auto),
 CONCEPTLIB_JAX_DEVICES (all|N), CONCEPTLIB_JAX_BATCH_SIZE (auto|N: overrides --batch-size),
 CONCEPTLIB_JAX_VARIANTS (crops per image), CONCEPTLIB_JAX_CACHE (a folder for JAX's persistent
-compilation cache, or "off").
+compilation cache, or "off"), CONCEPTLIB_JAX_KERNELS (comma-separated UNet rewrites, each the same
+function as keras-cv's on the same weights: ``conv`` explicit-padding convolutions, ``groupnorm``
+float32-stat group norm without reshapes, ``qkv`` fused q/k/v projections, ``crosspad``
+cross-attention padded to 128 keys for cuDNN; ``none`` for keras-cv's own layers; default
+DEFAULT_KERNELS), CONCEPTLIB_JAX_VAE_CHUNK (images per VAE call when caching latents),
+CONCEPTLIB_JAX_BACKGROUND_COMPILE (on|off: compile the step while the VAE encodes the images).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ _GIB = 1 << 30
 _PER_SAMPLE_512 = 0.70
 _NO_FLASH_EXTRA_512 = 2.0
 _MAX_AUTO_BATCH = 64
+KERNELS = ("conv", "groupnorm", "qkv", "crosspad")
+DEFAULT_KERNELS = ("conv", "groupnorm", "qkv")
 
 
 def _env(name: str, default: str) -> str:
@@ -83,6 +90,30 @@ def auto_batch_size(resolution: int, precision: str, flash: bool, devices) -> in
     if per_device >= 8:
         per_device -= per_device % 8
     return per_device * len(devices)
+
+
+def parse_kernels(value) -> tuple:
+    """``"conv,qkv"`` / ``["conv"]`` / ``"none"`` / ``"default"`` -> a tuple of KERNELS names."""
+    if value is None or value == "default":
+        return DEFAULT_KERNELS
+    if isinstance(value, str):
+        value = [] if value.strip().lower() in ("", "none", "off") else value.split(",")
+    names = tuple(v.strip().lower() for v in value if v.strip())
+    unknown = [n for n in names if n not in KERNELS]
+    if unknown:
+        from conceptlib.errors import TrainingError
+
+        raise TrainingError(f"jax trainer kernels {','.join(unknown)!r}: use some of {','.join(KERNELS)} or none")
+    return names
+
+
+def peak_memory_gib():
+    """The first device's peak memory so far (GiB), or None where the backend reports none."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return round(peak / _GIB, 3) if peak is not None else None
 
 
 def build_models(base_model, resolution, weights, *, precision="fp32", decoder=False, distribution=None):
@@ -156,6 +187,9 @@ class JaxTrainer:
         variants: int | None = None,
         steps_per_call: int = 1,
         compilation_cache: str | None = None,
+        kernels=None,
+        vae_chunk: int | None = None,
+        background_compile: bool | None = None,
     ):
         self.precision = precision or _env("PRECISION", "auto")
         self.flash = flash if flash is not None else _env("FLASH", "auto")
@@ -164,6 +198,11 @@ class JaxTrainer:
         self.variants = int(variants if variants is not None else _env("VARIANTS", "8"))
         self.steps_per_call = int(steps_per_call)
         self.compilation_cache = compilation_cache
+        self.kernels = parse_kernels(kernels if kernels is not None else os.environ.get("CONCEPTLIB_JAX_KERNELS"))
+        self.vae_chunk = int(vae_chunk if vae_chunk is not None else _env("VAE_CHUNK", "0")) or None
+        if background_compile is None:
+            background_compile = _env("BACKGROUND_COMPILE", "on") in ("on", "1", "true")
+        self.background_compile = bool(background_compile)
         self.report: dict = {}  # what ran: precision, flash, devices, batch, timings (for benchmarks)
 
     # --- settings -----------------------------------------------------------------------------
@@ -184,18 +223,15 @@ class JaxTrainer:
 
     # --- data ---------------------------------------------------------------------------------
 
-    def latent_data(self, job, ti, vae_state, *, chunk: int = 8):
-        """Each training image's crops (``variants`` of them, plus their mirror images when
-        flipping) through the VAE once: a DeviceData of posterior (mean, std) per variant, and
+    def host_data(self, job):
+        """The host side of the training data: every image's crops (``variants`` of them, plus
+        their mirror images when flipping) as float32 (N, R, R, 3), which image each crop is, and
         the prompt table. A pure function of the seed."""
-        import jax.numpy as jnp
         import numpy as np
 
         from conceptlib.images import augment, load_rgb
-        from conceptlib_jax.step import DeviceData, posterior_moments_fn
 
         config = job.config
-        moments = posterior_moments_fn(ti)
         crops, image_of = [], []
         for index, image in enumerate(job.images):
             array = load_rgb(image.path, config.resolution)
@@ -207,18 +243,6 @@ class JaxTrainer:
                 if config.flip:
                     crops.append(np.ascontiguousarray(crop[:, ::-1, :]))
                     image_of.append(index)
-        means, stds = [], []
-        crops = np.stack(crops).astype(np.float32)
-        for start in range(0, len(crops), chunk):
-            part = crops[start : start + chunk]
-            if len(part) < chunk:  # one compiled shape
-                part = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), axis=0)])
-            mean, std = moments(vae_state, part)
-            means.append(mean)
-            stds.append(std)
-        count = len(crops)
-        mean = jnp.concatenate(means)[:count]
-        std = jnp.concatenate(stds)[:count]
         pack = job.pack
         prompt_lists = []
         for image in job.images:
@@ -229,7 +253,51 @@ class JaxTrainer:
         width = max(len(p) for p in prompt_lists)
         prompts = np.asarray([p + [p[-1]] * (width - len(p)) for p in prompt_lists], dtype=np.int32)
         counts = np.asarray([len(p) for p in prompt_lists], dtype=np.int32)
-        return DeviceData(mean, std, jnp.asarray(image_of, jnp.int32), jnp.asarray(prompts), jnp.asarray(counts))
+        return np.stack(crops).astype(np.float32), np.asarray(image_of, np.int32), prompts, counts
+
+    def data_shapes(self, host, resolution: int) -> dict:
+        """``DeviceData.tree()`` as jax.ShapeDtypeStructs (to compile the step before the VAE ran)."""
+        import jax
+        import jax.numpy as jnp
+
+        crops, image_of, prompts, counts = host
+        side = resolution // 8
+        latent = jax.ShapeDtypeStruct((len(crops), side, side, 4), jnp.float32)
+        return {
+            "mean": latent, "std": latent,
+            "image_of": jax.ShapeDtypeStruct(image_of.shape, jnp.int32),
+            "prompts": jax.ShapeDtypeStruct(prompts.shape, jnp.int32),
+            "prompt_count": jax.ShapeDtypeStruct(counts.shape, jnp.int32),
+        }
+
+    def latent_data(self, job, ti, vae_state, *, chunk: int | None = None, host=None):
+        """Each crop of ``host_data`` through the VAE once, ``chunk`` images per call: a
+        DeviceData of posterior (mean, std) per variant, and the prompt table."""
+        import jax.numpy as jnp
+        import numpy as np
+
+        from conceptlib_jax.step import DeviceData, posterior_moments_fn
+
+        config = job.config
+        crops, image_of, prompts, counts = host if host is not None else self.host_data(job)
+        if chunk is None:
+            # Small VAE calls: at 512 px one image's encoder activations are GBs in float32,
+            # and training at batch 1 must fit in 8 GiB.
+            chunk = self.vae_chunk or max(1, (256 * 256 * 4) // (config.resolution * config.resolution))
+        chunk = min(chunk, len(crops))
+        moments = posterior_moments_fn(ti)
+        means, stds = [], []
+        for start in range(0, len(crops), chunk):
+            part = crops[start : start + chunk]
+            if len(part) < chunk:  # one compiled shape
+                part = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), axis=0)])
+            mean, std = moments(vae_state, part)
+            means.append(mean)
+            stds.append(std)
+        count = len(crops)
+        mean = jnp.concatenate(means)[:count]
+        std = jnp.concatenate(stds)[:count]
+        return DeviceData(mean, std, jnp.asarray(image_of), jnp.asarray(prompts), jnp.asarray(counts))
 
     # --- run ----------------------------------------------------------------------------------
 
@@ -242,6 +310,7 @@ class JaxTrainer:
         from conceptlib.images import grid
         from conceptlib.kerascv.attention import fused_attention
         from conceptlib.kerascv.textual_inversion import make_optimizer
+        from conceptlib_jax.kernels import fast_kernels
         from conceptlib.training import TrainingResult
         from conceptlib_jax.step import make_train_step, step_state
 
@@ -261,6 +330,7 @@ class JaxTrainer:
             precision=precision, decoder=job.wants_previews, distribution=distribution,
         )
         timings["models_built"] = time.perf_counter()
+        peaks = {"models_built": peak_memory_gib()}
         if ti.vocab_size != job.vocab_size:
             raise TrainingError(
                 f"the text encoder has {ti.vocab_size} tokens but the tokenizer {job.vocab_size}; "
@@ -295,30 +365,63 @@ class JaxTrainer:
             opt_values = [jax.numpy.asarray(v, dtype=o.dtype) for v, o in zip(checkpoint.optimizer, opt_values)]
 
         state = ti.frozen_state()
-        data = self.latent_data(job, ti, state["vae"])
-        timings["latents_ready"] = time.perf_counter()
+        vae_state = state["vae"]
         state = step_state(state)
+        host = self.host_data(job)
 
         batch_sharding = None
         carry = (rows, opt_values, jax.numpy.int32(job.start_step))
-        data_tree = data.tree()
         base_key = jax.random.key(config.seed)
+        replicated = None
         if distribution is not None:
             mesh = distribution.device_mesh.backend_mesh
             replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            state, carry, data_tree, base_key = jax.device_put((state, carry, data_tree, base_key), replicated)
+            state, carry, base_key = jax.device_put((state, carry, base_key), replicated)
 
             def batch_sharding(ndim):
                 spec = ["batch"] + [None] * (ndim - 1)
                 return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
-        patch = fused_attention(ti.diffusion_model, flash=flash)
+        kernels = self.kernels
+        patch = fused_attention(
+            ti.diffusion_model, flash=flash, cross_pad="crosspad" in kernels, fuse_qkv="qkv" in kernels,
+        )
+        kernel_patch = None
         try:
+            kernel_patch = fast_kernels(ti.diffusion_model, conv="conv" in kernels, groupnorm="groupnorm" in kernels)
             step = make_train_step(
                 ti, optimizer, config.batch_size,
                 steps_per_call=self.steps_per_call, batch_sharding=batch_sharding,
             )
-            compiled = step.lower(carry, state, data_tree, base_key).compile()
+            shapes = self.data_shapes(host, config.resolution)
+            if replicated is not None:
+                shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for k, v in shapes.items()}
+
+            def compile_step():
+                started = time.perf_counter()
+                result = step.lower(carry, state, shapes, base_key).compile()
+                timings["compile_seconds"] = time.perf_counter() - started + timings["start"]
+                return result
+
+            background = None
+            if self.background_compile:
+                # XLA compiles (GIL released) while the VAE encodes the crops.
+                import concurrent.futures
+
+                background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conceptlib-compile")
+                future = background.submit(compile_step)
+            data = self.latent_data(job, ti, vae_state, host=host)
+            del host
+            data_tree = data.tree()
+            if replicated is not None:
+                data_tree = jax.device_put(data_tree, replicated)
+            timings["latents_ready"] = time.perf_counter()
+            peaks["latents_ready"] = peak_memory_gib()
+            if background is not None:
+                compiled = future.result()
+                background.shutdown()
+            else:
+                compiled = compile_step()
             timings["compiled"] = time.perf_counter()
             self.report = {
                 "precision": precision, "flash": flash, "flash_layers": patch.flash_calls,
@@ -327,7 +430,11 @@ class JaxTrainer:
                 "batch_size": config.batch_size, "compilation_cache": cache_dir,
                 "latent_variants": int(data.mean.shape[0]),
                 "step_memory_gib": _step_memory_gib(compiled),
+                "kernels": ",".join(kernels) or "none", "cross_pad_layers": patch.cross_pad_calls,
+                "patched_convs": len(kernel_patch.convs), "patched_groupnorms": len(kernel_patch.norms),
+                "background_compile": self.background_compile,
             }
+            peaks["compiled"] = peak_memory_gib()
 
             def current():
                 rows_now, opt_now, _ = carry
@@ -364,12 +471,17 @@ class JaxTrainer:
                     pending = None
                     if "first_step" not in timings:
                         timings["first_step"] = time.perf_counter()
+                        peaks["first_step"] = peak_memory_gib()
             if pending is not None:
                 self._report(job, *pending)
             final_preview = grid(preview(*job.preview_inputs())) if job.wants_previews else None
         finally:
             patch.restore()
+            if kernel_patch is not None:
+                kernel_patch.restore()
         timings["done"] = time.perf_counter()
+        peaks["done"] = peak_memory_gib()
+        self.report["peak_memory_gib_after"] = peaks
         self.report["timings"] = {k: round(v - timings["start"], 3) for k, v in timings.items()}
         job.timings.update({f"jax_{k}": v for k, v in timings.items()})
         vectors = np.asarray(carry[0], dtype=np.float32)

@@ -12,7 +12,12 @@ The models are built once per precision and reused, so only the first line's tim
 includes the model build; every line reports its own compile time.
 
 A configuration name is dash-separated: ``b<N>`` or ``bauto`` (batch size, global), ``bf16`` /
-``fp32``, ``flash`` / ``noflash``, optionally ``spc<K>`` (K steps per jitted call, lax.scan).
+``fp32``, ``flash`` / ``noflash``, optionally ``spc<K>`` (K steps per jitted call, lax.scan),
+``k<list>`` the UNet rewrites joined by ``+`` (``kconv+groupnorm+qkv+crosspad``, ``knone``;
+default: the trainer's DEFAULT_KERNELS), ``nobg`` (no background compile), and process presets
+(PRESETS: ``xlhs``, ``xat0``, ``xat2``, ``xnotriton``, ``xnocmdbuf``, ``mem8g``, ...) that set
+XLA_FLAGS / XLA_PYTHON_CLIENT_MEM_FRACTION: configurations with presets run in a child process
+per distinct preset set (XLA reads its flags once per process), their lines forwarded here.
 
 Lines (all times in seconds unless named _ms):
   {"kind": "config", "config", "batch_size", "precision", "flash", "ms_per_step", "samples_per_s",
@@ -59,9 +64,40 @@ CONFIGS = (
 
 GIB = 1024**3
 
+# Process presets: environment for a child process. XLA_FLAGS values are joined.
+PRESETS = {
+    "xlhs": {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=true"},
+    "xat0": {"XLA_FLAGS": "--xla_gpu_autotune_level=0"},
+    "xat1": {"XLA_FLAGS": "--xla_gpu_autotune_level=1"},
+    "xat2": {"XLA_FLAGS": "--xla_gpu_autotune_level=2"},
+    "xnotriton": {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"},
+    "xnocmdbuf": {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="},
+    "xnoexhaust": {"XLA_FLAGS": "--xla_gpu_exhaustive_tiling_search=false"},
+    # The allocator may use 8 GiB of the 80 GB card: batch 1 at 512 px must run under it.
+    "mem8g": {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+    "noprealloc": {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+}
+
+
+def config_presets(name: str) -> tuple:
+    return tuple(sorted(part for part in name.split("-") if part in PRESETS))
+
+
+def preset_env(presets) -> dict:
+    env = {}
+    for preset in presets:
+        for key, value in PRESETS[preset].items():
+            if key == "XLA_FLAGS" and env.get(key):
+                value = env[key] + " " + value
+            env[key] = value
+    if "XLA_FLAGS" in env and os.environ.get("XLA_FLAGS"):
+        env["XLA_FLAGS"] = os.environ["XLA_FLAGS"] + " " + env["XLA_FLAGS"]
+    return env
+
 
 def parse_config(name: str) -> dict:
-    opts = {"name": name, "batch_size": 1, "precision": "bf16", "flash": "on", "steps_per_call": 1}
+    opts = {"name": name, "batch_size": 1, "precision": "bf16", "flash": "on", "steps_per_call": 1,
+            "kernels": None, "background_compile": True}
     for part in name.split("-"):
         if part == "bauto":
             opts["batch_size"] = "auto"
@@ -73,6 +109,12 @@ def parse_config(name: str) -> dict:
             opts["flash"] = "on" if part == "flash" else "off"
         elif part.startswith("spc") and part[3:].isdigit():
             opts["steps_per_call"] = int(part[3:])
+        elif part.startswith("k") and len(part) > 1:
+            opts["kernels"] = part[1:].replace("+", ",")
+        elif part == "nobg":
+            opts["background_compile"] = False
+        elif part in PRESETS:
+            pass  # applied to the process (see main)
         else:
             raise SystemExit(f"unknown config part {part!r} in {name!r}")
     return opts
@@ -116,6 +158,7 @@ def run_config(opts: dict, args, tmp: Path, index: int) -> dict:
     trainer = JaxTrainer(
         precision=opts["precision"], flash=opts["flash"], batch_size=opts["batch_size"],
         steps_per_call=opts["steps_per_call"], variants=args.variants, devices=args.devices,
+        kernels=opts["kernels"], background_compile=opts["background_compile"],
     )
     started = time.perf_counter()
     result = trainer.run(job)
@@ -136,7 +179,9 @@ def run_config(opts: dict, args, tmp: Path, index: int) -> dict:
         "first_step_s": round(job.timings["first_step"] - started, 2),
         "build_s": timings.get("models_built"),
         "latents_s": round(timings["latents_ready"] - timings["models_built"], 2),
-        "compile_s": round(timings["compiled"] - timings["latents_ready"], 2),
+        "compile_s": round(timings.get("compile_seconds", 0.0), 2),
+        "compile_wait_after_latents_s": round(timings["compiled"] - timings["latents_ready"], 2),
+        "presets": {k: v for k, v in os.environ.items() if k.startswith("XLA_")},
         "final_loss": round(float(result.losses[-1]), 5),
         **{k: v for k, v in report.items() if k != "batch_size"},
         **device_info(),
@@ -228,6 +273,44 @@ def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
     }
 
 
+def run_child(args, argv, group, presets) -> None:
+    """Run ``group`` in a fresh process with the presets' environment; forward its lines."""
+    remaining = args.budget_s - (time.perf_counter() - STARTED)
+    if remaining < 60:
+        for name in group:
+            print(json.dumps({"kind": "skipped", "config": name, "reason": "--budget-s reached"}), flush=True)
+        return
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cleaned, skip = [], False
+    for item in argv:  # drop our own --configs/--budget-s/--cli/--breakdown: the child gets its own
+        if skip:
+            skip = False
+            continue
+        if item in ("--configs", "--budget-s", "--cli", "--breakdown"):
+            skip = True
+            continue
+        if item.split("=")[0] in ("--configs", "--budget-s", "--cli", "--breakdown"):
+            continue
+        cleaned.append(item)
+    cmd = [sys.executable, __file__, *cleaned, "--child", "--configs", ",".join(group),
+           "--budget-s", str(int(remaining - 20))]
+    env = dict(os.environ, **preset_env(presets))
+    try:
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              timeout=max(30, remaining - 10))
+        out, err, code = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out, err, code = exc.stdout or "", exc.stderr or "", "timeout"
+        out = out.decode() if isinstance(out, bytes) else out
+        err = err.decode() if isinstance(err, bytes) else err
+    for line in out.splitlines():
+        if line.startswith("{"):
+            print(line, flush=True)
+    if code != 0:
+        print(json.dumps({"kind": "child", "configs": group, "presets": list(presets), "returncode": code,
+                          "stderr_tail": err.splitlines()[-8:]}), flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS))
@@ -241,7 +324,10 @@ def main(argv=None) -> int:
                         help="first run `conceptlib train` N times (1st: cold compile cache, 2nd: warm) and time each to its first step")
     parser.add_argument("--cli-steps", type=int, default=3)
     parser.add_argument("--cli-batch", type=int, default=1)
-    parser.add_argument("--budget-s", type=float, default=560, help="start nothing new after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=520, help="start nothing new after this many seconds")
+    parser.add_argument("--config-estimate-s", type=float, default=100,
+                        help="seconds a configuration is assumed to take before one has run (compile ~80 s on H100)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     extra_path = source_paths(Path(tempfile.mkdtemp(prefix="conceptlib-ep-")))
@@ -258,12 +344,21 @@ def main(argv=None) -> int:
             line = cli_first_step(args, tmp, extra_path, run)
             print(json.dumps(line), flush=True)
         names = [c for c in args.configs.split(",") if c]
+        if not args.child:
+            for presets in dict.fromkeys(config_presets(n) for n in names if config_presets(n)):
+                group = [n for n in names if config_presets(n) == presets]
+                run_child(args, argv, group, presets)
+            names = [n for n in names if not config_presets(n)]
+        longest = args.config_estimate_s
         for index, name in enumerate(names):
-            if time.perf_counter() - STARTED > args.budget_s:
+            # Start a configuration only if one as long as the longest so far still fits.
+            if time.perf_counter() - STARTED + longest > args.budget_s:
                 print(json.dumps({"kind": "skipped", "config": name, "reason": "--budget-s reached"}), flush=True)
                 continue
+            started = time.perf_counter()
             try:
                 line = run_config(parse_config(name), args, tmp, index)
+                longest = max(longest if index else 0, time.perf_counter() - started)
             except Exception as exc:  # e.g. out of memory: report and go on
                 line = {"kind": "config", "config": name, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
             print(json.dumps(line), flush=True)

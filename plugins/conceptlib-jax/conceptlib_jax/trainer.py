@@ -45,7 +45,7 @@ _PER_SAMPLE_512 = 0.70
 _NO_FLASH_EXTRA_512 = 2.0
 _MAX_AUTO_BATCH = 64
 KERNELS = ("conv", "groupnorm", "qkv", "crosspad")
-DEFAULT_KERNELS = ("conv", "groupnorm", "qkv")
+DEFAULT_KERNELS = ("conv", "groupnorm", "qkv", "crosspad")
 
 
 def _env(name: str, default: str) -> str:

@@ -34,14 +34,8 @@ _PAD_ENTRY = "<|conceptlib-pad-{index}|>"
 def _load_path(path: Path) -> list[Concept]:
     if not path.exists():
         raise ConceptFileError(f"{path}: no such file; check the path")
-    try:
-        from conceptlib.formats import load_any
-    except ImportError:
-        load_any = None
-    if load_any is None:
-        from conceptlib.files import read_concept
+    from conceptlib.formats import load_any
 
-        return [read_concept(path)]
     return list(load_any(path))
 
 

@@ -173,6 +173,29 @@ def test_random_weights_load_through_the_builders(random_dir):
     assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(loaded.weights, fresh.weights))
 
 
+def test_building_from_weight_files_skips_the_random_initialisers(random_dir, monkeypatch):
+    # Random initialisation is wasted work when every weight is loaded from a file (and slow on
+    # JAX, where each weight shape compiles its own RNG program).
+    from keras.src.backend import Variable  # the active backend's class: each overrides the method
+
+    from conceptlib.kerascv import models
+
+    calls = []
+    original = Variable._initialize_with_initializer
+
+    def counting(variable, initializer):
+        calls.append(variable.path)
+        return original(variable, initializer)
+
+    monkeypatch.setattr(Variable, "_initialize_with_initializer", counting)
+    resolved = W.resolve_weights("sd-1", random_dir, parts=["image_encoder"], download=False)
+    loaded = models.build_image_encoder(weights=resolved)
+    assert calls == [] and len(loaded.weights) > 0
+    assert Variable._initialize_with_initializer is counting  # restored after the build
+    models.build_image_encoder()
+    assert len(calls) == len(loaded.weights)
+
+
 def test_truncated_weights_fail_to_load_with_a_clear_error(random_dir, tmp_path):
     from conceptlib.kerascv import models
 

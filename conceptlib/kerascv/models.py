@@ -11,6 +11,7 @@ downloading), so everything written for keras-cv's classes works on it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -47,6 +48,31 @@ def _load(model, part: str, weights) -> None:
         ) from None
 
 
+@contextlib.contextmanager
+def _initialisers_skipped(weights):
+    """While building a model whose every weight is about to be loaded from ``weights``, give new
+    variables zeros instead of running their random initialisers. On the JAX backend each distinct
+    weight shape otherwise compiles its own RNG program (~20 s for the UNet), only for the values
+    to be overwritten by ``load_weights``. With ``weights=None`` (random weights) nothing changes."""
+    if weights is None:
+        yield
+        return
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for bf16 dtype policies)
+    import numpy as np
+    from keras.src.backend import Variable  # the active backend's class: each overrides the method
+
+    def zeros(variable, initializer):
+        dtype = np.dtype(ml_dtypes.bfloat16) if variable._dtype == "bfloat16" else np.dtype(variable._dtype)
+        variable._initialize(variable._convert_to_tensor(np.zeros(variable._shape, dtype=dtype)))
+
+    original = Variable._initialize_with_initializer
+    Variable._initialize_with_initializer = zeros
+    try:
+        yield
+    finally:
+        Variable._initialize_with_initializer = original
+
+
 def build_text_encoder(base_model: str, weights=None):
     """keras-cv's TextEncoder (sd-1, 768-d) or TextEncoderV2 (sd-2, 1024-d)."""
     validate_base_model(base_model)
@@ -55,7 +81,8 @@ def build_text_encoder(base_model: str, weights=None):
     from keras_cv.src.models.stable_diffusion.text_encoder import TextEncoderV2
 
     cls = TextEncoder if base_model == "sd-1" else TextEncoderV2
-    model = cls(MAX_PROMPT_LENGTH, download_weights=False)
+    with _initialisers_skipped(weights):
+        model = cls(MAX_PROMPT_LENGTH, download_weights=False)
     _load(model, "text_encoder", weights)
     return model
 
@@ -75,7 +102,8 @@ def build_diffusion_model(base_model: str, img_size: int, weights=None):
     from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel, DiffusionModelV2
 
     cls = DiffusionModel if base_model == "sd-1" else DiffusionModelV2
-    model = cls(img_size, img_size, MAX_PROMPT_LENGTH, download_weights=False)
+    with _initialisers_skipped(weights):
+        model = cls(img_size, img_size, MAX_PROMPT_LENGTH, download_weights=False)
     _load(model, "diffusion_model", weights)
     return model
 
@@ -87,7 +115,8 @@ def build_decoder(base_model: str, img_size: int, weights=None):
     keras_module()
     from keras_cv.models.stable_diffusion import Decoder
 
-    model = Decoder(img_size, img_size, download_weights=False)
+    with _initialisers_skipped(weights):
+        model = Decoder(img_size, img_size, download_weights=False)
     _load(model, "decoder", weights)
     return model
 
@@ -97,7 +126,8 @@ def build_image_encoder(img_size: int | None = None, weights=None):
     keras_module()
     from keras_cv.models.stable_diffusion import ImageEncoder
 
-    model = ImageEncoder(download_weights=False)
+    with _initialisers_skipped(weights):
+        model = ImageEncoder(download_weights=False)
     _load(model, "image_encoder", weights)
     return model
 

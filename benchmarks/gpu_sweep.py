@@ -251,7 +251,7 @@ def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(extra_path + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     cmd = [
         sys.executable, "-m", "conceptlib.cli", "train", str(tmp / "images"), "--name", f"cli-bench-{run}",
-        "--token", f"<cli-bench-{run}>", "--init", "cat", "--weights", "random", "--trainer", "jax",
+        "--token", f"<cli-bench-{run}>", "--init", "cat", "--weights", args.cli_weights, "--trainer", "jax",
         "--resolution", str(args.resolution), "--steps", str(args.cli_steps), "--batch-size", str(args.cli_batch),
         "--checkpoint-every", "0", "--run-dir", str(tmp / f"cli-run-{run}"),
     ]
@@ -265,7 +265,7 @@ def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
     proc.wait()
     return {
         "kind": "cli", "run": run + 1, "command": " ".join(cmd[1:4]) + " ...", "resolution": args.resolution,
-        "batch_size": args.cli_batch, "steps": args.cli_steps, "returncode": proc.returncode,
+        "batch_size": args.cli_batch, "steps": args.cli_steps, "weights": args.cli_weights, "returncode": proc.returncode,
         "time_to_first_step_s": round(first, 2) if first else None,
         "total_s": round(time.perf_counter() - started, 2),
         "compilation_cache": env.get("CONCEPTLIB_JAX_CACHE", "default (user cache dir)"),
@@ -323,6 +323,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cli", type=int, default=0, metavar="N",
                         help="first run `conceptlib train` N times (1st: cold compile cache, 2nd: warm) and time each to its first step")
     parser.add_argument("--cli-steps", type=int, default=3)
+    parser.add_argument("--cli-weights", default="random", metavar="DIR",
+                        help="--weights for the `conceptlib train` runs: a folder of weight files (as users have), "
+                        "or 'random' (in memory)")
     parser.add_argument("--cli-batch", type=int, default=1)
     parser.add_argument("--budget-s", type=float, default=520, help="start nothing new after this many seconds")
     parser.add_argument("--config-estimate-s", type=float, default=100,

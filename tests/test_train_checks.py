@@ -145,3 +145,27 @@ def test_resume_refuses_changed_images(home, images, tmp_path):
     run.create(TrainingConfig(images=str(images), name="again", token="<again>", weights="random"), {"image_sha256": hashes})
     Image.new("RGB", (90, 90), (1, 2, 3)).save(images / "p9.png")
     _refused(home, ["--resume", str(run.path)], "changed since run")
+
+
+def test_devices_is_for_the_jax_trainer_and_takes_all_or_a_count(home, images):
+    _refused(home, [str(images), "--name", "new", "--trainer", "tensorflow", "--devices", "2"], "only the jax trainer", 2)
+    _refused(home, [str(images), "--name", "new", "--trainer", "jax", "--devices", "0"], "use 'all' or a positive number", 2)
+
+
+def test_devices_reaches_the_jax_trainer(home, images, monkeypatch):
+    import os
+    import types
+
+    import conceptlib.training as training
+
+    seen = {}
+
+    def fake_train(config, **kwargs):
+        seen.update(devices=os.environ.get("CONCEPTLIB_JAX_DEVICES"), trainer=config.trainer)
+        return types.SimpleNamespace(name="new", token="<new>", path="somewhere"), None
+
+    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setenv("CONCEPTLIB_JAX_DEVICES", "all")  # restored after the test
+    result = CliRunner().invoke(main, ["train", str(images), "--name", "new", "--trainer", "jax", "--devices", "2"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"devices": "2", "trainer": "jax"}

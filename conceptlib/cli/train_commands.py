@@ -54,10 +54,12 @@ def _split_words(values) -> list[str]:
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=str), help="Run folder (default: in the library's runs/).")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=str), metavar="RUN_DIR",
               help="Continue an interrupted run from its last checkpoint (its own settings are used).")
+@click.option("--devices", metavar="all|N",
+              help="jax trainer: train data-parallel on all local GPUs (the default) or the first N.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 def train(images, name, token, init, weights, base_model, trainer, template, resolution, steps, batch_size,
           num_vectors, learning_rate, lr_schedule, warmup_steps, seed, no_flip, checkpoint_every,
-          preview_every, preview_steps, run_dir, resume, quiet):
+          preview_every, preview_steps, run_dir, resume, devices, quiet):
     """Learn a new token from the pictures in IMAGES and add it to the library.
 
     Example: conceptlib train photos/ --name cat-doll --token '<cat-doll>' --init 'toy cat'
@@ -87,11 +89,23 @@ def train(images, name, token, init, weights, base_model, trainer, template, res
         )
     else:
         config = None
+    if devices is not None:
+        _use_devices(devices, trainer)
     try:
         header, job = run_training(config, resume=resume, progress=not quiet, announce=not quiet)
     except KeyboardInterrupt:
         sys.exit(130)  # training.train has said how to resume
     click.echo(f"Added {header.name} ({header.token}) to the library: {header.path}")
+
+
+def _use_devices(devices: str, trainer: str) -> None:
+    if trainer != "jax":
+        raise UsageError(f"--devices {devices}: only the jax trainer spreads over devices; add --trainer jax")
+    if devices != "all" and not (devices.isdigit() and int(devices) > 0):
+        raise UsageError(f"--devices {devices!r}: use 'all' or a positive number of devices, e.g. --devices 2")
+    import os
+
+    os.environ["CONCEPTLIB_JAX_DEVICES"] = devices  # read by the jax trainer when it starts
 
 
 @main.command()

@@ -506,6 +506,7 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
         raise TrainingError(
             f"the images in {config.images} changed since run {run_dir.path} started; restore them or start a new run"
         )
+    from conceptlib.weights import prefetch as prefetch_weights
     from conceptlib.weights import resolve_weights
 
     if config.weights == RANDOM_WEIGHTS:
@@ -513,6 +514,7 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
     else:
         parts = ["text_encoder", "diffusion_model", "image_encoder"] + (["decoder"] if config.preview_every else [])
         weights = resolve_weights(config.base_model, config.weights, parts)
+        prefetch_weights(weights)
     from conceptlib.kerascv.tokenizer import make_tokenizer
 
     tokenizer = make_tokenizer()

@@ -181,6 +181,26 @@ def download_weight_file(base_model: str, part: str, *, looked_in=()) -> Path:
     return Path(path)
 
 
+def prefetch(weights: dict[str, Path]) -> None:
+    """Ask the OS to start reading the weight files into its page cache now (Linux
+    ``posix_fadvise(WILLNEED)``, asynchronous): the GBs of a cold disk then arrive while Python
+    imports TensorFlow and builds the models, not when the weights are loaded. No-op elsewhere."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    for path in weights.values():
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # reported properly when the file is loaded
+        try:
+            advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def is_random(weights: dict[str, Path] | str | os.PathLike | None) -> bool:
     """True if the weights (a resolve_weights dict or a folder) were written by
     ``write_random_weights``."""

@@ -22,6 +22,13 @@ from conceptlib.weights import PARTS, validate_base_model
 MAX_PROMPT_LENGTH = 77
 
 
+def load_part_weights(model, part: str, weights) -> None:
+    """Load ``part``'s weights (a ``resolve_weights`` dict, or one file) into ``model``, e.g. a
+    model built with ``load=False``; nothing with ``weights=None``. WeightsError if the file is
+    missing, corrupt or belongs to another model."""
+    _load(model, part, weights)
+
+
 def _load(model, part: str, weights) -> None:
     if weights is None:
         return
@@ -39,13 +46,44 @@ def _load(model, part: str, weights) -> None:
 
     check_weight_file(path)
     try:
-        model.load_weights(str(path))
+        with _assignments_cast_on_host():
+            model.load_weights(str(path))
     except Exception as exc:  # h5py OSError, Keras ValueError on a layout/shape mismatch
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsError(
             f"{path}: could not load {part} weights ({detail[:200]}); the file is corrupt or belongs "
             "to another model, delete it and re-download it or rewrite it with `conceptlib weights init-random`"
         ) from None
+
+
+@contextlib.contextmanager
+def _assignments_cast_on_host():
+    """While loading weights on the JAX backend, cast each float32 array from the file to its
+    variable's dtype (bfloat16 for bf16 models) with numpy before it is assigned. Keras otherwise
+    casts on the device with ``astype``, and JAX compiles one small program per distinct weight
+    shape (~100 for the UNet: seconds of compilation on a GPU before the first step)."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    import ml_dtypes
+    import numpy as np
+    from keras.src.backend import Variable
+
+    def assign(variable, value):
+        if isinstance(value, np.ndarray):
+            dtype = np.dtype(ml_dtypes.bfloat16) if variable.dtype == "bfloat16" else np.dtype(variable.dtype)
+            if value.dtype != dtype:
+                value = value.astype(dtype)
+        return original(variable, value)
+
+    original = Variable.assign
+    Variable.assign = assign
+    try:
+        yield
+    finally:
+        Variable.assign = original
 
 
 @contextlib.contextmanager
@@ -73,8 +111,12 @@ def _initialisers_skipped(weights):
         Variable._initialize_with_initializer = original
 
 
-def build_text_encoder(base_model: str, weights=None):
-    """keras-cv's TextEncoder (sd-1, 768-d) or TextEncoderV2 (sd-2, 1024-d)."""
+def build_text_encoder(base_model: str, weights=None, *, load: bool = True):
+    """keras-cv's TextEncoder (sd-1, 768-d) or TextEncoderV2 (sd-2, 1024-d).
+
+    Every ``build_*`` loads ``weights`` (see ``load_part_weights``) unless ``load=False``: then the
+    model is built for them (zeros, no random initialisers) and loaded later, e.g. while a
+    training step compiles from the model's structure alone."""
     validate_base_model(base_model)
     keras_module()
     from keras_cv.models.stable_diffusion import TextEncoder
@@ -83,7 +125,8 @@ def build_text_encoder(base_model: str, weights=None):
     cls = TextEncoder if base_model == "sd-1" else TextEncoderV2
     with _initialisers_skipped(weights):
         model = cls(MAX_PROMPT_LENGTH, download_weights=False)
-    _load(model, "text_encoder", weights)
+    if load:
+        _load(model, "text_encoder", weights)
     return model
 
 
@@ -94,7 +137,7 @@ def _check_size(img_size: int) -> int:
     return img_size
 
 
-def build_diffusion_model(base_model: str, img_size: int, weights=None):
+def build_diffusion_model(base_model: str, img_size: int, weights=None, *, load: bool = True):
     """keras-cv's DiffusionModel (sd-1) or DiffusionModelV2 (sd-2) for ``img_size`` pixels."""
     validate_base_model(base_model)
     img_size = _check_size(img_size)
@@ -104,11 +147,12 @@ def build_diffusion_model(base_model: str, img_size: int, weights=None):
     cls = DiffusionModel if base_model == "sd-1" else DiffusionModelV2
     with _initialisers_skipped(weights):
         model = cls(img_size, img_size, MAX_PROMPT_LENGTH, download_weights=False)
-    _load(model, "diffusion_model", weights)
+    if load:
+        _load(model, "diffusion_model", weights)
     return model
 
 
-def build_decoder(base_model: str, img_size: int, weights=None):
+def build_decoder(base_model: str, img_size: int, weights=None, *, load: bool = True):
     """keras-cv's VAE Decoder (shared by sd-1 and sd-2) for ``img_size`` pixels."""
     validate_base_model(base_model)
     img_size = _check_size(img_size)
@@ -117,18 +161,20 @@ def build_decoder(base_model: str, img_size: int, weights=None):
 
     with _initialisers_skipped(weights):
         model = Decoder(img_size, img_size, download_weights=False)
-    _load(model, "decoder", weights)
+    if load:
+        _load(model, "decoder", weights)
     return model
 
 
-def build_image_encoder(img_size: int | None = None, weights=None):
+def build_image_encoder(img_size: int | None = None, weights=None, *, load: bool = True):
     """keras-cv's VAE ImageEncoder (any image size; returns the scaled posterior mean only)."""
     keras_module()
     from keras_cv.models.stable_diffusion import ImageEncoder
 
     with _initialisers_skipped(weights):
         model = ImageEncoder(download_weights=False)
-    _load(model, "image_encoder", weights)
+    if load:
+        _load(model, "image_encoder", weights)
     return model
 
 

@@ -5,6 +5,7 @@
     python3 benchmarks/gpu_sweep.py --configs b32-bf16-flash,b64-bf16-flash --steps 20
     python3 benchmarks/gpu_sweep.py --cli 2              # + `conceptlib train` time to first step (cold, warm)
     python3 benchmarks/gpu_sweep.py --breakdown 32       # + forward vs forward+backward timings
+    python3 benchmarks/gpu_sweep.py --cli 1 --cli-batch 128 --cli-steps 20 --cli-args "--devices all" --configs ""
 
 Each configuration runs the real pipeline (conceptlib.training.prepare -> JaxTrainer.run) on
 generated images with randomly initialised weights (speed does not depend on weight values).
@@ -247,13 +248,14 @@ def breakdown(batch: int, args, flash: bool) -> dict:
 def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
     """`conceptlib train --trainer jax` as a fresh process: seconds from launch to the first
     step's progress line (and the whole run)."""
-    env = dict(os.environ, CONCEPTLIB_HOME=str(tmp / "cli-home"), KERAS_BACKEND="jax")
+    report = tmp / f"cli-report-{run}.json"
+    env = dict(os.environ, CONCEPTLIB_HOME=str(tmp / "cli-home"), KERAS_BACKEND="jax", CONCEPTLIB_JAX_REPORT=str(report))
     env["PYTHONPATH"] = os.pathsep.join(extra_path + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     cmd = [
         sys.executable, "-m", "conceptlib.cli", "train", str(tmp / "images"), "--name", f"cli-bench-{run}",
         "--token", f"<cli-bench-{run}>", "--init", "cat", "--weights", args.cli_weights, "--trainer", "jax",
         "--resolution", str(args.resolution), "--steps", str(args.cli_steps), "--batch-size", str(args.cli_batch),
-        "--checkpoint-every", "0", "--run-dir", str(tmp / f"cli-run-{run}"),
+        "--checkpoint-every", "0", "--run-dir", str(tmp / f"cli-run-{run}"), *args.cli_args.split(),
     ]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -263,11 +265,22 @@ def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
         if first is None and "step 1/" in line:
             first = time.perf_counter() - started
     proc.wait()
+    trainer_report = json.loads(report.read_text()) if report.is_file() else {}
+    phases = trainer_report.get("timings", {})
+    rate = {}
+    if args.cli_steps > 1 and "first_step" in phases and "done" in phases:
+        per_step = (phases["done"] - phases["first_step"]) / (args.cli_steps - 1)
+        batch = trainer_report.get("batch_size", args.cli_batch)
+        rate = {"ms_per_step": round(per_step * 1000, 2), "samples_per_s": round(batch / per_step, 2),
+                "devices": trainer_report.get("devices"), "trainer_batch_size": batch}
     return {
         "kind": "cli", "run": run + 1, "command": " ".join(cmd[1:4]) + " ...", "resolution": args.resolution,
         "batch_size": args.cli_batch, "steps": args.cli_steps, "weights": args.cli_weights, "returncode": proc.returncode,
         "time_to_first_step_s": round(first, 2) if first else None,
         "total_s": round(time.perf_counter() - started, 2),
+        # seconds from the trainer's start (after imports, tokenizer, weight lookup) to each phase
+        "trainer_phases_s": phases,
+        **rate,
         "compilation_cache": env.get("CONCEPTLIB_JAX_CACHE", "default (user cache dir)"),
         "stderr_tail": tail[-6:] if proc.returncode else tail[-2:],
     }
@@ -327,6 +340,7 @@ def main(argv=None) -> int:
                         help="--weights for the `conceptlib train` runs: a folder of weight files (as users have), "
                         "or 'random' (in memory)")
     parser.add_argument("--cli-batch", type=int, default=1)
+    parser.add_argument("--cli-args", default="", help="more `conceptlib train` options, e.g. '--devices all'")
     parser.add_argument("--budget-s", type=float, default=520, help="start nothing new after this many seconds")
     parser.add_argument("--config-estimate-s", type=float, default=100,
                         help="seconds a configuration is assumed to take before one has run (compile ~80 s on H100)")

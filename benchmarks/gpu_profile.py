@@ -40,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_entry_points import source_paths  # noqa: E402
 
 CATEGORIES = (  # first match wins; kernel names are lower-cased
-    ("attention", ("flash", "fmha", "cudnn_generated_fort_native_sdpa", "sdpa")),
-    ("convolution", ("conv", "implicit_gemm", "xmma_fprop", "xmma_dgrad", "xmma_wgrad", "fprop", "dgrad", "wgrad")),
+    ("attention", ("flash", "fmha", "cudnn_generated_fort_native_sdpa", "sdpa", "cudnn::fusion")),
+    # not "conv" alone: XLA's "loop_convert_..." fusions are elementwise
+    ("convolution", ("implicit_gemm", "xmma_fprop", "xmma_dgrad", "xmma_wgrad", "conv2d", "convolution", "cudnn-conv")),
     ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "triton_gemm", "__triton_gemm")),
     ("copy/transpose", ("copy", "transpose", "memcpy", "memset")),
     ("reduction", ("reduce", "input_")),

@@ -196,20 +196,6 @@ def test_building_from_weight_files_skips_the_random_initialisers(random_dir, mo
     assert len(calls) == len(loaded.weights)
 
 
-def test_deferred_load_gives_the_same_weights(random_dir):
-    # load=False builds for the files (no initialisers) and leaves them unread; load_part_weights
-    # reads them later, ending exactly where an immediate load does.
-    from conceptlib.kerascv import models
-
-    resolved = W.resolve_weights("sd-1", random_dir, parts=["image_encoder"], download=False)
-    deferred = models.build_image_encoder(weights=resolved, load=False)
-    assert all(not np.any(v.numpy()) for v in deferred.weights)  # placeholders until loaded
-    models.load_part_weights(deferred, "image_encoder", resolved)
-    direct = models.build_image_encoder(weights=resolved)
-    for a, b in zip(deferred.weights, direct.weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-
-
 def test_prefetch_asks_the_os_to_read_every_weight_file(random_dir, monkeypatch, tmp_path):
     import os
 

@@ -22,13 +22,6 @@ from conceptlib.weights import PARTS, validate_base_model
 MAX_PROMPT_LENGTH = 77
 
 
-def load_part_weights(model, part: str, weights) -> None:
-    """Load ``part``'s weights (a ``resolve_weights`` dict, or one file) into ``model``, e.g. a
-    model built with ``load=False``; nothing with ``weights=None``. WeightsError if the file is
-    missing, corrupt or belongs to another model."""
-    _load(model, part, weights)
-
-
 def _load(model, part: str, weights) -> None:
     if weights is None:
         return
@@ -111,12 +104,8 @@ def _initialisers_skipped(weights):
         Variable._initialize_with_initializer = original
 
 
-def build_text_encoder(base_model: str, weights=None, *, load: bool = True):
-    """keras-cv's TextEncoder (sd-1, 768-d) or TextEncoderV2 (sd-2, 1024-d).
-
-    Every ``build_*`` loads ``weights`` (see ``load_part_weights``) unless ``load=False``: then the
-    model is built for them (zeros, no random initialisers) and loaded later, e.g. while a
-    training step compiles from the model's structure alone."""
+def build_text_encoder(base_model: str, weights=None):
+    """keras-cv's TextEncoder (sd-1, 768-d) or TextEncoderV2 (sd-2, 1024-d)."""
     validate_base_model(base_model)
     keras_module()
     from keras_cv.models.stable_diffusion import TextEncoder
@@ -125,8 +114,7 @@ def build_text_encoder(base_model: str, weights=None, *, load: bool = True):
     cls = TextEncoder if base_model == "sd-1" else TextEncoderV2
     with _initialisers_skipped(weights):
         model = cls(MAX_PROMPT_LENGTH, download_weights=False)
-    if load:
-        _load(model, "text_encoder", weights)
+    _load(model, "text_encoder", weights)
     return model
 
 
@@ -137,7 +125,7 @@ def _check_size(img_size: int) -> int:
     return img_size
 
 
-def build_diffusion_model(base_model: str, img_size: int, weights=None, *, load: bool = True):
+def build_diffusion_model(base_model: str, img_size: int, weights=None):
     """keras-cv's DiffusionModel (sd-1) or DiffusionModelV2 (sd-2) for ``img_size`` pixels."""
     validate_base_model(base_model)
     img_size = _check_size(img_size)
@@ -147,12 +135,11 @@ def build_diffusion_model(base_model: str, img_size: int, weights=None, *, load:
     cls = DiffusionModel if base_model == "sd-1" else DiffusionModelV2
     with _initialisers_skipped(weights):
         model = cls(img_size, img_size, MAX_PROMPT_LENGTH, download_weights=False)
-    if load:
-        _load(model, "diffusion_model", weights)
+    _load(model, "diffusion_model", weights)
     return model
 
 
-def build_decoder(base_model: str, img_size: int, weights=None, *, load: bool = True):
+def build_decoder(base_model: str, img_size: int, weights=None):
     """keras-cv's VAE Decoder (shared by sd-1 and sd-2) for ``img_size`` pixels."""
     validate_base_model(base_model)
     img_size = _check_size(img_size)
@@ -161,20 +148,18 @@ def build_decoder(base_model: str, img_size: int, weights=None, *, load: bool = 
 
     with _initialisers_skipped(weights):
         model = Decoder(img_size, img_size, download_weights=False)
-    if load:
-        _load(model, "decoder", weights)
+    _load(model, "decoder", weights)
     return model
 
 
-def build_image_encoder(img_size: int | None = None, weights=None, *, load: bool = True):
+def build_image_encoder(img_size: int | None = None, weights=None):
     """keras-cv's VAE ImageEncoder (any image size; returns the scaled posterior mean only)."""
     keras_module()
     from keras_cv.models.stable_diffusion import ImageEncoder
 
     with _initialisers_skipped(weights):
         model = ImageEncoder(download_weights=False)
-    if load:
-        _load(model, "image_encoder", weights)
+    _load(model, "image_encoder", weights)
     return model
 
 

@@ -118,14 +118,10 @@ def peak_memory_gib():
     return round(peak / _GIB, 3) if peak is not None else None
 
 
-def build_models(base_model, resolution, weights, *, precision="fp32", decoder=False, distribution=None,
-                 load=True):
+def build_models(base_model, resolution, weights, *, precision="fp32", decoder=False, distribution=None):
     """A FastTextualInversion over keras-cv's models, the text encoder and UNet in the compute
     dtype (``bfloat16`` variables for bf16: the frozen weights are only ever read in bf16), the
-    VAE in float32. Built once per process for the same arguments.
-
-    ``load=False`` builds the models for ``weights`` without reading them (the step can then be
-    traced and compiled from the structure alone); ``load_models`` reads them later."""
+    VAE in float32. Built once per process for the same arguments."""
     import contextlib
 
     import keras
@@ -136,8 +132,6 @@ def build_models(base_model, resolution, weights, *, precision="fp32", decoder=F
     key = (base_model, resolution, precision, tuple(sorted((k, str(v)) for k, v in (weights or {}).items())))
     cached = _MODELS.get(key)
     if cached is not None and (cached.decoder is not None or not decoder):
-        if load:
-            load_models(cached)
         return cached
     scope = distribution.scope() if distribution is not None else contextlib.nullcontext()
     with scope:
@@ -145,37 +139,19 @@ def build_models(base_model, resolution, weights, *, precision="fp32", decoder=F
             policy = keras.config.dtype_policy()
             keras.config.set_dtype_policy("bfloat16" if precision == "bf16" else "float32")
             try:
-                text_encoder = models.build_text_encoder(base_model, weights, load=False)
-                diffusion_model = models.build_diffusion_model(base_model, resolution, weights, load=False)
+                text_encoder = models.build_text_encoder(base_model, weights)
+                diffusion_model = models.build_diffusion_model(base_model, resolution, weights)
             finally:
                 keras.config.set_dtype_policy(policy)
-            image_encoder = models.build_image_encoder(resolution, weights, load=False)
-            pending = {"text_encoder": text_encoder, "diffusion_model": diffusion_model, "image_encoder": image_encoder}
+            image_encoder = models.build_image_encoder(resolution, weights)
         else:
             text_encoder, diffusion_model = cached.text_encoder, cached.diffusion_model
             image_encoder = cached.image_encoder
-            pending = dict(cached.pending_weights)
-        dec = models.build_decoder(base_model, resolution, weights, load=False) if decoder else None
-        if dec is not None:
-            pending["decoder"] = dec
+        dec = models.build_decoder(base_model, resolution, weights) if decoder else None
     ti = fast_textual_inversion_class()(text_encoder, diffusion_model, image_encoder, dec)
     ti.image_encoder = image_encoder
-    ti.weights = weights
-    ti.pending_weights = pending if weights is not None else {}
     _MODELS[key] = ti
-    if load:
-        load_models(ti)
     return ti
-
-
-def load_models(ti) -> None:
-    """Read the weights of every model ``build_models(..., load=False)`` left unread."""
-    from conceptlib.kerascv import models
-
-    while ti.pending_weights:
-        part, model = next(iter(ti.pending_weights.items()))
-        models.load_part_weights(model, part, ti.weights)
-        del ti.pending_weights[part]
 
 
 def enable_compilation_cache(path=None) -> str | None:
@@ -269,42 +245,29 @@ class JaxTrainer:
                 if config.flip:
                     crops.append(np.ascontiguousarray(crop[:, ::-1, :]))
                     image_of.append(index)
-        prompts, counts = self.prompt_table(job)
-        return np.stack(crops).astype(np.float32), np.asarray(image_of, np.int32), prompts, counts
-
-    def variant_count(self, job) -> int:
-        """How many augmented variants ``host_data`` makes: ``variants`` crops per image, twice
-        that with flipping."""
-        return len(job.images) * self.variants * (2 if job.config.flip else 1)
-
-    @staticmethod
-    def prompt_table(job):
-        """(I, T, 77) int32 token ids per image and template (padded by repeats), and how many
-        of the T templates each image really has."""
-        import numpy as np
-
-        pack, token = job.pack, job.config.token
+        pack = job.pack
         prompt_lists = []
         for image in job.images:
             templates = pack.caption_templates if image.caption else pack.templates
-            prompt_lists.append([job.prompt_ids(pack.render(j, token, image.caption)) for j in range(len(templates))])
+            prompt_lists.append(
+                [job.prompt_ids(pack.render(j, config.token, image.caption)) for j in range(len(templates))]
+            )
         width = max(len(p) for p in prompt_lists)
         prompts = np.asarray([p + [p[-1]] * (width - len(p)) for p in prompt_lists], dtype=np.int32)
         counts = np.asarray([len(p) for p in prompt_lists], dtype=np.int32)
-        return prompts, counts
+        return np.stack(crops).astype(np.float32), np.asarray(image_of, np.int32), prompts, counts
 
-    def data_shapes(self, job) -> dict:
+    def data_shapes(self, host, resolution: int) -> dict:
         """``DeviceData.tree()`` as jax.ShapeDtypeStructs (to compile the step before the VAE ran)."""
         import jax
         import jax.numpy as jnp
 
-        prompts, counts = self.prompt_table(job)
-        count = self.variant_count(job)
-        side = job.config.resolution // 8
-        latent = jax.ShapeDtypeStruct((count, side, side, 4), jnp.float32)
+        crops, image_of, prompts, counts = host
+        side = resolution // 8
+        latent = jax.ShapeDtypeStruct((len(crops), side, side, 4), jnp.float32)
         return {
             "mean": latent, "std": latent,
-            "image_of": jax.ShapeDtypeStruct((count,), jnp.int32),
+            "image_of": jax.ShapeDtypeStruct(image_of.shape, jnp.int32),
             "prompts": jax.ShapeDtypeStruct(prompts.shape, jnp.int32),
             "prompt_count": jax.ShapeDtypeStruct(counts.shape, jnp.int32),
         }
@@ -364,11 +327,9 @@ class JaxTrainer:
                 devices=[f"{d.platform}:{d.id}" for d in devices]
             )
 
-        # Built for the weights but not loaded yet: the step compiles (in the background) from
-        # the models' structure while their weights are read.
         ti = build_models(
             config.base_model, config.resolution, job.weights,
-            precision=precision, decoder=job.wants_previews, distribution=distribution, load=False,
+            precision=precision, decoder=job.wants_previews, distribution=distribution,
         )
         timings["models_built"] = time.perf_counter()
         peaks = {"models_built": peak_memory_gib()}
@@ -405,8 +366,10 @@ class JaxTrainer:
             rows = jax.numpy.asarray(checkpoint.vectors, "float32")
             opt_values = [jax.numpy.asarray(v, dtype=o.dtype) for v, o in zip(checkpoint.optimizer, opt_values)]
 
-        # Shapes and dtypes only: the values are placeholders until load_models.
-        state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), step_state(ti.frozen_state()))
+        state = ti.frozen_state()
+        vae_state = state["vae"]
+        state = step_state(state)
+        host = self.host_data(job)
 
         batch_sharding = None
         carry = (rows, opt_values, jax.numpy.int32(job.start_step))
@@ -415,10 +378,7 @@ class JaxTrainer:
         if distribution is not None:
             mesh = distribution.device_mesh.backend_mesh
             replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            carry, base_key = jax.device_put((carry, base_key), replicated)
-            state_shapes = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state_shapes
-            )
+            state, carry, base_key = jax.device_put((state, carry, base_key), replicated)
 
             def batch_sharding(ndim):
                 spec = ["batch"] + [None] * (ndim - 1)
@@ -435,13 +395,13 @@ class JaxTrainer:
                 ti, optimizer, config.batch_size,
                 steps_per_call=self.steps_per_call, batch_sharding=batch_sharding,
             )
-            shapes = self.data_shapes(job)
+            shapes = self.data_shapes(host, config.resolution)
             if replicated is not None:
                 shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for k, v in shapes.items()}
 
             def compile_step():
                 started = time.perf_counter()
-                result = step.lower(carry, state_shapes, shapes, base_key).compile()
+                result = step.lower(carry, state, shapes, base_key).compile()
                 timings["compile_seconds"] = time.perf_counter() - started + timings["start"]
                 return result
 
@@ -453,14 +413,6 @@ class JaxTrainer:
 
                 background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conceptlib-compile")
                 future = background.submit(compile_step)
-            load_models(ti)
-            timings["weights_loaded"] = time.perf_counter()
-            state = ti.frozen_state()
-            vae_state = state["vae"]
-            state = step_state(state)
-            if replicated is not None:
-                state = jax.device_put(state, replicated)
-            host = self.host_data(job)
             data = self.latent_data(job, ti, vae_state, host=host)
             del host
             data_tree = data.tree()

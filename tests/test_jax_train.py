@@ -1,6 +1,15 @@
 """`conceptlib train --trainer jax` end to end on CPU: real keras-cv models (random weights from
 `conceptlib weights init-random`), 64 px, 2 steps, as a real subprocess. The concept lands in the
-library with the jax trainer's metadata; the run folder holds a checkpoint and a preview."""
+library with the jax trainer's metadata; the run folder holds a checkpoint and a preview.
+
+Resume: a worker subprocess (this file run as a script; the jax trainer needs a process whose
+Keras backend is jax) starts the CLI run's config.json again, interrupts it after step 1 as
+tests/test_train_model.py does for the TensorFlow trainer, and resumes it through
+``conceptlib.training.train(resume=...)``; the resumed concept must equal the CLI's uninterrupted
+one bit for bit. The worker's runs leave out previews (they read the vectors, never change them
+or the data, and cost ~1 min of eager sampling on CPU), and both processes share a compilation
+cache in the test's folder, so the worker loads the step the CLI compiled.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +26,12 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _env(home: Path) -> dict:
+def _env(home: Path, cache: Path) -> dict:
     env = dict(os.environ, CONCEPTLIB_HOME=str(home), TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
     env.pop("KERAS_BACKEND", None)  # the CLI picks it from --trainer
-    # Two crops per image (x2 flipped) keep the one-off VAE work small on CPU; no compile cache
-    # in the user's folder from a test.
-    env.update(CONCEPTLIB_JAX_VARIANTS="2", CONCEPTLIB_JAX_CACHE="off")
+    # Two crops per image (x2 flipped) keep the one-off VAE work small on CPU; the compile cache
+    # lives in the test's folder, never the user's.
+    env.update(CONCEPTLIB_JAX_VARIANTS="2", CONCEPTLIB_JAX_CACHE=str(cache))
     return env
 
 
@@ -43,7 +53,7 @@ def run(tmp_path_factory):
     cli = shutil.which("conceptlib")
     init = subprocess.run(
         [cli, "weights", "init-random", str(root / "weights")],
-        env=_env(home), capture_output=True, text=True, timeout=900,
+        env=_env(home, root / "jax-cache"), capture_output=True, text=True, timeout=900,
     )
     assert init.returncode == 0, init.stderr[-3000:]
     cmd = [
@@ -53,8 +63,23 @@ def run(tmp_path_factory):
         "--checkpoint-every", "1", "--preview-every", "2", "--preview-steps", "2",
         "--run-dir", str(root / "run"),
     ]
-    proc = subprocess.run(cmd, env=_env(home), capture_output=True, text=True, timeout=1800)
-    return {"proc": proc, "home": home, "run": root / "run"}
+    proc = subprocess.run(cmd, env=_env(home, root / "jax-cache"), capture_output=True, text=True, timeout=1800)
+    return {"proc": proc, "home": home, "run": root / "run", "root": root}
+
+
+@pytest.fixture(scope="module")
+def resumed(run):
+    """The CLI run's config again (without previews), interrupted after step 1 and resumed, in a
+    library of its own."""
+    assert run["proc"].returncode == 0, run["proc"].stderr[-4000:]
+    root = run["root"]
+    home, out = root / "resume-home", root / "resume.json"
+    proc = subprocess.run(
+        [sys.executable, __file__, str(run["run"]), str(home), str(out)],
+        env=_env(home, root / "jax-cache"), capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, f"worker failed:\n{proc.stderr[-4000:]}"
+    return {"home": home, "report": json.loads(out.read_text())}
 
 
 def test_cli_train_with_jax_trainer_adds_the_concept(run):
@@ -89,3 +114,72 @@ def test_jax_run_folder_has_checkpoint_and_preview(run):
         assert data["vectors"].shape == (2, 768)
         assert len([k for k in data.files if k.startswith("optimizer_")]) >= 3
     assert (folder / "previews" / "step-0000002.png").is_file()
+
+
+def test_interrupted_jax_run_resumes_to_the_same_concept(run, resumed):
+    from conceptlib.library import ConceptLibrary
+
+    report = resumed["report"]
+    assert report["interrupted_after_step"] == 1 and report["resumed_from_step"] == 1
+    # The interrupted run stopped with exactly step 1's checkpoint, the one the CLI run wrote.
+    assert report["checkpoints_when_interrupted"] == ["step-0000001.npz"]
+    with np.load(run["run"] / "checkpoints" / "step-0000001.npz") as full, np.load(report["checkpoint"]) as part:
+        assert sorted(full.files) == sorted(part.files)
+        for key in full.files:
+            np.testing.assert_array_equal(part[key], full[key], err_msg=key)
+
+    full = ConceptLibrary(run["home"]).get("<jax-concept>")
+    part = ConceptLibrary(resumed["home"]).get("<jax-concept>")
+    # Step i draws its batch from fold_in(seed key, i) and the checkpoint holds the exact carry
+    # (vectors, Adam state), so the resumed run is bit-identical, as for the TensorFlow trainer.
+    np.testing.assert_array_equal(part.vectors, full.vectors)
+    assert part.metadata["loss_history"] == full.metadata["loss_history"]
+    assert part.metadata["final_loss"] == full.metadata["final_loss"]
+    assert [step for step, _ in json.loads(part.metadata["loss_history"])] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker: python tests/test_jax_train.py RUN_FOLDER HOME OUT.json
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _resume_worker(run_folder: str, home: str, out: str) -> None:
+    from conceptlib.library import ConceptLibrary
+    from conceptlib.training import RunDirectory, TrainingConfig, prepare, train
+
+    config = TrainingConfig.from_dict(RunDirectory(run_folder).read()["config"])
+    config.run_dir = str(Path(home) / "interrupted-run")
+    config.preview_every = 0  # see the module docstring
+    library = ConceptLibrary(home)
+    job = prepare(config, library=library)
+    job.progress.enabled = False
+    original_step_done = job.step_done
+
+    def step_done(index, loss):
+        original_step_done(index, loss)
+        if index + 1 == 1:
+            raise _Interrupted()
+
+    job.step_done = step_done
+    try:
+        job.trainer_cls().run(job)
+        interrupted = None
+    except _Interrupted:
+        interrupted = 1
+    checkpoints = sorted(p.name for p in job.run_dir.checkpoints.glob("*.npz"))
+    _, resumed_job = train(None, library=library, resume=job.run_dir.path, progress=False)
+    report = {
+        "interrupted_after_step": interrupted,
+        "checkpoints_when_interrupted": checkpoints,
+        "checkpoint": str(job.run_dir.checkpoint_path(1)),
+        "resumed_from_step": resumed_job.start_step,
+    }
+    Path(out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ["KERAS_BACKEND"] = "jax"
+    _resume_worker(*sys.argv[1:4])

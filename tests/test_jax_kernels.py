@@ -2,10 +2,15 @@
 
 Each rewrite (conceptlib_jax.kernels: explicit-padding convolutions, float32-stat group norm;
 conceptlib.kerascv.attention: fused q/k/v projections, cross-attention padded to 128 keys and
-masked) is installed on ONE keras-cv DiffusionModel (64 px, fp32, random weights) and its output,
-and its gradient with respect to the text context (the path the new rows' gradient takes), are
-compared with the unmodified model's. Keras fixes its backend per process, so a worker
-subprocess (``python tests/test_jax_kernels.py OUT.npz``) runs on the JAX backend.
+masked) is installed on keras-cv's SD 1 DiffusionModel (64 px, fp32, random weights) and its
+output, and its gradient with respect to the text context (the path the new rows' gradient
+takes), are compared with the unmodified model's, each computed under jax.jit as the trainer's
+step is. SD 2's DiffusionModelV2 (1024-d context, 5/10/20 heads of 64, Dense instead of 1x1-conv
+projections around its transformers) is checked with all rewrites at once: one comparison covers
+what differs, and each compile of a UNet costs ~30 s on CPU. Keras fixes its backend per process,
+so a worker subprocess (``python tests/test_jax_kernels.py OUT.npz``) runs on the JAX backend and
+builds both models in turn, one at a time. It keeps a compilation cache in the test's folder, so
+the model after ``restore()`` (the same program as the reference) is not compiled twice.
 """
 
 from __future__ import annotations
@@ -27,9 +32,19 @@ VARIANTS = {
     "crosspad": dict(cross_pad=True),
     "all": dict(conv=True, groupnorm=True, fuse_qkv=True, cross_pad=True),
 }
+# Base model -> (key prefix, text context dim, the variants checked on it). The worker's results
+# are "<prefix>_<ref|variant|restored>_<out|grad|counts>"; restoring is the same code on either
+# model, so it is checked on SD 1 only.
+MODELS = {
+    "sd-1": ("sd1", 768, list(VARIANTS)),
+    "sd-2": ("sd2", 1024, ["all"]),
+}
+CASES = [(base, name) for base, (_, _, names) in MODELS.items() for name in names]
 
 
-def worker(out: str) -> None:
+def check_model(base_model: str, results: dict) -> None:
+    """Build ``base_model``'s UNet, run the reference and each of its variants (and, on SD 1, the
+    model again after restoring); add the arrays to ``results``."""
     import jax
     import jax.numpy as jnp
 
@@ -37,43 +52,59 @@ def worker(out: str) -> None:
     from conceptlib.kerascv.attention import fused_attention
     from conceptlib_jax.kernels import fast_kernels
 
-    model = models.build_diffusion_model("sd-1", RES, None)
+    prefix, dim, names = MODELS[base_model]
+    model = models.build_diffusion_model(base_model, RES, None)
     rng = np.random.default_rng(3)
     latents = rng.standard_normal((BATCH, RES // 8, RES // 8, 4)).astype(np.float32)
     t_emb = rng.standard_normal((BATCH, 320)).astype(np.float32)
-    context = rng.standard_normal((BATCH, 77, 768)).astype(np.float32)
+    context = rng.standard_normal((BATCH, 77, dim)).astype(np.float32)
     weights = jnp.asarray(rng.standard_normal((BATCH, RES // 8, RES // 8, 4)).astype(np.float32))
     variables = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
 
     def run():
-        def f(ctx):
+        # Jitted as in the trainer's step (a rewrite must also trace), with the weights as
+        # arguments: closed over, XLA would constant-fold them for minutes.
+        def f(variables, ctx):
             out, _ = model.stateless_call(*variables, [latents, t_emb, ctx])
             return jnp.sum(out * weights), out
 
-        (_, out), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(context))
+        (_, out), grad = jax.jit(jax.value_and_grad(f, argnums=1, has_aux=True))(variables, jnp.asarray(context))
         return np.asarray(out), np.asarray(grad)
 
-    results = {}
-    results["ref_out"], results["ref_grad"] = run()
-    for name, opts in VARIANTS.items():
+    results[f"{prefix}_ref_out"], results[f"{prefix}_ref_grad"] = run()
+    for name in names:
+        opts = VARIANTS[name]
         attention = fused_attention(model, fuse_qkv=opts.get("fuse_qkv", False), cross_pad=opts.get("cross_pad", False))
         kernels = fast_kernels(model, conv=opts.get("conv", False), groupnorm=opts.get("groupnorm", False))
         try:
-            results[f"{name}_out"], results[f"{name}_grad"] = run()
-            results[f"{name}_counts"] = np.asarray(
+            results[f"{prefix}_{name}_out"], results[f"{prefix}_{name}_grad"] = run()
+            results[f"{prefix}_{name}_counts"] = np.asarray(
                 [len(kernels.convs), len(kernels.norms), attention.cross_pad_calls, attention.plain_calls]
             )
         finally:
             kernels.restore()
             attention.restore()
-    results["restored_out"], _ = run()
+    if base_model == "sd-1":
+        results[f"{prefix}_restored_out"], _ = run()
+
+
+def worker(out: str) -> None:
+    import gc
+
+    results: dict = {}
+    for base_model in MODELS:
+        check_model(base_model, results)
+        gc.collect()  # the next UNet is built only once this one's ~3.4 GB are freed
     np.savez(out, **results)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("jax-kernels") / "out.npz"
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(out.parent / "jax-cache"),
+    )
     proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"worker failed:\n{proc.stderr[-4000:]}"
     with np.load(out) as data:
@@ -81,25 +112,38 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(VARIANTS))
-def test_rewrite_matches_keras_cv(results, name):
-    ref_out, ref_grad = results["ref_out"], results["ref_grad"]
+@pytest.mark.parametrize("base_model, name", CASES)
+def test_rewrite_matches_keras_cv(results, base_model, name):
+    prefix = MODELS[base_model][0]
+    ref_out, ref_grad = results[f"{prefix}_ref_out"], results[f"{prefix}_ref_grad"]
     assert np.abs(ref_out).max() > 0 and np.abs(ref_grad).max() > 0
-    np.testing.assert_allclose(results[f"{name}_out"], ref_out, rtol=1e-4, atol=1e-5 * np.abs(ref_out).max())
-    np.testing.assert_allclose(results[f"{name}_grad"], ref_grad, rtol=1e-3, atol=1e-4 * np.abs(ref_grad).max())
+    assert ref_grad.shape == (BATCH, 77, MODELS[base_model][1])
+    out, grad = results[f"{prefix}_{name}_out"], results[f"{prefix}_{name}_grad"]
+    np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-5 * np.abs(ref_out).max())
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-3, atol=1e-4 * np.abs(ref_grad).max())
 
 
 @pytest.mark.slow
 def test_rewrites_reach_every_layer(results):
-    convs, norms, cross_pad, plain = results["all_counts"]
+    convs, norms, cross_pad, plain = results["sd1_all_counts"]
     assert convs > 50 and norms > 40  # every ResBlock/transformer conv and norm of the SD 1 UNet
     assert cross_pad == 16 and plain == 16  # 16 cross-attentions padded, 16 self-attentions plain on CPU
-    assert list(results["conv_counts"][1:]) == [0, 0, 32]  # only what was asked for
+    assert list(results["sd1_conv_counts"][1:]) == [0, 0, 32]  # only what was asked for
+
+
+@pytest.mark.slow
+def test_rewrites_reach_every_layer_of_sd2(results):
+    convs, norms, cross_pad, plain = results["sd2_all_counts"]
+    sd1_convs, sd1_norms, _, _ = results["sd1_all_counts"]
+    # Same ResBlocks and norms as SD 1; its 16 transformers project in and out with Dense layers
+    # (fully_connected=True) where SD 1 has two 1x1 convolutions each.
+    assert convs == sd1_convs - 2 * 16 and norms == sd1_norms
+    assert cross_pad == 16 and plain == 16  # its 16 cross-attentions (1024-d keys) padded
 
 
 @pytest.mark.slow
 def test_restore_gives_back_keras_cv_layers(results):
-    np.testing.assert_array_equal(results["restored_out"], results["ref_out"])
+    np.testing.assert_array_equal(results["sd1_restored_out"], results["sd1_ref_out"])
 
 
 if __name__ == "__main__":

@@ -515,9 +515,11 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
         parts = ["text_encoder", "diffusion_model", "image_encoder"] + (["decoder"] if config.preview_every else [])
         weights = resolve_weights(config.base_model, config.weights, parts)
         prefetch_weights(weights)
-    from conceptlib.kerascv.tokenizer import make_tokenizer
+    # Pure Python, same ids as keras-cv's SimpleTokenizer: tokenizing prompts must not import
+    # keras-cv (and TensorFlow) before the trainer needs it.
+    from conceptlib.kerascv.tokenizer import make_clip_tokenizer
 
-    tokenizer = make_tokenizer()
+    tokenizer = make_clip_tokenizer()
     if token_in_vocabulary(tokenizer, config.token):
         raise TrainingError(
             f"token {config.token!r} is already a word of the CLIP vocabulary; pick an unused one such as '<{config.name}>'"

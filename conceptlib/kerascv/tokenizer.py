@@ -124,14 +124,10 @@ def vocab_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def make_tokenizer(*, download: bool = True):
-    """A keras-cv ``SimpleTokenizer`` built from the locally found vocabulary (no network when
-    the vocabulary is found locally; a download with keras-cv's URL and hash otherwise)."""
-    path = find_vocab_path(download=download)
-    from keras_cv.models.stable_diffusion import SimpleTokenizer
-
+def _read_vocab(tokenizer_cls, path: Path):
+    """``tokenizer_cls(path)``, with an unreadable vocabulary as one-line VocabularyError."""
     try:
-        return SimpleTokenizer(bpe_path=str(path))
+        return tokenizer_cls(str(path))
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise VocabularyError(
             f"{path}: not a readable CLIP vocabulary ({exc}); replace it with a fresh copy of "
@@ -139,21 +135,38 @@ def make_tokenizer(*, download: bool = True):
         ) from None
 
 
+def make_tokenizer(*, download: bool = True):
+    """A keras-cv ``SimpleTokenizer`` built from the locally found vocabulary (no network when
+    the vocabulary is found locally; a download with keras-cv's URL and hash otherwise)."""
+    path = find_vocab_path(download=download)
+    from keras_cv.models.stable_diffusion import SimpleTokenizer
+
+    return _read_vocab(SimpleTokenizer, path)
+
+
+def make_clip_tokenizer(*, download: bool = True):
+    """A ``conceptlib.clip_bpe.ClipTokenizer`` (same ids as keras-cv's ``SimpleTokenizer``, but
+    pure Python: no keras-cv or TensorFlow import) from the same vocabulary as
+    ``make_tokenizer``. Only a download, when the vocabulary is not found locally, imports keras."""
+    from conceptlib.clip_bpe import ClipTokenizer
+
+    return _read_vocab(ClipTokenizer, find_vocab_path(download=download))
+
+
 def find_tokens(text: str, tokens) -> list[str]:
     """The members of ``tokens`` that keras-cv's tokenizer would match in ``text`` if they were
     added to it, in order of first appearance (same cleaning, lowercasing and longest-first
     matching as the applied tokenizer). Needs no vocabulary and no TensorFlow."""
-    import html
-
     import regex as re
+
+    from conceptlib.clip_bpe import PATTERN, clean
 
     tokens = {token for token in tokens if token}
     if not text or not tokens:
         return []
-    cleaned = re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip().lower()
+    cleaned = clean(text)
     pattern = re.compile(
-        "|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True))
-        + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+        "|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True)) + "|" + PATTERN,
         re.IGNORECASE,
     )
     found: list[str] = []

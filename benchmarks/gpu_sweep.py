@@ -280,6 +280,9 @@ def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
         "total_s": round(time.perf_counter() - started, 2),
         # seconds from the trainer's start (after imports, tokenizer, weight lookup) to each phase
         "trainer_phases_s": phases,
+        # the jax trainer's cache of exported steps: "stored" (this run traced and exported the
+        # step), "hit" (no keras-cv models built), "off", or why it was not exported
+        "step_cache": trainer_report.get("step_cache"),
         **rate,
         "compilation_cache": env.get("CONCEPTLIB_JAX_CACHE", "default (user cache dir)"),
         "stderr_tail": tail[-6:] if proc.returncode else tail[-2:],

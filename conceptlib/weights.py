@@ -109,6 +109,42 @@ def check_weight_file(path: Path) -> Path:
     return path
 
 
+def read_legacy_h5(path, datasets, *, dtypes=None, shapes=None) -> list:
+    """The arrays at ``datasets`` (``(layer group, weight name)`` pairs, as
+    ``conceptlib.kerascv.models.legacy_h5_sources`` gives them) of a legacy Keras HDF5 weights
+    file, in that order, each cast on the host to ``dtypes[i]`` ("bfloat16", "float32", ...).
+    Needs h5py only, no keras. WeightsError names the file and dataset that is missing or has
+    another shape than ``shapes[i]``."""
+    import h5py
+    import ml_dtypes
+    import numpy as np
+
+    check_weight_file(Path(path))
+    arrays = []
+    try:
+        with h5py.File(path, "r") as handle:
+            for index, (layer, weight) in enumerate(datasets):
+                try:
+                    value = handle[layer][weight][()]
+                except KeyError:
+                    raise WeightsError(
+                        f"weights file {path} has no weight {layer}/{weight}; it belongs to another "
+                        "model layout, rewrite it with `conceptlib weights init-random` or re-download it"
+                    ) from None
+                if shapes is not None and tuple(value.shape) != tuple(shapes[index]):
+                    raise WeightsError(
+                        f"weights file {path}: {layer}/{weight} has shape {tuple(value.shape)}, "
+                        f"expected {tuple(shapes[index])}; the file belongs to another model"
+                    )
+                if dtypes is not None:
+                    dtype = np.dtype(ml_dtypes.bfloat16) if dtypes[index] == "bfloat16" else np.dtype(dtypes[index])
+                    value = value.astype(dtype, copy=False)
+                arrays.append(value)
+    except OSError as exc:
+        raise WeightsError(f"weights file {path} cannot be read ({exc}); delete it and re-download it") from None
+    return arrays
+
+
 def _weights_dir(weights_dir) -> Path | None:
     if weights_dir is not None:
         return Path(weights_dir).expanduser()

@@ -194,6 +194,41 @@ def save_legacy_h5_weights(model, path: str | os.PathLike) -> Path:
     return path
 
 
+def legacy_h5_sources(model, path: str | os.PathLike) -> dict[int, tuple[str, str]]:
+    """Where keras' legacy HDF5 loader takes each of ``model``'s weights from in ``path``:
+    ``{id(variable): (layer group, weight name)}``. The same pairing as
+    ``keras.src.legacy.saving.legacy_h5_format.load_weights_from_hdf5_group`` (the loader
+    ``model.load_weights`` runs on keras-cv's files): the i-th layer with weights takes the i-th
+    saved layer group that has weights, its trainable then non-trainable weights in
+    ``weight_names`` order. So a later process can read the weights with h5py alone
+    (``conceptlib.weights.read_legacy_h5``) without building the model."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(path, "r") as handle:
+        group = handle["model_weights"] if "model_weights" in handle else handle
+        top = group["top_level_model_weights"] if "top_level_model_weights" in group else None
+        if top is not None and len(legacy_h5_format.load_attributes_from_hdf5_group(top, "weight_names")):
+            raise WeightsError(f"{path}: weights of the model itself (not of a layer) are not supported here")
+        saved = []
+        for name in legacy_h5_format.load_attributes_from_hdf5_group(group, "layer_names"):
+            names = legacy_h5_format.load_attributes_from_hdf5_group(group[name], "weight_names")
+            if names:
+                prefix = "model_weights/" if group is not handle else ""
+                saved.append((prefix + name, names))
+    layers = [layer for layer in model.layers if layer.trainable_weights + layer.non_trainable_weights]
+    if len(layers) != len(saved):
+        raise WeightsError(f"{path}: {len(saved)} saved layers with weights, the model has {len(layers)}")
+    sources = {}
+    for layer, (name, names) in zip(layers, saved):
+        variables = layer.trainable_weights + layer.non_trainable_weights
+        if len(variables) != len(names):
+            raise WeightsError(f"{path}: layer {name} holds {len(names)} weights, the model's {len(variables)}")
+        for variable, weight in zip(variables, names):
+            sources[id(variable)] = (name, weight)
+    return sources
+
+
 _SD_CLASSES: dict[str, type] = {}
 
 

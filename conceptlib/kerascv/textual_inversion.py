@@ -195,6 +195,22 @@ class TextualInversion:
             [v.value for v in model.non_trainable_variables],
         )
 
+    def frozen_variables(self) -> dict:
+        """``frozen_state()``'s structure with the keras Variables themselves as its leaves (so a
+        caller can tell which weight each leaf of the state is)."""
+        def both(model):
+            return list(model.trainable_variables), list(model.non_trainable_variables)
+
+        variables = {
+            "token_table": self._token_table,
+            "position_table": self._position_table,
+            "text": both(self.text_tail),
+            "unet": both(self.diffusion_model),
+        }
+        if self.posterior is not None:
+            variables["vae"] = both(self.posterior)
+        return variables
+
     def frozen_state(self) -> dict:
         """Every frozen weight the loss reads, as a dict pytree of backend arrays."""
         state = {

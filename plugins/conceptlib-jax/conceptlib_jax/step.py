@@ -57,9 +57,15 @@ def step_state(state: dict) -> dict:
 
 
 def posterior_moments_fn(ti):
-    """A jitted ``(vae_state, images) -> (mean, std)`` of the VAE posterior, log-variance clipped
-    as in ``TextualInversion.encode_latents``; the step then samples ``(mean + std * eps) * 0.18215``."""
+    """``posterior_moments(ti)`` jitted."""
     import jax
+
+    return jax.jit(posterior_moments(ti))
+
+
+def posterior_moments(ti):
+    """``(vae_state, images) -> (mean, std)`` of the VAE posterior, log-variance clipped as in
+    ``TextualInversion.encode_latents``; the step then samples ``(mean + std * eps) * 0.18215``."""
     from keras import ops
 
     def moments(vae_state, images):
@@ -68,7 +74,7 @@ def posterior_moments_fn(ti):
         logvar = ops.clip(logvar, ti_math.LOGVAR_MIN, ti_math.LOGVAR_MAX)
         return mean, ops.exp(0.5 * logvar)
 
-    return jax.jit(moments)
+    return moments
 
 
 @dataclass
@@ -130,7 +136,15 @@ def loss_and_grad_fn(ti):
 
 
 def make_train_step(ti, optimizer, batch_size: int, *, steps_per_call: int = 1, batch_sharding=None):
-    """The jitted training step.
+    """``train_step_fn(...)`` jitted, its carry donated."""
+    import jax
+
+    fn = train_step_fn(ti, optimizer, batch_size, steps_per_call=steps_per_call, batch_sharding=batch_sharding)
+    return jax.jit(fn, donate_argnums=(0,))
+
+
+def train_step_fn(ti, optimizer, batch_size: int, *, steps_per_call: int = 1, batch_sharding=None):
+    """The training step, not jitted.
 
     ``step(carry, state, data, key) -> (carry, losses)`` where ``carry = (new_rows,
     optimizer_values, step_index)`` is donated, ``state = step_state(ti.frozen_state())``,
@@ -164,4 +178,4 @@ def make_train_step(ti, optimizer, batch_size: int, *, steps_per_call: int = 1, 
             return carry, loss[None]
         return jax.lax.scan(lambda c, _: one_step(c, state, data, key), carry, None, length=steps_per_call)
 
-    return jax.jit(step, donate_argnums=(0,))
+    return step

@@ -12,7 +12,11 @@ how the work is laid out for a GPU (see ``conceptlib_jax.step``):
   gets ``variants`` random crops (80-100 % of the area, as the reference), each cached flipped and
   unflipped when flipping is on, and a step draws from them. This is the one deliberate
   difference from the TensorFlow trainer, which draws a fresh crop every step;
-- data parallel over several devices (``devices``) through keras.distribution.DataParallel.
+- data parallel over several devices (``devices``) through keras.distribution.DataParallel;
+- a cache of the exported step (``conceptlib_jax.exported``): the first run of a configuration
+  with weight files traces the step on keras-cv's models and exports it next to the compilation
+  cache; later runs read the weights straight from the files and never build (or import)
+  keras-cv's models, unless they render previews.
 
 Options come from the constructor or, for ``conceptlib train --trainer jax``, from environment
 variables: CONCEPTLIB_JAX_PRECISION (bf16|fp32|auto), CONCEPTLIB_JAX_FLASH (on|off|auto),
@@ -24,6 +28,8 @@ float32-stat group norm without reshapes, ``qkv`` fused q/k/v projections, ``cro
 cross-attention padded to 128 keys for cuDNN; ``none`` for keras-cv's own layers; default
 DEFAULT_KERNELS), CONCEPTLIB_JAX_VAE_CHUNK (images per VAE call when caching latents),
 CONCEPTLIB_JAX_BACKGROUND_COMPILE (on|off: compile the step while the VAE encodes the images),
+CONCEPTLIB_JAX_EXPORT (on|off: the step cache; it needs the compilation cache, weight files and
+one device),
 CONCEPTLIB_JAX_REPORT (a file to write the run's report to as JSON: settings, per-phase timings
 and peak memory; for benchmarks).
 """
@@ -192,6 +198,7 @@ class JaxTrainer:
         kernels=None,
         vae_chunk: int | None = None,
         background_compile: bool | None = None,
+        export: bool | None = None,
     ):
         self.precision = precision or _env("PRECISION", "auto")
         self.flash = flash if flash is not None else _env("FLASH", "auto")
@@ -199,6 +206,9 @@ class JaxTrainer:
         self.batch_size = batch_size if batch_size is not None else (_env("BATCH_SIZE", "") or None)
         self.variants = int(variants if variants is not None else _env("VARIANTS", "8"))
         self.steps_per_call = int(steps_per_call)
+        if export is None:
+            export = _env("EXPORT", "on") in ("on", "1", "true")
+        self.export = bool(export)
         self.compilation_cache = compilation_cache
         self.kernels = parse_kernels(kernels if kernels is not None else os.environ.get("CONCEPTLIB_JAX_KERNELS"))
         self.vae_chunk = int(vae_chunk if vae_chunk is not None else _env("VAE_CHUNK", "0")) or None
@@ -272,22 +282,17 @@ class JaxTrainer:
             "prompt_count": jax.ShapeDtypeStruct(counts.shape, jnp.int32),
         }
 
-    def latent_data(self, job, ti, vae_state, *, chunk: int | None = None, host=None):
-        """Each crop of ``host_data`` through the VAE once, ``chunk`` images per call: a
-        DeviceData of posterior (mean, std) per variant, and the prompt table."""
+    def latent_data(self, job, moments, vae_state, *, host=None):
+        """Each crop of ``host_data`` through the VAE posterior once (``moments(vae_state,
+        images) -> (mean, std)``, a fixed number of images per call): a DeviceData of the
+        posterior (mean, std) of every variant, and the prompt table."""
         import jax.numpy as jnp
         import numpy as np
 
-        from conceptlib_jax.step import DeviceData, posterior_moments_fn
+        from conceptlib_jax.step import DeviceData
 
-        config = job.config
         crops, image_of, prompts, counts = host if host is not None else self.host_data(job)
-        if chunk is None:
-            # Small VAE calls: at 512 px one image's encoder activations are GBs in float32,
-            # and training at batch 1 must fit in 8 GiB.
-            chunk = self.vae_chunk or max(1, (256 * 256 * 4) // (config.resolution * config.resolution))
-        chunk = min(chunk, len(crops))
-        moments = posterior_moments_fn(ti)
+        chunk = self._vae_chunk(job.config.resolution, len(crops))
         means, stds = [], []
         for start in range(0, len(crops), chunk):
             part = crops[start : start + chunk]
@@ -303,18 +308,45 @@ class JaxTrainer:
 
     # --- run ----------------------------------------------------------------------------------
 
+    def _step_cache(self, job, cache_dir, distribution):
+        """The StepCache to use, or None: it needs weight files, one device, one step per call
+        and a compilation cache folder (CONCEPTLIB_JAX_EXPORT=off turns it off)."""
+        from conceptlib_jax.exported import StepCache
+
+        if (not self.export or not cache_dir or distribution is not None or job.weights is None
+                or self.steps_per_call != 1):
+            return None
+        return StepCache(os.path.join(cache_dir, "conceptlib-steps"))
+
+    def _cache_settings(self, job, precision, flash, host) -> dict:
+        """What the exported functions depend on besides code, versions and device."""
+        config = job.config
+        crops, image_of, prompts, counts = host
+        return {
+            "base_model": config.base_model, "resolution": config.resolution, "precision": precision,
+            "flash": flash, "kernels": list(self.kernels), "batch_size": config.batch_size,
+            "num_vectors": config.num_vectors, "vae_chunk": self._vae_chunk(config.resolution, len(crops)),
+            "variants": len(crops), "images": int(prompts.shape[0]), "prompt_table": list(prompts.shape),
+            "optimizer": [config.learning_rate, config.steps, config.lr_schedule, config.warmup_steps,
+                          config.weight_decay, config.clip_norm],
+        }
+
+    def _vae_chunk(self, resolution: int, count: int) -> int:
+        # Small VAE calls: at 512 px one image's encoder activations are GBs in float32, and
+        # training at batch 1 must fit in 8 GiB.
+        chunk = self.vae_chunk or max(1, (256 * 256 * 4) // (resolution * resolution))
+        return min(chunk, count)
+
     def run(self, job):
         import jax
         import keras
         import numpy as np
 
-        from conceptlib.errors import TrainingError
+        from conceptlib.errors import TrainingError, WeightsError
         from conceptlib.images import grid
-        from conceptlib.kerascv.attention import fused_attention
         from conceptlib.kerascv.textual_inversion import make_optimizer
-        from conceptlib_jax.kernels import fast_kernels
         from conceptlib.training import TrainingResult
-        from conceptlib_jax.step import make_train_step, step_state
+        from conceptlib_jax.exported import entry_key, read_weights
 
         timings = {"start": time.perf_counter()}
         config = job.config
@@ -326,19 +358,6 @@ class JaxTrainer:
             distribution = keras.distribution.DataParallel(
                 devices=[f"{d.platform}:{d.id}" for d in devices]
             )
-
-        ti = build_models(
-            config.base_model, config.resolution, job.weights,
-            precision=precision, decoder=job.wants_previews, distribution=distribution,
-        )
-        timings["models_built"] = time.perf_counter()
-        peaks = {"models_built": peak_memory_gib()}
-        if ti.vocab_size != job.vocab_size:
-            raise TrainingError(
-                f"the text encoder has {ti.vocab_size} tokens but the tokenizer {job.vocab_size}; "
-                "the weights do not belong to this base model"
-            )
-
         requested = self.batch_size if self.batch_size is not None else config.batch_size
         if requested in (None, 0, "auto"):
             config.batch_size = auto_batch_size(config.resolution, precision, flash, devices)
@@ -349,8 +368,49 @@ class JaxTrainer:
                 f"--batch-size {config.batch_size} does not split over {len(devices)} devices; "
                 f"use a multiple of {len(devices)}"
             )
+        host = self.host_data(job)
+        step_cache = self._step_cache(job, cache_dir, distribution)
+        key = entry_key(self._cache_settings(job, precision, flash, host)) if step_cache else None
+        entry = step_cache.load(key) if step_cache else None
+        self.report = {
+            "precision": precision, "flash": flash, "devices": len(devices),
+            "device": str(devices[0].device_kind), "batch_size": config.batch_size,
+            "compilation_cache": cache_dir, "kernels": ",".join(self.kernels) or "none",
+            "step_cache": "off" if step_cache is None else ("hit" if entry is not None else "miss"),
+        }
 
-        rows_var = keras.Variable(job.initial_vectors(ti.token_table()), dtype="float32", name="concept_vectors")
+        models = {}
+
+        def get_models(decoder=False):
+            if "ti" not in models or (decoder and models["ti"].decoder is None):
+                models["ti"] = build_models(
+                    config.base_model, config.resolution, job.weights,
+                    precision=precision, decoder=decoder, distribution=distribution,
+                )
+            return models["ti"]
+
+        if entry is not None:
+            try:
+                state = jax.device_put(read_weights(entry.state_leaves, job.weights))
+                vae_state = jax.device_put(read_weights(entry.vae_leaves, job.weights))
+                token_table = np.asarray(state[entry.token_leaf])
+            except WeightsError as exc:
+                # Files of another layout than the cached run's: build the models, whose own
+                # loading reports a truly broken file, and export the step again.
+                entry = None
+                self.report["step_cache"] = f"miss ({exc})"
+        if entry is None:
+            ti = get_models(decoder=job.wants_previews)
+            token_table = ti.token_table()
+        timings["models_built"] = time.perf_counter()
+        peaks = {"models_built": peak_memory_gib()}
+        if int(token_table.shape[0]) != job.vocab_size:
+            raise TrainingError(
+                f"the text encoder has {token_table.shape[0]} tokens but the tokenizer {job.vocab_size}; "
+                "the weights do not belong to this base model"
+            )
+
+        rows_var = keras.Variable(job.initial_vectors(token_table), dtype="float32", name="concept_vectors")
         optimizer = make_optimizer(
             config.learning_rate, config.steps, schedule=config.lr_schedule,
             warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, clip_norm=config.clip_norm,
@@ -365,39 +425,36 @@ class JaxTrainer:
                 raise TrainingError("the checkpoint's optimizer state does not match this trainer; start a new run")
             rows = jax.numpy.asarray(checkpoint.vectors, "float32")
             opt_values = [jax.numpy.asarray(v, dtype=o.dtype) for v, o in zip(checkpoint.optimizer, opt_values)]
-
-        state = ti.frozen_state()
-        vae_state = state["vae"]
-        state = step_state(state)
-        host = self.host_data(job)
-
-        batch_sharding = None
         carry = (rows, opt_values, jax.numpy.int32(job.start_step))
         base_key = jax.random.key(config.seed)
-        replicated = None
-        if distribution is not None:
-            mesh = distribution.device_mesh.backend_mesh
-            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            state, carry, base_key = jax.device_put((state, carry, base_key), replicated)
+        shapes = self.data_shapes(host, config.resolution)
 
-            def batch_sharding(ndim):
-                spec = ["batch"] + [None] * (ndim - 1)
-                return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-
-        kernels = self.kernels
-        patch = fused_attention(
-            ti.diffusion_model, flash=flash, cross_pad="crosspad" in kernels, fuse_qkv="qkv" in kernels,
-        )
-        kernel_patch = None
+        patches = []
         try:
-            kernel_patch = fast_kernels(ti.diffusion_model, conv="conv" in kernels, groupnorm="groupnorm" in kernels)
-            step = make_train_step(
-                ti, optimizer, config.batch_size,
-                steps_per_call=self.steps_per_call, batch_sharding=batch_sharding,
-            )
-            shapes = self.data_shapes(host, config.resolution)
-            if replicated is not None:
-                shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for k, v in shapes.items()}
+            if entry is None:
+                ti = get_models()
+                traced = self._trace(ti, optimizer, job, flash, carry, base_key, shapes, host, distribution, patches)
+                step_fn, moments_fn, state, vae_state, carry, base_key, shapes, replicated = traced
+                if step_cache is not None:
+                    entry = self._export(ti, step_fn, moments_fn, carry, state, vae_state, shapes, base_key, host, job)
+                    if entry is not None:
+                        try:
+                            step_cache.store(key, entry)
+                            self.report["step_cache"] = "stored"
+                        except OSError as exc:  # a full disk or a concurrent run: train anyway
+                            self.report["step_cache"] = f"not stored: {exc}"
+            else:
+                replicated = None
+            if entry is not None:
+                # Cold or warm, a cached configuration runs the deserialized functions.
+                state = jax.tree.leaves(state)
+                vae_state = jax.tree.leaves(vae_state)
+                base_key = jax.random.key_data(base_key)
+                step = jax.jit(entry.step.call, donate_argnums=(0,))
+                moments = jax.jit(entry.moments.call)
+            else:
+                step = jax.jit(step_fn, donate_argnums=(0,))
+                moments = jax.jit(moments_fn)
 
             def compile_step():
                 started = time.perf_counter()
@@ -413,7 +470,7 @@ class JaxTrainer:
 
                 background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conceptlib-compile")
                 future = background.submit(compile_step)
-            data = self.latent_data(job, ti, vae_state, host=host)
+            data = self.latent_data(job, moments, vae_state, host=host)
             del host
             data_tree = data.tree()
             if replicated is not None:
@@ -426,17 +483,16 @@ class JaxTrainer:
             else:
                 compiled = compile_step()
             timings["compiled"] = time.perf_counter()
-            self.report = {
-                "precision": precision, "flash": flash, "flash_layers": patch.flash_calls,
-                "plain_attention_layers": patch.plain_calls, "flash_refused": patch.flash_refused,
-                "devices": len(devices), "device": str(devices[0].device_kind),
-                "batch_size": config.batch_size, "compilation_cache": cache_dir,
-                "latent_variants": int(data.mean.shape[0]),
-                "step_memory_gib": _step_memory_gib(compiled),
-                "kernels": ",".join(kernels) or "none", "cross_pad_layers": patch.cross_pad_calls,
-                "patched_convs": len(kernel_patch.convs), "patched_groupnorms": len(kernel_patch.norms),
+            self.report.update({
+                "latent_variants": int(data.mean.shape[0]), "step_memory_gib": _step_memory_gib(compiled),
                 "background_compile": self.background_compile and distribution is None,
-            }
+            })
+            if patches:  # traced this run: what the attention rewrite did
+                attention = patches[0]
+                self.report.update({
+                    "flash_layers": attention.flash_calls, "plain_attention_layers": attention.plain_calls,
+                    "flash_refused": attention.flash_refused, "cross_pad_layers": attention.cross_pad_calls,
+                })
             peaks["compiled"] = peak_memory_gib()
 
             def current():
@@ -446,7 +502,7 @@ class JaxTrainer:
             job.checkpoint_fn = current
 
             def preview(token_ids, noise):
-                return ti.sample(carry[0], token_ids, noise, num_steps=config.preview_steps)
+                return get_models(decoder=True).sample(carry[0], token_ids, noise, num_steps=config.preview_steps)
 
             if job.wants_previews:
                 job.preview_fn = preview
@@ -460,16 +516,21 @@ class JaxTrainer:
             pending = None
             index = job.start_step
             per_call = self.steps_per_call
+            single = None
             while index < config.steps:
-                if per_call > 1 and config.steps - index < per_call:
-                    per_call = 1  # the tail of the run, one step at a time
-                    compiled = make_train_step(ti, optimizer, config.batch_size, batch_sharding=batch_sharding)
-                carry, losses = compiled(carry, state, data_tree, base_key)
+                run_now, fn = per_call, compiled
+                if per_call > 1 and (config.steps - index < per_call or any(due(d) for d in range(index + 1, index + per_call))):
+                    # The run's tail, or a checkpoint/preview inside the next call: one step at
+                    # a time, so each sees its own step's vectors.
+                    if single is None:
+                        single = jax.jit(self._trace_single(ti, optimizer, config, distribution), donate_argnums=(0,))
+                    run_now, fn = 1, single
+                carry, losses = fn(carry, state, data_tree, base_key)
                 if pending is not None:
                     self._report(job, *pending)
                 pending = (index, losses)
-                index += per_call
-                if index == job.start_step + per_call or any(due(d) for d in range(index - per_call + 1, index + 1)):
+                index += run_now
+                if index == job.start_step + run_now or due(index):
                     self._report(job, *pending)
                     pending = None
                     if "first_step" not in timings:
@@ -479,9 +540,8 @@ class JaxTrainer:
                 self._report(job, *pending)
             final_preview = grid(preview(*job.preview_inputs())) if job.wants_previews else None
         finally:
-            patch.restore()
-            if kernel_patch is not None:
-                kernel_patch.restore()
+            for patch in patches:
+                patch.restore()
         timings["done"] = time.perf_counter()
         peaks["done"] = peak_memory_gib()
         self.report["peak_memory_gib_after"] = peaks
@@ -497,6 +557,78 @@ class JaxTrainer:
                 json.dump(self.report, handle, default=str)
         vectors = np.asarray(carry[0], dtype=np.float32)
         return TrainingResult(vectors, list(job.losses), final_preview)
+
+    def _trace(self, ti, optimizer, job, flash, carry, base_key, shapes, host, distribution, patches):
+        """Install the UNet rewrites (appended to ``patches``, restored by the caller) and return
+        the step and VAE functions (not jitted) with their arguments, replicated over the devices
+        with several of them."""
+        import jax
+
+        from conceptlib.kerascv.attention import fused_attention
+        from conceptlib_jax.kernels import fast_kernels
+        from conceptlib_jax.step import posterior_moments, step_state, train_step_fn
+
+        config = job.config
+        state = ti.frozen_state()
+        vae_state = state["vae"]
+        state = step_state(state)
+        batch_sharding = replicated = None
+        if distribution is not None:
+            mesh = distribution.device_mesh.backend_mesh
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            state, carry, base_key = jax.device_put((state, carry, base_key), replicated)
+            shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for k, v in shapes.items()}
+
+            def batch_sharding(ndim):
+                spec = ["batch"] + [None] * (ndim - 1)
+                return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+        kernels = self.kernels
+        patch = fused_attention(
+            ti.diffusion_model, flash=flash, cross_pad="crosspad" in kernels, fuse_qkv="qkv" in kernels,
+        )
+        patches.append(patch)
+        kernel_patch = fast_kernels(ti.diffusion_model, conv="conv" in kernels, groupnorm="groupnorm" in kernels)
+        patches.append(kernel_patch)
+        self._batch_sharding = batch_sharding
+        step_fn = train_step_fn(
+            ti, optimizer, config.batch_size, steps_per_call=self.steps_per_call, batch_sharding=batch_sharding,
+        )
+        self.report.update({
+            "patched_convs": len(kernel_patch.convs), "patched_groupnorms": len(kernel_patch.norms),
+        })
+        return step_fn, posterior_moments(ti), state, vae_state, carry, base_key, shapes, replicated
+
+    def _trace_single(self, ti, optimizer, config, distribution):
+        from conceptlib_jax.step import train_step_fn
+
+        return train_step_fn(ti, optimizer, config.batch_size, batch_sharding=self._batch_sharding)
+
+    def _export(self, ti, step_fn, moments_fn, carry, state, vae_state, shapes, base_key, host, job):
+        """Export the traced functions (see conceptlib_jax.exported); None, with the reason in the
+        report, when jax refuses to export them."""
+        import jax
+
+        from conceptlib_jax.exported import StepEntry, export, flat_moments, flat_step, weight_leaves
+
+        leaves, treedef = jax.tree.flatten(state)
+        images = jax.ShapeDtypeStruct((self._vae_chunk(job.config.resolution, len(host[0])),) + host[0].shape[1:], host[0].dtype)
+        try:
+            exported_step = export(flat_step(step_fn, treedef), carry, leaves, shapes, jax.random.key_data(base_key))
+            vae_leaves, vae_treedef = jax.tree.flatten(vae_state)
+            exported_moments = export(flat_moments(moments_fn, vae_treedef), vae_leaves, images)
+        except Exception as exc:  # e.g. a custom call jax.export does not allow
+            self.report["step_cache"] = f"not exported: {str(exc).splitlines()[0][:200]}"
+            return None
+        variables = ti.frozen_variables()
+        vae_variables = variables.pop("vae")
+        token_leaf = [id(v) for v in jax.tree.leaves(variables)].index(id(variables["token_table"]))
+        entry = StepEntry(
+            exported_step, exported_moments,
+            weight_leaves(ti, variables, job.weights), weight_leaves(ti, vae_variables, job.weights),
+            token_leaf,
+        )
+        return entry.roundtrip()
 
     @staticmethod
     def _report(job, first: int, losses) -> None:

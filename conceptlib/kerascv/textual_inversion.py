@@ -177,6 +177,7 @@ class TextualInversion:
                 image_encoder.inputs, image_encoder.layers[-2].output, name="vae_posterior"
             )
         self.scheduler = make_noise_scheduler()
+        self._sampler = None  # (key, compiled denoise + decode): see _compiled_sampler
 
     def new_ids(self, num_vectors: int) -> list[int]:
         """The ids the concept's vectors take in the extended table."""
@@ -269,38 +270,151 @@ class TextualInversion:
     def sample(self, new_rows, token_ids, latent_noise, *, num_steps: int = 10, guidance: float = 7.5):
         """Generate images (uint8, (B, R, R, 3)) for ``token_ids`` with the current vectors:
         keras-cv's DDIM loop (eta 0, classifier-free guidance) with the given start noise.
-        Needs the decoder."""
+        Needs the decoder.
+
+        The text encoding, the whole loop and the decoder run as ONE compiled function
+        (``jax.jit`` / ``tf.function``) that takes every weight as an argument, compiled on the
+        first call and kept on this object, so later previews only run it."""
+        import numpy as np
+
+        decoded = self.sample_decoded(new_rows, token_ids, latent_noise, num_steps=num_steps, guidance=guidance)
+        return np.clip((decoded + 1) / 2 * 255, 0, 255).astype(np.uint8)
+
+    def sample_decoded(self, new_rows, token_ids, latent_noise, *, num_steps: int = 10, guidance: float = 7.5):
+        """``sample`` before the conversion to uint8: the decoder's float32 output (B, R, R, 3)."""
         import numpy as np
         from keras import ops
-        from keras_cv.src.models.stable_diffusion.constants import _ALPHAS_CUMPROD
 
         if self.decoder is None:
             raise ValueError("TextualInversion was built without a decoder")
-        state = {
+        embeddings, coefficients = ddim_schedule(num_steps)
+        unconditional = np.full((1, MAX_LENGTH), END_OF_TEXT, dtype=np.int32)
+        unconditional[0, 0] = START_OF_TEXT
+        args = (
+            new_rows,
+            np.asarray(token_ids, dtype=np.int32),
+            unconditional,
+            np.asarray(latent_noise, dtype=np.float32),
+            embeddings,
+            coefficients,
+            np.float32(guidance),
+        )
+        # Tensors, so tf.function traces once per shape rather than once per value.
+        decoded = self._compiled_sampler()(*(ops.convert_to_tensor(a) for a in args))
+        return np.asarray(ops.convert_to_numpy(decoded), dtype=np.float32)
+
+    def _sample_state(self) -> dict:
+        """The weights ``_denoise_and_decode`` reads."""
+        return {
             "token_table": self._token_table.value,
             "position_table": self._position_table.value,
             "text": self._values(self.text_tail),
+            "unet": self._values(self.diffusion_model),
+            "decoder": self._values(self.decoder),
         }
+
+    def _compiled_sampler(self):
+        """``_denoise_and_decode`` compiled for the backend: ``(new_rows, token_ids,
+        unconditional, noise, embeddings, coefficients, guidance) -> decoded``.
+
+        Built once and reused while the models' layers keep the calls it traced: an attention or
+        kernel patch (conceptlib.kerascv.attention, the jax trainer's) installed or restored
+        since gives a new one.
+        """
+        import keras
+
+        key = (keras.backend.backend(), _call_overrides(self.text_tail, self.diffusion_model, self.decoder))
+        if self._sampler is not None and self._sampler[0] == key:
+            return self._sampler[1]
+        if key[0] == "jax":
+            import jax
+
+            # The weights are ARGUMENTS: closed over, XLA would constant-fold ~1B of them for minutes.
+            # On CPU, XLA's algebraic simplifier folds PaddedConv2D's zero padding into the
+            # convolution, and XLA:CPU runs padded 3x3 convolutions on the UNet's 1x1 and 2x2
+            # levels ~30x slower than pad + valid conv (measured: the 64 px UNet 5.6 s jitted
+            # against 1.1 s op by op; 1.0 s without the pass).
+            options = {"xla_disable_hlo_passes": "algsimp"} if jax.default_backend() == "cpu" else None
+            jitted = jax.jit(self._denoise_and_decode, compiler_options=options)
+
+            def run(*args):
+                return jitted(self._sample_state(), *args)
+
+        elif key[0] == "tensorflow":
+            import tensorflow as tf
+
+            # Variables read inside a tf.function stay variable reads (nothing is folded).
+            run = tf.function(lambda *args: self._denoise_and_decode(self._sample_state(), *args), autograph=False)
+        else:
+            def run(*args):
+                return self._denoise_and_decode(self._sample_state(), *args)
+
+        self._sampler = (key, run)
+        return run
+
+    def _denoise_and_decode(self, state, new_rows, token_ids, unconditional, latent, embeddings, coefficients, guidance):
+        """The DDIM loop (see ``ddim_schedule``) and the decoder, a pure function of its arguments.
+
+        Each step computes, in the order and dtypes of keras-cv's loop (a Python float times a
+        tensor takes the tensor's dtype, hence the casts to eps's dtype)::
+
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            pred_x0 = (latent - sqrt(1 - a_t) * eps) / sqrt(a_t)
+            latent = eps * sqrt(1 - a_prev) + sqrt(a_prev) * pred_x0
+        """
+        from keras import ops
+
         batch = int(token_ids.shape[0])
-        unconditional = np.full((1, MAX_LENGTH), END_OF_TEXT, dtype=np.int32)
-        unconditional[0, 0] = START_OF_TEXT
-        context = self.encode_text(new_rows, state, ops.convert_to_tensor(token_ids, "int32"))
+        context = self.encode_text(new_rows, state, token_ids)
         uncond = ops.repeat(self.encode_text(new_rows, state, unconditional), batch, axis=0)
-        ratio = (TRAIN_TIMESTEPS - 1) / (num_steps - 1) if num_steps > 1 else TRAIN_TIMESTEPS
-        timesteps = (np.arange(0, num_steps) * ratio).round().astype(np.int64)
-        alphas = [_ALPHAS_CUMPROD[t] for t in timesteps]
-        alphas_prev = [1.0] + alphas[:-1]
-        latent = ops.convert_to_tensor(latent_noise, "float32")
-        for index, timestep in list(enumerate(timesteps))[::-1]:
-            t_emb = timestep_embedding(np.full((batch,), timestep, dtype=np.int32))
-            both = self.diffusion_model(
-                [ops.concatenate([latent, latent]), ops.concatenate([t_emb, t_emb]), ops.concatenate([uncond, context])],
-                training=False,
+        context = ops.concatenate([uncond, context])
+
+        def step(index, latent):
+            t_emb = ops.expand_dims(ops.take(embeddings, index, axis=0), 0)
+            t_emb = ops.broadcast_to(t_emb, (2 * batch, TIMESTEP_DIM))
+            both, _ = self.diffusion_model.stateless_call(
+                *state["unet"], [ops.concatenate([latent, latent]), t_emb, context], training=False
             )
             eps_uncond, eps_cond = both[:batch], both[batch:]
-            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            a_t, a_prev = alphas[index], alphas_prev[index]
-            pred_x0 = (latent - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-            latent = eps * math.sqrt(1.0 - a_prev) + math.sqrt(a_prev) * pred_x0
-        decoded = np.asarray(ops.convert_to_numpy(self.decoder(latent, training=False)))
-        return np.clip((decoded + 1) / 2 * 255, 0, 255).astype(np.uint8)
+            sqrt_1m_at, sqrt_at, sqrt_1m_prev, sqrt_prev = (coefficients[index, i] for i in range(4))
+            eps = eps_uncond + ops.cast(guidance, both.dtype) * (eps_cond - eps_uncond)
+            pred_x0 = (latent - ops.cast(sqrt_1m_at, both.dtype) * eps) / sqrt_at
+            latent = eps * ops.cast(sqrt_1m_prev, both.dtype) + sqrt_prev * pred_x0
+            return ops.cast(latent, "float32")
+
+        latent = ops.fori_loop(0, int(embeddings.shape[0]), step, ops.cast(latent, "float32"))
+        decoded, _ = self.decoder.stateless_call(*state["decoder"], latent, training=False)
+        return decoded
+
+
+def ddim_schedule(num_steps: int):
+    """The preview's DDIM schedule in loop order (noisiest step first), as float32 arrays: each
+    step's timestep embedding (num_steps, 320) and coefficients (num_steps, 4)
+    ``[sqrt(1 - a_t), sqrt(a_t), sqrt(1 - a_prev), sqrt(a_prev)]``, where ``a`` is keras-cv's
+    ``_ALPHAS_CUMPROD`` at the step's timestep and at the previous one (1.0 before the first).
+    The square roots are taken in float64, then rounded, as Python floats times tensors are."""
+    import numpy as np
+    from keras import ops
+    from keras_cv.src.models.stable_diffusion.constants import _ALPHAS_CUMPROD
+
+    ratio = (TRAIN_TIMESTEPS - 1) / (num_steps - 1) if num_steps > 1 else TRAIN_TIMESTEPS
+    timesteps = (np.arange(0, num_steps) * ratio).round().astype(np.int64)
+    alphas = [_ALPHAS_CUMPROD[t] for t in timesteps]
+    alphas_prev = [1.0] + alphas[:-1]
+    coefficients = [
+        [math.sqrt(1 - a_t), math.sqrt(a_t), math.sqrt(1.0 - a_prev), math.sqrt(a_prev)]
+        for a_t, a_prev in zip(alphas, alphas_prev)
+    ]
+    embeddings = ops.convert_to_numpy(timestep_embedding(timesteps[::-1].astype(np.int32)))
+    return np.asarray(embeddings, dtype=np.float32), np.asarray(coefficients[::-1], dtype=np.float32)
+
+
+def _call_overrides(*models) -> tuple:
+    """(layer id, call) for each layer of ``models`` whose ``call`` is replaced on the instance;
+    holding the calls keeps their ids from being reused."""
+    return tuple(
+        (id(layer), vars(layer)["call"])
+        for model in models
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if "call" in vars(layer)
+    )

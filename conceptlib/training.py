@@ -45,8 +45,9 @@ class Trainer(Protocol):
     ``job.initial_vectors(table)`` or ``job.load_checkpoint()``, and for each step in
     ``range(job.start_step, job.config.steps)`` train on ``job.batch(step)`` and then call
     ``job.step_done(step, loss, save=...)`` (which reports progress and, when due, asks for a
-    checkpoint/preview through the callbacks). Importing the class must be cheap: heavy imports
-    happen inside ``run``.
+    checkpoint/preview through the callbacks), and return a TrainingResult whose preview is
+    ``job.final_preview(render)`` (it reuses the last step's preview when one was rendered).
+    Importing the class must be cheap: heavy imports happen inside ``run``.
     """
 
     name: ClassVar[str]
@@ -317,6 +318,7 @@ class TrainingJob:
         # Callbacks the trainer sets so the job can ask for a checkpoint / preview when due.
         self.checkpoint_fn = None  # () -> (vectors, [optimizer variable values]) after the step
         self.preview_fn = None  # (token_ids, latent_noise) -> uint8 (B, R, R, 3)
+        self._last_preview: tuple[int, object] | None = None  # (step, images) step_done rendered
 
     # --- data -------------------------------------------------------------------------------
 
@@ -411,8 +413,32 @@ class TrainingJob:
             self.run_dir.save_checkpoint(Checkpoint(done, vectors, list(optimizer), list(self.losses)))
         every = self.config.preview_every
         if self.preview_fn is not None and every and done % every == 0:
-            self.write_preview(done, self.preview_fn(*self.preview_inputs()))
+            images = self.preview_fn(*self.preview_inputs())
+            self._last_preview = (done, images)
+            self.write_preview(done, images)
         self.timings["last_step"] = time.perf_counter()
+
+    def final_preview(self, render=None):
+        """The preview of the final vectors as one grid image (uint8 (H, W, 3)) for
+        ``TrainingResult.preview``, or None when the run makes no previews.
+
+        Call it after the last ``step_done``. When ``preview_every`` divides ``steps``, step_done
+        has just rendered the final vectors' preview: its images are reused rather than rendered
+        again. Otherwise ``render`` (default: ``preview_fn``), a ``(token_ids, latent_noise) ->
+        uint8 (B, R, R, 3)`` function, renders them.
+        """
+        from conceptlib.images import grid
+
+        if not self.wants_previews:
+            return None
+        if self._last_preview is not None and self._last_preview[0] == self.config.steps:
+            images = self._last_preview[1]
+        else:
+            render = render or self.preview_fn
+            if render is None:
+                raise TrainingError("no preview renderer: set job.preview_fn or pass render to final_preview")
+            images = render(*self.preview_inputs())
+        return grid(images)
 
     def write_preview(self, step: int, images) -> Path:
         from conceptlib.images import grid, save_png

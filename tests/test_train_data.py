@@ -119,3 +119,41 @@ def test_checkpoints_round_trip(tmp_path):
     np.testing.assert_array_equal(latest.vectors, vectors * 2)
     assert [np.asarray(a).tolist() for a in latest.optimizer] == [np.asarray(a).tolist() for a in optimizer]
     assert run.read()["config"]["name"] == "x"
+
+
+def _drive(job, steps: int, preview_every: int) -> tuple[list[int], list[int]]:
+    """Run ``job``'s step loop as a trainer does, with a renderer that counts its calls (each call's
+    images are filled with its number); returns the calls and the final preview's pixel values."""
+    job.config.steps, job.config.preview_every = steps, preview_every
+    job.progress.enabled = False
+    calls = []
+
+    def render(token_ids, noise):
+        assert token_ids.shape == (2, 77) and noise.shape == (2, 8, 8, 4)
+        calls.append(len(calls) + 1)
+        return np.full((2, 64, 64, 3), len(calls), np.uint8)
+
+    job.preview_fn = render
+    for index in range(steps):
+        job.step_done(index, 0.5)
+    final = job.final_preview(render)
+    assert final.shape == (64, 128, 3) and final.dtype == np.uint8  # both images side by side
+    return calls, sorted(np.unique(final).tolist())
+
+
+def test_final_preview_reuses_the_preview_of_the_last_step(job):
+    # preview_every divides steps: step 4's preview shows the final vectors; not rendered twice.
+    calls, final = _drive(job, steps=4, preview_every=2)
+    assert calls == [1, 2] and final == [2]
+    assert sorted(p.name for p in job.run_dir.previews.iterdir()) == ["step-0000002.png", "step-0000004.png"]
+
+
+def test_final_preview_renders_when_the_last_step_made_none(job):
+    calls, final = _drive(job, steps=4, preview_every=3)
+    assert calls == [1, 2] and final == [2]
+    assert sorted(p.name for p in job.run_dir.previews.iterdir()) == ["step-0000003.png"]
+
+
+def test_final_preview_is_none_without_previews(job):
+    job.config.preview_every = 0
+    assert job.final_preview(lambda *args: pytest.fail("rendered without previews")) is None

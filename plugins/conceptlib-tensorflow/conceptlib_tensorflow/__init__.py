@@ -70,7 +70,6 @@ class TensorFlowTrainer:
         import numpy as np
 
         from conceptlib.errors import TrainingError
-        from conceptlib.images import grid
         from conceptlib.kerascv.textual_inversion import make_optimizer
         from conceptlib.training import TrainingResult
 
@@ -114,5 +113,4 @@ class TensorFlowTrainer:
         for index in range(job.start_step, config.steps):
             loss = step(job.batch(index))
             job.step_done(index, float(loss))
-        final_preview = grid(preview(*job.preview_inputs())) if job.wants_previews else None
-        return TrainingResult(np.asarray(rows.numpy()), list(job.losses), final_preview)
+        return TrainingResult(np.asarray(rows.numpy()), list(job.losses), job.final_preview(preview))

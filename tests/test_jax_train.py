@@ -7,7 +7,7 @@ Keras backend is jax) starts the CLI run's config.json again, interrupts it afte
 tests/test_train_model.py does for the TensorFlow trainer, and resumes it through
 ``conceptlib.training.train(resume=...)``; the resumed concept must equal the CLI's uninterrupted
 one bit for bit. The worker's runs leave out previews (they read the vectors, never change them
-or the data, and cost ~1 min of eager sampling on CPU), and both processes share a compilation
+or the data, and cost a decoder and a compiled sampler on CPU), and both processes share a compilation
 cache in the test's folder, so the worker loads the step the CLI compiled.
 """
 
@@ -142,13 +142,10 @@ def test_interrupted_jax_run_resumes_to_the_same_concept(run, resumed):
 # Worker: python tests/test_jax_train.py RUN_FOLDER HOME OUT.json
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def _resume_worker(run_folder: str, home: str, out: str) -> None:
     from conceptlib.library import ConceptLibrary
     from conceptlib.training import RunDirectory, TrainingConfig, prepare, train
+    from helpers import run_interrupted
 
     config = TrainingConfig.from_dict(RunDirectory(run_folder).read()["config"])
     config.run_dir = str(Path(home) / "interrupted-run")
@@ -156,19 +153,7 @@ def _resume_worker(run_folder: str, home: str, out: str) -> None:
     library = ConceptLibrary(home)
     job = prepare(config, library=library)
     job.progress.enabled = False
-    original_step_done = job.step_done
-
-    def step_done(index, loss):
-        original_step_done(index, loss)
-        if index + 1 == 1:
-            raise _Interrupted()
-
-    job.step_done = step_done
-    try:
-        job.trainer_cls().run(job)
-        interrupted = None
-    except _Interrupted:
-        interrupted = 1
+    interrupted = run_interrupted(job, after_step=1)
     checkpoints = sorted(p.name for p in job.run_dir.checkpoints.glob("*.npz"))
     _, resumed_job = train(None, library=library, resume=job.run_dir.path, progress=False)
     report = {

@@ -143,10 +143,6 @@ def test_resumed_run_ends_with_the_same_vectors(report):
 # Worker: python tests/test_train_model.py WEIGHTS IMAGES HOME OUT.json
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def _hash_variables(models) -> dict[str, str]:
     import hashlib
 
@@ -170,6 +166,7 @@ def _worker(weights_dir: str, images: str, home: str, out: str) -> None:
     from conceptlib.library import ConceptLibrary
     from conceptlib.training import TrainingConfig, prepare, train
     from conceptlib.weights import resolve_weights
+    from helpers import run_interrupted
 
     library = ConceptLibrary(home)
     weights = resolve_weights("sd-1", weights_dir, ["text_encoder", "diffusion_model", "image_encoder"])
@@ -221,19 +218,7 @@ def _worker(weights_dir: str, images: str, home: str, out: str) -> None:
     full_header, _ = train(settings("full"), library=library, progress=False)
     job = prepare(settings("part"), library=library)
     job.progress.enabled = False
-    original_step_done = job.step_done
-
-    def step_done(index, loss):
-        original_step_done(index, loss)
-        if index + 1 == 2:
-            raise _Interrupted()
-
-    job.step_done = step_done
-    try:
-        job.trainer_cls().run(job)
-        interrupted = None
-    except _Interrupted:
-        interrupted = 2
+    interrupted = run_interrupted(job, after_step=2)
     resumed_header, resumed_job = train(None, library=library, resume=job.run_dir.path, progress=False)
     full, resumed = library.get("full"), library.get("part")
     report["resume"] = {

@@ -32,6 +32,7 @@ def _env(home: Path, cache: Path) -> dict:
     # Two crops per image (x2 flipped) keep the one-off VAE work small on CPU; the compile cache
     # lives in the test's folder, never the user's.
     env.update(CONCEPTLIB_JAX_VARIANTS="2", CONCEPTLIB_JAX_CACHE=str(cache))
+    env["CONCEPTLIB_JAX_REPORT"] = str(cache.parent / f"trainer-report-{home.name}.json")
     return env
 
 
@@ -116,6 +117,20 @@ def test_jax_run_folder_has_checkpoint_and_preview(run):
     assert (folder / "previews" / "step-0000002.png").is_file()
 
 
+def test_a_second_jax_run_uses_the_step_cache_without_keras_cv(run, resumed):
+    """The CLI run traced and exported its step; the worker's runs of the same configuration
+    (another process) load it, read the weights straight from the files and never import
+    keras-cv or TensorFlow. That they train bit-identically is the next test."""
+    cli_report = json.loads((run["root"] / "trainer-report-home.json").read_text())
+    assert cli_report["step_cache"] == "stored"
+    assert cli_report["flash_layers"] == 0 and cli_report["patched_convs"] > 0  # traced on CPU
+    assert resumed["report"]["trainer"]["step_cache"] == "hit"
+    assert resumed["report"]["imported"] == []
+    folder = run["root"] / "jax-cache" / "conceptlib-steps"
+    (entry,) = folder.iterdir()
+    assert {p.name for p in entry.iterdir()} == {"entry.json", "step.bin", "moments.bin"}
+
+
 def test_interrupted_jax_run_resumes_to_the_same_concept(run, resumed):
     from conceptlib.library import ConceptLibrary
 
@@ -161,6 +176,10 @@ def _resume_worker(run_folder: str, home: str, out: str) -> None:
         "checkpoints_when_interrupted": checkpoints,
         "checkpoint": str(job.run_dir.checkpoint_path(1)),
         "resumed_from_step": resumed_job.start_step,
+        # The resumed run's trainer report (CONCEPTLIB_JAX_REPORT), and whether anything in this
+        # process needed keras-cv (and with it TensorFlow).
+        "trainer": json.loads(Path(os.environ["CONCEPTLIB_JAX_REPORT"]).read_text()),
+        "imported": sorted({name.split(".")[0] for name in sys.modules} & {"keras_cv", "tensorflow"}),
     }
     Path(out).write_text(json.dumps(report, indent=2))
 

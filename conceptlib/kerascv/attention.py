@@ -26,7 +26,7 @@ Tracing must happen while the patch is active (a jitted function keeps what it t
 
 from __future__ import annotations
 
-__all__ = ["AttentionPatch", "fused_attention", "attention_layers", "flash_available"]
+__all__ = ["AttentionPatch", "InstanceCallPatch", "fused_attention", "attention_layers", "flash_available"]
 
 
 def attention_layers(model) -> list:
@@ -48,7 +48,50 @@ def flash_available() -> bool:
     return jax.devices()[0].platform == "gpu"
 
 
-class AttentionPatch:
+class InstanceCallPatch:
+    """Replacement ``call``s set as instance attributes on some layers of ONE model, and removed
+    again by ``restore()`` (also a context manager). Subclasses list ``self.layers`` and build
+    each layer's call in ``make_call(layer)``."""
+
+    layers: list
+
+    def make_call(self, layer):
+        raise NotImplementedError
+
+    def install(self):
+        if self._active:
+            return self
+        for layer in self.layers:
+            if "call" in vars(layer):
+                raise RuntimeError(
+                    f"layer {layer.name} already has an instance-level call; "
+                    "restore the earlier patch before installing another"
+                )
+        for layer in self.layers:
+            layer.call = self.make_call(layer)
+        self._active = True
+        return self
+
+    def restore(self) -> None:
+        """Give every patched layer back its class's own ``call``."""
+        if not getattr(self, "_active", False):
+            return
+        for layer in self.layers:
+            vars(layer).pop("call", None)
+        self._active = False
+
+    @property
+    def active(self) -> bool:
+        return getattr(self, "_active", False)
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+class AttentionPatch(InstanceCallPatch):
     """The fused call installed on a model's attention layers; undo with ``restore()``.
 
     ``flash_calls`` / ``plain_calls`` count the traced calls that took each path (a jitted step
@@ -67,37 +110,8 @@ class AttentionPatch:
         self.flash_refused: list[str] = []
         self._active = False
 
-    def install(self) -> "AttentionPatch":
-        if self._active:
-            return self
-        for layer in self.layers:
-            if "call" in vars(layer):
-                raise RuntimeError(
-                    f"attention layer {layer.name} already has an instance-level call; "
-                    "restore the earlier patch before installing another"
-                )
-        for layer in self.layers:
-            layer.call = _make_fused_call(layer, self)
-        self._active = True
-        return self
-
-    def restore(self) -> None:
-        """Give every patched layer back its class's own ``call``."""
-        if not self._active:
-            return
-        for layer in self.layers:
-            vars(layer).pop("call", None)
-        self._active = False
-
-    @property
-    def active(self) -> bool:
-        return self._active
-
-    def __enter__(self) -> "AttentionPatch":
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
+    def make_call(self, layer):
+        return _make_fused_call(layer, self)
 
 
 def fused_attention(model, *, flash: bool = False, cross_pad: bool = False, fuse_qkv: bool = False) -> AttentionPatch:

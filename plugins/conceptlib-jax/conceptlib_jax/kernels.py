@@ -19,6 +19,8 @@ from __future__ import annotations
 
 __all__ = ["KernelPatch", "fast_kernels"]
 
+from conceptlib.kerascv.attention import InstanceCallPatch
+
 
 def _padded_convs(model) -> list:
     from keras_cv.src.models.stable_diffusion.padded_conv2d import PaddedConv2D
@@ -34,44 +36,18 @@ def _group_norms(model) -> list:
             if isinstance(layer, keras.layers.GroupNormalization) and layer.axis in (-1, 3)]
 
 
-class KernelPatch:
+class KernelPatch(InstanceCallPatch):
     """The fused conv / group-norm calls installed on one model; undo with ``restore()``."""
 
     def __init__(self, model, *, conv: bool = True, groupnorm: bool = True):
         self.model = model
         self.convs = _padded_convs(model) if conv else []
         self.norms = _group_norms(model) if groupnorm else []
+        self.layers = self.convs + self.norms
         self._active = False
 
-    @property
-    def layers(self) -> list:
-        return self.convs + self.norms
-
-    def install(self) -> "KernelPatch":
-        if self._active:
-            return self
-        for layer in self.layers:
-            if "call" in vars(layer):
-                raise RuntimeError(f"layer {layer.name} already has an instance-level call; restore the earlier patch first")
-        for layer in self.convs:
-            layer.call = _conv_call(layer)
-        for layer in self.norms:
-            layer.call = _group_norm_call(layer)
-        self._active = True
-        return self
-
-    def restore(self) -> None:
-        if not self._active:
-            return
-        for layer in self.layers:
-            vars(layer).pop("call", None)
-        self._active = False
-
-    def __enter__(self) -> "KernelPatch":
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
+    def make_call(self, layer):
+        return _conv_call(layer) if any(layer is conv for conv in self.convs) else _group_norm_call(layer)
 
 
 def fast_kernels(model, *, conv: bool = True, groupnorm: bool = True) -> KernelPatch:

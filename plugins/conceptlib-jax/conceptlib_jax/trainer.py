@@ -160,6 +160,23 @@ def build_models(base_model, resolution, weights, *, precision="fp32", decoder=F
     return ti
 
 
+# XLA flags the trainer adds unless XLA_FLAGS already sets them. Triton GEMM autotuning made the
+# first compile of the 512 px step 11-34 s longer on one H100, for no faster step (cuBLAS:
+# 161.6 vs 162.3 ms at batch 32; benchmarks/RESULTS.md).
+DEFAULT_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
+
+
+def apply_default_xla_flags() -> str:
+    """Add DEFAULT_XLA_FLAGS to $XLA_FLAGS (a flag the user set wins). Takes effect only if no jax
+    backend has started in this process yet (the CLI starts none before the trainer runs)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    for flag in DEFAULT_XLA_FLAGS:
+        if flag.split("=")[0] not in flags:
+            flags = f"{flags} {flag}".strip()
+    os.environ["XLA_FLAGS"] = flags
+    return flags
+
+
 def enable_compilation_cache(path=None) -> str | None:
     """Point JAX's persistent compilation cache at ``path`` (default: conceptlib's user cache),
     so a second run skips XLA compilation. Returns the folder, or None when disabled."""
@@ -343,13 +360,13 @@ class JaxTrainer:
         import numpy as np
 
         from conceptlib.errors import TrainingError, WeightsError
-        from conceptlib.images import grid
         from conceptlib.kerascv.textual_inversion import make_optimizer
         from conceptlib.training import TrainingResult
         from conceptlib_jax.exported import entry_key, read_weights
 
         timings = {"start": time.perf_counter()}
         config = job.config
+        xla_flags = apply_default_xla_flags()
         cache_dir = enable_compilation_cache(self.compilation_cache)
         precision, flash, gpu = self._settings()
         devices = resolve_devices(self.devices)
@@ -375,7 +392,7 @@ class JaxTrainer:
         self.report = {
             "precision": precision, "flash": flash, "devices": len(devices),
             "device": str(devices[0].device_kind), "batch_size": config.batch_size,
-            "compilation_cache": cache_dir, "kernels": ",".join(self.kernels) or "none",
+            "compilation_cache": cache_dir, "kernels": ",".join(self.kernels) or "none", "xla_flags": xla_flags,
             "step_cache": "off" if step_cache is None else ("hit" if entry is not None else "miss"),
         }
 
@@ -538,7 +555,7 @@ class JaxTrainer:
                         peaks["first_step"] = peak_memory_gib()
             if pending is not None:
                 self._report(job, *pending)
-            final_preview = grid(preview(*job.preview_inputs())) if job.wants_previews else None
+            final_preview = job.final_preview(preview)
         finally:
             for patch in patches:
                 patch.restore()

@@ -535,13 +535,11 @@ class JaxTrainer:
             per_call = self.steps_per_call
             single = None
             while index < config.steps:
-                run_now, fn = per_call, compiled
-                if per_call > 1 and (config.steps - index < per_call or any(due(d) for d in range(index + 1, index + per_call))):
-                    # The run's tail, or a checkpoint/preview inside the next call: one step at
-                    # a time, so each sees its own step's vectors.
+                run_now, fn = steps_this_call(index, config.steps, per_call, due), compiled
+                if run_now != per_call:
                     if single is None:
                         single = jax.jit(self._trace_single(ti, optimizer, config, distribution), donate_argnums=(0,))
-                    run_now, fn = 1, single
+                    fn = single
                 carry, losses = fn(carry, state, data_tree, base_key)
                 if pending is not None:
                     self._report(job, *pending)
@@ -651,6 +649,15 @@ class JaxTrainer:
     def _report(job, first: int, losses) -> None:
         for offset, loss in enumerate(_host(losses)):
             job.step_done(first + offset, float(loss))
+
+
+def steps_this_call(index: int, steps: int, per_call: int, due) -> int:
+    """How many steps the next call runs from step ``index`` (steps done so far): ``per_call``,
+    or 1 at the run's tail and while a checkpoint or preview (``due(steps_done)``) falls inside
+    the next call rather than at its end, so each one sees its own step's vectors."""
+    if per_call > 1 and (steps - index < per_call or any(due(d) for d in range(index + 1, index + per_call))):
+        return 1
+    return per_call
 
 
 def _step_memory_gib(compiled):

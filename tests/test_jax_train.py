@@ -6,9 +6,10 @@ Resume: a worker subprocess (this file run as a script; the jax trainer needs a 
 Keras backend is jax) starts the CLI run's config.json again, interrupts it after step 1 as
 tests/test_train_model.py does for the TensorFlow trainer, and resumes it through
 ``conceptlib.training.train(resume=...)``; the resumed concept must equal the CLI's uninterrupted
-one bit for bit. The worker's runs leave out previews (they read the vectors, never change them
-or the data, and cost a decoder and a compiled sampler on CPU), and both processes share a compilation
-cache in the test's folder, so the worker loads the step the CLI compiled.
+one bit for bit. Both processes share a compilation cache in the test's folder, so the worker's
+runs hit the step cache the CLI run filled: they read the weights from the files and build no
+keras-cv model, until the resumed run's preview at step 2 builds them (previews read the vectors,
+never change them or the data).
 """
 
 from __future__ import annotations
@@ -70,8 +71,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resumed(run):
-    """The CLI run's config again (without previews), interrupted after step 1 and resumed, in a
-    library of its own."""
+    """The CLI run's config again, interrupted after step 1 and resumed, in a library of its own."""
     assert run["proc"].returncode == 0, run["proc"].stderr[-4000:]
     root = run["root"]
     home, out = root / "resume-home", root / "resume.json"
@@ -126,6 +126,8 @@ def test_a_second_jax_run_uses_the_step_cache_without_keras_cv(run, resumed):
     assert cli_report["flash_layers"] == 0 and cli_report["patched_convs"] > 0  # traced on CPU
     assert resumed["report"]["trainer"]["step_cache"] == "hit"
     assert resumed["report"]["imported"] == []
+    # The resumed run's preview at step 2 built the models when it was due.
+    assert resumed["report"]["previews"] == ["step-0000002.png"]
     folder = run["root"] / "jax-cache" / "conceptlib-steps"
     (entry,) = folder.iterdir()
     assert {p.name for p in entry.iterdir()} == {"entry.json", "step.bin", "moments.bin"}
@@ -150,6 +152,7 @@ def test_interrupted_jax_run_resumes_to_the_same_concept(run, resumed):
     np.testing.assert_array_equal(part.vectors, full.vectors)
     assert part.metadata["loss_history"] == full.metadata["loss_history"]
     assert part.metadata["final_loss"] == full.metadata["final_loss"]
+    assert part.metadata["preview_source"] == "generated"
     assert [step for step, _ in json.loads(part.metadata["loss_history"])] == [1, 2]
 
 
@@ -164,11 +167,12 @@ def _resume_worker(run_folder: str, home: str, out: str) -> None:
 
     config = TrainingConfig.from_dict(RunDirectory(run_folder).read()["config"])
     config.run_dir = str(Path(home) / "interrupted-run")
-    config.preview_every = 0  # see the module docstring
     library = ConceptLibrary(home)
     job = prepare(config, library=library)
     job.progress.enabled = False
     interrupted = run_interrupted(job, after_step=1)
+    # What the process needed up to here (no preview was due yet): not keras-cv, not TensorFlow.
+    imported = sorted({name.split(".")[0] for name in sys.modules} & {"keras_cv", "tensorflow"})
     checkpoints = sorted(p.name for p in job.run_dir.checkpoints.glob("*.npz"))
     _, resumed_job = train(None, library=library, resume=job.run_dir.path, progress=False)
     report = {
@@ -176,10 +180,9 @@ def _resume_worker(run_folder: str, home: str, out: str) -> None:
         "checkpoints_when_interrupted": checkpoints,
         "checkpoint": str(job.run_dir.checkpoint_path(1)),
         "resumed_from_step": resumed_job.start_step,
-        # The resumed run's trainer report (CONCEPTLIB_JAX_REPORT), and whether anything in this
-        # process needed keras-cv (and with it TensorFlow).
-        "trainer": json.loads(Path(os.environ["CONCEPTLIB_JAX_REPORT"]).read_text()),
-        "imported": sorted({name.split(".")[0] for name in sys.modules} & {"keras_cv", "tensorflow"}),
+        "imported": imported,
+        "trainer": json.loads(Path(os.environ["CONCEPTLIB_JAX_REPORT"]).read_text()),  # the resumed run's
+        "previews": sorted(p.name for p in job.run_dir.previews.glob("*.png")),
     }
     Path(out).write_text(json.dumps(report, indent=2))
 

@@ -109,6 +109,14 @@ def check_weight_file(path: Path) -> Path:
     return path
 
 
+def numpy_dtype(name: str):
+    """The numpy dtype of a Keras dtype name ("bfloat16" is ml_dtypes' numpy extension type)."""
+    import ml_dtypes
+    import numpy as np
+
+    return np.dtype(ml_dtypes.bfloat16) if str(name) == "bfloat16" else np.dtype(name)
+
+
 def read_legacy_h5(path, datasets, *, dtypes=None, shapes=None) -> list:
     """The arrays at ``datasets`` (``(layer group, weight name)`` pairs, as
     ``conceptlib.kerascv.models.legacy_h5_sources`` gives them) of a legacy Keras HDF5 weights
@@ -116,8 +124,6 @@ def read_legacy_h5(path, datasets, *, dtypes=None, shapes=None) -> list:
     Needs h5py only, no keras. WeightsError names the file and dataset that is missing or has
     another shape than ``shapes[i]``."""
     import h5py
-    import ml_dtypes
-    import numpy as np
 
     check_weight_file(Path(path))
     arrays = []
@@ -137,8 +143,7 @@ def read_legacy_h5(path, datasets, *, dtypes=None, shapes=None) -> list:
                         f"expected {tuple(shapes[index])}; the file belongs to another model"
                     )
                 if dtypes is not None:
-                    dtype = np.dtype(ml_dtypes.bfloat16) if dtypes[index] == "bfloat16" else np.dtype(dtypes[index])
-                    value = value.astype(dtype, copy=False)
+                    value = value.astype(numpy_dtype(dtypes[index]), copy=False)
                 arrays.append(value)
     except OSError as exc:
         raise WeightsError(f"weights file {path} cannot be read ({exc}); delete it and re-download it") from None

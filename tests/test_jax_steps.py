@@ -1,6 +1,6 @@
-"""How the jax trainer splits a run into calls when one call runs several steps
-(``JaxTrainer(steps_per_call=N)``, used by the GPU benchmarks): a checkpoint or preview must see
-the vectors of its own step, so no call may run past a due step."""
+"""Small pure parts of the jax trainer: how it splits a run into calls when one call runs several
+steps (``JaxTrainer(steps_per_call=N)``, used by the GPU benchmarks: a checkpoint or preview must
+see the vectors of its own step, so no call may run past a due step), and its default XLA flags."""
 
 from __future__ import annotations
 
@@ -39,3 +39,15 @@ def test_full_calls_where_nothing_is_due_inside():
 
 def test_one_step_per_call_is_unchanged():
     assert _calls(5, 1, 2)[0] == [1] * 5
+
+
+def test_default_xla_flags_are_added_unless_the_user_set_them(monkeypatch):
+    from conceptlib_jax.trainer import DEFAULT_XLA_FLAGS, apply_default_xla_flags
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    assert apply_default_xla_flags() == "--xla_dump_to=/tmp/x " + " ".join(DEFAULT_XLA_FLAGS)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
+    assert apply_default_xla_flags() == "--xla_gpu_enable_triton_gemm=true"  # the user's choice wins
+    import os
+
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=true"

@@ -60,13 +60,14 @@ def _assignments_cast_on_host():
     if keras.backend.backend() != "jax":
         yield
         return
-    import ml_dtypes
     import numpy as np
     from keras.src.backend import Variable
 
+    from conceptlib.weights import numpy_dtype
+
     def assign(variable, value):
         if isinstance(value, np.ndarray):
-            dtype = np.dtype(ml_dtypes.bfloat16) if variable.dtype == "bfloat16" else np.dtype(variable.dtype)
+            dtype = numpy_dtype(variable.dtype)
             if value.dtype != dtype:
                 value = value.astype(dtype)
         return original(variable, value)
@@ -88,12 +89,13 @@ def _initialisers_skipped(weights):
     if weights is None:
         yield
         return
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for bf16 dtype policies)
     import numpy as np
     from keras.src.backend import Variable  # the active backend's class: each overrides the method
 
+    from conceptlib.weights import numpy_dtype
+
     def zeros(variable, initializer):
-        dtype = np.dtype(ml_dtypes.bfloat16) if variable._dtype == "bfloat16" else np.dtype(variable._dtype)
+        dtype = numpy_dtype(variable._dtype)
         variable._initialize(variable._convert_to_tensor(np.zeros(variable._shape, dtype=dtype)))
 
     original = Variable._initialize_with_initializer

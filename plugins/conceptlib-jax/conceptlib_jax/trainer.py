@@ -448,10 +448,11 @@ class JaxTrainer:
 
         patches = []
         try:
+            step_for = None  # steps_per_call -> the traced step function (traced runs only)
             if entry is None:
-                ti = get_models()
-                traced = self._trace(ti, optimizer, job, flash, carry, base_key, shapes, host, distribution, patches)
-                step_fn, moments_fn, state, vae_state, carry, base_key, shapes, replicated = traced
+                traced = self._trace(ti, optimizer, job, flash, carry, base_key, shapes, distribution, patches)
+                step_for, moments_fn, state, vae_state, carry, base_key, shapes, replicated = traced
+                step_fn = step_for(self.steps_per_call)
                 if step_cache is not None:
                     entry = self._export(ti, step_fn, moments_fn, carry, state, vae_state, shapes, base_key, host, job)
                     if entry is not None:
@@ -537,8 +538,8 @@ class JaxTrainer:
             while index < config.steps:
                 run_now, fn = steps_this_call(index, config.steps, per_call, due), compiled
                 if run_now != per_call:
-                    if single is None:
-                        single = jax.jit(self._trace_single(ti, optimizer, config, distribution), donate_argnums=(0,))
+                    if single is None:  # only traced runs call several steps at once
+                        single = jax.jit(step_for(1), donate_argnums=(0,))
                     fn = single
                 carry, losses = fn(carry, state, data_tree, base_key)
                 if pending is not None:
@@ -573,10 +574,10 @@ class JaxTrainer:
         vectors = np.asarray(carry[0], dtype=np.float32)
         return TrainingResult(vectors, list(job.losses), final_preview)
 
-    def _trace(self, ti, optimizer, job, flash, carry, base_key, shapes, host, distribution, patches):
+    def _trace(self, ti, optimizer, job, flash, carry, base_key, shapes, distribution, patches):
         """Install the UNet rewrites (appended to ``patches``, restored by the caller) and return
-        the step and VAE functions (not jitted) with their arguments, replicated over the devices
-        with several of them."""
+        ``steps_per_call -> step function`` and the VAE function (not jitted) with their
+        arguments, replicated over the devices with several of them."""
         import jax
 
         from conceptlib.kerascv.attention import fused_attention
@@ -605,19 +606,16 @@ class JaxTrainer:
         patches.append(patch)
         kernel_patch = fast_kernels(ti.diffusion_model, conv="conv" in kernels, groupnorm="groupnorm" in kernels)
         patches.append(kernel_patch)
-        self._batch_sharding = batch_sharding
-        step_fn = train_step_fn(
-            ti, optimizer, config.batch_size, steps_per_call=self.steps_per_call, batch_sharding=batch_sharding,
-        )
         self.report.update({
             "patched_convs": len(kernel_patch.convs), "patched_groupnorms": len(kernel_patch.norms),
         })
-        return step_fn, posterior_moments(ti), state, vae_state, carry, base_key, shapes, replicated
 
-    def _trace_single(self, ti, optimizer, config, distribution):
-        from conceptlib_jax.step import train_step_fn
+        def step_for(steps_per_call):
+            return train_step_fn(
+                ti, optimizer, config.batch_size, steps_per_call=steps_per_call, batch_sharding=batch_sharding,
+            )
 
-        return train_step_fn(ti, optimizer, config.batch_size, batch_sharding=self._batch_sharding)
+        return step_for, posterior_moments(ti), state, vae_state, carry, base_key, shapes, replicated
 
     def _export(self, ti, step_fn, moments_fn, carry, state, vae_state, shapes, base_key, host, job):
         """Export the traced functions (see conceptlib_jax.exported); None, with the reason in the

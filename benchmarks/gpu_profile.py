@@ -62,7 +62,7 @@ def random_device_data(batch: int, resolution: int, vocab: int):
     import jax.numpy as jnp
     import numpy as np
 
-    from conceptlib_jax.step import DeviceData
+    from conceptlib_jax.step import DeviceData, schedule_arguments
 
     rng = np.random.default_rng(0)
     side = resolution // 8
@@ -72,8 +72,8 @@ def random_device_data(batch: int, resolution: int, vocab: int):
     prompts = np.full((2, 4, 77), 49407, np.int32)
     prompts[:, :, 0] = 49406
     prompts[:, :, 1:4] = [320, 1125, vocab]
-    return DeviceData(mean, std, jnp.asarray(np.arange(variants) % 2, jnp.int32), jnp.asarray(prompts),
-                      jnp.asarray([4, 4], jnp.int32))
+    return DeviceData(mean, std, jnp.asarray(np.arange(variants) % 2, jnp.int32), jnp.int32(variants),
+                      jnp.asarray(prompts), jnp.asarray([4, 4], jnp.int32), schedule_arguments(1e-3, 1000))
 
 
 def gpu_events(xplane_path: str, seen: list):

@@ -249,13 +249,20 @@ def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
     """`conceptlib train --trainer jax` as a fresh process: seconds from launch to the first
     step's progress line (and the whole run)."""
     report = tmp / f"cli-report-{run}.json"
+    images, steps, more = tmp / "images", args.cli_steps, []
+    if args.cli_vary and run:
+        # Another concept of the same shapes: 3 images instead of 4 (48 crops, padded to 64 rows
+        # like 64), more steps, another learning rate and a warmup: the step cache must still hit.
+        images = make_images(tmp / f"images-{run}", count=3)
+        steps += 5 * run
+        more = ["--learning-rate", str(0.005 / (run + 1)), "--warmup-steps", str(run)]
     env = dict(os.environ, CONCEPTLIB_HOME=str(tmp / "cli-home"), KERAS_BACKEND="jax", CONCEPTLIB_JAX_REPORT=str(report))
     env["PYTHONPATH"] = os.pathsep.join(extra_path + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     cmd = [
-        sys.executable, "-m", "conceptlib.cli", "train", str(tmp / "images"), "--name", f"cli-bench-{run}",
+        sys.executable, "-m", "conceptlib.cli", "train", str(images), "--name", f"cli-bench-{run}",
         "--token", f"<cli-bench-{run}>", "--init", "cat", "--weights", args.cli_weights, "--trainer", "jax",
-        "--resolution", str(args.resolution), "--steps", str(args.cli_steps), "--batch-size", str(args.cli_batch),
-        "--checkpoint-every", "0", "--run-dir", str(tmp / f"cli-run-{run}"), *args.cli_args.split(),
+        "--resolution", str(args.resolution), "--steps", str(steps), "--batch-size", str(args.cli_batch),
+        "--checkpoint-every", "0", "--run-dir", str(tmp / f"cli-run-{run}"), *more, *args.cli_args.split(),
     ]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -268,14 +275,15 @@ def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
     trainer_report = json.loads(report.read_text()) if report.is_file() else {}
     phases = trainer_report.get("timings", {})
     rate = {}
-    if args.cli_steps > 1 and "first_step" in phases and "done" in phases:
-        per_step = (phases["done"] - phases["first_step"]) / (args.cli_steps - 1)
+    if steps > 1 and "first_step" in phases and "done" in phases:
+        per_step = (phases["done"] - phases["first_step"]) / (steps - 1)
         batch = trainer_report.get("batch_size", args.cli_batch)
         rate = {"ms_per_step": round(per_step * 1000, 2), "samples_per_s": round(batch / per_step, 2),
                 "devices": trainer_report.get("devices"), "trainer_batch_size": batch}
     return {
         "kind": "cli", "run": run + 1, "command": " ".join(cmd[1:4]) + " ...", "resolution": args.resolution,
-        "batch_size": args.cli_batch, "steps": args.cli_steps, "weights": args.cli_weights, "returncode": proc.returncode,
+        "batch_size": args.cli_batch, "steps": steps, "options": more, "images": len(list(images.glob("*.png"))),
+        "weights": args.cli_weights, "returncode": proc.returncode,
         "time_to_first_step_s": round(first, 2) if first else None,
         "total_s": round(time.perf_counter() - started, 2),
         # seconds from the trainer's start (after imports, tokenizer, weight lookup) to each phase
@@ -343,6 +351,8 @@ def main(argv=None) -> int:
                         help="--weights for the `conceptlib train` runs: a folder of weight files (as users have), "
                         "or 'random' (in memory)")
     parser.add_argument("--cli-batch", type=int, default=1)
+    parser.add_argument("--cli-vary", action="store_true",
+                        help="runs after the first train another concept: 3 images, more steps, other learning rate, warmup")
     parser.add_argument("--cli-args", default="", help="more `conceptlib train` options, e.g. '--devices all'")
     parser.add_argument("--budget-s", type=float, default=520, help="start nothing new after this many seconds")
     parser.add_argument("--config-estimate-s", type=float, default=100,

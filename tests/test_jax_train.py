@@ -10,6 +10,10 @@ one bit for bit. Both processes share a compilation cache in the test's folder, 
 runs hit the step cache the CLI run filled: they read the weights from the files and build no
 keras-cv model, until the resumed run's preview at step 2 builds them (previews read the vectors,
 never change them or the data).
+
+Before that, the worker trains another concept with the same shapes but other images (four
+instead of three), steps, learning rate and warmup: those are arguments of the exported step, so
+it hits the same cache entry too.
 """
 
 from __future__ import annotations
@@ -37,12 +41,12 @@ def _env(home: Path, cache: Path) -> dict:
     return env
 
 
-def _images(folder: Path) -> Path:
+def _images(folder: Path, count: int = 3) -> Path:
     from PIL import Image
 
     folder.mkdir(parents=True)
     rng = np.random.default_rng(3)
-    for index in range(2):
+    for index in range(count):
         Image.fromarray((rng.random((80, 72 + 8 * index, 3)) * 255).astype("uint8")).save(folder / f"img{index}.png")
     (folder / "img1.txt").write_text("on a wooden shelf\n")
     return folder
@@ -133,6 +137,15 @@ def test_a_second_jax_run_uses_the_step_cache_without_keras_cv(run, resumed):
     assert {p.name for p in entry.iterdir()} == {"entry.json", "step.bin", "moments.bin"}
 
 
+def test_other_images_steps_and_learning_rate_use_the_same_cached_step(resumed):
+    """Four images instead of three (12 -> 16 crops, both padded to 16 rows), 3 steps instead of 2,
+    another learning rate and a warmup: one entry serves them (the test above saw only one)."""
+    other = resumed["report"]["other_run"]
+    assert other["step_cache"] == "hit" and other["latent_variants"] == 16
+    assert len(other["losses"]) == 3 and all(np.isfinite(loss) and loss > 0 for loss in other["losses"])
+    assert resumed["report"]["imported_after_other_run"] == []
+
+
 def test_interrupted_jax_run_resumes_to_the_same_concept(run, resumed):
     from conceptlib.library import ConceptLibrary
 
@@ -166,8 +179,24 @@ def _resume_worker(run_folder: str, home: str, out: str) -> None:
     from helpers import run_interrupted
 
     config = TrainingConfig.from_dict(RunDirectory(run_folder).read()["config"])
-    config.run_dir = str(Path(home) / "interrupted-run")
     library = ConceptLibrary(home)
+
+    other = TrainingConfig.from_dict(dict(
+        config.to_dict(), images=str(_images(Path(home) / "other-images", count=4)), name="other",
+        token="<other>", steps=3, learning_rate=2e-3, warmup_steps=1, checkpoint_every=0, preview_every=0,
+        run_dir=str(Path(home) / "other-run"),
+    ))
+    other_job = prepare(other, library=library)
+    other_job.progress.enabled = False
+    other_job.trainer_cls().run(other_job)
+    other_report = json.loads(Path(os.environ["CONCEPTLIB_JAX_REPORT"]).read_text())
+    other_run = {
+        "step_cache": other_report["step_cache"], "latent_variants": other_report["latent_variants"],
+        "losses": [float(loss) for loss in other_job.losses],
+    }
+    imported_after_other = sorted({name.split(".")[0] for name in sys.modules} & {"keras_cv", "tensorflow"})
+
+    config.run_dir = str(Path(home) / "interrupted-run")
     job = prepare(config, library=library)
     job.progress.enabled = False
     interrupted = run_interrupted(job, after_step=1)
@@ -183,6 +212,8 @@ def _resume_worker(run_folder: str, home: str, out: str) -> None:
         "imported": imported,
         "trainer": json.loads(Path(os.environ["CONCEPTLIB_JAX_REPORT"]).read_text()),  # the resumed run's
         "previews": sorted(p.name for p in job.run_dir.previews.glob("*.png")),
+        "other_run": other_run,
+        "imported_after_other_run": imported_after_other,
     }
     Path(out).write_text(json.dumps(report, indent=2))
 

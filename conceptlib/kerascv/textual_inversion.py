@@ -110,12 +110,15 @@ def make_optimizer(
     warmup_steps: int = 0,
     weight_decay: float = 0.004,
     clip_norm: float = 10.0,
+    rate=None,
 ):
     """The keras.io example's optimizer: Adam with (decoupled) weight decay, cosine decay over the
-    run and global gradient-norm clipping. ``schedule="constant"`` keeps the rate fixed."""
+    run and global gradient-norm clipping. ``schedule="constant"`` keeps the rate fixed. ``rate``
+    (a keras learning-rate callable) replaces the cosine schedule object by one computing the same
+    rates another way (the jax trainer reads the schedule's numbers from its step's arguments)."""
     import keras
 
-    if schedule == "cosine":
+    if schedule == "cosine" and rate is None:
         decay_steps = max(1, steps - warmup_steps)
         if warmup_steps:
             rate = keras.optimizers.schedules.CosineDecay(
@@ -125,7 +128,7 @@ def make_optimizer(
             rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
     elif schedule == "constant":
         rate = learning_rate
-    else:
+    elif schedule != "cosine":
         raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'cosine' or 'constant'")
     return keras.optimizers.Adam(
         learning_rate=rate,

@@ -12,7 +12,11 @@ keras.io algorithm shared with the TensorFlow trainer); this module only arrange
 - the optimizer is the TensorFlow trainer's own keras optimizer (``make_optimizer``), applied
   with ``stateless_apply`` inside the jit;
 - the carried state (new rows, optimizer state, key) is donated; several steps may run per call
-  (``lax.scan``) to take dispatch off the host.
+  (``lax.scan``) to take dispatch off the host;
+- what varies between runs of one configuration is an argument too, never a constant of the
+  traced step: the learning-rate schedule's numbers (``ScheduleFromArguments``) and the data
+  (padded to power-of-two sizes, ``bucket``), so one compiled (and exported) step serves every
+  ``--steps`` / ``--learning-rate`` / ``--warmup-steps`` and every number of training images.
 
 Nothing here imports jax or keras at module import time.
 """
@@ -77,30 +81,98 @@ def posterior_moments(ti):
     return moments
 
 
+def bucket(count: int) -> int:
+    """The padded size of ``count`` rows: the next power of two. Data shapes (and so the
+    compiled step) change only when the number of images crosses a power of two."""
+    return 1 << max(0, int(count) - 1).bit_length()
+
+
 @dataclass
 class DeviceData:
-    """The training data, resident on the device: one entry per augmented image variant.
+    """The step's run arguments, resident on the device: the training data (one entry per
+    augmented image variant; row counts padded, see ``bucket``) and the schedule's numbers.
 
-    mean, std      (N, R/8, R/8, 4) float32: VAE posterior of each variant
+    mean, std      (N, R/8, R/8, 4) float32: VAE posterior of each variant (rows >= count: zeros)
     image_of       (N,) int32: which training image a variant comes from
+    variant_count  () int32: how many of the N rows are real variants (the step draws from those)
     prompts        (I, T, 77) int32: prompt token ids per image and template (padded by repeats)
     prompt_count   (I,) int32: how many of the T templates image i really has
+    schedule       dict of () float32: ``schedule_arguments`` (read by ``ScheduleFromArguments``)
     """
 
     mean: object
     std: object
     image_of: object
+    variant_count: object
     prompts: object
     prompt_count: object
+    schedule: dict
 
     def tree(self) -> dict:
         return {
             "mean": self.mean,
             "std": self.std,
             "image_of": self.image_of,
+            "variant_count": self.variant_count,
             "prompts": self.prompts,
             "prompt_count": self.prompt_count,
+            "schedule": dict(self.schedule),
         }
+
+
+def schedule_arguments(learning_rate: float, steps: int, warmup_steps: int = 0) -> dict:
+    """The numbers of ``make_optimizer``'s schedule as float32 step arguments."""
+    import numpy as np
+
+    return {
+        "learning_rate": np.float32(learning_rate),
+        "decay_steps": np.float32(max(1, steps - warmup_steps)),
+        "warmup_steps": np.float32(warmup_steps),
+    }
+
+
+class ScheduleFromArguments:
+    """A keras learning-rate callable: ``make_optimizer``'s cosine schedule (with or without
+    warmup) at the optimizer's iteration, its numbers read from the step's ``schedule``
+    argument (``bind`` it while tracing), not baked into the compiled step.
+
+    Without warmup this is keras' warmup form with zero warmup steps, which computes the same
+    numbers as ``CosineDecay(learning_rate, decay_steps)`` op for op (step - 0, decay + 0)."""
+
+    def __init__(self):
+        self.values = None
+        self.optimizer = None
+
+    def bind(self, optimizer, values: dict) -> None:
+        self.optimizer, self.values = optimizer, values
+
+    def __call__(self):
+        from keras.optimizers.schedules import CosineDecay
+
+        if self.values is None:
+            raise RuntimeError("ScheduleFromArguments is only defined inside the traced step")
+        schedule = CosineDecay(
+            0.0, 1, warmup_target=self.values["learning_rate"], warmup_steps=self.values["warmup_steps"]
+        )
+        # Set after construction: CosineDecay checks decay_steps > 0 in Python, and this is traced.
+        schedule.decay_steps = self.values["decay_steps"]
+        return schedule(self.optimizer.iterations)
+
+
+def step_optimizer(config):
+    """``make_optimizer`` for ``config`` with nothing run-specific baked in: the cosine rate comes
+    from the step's arguments (``ScheduleFromArguments``); a constant rate is already the
+    optimizer's own ``learning_rate`` variable, i.e. part of the carried optimizer state.
+    Returns ``(optimizer, rate)``, ``rate`` None for the constant schedule. The optimizer's
+    variables are the same as ``make_optimizer``'s (checkpoints are interchangeable)."""
+    from conceptlib.kerascv.textual_inversion import make_optimizer
+
+    rate = ScheduleFromArguments() if config.lr_schedule == "cosine" else None
+    optimizer = make_optimizer(
+        config.learning_rate, config.steps, schedule=config.lr_schedule, warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay, clip_norm=config.clip_norm, rate=rate,
+    )
+    return optimizer, rate
 
 
 def sample_batch(key, data: dict, batch_size: int):
@@ -109,7 +181,7 @@ def sample_batch(key, data: dict, batch_size: int):
     import jax.numpy as jnp
 
     k_variant, k_template, k_eps, k_noise, k_time = jax.random.split(key, 5)
-    variant = jax.random.randint(k_variant, (batch_size,), 0, data["mean"].shape[0])
+    variant = jax.random.randint(k_variant, (batch_size,), 0, data["variant_count"])
     image = data["image_of"][variant]
     count = data["prompt_count"][image]
     template = jnp.minimum(
@@ -135,15 +207,15 @@ def loss_and_grad_fn(ti):
     return jax.value_and_grad(loss)
 
 
-def make_train_step(ti, optimizer, batch_size: int, *, steps_per_call: int = 1, batch_sharding=None):
+def make_train_step(ti, optimizer, batch_size: int, *, rate=None, steps_per_call: int = 1, batch_sharding=None):
     """``train_step_fn(...)`` jitted, its carry donated."""
     import jax
 
-    fn = train_step_fn(ti, optimizer, batch_size, steps_per_call=steps_per_call, batch_sharding=batch_sharding)
+    fn = train_step_fn(ti, optimizer, batch_size, rate=rate, steps_per_call=steps_per_call, batch_sharding=batch_sharding)
     return jax.jit(fn, donate_argnums=(0,))
 
 
-def train_step_fn(ti, optimizer, batch_size: int, *, steps_per_call: int = 1, batch_sharding=None):
+def train_step_fn(ti, optimizer, batch_size: int, *, rate=None, steps_per_call: int = 1, batch_sharding=None):
     """The training step, not jitted.
 
     ``step(carry, state, data, key) -> (carry, losses)`` where ``carry = (new_rows,
@@ -153,7 +225,8 @@ def train_step_fn(ti, optimizer, batch_size: int, *, steps_per_call: int = 1, ba
     draws its batch from ``fold_in(key, i)``, so a resumed run sees the same batches as an
     uninterrupted one. ``batch_sharding(ndim)`` (a jax Sharding over the batch axis) spreads each
     batch over several devices; weights and data stay replicated and XLA inserts the gradient
-    all-reduce.
+    all-reduce. ``rate`` is the optimizer's ScheduleFromArguments (``step_optimizer``), bound to
+    ``data["schedule"]`` while tracing; None for an optimizer with its rate inside.
     """
     import jax
 
@@ -169,6 +242,8 @@ def train_step_fn(ti, optimizer, batch_size: int, *, steps_per_call: int = 1, ba
         batch = sample_batch(jax.random.fold_in(key, index), data, batch_size)
         latents, noise, timesteps, token_ids = (constrain(x) for x in batch)
         loss, grad = value_and_grad(new_rows, state, latents, noise, timesteps, token_ids)
+        if rate is not None:
+            rate.bind(optimizer, data["schedule"])
         (new_rows,), opt_values = optimizer.stateless_apply(opt_values, [grad], [new_rows])
         return (new_rows, opt_values, index + 1), loss
 

@@ -255,10 +255,12 @@ class JaxTrainer:
     def host_data(self, job):
         """The host side of the training data: every image's crops (``variants`` of them, plus
         their mirror images when flipping) as float32 (N, R, R, 3), which image each crop is, and
-        the prompt table. A pure function of the seed."""
+        the prompt table and each image's template count. A pure function of the seed. The last
+        three are padded to ``bucket`` sizes (the crops are not: the VAE encodes only real ones)."""
         import numpy as np
 
         from conceptlib.images import augment, load_rgb
+        from conceptlib_jax.step import bucket
 
         config = job.config
         crops, image_of = [], []
@@ -279,10 +281,14 @@ class JaxTrainer:
             prompt_lists.append(
                 [job.prompt_ids(pack.render(j, config.token, image.caption)) for j in range(len(templates))]
             )
-        width = max(len(p) for p in prompt_lists)
+        width = bucket(max(len(p) for p in prompt_lists))
+        counts = [len(p) for p in prompt_lists]
+        prompt_lists += [prompt_lists[-1]] * (bucket(len(prompt_lists)) - len(prompt_lists))
+        counts += [counts[-1]] * (len(prompt_lists) - len(counts))
         prompts = np.asarray([p + [p[-1]] * (width - len(p)) for p in prompt_lists], dtype=np.int32)
-        counts = np.asarray([len(p) for p in prompt_lists], dtype=np.int32)
-        return np.stack(crops).astype(np.float32), np.asarray(image_of, np.int32), prompts, counts
+        image_of += [0] * (bucket(len(image_of)) - len(image_of))  # rows never drawn
+        return (np.stack(crops).astype(np.float32), np.asarray(image_of, np.int32), prompts,
+                np.asarray(counts, np.int32))
 
     def data_shapes(self, host, resolution: int) -> dict:
         """``DeviceData.tree()`` as jax.ShapeDtypeStructs (to compile the step before the VAE ran)."""
@@ -291,22 +297,26 @@ class JaxTrainer:
 
         crops, image_of, prompts, counts = host
         side = resolution // 8
-        latent = jax.ShapeDtypeStruct((len(crops), side, side, 4), jnp.float32)
+        latent = jax.ShapeDtypeStruct((len(image_of), side, side, 4), jnp.float32)
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)
         return {
             "mean": latent, "std": latent,
             "image_of": jax.ShapeDtypeStruct(image_of.shape, jnp.int32),
+            "variant_count": jax.ShapeDtypeStruct((), jnp.int32),
             "prompts": jax.ShapeDtypeStruct(prompts.shape, jnp.int32),
             "prompt_count": jax.ShapeDtypeStruct(counts.shape, jnp.int32),
+            "schedule": {"learning_rate": scalar, "decay_steps": scalar, "warmup_steps": scalar},
         }
 
     def latent_data(self, job, moments, vae_state, *, host=None):
         """Each crop of ``host_data`` through the VAE posterior once (``moments(vae_state,
         images) -> (mean, std)``, a fixed number of images per call): a DeviceData of the
-        posterior (mean, std) of every variant, and the prompt table."""
+        posterior (mean, std) of every variant (zero rows up to the padded count), the prompt
+        table and the schedule's numbers."""
         import jax.numpy as jnp
         import numpy as np
 
-        from conceptlib_jax.step import DeviceData
+        from conceptlib_jax.step import DeviceData, schedule_arguments
 
         crops, image_of, prompts, counts = host if host is not None else self.host_data(job)
         chunk = self._vae_chunk(job.config.resolution, len(crops))
@@ -318,10 +328,14 @@ class JaxTrainer:
             mean, std = moments(vae_state, part)
             means.append(mean)
             stds.append(std)
-        count = len(crops)
-        mean = jnp.concatenate(means)[:count]
-        std = jnp.concatenate(stds)[:count]
-        return DeviceData(mean, std, jnp.asarray(image_of), jnp.asarray(prompts), jnp.asarray(counts))
+        count, padding = len(crops), ((0, len(image_of) - len(crops)), (0, 0), (0, 0), (0, 0))
+        mean = jnp.pad(jnp.concatenate(means)[:count], padding)
+        std = jnp.pad(jnp.concatenate(stds)[:count], padding)
+        config = job.config
+        return DeviceData(
+            mean, std, jnp.asarray(image_of), jnp.int32(count), jnp.asarray(prompts), jnp.asarray(counts),
+            schedule_arguments(config.learning_rate, config.steps, config.warmup_steps),
+        )
 
     # --- run ----------------------------------------------------------------------------------
 
@@ -336,23 +350,26 @@ class JaxTrainer:
         return StepCache(os.path.join(cache_dir, "conceptlib-steps"))
 
     def _cache_settings(self, job, precision, flash, host) -> dict:
-        """What the exported functions depend on besides code, versions and device."""
+        """What the exported functions depend on besides code, versions and device. Not the
+        learning rate, step count, warmup or the number of images: those are step arguments."""
         config = job.config
         crops, image_of, prompts, counts = host
         return {
             "base_model": config.base_model, "resolution": config.resolution, "precision": precision,
             "flash": flash, "kernels": list(self.kernels), "batch_size": config.batch_size,
             "num_vectors": config.num_vectors, "vae_chunk": self._vae_chunk(config.resolution, len(crops)),
-            "variants": len(crops), "images": int(prompts.shape[0]), "prompt_table": list(prompts.shape),
-            "optimizer": [config.learning_rate, config.steps, config.lr_schedule, config.warmup_steps,
-                          config.weight_decay, config.clip_norm],
+            "variant_rows": len(image_of), "prompt_table": list(prompts.shape),
+            "optimizer": [config.lr_schedule, config.weight_decay, config.clip_norm],
         }
 
     def _vae_chunk(self, resolution: int, count: int) -> int:
         # Small VAE calls: at 512 px one image's encoder activations are GBs in float32, and
-        # training at batch 1 must fit in 8 GiB.
+        # training at batch 1 must fit in 8 GiB. Bounded by the padded count, not the count, so
+        # the VAE function's shape too stays the same for any number of images.
+        from conceptlib_jax.step import bucket
+
         chunk = self.vae_chunk or max(1, (256 * 256 * 4) // (resolution * resolution))
-        return min(chunk, count)
+        return min(chunk, bucket(count))
 
     def run(self, job):
         import jax
@@ -360,9 +377,9 @@ class JaxTrainer:
         import numpy as np
 
         from conceptlib.errors import TrainingError, WeightsError
-        from conceptlib.kerascv.textual_inversion import make_optimizer
         from conceptlib.training import TrainingResult
         from conceptlib_jax.exported import entry_key, read_weights
+        from conceptlib_jax.step import step_optimizer
 
         timings = {"start": time.perf_counter()}
         config = job.config
@@ -428,10 +445,7 @@ class JaxTrainer:
             )
 
         rows_var = keras.Variable(job.initial_vectors(token_table), dtype="float32", name="concept_vectors")
-        optimizer = make_optimizer(
-            config.learning_rate, config.steps, schedule=config.lr_schedule,
-            warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, clip_norm=config.clip_norm,
-        )
+        optimizer, rate = step_optimizer(config)
         optimizer.build([rows_var])
         # Copies: the step donates its carry, and the keras variables must keep valid buffers.
         rows = jax.numpy.array(rows_var.value, copy=True)
@@ -450,7 +464,7 @@ class JaxTrainer:
         try:
             step_for = None  # steps_per_call -> the traced step function (traced runs only)
             if entry is None:
-                traced = self._trace(ti, optimizer, job, flash, carry, base_key, shapes, distribution, patches)
+                traced = self._trace(ti, optimizer, rate, job, flash, carry, base_key, shapes, distribution, patches)
                 step_for, moments_fn, state, vae_state, carry, base_key, shapes, replicated = traced
                 step_fn = step_for(self.steps_per_call)
                 if step_cache is not None:
@@ -574,7 +588,7 @@ class JaxTrainer:
         vectors = np.asarray(carry[0], dtype=np.float32)
         return TrainingResult(vectors, list(job.losses), final_preview)
 
-    def _trace(self, ti, optimizer, job, flash, carry, base_key, shapes, distribution, patches):
+    def _trace(self, ti, optimizer, rate, job, flash, carry, base_key, shapes, distribution, patches):
         """Install the UNet rewrites (appended to ``patches``, restored by the caller) and return
         ``steps_per_call -> step function`` and the VAE function (not jitted) with their
         arguments, replicated over the devices with several of them."""
@@ -593,7 +607,7 @@ class JaxTrainer:
             mesh = distribution.device_mesh.backend_mesh
             replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             state, carry, base_key = jax.device_put((state, carry, base_key), replicated)
-            shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for k, v in shapes.items()}
+            shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated), shapes)
 
             def batch_sharding(ndim):
                 spec = ["batch"] + [None] * (ndim - 1)
@@ -612,7 +626,8 @@ class JaxTrainer:
 
         def step_for(steps_per_call):
             return train_step_fn(
-                ti, optimizer, config.batch_size, steps_per_call=steps_per_call, batch_sharding=batch_sharding,
+                ti, optimizer, config.batch_size, rate=rate, steps_per_call=steps_per_call,
+                batch_sharding=batch_sharding,
             )
 
         return step_for, posterior_moments(ti), state, vae_state, carry, base_key, shapes, replicated

@@ -1,0 +1,186 @@
+"""The jax trainer's step takes what varies between runs as arguments, not constants: the
+learning-rate schedule's numbers (``ScheduleFromArguments``) and the data padded to power-of-two
+row counts (``bucket``). So one compiled (and exported) step serves any ``--steps``,
+``--learning-rate``, ``--warmup-steps`` and number of images; these tests check that it still
+computes exactly what the reference does.
+
+The reference is ``make_optimizer``'s keras Adam with keras' CosineDecay, as the TensorFlow
+trainer uses it; the jax side needs a process whose Keras backend is jax, so the comparisons run
+in a worker subprocess (this file run as a script) and the tests assert on its report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conceptlib_jax.step import bucket
+
+CASES = {
+    # name: (schedule, learning rate, steps, warmup steps)
+    "cosine": ("cosine", 5e-3, 6, 0),
+    "cosine-warmup": ("cosine", 2e-3, 7, 3),
+    "constant": ("constant", 1e-3, 6, 0),
+}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("schedule") / "report.json"
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_bucket_is_the_next_power_of_two():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 80, 128, 129)] == [1, 2, 4, 4, 8, 8, 16, 128, 128, 256]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_schedule_from_arguments_trains_exactly_like_make_optimizer(report, case):
+    """Vectors and Adam's state after every step (past the end of the decay too) are bit-identical
+    to the keras schedule object's, and the optimizer's variables are the same list, so
+    checkpoints of both are interchangeable."""
+    result = report["cases"][case]
+    assert result["variables"] == result["reference_variables"]
+    assert result["steps_compared"] == CASES[case][2] + 2
+    assert result["max_abs_difference"] == 0.0
+
+
+def test_one_compiled_step_serves_other_steps_and_learning_rates(report):
+    # Both cosine cases ran through ONE jitted function: the schedule is its argument.
+    assert report["cosine_compilations"] == 1
+
+
+def test_padded_data_draws_the_same_batches(report):
+    """Padding rows (variants never drawn, repeated prompts) changes no drawn batch."""
+    assert report["padded_rows"] == [8, 4, 16]  # variants 6 -> 8, images 3 -> 4, templates 9 -> 16
+    assert report["batch_differences"] == [0.0, 0.0, 0.0, 0.0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker: python tests/test_jax_schedule.py OUT.json (KERAS_BACKEND=jax)
+
+
+def _adam_runs(case, fn_cache):
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    import keras
+    import numpy as np
+
+    from conceptlib.kerascv.textual_inversion import make_optimizer
+    from conceptlib_jax.step import schedule_arguments, step_optimizer
+
+    schedule, learning_rate, steps, warmup = CASES[case]
+    config = types.SimpleNamespace(
+        learning_rate=learning_rate, steps=steps, lr_schedule=schedule, warmup_steps=warmup,
+        weight_decay=0.004, clip_norm=10.0,
+    )
+    rng = np.random.default_rng(7)
+    start = rng.standard_normal((2, 16)).astype(np.float32)
+    grads = [rng.standard_normal((2, 16)).astype(np.float32) * 3 for _ in range(steps + 2)]
+
+    reference = make_optimizer(learning_rate, steps, schedule=schedule, warmup_steps=warmup)
+    reference.build([keras.Variable(start)])
+
+    @jax.jit
+    def reference_step(opt_values, rows, grad):
+        (rows,), opt_values = reference.stateless_apply(opt_values, [grad], [rows])
+        return opt_values, rows
+
+    optimizer, rate = step_optimizer(config)
+    optimizer.build([keras.Variable(start)])
+    if schedule not in fn_cache:
+
+        @jax.jit
+        def candidate_step(opt_values, rows, grad, values):
+            if rate is not None:
+                rate.bind(optimizer, values)
+            (rows,), opt_values = optimizer.stateless_apply(opt_values, [grad], [rows])
+            return opt_values, rows
+
+        fn_cache[schedule] = (candidate_step, optimizer, rate)
+    candidate_step, traced_optimizer, traced_rate = fn_cache[schedule]
+    values = schedule_arguments(learning_rate, steps, warmup)
+
+    ref_opt = [jnp.asarray(v.value) for v in reference.variables]
+    opt = [jnp.asarray(v.value) for v in optimizer.variables]
+    ref_rows = rows = jnp.asarray(start)
+    worst = 0.0
+    for grad in grads:
+        ref_opt, ref_rows = reference_step(ref_opt, ref_rows, grad)
+        opt, rows = candidate_step(opt, rows, grad, values)
+        pairs = [(ref_rows, rows)] + list(zip(ref_opt, opt))
+        worst = max([worst] + [float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+                               for a, b in pairs])
+    return {
+        "max_abs_difference": worst, "steps_compared": len(grads),
+        "variables": _variable_kinds(optimizer), "reference_variables": _variable_kinds(reference),
+    }
+
+
+def _variable_kinds(optimizer):
+    """["iteration", "learning_rate", "momentum", "velocity"]-like: the variables without the
+    names' per-instance numbering."""
+    kinds = []
+    for variable in optimizer.variables:
+        name = variable.path.split("/")[-1]
+        kinds.append(next((k for k in ("momentum", "velocity") if name.endswith(k)), name))
+    return kinds
+
+
+def _padded_batches():
+    import jax
+    import numpy as np
+
+    from conceptlib_jax.step import sample_batch
+
+    rng = np.random.default_rng(3)
+    variants, images, templates = 6, 3, 9
+    mean = rng.standard_normal((variants, 4, 4, 4)).astype(np.float32)
+    std = np.abs(rng.standard_normal((variants, 4, 4, 4))).astype(np.float32)
+    image_of = np.arange(variants, dtype=np.int32) % images
+    prompts = rng.integers(0, 49408, (images, templates, 77)).astype(np.int32)
+    counts = np.asarray([9, 5, 7], np.int32)
+    plain = {"mean": mean, "std": std, "image_of": image_of, "variant_count": np.int32(variants),
+             "prompts": prompts, "prompt_count": counts}
+    rows = [bucket(variants), bucket(images), bucket(templates)]
+    pad = rows[0] - variants
+    padded = {
+        "mean": np.concatenate([mean, np.zeros((pad,) + mean.shape[1:], np.float32)]),
+        "std": np.concatenate([std, np.zeros((pad,) + std.shape[1:], np.float32)]),
+        "image_of": np.concatenate([image_of, np.zeros(pad, np.int32)]),
+        "variant_count": np.int32(variants),
+        "prompts": np.pad(prompts, ((0, rows[1] - images), (0, rows[2] - templates), (0, 0)), mode="edge"),
+        "prompt_count": np.concatenate([counts, counts[-1:]]),
+    }
+    key = jax.random.key(11)
+    a = jax.jit(lambda d: sample_batch(key, d, 5))(plain)
+    b = jax.jit(lambda d: sample_batch(key, d, 5))(padded)
+    return rows, [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(a, b)]
+
+
+def _worker(out_path: str) -> None:
+    fn_cache: dict = {}
+    cases = {case: _adam_runs(case, fn_cache) for case in ("cosine", "cosine-warmup", "constant")}
+    rows, differences = _padded_batches()
+    report = {
+        "cases": cases,
+        "cosine_compilations": fn_cache["cosine"][0]._cache_size(),
+        "padded_rows": rows,
+        "batch_differences": differences,
+    }
+    with open(out_path, "w") as handle:
+        json.dump(report, handle)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _worker(sys.argv[1])

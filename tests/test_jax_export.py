@@ -9,6 +9,9 @@ imports keras-cv, and trains bit-identically) is in tests/test_jax_train.py.
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +140,61 @@ def test_entry_key_follows_settings_and_code():
     assert exported.entry_key(base) == exported.entry_key(dict(base))
     assert exported.entry_key(base) != exported.entry_key(dict(base, batch_size=16))
     assert len(exported.source_digest()) == 64
+
+
+def test_a_two_device_step_round_trips_with_its_shardings(tmp_path):
+    """A data-parallel step (weights replicated, the batch split over a mesh) exported, stored,
+    loaded and run on two devices (CPU host devices in a subprocess) gives the traced step's
+    numbers, and keeps its shardings: replicated carry out, a 2-device module."""
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, __file__, "two-devices", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["devices"] == 2 and report["exported_devices"] == 2
+    assert report["carry_replicated"] and report["max_abs_difference"] == 0.0
+
+
+def _two_device_worker(folder: str) -> None:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from conceptlib_jax.exported import StepCache, StepEntry, export
+
+    mesh = Mesh(np.asarray(jax.devices()[:2]), ("batch",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    split = NamedSharding(mesh, PartitionSpec("batch"))
+
+    def step(carry, leaves, data, key_data):
+        x = jax.lax.with_sharding_constraint(data["x"], split)
+        grad = jax.grad(lambda c: jnp.mean((x @ (c * leaves[0])) ** 2))(carry)
+        return carry - 0.1 * grad, jnp.sum(key_data)
+
+    def moments(leaves, images):
+        return images * leaves[0]
+
+    rng = np.random.default_rng(0)
+    carry, leaves, data, key = jax.device_put(
+        (jnp.asarray(rng.standard_normal(3), jnp.float32), [jnp.asarray(rng.standard_normal(3), jnp.float32)],
+         {"x": jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)}, jnp.arange(2, dtype=jnp.uint32)),
+        replicated,
+    )
+    expected, _ = jax.jit(step)(carry, leaves, data, key)
+    entry = StepEntry(export(step, carry, leaves, data, key), export(moments, [jnp.ones(())], jnp.ones(2)), [], [], 0)
+    cache = StepCache(Path(folder) / "steps")
+    cache.store("k", entry)
+    loaded = cache.load("k")
+    out, _ = jax.jit(loaded.step.call, donate_argnums=(0,))(jax.device_put(jnp.array(carry), replicated), leaves, data, key)
+    report = {
+        "devices": len(jax.devices()), "exported_devices": loaded.step.nr_devices,
+        "carry_replicated": out.sharding.is_equivalent_to(replicated, 1),
+        "max_abs_difference": float(np.max(np.abs(np.asarray(out) - np.asarray(expected)))),
+    }
+    (Path(folder) / "report.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["two-devices"]:
+    _two_device_worker(sys.argv[2])

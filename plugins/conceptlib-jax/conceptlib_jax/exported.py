@@ -12,7 +12,8 @@ same deserialized functions, so they compute the same numbers.
 
 The key covers everything the traced functions depend on: the source of the modules that define
 them, the jax / jaxlib / keras / keras-cv versions, the device kind, and the run's shapes and
-settings (``entry_key``). One device only: the multi-device step is traced every run.
+settings (``entry_key``), the device count among them. A multi-device step is exported with its
+shardings (weights replicated, each batch split over the devices) and runs on as many devices.
 """
 
 from __future__ import annotations
@@ -145,11 +146,17 @@ def flat_moments(moments_fn, vae_treedef):
 
 
 def export(fn, *args):
-    """``jax.export`` of ``fn`` for arguments shaped like ``args`` (arrays or ShapeDtypeStructs)."""
+    """``jax.export`` of ``fn`` for arguments shaped like ``args`` (arrays or ShapeDtypeStructs),
+    with their shardings where they are spread over a mesh of devices."""
     import jax
     from jax import export as jax_export
 
-    specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+    def spec(x):
+        sharding = getattr(x, "sharding", None)
+        named = isinstance(sharding, jax.sharding.NamedSharding)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if named else None)
+
+    specs = jax.tree.map(spec, args)
     checks = [jax_export.DisabledSafetyCheck.custom_call(target) for target in CUDNN_TARGETS]
     return jax_export.export(jax.jit(fn), disabled_checks=checks)(*specs)
 

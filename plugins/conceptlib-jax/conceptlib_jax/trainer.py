@@ -14,7 +14,7 @@ how the work is laid out for a GPU (see ``conceptlib_jax.step``):
   difference from the TensorFlow trainer, which draws a fresh crop every step;
 - data parallel over several devices (``devices``) through keras.distribution.DataParallel;
 - a cache of the exported step (``conceptlib_jax.exported``): the first run of a configuration
-  with weight files traces the step on keras-cv's models and exports it next to the compilation
+  (on one device or several) with weight files traces the step on keras-cv's models and exports it next to the compilation
   cache; later runs read the weights straight from the files and never build (or import)
   keras-cv's models, unless they render previews.
 
@@ -28,8 +28,7 @@ float32-stat group norm without reshapes, ``qkv`` fused q/k/v projections, ``cro
 cross-attention padded to 128 keys for cuDNN; ``none`` for keras-cv's own layers; default
 DEFAULT_KERNELS), CONCEPTLIB_JAX_VAE_CHUNK (images per VAE call when caching latents),
 CONCEPTLIB_JAX_BACKGROUND_COMPILE (on|off: compile the step while the VAE encodes the images),
-CONCEPTLIB_JAX_EXPORT (on|off: the step cache; it needs the compilation cache, weight files and
-one device),
+CONCEPTLIB_JAX_EXPORT (on|off: the step cache; it needs the compilation cache and weight files),
 CONCEPTLIB_JAX_REPORT (a file to write the run's report to as JSON: settings, per-phase timings
 and peak memory; for benchmarks).
 """
@@ -339,13 +338,12 @@ class JaxTrainer:
 
     # --- run ----------------------------------------------------------------------------------
 
-    def _step_cache(self, job, cache_dir, distribution):
-        """The StepCache to use, or None: it needs weight files, one device, one step per call
-        and a compilation cache folder (CONCEPTLIB_JAX_EXPORT=off turns it off)."""
+    def _step_cache(self, job, cache_dir):
+        """The StepCache to use, or None: it needs weight files, one step per call and a
+        compilation cache folder (CONCEPTLIB_JAX_EXPORT=off turns it off)."""
         from conceptlib_jax.exported import StepCache
 
-        if (not self.export or not cache_dir or distribution is not None or job.weights is None
-                or self.steps_per_call != 1):
+        if not self.export or not cache_dir or job.weights is None or self.steps_per_call != 1:
             return None
         return StepCache(os.path.join(cache_dir, "conceptlib-steps"))
 
@@ -387,11 +385,13 @@ class JaxTrainer:
         cache_dir = enable_compilation_cache(self.compilation_cache)
         precision, flash, gpu = self._settings()
         devices = resolve_devices(self.devices)
-        distribution = None
+        distribution = replicated = None
         if len(devices) > 1:
             distribution = keras.distribution.DataParallel(
                 devices=[f"{d.platform}:{d.id}" for d in devices]
             )
+            # Weights, data, carry and key live on every device; only each batch is split.
+            replicated = jax.sharding.NamedSharding(distribution.device_mesh.backend_mesh, jax.sharding.PartitionSpec())
         requested = self.batch_size if self.batch_size is not None else config.batch_size
         if requested in (None, 0, "auto"):
             config.batch_size = auto_batch_size(config.resolution, precision, flash, devices)
@@ -403,8 +403,8 @@ class JaxTrainer:
                 f"use a multiple of {len(devices)}"
             )
         host = self.host_data(job)
-        step_cache = self._step_cache(job, cache_dir, distribution)
-        key = entry_key(self._cache_settings(job, precision, flash, host)) if step_cache else None
+        step_cache = self._step_cache(job, cache_dir)
+        key = entry_key(dict(self._cache_settings(job, precision, flash, host), devices=len(devices))) if step_cache else None
         entry = step_cache.load(key) if step_cache else None
         self.report = {
             "precision": precision, "flash": flash, "devices": len(devices),
@@ -425,8 +425,10 @@ class JaxTrainer:
 
         if entry is not None:
             try:
-                state = jax.device_put(read_weights(entry.state_leaves, job.weights))
-                vae_state = jax.device_put(read_weights(entry.vae_leaves, job.weights))
+                state = jax.device_put(read_weights(entry.state_leaves, job.weights), replicated)
+                # Replicated like the traced run's VAE variables (built in the distribution's
+                # scope): the exported function expects its weights on every device.
+                vae_state = jax.device_put(read_weights(entry.vae_leaves, job.weights), replicated)
                 token_table = np.asarray(state[entry.token_leaf])
             except WeightsError as exc:
                 # Files of another layout than the cached run's: build the models, whose own
@@ -459,13 +461,15 @@ class JaxTrainer:
         carry = (rows, opt_values, jax.numpy.int32(job.start_step))
         base_key = jax.random.key(config.seed)
         shapes = self.data_shapes(host, config.resolution)
+        if replicated is not None:
+            shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated), shapes)
 
         patches = []
         try:
             step_for = None  # steps_per_call -> the traced step function (traced runs only)
             if entry is None:
-                traced = self._trace(ti, optimizer, rate, job, flash, carry, base_key, shapes, distribution, patches)
-                step_for, moments_fn, state, vae_state, carry, base_key, shapes, replicated = traced
+                traced = self._trace(ti, optimizer, rate, job, flash, carry, base_key, replicated, patches)
+                step_for, moments_fn, state, vae_state, carry, base_key = traced
                 step_fn = step_for(self.steps_per_call)
                 if step_cache is not None:
                     entry = self._export(ti, step_fn, moments_fn, carry, state, vae_state, shapes, base_key, host, job)
@@ -475,8 +479,8 @@ class JaxTrainer:
                             self.report["step_cache"] = "stored"
                         except OSError as exc:  # a full disk or a concurrent run: train anyway
                             self.report["step_cache"] = f"not stored: {exc}"
-            else:
-                replicated = None
+            elif replicated is not None:
+                carry, base_key = jax.device_put((carry, base_key), replicated)
             if entry is not None:
                 # Cold or warm, a cached configuration runs the deserialized functions.
                 state = jax.tree.leaves(state)
@@ -588,7 +592,7 @@ class JaxTrainer:
         vectors = np.asarray(carry[0], dtype=np.float32)
         return TrainingResult(vectors, list(job.losses), final_preview)
 
-    def _trace(self, ti, optimizer, rate, job, flash, carry, base_key, shapes, distribution, patches):
+    def _trace(self, ti, optimizer, rate, job, flash, carry, base_key, replicated, patches):
         """Install the UNet rewrites (appended to ``patches``, restored by the caller) and return
         ``steps_per_call -> step function`` and the VAE function (not jitted) with their
         arguments, replicated over the devices with several of them."""
@@ -602,12 +606,10 @@ class JaxTrainer:
         state = ti.frozen_state()
         vae_state = state["vae"]
         state = step_state(state)
-        batch_sharding = replicated = None
-        if distribution is not None:
-            mesh = distribution.device_mesh.backend_mesh
-            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        batch_sharding = None
+        if replicated is not None:
+            mesh = replicated.mesh
             state, carry, base_key = jax.device_put((state, carry, base_key), replicated)
-            shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated), shapes)
 
             def batch_sharding(ndim):
                 spec = ["batch"] + [None] * (ndim - 1)
@@ -630,7 +632,7 @@ class JaxTrainer:
                 batch_sharding=batch_sharding,
             )
 
-        return step_for, posterior_moments(ti), state, vae_state, carry, base_key, shapes, replicated
+        return step_for, posterior_moments(ti), state, vae_state, carry, base_key
 
     def _export(self, ti, step_fn, moments_fn, carry, state, vae_state, shapes, base_key, host, job):
         """Export the traced functions (see conceptlib_jax.exported); None, with the reason in the

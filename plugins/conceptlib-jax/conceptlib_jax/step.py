@@ -207,15 +207,15 @@ def loss_and_grad_fn(ti):
     return jax.value_and_grad(loss)
 
 
-def make_train_step(ti, optimizer, batch_size: int, *, rate=None, steps_per_call: int = 1, batch_sharding=None):
+def make_train_step(ti, optimizer, batch_size: int, *, rate=None, steps_per_call: int = 1, mesh=None):
     """``train_step_fn(...)`` jitted, its carry donated."""
     import jax
 
-    fn = train_step_fn(ti, optimizer, batch_size, rate=rate, steps_per_call=steps_per_call, batch_sharding=batch_sharding)
+    fn = train_step_fn(ti, optimizer, batch_size, rate=rate, steps_per_call=steps_per_call, mesh=mesh)
     return jax.jit(fn, donate_argnums=(0,))
 
 
-def train_step_fn(ti, optimizer, batch_size: int, *, rate=None, steps_per_call: int = 1, batch_sharding=None):
+def train_step_fn(ti, optimizer, batch_size: int, *, rate=None, steps_per_call: int = 1, mesh=None):
     """The training step, not jitted.
 
     ``step(carry, state, data, key) -> (carry, losses)`` where ``carry = (new_rows,
@@ -223,24 +223,22 @@ def train_step_fn(ti, optimizer, batch_size: int, *, rate=None, steps_per_call: 
     ``data = DeviceData.tree()`` and ``key`` (the run's PRNG key) are arguments (never closed
     over), and ``losses`` has one float32 per step run (``steps_per_call`` of them). Step ``i``
     draws its batch from ``fold_in(key, i)``, so a resumed run sees the same batches as an
-    uninterrupted one. ``batch_sharding(ndim)`` (a jax Sharding over the batch axis) spreads each
-    batch over several devices; weights and data stay replicated and XLA inserts the gradient
-    all-reduce. ``rate`` is the optimizer's ScheduleFromArguments (``step_optimizer``), bound to
+    uninterrupted one. ``mesh`` (a jax Mesh with a "batch" axis) spreads each batch over its
+    devices: every device draws the whole batch (cheap, the same key), runs the loss and gradient
+    on its slice under ``shard_map`` and the gradients are averaged (``pmean``); weights, data
+    and the carry stay replicated. Per device, not partitioned by XLA, so custom calls such as
+    cuDNN flash attention see their local shapes and the step stays exportable. ``rate`` is the optimizer's ScheduleFromArguments (``step_optimizer``), bound to
     ``data["schedule"]`` while tracing; None for an optimizer with its rate inside.
     """
     import jax
 
     value_and_grad = loss_and_grad_fn(ti)
-
-    def constrain(x):
-        if batch_sharding is None:
-            return x
-        return jax.lax.with_sharding_constraint(x, batch_sharding(x.ndim))
+    if mesh is not None:
+        value_and_grad = data_parallel(value_and_grad, mesh)
 
     def one_step(carry, state, data, key):
         new_rows, opt_values, index = carry
-        batch = sample_batch(jax.random.fold_in(key, index), data, batch_size)
-        latents, noise, timesteps, token_ids = (constrain(x) for x in batch)
+        latents, noise, timesteps, token_ids = sample_batch(jax.random.fold_in(key, index), data, batch_size)
         loss, grad = value_and_grad(new_rows, state, latents, noise, timesteps, token_ids)
         if rate is not None:
             rate.bind(optimizer, data["schedule"])
@@ -254,3 +252,21 @@ def train_step_fn(ti, optimizer, batch_size: int, *, rate=None, steps_per_call: 
         return jax.lax.scan(lambda c, _: one_step(c, state, data, key), carry, None, length=steps_per_call)
 
     return step
+
+
+def data_parallel(value_and_grad, mesh):
+    """``value_and_grad(new_rows, state, *batch)`` run on each device of ``mesh`` for its slice
+    of the batch (axis "batch"), the loss and gradient averaged over the devices. Every slice has
+    the same size, so the average of the slices' mean losses is the batch's mean loss."""
+    import jax
+    from jax.sharding import PartitionSpec
+
+    def local(new_rows, state, *batch):
+        loss, grad = value_and_grad(new_rows, state, *batch)
+        return jax.lax.pmean(loss, "batch"), jax.lax.pmean(grad, "batch")
+
+    replicated, split = PartitionSpec(), PartitionSpec("batch")
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(replicated, replicated) + (split,) * 4, out_specs=(replicated, replicated),
+        check_vma=False,  # the gradient is averaged explicitly above
+    )

@@ -606,14 +606,8 @@ class JaxTrainer:
         state = ti.frozen_state()
         vae_state = state["vae"]
         state = step_state(state)
-        batch_sharding = None
         if replicated is not None:
-            mesh = replicated.mesh
             state, carry, base_key = jax.device_put((state, carry, base_key), replicated)
-
-            def batch_sharding(ndim):
-                spec = ["batch"] + [None] * (ndim - 1)
-                return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
         kernels = self.kernels
         patch = fused_attention(
@@ -629,7 +623,7 @@ class JaxTrainer:
         def step_for(steps_per_call):
             return train_step_fn(
                 ti, optimizer, config.batch_size, rate=rate, steps_per_call=steps_per_call,
-                batch_sharding=batch_sharding,
+                mesh=replicated.mesh if replicated is not None else None,
             )
 
         return step_for, posterior_moments(ti), state, vae_state, carry, base_key

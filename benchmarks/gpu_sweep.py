@@ -255,7 +255,7 @@ def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
         # like 64), more steps, another learning rate and a warmup: the step cache must still hit.
         images = make_images(tmp / f"images-{run}", count=3)
         steps += 5 * run
-        more = ["--learning-rate", str(0.005 / (run + 1)), "--warmup-steps", str(run)]
+        more = ["--lr", str(0.005 / (run + 1)), "--warmup-steps", str(run)]
     env = dict(os.environ, CONCEPTLIB_HOME=str(tmp / "cli-home"), KERAS_BACKEND="jax", CONCEPTLIB_JAX_REPORT=str(report))
     env["PYTHONPATH"] = os.pathsep.join(extra_path + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     cmd = [

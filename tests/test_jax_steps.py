@@ -51,3 +51,16 @@ def test_default_xla_flags_are_added_unless_the_user_set_them(monkeypatch):
     import os
 
     assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=true"
+
+
+def test_in_background_returns_the_value_or_raises_in_the_caller():
+    from conceptlib_jax.trainer import InBackground
+
+    assert InBackground(lambda a, b=0: a + b, 2, b=3).result() == 5
+
+    def broken():
+        raise ValueError("weights file is corrupt")
+
+    job = InBackground(broken)
+    with pytest.raises(ValueError, match="corrupt"):
+        job.result()

@@ -14,9 +14,10 @@ how the work is laid out for a GPU (see ``conceptlib_jax.step``):
   difference from the TensorFlow trainer, which draws a fresh crop every step;
 - data parallel over several devices (``devices``) through keras.distribution.DataParallel;
 - a cache of the exported step (``conceptlib_jax.exported``): the first run of a configuration
-  (on one device or several) with weight files traces the step on keras-cv's models and exports it next to the compilation
-  cache; later runs read the weights straight from the files and never build (or import)
-  keras-cv's models, unless they render previews.
+  (on one device or several) with weight files traces the step on keras-cv's models and exports
+  it next to the compilation cache; later runs read the weights straight from the files and
+  never build (or import) keras-cv's models, unless they render previews: then the models are
+  built in a background thread once the first step runs.
 
 Options come from the constructor or, for ``conceptlib train --trainer jax``, from environment
 variables: CONCEPTLIB_JAX_PRECISION (bf16|fp32|auto), CONCEPTLIB_JAX_FLASH (on|off|auto),
@@ -36,13 +37,16 @@ and peak memory; for benchmarks).
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from conceptlib_jax import __version__
 
 # Models built in this process, keyed by what they depend on; training never writes a model
-# variable, so benchmarks and tests can run several configurations on one build.
+# variable, so benchmarks and tests can run several configurations on one build. One build at a
+# time: a second caller waits for the first and reuses its models.
 _MODELS: dict = {}
+_BUILD_LOCK = threading.Lock()
 
 # Memory per sample of the training step at 512 px, bf16, flash self-attention (GiB), and the
 # extra for the materialised 4096 x 4096 attention scores without flash. From H100 runs of the
@@ -127,6 +131,12 @@ def build_models(base_model, resolution, weights, *, precision="fp32", decoder=F
     """A FastTextualInversion over keras-cv's models, the text encoder and UNet in the compute
     dtype (``bfloat16`` variables for bf16: the frozen weights are only ever read in bf16), the
     VAE in float32. Built once per process for the same arguments."""
+    with _BUILD_LOCK:
+        return _build_models(base_model, resolution, weights, precision=precision, decoder=decoder,
+                             distribution=distribution)
+
+
+def _build_models(base_model, resolution, weights, *, precision, decoder, distribution):
     import contextlib
 
     import keras
@@ -416,6 +426,9 @@ class JaxTrainer:
         models = {}
 
         def get_models(decoder=False):
+            building = models.pop("building", None)
+            if building is not None:
+                models["ti"] = building.result()
             if "ti" not in models or (decoder and models["ti"].decoder is None):
                 models["ti"] = build_models(
                     config.base_model, config.resolution, job.weights,
@@ -560,6 +573,14 @@ class JaxTrainer:
                         single = jax.jit(step_for(1), donate_argnums=(0,))
                     fn = single
                 carry, losses = fn(carry, state, data_tree, base_key)
+                if job.wants_previews and not models:
+                    # A step-cache hit has no models, and previews need them: build them on the
+                    # host while the device trains rather than pausing at the first preview.
+                    models["building"] = InBackground(
+                        build_models, config.base_model, config.resolution, job.weights,
+                        precision=precision, decoder=True, distribution=distribution,
+                    )
+                    self.report["preview_models"] = "built in the background"
                 if pending is not None:
                     self._report(job, *pending)
                 pending = (index, losses)
@@ -658,6 +679,30 @@ class JaxTrainer:
     def _report(job, first: int, losses) -> None:
         for offset, loss in enumerate(_host(losses)):
             job.step_done(first + offset, float(loss))
+
+
+class InBackground:
+    """``fn(*args, **kwargs)`` in a daemon thread (an interrupted run exits without waiting for
+    it); ``result()`` waits for it and returns its value or raises its exception."""
+
+    def __init__(self, fn, *args, **kwargs):
+        self._value = self._error = None
+        self._thread = threading.Thread(
+            target=self._run, args=(fn, args, kwargs), daemon=True, name="conceptlib-background"
+        )
+        self._thread.start()
+
+    def _run(self, fn, args, kwargs):
+        try:
+            self._value = fn(*args, **kwargs)
+        except BaseException as exc:  # re-raised in the caller's thread by result()
+            self._error = exc
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def steps_this_call(index: int, steps: int, per_call: int, due) -> int:

@@ -291,6 +291,7 @@ def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
         # the jax trainer's cache of exported steps: "stored" (this run traced and exported the
         # step), "hit" (no keras-cv models built), "off", or why it was not exported
         "step_cache": trainer_report.get("step_cache"),
+        "preview_models": trainer_report.get("preview_models"),  # a hit with previews builds them in the background
         **rate,
         "compilation_cache": env.get("CONCEPTLIB_JAX_CACHE", "default (user cache dir)"),
         "stderr_tail": tail[-6:] if proc.returncode else tail[-2:],

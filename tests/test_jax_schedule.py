@@ -102,7 +102,7 @@ def _adam_runs(case, fn_cache):
         @jax.jit
         def candidate_step(opt_values, rows, grad, values):
             if rate is not None:
-                rate.bind(optimizer, values)
+                rate.bind(values)
             (rows,), opt_values = optimizer.stateless_apply(opt_values, [grad], [rows])
             return opt_values, rows
 

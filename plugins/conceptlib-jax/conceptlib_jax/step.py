@@ -134,17 +134,17 @@ def schedule_arguments(learning_rate: float, steps: int, warmup_steps: int = 0) 
 class ScheduleFromArguments:
     """A keras learning-rate callable: ``make_optimizer``'s cosine schedule (with or without
     warmup) at the optimizer's iteration, its numbers read from the step's ``schedule``
-    argument (``bind`` it while tracing), not baked into the compiled step.
+    argument (``bind`` them while tracing), not baked into the compiled step.
 
     Without warmup this is keras' warmup form with zero warmup steps, which computes the same
     numbers as ``CosineDecay(learning_rate, decay_steps)`` op for op (step - 0, decay + 0)."""
 
     def __init__(self):
         self.values = None
-        self.optimizer = None
+        self.optimizer = None  # set by step_optimizer: the rate is read at its iteration
 
-    def bind(self, optimizer, values: dict) -> None:
-        self.optimizer, self.values = optimizer, values
+    def bind(self, values: dict) -> None:
+        self.values = values
 
     def __call__(self):
         from keras.optimizers.schedules import CosineDecay
@@ -172,6 +172,8 @@ def step_optimizer(config):
         config.learning_rate, config.steps, schedule=config.lr_schedule, warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay, clip_norm=config.clip_norm, rate=rate,
     )
+    if rate is not None:
+        rate.optimizer = optimizer
     return optimizer, rate
 
 
@@ -227,8 +229,9 @@ def train_step_fn(ti, optimizer, batch_size: int, *, rate=None, steps_per_call: 
     devices: every device draws the whole batch (cheap, the same key), runs the loss and gradient
     on its slice under ``shard_map`` and the gradients are averaged (``pmean``); weights, data
     and the carry stay replicated. Per device, not partitioned by XLA, so custom calls such as
-    cuDNN flash attention see their local shapes and the step stays exportable. ``rate`` is the optimizer's ScheduleFromArguments (``step_optimizer``), bound to
-    ``data["schedule"]`` while tracing; None for an optimizer with its rate inside.
+    cuDNN flash attention see their local shapes and the step stays exportable. ``rate`` is the
+    optimizer's ScheduleFromArguments (``step_optimizer``), bound to ``data["schedule"]`` while
+    tracing; None for an optimizer with its rate inside.
     """
     import jax
 
@@ -241,7 +244,7 @@ def train_step_fn(ti, optimizer, batch_size: int, *, rate=None, steps_per_call: 
         latents, noise, timesteps, token_ids = sample_batch(jax.random.fold_in(key, index), data, batch_size)
         loss, grad = value_and_grad(new_rows, state, latents, noise, timesteps, token_ids)
         if rate is not None:
-            rate.bind(optimizer, data["schedule"])
+            rate.bind(data["schedule"])
         (new_rows,), opt_values = optimizer.stateless_apply(opt_values, [grad], [new_rows])
         return (new_rows, opt_values, index + 1), loss
 

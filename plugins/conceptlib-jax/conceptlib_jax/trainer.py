@@ -304,17 +304,20 @@ class JaxTrainer:
         import jax
         import jax.numpy as jnp
 
+        from conceptlib_jax.step import schedule_arguments
+
         crops, image_of, prompts, counts = host
         side = resolution // 8
         latent = jax.ShapeDtypeStruct((len(image_of), side, side, 4), jnp.float32)
         scalar = jax.ShapeDtypeStruct((), jnp.float32)
+        schedule = {name: scalar for name in schedule_arguments(0.0, 1)}
         return {
             "mean": latent, "std": latent,
             "image_of": jax.ShapeDtypeStruct(image_of.shape, jnp.int32),
             "variant_count": jax.ShapeDtypeStruct((), jnp.int32),
             "prompts": jax.ShapeDtypeStruct(prompts.shape, jnp.int32),
             "prompt_count": jax.ShapeDtypeStruct(counts.shape, jnp.int32),
-            "schedule": {"learning_rate": scalar, "decay_steps": scalar, "warmup_steps": scalar},
+            "schedule": schedule,
         }
 
     def latent_data(self, job, moments, vae_state, *, host=None):
@@ -357,7 +360,7 @@ class JaxTrainer:
             return None
         return StepCache(os.path.join(cache_dir, "conceptlib-steps"))
 
-    def _cache_settings(self, job, precision, flash, host) -> dict:
+    def _cache_settings(self, job, precision, flash, host, devices: int) -> dict:
         """What the exported functions depend on besides code, versions and device. Not the
         learning rate, step count, warmup or the number of images: those are step arguments."""
         config = job.config
@@ -367,7 +370,7 @@ class JaxTrainer:
             "flash": flash, "kernels": list(self.kernels), "batch_size": config.batch_size,
             "num_vectors": config.num_vectors, "vae_chunk": self._vae_chunk(config.resolution, len(crops)),
             "variant_rows": len(image_of), "prompt_table": list(prompts.shape),
-            "optimizer": [config.lr_schedule, config.weight_decay, config.clip_norm],
+            "optimizer": [config.lr_schedule, config.weight_decay, config.clip_norm], "devices": devices,
         }
 
     def _vae_chunk(self, resolution: int, count: int) -> int:
@@ -414,7 +417,7 @@ class JaxTrainer:
             )
         host = self.host_data(job)
         step_cache = self._step_cache(job, cache_dir)
-        key = entry_key(dict(self._cache_settings(job, precision, flash, host), devices=len(devices))) if step_cache else None
+        key = entry_key(self._cache_settings(job, precision, flash, host, len(devices))) if step_cache else None
         entry = step_cache.load(key) if step_cache else None
         self.report = {
             "precision": precision, "flash": flash, "devices": len(devices),
@@ -515,10 +518,7 @@ class JaxTrainer:
             if self.background_compile and distribution is None:
                 # XLA compiles (GIL released) while the VAE encodes the crops. One device only:
                 # the sharded multi-device path is not verified with it yet.
-                import concurrent.futures
-
-                background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conceptlib-compile")
-                future = background.submit(compile_step)
+                background = InBackground(compile_step)
             data = self.latent_data(job, moments, vae_state, host=host)
             del host
             data_tree = data.tree()
@@ -526,11 +526,7 @@ class JaxTrainer:
                 data_tree = jax.device_put(data_tree, replicated)
             timings["latents_ready"] = time.perf_counter()
             peaks["latents_ready"] = peak_memory_gib()
-            if background is not None:
-                compiled = future.result()
-                background.shutdown()
-            else:
-                compiled = compile_step()
+            compiled = background.result() if background is not None else compile_step()
             timings["compiled"] = time.perf_counter()
             self.report.update({
                 "latent_variants": int(data.mean.shape[0]), "step_memory_gib": _step_memory_gib(compiled),

@@ -74,6 +74,12 @@ PRESETS = {
     "xnotriton": {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"},
     "xnocmdbuf": {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="},
     "xnoexhaust": {"XLA_FLAGS": "--xla_gpu_exhaustive_tiling_search=false"},
+    # The fusion autotuner (native vs Triton block-level emitters for ~350 fusions of the step).
+    "xnofusat": {"XLA_FLAGS": "--xla_gpu_experimental_enable_fusion_autotuner=false"},
+    # cuDNN kernels for layer norm, and convolutions / GEMMs fused with their elementwise neighbours.
+    "xcudnnln": {"XLA_FLAGS": "--xla_gpu_enable_cudnn_layer_norm=true"},
+    "xconvfus": {"XLA_FLAGS": "--xla_gpu_experimental_enable_conv_fusion=true"},
+    "xcudnngemm": {"XLA_FLAGS": "--xla_gpu_cudnn_gemm_fusion_level=2"},
     # The allocator may use 8 GiB of the 80 GB card: batch 1 at 512 px must run under it.
     "mem8g": {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
     "noprealloc": {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
@@ -272,6 +278,9 @@ def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
         if first is None and "step 1/" in line:
             first = time.perf_counter() - started
     proc.wait()
+    if args.cli_log:
+        Path(args.cli_log).mkdir(parents=True, exist_ok=True)
+        (Path(args.cli_log) / f"cli-{run + 1}.stderr").write_text("\n".join(tail) + "\n")
     trainer_report = json.loads(report.read_text()) if report.is_file() else {}
     phases = trainer_report.get("timings", {})
     rate = {}
@@ -354,6 +363,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cli-batch", type=int, default=1)
     parser.add_argument("--cli-vary", action="store_true",
                         help="runs after the first train another concept: 3 images, more steps, other learning rate, warmup")
+    parser.add_argument("--cli-log", default="", metavar="DIR",
+                        help="write each `conceptlib train` run's whole stderr to DIR/cli-N.stderr")
     parser.add_argument("--cli-args", default="", help="more `conceptlib train` options, e.g. '--devices all'")
     parser.add_argument("--budget-s", type=float, default=520, help="start nothing new after this many seconds")
     parser.add_argument("--config-estimate-s", type=float, default=100,

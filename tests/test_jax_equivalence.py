@@ -116,6 +116,15 @@ def worker(backend: str, out: str) -> None:
                 jnp.asarray(batch["new_rows"]), step_state(state), latents,
                 batch["noise"], batch["timesteps"], batch["token_ids"],
             )
+            # The trainer pads the new rows to vector_rows(n): rows never in a prompt (here with
+            # values, to show they cannot leak into the loss) change neither the loss nor the
+            # real rows' gradient, and get none themselves.
+            padding = np.random.default_rng(9).standard_normal((2, ti.dim)).astype(np.float32)
+            padded_loss, padded_grad = value_and_grad(
+                jnp.asarray(np.concatenate([batch["new_rows"], padding])), step_state(state), latents,
+                batch["noise"], batch["timesteps"], batch["token_ids"],
+            )
+            results["padded_loss"], results["padded_grad"] = np.asarray(padded_loss), np.asarray(padded_grad)
             results["patched_layers"] = np.asarray(len(patch.layers))
             results["plain_calls"] = np.asarray(patch.plain_calls)
         results["unet_restored"] = np.asarray(diffusion_model(unet_inputs))
@@ -155,6 +164,15 @@ def test_jax_gradient_on_new_rows_equals_tensorflow(results):
     # Both new rows are used by the batch, so both must get a real gradient.
     assert np.all(np.linalg.norm(tf_grad, axis=1) > 0)
     np.testing.assert_allclose(jax_grad, tf_grad, rtol=1e-3, atol=1e-4 * np.abs(tf_grad).max())
+
+
+@pytest.mark.slow
+def test_padded_new_rows_give_the_same_loss_and_gradient(results):
+    jax_results = results["jax"]
+    np.testing.assert_array_equal(jax_results["padded_loss"], jax_results["loss"])
+    assert jax_results["padded_grad"].shape == (NUM_NEW + 2, 768)
+    np.testing.assert_array_equal(jax_results["padded_grad"][:NUM_NEW], jax_results["grad"])
+    assert not np.any(jax_results["padded_grad"][NUM_NEW:])
 
 
 @pytest.mark.slow

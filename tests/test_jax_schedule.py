@@ -1,8 +1,9 @@
 """The jax trainer's step takes what varies between runs as arguments, not constants: the
 learning-rate schedule's numbers (``ScheduleFromArguments``) and the data padded to power-of-two
-row counts (``bucket``). So one compiled (and exported) step serves any ``--steps``,
-``--learning-rate``, ``--warmup-steps`` and number of images; these tests check that it still
-computes exactly what the reference does.
+row counts (``bucket``), and the new vectors padded likewise (``vector_rows``). So one compiled
+(and exported) step serves any ``--steps``, ``--learning-rate``, ``--warmup-steps``, number of
+images and, within a power of two, ``--num-vectors``; these tests check that it still computes
+exactly what the reference does.
 
 The reference is ``make_optimizer``'s keras Adam with keras' CosineDecay, as the TensorFlow
 trainer uses it; the jax side needs a process whose Keras backend is jax, so the comparisons run
@@ -55,6 +56,16 @@ def test_schedule_from_arguments_trains_exactly_like_make_optimizer(report, case
 def test_one_compiled_step_serves_other_steps_and_learning_rates(report):
     # Both cosine cases ran through ONE jitted function: the schedule is its argument.
     assert report["cosine_compilations"] == 1
+
+
+def test_padded_vector_rows_update_the_real_rows_exactly_as_unpadded(report):
+    """3 vectors trained as 4 rows (the 4th never in a prompt: zero gradient): after every step
+    the 3 real rows and their Adam state equal an unpadded optimizer's, with weight decay and the
+    global-norm clip active; the padding row stays zero."""
+    padded = report["padded_vectors"]
+    assert padded["rows"] == [3, 4] and padded["clipped_steps"] > 0
+    assert padded["max_abs_difference"] == 0.0
+    assert padded["padding_row_max_abs"] == 0.0
 
 
 def test_padded_data_draws_the_same_batches(report):
@@ -126,6 +137,48 @@ def _adam_runs(case, fn_cache):
     }
 
 
+def _padded_vector_rows():
+    import jax
+    import jax.numpy as jnp
+    import keras
+    import numpy as np
+
+    from conceptlib.kerascv.textual_inversion import make_optimizer
+    from conceptlib_jax.trainer import pad_rows, vector_rows
+
+    rows = [3, vector_rows(3)]
+    rng = np.random.default_rng(5)
+    start = rng.standard_normal((3, 16)).astype(np.float32)
+    # Large enough for the global-norm clip (10) to act on some steps, small on others.
+    grads = [rng.standard_normal((3, 16)).astype(np.float32) * scale for scale in (4, 0.1, 3, 0.2, 5, 0.1)]
+
+    def run(count):
+        optimizer = make_optimizer(5e-3, 6, weight_decay=0.004, clip_norm=10.0)
+        optimizer.build([keras.Variable(pad_rows(start, count))])
+
+        @jax.jit
+        def step(opt_values, values, grad):
+            (values,), opt_values = optimizer.stateless_apply(opt_values, [grad], [values])
+            return opt_values, values
+
+        opt, values, history = [jnp.asarray(v.value) for v in optimizer.variables], jnp.asarray(pad_rows(start, count)), []
+        for grad in grads:
+            opt, values = step(opt, values, jnp.asarray(pad_rows(grad, count)))
+            history.append([np.asarray(values)] + [np.asarray(v) for v in opt])
+        return history
+
+    plain, padded = run(rows[0]), run(rows[1])
+    worst = padding = 0.0
+    for a_step, b_step in zip(plain, padded):
+        for a, b in zip(a_step, b_step):
+            if b.shape != a.shape:  # the rows and Adam's moments: compare the real rows
+                padding = max(padding, float(np.max(np.abs(b[3:]))))
+                b = b[:3]
+            worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
+    clipped = sum(float(np.linalg.norm(g)) > 10.0 for g in grads)
+    return {"rows": rows, "max_abs_difference": worst, "padding_row_max_abs": padding, "clipped_steps": clipped}
+
+
 def _variable_kinds(optimizer):
     """["iteration", "learning_rate", "momentum", "velocity"]-like: the variables without the
     names' per-instance numbering."""
@@ -175,6 +228,7 @@ def _worker(out_path: str) -> None:
         "cases": cases,
         "cosine_compilations": fn_cache["cosine"][0]._cache_size(),
         "padded_rows": rows,
+        "padded_vectors": _padded_vector_rows(),
         "batch_differences": differences,
     }
     with open(out_path, "w") as handle:

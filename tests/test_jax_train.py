@@ -12,8 +12,8 @@ keras-cv model for training; with previews due, the models are built in a backgr
 the first step runs (previews read the vectors, never change them or the data).
 
 Before that, the worker trains another concept with the same shapes but other images (four
-instead of three), steps, learning rate and warmup: those are arguments of the exported step, so
-it hits the same cache entry too.
+instead of three), vectors (four instead of three: both train four rows), steps, learning rate
+and warmup: those are arguments of the exported step, so it hits the same cache entry too.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def run(tmp_path_factory):
     cmd = [
         cli, "train", str(_images(root / "images")), "--name", "jax-concept", "--token", "<jax-concept>",
         "--init", "toy robot", "--weights", str(root / "weights"), "--resolution", "64", "--steps", "2",
-        "--batch-size", "2", "--num-vectors", "2", "--trainer", "jax", "--seed", "3",
+        "--batch-size", "2", "--num-vectors", "3", "--trainer", "jax", "--seed", "3",
         "--checkpoint-every", "1", "--preview-every", "2", "--preview-steps", "2",
         "--run-dir", str(root / "run"),
     ]
@@ -96,7 +96,7 @@ def test_cli_train_with_jax_trainer_adds_the_concept(run):
     from conceptlib.library import ConceptLibrary
 
     concept = ConceptLibrary(run["home"]).get("<jax-concept>")
-    assert concept.name == "jax-concept" and concept.vectors.shape == (2, 768)
+    assert concept.name == "jax-concept" and concept.vectors.shape == (3, 768)
     assert concept.vectors.dtype == np.float32 and np.all(np.isfinite(concept.vectors))
     meta = concept.metadata
     assert meta["trainer"] == "jax" and meta["trainer_version"] == "0.1.0"
@@ -116,7 +116,9 @@ def test_jax_run_folder_has_checkpoint_and_preview(run):
     assert checkpoint.is_file()
     with np.load(checkpoint) as data:
         # The vectors after step 1 and Adam's state (iterations, learning rate, m, v).
-        assert data["vectors"].shape == (2, 768)
+        # Three vectors: the step trains four rows, the checkpoint holds the real three.
+        assert data["vectors"].shape == (3, 768)
+        assert all(data[k].shape in ((), (3, 768)) for k in data.files if k.startswith("optimizer_"))
         assert len([k for k in data.files if k.startswith("optimizer_")]) >= 3
     assert (folder / "previews" / "step-0000002.png").is_file()
 
@@ -138,11 +140,13 @@ def test_a_second_jax_run_uses_the_step_cache_without_keras_cv(run, resumed):
 
 
 def test_other_images_steps_and_learning_rate_use_the_same_cached_step(resumed):
-    """Four images instead of three (12 -> 16 crops, both padded to 16 rows), 3 steps instead of 2,
-    another learning rate and a warmup: one entry serves them (the test above saw only one). The
-    run has no previews, so the process never imported keras-cv or TensorFlow."""
+    """Four images instead of three (12 -> 16 crops, both padded to 16 rows), four vectors instead
+    of three (both four rows), 3 steps instead of 2, another learning rate and a warmup: one entry
+    serves them (the test above saw only one). The run has no previews, so the process never
+    imported keras-cv or TensorFlow."""
     other = resumed["report"]["other_run"]
     assert other["step_cache"] == "hit" and other["latent_variants"] == 16
+    assert other["vectors_shape"] == [4, 768]
     assert len(other["losses"]) == 3 and all(np.isfinite(loss) and loss > 0 for loss in other["losses"])
     assert resumed["report"]["imported_after_other_run"] == []
 
@@ -184,16 +188,16 @@ def _resume_worker(run_folder: str, home: str, out: str) -> None:
 
     other = TrainingConfig.from_dict(dict(
         config.to_dict(), images=str(_images(Path(home) / "other-images", count=4)), name="other",
-        token="<other>", steps=3, learning_rate=2e-3, warmup_steps=1, checkpoint_every=0, preview_every=0,
+        token="<other>", num_vectors=4, steps=3, learning_rate=2e-3, warmup_steps=1, checkpoint_every=0, preview_every=0,
         run_dir=str(Path(home) / "other-run"),
     ))
     other_job = prepare(other, library=library)
     other_job.progress.enabled = False
-    other_job.trainer_cls().run(other_job)
+    other_result = other_job.trainer_cls().run(other_job)
     other_report = json.loads(Path(os.environ["CONCEPTLIB_JAX_REPORT"]).read_text())
     other_run = {
         "step_cache": other_report["step_cache"], "latent_variants": other_report["latent_variants"],
-        "losses": [float(loss) for loss in other_job.losses],
+        "losses": [float(loss) for loss in other_job.losses], "vectors_shape": list(other_result.vectors.shape),
     }
     imported_after_other = sorted({name.split(".")[0] for name in sys.modules} & {"keras_cv", "tensorflow"})
 

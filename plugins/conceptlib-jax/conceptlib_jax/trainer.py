@@ -17,7 +17,8 @@ how the work is laid out for a GPU (see ``conceptlib_jax.step``):
   (on one device or several) with weight files traces the step on keras-cv's models and exports
   it next to the compilation cache; later runs read the weights straight from the files and
   never build (or import) keras-cv's models, unless they render previews: then the models are
-  built in a background thread once the first step runs.
+  built in a background thread once the first step runs. The new vectors are padded to a power
+  of two of rows (``vector_rows``), so 3 and 4 vectors share a step.
 
 Options come from the constructor or, for ``conceptlib train --trainer jax``, from environment
 variables: CONCEPTLIB_JAX_PRECISION (bf16|fp32|auto), CONCEPTLIB_JAX_FLASH (on|off|auto),
@@ -362,13 +363,14 @@ class JaxTrainer:
 
     def _cache_settings(self, job, precision, flash, host, devices: int) -> dict:
         """What the exported functions depend on besides code, versions and device. Not the
-        learning rate, step count, warmup or the number of images: those are step arguments."""
+        learning rate, step count, warmup or the number of images: those are step arguments;
+        nor the exact number of vectors: the rows are padded (``vector_rows``)."""
         config = job.config
         crops, image_of, prompts, counts = host
         return {
             "base_model": config.base_model, "resolution": config.resolution, "precision": precision,
             "flash": flash, "kernels": list(self.kernels), "batch_size": config.batch_size,
-            "num_vectors": config.num_vectors, "vae_chunk": self._vae_chunk(config.resolution, len(crops)),
+            "vector_rows": vector_rows(config.num_vectors), "vae_chunk": self._vae_chunk(config.resolution, len(crops)),
             "variant_rows": len(image_of), "prompt_table": list(prompts.shape),
             "optimizer": [config.lr_schedule, config.weight_decay, config.clip_norm], "devices": devices,
         }
@@ -462,7 +464,11 @@ class JaxTrainer:
                 "the weights do not belong to this base model"
             )
 
-        rows_var = keras.Variable(job.initial_vectors(token_table), dtype="float32", name="concept_vectors")
+        # The step trains vector_rows(n) rows; the ones past n are never in a prompt, so they get
+        # zero gradients and leave the real rows' updates unchanged (tests/test_jax_schedule.py).
+        num_vectors = config.num_vectors
+        initial = pad_rows(job.initial_vectors(token_table), vector_rows(num_vectors))
+        rows_var = keras.Variable(initial, dtype="float32", name="concept_vectors")
         optimizer, rate = step_optimizer(config)
         optimizer.build([rows_var])
         # Copies: the step donates its carry, and the keras variables must keep valid buffers.
@@ -472,8 +478,11 @@ class JaxTrainer:
         if checkpoint is not None:
             if len(checkpoint.optimizer) != len(opt_values):
                 raise TrainingError("the checkpoint's optimizer state does not match this trainer; start a new run")
-            rows = jax.numpy.asarray(checkpoint.vectors, "float32")
-            opt_values = [jax.numpy.asarray(v, dtype=o.dtype) for v, o in zip(checkpoint.optimizer, opt_values)]
+            rows = jax.numpy.asarray(pad_rows(checkpoint.vectors, rows.shape[0]), "float32")
+            opt_values = [
+                jax.numpy.asarray(pad_rows(v, o.shape[0]) if o.shape == rows.shape else v, dtype=o.dtype)
+                for v, o in zip(checkpoint.optimizer, opt_values)
+            ]
         carry = (rows, opt_values, jax.numpy.int32(job.start_step))
         base_key = jax.random.key(config.seed)
         shapes = self.data_shapes(host, config.resolution)
@@ -514,6 +523,7 @@ class JaxTrainer:
                 timings["compile_seconds"] = time.perf_counter() - started + timings["start"]
                 return result
 
+            timings["step_ready"] = time.perf_counter()  # traced and exported, or read from the cache
             background = None
             if self.background_compile and distribution is None:
                 # XLA compiles (GIL released) while the VAE encodes the crops. One device only:
@@ -541,13 +551,15 @@ class JaxTrainer:
             peaks["compiled"] = peak_memory_gib()
 
             def current():
+                # Checkpoints hold the real rows only, as the TensorFlow trainer's do.
                 rows_now, opt_now, _ = carry
-                return np.asarray(rows_now, np.float32), [np.asarray(v) for v in opt_now]
+                real = [np.asarray(v)[:num_vectors] if v.shape == rows_now.shape else np.asarray(v) for v in opt_now]
+                return np.asarray(rows_now, np.float32)[:num_vectors], real
 
             job.checkpoint_fn = current
 
             def preview(token_ids, noise):
-                return get_models(decoder=True).sample(carry[0], token_ids, noise, num_steps=config.preview_steps)
+                return get_models(decoder=True).sample(carry[0][:num_vectors], token_ids, noise, num_steps=config.preview_steps)
 
             if job.wants_previews:
                 job.preview_fn = preview
@@ -606,7 +618,7 @@ class JaxTrainer:
 
             with open(report_path, "w") as handle:
                 json.dump(self.report, handle, default=str)
-        vectors = np.asarray(carry[0], dtype=np.float32)
+        vectors = np.asarray(carry[0], dtype=np.float32)[:num_vectors]
         return TrainingResult(vectors, list(job.losses), final_preview)
 
     def _trace(self, ti, optimizer, rate, job, flash, carry, base_key, replicated, patches):
@@ -699,6 +711,22 @@ class InBackground:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def vector_rows(num_vectors: int) -> int:
+    """How many rows the step trains for ``num_vectors`` vectors: the next power of two, so
+    1, 2, 3-4, 5-8, ... vectors share one compiled (and cached) step."""
+    from conceptlib_jax.step import bucket
+
+    return bucket(num_vectors)
+
+
+def pad_rows(values, rows: int):
+    """``values`` (n, ...) with zero rows appended up to ``rows``."""
+    import numpy as np
+
+    values = np.asarray(values)
+    return np.concatenate([values, np.zeros((rows - values.shape[0],) + values.shape[1:], values.dtype)])
 
 
 def steps_this_call(index: int, steps: int, per_call: int, due) -> int:

@@ -256,12 +256,15 @@ def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
     step's progress line (and the whole run)."""
     report = tmp / f"cli-report-{run}.json"
     images, steps, more = tmp / "images", args.cli_steps, []
-    if args.cli_vary and run:
-        # Another concept of the same shapes: 3 images instead of 4 (48 crops, padded to 64 rows
-        # like 64), more steps, another learning rate and a warmup: the step cache must still hit.
-        images = make_images(tmp / f"images-{run}", count=3)
-        steps += 5 * run
-        more = ["--lr", str(0.005 / (run + 1)), "--warmup-steps", str(run)]
+    if args.cli_vary:
+        # The first run trains 3 vectors (4 rows); later runs another concept of the same shapes:
+        # 3 images instead of 4 (48 crops, padded to 64 rows like 64), 4 vectors, more steps,
+        # another learning rate and a warmup: the step cache must still hit.
+        more = ["--num-vectors", "3"]
+        if run:
+            images = make_images(tmp / f"images-{run}", count=3)
+            steps += 5 * run
+            more = ["--num-vectors", "4", "--lr", str(0.005 / (run + 1)), "--warmup-steps", str(run)]
     env = dict(os.environ, CONCEPTLIB_HOME=str(tmp / "cli-home"), KERAS_BACKEND="jax", CONCEPTLIB_JAX_REPORT=str(report))
     env["PYTHONPATH"] = os.pathsep.join(extra_path + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     cmd = [
@@ -362,7 +365,8 @@ def main(argv=None) -> int:
                         "or 'random' (in memory)")
     parser.add_argument("--cli-batch", type=int, default=1)
     parser.add_argument("--cli-vary", action="store_true",
-                        help="runs after the first train another concept: 3 images, more steps, other learning rate, warmup")
+                        help="the first run trains 3 vectors; later runs another concept: 3 images, 4 vectors, more steps, "
+                        "other learning rate, warmup")
     parser.add_argument("--cli-log", default="", metavar="DIR",
                         help="write each `conceptlib train` run's whole stderr to DIR/cli-N.stderr")
     parser.add_argument("--cli-args", default="", help="more `conceptlib train` options, e.g. '--devices all'")

@@ -525,9 +525,8 @@ class JaxTrainer:
 
             timings["step_ready"] = time.perf_counter()  # traced and exported, or read from the cache
             background = None
-            if self.background_compile and distribution is None:
-                # XLA compiles (GIL released) while the VAE encodes the crops. One device only:
-                # the sharded multi-device path is not verified with it yet.
+            if self.background_compile:
+                # XLA compiles (GIL released) while the VAE encodes the crops.
                 background = InBackground(compile_step)
             data = self.latent_data(job, moments, vae_state, host=host)
             del host
@@ -540,7 +539,7 @@ class JaxTrainer:
             timings["compiled"] = time.perf_counter()
             self.report.update({
                 "latent_variants": int(data.mean.shape[0]), "step_memory_gib": _step_memory_gib(compiled),
-                "background_compile": self.background_compile and distribution is None,
+                "background_compile": self.background_compile,
             })
             if patches:  # traced this run: what the attention rewrite did
                 attention = patches[0]

@@ -244,15 +244,30 @@ class Progress:
     """A one-line progress report on stderr: step, loss, steps/s and ETA. Rewrites the line on a
     terminal; elsewhere prints a line every ~10 % of the run (and the first and last step)."""
 
-    def __init__(self, total: int, start: int = 0, stream=None, enabled: bool = True):
+    def __init__(self, total: int, start: int = 0, stream=None, enabled: bool = True, started: float | None = None):
         self.total = total
         self.start = start
         self.stream = stream or sys.stderr
         self.enabled = enabled
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.first_step_at: float | None = None
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() if started is None else started
+        self._line_open = False  # a terminal's step line not ended by a newline yet
         self._every = max(1, (total - start) // 10)
+
+    @property
+    def tty(self) -> bool:
+        return hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def stage(self, message: str) -> None:
+        """One line saying what the run does now (e.g. building models, compiling), prefixed with
+        the time since the run started: the minute before a first step should not be silent."""
+        if not self.enabled:
+            return
+        # On a terminal the step line has no newline yet; a stage line must not overwrite it.
+        prefix = "\n" if self._line_open else ""
+        self._line_open = False
+        elapsed = _format_seconds(time.perf_counter() - self.started)
+        print(f"{prefix}[{elapsed}] {message}", file=self.stream, flush=True)
 
     def update(self, step: int, loss: float) -> None:
         now = time.perf_counter()
@@ -272,6 +287,7 @@ class Progress:
         if self.tty:
             self.stream.write("\r" + line.ljust(70) + ("\n" if done == self.total else ""))
             self.stream.flush()
+            self._line_open = done != self.total
         elif done == self.start + 1 or done == self.total or (done - self.start) % self._every == 0:
             print(line, file=self.stream, flush=True)
 
@@ -396,8 +412,16 @@ class TrainingJob:
         if checkpoint is not None:
             self.start_step = checkpoint.step
             self.losses = list(checkpoint.losses)
-            self.progress = Progress(self.config.steps, start=checkpoint.step, enabled=self.progress.enabled)
+            self.progress = Progress(
+                self.config.steps, start=checkpoint.step, stream=self.progress.stream,
+                enabled=self.progress.enabled, started=self.progress.started,
+            )
         return checkpoint
+
+    def stage(self, message: str) -> None:
+        """Tell the user what the trainer does before (or between) steps, e.g. "compiling the
+        training step": one line on stderr with the time since the run started (unless quiet)."""
+        self.progress.stage(message)
 
     def step_done(self, step: int, loss: float) -> None:
         """Record ``loss`` for ``step`` (0-based), report progress, and checkpoint/preview when due."""
@@ -413,6 +437,7 @@ class TrainingJob:
             self.run_dir.save_checkpoint(Checkpoint(done, vectors, list(optimizer), list(self.losses)))
         every = self.config.preview_every
         if self.preview_fn is not None and every and done % every == 0:
+            self.stage(f"rendering the preview of step {done}")
             images = self.preview_fn(*self.preview_inputs())
             self._last_preview = (done, images)
             self.write_preview(done, images)

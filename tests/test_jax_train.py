@@ -18,8 +18,10 @@ and warmup: those are arguments of the exported step, so it hits the same cache 
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +94,13 @@ def test_cli_train_with_jax_trainer_adds_the_concept(run):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().startswith("Added jax-concept (<jax-concept>) to the library: ")
     assert "step 2/2" in proc.stderr
+    assert _stages(proc.stderr) == [
+        "building the sd-1 models",
+        "compiling the training step for 2 x 64 px on CPU: the first run of a setting takes a minute "
+        f"or two, later ones reuse it from {run['root'] / 'jax-cache'}",
+        "encoding 3 image(s) with the VAE",
+        "rendering the preview of step 2",
+    ]
 
     from conceptlib.library import ConceptLibrary
 
@@ -147,6 +156,12 @@ def test_other_images_steps_and_learning_rate_use_the_same_cached_step(resumed):
     other = resumed["report"]["other_run"]
     assert other["step_cache"] == "hit" and other["latent_variants"] == 16
     assert other["vectors_shape"] == [4, 768]
+    folder = resumed["report"]["cache_folder"]
+    assert other["stages"] == [
+        f"reading the weights into the cached training step for 2 x 64 px on CPU ({folder})",
+        "compiling the cached step (seconds when JAX's compilation cache has it)",
+        "encoding 4 image(s) with the VAE",
+    ]
     assert len(other["losses"]) == 3 and all(np.isfinite(loss) and loss > 0 for loss in other["losses"])
     assert resumed["report"]["imported_after_other_run"] == []
 
@@ -174,6 +189,11 @@ def test_interrupted_jax_run_resumes_to_the_same_concept(run, resumed):
     assert [step for step, _ in json.loads(part.metadata["loss_history"])] == [1, 2]
 
 
+def _stages(stderr: str) -> list[str]:
+    """The stage lines of a run ("[m:ss] what it does"), without their times."""
+    return [re.sub(r"^\[\d+:\d\d\] ", "", line) for line in stderr.splitlines() if re.match(r"\[\d+:\d\d\] ", line)]
+
+
 # ------------------------------------------------------------------------------------------------
 # Worker: python tests/test_jax_train.py RUN_FOLDER HOME OUT.json
 
@@ -192,12 +212,13 @@ def _resume_worker(run_folder: str, home: str, out: str) -> None:
         run_dir=str(Path(home) / "other-run"),
     ))
     other_job = prepare(other, library=library)
-    other_job.progress.enabled = False
+    other_job.progress.stream = io.StringIO()  # for its stage lines
     other_result = other_job.trainer_cls().run(other_job)
     other_report = json.loads(Path(os.environ["CONCEPTLIB_JAX_REPORT"]).read_text())
     other_run = {
         "step_cache": other_report["step_cache"], "latent_variants": other_report["latent_variants"],
         "losses": [float(loss) for loss in other_job.losses], "vectors_shape": list(other_result.vectors.shape),
+        "stages": _stages(other_job.progress.stream.getvalue()),
     }
     imported_after_other = sorted({name.split(".")[0] for name in sys.modules} & {"keras_cv", "tensorflow"})
 
@@ -216,6 +237,7 @@ def _resume_worker(run_folder: str, home: str, out: str) -> None:
         "previews": sorted(p.name for p in job.run_dir.previews.glob("*.png")),
         "other_run": other_run,
         "imported_after_other_run": imported_after_other,
+        "cache_folder": str(Path(os.environ["CONCEPTLIB_JAX_CACHE"]) / "conceptlib-steps"),
     }
     Path(out).write_text(json.dumps(report, indent=2))
 

@@ -157,3 +157,52 @@ def test_final_preview_renders_when_the_last_step_made_none(job):
 def test_final_preview_is_none_without_previews(job):
     job.config.preview_every = 0
     assert job.final_preview(lambda *args: pytest.fail("rendered without previews")) is None
+
+
+class _Terminal:
+    """A stream that says it is a terminal, as stderr is in an interactive shell."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_stage_lines_tell_what_runs_before_the_first_step_and_never_overwrite_a_step_line():
+    import io
+
+    from conceptlib.training import Progress
+
+    plain = io.StringIO()
+    progress = Progress(3, stream=plain)
+    progress.stage("compiling the training step")
+    progress.update(0, 0.5)
+    assert plain.getvalue().splitlines() == [
+        "[0:00] compiling the training step", "step 1/3  loss 0.5000  first step  ETA ?",
+    ]
+
+    terminal = _Terminal()
+    progress = Progress(3, stream=terminal)
+    progress.stage("building the sd-1 models")
+    progress.update(0, 0.5)  # "\r" + the line, kept open for the next step to overwrite
+    progress.stage("rendering the preview of step 1")
+    progress.update(1, 0.4)
+    progress.update(2, 0.3)  # the last step ends its line
+    progress.stage("done")
+    lines = terminal.text.split("\n")
+    assert lines[0] == "[0:00] building the sd-1 models"
+    assert lines[1].startswith("\rstep 1/3  loss 0.5000") and lines[2] == "[0:00] rendering the preview of step 1"
+    assert lines[3].startswith("\rstep 2/3") and "\rstep 3/3  loss 0.3000" in lines[3]
+    assert lines[4:] == ["[0:00] done", ""]
+
+    quiet = io.StringIO()
+    progress = Progress(3, stream=quiet, enabled=False)
+    progress.stage("building the sd-1 models")
+    assert quiet.getvalue() == ""

@@ -9,6 +9,7 @@ that report. The CLI itself runs as a real subprocess.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -80,6 +81,13 @@ def test_cli_train_adds_concept_with_full_metadata(workspace, cli_run):
     assert cli_run.stdout.strip().startswith("Added cli-concept (<cli-concept>) to the library: ")
     assert "RANDOM weights" in cli_run.stderr
     assert "step 2/2" in cli_run.stderr and "loss" in cli_run.stderr
+    # What the run does before its first step and between steps, each line with the time so far.
+    stages = [re.sub(r"^\[\d+:\d\d\] ", "", line) for line in cli_run.stderr.splitlines() if re.match(r"\[\d+:\d\d\] ", line)]
+    assert stages == [
+        "building the sd-1 models",
+        "tracing the training step (the first step takes longer than the others)",
+        "rendering the preview of step 2",
+    ]
 
     from conceptlib.library import ConceptLibrary
 

@@ -441,7 +441,9 @@ class JaxTrainer:
                 )
             return models["ti"]
 
+        where = f"{config.batch_size} x {config.resolution} px on {_devices_text(devices)}"
         if entry is not None:
+            job.stage(f"reading the weights into the cached training step for {where} ({step_cache.folder})")
             try:
                 state = jax.device_put(read_weights(entry.state_leaves, job.weights), replicated)
                 # Replicated like the traced run's VAE variables (built in the distribution's
@@ -454,6 +456,7 @@ class JaxTrainer:
                 entry = None
                 self.report["step_cache"] = f"miss ({exc})"
         if entry is None:
+            job.stage(f"building the {config.base_model} models")
             ti = get_models(decoder=job.wants_previews)
             token_table = ti.token_table()
         timings["models_built"] = time.perf_counter()
@@ -524,10 +527,12 @@ class JaxTrainer:
                 return result
 
             timings["step_ready"] = time.perf_counter()  # traced and exported, or read from the cache
+            job.stage(_compile_message(self.report["step_cache"], where, cache_dir))
             background = None
             if self.background_compile:
                 # XLA compiles (GIL released) while the VAE encodes the crops.
                 background = InBackground(compile_step)
+            job.stage(f"encoding {len(job.images)} image(s) with the VAE")
             data = self.latent_data(job, moments, vae_state, host=host)
             del host
             data_tree = data.tree()
@@ -710,6 +715,25 @@ class InBackground:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def _devices_text(devices) -> str:
+    kind = devices[0].device_kind if devices[0].platform != "cpu" else "CPU"
+    return f"{len(devices)} x {kind}" if len(devices) > 1 else kind
+
+
+def _compile_message(step_cache: str, where: str, cache_dir) -> str:
+    """What the user waits for before the first step, by the step cache's state."""
+    if step_cache == "hit":
+        return "compiling the cached step (seconds when JAX's compilation cache has it)"
+    if step_cache == "stored":
+        return (
+            f"compiling the training step for {where}: the first run of a setting takes a minute "
+            f"or two, later ones reuse it from {cache_dir}"
+        )
+    if cache_dir:
+        return f"compiling the training step for {where} (the compilation cache is in {cache_dir})"
+    return f"compiling the training step for {where} (no compilation cache: CONCEPTLIB_JAX_CACHE=off)"
 
 
 def vector_rows(num_vectors: int) -> int:

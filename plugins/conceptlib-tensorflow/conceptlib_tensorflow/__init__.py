@@ -76,6 +76,7 @@ class TensorFlowTrainer:
         config = job.config
         # At 64 px the UNet's deepest attention sees one pixel; Keras warns about that softmax.
         warnings.filterwarnings("ignore", message="You are using a softmax over axis")
+        job.stage(f"building the {config.base_model} models")
         ti = build_models(config.base_model, config.resolution, job.weights, decoder=job.wants_previews)
         if ti.vocab_size != job.vocab_size:
             raise TrainingError(
@@ -110,6 +111,7 @@ class TensorFlowTrainer:
         if job.wants_previews:
             job.preview_fn = preview
         step = make_train_step(ti, rows, optimizer)
+        job.stage("tracing the training step (the first step takes longer than the others)")
         for index in range(job.start_step, config.steps):
             loss = step(job.batch(index))
             job.step_done(index, float(loss))

@@ -141,9 +141,35 @@ def has_nvidia_gpu() -> bool:
     return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None
 
 
+def jax_cuda_installed() -> bool:
+    """Whether JAX's CUDA support is installed (``pip install "jax[cuda12]"``: its plugin
+    packages, or an old jaxlib built with CUDA), judged without importing JAX."""
+    import importlib.util
+    import pkgutil
+    import re
+    from importlib.metadata import PackageNotFoundError, version
+
+    if any(re.fullmatch(r"jax_cuda\d+_plugin", module.name) for module in pkgutil.iter_modules()):
+        return True
+    spec = importlib.util.find_spec("jax_plugins")
+    if spec is not None and spec.submodule_search_locations:
+        if any(module.name.startswith("xla_cuda") for module in pkgutil.iter_modules(spec.submodule_search_locations)):
+            return True
+    try:
+        return "cuda" in version("jaxlib")
+    except PackageNotFoundError:
+        return False
+
+
+def jax_gpu_available() -> bool:
+    """An NVIDIA GPU and a JAX that can use it: only the JAX backend runs KerasCV on the GPU
+    (the pinned TensorFlow is the CPU build)."""
+    return has_nvidia_gpu() and jax_cuda_installed()
+
+
 def default_trainer() -> str:
-    """The trainer `--trainer auto` means: the JAX trainer where there is a GPU for it (only the
-    JAX backend runs KerasCV on the GPU), else the TensorFlow reference trainer."""
-    if has_nvidia_gpu() and "jax" in discover().trainers:
+    """The trainer `--trainer auto` means: the JAX trainer where JAX can use an NVIDIA GPU, else
+    the TensorFlow reference trainer (faster than JAX on a CPU)."""
+    if jax_gpu_available() and "jax" in discover().trainers:
         return "jax"
     return "tensorflow"

@@ -1,6 +1,7 @@
 """Small pure parts of the jax trainer: how it splits a run into calls when one call runs several
 steps (``JaxTrainer(steps_per_call=N)``, used by the GPU benchmarks: a checkpoint or preview must
-see the vectors of its own step, so no call may run past a due step), and its default XLA flags."""
+see the vectors of its own step, so no call may run past a due step), its default XLA flags, and
+the devices a batch splits over."""
 
 from __future__ import annotations
 
@@ -64,3 +65,21 @@ def test_in_background_returns_the_value_or_raises_in_the_caller():
     job = InBackground(broken)
     with pytest.raises(ValueError, match="corrupt"):
         job.result()
+
+
+def test_a_batch_that_does_not_split_uses_as_many_devices_as_divide_it():
+    from conceptlib.errors import TrainingError
+    from conceptlib_jax.trainer import devices_for_batch
+
+    gpus = ["gpu:0", "gpu:1", "gpu:2", "gpu:3"]
+    assert devices_for_batch(gpus, 8, "all") == (gpus, None)
+    # The default (all devices) with the default --batch-size 1 on a multi-GPU machine trains.
+    devices, note = devices_for_batch(gpus, 1, "all")
+    assert devices == ["gpu:0"]
+    assert note == "batch 1 does not split over 4 devices: training on 1 (a --batch-size that is a multiple of 4 uses them all)"
+    assert devices_for_batch(gpus, 6, None)[0] == ["gpu:0", "gpu:1", "gpu:2"]
+    assert devices_for_batch(gpus[:3], 4, "all")[0] == ["gpu:0", "gpu:1"]
+    # A count the user asked for is kept or refused, never changed behind their back.
+    assert devices_for_batch(gpus[:2], 4, "2") == (gpus[:2], None)
+    with pytest.raises(TrainingError, match=r"--batch-size 3 does not split over 2 devices; use a multiple of 2"):
+        devices_for_batch(gpus[:2], 3, "2")

@@ -113,6 +113,29 @@ def test_auto_trainer_is_jax_on_a_gpu_machine_and_tensorflow_elsewhere(monkeypat
     import conceptlib.plugins as plugins
 
     monkeypatch.setattr(plugins, "has_nvidia_gpu", lambda: True)
+    monkeypatch.setattr(plugins, "jax_cuda_installed", lambda: True)
     assert plugins.default_trainer() == "jax"
+    # A GPU, but a CPU-only jaxlib (e.g. plain `pip install jax`): JAX would train on the CPU,
+    # slower than the TensorFlow reference there.
+    monkeypatch.setattr(plugins, "jax_cuda_installed", lambda: False)
+    assert plugins.default_trainer() == "tensorflow"
+    monkeypatch.setattr(plugins, "jax_cuda_installed", lambda: True)
     monkeypatch.setattr(plugins, "has_nvidia_gpu", lambda: False)
     assert plugins.default_trainer() == "tensorflow"
+
+
+def test_jax_cuda_support_is_found_from_installed_packages_without_importing_jax(tmp_path, monkeypatch):
+    import sys
+
+    import conceptlib.plugins as plugins
+
+    assert plugins.jax_cuda_installed() is False  # this machine: jax and jaxlib for the CPU only
+    # What `pip install "jax[cuda12]"` adds: the jax_cuda12_plugin package and the PJRT plugin
+    # in the jax_plugins namespace.
+    for folder in (tmp_path / "a" / "jax_cuda12_plugin", tmp_path / "b" / "jax_plugins" / "xla_cuda12"):
+        folder.mkdir(parents=True)
+        (folder / "__init__.py").write_text("")
+    for root in ("a", "b"):
+        monkeypatch.setattr(sys, "path", [str(tmp_path / root), *sys.path])
+        assert plugins.jax_cuda_installed() is True
+        monkeypatch.undo()

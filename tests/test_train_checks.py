@@ -150,6 +150,9 @@ def test_resume_refuses_changed_images(home, images, tmp_path):
 def test_devices_is_for_the_jax_trainer_and_takes_all_or_a_count(home, images):
     _refused(home, [str(images), "--name", "new", "--trainer", "tensorflow", "--devices", "2"], "only the jax trainer", 2)
     _refused(home, [str(images), "--name", "new", "--trainer", "jax", "--devices", "0"], "use 'all' or a positive number", 2)
+    # Refused before the run folder exists, so the same command with a fitting batch can follow.
+    _refused(home, [str(images), "--name", "new", "--trainer", "jax", "--devices", "2", "--batch-size", "3"],
+             "--devices 2: the batch of 3 does not split over 2 devices; use a --batch-size that is a multiple of 2", 2)
 
 
 def test_devices_reaches_the_jax_trainer(home, images, monkeypatch):
@@ -166,6 +169,39 @@ def test_devices_reaches_the_jax_trainer(home, images, monkeypatch):
 
     monkeypatch.setattr(training, "train", fake_train)
     monkeypatch.setenv("CONCEPTLIB_JAX_DEVICES", "all")  # restored after the test
-    result = CliRunner().invoke(main, ["train", str(images), "--name", "new", "--trainer", "jax", "--devices", "2"])
+    result = CliRunner().invoke(
+        main, ["train", str(images), "--name", "new", "--trainer", "jax", "--devices", "2", "--batch-size", "4"]
+    )
     assert result.exit_code == 0, result.output
     assert seen == {"devices": "2", "trainer": "jax"}
+
+
+def test_resume_with_devices_uses_the_runs_trainer_and_batch(home, images, tmp_path, monkeypatch):
+    import os
+    import types
+
+    import conceptlib.training as training
+    from conceptlib.images import find_images
+    from conceptlib.training import RunDirectory, TrainingConfig
+
+    def run_folder(trainer, batch_size):
+        run = RunDirectory(tmp_path / f"run-{trainer}-{batch_size}")
+        config = TrainingConfig(images=str(images), name="again", token="<again>", weights="random",
+                                trainer=trainer, batch_size=batch_size)
+        run.create(config, {"image_sha256": [image.sha256 for image in find_images(images)]})
+        return str(run.path)
+
+    seen = {}
+
+    def fake_train(config, **kwargs):
+        seen.update(devices=os.environ.get("CONCEPTLIB_JAX_DEVICES"), resume=kwargs["resume"])
+        return types.SimpleNamespace(name="again", token="<again>", path="somewhere"), None
+
+    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setenv("CONCEPTLIB_JAX_DEVICES", "all")  # restored after the test
+    jax_run = run_folder("jax", 4)
+    result = CliRunner().invoke(main, ["train", "--resume", jax_run, "--devices", "2"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"devices": "2", "resume": jax_run}
+    _refused(home, ["--resume", run_folder("jax", 3), "--devices", "2"], "the batch of 3 does not split", 2)
+    _refused(home, ["--resume", run_folder("tensorflow", 4), "--devices", "2"], "only the jax trainer", 2)

@@ -1,7 +1,8 @@
 """Model commands (issue 3): ``generate`` and the ``weights`` group.
 
 Keras fixes its backend at its first import, so each command calls ``set_default_backend()``
-(an existing KERAS_BACKEND wins, else TensorFlow) before anything imports keras.
+(an existing KERAS_BACKEND wins, else JAX for ``generate`` where JAX can use an NVIDIA GPU, else
+TensorFlow) before anything imports keras.
 """
 
 from __future__ import annotations
@@ -128,8 +129,10 @@ def generate_command(prompt, negative, num_images, steps, seed, size, guidance, 
         click.echo(f"Seed: {seed}", err=True)
 
     from conceptlib.kerascv import set_default_backend
+    from conceptlib.plugins import jax_gpu_available
 
-    set_default_backend()
+    # The pinned TensorFlow is the CPU build: on a GPU only the JAX backend is fast.
+    set_default_backend("jax" if jax_gpu_available() else None)
     from conceptlib.kerascv.apply import apply
     from conceptlib.kerascv.models import build_stable_diffusion
 
@@ -204,9 +207,14 @@ def init_random_command(directory: Path, model: str) -> None:
 @click.option("--weights", "weights_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Folder of keras-cv weight files.")
 def where_command(model: str, weights_dir: Path | None) -> None:
-    """Print which file each part would be loaded from (no download)."""
-    from conceptlib.weights import PARTS, is_random, resolve_weights
+    """Print which file each part would be loaded from, or the URL it would be downloaded from
+    (nothing is downloaded)."""
+    from conceptlib.weights import PARTS, WEIGHT_FILES, find_local_weights, is_random
 
+    found = find_local_weights(model, weights_dir)
     for part in PARTS:
-        path = resolve_weights(model, weights_dir, parts=(part,), download=False)[part]
-        click.echo(f"{part}\t{path}{'  (RANDOM)' if is_random({part: path}) else ''}")
+        path = found.get(part)
+        if path is None:
+            click.echo(f"{part}\tnot found locally; would download {WEIGHT_FILES[model][part].url}")
+        else:
+            click.echo(f"{part}\t{path}{'  (RANDOM)' if is_random({part: path}) else ''}")

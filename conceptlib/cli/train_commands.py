@@ -90,7 +90,8 @@ def train(images, name, token, init, weights, base_model, trainer, template, res
     else:
         config = None
     if devices is not None:
-        _use_devices(devices, trainer)
+        settings = config.to_dict() if config is not None else _resumed_settings(resume)
+        _use_devices(devices, settings["trainer"], settings["batch_size"])
     try:
         header, job = run_training(config, resume=resume, progress=not quiet, announce=not quiet)
     except KeyboardInterrupt:
@@ -98,11 +99,23 @@ def train(images, name, token, init, weights, base_model, trainer, template, res
     click.echo(f"Added {header.name} ({header.token}) to the library: {header.path}")
 
 
-def _use_devices(devices: str, trainer: str) -> None:
+def _resumed_settings(resume: str) -> dict:
+    """The settings of the run in folder ``resume`` (its trainer and batch size decide --devices)."""
+    from conceptlib.training import RunDirectory
+
+    return RunDirectory(resume).read()["config"]
+
+
+def _use_devices(devices: str, trainer: str, batch_size: int) -> None:
     if trainer != "jax":
         raise UsageError(f"--devices {devices}: only the jax trainer spreads over devices; add --trainer jax")
     if devices != "all" and not (devices.isdigit() and int(devices) > 0):
         raise UsageError(f"--devices {devices!r}: use 'all' or a positive number of devices, e.g. --devices 2")
+    if devices != "all" and batch_size % int(devices):
+        raise UsageError(
+            f"--devices {devices}: the batch of {batch_size} does not split over {devices} devices; "
+            f"use a --batch-size that is a multiple of {devices}"
+        )
     import os
 
     os.environ["CONCEPTLIB_JAX_DEVICES"] = devices  # read by the jax trainer when it starts

@@ -85,6 +85,25 @@ def resolve_devices(devices):
     return local[:count]
 
 
+def devices_for_batch(devices, batch_size: int, requested) -> tuple[list, str | None]:
+    """The devices a batch of ``batch_size`` splits over, and a note for the user when that is
+    fewer than ``devices``. With ``requested`` "all" (the default) a batch that does not split
+    uses as many devices as divide it; an explicit count that does not divide it is an error."""
+    if batch_size % len(devices) == 0:
+        return list(devices), None
+    if requested not in (None, "all", "auto"):
+        from conceptlib.errors import TrainingError
+
+        raise TrainingError(
+            f"--batch-size {batch_size} does not split over {len(devices)} devices; use a multiple of {len(devices)}"
+        )
+    usable = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+    return list(devices[:usable]), (
+        f"batch {batch_size} does not split over {len(devices)} devices: training on {usable} "
+        f"(a --batch-size that is a multiple of {len(devices)} uses them all)"
+    )
+
+
 def auto_batch_size(resolution: int, precision: str, flash: bool, devices) -> int:
     """The batch size that fits the free memory of the devices (a multiple of the device count),
     or 1 where the backend reports no memory (CPU)."""
@@ -390,6 +409,7 @@ class JaxTrainer:
         import numpy as np
 
         from conceptlib.errors import TrainingError, WeightsError
+        from conceptlib.plugins import has_nvidia_gpu
         from conceptlib.training import TrainingResult
         from conceptlib_jax.exported import entry_key, read_weights
         from conceptlib_jax.step import step_optimizer
@@ -399,7 +419,20 @@ class JaxTrainer:
         xla_flags = apply_default_xla_flags()
         cache_dir = enable_compilation_cache(self.compilation_cache)
         precision, flash, gpu = self._settings()
+        if not gpu and has_nvidia_gpu():
+            job.stage(
+                "WARNING: this machine has an NVIDIA GPU but JAX does not see it (a jaxlib without CUDA): "
+                "training on the CPU, slowly; install JAX's CUDA support: pip install -U \"jax[cuda12]\""
+            )
         devices = resolve_devices(self.devices)
+        requested = self.batch_size if self.batch_size is not None else config.batch_size
+        if requested in (None, 0, "auto"):
+            config.batch_size = auto_batch_size(config.resolution, precision, flash, devices)
+        else:
+            config.batch_size = int(requested)
+        devices, note = devices_for_batch(devices, config.batch_size, self.devices)
+        if note:
+            job.stage(note)
         distribution = replicated = None
         if len(devices) > 1:
             distribution = keras.distribution.DataParallel(
@@ -407,16 +440,6 @@ class JaxTrainer:
             )
             # Weights, data, carry and key live on every device; only each batch is split.
             replicated = jax.sharding.NamedSharding(distribution.device_mesh.backend_mesh, jax.sharding.PartitionSpec())
-        requested = self.batch_size if self.batch_size is not None else config.batch_size
-        if requested in (None, 0, "auto"):
-            config.batch_size = auto_batch_size(config.resolution, precision, flash, devices)
-        else:
-            config.batch_size = int(requested)
-        if config.batch_size % len(devices):
-            raise TrainingError(
-                f"--batch-size {config.batch_size} does not split over {len(devices)} devices; "
-                f"use a multiple of {len(devices)}"
-            )
         host = self.host_data(job)
         step_cache = self._step_cache(job, cache_dir)
         key = entry_key(self._cache_settings(job, precision, flash, host, len(devices))) if step_cache else None

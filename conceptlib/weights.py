@@ -173,25 +173,9 @@ def resolve_weights(
     """
     validate_base_model(base_model)
     parts = _validate_parts(parts)
-    directory = _weights_dir(weights_dir)
-    if directory is not None and not directory.is_dir():
-        source = "--weights" if weights_dir is not None else f"${ENV_VAR}"
-        raise WeightsError(
-            f"weights folder {directory} (from {source}) does not exist; create it with "
-            f"`conceptlib weights init-random {directory}` or point {source} at keras-cv weight files"
-        )
-    search = ([directory] if directory is not None else []) + keras_cache_dirs()
-    resolved: dict[str, Path] = {}
-    missing: list[str] = []
-    for part in parts:
-        filename = weight_filename(base_model, part)
-        for folder in search:
-            candidate = folder / filename
-            if candidate.exists():
-                resolved[part] = check_weight_file(candidate)
-                break
-        else:
-            missing.append(part)
+    search = _search_dirs(weights_dir)
+    resolved = find_local_weights(base_model, weights_dir, parts)
+    missing = [part for part in parts if part not in resolved]
     for part in missing:
         if not download:
             looked = ", ".join(str(folder) for folder in search)
@@ -202,6 +186,33 @@ def resolve_weights(
             )
         resolved[part] = download_weight_file(base_model, part, looked_in=search)
     return resolved
+
+
+def find_local_weights(base_model: str, weights_dir: str | os.PathLike | None = None, parts=PARTS) -> dict[str, Path]:
+    """``{part: path}`` for the ``parts`` found in ``weights_dir`` (else ``$CONCEPTLIB_WEIGHTS``)
+    or the Keras cache, each checked; parts found nowhere are left out. Nothing is downloaded."""
+    validate_base_model(base_model)
+    found: dict[str, Path] = {}
+    search = _search_dirs(weights_dir)
+    for part in _validate_parts(parts):
+        filename = weight_filename(base_model, part)
+        for folder in search:
+            candidate = folder / filename
+            if candidate.exists():
+                found[part] = check_weight_file(candidate)
+                break
+    return found
+
+
+def _search_dirs(weights_dir) -> list[Path]:
+    directory = _weights_dir(weights_dir)
+    if directory is not None and not directory.is_dir():
+        source = "--weights" if weights_dir is not None else f"${ENV_VAR}"
+        raise WeightsError(
+            f"weights folder {directory} (from {source}) does not exist; create it with "
+            f"`conceptlib weights init-random {directory}` or point {source} at keras-cv weight files"
+        )
+    return ([directory] if directory is not None else []) + keras_cache_dirs()
 
 
 def download_weight_file(base_model: str, part: str, *, looked_in=()) -> Path:

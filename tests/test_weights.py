@@ -82,6 +82,27 @@ def test_missing_weights_say_where_they_were_looked_for(cache, tmp_path):
     assert "init-random" in message and "\n" not in message
 
 
+def test_weights_where_lists_local_files_and_what_would_be_downloaded(cache, tmp_path):
+    from click.testing import CliRunner
+
+    from conceptlib.cli import main
+
+    mine = tmp_path / "mine"
+    _h5(mine / "kcv_encoder.h5")
+    _h5(cache / "kcv_decoder.h5")
+    result = CliRunner().invoke(main, ["weights", "where", "--weights", str(mine)])
+    assert result.exit_code == 0, result.output
+    spec = W.WEIGHT_FILES["sd-1"]
+    assert result.output.splitlines() == [
+        f"text_encoder\t{mine / 'kcv_encoder.h5'}",
+        f"diffusion_model\tnot found locally; would download {spec['diffusion_model'].url}",
+        f"decoder\t{cache / 'kcv_decoder.h5'}",
+        f"image_encoder\tnot found locally; would download {spec['image_encoder'].url}",
+    ]
+    # Nothing was downloaded.
+    assert sorted(p.name for p in cache.iterdir()) == ["kcv_decoder.h5"]
+
+
 def test_missing_weights_folder_is_an_error(cache, tmp_path):
     with pytest.raises(WeightsError, match=r"weights folder .*nope.* does not exist"):
         W.resolve_weights("sd-1", tmp_path / "nope")

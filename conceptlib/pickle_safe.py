@@ -12,7 +12,12 @@ The object pickle is read by a restricted unpickler (the same idea as AUTOMATIC1
 modules/safe.py and torch's ``weights_only`` unpickler): ``find_class`` resolves only the few
 globals a tensor dictionary needs, each to conceptlib's own stand-in, and refuses every other
 global (``os.system``, ``builtins.eval``, ``subprocess.Popen``, ...) with UnsafePickleError before
-anything is called. Tensors come back as numpy arrays.
+anything is called. Tensors come back as numpy arrays; a ``torch.nn.ParameterDict`` (older
+AUTOMATIC1111 embeddings) comes back as a plain dict of its parameters.
+
+Only embedding-sized tensors are loaded: each tensor's shape is checked while unpickling, before
+any storage is read, and only the bytes a tensor spans are read from its storage, so a small file
+cannot make the loader allocate much more than its tensors hold.
 
 Writing: ``dump_tensor_pickle`` emits the zip format by hand (the opcodes torch itself emits), so
 exported ``.pt``/``.bin`` files load in ``torch.load(..., weights_only=True)`` without conceptlib
@@ -48,7 +53,19 @@ _STORAGE_DTYPES = {
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
-_MAX_STORAGE_BYTES = 2 * 1024**3
+# The largest tensor an embedding file holds: 75 vectors of SDXL's 1280 values (SDXL files must
+# still load far enough to be recognised and refused by name).
+_MAX_VECTORS = 75
+_MAX_WIDTH = 1280
+_MAX_TENSOR_ELEMENTS = _MAX_VECTORS * _MAX_WIDTH
+# A view may skip elements of its storage (a strided slice), but not arbitrarily many.
+_MAX_SPAN_ELEMENTS = 16 * _MAX_TENSOR_ELEMENTS
+# SDXL files hold two tensors, every other embedding format one.
+_MAX_TOTAL_ELEMENTS = 4 * _MAX_TENSOR_ELEMENTS
+
+
+class _NotAnEmbedding(Exception):
+    """A tensor (or all of them together) is larger than any embedding; the message says which."""
 
 
 class _Callable:
@@ -69,12 +86,13 @@ class _StorageType(_Callable):
 
 
 class _Storage:
-    """A storage referenced by the pickle; its bytes are attached once read from the container."""
+    """A storage referenced by the pickle. The container attaches ``read(first, count)``, which
+    returns the raw bytes of ``count`` elements starting at element ``first``."""
 
-    __slots__ = ("type", "key", "numel", "data")
+    __slots__ = ("type", "key", "numel", "read")
 
     def __init__(self, storage_type: _StorageType, key: str, numel: int):
-        self.type, self.key, self.numel, self.data = storage_type, key, numel, None
+        self.type, self.key, self.numel, self.read = storage_type, key, numel, None
 
 
 class _Tensor:
@@ -89,6 +107,50 @@ class _Tensor:
         if type(offset) is not int or offset < 0 or not ints(size) or not ints(stride) or len(size) != len(stride):
             raise pickle.UnpicklingError("malformed tensor size/stride")
         self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+        _check_embedding_sized(self.size)
+        if self.span > _MAX_SPAN_ELEMENTS:
+            raise pickle.UnpicklingError(f"tensor of size {list(self.size)} has strides {list(self.stride)} that span far beyond it")
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for n in self.size:
+            count *= n
+        return count
+
+    @property
+    def span(self) -> int:
+        """How many storage elements the tensor reaches, from its offset on."""
+        if self.numel == 0:
+            return 0
+        return 1 + sum((n - 1) * st for n, st in zip(self.size, self.stride))
+
+
+def _check_embedding_sized(size: tuple) -> None:
+    """Refuse, before any storage is read, a tensor no embedding file holds."""
+    shape = list(size)
+    what = f"a tensor of shape {shape}"
+    if len(size) > 2:
+        raise _NotAnEmbedding(f"holds {what} (rank {len(size)}); a textual-inversion embedding is one (num_vectors, dim) matrix")
+    if len(size) == 2 and size[0] > _MAX_VECTORS:
+        raise _NotAnEmbedding(f"holds {what}: {size[0]} vectors, but a textual-inversion embedding has 1 to {_MAX_VECTORS}")
+    if size and size[-1] > _MAX_WIDTH:
+        raise _NotAnEmbedding(f"holds {what}: vectors of {size[-1]} values, but a textual-inversion embedding's are 768 or 1024 wide")
+
+
+class _ParameterDict(dict):
+    """``torch.nn.ParameterDict`` (how torch 1.11-era AUTOMATIC1111 stored string_to_param):
+    the pickle rebuilds it with NEWOBJ and then BUILDs the module state, of which only
+    ``_parameters`` is kept, as AUTOMATIC1111's ``getattr(param_dict, '_parameters', ...)`` does."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        parameters = state.get("_parameters") if isinstance(state, dict) else None
+        if not isinstance(parameters, dict):
+            raise pickle.UnpicklingError("ParameterDict state without a _parameters dictionary")
+        self.clear()
+        self.update(parameters)
 
 
 class _RebuildTensorV2(_Callable):
@@ -121,6 +183,17 @@ class _OrderedDict(_Callable):
         return collections.OrderedDict(*args)
 
 
+class _Set(_Callable):
+    """``builtins.set``: a module's state pickles ``_non_persistent_buffers_set`` as set([])."""
+
+    __slots__ = ()
+
+    def __call__(self, items=()):
+        if not isinstance(items, (list, tuple)):
+            raise pickle.UnpicklingError("set built from something that is not a list")
+        return set(items)
+
+
 class _LatinEncode(_Callable):
     """``_codecs.encode``: how protocol-2 pickles spell ``bytes``."""
 
@@ -139,6 +212,11 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_parameter_with_state"): _RebuildParameter(),
     ("collections", "OrderedDict"): _OrderedDict(),
     ("_codecs", "encode"): _LatinEncode(),
+    # A class, not a stand-in instance: NEWOBJ needs a type. It is a dict with __setstate__ only.
+    ("torch.nn.modules.container", "ParameterDict"): _ParameterDict,
+    # Protocol-2 pickles name builtins "__builtin__"; an overriding find_class sees that name unmapped.
+    ("__builtin__", "set"): _Set(),
+    ("builtins", "set"): _Set(),
 }
 _ALLOWED.update({("torch", name): _StorageType(name) for name in _STORAGE_DTYPES})
 _ALLOWED[("torch.storage", "UntypedStorage")] = _ALLOWED[("torch", "UntypedStorage")]
@@ -161,6 +239,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
     def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module" and pid[1] is _ParameterDict:
+            # The legacy format names a Module's class with its source code, which is only compared.
+            return _ParameterDict
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
         storage_type, key, _location, numel = pid[1:5]
@@ -179,7 +260,8 @@ def load_tensor_pickle(path: str | os.PathLike) -> Any:
     tensors, without torch and without executing any code from the file.
 
     Raises UnsafePickleError for any global beyond a tensor dictionary's, and ConceptFileError
-    for truncated, corrupt or unsupported files.
+    for truncated, corrupt or unsupported files and for tensors larger than any embedding (those
+    are refused before their data is read).
     """
     path = Path(path)
     try:
@@ -195,42 +277,60 @@ def load_tensor_pickle(path: str | os.PathLike) -> Any:
         raise ConceptFileError(f"{path}: file is empty; re-download or re-export it")
     try:
         if raw[:4] == b"PK\x03\x04" or zipfile.is_zipfile(io.BytesIO(raw)):
-            obj = _load_zip(raw, path)
+            obj, byteorder = _load_zip(raw, path)
         elif raw[:1] == b"\x80":
-            obj = _load_legacy(raw, path)
+            obj, byteorder = _load_legacy(raw, path)
         else:
             raise ConceptFileError(f"{path}: not a PyTorch file (neither a torch zip archive nor a pickle)")
+        _check_total_size(obj)
+        return _materialise(obj, byteorder, {})
     except (UnsafePickleError, ConceptFileError):
         raise
+    except _NotAnEmbedding as exc:
+        raise ConceptFileError(f"{path}: {exc}, so this file is not one (a model checkpoint?); nothing was loaded") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
             struct.error, zipfile.BadZipFile, RecursionError, MemoryError, OverflowError) as exc:
         raise ConceptFileError(
             f"{path}: corrupt or truncated PyTorch file ({type(exc).__name__}: {str(exc)[:120]}); re-download or re-export it"
         ) from None
-    return obj
 
 
-def _load_zip(raw: bytes, path: Path) -> Any:
+def _load_zip(raw: bytes, path: Path) -> tuple[Any, str]:
     archive = zipfile.ZipFile(io.BytesIO(raw))
     names = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
-    if len(names) != 1:
+    if not names:
         raise ConceptFileError(f"{path}: a zip file but not a PyTorch archive (no <name>/data.pkl); not a torch.save file")
+    if len(names) > 1:
+        raise ConceptFileError(f"{path}: a zip file with {len(names)} data.pkl records ({', '.join(names[:3])}); "
+                               "a torch.save file has one, so this one is corrupt; re-download or re-export it")
     prefix = names[0][: -len("data.pkl")]
     storages: dict[str, _Storage] = {}
     obj = _RestrictedUnpickler(io.BytesIO(archive.read(names[0])), path, storages).load()
     byteorder = "little"
     if f"{prefix}byteorder" in archive.namelist():
         byteorder = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
+    if byteorder not in ("little", "big"):
+        raise ConceptFileError(f"{path}: corrupt PyTorch file (its byteorder record says {byteorder[:40]!r}, "
+                               "expected 'little' or 'big'); re-download or re-export it")
     for key, storage in storages.items():
         info = archive.getinfo(f"{prefix}data/{key}")
         need = storage.numel * storage.type.itemsize
-        if info.file_size < need or info.file_size > _MAX_STORAGE_BYTES:
+        if info.file_size < need:
             raise ConceptFileError(f"{path}: storage {key} holds {info.file_size} bytes, expected {need}; the file is corrupt")
-        storage.data = archive.read(info)[:need]
-    return _materialise(obj, byteorder)
+        storage.read = _zip_reader(archive, info, storage.type.itemsize)
+    return obj, byteorder
 
 
-def _load_legacy(raw: bytes, path: Path) -> Any:
+def _zip_reader(archive: zipfile.ZipFile, info: zipfile.ZipInfo, itemsize: int):
+    def read(first: int, count: int) -> bytes:
+        with archive.open(info) as member:
+            member.seek(first * itemsize)
+            return member.read(count * itemsize)
+
+    return read
+
+
+def _load_legacy(raw: bytes, path: Path) -> tuple[Any, str]:
     stream = io.BytesIO(raw)
     no_storages: dict[str, _Storage] = {}
     magic = _RestrictedUnpickler(stream, path, no_storages).load()
@@ -247,58 +347,98 @@ def _load_legacy(raw: bytes, path: Path) -> Any:
     if not isinstance(keys, list) or set(keys) != set(storages):
         raise ConceptFileError(f"{path}: storage list does not match the tensors; the file is corrupt")
     order = "<" if little else ">"
+    position = stream.tell()
     for key in keys:
         storage = storages[key]
-        (numel,) = struct.unpack(order + "q", stream.read(8))
+        (numel,) = struct.unpack_from(order + "q", raw, position)
+        position += 8
         nbytes = numel * storage.type.itemsize
-        if numel < storage.numel or nbytes > _MAX_STORAGE_BYTES:
+        if numel < storage.numel:
             raise ConceptFileError(f"{path}: storage {key} holds {numel} elements, expected {storage.numel}; the file is corrupt")
-        data = stream.read(nbytes)
-        if len(data) < nbytes:
+        if position + nbytes > len(raw):
             raise ConceptFileError(f"{path}: file truncated inside storage {key}; re-download or re-export it")
-        storage.data = data
-    return _materialise(obj, "little" if little else "big")
+        storage.read = _bytes_reader(raw, position, storage.type.itemsize)
+        position += nbytes
+    return obj, "little" if little else "big"
 
 
-def _materialise(obj: Any, byteorder: str) -> Any:
-    """Replace every _Tensor in ``obj`` (dicts, lists, tuples) by a numpy array (copied)."""
+def _bytes_reader(raw: bytes, start: int, itemsize: int):
+    def read(first: int, count: int) -> bytes:
+        return raw[start + first * itemsize : start + (first + count) * itemsize]
+
+    return read
+
+
+def _tensors(obj: Any, seen: set[int]):
+    """Every distinct _Tensor in ``obj`` (dicts, lists, tuples; shared parts visited once)."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
     if isinstance(obj, _Tensor):
-        return _to_numpy(obj, byteorder)
-    if isinstance(obj, dict):
-        out = type(obj)() if type(obj) in (dict, collections.OrderedDict) else {}
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value, seen)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value, seen)
+
+
+def _check_total_size(obj: Any) -> None:
+    """Each tensor is embedding-sized (checked while unpickling); many of them together are not."""
+    total = count = 0
+    for tensor in _tensors(obj, set()):
+        total += tensor.numel
+        count += 1
+        if total > _MAX_TOTAL_ELEMENTS:
+            raise _NotAnEmbedding(f"holds more than {_MAX_TOTAL_ELEMENTS} values in {count}+ tensors; "
+                                  "a textual-inversion embedding file holds one or two small tensors")
+
+
+def _materialise(obj: Any, byteorder: str, memo: dict[int, Any]) -> Any:
+    """Replace every _Tensor in ``obj`` (dicts, lists, tuples) by a numpy array (copied). Parts the
+    pickle shares are converted once and stay shared, so repeated references cost nothing."""
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, _Tensor):
+        out = memo[id(obj)] = _to_numpy(obj, byteorder)
+    elif isinstance(obj, dict):
+        out = memo[id(obj)] = collections.OrderedDict() if type(obj) is collections.OrderedDict else {}
         for key, value in obj.items():
-            out[key] = _materialise(value, byteorder)
-        return out
-    if isinstance(obj, list):
-        return [_materialise(v, byteorder) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_materialise(v, byteorder) for v in obj)
-    if isinstance(obj, (_Storage, _Callable)):
+            out[key] = _materialise(value, byteorder, memo)
+    elif isinstance(obj, list):
+        out = memo[id(obj)] = []
+        out.extend(_materialise(v, byteorder, memo) for v in obj)
+    elif isinstance(obj, tuple):
+        out = memo[id(obj)] = tuple(_materialise(v, byteorder, memo) for v in obj)
+    elif isinstance(obj, (_Storage, _Callable)) or obj is _ParameterDict:
         raise pickle.UnpicklingError("a bare storage or torch global outside a tensor")
-    return obj
+    else:
+        out = obj
+    return out
 
 
 def _to_numpy(tensor: _Tensor, byteorder: str):
     import numpy as np
 
     storage = tensor.storage
-    if storage.data is None:
+    if storage.read is None:
         raise pickle.UnpicklingError(f"storage {storage.key} has no data")
-    kind = storage.type.dtype
-    if kind == "bfloat16":
-        flat = np.frombuffer(storage.data, dtype=("<" if byteorder == "little" else ">") + "u2")
-        flat = (flat.astype(np.uint32) << 16).view(np.float32)
-    else:
-        dtype = np.dtype(kind).newbyteorder("<" if byteorder == "little" else ">")
-        flat = np.frombuffer(storage.data, dtype=dtype)
+    if tensor.numel == 0:
+        return np.zeros(tensor.size, dtype="float32" if storage.type.dtype == "bfloat16" else storage.type.dtype)
     # Bounds check before as_strided, which would otherwise read past the buffer.
-    if any(s == 0 for s in tensor.size):
-        return np.zeros(tensor.size, dtype=flat.dtype.newbyteorder("="))
-    last = tensor.offset + sum((n - 1) * st for n, st in zip(tensor.size, tensor.stride))
-    if last >= flat.size:
-        raise pickle.UnpicklingError(f"tensor of size {tensor.size} reaches past its storage ({flat.size} elements)")
+    if tensor.offset + tensor.span > storage.numel:
+        raise pickle.UnpicklingError(f"tensor of size {tensor.size} reaches past its storage ({storage.numel} elements)")
+    data = storage.read(tensor.offset, tensor.span)
+    prefix = "<" if byteorder == "little" else ">"
+    if storage.type.dtype == "bfloat16":
+        flat = (np.frombuffer(data, dtype=prefix + "u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        flat = np.frombuffer(data, dtype=np.dtype(storage.type.dtype).newbyteorder(prefix))
+    if flat.size < tensor.span:
+        raise pickle.UnpicklingError(f"storage {storage.key} ends inside a tensor")
     view = np.lib.stride_tricks.as_strided(
-        flat[tensor.offset :],
+        flat,
         shape=tensor.size,
         strides=tuple(st * flat.itemsize for st in tensor.stride),
         writeable=False,

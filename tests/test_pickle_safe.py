@@ -53,9 +53,10 @@ def test_a1111_embedding_round_trip(tmp_path, zip_format):
 @FORMATS
 def test_dtypes_views_and_ordered_dicts(tmp_path, zip_format):
     base = torch.randn(4, 1024)
+    tall = torch.randn(768, 3)
     data = {
         "view": base[2],  # a view into a bigger storage: offset 2048
-        "transposed": base.T,  # non-contiguous strides
+        "transposed": tall.T,  # non-contiguous strides
         "half": base.half()[1],
         "bf16": base.bfloat16()[:2],
         "double": base.double()[3],
@@ -65,7 +66,7 @@ def test_dtypes_views_and_ordered_dicts(tmp_path, zip_format):
     }
     loaded = load_tensor_pickle(_save(data, tmp_path / "t.bin", zip_format))
     np.testing.assert_array_equal(loaded["view"], base[2].numpy())
-    np.testing.assert_array_equal(loaded["transposed"], base.T.numpy())
+    np.testing.assert_array_equal(loaded["transposed"], tall.T.numpy())
     np.testing.assert_array_equal(loaded["half"], base.half()[1].numpy())
     np.testing.assert_array_equal(loaded["bf16"], base.bfloat16()[:2].float().numpy())
     np.testing.assert_array_equal(loaded["double"], base.double()[3].numpy())
@@ -228,3 +229,109 @@ def test_loading_never_imports_torch(tmp_path):
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- older AUTOMATIC1111 files: string_to_param as a torch.nn.ParameterDict -----------------------
+
+
+@FORMATS
+def test_parameter_dict_loads_as_a_dict_of_its_parameters(tmp_path, zip_format):
+    """torch 1.11-era AUTOMATIC1111 saved string_to_param as a ParameterDict (a Module); A1111
+    reads it through ``_parameters``. The pickle needs ParameterDict (NEWOBJ + BUILD) and set."""
+    vec = torch.randn(2, 768)
+    data = {"string_to_token": {"*": 265}, "string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(vec)}),
+            "name": "olddoll", "step": 3000}
+    loaded = load_tensor_pickle(_save(data, tmp_path / "olddoll.pt", zip_format))
+    params = loaded["string_to_param"]
+    assert type(params) is dict and list(params) == ["*"]
+    np.testing.assert_array_equal(params["*"], vec.numpy())
+    assert (loaded["name"], loaded["step"]) == ("olddoll", 3000)
+
+
+def test_parameter_dict_and_set_cannot_be_abused(tmp_path):
+    # ParameterDict called with an argument, BUILD with a state that is not a module's, and set
+    # fed something other than a list: each is a corrupt-file error, never a call into Python.
+    payloads = {
+        "call": b"\x80\x02ctorch.nn.modules.container\nParameterDict\nX\x01\x00\x00\x00x\x85R.",
+        "state": b"\x80\x02ctorch.nn.modules.container\nParameterDict\n)\x81X\x01\x00\x00\x00xb.",
+        "set": b"\x80\x02c__builtin__\nset\nX\x02\x00\x00\x00ab\x85R.",
+        "bare-class": b"\x80\x02ctorch.nn.modules.container\nParameterDict\n.",
+    }
+    for name, raw in payloads.items():
+        (tmp_path / f"{name}.pt").write_bytes(_torch_zip(raw))
+        with pytest.raises(ConceptFileError) as info:
+            load_tensor_pickle(tmp_path / f"{name}.pt")
+        assert not isinstance(info.value, UnsafePickleError), name
+        assert "corrupt" in str(info.value), name
+    # Other torch.nn classes stay refused.
+    (tmp_path / "linear.pt").write_bytes(_torch_zip(b"\x80\x02ctorch.nn.modules.linear\nLinear\n)\x81."))
+    with pytest.raises(UnsafePickleError, match=r"torch\.nn\.modules\.linear\.Linear"):
+        load_tensor_pickle(tmp_path / "linear.pt")
+
+
+# -- sizes are checked before anything is read -----------------------------------------------------
+
+
+@FORMATS
+def test_tensors_larger_than_any_embedding_are_refused_unread(tmp_path, zip_format):
+    """A stride-0 view saves one 768-value storage but claims 200000 rows (a 4.6 KB file)."""
+    cases = {
+        "rows": (torch.randn(768).expand(200000, 768), "shape [200000, 768]: 200000 vectors, but a textual-inversion embedding has 1 to 75"),
+        "wide": (torch.randn(1).expand(10**7), "vectors of 10000000 values"),
+        "rank": (torch.randn(768).expand(2, 2, 768), "(rank 3)"),
+    }
+    for name, (tensor, needle) in cases.items():
+        path = _save({"<e>": tensor}, tmp_path / f"{name}.bin", zip_format)
+        assert path.stat().st_size < 10_000
+        with pytest.raises(ConceptFileError) as info:
+            load_tensor_pickle(path)
+        message = str(info.value)
+        assert needle in message and "is not one" in message and "\n" not in message, message
+    # Many embedding-sized tensors together are refused as well (eight views of one storage).
+    views = {f"k{i}": torch.randn(768).expand(75, 768) for i in range(8)}
+    with pytest.raises(ConceptFileError, match=r"holds more than 384000 values in \d+\+ tensors"):
+        load_tensor_pickle(_save(views, tmp_path / "many.bin", zip_format))
+
+
+@FORMATS
+def test_a_row_of_a_big_storage_still_loads(tmp_path, zip_format):
+    """diffusers' script saved ``weight[token_id]`` of a CPU text encoder: a view whose storage is
+    the whole embedding matrix. Only the row is read."""
+    matrix = torch.randn(2000, 768)
+    path = _save({"<cpu-trained>": matrix[1999]}, tmp_path / "learned_embeds.bin", zip_format)
+    np.testing.assert_array_equal(load_tensor_pickle(path)["<cpu-trained>"], matrix[1999].numpy())
+
+
+def test_shared_references_are_converted_once(tmp_path):
+    vec = torch.randn(768)
+    shared = [vec] * 1000
+    loaded = load_tensor_pickle(_save({"a": shared, "b": shared}, tmp_path / "shared.pt", True))
+    assert loaded["a"] is loaded["b"] and len(loaded["a"]) == 1000
+    assert all(v is loaded["a"][0] for v in loaded["a"])
+    np.testing.assert_array_equal(loaded["a"][0], vec.numpy())
+
+
+# -- container details -------------------------------------------------------------------------------
+
+
+def _rewrite_zip(source, target, change):
+    """Copy a torch zip, replacing each record by ``change(name, data)`` (a list of (name, data))."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for name in old.namelist():
+            for new_name, data in change(name, old.read(name)):
+                new.writestr(new_name, data)
+    return target
+
+
+def test_unknown_byteorder_and_two_pickles_are_corrupt_files(tmp_path):
+    good = _save({"<x>": torch.randn(2, 768)}, tmp_path / "good.pt", True)
+    sideways = _rewrite_zip(good, tmp_path / "sideways.pt",
+                            lambda n, b: [(n, b"sideways" if n.endswith("/byteorder") else b)])
+    with pytest.raises(ConceptFileError, match=r"corrupt PyTorch file \(its byteorder record says 'sideways', expected 'little' or 'big'\); re-download"):
+        load_tensor_pickle(sideways)
+    two = _rewrite_zip(good, tmp_path / "two.pt",
+                       lambda n, b: [(n, b), ("other/data.pkl", b)] if n.endswith("data.pkl") else [(n, b)])
+    with pytest.raises(ConceptFileError, match="2 data.pkl records"):
+        load_tensor_pickle(two)
+    big = _rewrite_zip(good, tmp_path / "big.pt", lambda n, b: [(n, b"big" if n.endswith("/byteorder") else b)])
+    assert load_tensor_pickle(big)["<x>"].shape == (2, 768)

@@ -7,10 +7,15 @@ showing never load tensors, numpy or TensorFlow.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
+import math
 import os
+import stat
 import struct
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +31,25 @@ MODELSPEC_ARCHITECTURE = {
 }
 
 
+class WriteError(ConceptFileError, OSError):
+    """A file could not be written: ``cannot write PATH: reason; how to fix``.
+
+    Also an OSError, so callers that already handled the OSError of a failed write still do.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, fix: str):
+        super().__init__(f"cannot write {path}: {reason}; {fix}")
+        self.path = Path(path)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     key: str
     dtype: str
     shape: tuple[int, ...]
+    # Byte range of the tensor's data, counted from the end of the header (validated).
+    data_offsets: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -40,6 +59,8 @@ class FileHeader:
     path: Path
     tensors: tuple[TensorInfo, ...]
     metadata: dict[str, str]
+    # File offset where the tensor data starts (8-byte length + header).
+    data_start: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,20 +122,36 @@ def read_file_header(path: str | os.PathLike) -> FileHeader:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ConceptFileError(f"{path}: corrupt safetensors metadata (values must be strings)")
-    tensors = []
-    data_end = 0
-    for key, info in header.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ConceptFileError(f"{path}: corrupt safetensors entry for tensor {key!r}") from None
-        data_end = max(data_end, int(end))
-        tensors.append(TensorInfo(key=key, dtype=dtype, shape=shape))
-    if 8 + length + data_end > size:
+    data_size = size - 8 - length
+    tensors = tuple(_tensor_info(path, key, info, data_size) for key, info in header.items())
+    return FileHeader(path=path, tensors=tensors, metadata=dict(metadata), data_start=8 + length)
+
+
+def _tensor_info(path: Path, key: str, info, data_size: int) -> TensorInfo:
+    """One header entry, validated: a dtype string, a shape of non-negative integers, and
+    data_offsets [start, end] with 0 <= start <= end inside the file."""
+    try:
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError):
+        raise ConceptFileError(f"{path}: corrupt safetensors entry for tensor {key!r} (missing dtype, shape or data_offsets); "
+                               "re-download or re-export it") from None
+    if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise ConceptFileError(f"{path}: corrupt safetensors entry for tensor {key!r} (bad dtype or shape); "
+                               "re-download or re-export it")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise ConceptFileError(f"{path}: corrupt safetensors entry for tensor {key!r} (bad data_offsets {offsets!r}); "
+                               "re-download or re-export it")
+    if offsets[1] > data_size:
         raise ConceptFileError(
-            f"{path}: file truncated ({size} bytes, header promises {8 + length + data_end}); re-download or re-export it"
+            f"{path}: file truncated (tensor {key!r} ends at byte {offsets[1]} of the data, the file holds "
+            f"{max(data_size, 0)}); re-download or re-export it"
         )
-    return FileHeader(path=path, tensors=tuple(tensors), metadata=dict(metadata))
+    return TensorInfo(key=key, dtype=dtype, shape=tuple(shape), data_offsets=(offsets[0], offsets[1]))
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _concept_header_from(file_header: FileHeader) -> ConceptHeader:
@@ -142,6 +179,41 @@ def _concept_header_from(file_header: FileHeader) -> ConceptHeader:
 def read_header(path: str | os.PathLike) -> ConceptHeader:
     """Read a concept file's header (identity + metadata) without loading its vectors."""
     return _concept_header_from(read_file_header(path))
+
+
+def vector_norms(path: str | os.PathLike) -> list[float]:
+    """The L2 norm of each vector of a concept file, read without numpy (a few KB); a vector
+    holding NaN or Inf gives a non-finite norm (see ``non_finite_vectors``)."""
+    from array import array
+
+    file_header = read_file_header(path)
+    header = _concept_header_from(file_header)
+    start, end = file_header.tensors[0].data_offsets
+    expected = header.num_vectors * header.dim * 4
+    if end - start != expected:
+        raise ConceptFileError(
+            f"{header.path}: corrupt safetensors entry for tensor {header.token!r} ({end - start} data bytes for shape "
+            f"[{header.num_vectors}, {header.dim}], expected {expected}); re-download or re-export it"
+        )
+    values = array("f")
+    with open(header.path, "rb") as handle:
+        handle.seek(file_header.data_start + start)
+        values.frombytes(handle.read(expected))
+    if sys.byteorder != "little":
+        values.byteswap()
+    dim = header.dim
+    return [_norm(values[i * dim:(i + 1) * dim]) for i in range(header.num_vectors)]
+
+
+def _norm(values) -> float:
+    if not all(math.isfinite(v) for v in values):
+        return math.nan
+    return round(math.sqrt(math.fsum(v * v for v in values)), 6)
+
+
+def non_finite_vectors(norms: list[float]) -> list[int]:
+    """Indices of the vectors whose norm is NaN or Inf (they hold NaN or Inf values)."""
+    return [i for i, norm in enumerate(norms) if not math.isfinite(norm)]
 
 
 def read_concept(path: str | os.PathLike) -> Concept:
@@ -208,26 +280,80 @@ def write_concept(concept: Concept, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(Path(path), data)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
+def atomic_write_bytes(path: Path, data: bytes, *, fix: str = "write it to a folder you can write to") -> Path:
     """Write ``data`` so that ``path`` is either its old content or the whole new content, even
-    if the process is killed mid-write."""
+    if the process is killed mid-write.
+
+    The file gets the permissions a plain ``open(path, "wb")`` would give: an existing file keeps
+    its mode, a new one gets ``0o666 & ~umask`` (other accounts' tools must be able to read
+    exported files). A failure is a WriteError: ``cannot write PATH: reason; fix``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    except OSError as exc:
+        raise WriteError(path, write_failure_reason(path, exc), fix) from None
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), _mode_for(path))
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            raise WriteError(path, write_failure_reason(path, exc), fix) from None
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def write_failure_reason(path: Path, exc: OSError) -> str:
+    """Why writing ``path`` failed, in words a user can act on."""
+    base = next((parent for parent in Path(path).parents if parent.exists()), Path("."))
+    if not base.is_dir():
+        return f"{base} is a file, not a folder"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.EROFS:
+        return "read-only file system"
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    if exc.errno == errno.EISDIR:
+        return "it is a folder"
+    if exc.errno == errno.ENOENT:
+        return f"nothing can be created in {base}"
+    return (exc.strerror or str(exc)).lower()
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc where possible, since setting it to read it is racy)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +16,15 @@ from safetensors.numpy import load_file, save
 
 from conceptlib.concept import Concept
 from conceptlib.errors import ConceptError, ConceptFileError
-from conceptlib.files import read_concept, read_header, write_concept
+from conceptlib.files import (
+    WriteError,
+    atomic_write_bytes,
+    non_finite_vectors,
+    read_concept,
+    read_header,
+    vector_norms,
+    write_concept,
+)
 
 
 def concept(n=2, dim=768, **metadata):
@@ -83,3 +95,95 @@ def test_damaged_files(tmp_path):
         with pytest.raises(ConceptFileError, match=needle) as info:
             read_concept(tmp_path / name)
         assert "\n" not in str(info.value)
+
+
+def _raw_safetensors(path, entry, data_bytes=3072):
+    header = json.dumps({"<a>": entry}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(data_bytes))
+    return path
+
+
+@pytest.mark.parametrize("offsets,needle", [
+    ([0, "x"], "bad data_offsets"),
+    ([None, 3072], "bad data_offsets"),
+    ([3072, 0], "bad data_offsets"),
+    ([0, 3072.0], "bad data_offsets"),
+    ([True, 3072], "bad data_offsets"),
+    ([-8, 3072], "bad data_offsets"),
+    ([0], "bad data_offsets"),
+    ("0-3072", "bad data_offsets"),
+    ([0, 99999], "truncated"),
+])
+def test_malformed_data_offsets_are_one_line_errors(tmp_path, offsets, needle):
+    path = _raw_safetensors(tmp_path / "bad.safetensors", {"dtype": "F32", "shape": [1, 768], "data_offsets": offsets})
+    for read in (read_header, read_concept, vector_norms):
+        with pytest.raises(ConceptFileError, match=needle) as info:
+            read(path)
+        assert "\n" not in str(info.value) and "re-download or re-export" in str(info.value)
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [1, "768"], "data_offsets": [0, 3072]},
+    {"dtype": 7, "shape": [1, 768], "data_offsets": [0, 3072]},
+    {"dtype": "F32", "data_offsets": [0, 3072]},
+    ["F32", [1, 768], [0, 3072]],
+])
+def test_malformed_dtype_or_shape(tmp_path, entry):
+    path = _raw_safetensors(tmp_path / "bad.safetensors", entry)
+    with pytest.raises(ConceptFileError, match="corrupt safetensors entry for tensor '<a>'"):
+        read_header(path)
+
+
+def test_vector_norms_read_the_file_and_flag_nan(tmp_path):
+    vectors = np.arange(2 * 768, dtype=np.float32).reshape(2, 768) / 1000
+    path = write_concept(Concept("a", "<a>", vectors), tmp_path / "a.safetensors")
+    np.testing.assert_allclose(vector_norms(path), np.linalg.norm(vectors, axis=1), rtol=1e-6)
+    assert non_finite_vectors(vector_norms(path)) == []
+    vectors[1, 5] = np.inf
+    (tmp_path / "inf.safetensors").write_bytes(save({"<a>": vectors}))
+    assert non_finite_vectors(vector_norms(tmp_path / "inf.safetensors")) == [1]
+    # A data range that does not match the shape is corrupt, not a short list of norms.
+    short = _raw_safetensors(tmp_path / "short.safetensors", {"dtype": "F32", "shape": [2, 768], "data_offsets": [0, 3072]})
+    with pytest.raises(ConceptFileError, match="3072 data bytes for shape"):
+        vector_norms(short)
+
+
+@contextlib.contextmanager
+def umask(mask):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_get_the_umask_mode(tmp_path, mask, mode):
+    with umask(mask):
+        path = atomic_write_bytes(tmp_path / "new.bin", b"data")
+        concept_path = write_concept(concept(), tmp_path / "c.safetensors")
+    assert os.stat(path).st_mode & 0o777 == mode
+    assert os.stat(concept_path).st_mode & 0o777 == mode
+
+
+def test_replacing_a_file_keeps_its_mode(tmp_path):
+    path = tmp_path / "shared.pt"
+    path.write_bytes(b"old")
+    os.chmod(path, 0o664)
+    with umask(0o077):
+        atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new" and os.stat(path).st_mode & 0o777 == 0o664
+
+
+def test_write_failures_are_one_line_write_errors(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for target, reason in [
+        (tmp_path / "afile" / "x.pt", f"{tmp_path / 'afile'} is a file, not a folder"),
+        (tmp_path / "afile" / "deeper" / "x.pt", f"{tmp_path / 'afile'} is a file, not a folder"),
+        (Path("/proc/conceptlib-test.pt"), "nothing can be created in /proc"),
+    ]:
+        with pytest.raises(WriteError) as info:
+            atomic_write_bytes(target, b"data", fix="write elsewhere")
+        assert str(info.value) == f"cannot write {target}: {reason}; write elsewhere"
+        assert isinstance(info.value, OSError)  # callers that caught the OSError still do
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

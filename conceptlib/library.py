@@ -8,8 +8,8 @@ Layout under the library root ($CONCEPTLIB_HOME, else platformdirs' user data di
     .index.json                   a cache of the concept files' headers, never the source of truth
 
 The index makes listing 10,000 concepts cheap: each entry is validated against the file's
-(inode, mtime_ns, size) and re-read from the file header when stale; a missing or corrupt index
-is simply rebuilt. It keeps only what ``conceptlib list`` shows; the rest of the metadata (preview
+(inode, mtime_ns, size) and re-read from the file when stale (its header, and its few KB of
+vectors once, to flag NaN/Inf); a missing or corrupt index is simply rebuilt. It keeps only what ``conceptlib list`` shows; the rest of the metadata (preview
 thumbnail, loss history, ...) is read from the file header on first access of ``header.metadata``.
 
 Nothing here imports numpy or TensorFlow except ``get`` (which loads vectors).
@@ -34,9 +34,21 @@ from conceptlib.errors import (
     LibraryError,
     NotFoundError,
 )
-from conceptlib.files import SUFFIX, ConceptHeader, _fsync_dir, read_concept, read_header, write_concept
+from conceptlib.files import (
+    SUFFIX,
+    ConceptHeader,
+    WriteError,
+    _fsync_dir,
+    non_finite_vectors,
+    read_concept,
+    read_header,
+    vector_norms,
+    write_concept,
+    write_failure_reason,
+)
 
-INDEX_VERSION = 2
+# 3: entries also record files whose vectors hold NaN or Inf (version 2 listed them as usable).
+INDEX_VERSION = 3
 _ENTRY_FIELDS = {"key", "name", "token", "num_vectors", "dim", "metadata"}
 # The metadata keys ConceptHeader.summary() shows; the rest is read from the file when used.
 _INDEXED_KEYS = ("trainer", "created_at")
@@ -82,6 +94,23 @@ class _IndexedHeader(ConceptHeader):
             path=self.path, name=self.name, token=self.token, num_vectors=self.num_vectors, dim=self.dim,
             metadata=self._indexed,
         ).summary()
+
+
+class NameTakenError(CollisionError):
+    """The library already holds a concept with this name (``.name``)."""
+
+    def __init__(self, name: str, fix: str = "choose another name (--name) or remove it first"):
+        super().__init__(f"a concept named {name!r} already exists; {fix}")
+        self.name = name
+
+
+class TokenTakenError(CollisionError):
+    """Another concept (``.owner``) already uses this token (``.token``)."""
+
+    def __init__(self, token: str, owner: str, fix: str = "choose another token (--token)"):
+        super().__init__(f"token {token!r} is already used by concept {owner!r}; {fix}")
+        self.token = token
+        self.owner = owner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +161,9 @@ class ConceptLibrary:
         """Hold the library's inter-process lock (re-entrant within this object)."""
         with self._thread_lock:
             if self._lock_depth == 0:
-                self.root.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+                with self._writing(self._lock_path):
+                    self.root.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX)
                 except BaseException:
@@ -233,45 +263,74 @@ class ConceptLibrary:
         """
         with self.lock():
             self._check_available(concept.name, concept.token, replacing=concept.name if overwrite else None)
-            path = write_concept(concept, self.path_for(concept.name))
+            target = self.path_for(concept.name)
+            with self._writing(target):
+                path = write_concept(concept, target)
             header = _with_name(read_header(path), concept.name)
             if self._held_headers is not None:
                 self._held_headers[header.name] = header
             return header
 
     def remove(self, name: str) -> None:
-        """Delete the concept called ``name`` (NotFoundError if there is none)."""
+        """Delete the concept called ``name`` (NotFoundError if there is none). The file is not
+        read, so a corrupt concept file can be removed too."""
         with self.lock():
             path = self._existing_path(name)
-            os.unlink(path)
+            with self._writing(path):
+                os.unlink(path)
             _fsync_dir(path.parent)
             self._held_headers = None
 
     def rename(self, old: str, new: str, token: str | None = None) -> ConceptHeader:
-        """Rename concept ``old`` to ``new`` (and optionally give it a new token)."""
+        """Rename concept ``old`` (its name or token) to ``new`` (and optionally give it a new token)."""
         with self.lock():
+            old = self._name_of(old)
             old_path = self._existing_path(old)
             concept = read_concept(old_path)
             validate_name(new)
             new_token = validate_token(token) if token is not None else concept.token
             if new == old and new_token == concept.token:
                 return _with_name(read_header(old_path), old)
-            self._check_available(new, new_token, replacing=old)
+            self._check_available(new, new_token, replacing=old,
+                                  name_fix=f"choose another new name or remove {new!r} first",
+                                  token_fix="choose another --token")
             metadata = dict(concept.metadata)
             if metadata.get("modelspec.title") in (None, old, concept.name):
                 metadata["modelspec.title"] = new
             renamed = Concept(new, new_token, concept.vectors, metadata)
             new_path = self.path_for(new)
-            if new_path != old_path:
-                # Move first (atomic), then rewrite in place (atomic): a crash in between leaves the
-                # concept under its new name with its old metadata, never two files with one token.
-                os.rename(old_path, new_path)
-                _fsync_dir(new_path.parent)
-            write_concept(renamed, new_path)
+            with self._writing(new_path):
+                if new_path != old_path:
+                    # Move first (atomic), then rewrite in place (atomic): a crash in between leaves the
+                    # concept under its new name with its old metadata, never two files with one token.
+                    os.rename(old_path, new_path)
+                    _fsync_dir(new_path.parent)
+                write_concept(renamed, new_path)
             self._held_headers = None
             return _with_name(read_header(new_path), new)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _name_of(self, ref: str) -> str:
+        """The name of the concept whose name or token is ``ref`` (a name is taken as it is, so
+        a concept whose file is corrupt can still be named)."""
+        if is_valid_name(ref) and (self.concepts_dir / f"{ref}{SUFFIX}").is_file():
+            return ref
+        found = self.find_token(ref)
+        if found is None:
+            raise NotFoundError(self._not_found_message(ref))
+        return found.name
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """Turn a failed write under the library root into one WriteError that says what to do."""
+        fix = f"make {self.root} a writable folder, or set CONCEPTLIB_HOME to one"
+        try:
+            yield
+        except WriteError as exc:
+            raise WriteError(exc.path, exc.reason, fix) from None
+        except OSError as exc:
+            raise WriteError(path, write_failure_reason(path, exc), fix) from None
 
     def _existing_path(self, name: str) -> Path:
         if not is_valid_name(name):
@@ -284,26 +343,23 @@ class ConceptLibrary:
     def _not_found_message(self, ref: str) -> str:
         return f"no concept named or with token {ref!r} in {self.root}; see `conceptlib list`"
 
-    def _check_available(self, name: str, token: str, *, replacing: str | None) -> None:
+    def _check_available(self, name: str, token: str, *, replacing: str | None, name_fix: str | None = None,
+                         token_fix: str | None = None) -> None:
         validate_name(name)
         validate_token(token)
         if name != replacing and (self.concepts_dir / f"{name}{SUFFIX}").exists():
-            raise CollisionError(
-                f"a concept named {name!r} already exists; choose another name (--name) or remove it first"
-            )
+            raise NameTakenError(name, name_fix) if name_fix else NameTakenError(name)
         owner = self.find_token(token)
         if owner is not None and owner.name != replacing:
-            raise CollisionError(
-                f"token {token!r} is already used by concept {owner.name!r}; choose another token (--token)"
-            )
+            raise TokenTakenError(token, owner.name, token_fix) if token_fix else TokenTakenError(token, owner.name)
 
     def _remove_stale_temp_files(self) -> None:
         # Called on taking the lock: no other process is writing now, so temp files are
         # leftovers of a killed writer.
         try:
             entries = list(os.scandir(self.concepts_dir))
-        except FileNotFoundError:
-            return
+        except OSError:
+            return  # no concepts folder yet (or not a folder: listing says so)
         for entry in entries:
             if entry.name.startswith(".tmp-"):
                 with contextlib.suppress(OSError):
@@ -392,6 +448,13 @@ def _index_entry(path: Path, key: list[int]) -> dict:
         validate_token(header.token)
     except ConceptError as exc:
         return {"key": key, "error": f"{path}: {exc}"}
+    try:
+        # Once per new or changed file (the index caches the result): a few KB, no numpy.
+        bad = non_finite_vectors(vector_norms(path))
+    except ConceptFileError as exc:
+        return {"key": key, "error": str(exc)}
+    if bad:
+        return {"key": key, "error": non_finite_message(path, name, bad)}
     indexed = {k: header.metadata[k] for k in _INDEXED_KEYS if k in header.metadata}
     return {
         "key": key,
@@ -401,6 +464,13 @@ def _index_entry(path: Path, key: list[int]) -> dict:
         "dim": header.dim,
         "metadata": indexed,
     }
+
+
+def non_finite_message(path: Path, name: str, bad: list[int]) -> str:
+    """The problem line for a concept whose vectors ``bad`` hold NaN or Inf."""
+    which = ", ".join(str(i) for i in bad)
+    return (f"{path}: vector {which} holds NaN or Inf, so the concept cannot be used; retrain it or "
+            f"remove it (conceptlib remove {name})")
 
 
 def is_valid_name(ref: str) -> bool:

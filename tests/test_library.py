@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from conceptlib.concept import Concept
-from conceptlib.errors import CollisionError, ConceptError, NotFoundError
-from conceptlib.files import read_concept, read_header, write_concept
-from conceptlib.library import ConceptLibrary
+from conceptlib.errors import CollisionError, ConceptError, ConceptFileError, LibraryError, NotFoundError
+from conceptlib.files import WriteError, read_concept, read_header, write_concept
+from conceptlib.library import ConceptLibrary, NameTakenError, TokenTakenError
 
 
 def make(name, token=None, n=1, dim=768, seed=0, **metadata):
@@ -275,3 +275,88 @@ def test_sigkill_mid_write_leaves_a_readable_library(library):
     assert not list((library.root / "concepts").glob(".tmp-*")), "leftover temp files are cleaned up under the lock"
     for header in fresh.list():
         read_concept(header.path)
+
+
+def test_rename_by_token_and_collision_hints(library):
+    library.add(make("a"))
+    library.add(make("b"))
+    header = library.rename("<a>", "c")
+    assert (header.name, header.token) == ("c", "<a>")
+    assert [h.name for h in library.list()] == ["b", "c"]
+    before = snapshot(library.root)
+    with pytest.raises(NameTakenError) as taken:
+        library.rename("<a>", "b")
+    # rename has no --name option: the hint speaks of the new name.
+    assert taken.value.name == "b" and "choose another new name" in str(taken.value) and "--name" not in str(taken.value)
+    with pytest.raises(TokenTakenError) as taken:
+        library.rename("c", "d", token="<b>")
+    assert (taken.value.token, taken.value.owner) == ("<b>", "b") and "choose another --token" in str(taken.value)
+    # add() (import, train) keeps naming the options those commands have.
+    with pytest.raises(NameTakenError, match=r"choose another name \(--name\)"):
+        library.add(make("b", token="<new>"))
+    assert snapshot(library.root) == before
+
+
+def test_a_corrupt_concept_file_can_be_removed(library):
+    library.add(make("good"))
+    bad = library.root / "concepts" / "bad.safetensors"
+    header = json.dumps({"<x>": {"dtype": "F32", "shape": [1, 768], "data_offsets": [3072, 0]}}).encode()
+    bad.write_bytes(len(header).to_bytes(8, "little") + header + bytes(3072))
+    assert [h.name for h in library.list()] == ["good"]
+    assert "bad data_offsets" in library.problems[0].message
+    with pytest.raises(ConceptFileError, match="bad data_offsets"):
+        library.header("bad")
+    with pytest.raises(ConceptFileError, match="bad data_offsets"):
+        library.rename("bad", "fixed")
+    library.add(make("other"))  # the broken file does not block other work
+    library.remove("bad")
+    assert not bad.exists() and [h.name for h in library.list()] == ["good", "other"] and library.problems == []
+
+
+def test_nan_vectors_are_a_problem_even_with_an_old_index(library):
+    from safetensors.numpy import save_file
+
+    library.add(make("good"))
+    vectors = np.ones((2, 768), np.float32)
+    vectors[1, 0] = np.nan
+    save_file({"<nan>": vectors}, str(library.root / "concepts" / "nan.safetensors"))
+    assert [h.name for h in library.list()] == ["good"]
+    assert [p.path.name for p in library.problems] == ["nan.safetensors"]
+    assert "vector 1 holds NaN or Inf" in library.problems[0].message
+    assert "conceptlib remove nan" in library.problems[0].message
+    # An index written before NaN files were flagged (version 2) listed the file as usable.
+    index = library.root / ".index.json"
+    data = json.loads(index.read_text())
+    data["version"] = 2
+    data["files"]["nan.safetensors"] = dict(data["files"]["good.safetensors"], name="nan", token="<nan>",
+                                            key=data["files"]["nan.safetensors"]["key"])
+    index.write_text(json.dumps(data))
+    assert [h.name for h in ConceptLibrary(library.root).list()] == ["good"]
+
+
+def test_unwritable_library_is_one_line_and_unchanged(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    library = ConceptLibrary(tmp_path / "afile")
+    with pytest.raises(WriteError) as info:
+        library.add(make("a"))
+    assert str(info.value) == (f"cannot write {tmp_path / 'afile' / '.lock'}: {tmp_path / 'afile'} is a file, not a folder; "
+                               f"make {tmp_path / 'afile'} a writable folder, or set CONCEPTLIB_HOME to one")
+    assert (tmp_path / "afile").read_text() == "x"
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / "concepts").write_text("not a folder")
+    with pytest.raises(LibraryError, match="is not a folder"):
+        ConceptLibrary(root).add(make("a"))
+    assert (root / "concepts").read_text() == "not a folder"
+    with pytest.raises(WriteError, match="nothing can be created in /proc"):
+        ConceptLibrary("/proc/conceptlib-test").add(make("a"))
+
+
+def test_library_files_are_readable_by_others(library):
+    old = os.umask(0o022)
+    try:
+        path = library.add(make("a")).path
+        renamed = library.rename("a", "b", token="<b>").path
+    finally:
+        os.umask(old)
+    assert not path.exists() and os.stat(renamed).st_mode & 0o777 == 0o644

@@ -118,8 +118,8 @@ def test_rename_and_path(library):
 def _foreign_folder(folder: Path) -> Path:
     folder.mkdir()
     safetensors_torch.save_file({"<a>": torch.randn(1, 768)}, folder / "a.safetensors")
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(2, 768)}, "name": "b", "step": 10,
-                "sd_checkpoint": None, "sd_checkpoint_name": None}, folder / "b.pt", _use_new_zipfile_serialization=False)
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(2, 768)}, "name": "bdoll", "step": 10,
+                "sd_checkpoint": None, "sd_checkpoint_name": None}, folder / "bdoll.pt", _use_new_zipfile_serialization=False)
     safetensors_torch.save_file({"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}, folder / "xl.safetensors")
     (folder / "readme.txt").write_text("hi")
     return folder
@@ -128,17 +128,23 @@ def _foreign_folder(folder: Path) -> Path:
 def test_import_folder_reports_each(home, tmp_path):
     folder = _foreign_folder(tmp_path / "in")
     result = run("import", str(folder))
-    assert result.exit_code == 0, result.output
-    out = result.output
-    assert "Imported a (<a>, 1x768)" in out and "Imported b (b, 2x768)" in out
+    # The valid files are imported; the SDXL file is a concept file that failed, so exit 1.
+    assert result.exit_code == 1, result.output
+    out = result.stdout
+    assert "Imported a (<a>, 1x768)" in out and "Imported bdoll (bdoll, 2x768)" in out
     assert "Skipped" in out and "xl.safetensors: an SDXL embedding" in out and "readme.txt: not a concept file" in out
-    assert "2 imported, 2 skipped" in out
-    assert [h.name for h in ConceptLibrary(home).list()] == ["a", "b"]
-    # Again: everything is already there -> nothing imported -> exit 1, library unchanged.
+    assert out.strip().endswith("2 imported, 2 skipped")
+    assert result.stderr.strip() == "Error: 1 of 3 concept files could not be imported; see the reasons above"
+    assert [h.name for h in ConceptLibrary(home).list()] == ["a", "bdoll"]
+    # Again: everything is already there -> nothing imported -> exit 1, library unchanged, and the
+    # hints offer --name/--token only for importing a file by itself (refused for several).
     before = snapshot(home)
     result = run("import", str(folder))
     assert result.exit_code == 1
     assert "already exists" in result.output and result.stderr.strip().startswith("Error: nothing imported")
+    skipped = [line for line in result.stdout.splitlines() if "already exists" in line]
+    assert len(skipped) == 2 and all("import this file by itself with --name NEW" in line for line in skipped)
+    assert "(--name)" not in result.stdout and "(--token)" not in result.stdout
     assert snapshot(home) == before
 
 
@@ -239,17 +245,20 @@ def test_bad_arguments(library, tmp_path):
     for args, code, needle in [
         (["import", str(tmp_path / "empty")], 1, "no concept files"),
         (["import", str(tmp_path / "nope")], 1, "no such file"),
-        (["import", str(tmp_path / "q.safetensors"), "--name", "../escape"], 1, "invalid concept name"),
-        (["import", str(tmp_path / "q.safetensors"), "--name", "a/b"], 1, "invalid concept name"),
-        (["import", str(tmp_path / "q.safetensors"), "--token", "<Upper>"], 1, "lowercases"),
+        (["import", str(tmp_path / "q.safetensors"), "--name", "../escape"], 2, "--name: invalid concept name"),
+        (["import", str(tmp_path / "q.safetensors"), "--name", "a/b"], 2, "--name: invalid concept name"),
+        (["import", str(tmp_path / "q.safetensors"), "--token", "<Upper>"], 2, "--token: invalid token"),
+        (["import", str(tmp_path / "q.safetensors"), "--token", "a b"], 2, "--token: invalid token"),
         (["import", str(tmp_path / "q.safetensors"), "--name", "q2", "--token", "<cat-doll>"], 1, "already used"),
         (["show", "../../etc/passwd"], 1, "no concept"),
         (["show", "missing"], 1, "no concept"),
         (["remove", "-y", "../cat-doll"], 1, "no concept"),
         (["remove", "-y", "<cat-doll>"], 2, "remove it by name"),
-        (["rename", "cat-doll", "../x"], 1, "invalid concept name"),
-        (["rename", "cat-doll", "oil-style"], 1, "already exists"),
-        (["rename", "cat-doll", "new", "--token", "<oil-style>"], 1, "already used"),
+        (["rename", "cat-doll", "../x"], 2, "NEW: invalid concept name"),
+        (["rename", "cat-doll", "new", "--token", "<Doll>"], 2, "--token: invalid token"),
+        (["rename", "cat-doll", "oil-style"], 1, "already exists; choose another new name"),
+        (["rename", "cat-doll", "new", "--token", "<oil-style>"], 1, "already used by concept 'oil-style'; choose another --token"),
+        (["rename", "<nope>", "new"], 1, "no concept"),
         (["export", "missing", "--format", "a1111", "--out", str(tmp_path / "x.pt")], 1, "no concept"),
     ]:
         assert_one_line_error(run(*args), code, needle)
@@ -279,17 +288,18 @@ def _conceptlib(*args, home, cwd=None):
 
 def test_real_process_round_trip(home, tmp_path):
     folder = _foreign_folder(tmp_path / "in")
-    result = _conceptlib("import", str(folder), home=home)
+    result = _conceptlib("import", str(folder / "a.safetensors"), str(folder / "bdoll.pt"), home=home)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("2 imported, 0 skipped")
     rows = json.loads(_conceptlib("list", "--json", home=home).stdout)
     assert [(r["name"], r["token"], r["num_vectors"], r["dim"], r["base_model"]) for r in rows] == [
-        ("a", "<a>", 1, 768, "sd-1"), ("b", "b", 2, 768, "sd-1")]
-    out = tmp_path / "b.pt"
-    assert _conceptlib("export", "b", "--format", "a1111", "--out", str(out), home=home).returncode == 0
+        ("a", "<a>", 1, 768, "sd-1"), ("bdoll", "bdoll", 2, 768, "sd-1")]
+    out = tmp_path / "bdoll.pt"
+    assert _conceptlib("export", "bdoll", "--format", "a1111", "--out", str(out), home=home).returncode == 0
     assert tuple(torch.load(out, weights_only=True)["string_to_param"]["*"].shape) == (2, 768)
     bad = _conceptlib("show", "nope", home=home)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("Error: ")
-    assert _conceptlib("export", "b", home=home).returncode == 2
+    assert _conceptlib("export", "bdoll", home=home).returncode == 2
 
 
 _PROBE = """
@@ -311,7 +321,7 @@ print("PROBE", json.dumps({"heavy": heavy, "numpy": "numpy" in sys.modules, "cod
     (["show", "cat-doll"], False),
     (["show", "cat-doll", "--json"], False),
     (["path"], False),
-    (["import", "{folder}"], True),
+    (["import", "{folder}/a.safetensors", "{folder}/bdoll.pt"], True),
     (["export", "cat-doll", "--format", "a1111", "--out", "{out}"], True),
     (["export", "cat-doll", "--format", "diffusers", "--out", "{out}.safetensors"], True),
 ])
@@ -327,3 +337,211 @@ def test_library_commands_never_import_tensorflow(library, tmp_path, args, numpy
     assert probe["heavy"] == [], f"{args} imported {probe['heavy']}"
     if not numpy_ok:
         assert not probe["numpy"], f"{args} imported numpy; listing/showing must read headers only"
+
+
+# -- audit fixes: broken library files, write failures, file modes, --out, CLIP words, several paths ---
+
+
+def _offsets_file(path: Path, offsets) -> Path:
+    header = json.dumps({"<a>": {"dtype": "F32", "shape": [1, 768], "data_offsets": offsets}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(3072))
+    return path
+
+
+@pytest.mark.parametrize("offsets", [[0, "x"], [None, 3072], [3072, 0], [0, 99999]])
+def test_a_malformed_file_in_the_library_is_skipped_reported_and_removable(library, tmp_path, offsets):
+    broken = _offsets_file(library.root / "concepts" / "broken.safetensors", offsets)
+    result = run("list")
+    assert result.exit_code == 0 and "cat-doll" in result.stdout and "broken" not in result.stdout
+    assert result.stderr.startswith(f"Warning: skipped {broken}: ") and result.stderr.count("\n") == 1
+    assert_one_line_error(run("show", "broken"), 1, "broken.safetensors")
+    assert_one_line_error(run("rename", "broken", "fixed"), 1, "broken.safetensors")
+    assert_one_line_error(run("import", str(_offsets_file(tmp_path / "x.safetensors", offsets))), 1, "x.safetensors")
+    # Everything else still works beside it.
+    assert run("show", "<cat-doll>").exit_code == 0
+    assert run("rename", "oil-style", "oil").exit_code == 0
+    safetensors_torch.save_file({"<q>": torch.randn(1, 768)}, tmp_path / "q.safetensors")
+    assert run("import", str(tmp_path / "q.safetensors")).exit_code == 0
+    # remove is how the user repairs the library.
+    assert run("remove", "broken", input="n\n").exit_code == 1 and broken.exists()
+    result = run("remove", "broken", "-y")
+    assert result.exit_code == 0 and result.stdout == "Removed broken (unreadable file)\n"
+    assert not broken.exists() and run("list").stderr == ""
+
+
+def test_write_failures_are_one_line_and_change_nothing(library, tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    before = snapshot(library.root)
+    for args, needle in [
+        (["--format", "a1111", "--out", str(tmp_path / "afile" / "x.pt")], f"{tmp_path / 'afile'} is a file, not a folder; choose another --out"),
+        (["--format", "a1111", "--out", str(tmp_path / "afile" / "sub") + "/"], "is a file, not a folder; choose another --out"),
+        (["--format", "sd-concepts", "--out", str(tmp_path / "afile" / "sub")], "is a file, not a folder; choose another --out"),
+        (["--format", "a1111", "--out", "/proc/conceptlib-test.pt"], "cannot write /proc/conceptlib-test.pt: nothing can be created in /proc"),
+    ]:
+        assert_one_line_error(run("export", "cat-doll", *args), 1, needle)
+    assert (tmp_path / "afile").read_text() == "x" and snapshot(library.root) == before
+    safetensors_torch.save_file({"<q>": torch.randn(1, 768)}, tmp_path / "q.safetensors")
+    # CONCEPTLIB_HOME a file, its concepts folder a file, or somewhere nothing can be created.
+    home_file = tmp_path / "afile"
+    monkeypatch.setenv("CONCEPTLIB_HOME", str(home_file))
+    assert_one_line_error(run("import", str(tmp_path / "q.safetensors")), 1,
+                          f"cannot write {home_file / '.lock'}: {home_file} is a file, not a folder; make {home_file} a writable folder")
+    (tmp_path / "h2").mkdir()
+    (tmp_path / "h2" / "concepts").write_text("x")
+    monkeypatch.setenv("CONCEPTLIB_HOME", str(tmp_path / "h2"))
+    assert_one_line_error(run("import", str(tmp_path / "q.safetensors")), 1, "concepts is not a folder")
+    monkeypatch.setenv("CONCEPTLIB_HOME", "/proc/conceptlib-test")
+    assert_one_line_error(run("import", str(tmp_path / "q.safetensors")), 1, "or set CONCEPTLIB_HOME to one")
+    assert (tmp_path / "afile").read_text() == "x" and (tmp_path / "h2" / "concepts").read_text() == "x"
+
+
+def test_exported_files_are_readable_by_other_accounts(library, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "perm.pt"
+        assert run("export", "cat-doll", "--format", "a1111", "--out", str(out)).exit_code == 0
+        assert os.stat(out).st_mode & 0o777 == 0o644
+        assert os.stat(library.root / "concepts" / "cat-doll.safetensors").st_mode & 0o777 == 0o644
+        # --force over a file shared with the group keeps its mode.
+        os.chmod(out, 0o664)
+        assert run("export", "cat-doll", "--format", "a1111", "--out", str(out), "--force").exit_code == 0
+        assert os.stat(out).st_mode & 0o777 == 0o664
+        assert run("export", "cat-doll", "--format", "sd-concepts", "--out", str(tmp_path / "sdc")).exit_code == 0
+        assert {os.stat(p).st_mode & 0o777 for p in (tmp_path / "sdc").iterdir()} == {0o644}
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("fmt,out,expected", [
+    ("a1111", "a.safetensors", ".pt"),
+    ("a1111", "a.bin", ".pt"),
+    ("kohya", "k.pt", ".safetensors"),
+    ("diffusers", "out.pt", ".safetensors or .bin"),
+    ("conceptlib", "c.bin", ".safetensors"),
+    ("conceptlib", "noext", ".safetensors"),
+])
+def test_export_refuses_an_extension_its_tools_would_misread(library, tmp_path, fmt, out, expected):
+    result = run("export", "cat-doll", "--format", fmt, "--out", str(tmp_path / out))
+    assert_one_line_error(result, 2, f"{fmt} files must end in {expected}")
+    assert list(tmp_path.iterdir()) == [library.root]
+
+
+def test_export_into_a_folder(library, tmp_path, monkeypatch):
+    # A trailing '/' means a folder, made if missing; an existing folder gets the default file name.
+    result = run("export", "cat-doll", "--format", "a1111", "--out", str(tmp_path / "missing") + "/")
+    assert result.exit_code == 0, result.output
+    assert torch.load(tmp_path / "missing" / "cat-doll.pt", weights_only=True)["name"] == "cat-doll"
+    assert run("export", "cat-doll", "--format", "kohya", "--out", str(tmp_path / "deep" / "a" / "b") + "/").exit_code == 0
+    assert list(safetensors_torch.load_file(tmp_path / "deep" / "a" / "b" / "cat-doll.safetensors")) == ["emb_params"]
+    (tmp_path / "existing.pt").mkdir()
+    assert run("export", "cat-doll", "--format", "diffusers", "--out", str(tmp_path / "existing.pt")).exit_code == 0
+    assert list(safetensors_torch.load_file(tmp_path / "existing.pt" / "learned_embeds.safetensors")) == ["<cat-doll>"]
+    assert run("export", "cat-doll", "--format", "diffusers", "--out", str(tmp_path / "x.bin")).exit_code == 0
+    assert list(torch.load(tmp_path / "x.bin", weights_only=True)) == ["<cat-doll>"]
+    # sd-concepts without --out makes ./NAME/ and never replaces any of its three files unasked.
+    monkeypatch.chdir(tmp_path)
+    assert run("export", "cat-doll", "--format", "sd-concepts").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "cat-doll").iterdir()) == [
+        "learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt"]
+    (tmp_path / "cat-doll" / "learned_embeds.bin").unlink()
+    (tmp_path / "cat-doll" / "token_identifier.txt").write_text("mine")
+    assert_one_line_error(run("export", "cat-doll", "--format", "sd-concepts"), 1, "token_identifier.txt: already exists")
+    assert (tmp_path / "cat-doll" / "token_identifier.txt").read_text() == "mine"
+    assert run("export", "cat-doll", "--format", "sd-concepts", "--force").exit_code == 0
+    assert (tmp_path / "cat-doll" / "token_identifier.txt").read_text() == "<cat-doll>"
+
+
+def _a1111(path: Path) -> Path:
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(2, 768)}, "name": path.stem}, path)
+    return path
+
+
+def test_import_refuses_a_clip_word_token(library, tmp_path):
+    legacy = _a1111(tmp_path / "legacy.pt")
+    before = snapshot(library.root)
+    assert_one_line_error(run("import", str(legacy)), 1,
+                          "token 'legacy' is an ordinary word of the CLIP vocabulary")
+    assert "pass --token '<legacy>'" in run("import", str(legacy)).stderr
+    safetensors_torch.save_file({"<q>": torch.randn(1, 768)}, tmp_path / "q.safetensors")
+    assert_one_line_error(run("import", str(tmp_path / "q.safetensors"), "--token", "cat"), 2,
+                          "--token 'cat': token 'cat' is an ordinary word")
+    assert_one_line_error(run("rename", "cat-doll", "doll", "--token", "dolly"), 2, "use e.g. --token '<dolly>'")
+    assert snapshot(library.root) == before
+    result = run("import", str(legacy), "--token", "<legacy>")
+    assert result.exit_code == 0 and ConceptLibrary(library.root).header("legacy").token == "<legacy>"
+    # Among several files, the hint is to import that one by itself.
+    folder = tmp_path / "several"
+    folder.mkdir()
+    _a1111(folder / "style.pt")
+    _a1111(folder / "mystyle.pt")
+    result = run("import", str(folder))
+    assert result.exit_code == 1
+    assert f"Skipped {folder / 'style.pt'}: token 'style' is an ordinary word" in result.stdout
+    assert "import this file by itself with --token '<style>'" in result.stdout
+    assert "Imported mystyle (mystyle, 2x768)" in result.stdout
+
+
+def test_without_a_local_vocabulary_import_skips_the_word_check(library, tmp_path, monkeypatch):
+    from conceptlib.kerascv import tokenizer
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setattr(tokenizer, "VOCAB_PACKAGES", ())
+    if any(path.is_file() for _, path in tokenizer.candidate_vocab_paths()):
+        pytest.skip("a CLIP vocabulary is in /tmp/.keras on this machine")
+    result = run("import", str(_a1111(tmp_path / "legacy.pt")))
+    assert result.exit_code == 0 and "Imported legacy (legacy, 2x768)" in result.stdout
+
+
+def test_import_several_paths(library, tmp_path):
+    folder = _foreign_folder(tmp_path / "in")
+    single = _a1111(tmp_path / "single-doll.pt")
+    result = run("import", str(folder / "a.safetensors"), str(single), str(folder / "bdoll.pt"))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().endswith("3 imported, 0 skipped")
+    assert [h.name for h in ConceptLibrary(library.root).list()] == ["a", "bdoll", "cat-doll", "oil-style", "single-doll"]
+    # A missing path or a failing file among several: the others are imported, each failure is
+    # one line, then the summary, and exit 1.
+    before = snapshot(library.root)
+    other = _a1111(tmp_path / "other-doll.pt")
+    result = run("import", str(tmp_path / "nope.pt"), str(other), str(folder / "xl.safetensors"))
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"Skipped {tmp_path / 'nope.pt'}: no such file or folder; check the path"
+    assert lines[1] == f"Imported other-doll (other-doll, 2x768) from {other}"
+    assert lines[2].startswith(f"Skipped {folder / 'xl.safetensors'}: an SDXL embedding")
+    assert lines[3] == "1 imported, 2 skipped"
+    assert result.stderr == "Error: 2 of 3 concept files could not be imported; see the reasons above\n"
+    assert set(snapshot(library.root)) == set(before) | {"other-doll.safetensors"}
+    # --name/--token name one concept: refused (exit 2) for several paths.
+    assert_one_line_error(run("import", str(single), str(other), "--name", "x"), 2, "one at a time")
+
+
+def test_rename_by_token(library):
+    result = run("rename", "<cat-doll>", "doll")
+    assert result.exit_code == 0 and result.stdout == "Renamed <cat-doll> -> doll (<cat-doll>)\n"
+    assert ConceptLibrary(library.root).header("doll").token == "<cat-doll>"
+    result = run("rename", "<cat-doll>", "oil-style")
+    assert_one_line_error(result, 1, "a concept named 'oil-style' already exists; choose another new name")
+    assert "--name" not in result.stderr
+
+
+def test_nan_concept_show_json_is_valid_and_list_flags_it(library):
+    vectors = torch.ones(2, 768)
+    vectors[0, 1] = float("nan")
+    path = library.root / "concepts" / "nan.safetensors"
+    safetensors_torch.save_file({"<nan>": vectors}, path)
+    result = run("show", "nan", "--json")
+    assert result.exit_code == 0
+
+    def refuse(constant):
+        raise ValueError(f"invalid JSON constant {constant}")
+
+    info = json.loads(result.stdout, parse_constant=refuse)
+    assert info["norms"] == [None, pytest.approx(768 ** 0.5)]
+    assert "vector 0 holds NaN or Inf" in result.stderr
+    text = run("show", "nan")
+    assert "norms:       NaN/Inf, 27.7128" in text.stdout and text.stderr.startswith("Warning: ")
+    listed = run("list", "--json")
+    assert [r["name"] for r in json.loads(listed.stdout)] == ["cat-doll", "oil-style"]
+    assert f"Warning: skipped {path}: vector 0 holds NaN or Inf" in listed.stderr
+    assert run("remove", "nan", "-y").exit_code == 0 and not path.exists()

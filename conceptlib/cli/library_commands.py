@@ -1,20 +1,23 @@
 """Library management commands (issue 2): list, show, remove, rename, path, import, export.
 
-None of these import TensorFlow; ``list``/``show``/``path``/``remove``/``rename`` don't even
-import numpy (headers only).
+None of these import TensorFlow. ``list``, ``path`` and ``remove`` read only file headers
+(``list`` also checks each new or changed file's few KB of vectors for NaN/Inf, once); ``show``
+also reads the vectors for their norms (without numpy); ``rename`` rewrites the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
-import math
-import struct
-import sys
+import os
+from pathlib import Path
 
 import click
 
 from conceptlib.cli import main
-from conceptlib.errors import ConceptlibError, UsageError
+from conceptlib.errors import ConceptError, ConceptFileError, ConceptlibError, UsageError
+from conceptlib.files import write_failure_reason
 from conceptlib.formats.writers import EXPORT_FORMATS
 
 
@@ -55,19 +58,27 @@ def list_command(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def show_command(ref: str, as_json: bool) -> None:
     """Show everything in a concept's header (NAME or token) and its vector norms."""
+    from conceptlib.files import non_finite_vectors, vector_norms
+    from conceptlib.library import non_finite_message
+
     header = _library().header(ref)
-    norms = _vector_norms(header.path, header.token)
+    norms = vector_norms(header.path)
+    bad = non_finite_vectors(norms)
+    if bad:
+        click.echo(f"Warning: {non_finite_message(header.path, header.name, bad)}", err=True)
     info = header.summary()
-    info.update({"path": str(header.path), "size_bytes": header.path.stat().st_size, "norms": norms,
+    # JSON has no NaN: a vector holding NaN or Inf has the norm null.
+    info.update({"path": str(header.path), "size_bytes": header.path.stat().st_size,
+                 "norms": [None if i in bad else n for i, n in enumerate(norms)],
                  "metadata": dict(sorted(header.metadata.items()))})
     if as_json:
-        click.echo(json.dumps(info, ensure_ascii=False))
+        click.echo(json.dumps(info, ensure_ascii=False, allow_nan=False))
         return
     lines = [
         f"name:        {info['name']}",
         f"token:       {info['token']}",
         f"vectors:     {info['num_vectors']} x {info['dim']} float32 ({info['base_model']})",
-        f"norms:       {', '.join(f'{n:.4f}' for n in norms)}",
+        f"norms:       {', '.join('NaN/Inf' if n is None else f'{n:.4f}' for n in info['norms'])}",
         f"path:        {info['path']} ({info['size_bytes']} bytes)",
         "metadata:",
     ]
@@ -81,30 +92,22 @@ def show_command(ref: str, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
-def _vector_norms(path, token: str) -> list[float]:
-    """L2 norm of each vector, read straight from the file (no numpy needed for a few KB)."""
-    from array import array
-
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        info = json.loads(handle.read(length))[token]
-        start, end = info["data_offsets"]
-        handle.seek(8 + length + start)
-        values = array("f")
-        values.frombytes(handle.read(end - start))
-    if sys.byteorder != "little":
-        values.byteswap()
-    num, dim = info["shape"]
-    return [round(math.sqrt(math.fsum(v * v for v in values[i * dim:(i + 1) * dim])), 6) for i in range(num)]
-
-
 @main.command("remove")
 @click.argument("name")
 @click.option("-y", "--yes", is_flag=True, help="Don't ask for confirmation.")
 def remove_command(name: str, yes: bool) -> None:
-    """Remove a concept from the library."""
+    """Remove a concept from the library (also one whose file is corrupt)."""
     library = _library()
-    header = library.header(name)
+    try:
+        header = library.header(name)
+    except ConceptFileError as exc:
+        # The file NAME exists but cannot be read: removing it is how the user repairs the library.
+        if not yes:
+            path = library.path_for(name)
+            click.confirm(f"Remove the unreadable concept file {path} ({_strip_path(str(exc), path)})?", abort=True, err=True)
+        library.remove(name)
+        click.echo(f"Removed {name} (unreadable file)")
+        return
     if header.name != name:
         raise UsageError(f"{name!r} is the token of concept {header.name!r}; remove it by name: conceptlib remove {header.name}")
     if not yes:
@@ -113,12 +116,42 @@ def remove_command(name: str, yes: bool) -> None:
     click.echo(f"Removed {header.name} ({header.token})")
 
 
+def _name_value(ctx, param, value: str | None) -> str | None:
+    """Click callback: an invalid concept name on the command line is a usage error (exit 2)."""
+    from conceptlib.concept import validate_name
+
+    return _usage_checked(param, value, validate_name)
+
+
+def _token_value(ctx, param, value: str | None) -> str | None:
+    """Click callback: an invalid --token, or one that is a CLIP word, is a usage error (exit 2)."""
+    from conceptlib.concept import validate_token
+
+    token = _usage_checked(param, value, validate_token)
+    if token is not None and _is_clip_word(token):
+        raise UsageError(f"--token {token!r}: {_clip_word_problem(token)}; use e.g. --token '<{token}>'")
+    return token
+
+
+def _usage_checked(param, value, validate):
+    if value is None:
+        return None
+    try:
+        return validate(value)
+    except ConceptError as exc:
+        raise UsageError(f"{_param_label(param)}: {exc}") from None
+
+
+def _param_label(param) -> str:
+    return param.opts[0] if param.param_type_name == "option" else param.human_readable_name
+
+
 @main.command("rename")
 @click.argument("old")
-@click.argument("new")
-@click.option("--token", default=None, help="Also give the concept a new token.")
+@click.argument("new", callback=_name_value)
+@click.option("--token", default=None, callback=_token_value, help="Also give the concept a new token.")
 def rename_command(old: str, new: str, token: str | None) -> None:
-    """Rename concept OLD to NEW (and optionally change its token)."""
+    """Rename concept OLD (its name or token) to NEW (and optionally change its token)."""
     header = _library().rename(old, new, token=token)
     click.echo(f"Renamed {old} -> {header.name} ({header.token})")
 
@@ -132,50 +165,132 @@ def path_command(name: str | None) -> None:
 
 
 @main.command("import")
-@click.argument("path", type=click.Path(path_type=str))
-@click.option("--name", default=None, help="Library name for the concept (single file only).")
-@click.option("--token", default=None, help="Token prompts will use (single file only; default: from the file).")
-def import_command(path: str, name: str | None, token: str | None) -> None:
-    """Import a concept file, a concept folder, or a folder of them into the library.
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str), metavar="PATH...")
+@click.option("--name", default=None, callback=_name_value, help="Library name for the concept (a single file only).")
+@click.option("--token", default=None, callback=_token_value,
+              help="Token prompts will use (a single file only; default: from the file).")
+def import_command(paths: tuple[str, ...], name: str | None, token: str | None) -> None:
+    """Import concept files, concept folders, or folders of them into the library.
 
     Reads conceptlib files, diffusers learned_embeds.safetensors/.bin, sd-concepts-library folders,
     AUTOMATIC1111 .pt (zip or legacy pickle; never executed) and single-tensor .safetensors (kohya).
+    With several files, the valid ones are imported and each other one is reported; the exit code
+    is 1 if any concept file failed.
     """
-    from conceptlib.concept import validate_name, validate_token
-    from conceptlib.formats import discover, load_source
-
-    if name is not None:
-        validate_name(name)
-    if token is not None:
-        validate_token(token)
-    sources, skipped = discover(path)
-    if len(sources) > 1 and (name or token):
-        raise UsageError(f"--name/--token apply to a single concept, but {path} holds {len(sources)}; import them one at a time")
+    items, skipped = _discover_all(paths)
+    if (name or token) and len(items) > 1:
+        where = paths[0] if len(paths) == 1 else "these paths"
+        raise UsageError(f"--name/--token apply to a single concept, but {where} hold {len(items)}; "
+                         "import them one at a time")
     library = _library()
-    imported = 0
-    if len(sources) == 1 and not skipped:
+    if len(items) == 1 and not skipped:
         # A single file: its failure is the command's error (one line, exit 1).
-        with library.lock():
-            header = library.add(load_source(sources[0], token=token, name=name))
-        click.echo(f"Imported {header.name} ({header.token}, {header.num_vectors}x{header.dim}) from {sources[0].path}")
+        header = _import_one(library, items[0], name=name, token=token, several=False)
+        click.echo(f"Imported {header.name} ({header.token}, {header.num_vectors}x{header.dim}) from {items[0].path}")
         return
+    imported = 0
     with library.lock():
-        for source in sources:
+        for item in items:
             try:
-                header = library.add(load_source(source, token=token, name=name))
+                header = _import_one(library, item, name=name, token=token, several=True)
             except ConceptlibError as exc:
-                click.echo(f"Skipped {source.path}: {_strip_path(str(exc), source.path)}")
+                click.echo(f"Skipped {item.path}: {_strip_path(str(exc), item.path)}")
                 continue
             imported += 1
-            click.echo(f"Imported {header.name} ({header.token}, {header.num_vectors}x{header.dim}) from {source.path}")
+            click.echo(f"Imported {header.name} ({header.token}, {header.num_vectors}x{header.dim}) from {item.path}")
     for entry in skipped:
         click.echo(f"Skipped {entry.path}: {entry.reason}")
-    click.echo(f"{imported} imported, {len(sources) - imported + len(skipped)} skipped")
+    failures = len(items) - imported
+    click.echo(f"{imported} imported, {failures + len(skipped)} skipped")
     if not imported:
-        raise _NothingImported(f"nothing imported from {path}; see the reasons above")
+        raise _ImportFailed(f"nothing imported from {', '.join(paths)}; see the reasons above")
+    if failures:
+        raise _ImportFailed(f"{failures} of {len(items)} concept files could not be imported; see the reasons above")
 
 
-class _NothingImported(ConceptlibError):
+@dataclasses.dataclass(frozen=True)
+class _UnusablePath:
+    """A PATH argument that could not be read (one of several); importing it re-raises ``error``."""
+
+    path: Path
+    error: ConceptlibError
+
+
+def _discover_all(paths):
+    """(the sources and unusable paths, in argument order; the entries skipped as not concepts).
+    With one PATH an unusable path is the command's error; with several it is one failed item."""
+    from conceptlib.formats import discover
+
+    items, skipped = [], []
+    for path in paths:
+        try:
+            found, passed_over = discover(path)
+        except ConceptlibError as exc:
+            if len(paths) == 1:
+                raise
+            items.append(_UnusablePath(Path(path), exc))
+            continue
+        items += found
+        skipped += passed_over
+    return items, skipped
+
+
+def _import_one(library, source, *, name, token, several: bool):
+    """Read ``source``, refuse a token that is a CLIP word, and add it to ``library``. With
+    ``several`` the hints name no option that is refused for several files."""
+    from conceptlib.formats import load_source
+    from conceptlib.library import NameTakenError, TokenTakenError
+
+    if isinstance(source, _UnusablePath):
+        raise source.error
+    alone = "import this file by itself with" if several else "pass"
+    concept = load_source(source, token=token, name=name)
+    if _is_clip_word(concept.token):
+        raise ConceptError(f"{source.path}: {_clip_word_problem(concept.token)}; {alone} --token '<{concept.token}>'")
+    try:
+        return library.add(concept)
+    except NameTakenError as exc:
+        if not several:
+            raise
+        raise NameTakenError(exc.name, f"remove it first, or {alone} --name NEW") from None
+    except TokenTakenError as exc:
+        if not several:
+            raise
+        raise TokenTakenError(exc.token, exc.owner, f"{alone} --token NEW") from None
+
+
+def _clip_word_problem(token: str) -> str:
+    return (f"token {token!r} is an ordinary word of the CLIP vocabulary, so prompts would mean the word, "
+            "not the concept (generate and train refuse it)")
+
+
+def _is_clip_word(token: str) -> bool:
+    """True if ``token`` is one CLIP token, as train and generate decide. False when no readable
+    vocabulary is found locally: import never downloads it, so the check is skipped."""
+    from conceptlib.errors import VocabularyError
+    from conceptlib.kerascv.tokenizer import find_vocab_path
+    from conceptlib.training import token_in_vocabulary
+
+    try:
+        tokenizer = _clip_tokenizer(find_vocab_path(download=False))
+    except VocabularyError:
+        return False
+    return tokenizer is not None and token_in_vocabulary(tokenizer, token)
+
+
+@functools.lru_cache(maxsize=2)
+def _clip_tokenizer(path):
+    """The pure-Python CLIP tokenizer (no TensorFlow) of the vocabulary at ``path``, or None if
+    that file cannot be read."""
+    from conceptlib.clip_bpe import ClipTokenizer
+
+    try:
+        return ClipTokenizer(path)
+    except (OSError, EOFError, UnicodeDecodeError):
+        return None
+
+
+class _ImportFailed(ConceptlibError):
     pass
 
 
@@ -184,17 +299,67 @@ def _strip_path(message: str, path) -> str:
     return message[len(prefix):] if message.startswith(prefix) else message
 
 
+# What each format's file must be called for its tool to pick the right loader: A1111, ComfyUI,
+# diffusers and kohya choose torch.load or safetensors by the extension.
+_EXPORT_SUFFIXES = {
+    "conceptlib": (".safetensors",),
+    "diffusers": (".safetensors", ".bin"),
+    "a1111": (".pt",),
+    "kohya": (".safetensors",),
+}
+
+
 @main.command("export")
 @click.argument("ref", metavar="NAME")
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
               help="conceptlib | diffusers (learned_embeds.safetensors, or .bin) | a1111 (.pt) | sd-concepts (folder) | kohya (emb_params).")
-@click.option("--out", type=click.Path(path_type=str), default=".", show_default=True,
-              help="File to write, or an existing folder (a conventional file name is used).")
-@click.option("--force", is_flag=True, help="Replace an existing file.")
-def export_command(ref: str, fmt: str, out: str, force: bool) -> None:
+@click.option("--out", type=click.Path(path_type=str), default=None,
+              help="File to write, or a folder (existing, or given with a trailing '/'; the conventional file name is "
+                   "used inside). Default: the current folder; for sd-concepts ./NAME/.")
+@click.option("--force", is_flag=True, help="Replace existing files.")
+def export_command(ref: str, fmt: str, out: str | None, force: bool) -> None:
     """Export concept NAME in another tool's format."""
+    from conceptlib.files import WriteError
     from conceptlib.formats import export
 
+    target, folder = _export_target(fmt, out)
     concept = _library().get(ref)
-    written = export(concept, fmt, out, overwrite=force)
+    if fmt == "sd-concepts":
+        target = target or Path(concept.name)
+        _refuse_existing_sd_concepts_files(target, force)
+    try:
+        if folder:
+            target.mkdir(parents=True, exist_ok=True)
+        written = export(concept, fmt, target, overwrite=force)
+    except WriteError as exc:
+        raise WriteError(exc.path, exc.reason, "choose another --out") from None
+    except OSError as exc:
+        raise WriteError(target, write_failure_reason(target, exc), "choose another --out") from None
     click.echo(f"Exported {concept.name} ({concept.token}) as {fmt} to {written}")
+
+
+def _export_target(fmt: str, out: str | None) -> tuple[Path | None, bool]:
+    """(--out as a path, whether it is a folder to write the conventional file name into). A file
+    path must end in an extension its format's tools load (a usage error otherwise)."""
+    if out is None:
+        return (None, False) if fmt == "sd-concepts" else (Path("."), True)
+    target = Path(out).expanduser()
+    if fmt == "sd-concepts":
+        return target, False  # the concept folder itself
+    if target.is_dir() or out.endswith(("/", os.sep)):
+        return target, True
+    suffixes = _EXPORT_SUFFIXES[fmt]
+    if target.suffix.lower() not in suffixes:
+        raise UsageError(
+            f"--out {out}: {fmt} files must end in {' or '.join(suffixes)} (tools choose how to load a file by its "
+            f"extension); use e.g. --out {target.with_suffix(suffixes[0])}, or a folder ending in '/'"
+        )
+    return target, False
+
+
+def _refuse_existing_sd_concepts_files(folder: Path, force: bool) -> None:
+    if force:
+        return
+    for file_name in ("learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt"):
+        if (folder / file_name).exists():
+            raise ConceptFileError(f"{folder / file_name}: already exists; choose another --out or pass --force to replace it")

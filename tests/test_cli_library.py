@@ -379,6 +379,10 @@ def test_write_failures_are_one_line_and_change_nothing(library, tmp_path, monke
         (["--format", "a1111", "--out", "/proc/conceptlib-test.pt"], "cannot write /proc/conceptlib-test.pt: nothing can be created in /proc"),
     ]:
         assert_one_line_error(run("export", "cat-doll", *args), 1, needle)
+    # /sys refuses new files (permission denied, or a read-only file system in some containers).
+    assert_one_line_error(run("export", "cat-doll", "--format", "a1111", "--out", "/sys/conceptlib-test.pt"), 1,
+                          "cannot write /sys/conceptlib-test.pt: ")
+    assert "; choose another --out" in run("export", "cat-doll", "--format", "a1111", "--out", "/sys/conceptlib-test.pt").stderr
     assert (tmp_path / "afile").read_text() == "x" and snapshot(library.root) == before
     safetensors_torch.save_file({"<q>": torch.randn(1, 768)}, tmp_path / "q.safetensors")
     # CONCEPTLIB_HOME a file, its concepts folder a file, or somewhere nothing can be created.

@@ -6,7 +6,9 @@ sd-concepts-library write and read their files.
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from conceptlib.concept import Concept
 from conceptlib.errors import ConceptFileError, ConceptlibError, UnsafePickleError, UnsupportedFormatError, UsageError
 from conceptlib.files import read_concept, write_concept
-from conceptlib.formats import EXPORT_FORMATS, discover, export, load_any
+from conceptlib.formats import EXPORT_FORMATS, Source, discover, export, load_any, load_source
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -385,3 +387,228 @@ def test_unreadable_file_as_root_too(tmp_path, monkeypatch, suffix):
     monkeypatch.setattr(builtins, "open", guarded_open)
     with pytest.raises(ConceptFileError, match="permission denied; make the file readable"):
         load_any(path)
+
+
+# -- diffusers training output folders -----------------------------------------------------------
+
+
+def _save_embeds(path, token, vec):
+    """What diffusers' textual_inversion.py save_progress writes (safetensors, or torch.save with
+    --no_safe_serialization)."""
+    if path.suffix == ".safetensors":
+        safetensors_torch.save_file({token: vec}, path, metadata={"format": "pt"})
+    else:
+        torch.save({token: vec}, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_diffusers_output_folder_imports_the_final_file_only(tmp_path, suffix):
+    run = tmp_path / "textual_inversion_cat"
+    run.mkdir()
+    for step in (500, 1000, 1500):
+        _save_embeds(run / f"learned_embeds-steps-{step}{suffix}", "<cat-toy>", torch.randn(1, 768))
+    final = torch.randn(1, 768)
+    _save_embeds(run / f"learned_embeds{suffix}", "<cat-toy>", final)
+    sources, skipped = discover(run)
+    assert sources == [Source(run)]
+    # One line for all checkpoints, saying what happened and how to get one.
+    assert [s.path for s in skipped] == [run / "learned_embeds-steps-*"]
+    assert skipped[0].reason == (f"3 intermediate training checkpoints (steps 500, 1000, 1500); the final "
+                                 f"learned_embeds{suffix} is imported instead (to import a checkpoint, give its own path)")
+    concept = one(run)
+    assert concept.token == "<cat-toy>"
+    np.testing.assert_array_equal(concept.vectors, final.numpy())
+    # The same run folder inside a folder being imported: still one concept, the final one.
+    (tmp_path / "other.safetensors").write_bytes(safetensors_torch.save({"<o>": torch.randn(1, 768)}))
+    sources, skipped = discover(tmp_path)
+    assert sorted(s.path.name for s in sources) == ["other.safetensors", "textual_inversion_cat"]
+    assert [s.path for s in skipped] == [run / "learned_embeds-steps-*"]
+    # A checkpoint given by its own path is imported.
+    checkpoint = one(run / f"learned_embeds-steps-1000{suffix}")
+    assert checkpoint.token == "<cat-toy>" and not np.array_equal(checkpoint.vectors, concept.vectors)
+
+
+def test_checkpoints_beside_other_files_are_never_imported(tmp_path):
+    _save_embeds(tmp_path / "learned_embeds-steps-100.safetensors", "<a>", torch.randn(1, 768))
+    _save_embeds(tmp_path / "learned_embeds-steps-20.safetensors", "<a>", torch.randn(1, 768))
+    # An unfinished run alone: nothing to import, and the error says which checkpoint is latest.
+    with pytest.raises(ConceptFileError, match=r"2 intermediate training checkpoints \(steps 20, 100\) but no final "
+                       r"learned_embeds.safetensors/.bin \(the training did not finish\); import the checkpoint you "
+                       r"want by its own path, e.g. .*learned_embeds-steps-100.safetensors$"):
+        discover(tmp_path)
+    _save_embeds(tmp_path / "b.safetensors", "<b>", torch.randn(1, 768))
+    sources, skipped = discover(tmp_path)
+    assert [s.path.name for s in sources] == ["b.safetensors"]
+    assert [s.path.name for s in skipped] == ["learned_embeds-steps-*"]
+
+
+# -- folders: subfolders and special files ---------------------------------------------------------
+
+
+def test_embeddings_folder_with_subfolders(tmp_path):
+    """AUTOMATIC1111's embeddings/ folder is often sorted into subfolders."""
+    root = tmp_path / "embeddings"
+    (root / "characters" / "old").mkdir(parents=True)
+    (root / "styles").mkdir()
+    (root / "previews").mkdir()
+    (root / "empty").mkdir()
+    a1111_save(root / "characters" / "alice.pt", torch.randn(2, 768))
+    a1111_save(root / "characters" / "old" / "bob.pt", torch.randn(1, 768))
+    _good_safetensors(root / "styles" / "oil.safetensors", key="<oil>")
+    (root / "previews" / "alice.preview.png").write_bytes(b"\x89PNG")
+    concept_folder = root / "styles" / "midjourney-style"
+    concept_folder.mkdir()
+    torch.save({"<mj>": torch.randn(768)}, concept_folder / "learned_embeds.bin")
+    (concept_folder / "token_identifier.txt").write_text("<mj>")
+    (root / "loop").symlink_to(root)
+    sources, skipped = discover(root)
+    assert sorted(str(s.path.relative_to(root)) for s in sources) == [
+        "characters/alice.pt", "characters/old/bob.pt", "styles/midjourney-style", "styles/oil.safetensors"]
+    reasons = {str(s.path.relative_to(root)): s.reason for s in skipped}
+    assert reasons == {
+        "empty": "a folder without concept files (looked for .safetensors, .pt, .bin, .pth)",
+        "previews": "a folder without concept files (looked for .safetensors, .pt, .bin, .pth)",
+        "loop": "a link to a folder that is already being imported",
+    }
+    assert sorted(c.token for c in load_any(root)) == ["<mj>", "<oil>", "alice", "bob"]
+
+
+def test_special_files_are_one_line_errors(tmp_path):
+    fifo = tmp_path / "x.pt"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.pt").symlink_to("/dev/zero")
+    read_end, write_end = os.pipe()  # what `conceptlib import <(curl ...)` hands over: /dev/fd/N
+    try:
+        for path in (fifo, tmp_path / "zero.pt", "/dev/null", f"/dev/fd/{read_end}"):
+            for call in (discover, load_any, load_source):
+                with pytest.raises(ConceptFileError) as info:
+                    call(path)
+                assert str(info.value) == (f"{path}: not a regular file or folder (a device, pipe or socket); save the "
+                                           "data to a .safetensors/.pt file first and import that file")
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    # In a folder they are skipped with that reason (and never opened: a FIFO would block).
+    _good_safetensors(tmp_path / "good.safetensors")
+    (tmp_path / "gone.pt").symlink_to(tmp_path / "missing.pt")
+    sources, skipped = discover(tmp_path)
+    assert [s.path.name for s in sources] == ["good.safetensors"]
+    assert {s.path.name: s.reason.split(" (")[0] for s in skipped} == {
+        "x.pt": "not a regular file or folder", "zero.pt": "not a regular file or folder", "gone.pt": "a broken link"}
+
+
+# -- corrupt and misnamed files --------------------------------------------------------------------
+
+
+def _safetensors_with_offsets(path, offsets):
+    """A safetensors file as other tools frame it (struct + JSON), with the given data_offsets."""
+    header = json.dumps({"<a>": {"dtype": "F32", "shape": [1, 768], "data_offsets": offsets}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(3072))
+    return path
+
+
+@pytest.mark.parametrize("offsets", [[0, "x"], [None, 3072], [3072, 0], [0, 99999], [0, 100], [0.0, 3072.0], [0]],
+                         ids=["string", "null", "reversed", "past-the-end", "too-short", "floats", "one-value"])
+def test_bad_data_offsets_are_one_line_errors(tmp_path, offsets):
+    path = _safetensors_with_offsets(tmp_path / "offs.safetensors", offsets)
+    with pytest.raises(ConceptFileError) as info:
+        load_any(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert "re-download or re-export it" in message
+    assert any(word in message for word in ("data_offsets", "truncated", "data bytes for shape")), message
+    assert _safetensors_with_offsets(tmp_path / "ok.safetensors", [0, 3072]) and one(tmp_path / "ok.safetensors").token == "<a>"
+
+
+def test_misnamed_and_garbage_files_say_how_to_fix(tmp_path):
+    torch.save({"<x>": torch.randn(768)}, tmp_path / "zip.safetensors")
+    torch.save({"<x>": torch.randn(768)}, tmp_path / "legacy.safetensors", _use_new_zipfile_serialization=False)
+    _good_safetensors(tmp_path / "st.pt")
+    (tmp_path / "garbage.safetensors").write_bytes(b"<!DOCTYPE html><html>Not Found</html>" * 20)
+    torch.save(torch.randn(1, 768), tmp_path / "bare.pt")
+    torch.save({5: torch.randn(768)}, tmp_path / "intkey.bin")
+    torch.save({"<a>": torch.randn(768), "<b>": torch.randn(768)}, tmp_path / "twotok.bin")
+    expected = {
+        "zip.safetensors": "a PyTorch file (torch.save), not safetensors, despite its name; rename it to zip.pt and import that",
+        "legacy.safetensors": "rename it to legacy.pt",
+        "st.pt": "a safetensors file, not a PyTorch file, despite its name; rename it to st.safetensors and import that",
+        "garbage.safetensors": "not a safetensors file (it does not start with a safetensors header); the download is "
+                               "damaged or is something else (an HTML error page?): re-download it",
+        "bare.pt": "holds a bare tensor of shape [1, 768], not a dictionary of embeddings; expected AUTOMATIC1111's "
+                   "string_to_param or diffusers' {token: tensor}, so the token is unknown: re-save it as {'<token>': tensor}",
+        "intkey.bin": "(keys: 5); expected AUTOMATIC1111's string_to_param or diffusers' {token: tensor}",
+        "twotok.bin": "(keys: <a>, <b>); expected AUTOMATIC1111's string_to_param or diffusers' {token: tensor}",
+    }
+    for name, needle in expected.items():
+        with pytest.raises(ConceptFileError) as info:
+            load_any(tmp_path / name)
+        assert needle in str(info.value) and "{{" not in str(info.value), (name, str(info.value))
+
+
+def test_unknown_byteorder_is_a_corrupt_file_not_diverged_training(tmp_path):
+    import zipfile
+
+    good = a1111_save(tmp_path / "good.pt", torch.randn(1, 768))
+    with zipfile.ZipFile(good) as old, zipfile.ZipFile(tmp_path / "weird.pt", "w") as new:
+        for member in old.namelist():
+            new.writestr(member, b"sideways" if member.endswith("/byteorder") else old.read(member))
+    with pytest.raises(ConceptFileError) as info:
+        load_any(tmp_path / "weird.pt")
+    assert "byteorder record says 'sideways'" in str(info.value) and "diverged" not in str(info.value)
+
+
+# -- older and oversized pickles -------------------------------------------------------------------
+
+
+def test_a1111_parameter_dict_embedding_imports(tmp_path):
+    """torch 1.11-era AUTOMATIC1111 embeddings, written exactly as the audit did."""
+    vec = torch.randn(2, 768)
+    path = tmp_path / "olddoll.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(vec)}),
+                "name": "olddoll", "step": 3000}, path)
+    concept = one(path)
+    assert (concept.name, concept.token, concept.metadata["a1111.step"]) == ("olddoll", "olddoll", "3000")
+    np.testing.assert_array_equal(concept.vectors, vec.numpy())
+
+
+def test_expanded_tensor_is_refused_before_it_is_read(tmp_path):
+    """4.6 KB on disk, 200000 x 768 once materialised."""
+    path = tmp_path / "expand2.bin"
+    torch.save({"<e>": torch.randn(768).expand(200000, 768)}, path)
+    with pytest.raises(ConceptFileError) as info:
+        load_any(path)
+    assert str(info.value) == (f"{path}: holds a tensor of shape [200000, 768]: 200000 vectors, but a textual-inversion "
+                               "embedding has 1 to 75, so this file is not one (a model checkpoint?); nothing was loaded")
+
+
+# -- names and tokens derived from file names ------------------------------------------------------
+
+
+def test_non_ascii_file_names_give_distinct_sensible_names(tmp_path):
+    for stem in ("Ärger-ß", "日本語", "中文", "__"):
+        a1111_save(tmp_path / f"{stem}.pt", torch.randn(1, 768))
+    concepts = {c.metadata["source_file"]: c for c in load_any(tmp_path)}
+    assert (concepts["Ärger-ß.pt"].name, concepts["Ärger-ß.pt"].token) == ("arger-ss", "ärger-ß")
+    hashed = [concepts[f].name for f in ("日本語.pt", "中文.pt", "__.pt")]
+    assert all(n.startswith("concept-") and len(n) == len("concept-") + 8 for n in hashed)
+    assert len(set(hashed)) == 3
+    assert one(tmp_path / "日本語.pt").name == hashed[0]  # stable: the same file gives the same name
+
+
+def test_long_file_names_are_not_cut_into_tokens(tmp_path):
+    stem = "a-very-long-embedding-name-downloaded-from-a-model-sharing-site-v2-final"
+    assert len(stem) > 64
+    path = a1111_save(tmp_path / f"{stem}.pt", torch.randn(1, 768))
+    with pytest.raises(ConceptFileError) as info:
+        load_any(path)
+    assert str(info.value) == (f"{path}: the file name 'a-very-long-embedding-na'... has more than 64 characters, the most "
+                               "a token or name may have; pass --token and --name to choose shorter ones (or rename the file)")
+    with pytest.raises(ConceptFileError, match="pass --name to choose"):
+        load_any(path, token="<long>")
+    concept = one(path, token="<long>", name="long")
+    assert (concept.name, concept.token) == ("long", "<long>")
+    # A long key inside a diffusers file names the token, not the file.
+    safetensors_torch.save_file({"<" + "x" * 70 + ">": torch.randn(1, 768)}, tmp_path / "learned_embeds.safetensors")
+    with pytest.raises(ConceptFileError, match=r"'<xxxxxxxxxxxxxxxxxxxxxxx'\.\.\., taken from inside the file, has more than 64 .*pass --token to"):
+        load_any(tmp_path / "learned_embeds.safetensors")

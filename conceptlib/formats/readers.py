@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import re
 import struct
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from conceptlib.concept import FORMAT, Concept, slug_from_token
 from conceptlib.errors import ConceptError, ConceptFileError, UnsupportedFormatError, UsageError
-from conceptlib.files import read_file_header
+from conceptlib.files import MAX_HEADER_BYTES, FileHeader, read_file_header
 from conceptlib.library import is_valid_name
 
 PICKLE_SUFFIXES = (".pt", ".bin", ".pth")
 FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 # Files the diffusers / sd-concepts-library layouts keep next to the embedding.
 _FOLDER_EMBEDDINGS = ("learned_embeds.safetensors", "learned_embeds.bin")
+_FOLDER_TEXTS = ("token_identifier.txt", "type_of_concept.txt")
+# diffusers' textual_inversion.py saves these every --save_steps beside the final learned_embeds.*.
+_CHECKPOINT_RE = re.compile(r"^learned_embeds-steps-(\d+)\.(safetensors|bin)$")
+_CHECKPOINTS = "learned_embeds-steps-*"
 # Library names derived from these file names would say nothing about the concept.
 _GENERIC_STEMS = {"learned_embeds", "emb_params", "embedding", "embeddings"}
 _SDXL_KEYS = {"clip_l", "clip_g"}
 _SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "bf16"}
+_MAX_LENGTH = 64  # of a token and of a name (concept.py)
+_NOT_REGULAR = ("not a regular file or folder (a device, pipe or socket); save the data to a "
+                ".safetensors/.pt file first and import that file")
 
 
 @dataclass(frozen=True)
@@ -44,39 +52,90 @@ class Skipped:
 
 
 def discover(path: str | os.PathLike) -> tuple[list[Source], list[Skipped]]:
-    """The importable units under ``path`` (a file, a concept folder, or a folder of them), plus
-    the entries that were skipped and why. Raises ConceptFileError if ``path`` is unusable."""
+    """The importable units under ``path`` (a file, a concept folder, or a folder of them and of
+    subfolders), plus the entries that were skipped and why. Training checkpoints
+    (``learned_embeds-steps-N.*``) are never imported from a folder, only named by path.
+    Raises ConceptFileError if ``path`` is unusable."""
     path = Path(path)
     if not path.exists():
         raise ConceptFileError(f"{path}: no such file or folder; check the path")
     if path.is_file():
         return [Source(path)], []
-    if _is_concept_folder(path):
-        return [Source(path)], []
-    try:
-        entries = sorted(path.iterdir())
-    except PermissionError:
-        raise ConceptFileError(f"{path}: permission denied; make the folder readable") from None
+    if not path.is_dir():
+        raise ConceptFileError(f"{path}: {_NOT_REGULAR}")
     sources: list[Source] = []
     skipped: list[Skipped] = []
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            if _is_concept_folder(entry):
-                sources.append(Source(entry))
-            else:
-                skipped.append(Skipped(entry, "a folder without learned_embeds.safetensors/.bin"))
-        elif entry.suffix.lower() in FILE_SUFFIXES:
-            sources.append(Source(entry))
-        elif entry.name not in ("token_identifier.txt", "type_of_concept.txt"):
-            skipped.append(Skipped(entry, f"not a concept file (expected {', '.join(FILE_SUFFIXES)})"))
+    _discover_folder(path, sources, skipped, seen=set())
     if not sources:
+        checkpoints = [s for s in skipped if s.path == path / _CHECKPOINTS]
+        if checkpoints:
+            raise ConceptFileError(f"{path}: {checkpoints[0].reason}")
         raise ConceptFileError(
             f"{path}: no concept files in this folder (looked for {', '.join(FILE_SUFFIXES)} files and "
             "sd-concepts-library folders); point at a file or a folder that holds some"
         )
     return sources, skipped
+
+
+def _discover_folder(folder: Path, sources: list[Source], skipped: list[Skipped], seen: set[Path]) -> None:
+    """Add what ``folder`` holds to ``sources``/``skipped``: itself if it is one concept folder,
+    else its concept files, concept folders and (recursively) subfolders."""
+    seen.add(folder.resolve())
+    try:
+        entries = sorted(folder.iterdir())
+    except PermissionError:
+        raise ConceptFileError(f"{folder}: permission denied; make the folder readable") from None
+    entries = [e for e in entries if not e.name.startswith(".")]
+    checkpoints = [e for e in entries if _CHECKPOINT_RE.match(e.name) and e.is_file()]
+    if checkpoints:
+        skipped.append(Skipped(folder / _CHECKPOINTS, _checkpoints_reason(folder, checkpoints)))
+    if _is_concept_folder(folder):
+        sources.append(Source(folder))
+        return
+    for entry in entries:
+        if entry in checkpoints:
+            continue
+        if entry.is_dir():
+            _discover_subfolder(entry, sources, skipped, seen)
+        elif entry.is_file() and entry.suffix.lower() in FILE_SUFFIXES:
+            sources.append(Source(entry))
+        elif entry.is_file():
+            if entry.name not in _FOLDER_TEXTS:
+                skipped.append(Skipped(entry, f"not a concept file (expected {', '.join(FILE_SUFFIXES)})"))
+        elif not entry.exists():
+            skipped.append(Skipped(entry, "a broken link (what it points to does not exist)"))
+        else:
+            skipped.append(Skipped(entry, _NOT_REGULAR))
+
+
+def _discover_subfolder(folder: Path, sources: list[Source], skipped: list[Skipped], seen: set[Path]) -> None:
+    """A subfolder (AUTOMATIC1111 embeddings folders are often sorted into some). One that holds
+    no concept at all is reported as one line, not one line per file in it."""
+    if folder.resolve() in seen:
+        skipped.append(Skipped(folder, "a link to a folder that is already being imported"))
+        return
+    found: list[Source] = []
+    inner: list[Skipped] = []
+    _discover_folder(folder, found, inner, seen)
+    if found:
+        sources.extend(found)
+        skipped.extend(inner)
+    elif any(s.path == folder / _CHECKPOINTS for s in inner):
+        skipped.extend(inner)
+    else:
+        skipped.append(Skipped(folder, f"a folder without concept files (looked for {', '.join(FILE_SUFFIXES)})"))
+
+
+def _checkpoints_reason(folder: Path, checkpoints: list[Path]) -> str:
+    steps = sorted(int(_CHECKPOINT_RE.match(c.name).group(1)) for c in checkpoints)
+    listed = ", ".join(map(str, steps[:6])) + (", ..." if len(steps) > 6 else "")
+    what = f"{len(steps)} intermediate training checkpoint{'s' if len(steps) > 1 else ''} (steps {listed})"
+    final = next((f for f in _FOLDER_EMBEDDINGS if (folder / f).is_file()), None)
+    if final:
+        return f"{what}; the final {final} is imported instead (to import a checkpoint, give its own path)"
+    latest = max(checkpoints, key=lambda c: int(_CHECKPOINT_RE.match(c.name).group(1)))
+    return (f"{what} but no final learned_embeds.safetensors/.bin (the training did not finish); "
+            f"import the checkpoint you want by its own path, e.g. {latest}")
 
 
 def load_any(path: str | os.PathLike, *, token: str | None = None, name: str | None = None) -> list[Concept]:
@@ -96,6 +155,8 @@ def load_source(source: Source | str | os.PathLike, *, token: str | None = None,
     path = source.path if isinstance(source, Source) else Path(source)
     if path.is_dir():
         return _load_folder(path, token=token, name=name)
+    if path.exists() and not path.is_file():
+        raise ConceptFileError(f"{path}: {_NOT_REGULAR}")
     if path.suffix.lower() == ".safetensors":
         return _load_safetensors(path, token=token, name=name)
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -106,17 +167,19 @@ def load_source(source: Source | str | os.PathLike, *, token: str | None = None,
 # -- folders --------------------------------------------------------------------------------------
 
 def _is_concept_folder(path: Path) -> bool:
-    """learned_embeds.* and no other concept files (else it is a folder of concept files)."""
+    """learned_embeds.* and no other concept files than training checkpoints (else it is a folder
+    of concept files)."""
     try:
         names = {p.name for p in path.iterdir() if p.suffix.lower() in FILE_SUFFIXES and not p.name.startswith(".")}
     except OSError:
         return False
-    return bool(names) and names <= set(_FOLDER_EMBEDDINGS)
+    finals = names & set(_FOLDER_EMBEDDINGS)
+    return bool(finals) and all(n in finals or _CHECKPOINT_RE.match(n) for n in names)
 
 
 def _load_folder(path: Path, *, token: str | None, name: str | None) -> Concept:
     """diffusers' output folder / an sd-concepts-library repo: learned_embeds.* plus optional
-    token_identifier.txt and type_of_concept.txt."""
+    token_identifier.txt and type_of_concept.txt (and, from diffusers, checkpoints: ignored)."""
     embeds = next((path / f for f in _FOLDER_EMBEDDINGS if (path / f).is_file()), None)
     if embeds is None:
         raise ConceptFileError(f"{path}: no learned_embeds.safetensors or learned_embeds.bin in this folder")
@@ -140,12 +203,23 @@ def _read_text(path: Path) -> str:
 
 
 def _folder_slug(path: Path) -> str:
-    return slug_from_token(path.resolve().name)
+    return _slug(path.resolve().name)
 
 
 # -- safetensors ---------------------------------------------------------------------------------
 
 def _load_safetensors(path: Path, *, token: str | None, name: str | None) -> Concept:
+    kind = _sniff(path)
+    if kind == "pytorch":
+        raise UnsupportedFormatError(
+            f"{path}: a PyTorch file (torch.save), not safetensors, despite its name; rename it to "
+            f"{path.stem}.pt and import that"
+        )
+    if kind == "unknown":
+        raise ConceptFileError(
+            f"{path}: not a safetensors file (it does not start with a safetensors header); the download is "
+            "damaged or is something else (an HTML error page?): re-download it"
+        )
     header = read_file_header(path)  # validates framing, truncation, JSON
     keys = [t.key for t in header.tensors]
     _refuse_sdxl(path, keys)
@@ -155,7 +229,7 @@ def _load_safetensors(path: Path, *, token: str | None, name: str | None) -> Con
             "a textual-inversion embedding holds exactly one (is this a model checkpoint or a LoRA?)"
         )
     key = keys[0]
-    vectors = _read_safetensors_tensor(path, key)
+    vectors = _read_safetensors_tensor(header)
     metadata = dict(header.metadata)
     if metadata.get("format") == FORMAT and key not in ("emb_params", "*"):
         # Our own file: it names itself.
@@ -169,28 +243,46 @@ def _load_safetensors(path: Path, *, token: str | None, name: str | None) -> Con
     return _make(path, None, key, vectors, metadata, token=token, name=name, fmt="diffusers")
 
 
-def _read_safetensors_tensor(path: Path, key: str):
-    """One tensor as float32 numpy, parsed directly (numpy's safetensors loader lacks BF16)."""
+def _read_safetensors_tensor(header: FileHeader):
+    """The header's one tensor as float32 numpy, parsed directly (numpy's safetensors loader lacks
+    BF16). ``read_file_header`` has validated its data_offsets against the file."""
     import numpy as np
 
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        info = json.loads(handle.read(length))[key]
-        start, end = info["data_offsets"]
-        handle.seek(8 + length + start)
-        raw = handle.read(end - start)
-    dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+    path, tensor = header.path, header.tensors[0]
+    dtype = _SAFETENSORS_DTYPES.get(tensor.dtype)
     if dtype is None:
-        raise ConceptFileError(f"{path}: tensor {key!r} is {info['dtype']}; embeddings are F32, F16 or BF16")
-    shape = tuple(info["shape"])
+        raise ConceptFileError(f"{path}: tensor {tensor.key!r} is {tensor.dtype}; embeddings are F32, F16 or BF16")
+    start, end = tensor.data_offsets
+    with open(path, "rb") as handle:
+        handle.seek(header.data_start + start)
+        raw = handle.read(end - start)
+    itemsize = 2 if dtype == "bf16" else np.dtype(dtype).itemsize
+    expected = itemsize * (int(np.prod(tensor.shape)) if tensor.shape else 1)
+    if len(raw) != expected:
+        raise ConceptFileError(f"{path}: tensor {tensor.key!r} has {len(raw)} data bytes for shape {list(tensor.shape)} "
+                               f"(expected {expected}); the file is corrupt, re-download or re-export it")
     if dtype == "bf16":
         array = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
     else:
         array = np.frombuffer(raw, dtype=dtype)
-    count = int(np.prod(shape)) if shape else 1
-    if array.size != count:
-        raise ConceptFileError(f"{path}: tensor {key!r} has {array.size} values for shape {list(shape)}; the file is corrupt")
-    return array.reshape(shape).astype(np.float32)
+    return array.reshape(tensor.shape).astype(np.float32)
+
+
+def _sniff(path: Path) -> str | None:
+    """What the first bytes say the file is: 'pytorch', 'safetensors' or 'unknown'; None when it
+    is too short or unreadable to tell (the format's own reader then says what is wrong)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError:
+        return None
+    # A torch zip archive, or a legacy torch.save file (pickle protocol 2 + the magic number).
+    if head[:4] in (b"PK\x03\x04", b"\x80\x02\x8a\x0a"):
+        return "pytorch"
+    if len(head) < 9:
+        return None
+    (length,) = struct.unpack("<Q", head[:8])
+    return "safetensors" if length <= MAX_HEADER_BYTES and head[8:9] == b"{" else "unknown"
 
 
 # -- pickles ---------------------------------------------------------------------------------------
@@ -198,9 +290,20 @@ def _read_safetensors_tensor(path: Path, key: str):
 def _load_pickle(path: Path, *, token: str | None, name: str | None) -> Concept:
     from conceptlib.pickle_safe import load_tensor_pickle
 
+    if _sniff(path) == "safetensors":
+        raise UnsupportedFormatError(
+            f"{path}: a safetensors file, not a PyTorch file, despite its name; rename it to "
+            f"{path.stem}.safetensors and import that"
+        )
     data = load_tensor_pickle(path)
+    expected = "expected AUTOMATIC1111's string_to_param or diffusers' {token: tensor}"
+    if _is_array(data):
+        raise UnsupportedFormatError(
+            f"{path}: holds a bare tensor of shape {list(data.shape)}, not a dictionary of embeddings; {expected}, "
+            "so the token is unknown: re-save it as {'<token>': tensor}"
+        )
     if not isinstance(data, dict):
-        raise UnsupportedFormatError(f"{path}: holds a {type(data).__name__}, not a dictionary of embeddings")
+        raise UnsupportedFormatError(f"{path}: holds a {type(data).__name__}, not a dictionary of embeddings; {expected}")
     _refuse_sdxl(path, list(data))
     if "string_to_param" in data:
         return _load_a1111(path, data, token=token, name=name)
@@ -212,10 +315,7 @@ def _load_pickle(path: Path, *, token: str | None, name: str | None) -> Concept:
         key, vectors = next(iter(tensors.items()))
         return _make(path, None, key, vectors, {"source_format": "diffusers"}, token=token, name=name, fmt="diffusers")
     keys = ", ".join(map(str, list(data)[:5]))
-    raise UnsupportedFormatError(
-        f"{path}: a PyTorch file but not a textual-inversion embedding (keys: {keys}); expected "
-        "AUTOMATIC1111's string_to_param or diffusers' {{token: tensor}}"
-    )
+    raise UnsupportedFormatError(f"{path}: a PyTorch file but not a textual-inversion embedding (keys: {keys}); {expected}")
 
 
 def _load_a1111(path: Path, data: dict, *, token: str | None, name: str | None) -> Concept:
@@ -251,20 +351,51 @@ def _refuse_sdxl(path: Path, keys) -> None:
 
 def _token_from_text(text: str) -> str:
     """A usable token from a file name or token_identifier.txt: lowercase (KerasCV lowercases
-    prompts), whitespace replaced by '-'."""
-    return re.sub(r"\s+", "-", text.strip().lower())[:64]
+    prompts), whitespace replaced by '-'. Never shortened: prompts must match what other tools use."""
+    return re.sub(r"\s+", "-", text.strip().lower())
+
+
+def _slug(text: str) -> str:
+    """A library name from a file, folder or token: accents dropped ('Ärger-ß' -> 'arger-ss'),
+    other non-ASCII characters left out; a name from a short hash of ``text`` when no ASCII
+    letter or digit is left, so different files never all get the same name."""
+    ascii_text = unicodedata.normalize("NFKD", text.casefold()).encode("ascii", "ignore").decode("ascii")
+    if re.search(r"[a-z0-9]", ascii_text):
+        return slug_from_token(ascii_text)
+    return "concept-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+
+
+def _refuse_long(path: Path, stem_name: str | None, derived_token: str, *, token, name) -> None:
+    """A token or name longer than 64 characters would have to be cut short, and prompts written
+    for other tools would then not match it; ask for explicit ones instead."""
+    options = []
+    if not token and len(derived_token) > _MAX_LENGTH:
+        options.append("--token")
+    if not name and stem_name and len(stem_name) > _MAX_LENGTH:
+        options.append("--name")
+    if options:
+        if len(path.stem) > _MAX_LENGTH:
+            source = f"the file name {path.stem[:24]!r}..."
+        else:
+            source = f"{(derived_token if '--token' in options else stem_name)[:24]!r}..., taken from inside the file,"
+        raise ConceptFileError(
+            f"{path}: {source} has more than {_MAX_LENGTH} characters, the most a token or name may have; "
+            f"pass {' and '.join(options)} to choose shorter ones (or rename the file)"
+        )
 
 
 def _make(path: Path, stem_name: str | None, file_token: str, vectors, metadata: dict, *, token, name, fmt) -> Concept:
-    final_token = token or _token_from_text(str(file_token))
+    derived_token = _token_from_text(str(file_token))
+    _refuse_long(path, stem_name, derived_token, token=token, name=name)
+    final_token = token or derived_token
     if name:
         final_name = name
     elif stem_name and is_valid_name(stem_name) and stem_name not in _GENERIC_STEMS:
         final_name = stem_name
-    elif stem_name and slug_from_token(stem_name) not in _GENERIC_STEMS | {"concept"}:
-        final_name = slug_from_token(stem_name)
+    elif stem_name and _slug(stem_name) not in _GENERIC_STEMS:
+        final_name = _slug(stem_name)
     else:
-        final_name = slug_from_token(final_token)
+        final_name = _slug(final_token)
     metadata = {str(k): str(v) for k, v in metadata.items()}
     if fmt is not None:
         metadata.setdefault("source_file", path.name)

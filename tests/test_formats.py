@@ -612,3 +612,33 @@ def test_long_file_names_are_not_cut_into_tokens(tmp_path):
     safetensors_torch.save_file({"<" + "x" * 70 + ">": torch.randn(1, 768)}, tmp_path / "learned_embeds.safetensors")
     with pytest.raises(ConceptFileError, match=r"'<xxxxxxxxxxxxxxxxxxxxxxx'\.\.\., taken from inside the file, has more than 64 .*pass --token to"):
         load_any(tmp_path / "learned_embeds.safetensors")
+
+
+# -- export details --------------------------------------------------------------------------------
+
+
+def test_a1111_round_trip_keeps_a1111_fields(tmp_path):
+    imported = one(a1111_save(tmp_path / "MyDoll.pt", torch.randn(2, 768)))
+    assert imported.name == "mydoll" and "training" not in imported.metadata
+    (tmp_path / "out").mkdir()
+    path = export(imported, "a1111", tmp_path / "out")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    assert (data["name"], data["step"], data["sd_checkpoint"], data["sd_checkpoint_name"]) == (
+        "MyDoll", 1999, "6ce0161689", "v1-5-pruned-emaonly")
+    again = one(path)
+    assert {k: again.metadata[k] for k in again.metadata if k.startswith("a1111.")} == {
+        "a1111.name": "MyDoll", "a1111.step": "1999", "a1111.sd_checkpoint": "6ce0161689",
+        "a1111.sd_checkpoint_name": "v1-5-pruned-emaonly"}
+    np.testing.assert_array_equal(again.vectors, imported.vectors)
+
+
+@pytest.mark.parametrize("existing", ["learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt"])
+def test_sd_concepts_export_keeps_every_existing_file(tmp_path, concept, existing):
+    folder = tmp_path / "cat-doll"
+    folder.mkdir()
+    (folder / existing).write_text("mine")
+    with pytest.raises(ConceptFileError, match=f"{existing}: already exists; choose another --out or pass --force"):
+        export(concept, "sd-concepts", folder)
+    assert [p.name for p in folder.iterdir()] == [existing] and (folder / existing).read_text() == "mine"
+    export(concept, "sd-concepts", folder, overwrite=True)
+    assert (folder / "token_identifier.txt").read_text() == "<cat-doll>"

@@ -18,14 +18,15 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
     """Write ``concept`` in format ``fmt`` to ``out`` and return the path written.
 
     ``out`` is a file path, or an existing folder (then a conventional file name is used inside).
-    For ``sd-concepts`` ``out`` is the concept folder to create. Existing files are kept unless
-    ``overwrite``.
+    For ``sd-concepts`` ``out`` is the concept folder to create. Existing files (for sd-concepts,
+    any of its three) are kept unless ``overwrite``.
 
     * conceptlib: our file (contract 1).
     * diffusers: ``learned_embeds.safetensors``, one tensor keyed by the token, for
       ``pipeline.load_textual_inversion``; a ``.bin`` path gives the torch pickle ``{token: tensor}``.
     * a1111: ``<name>.pt``, a torch zip pickle with string_to_param {'*': tensor}; AUTOMATIC1111
-      uses the file name as the prompt word.
+      uses the file name as the prompt word. A concept imported from an A1111 file keeps that
+      file's name, step and sd_checkpoint(_name).
     * sd-concepts: a folder with learned_embeds.bin, token_identifier.txt, type_of_concept.txt.
     * kohya: ``<name>.safetensors`` with one tensor ``emb_params`` (kohya-ss sd-scripts).
     """
@@ -56,28 +57,37 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
 
 
 def _a1111_dict(concept: Concept) -> dict:
+    """AUTOMATIC1111's fields: from our training metadata, else (a concept imported from an A1111
+    file) the a1111.* fields it was imported with, so a round trip keeps them."""
     import json
 
-    step = None
+    metadata = concept.metadata
+    fields = {"name": concept.name, "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+    if "training" in metadata:
+        try:
+            fields["step"] = int(json.loads(metadata["training"]).get("steps"))
+        except (ValueError, TypeError, AttributeError):
+            pass
+    else:
+        for key in fields:
+            fields[key] = metadata.get(f"a1111.{key}", fields[key])
+        fields["step"] = _int_or_none(fields["step"])
+    return {"string_to_token": {"*": _A1111_STAR_TOKEN_ID}, "string_to_param": {"*": concept.vectors}, **fields}
+
+
+def _int_or_none(value) -> int | None:
     try:
-        step = int(json.loads(concept.metadata.get("training", "{}")).get("steps"))
-    except (ValueError, TypeError, AttributeError):
-        pass
-    return {
-        "string_to_token": {"*": _A1111_STAR_TOKEN_ID},
-        "string_to_param": {"*": concept.vectors},
-        "name": concept.name,
-        "step": step,
-        "sd_checkpoint": None,
-        "sd_checkpoint_name": None,
-    }
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _export_sd_concepts(concept: Concept, folder: Path, overwrite: bool) -> Path:
     if folder.exists() and not folder.is_dir():
         raise ConceptFileError(f"{folder}: exists and is not a folder; sd-concepts export writes a folder, choose another --out")
     embeds = folder / "learned_embeds.bin"
-    _check_target(embeds, overwrite)
+    for target in (embeds, folder / "token_identifier.txt", folder / "type_of_concept.txt"):
+        _check_target(target, overwrite)
     # sd-concepts-library stores a single vector as shape [dim], as diffusers' script saved it.
     vectors = concept.vectors[0] if concept.num_vectors == 1 else concept.vectors
     atomic_write_bytes(embeds, _pickle({concept.token: vectors}, embeds))

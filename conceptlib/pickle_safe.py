@@ -109,7 +109,8 @@ class _Tensor:
         self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
         _check_embedding_sized(self.size)
         if self.span > _MAX_SPAN_ELEMENTS:
-            raise pickle.UnpicklingError(f"tensor of size {list(self.size)} has strides {list(self.stride)} that span far beyond it")
+            raise pickle.UnpicklingError(
+                f"tensor of size {list(self.size)} has strides {list(self.stride)} that span far beyond it")
 
     @property
     def numel(self) -> int:
@@ -135,7 +136,8 @@ def _check_embedding_sized(size: tuple) -> None:
     if len(size) == 2 and size[0] > _MAX_VECTORS:
         raise _NotAnEmbedding(f"holds {what}: {size[0]} vectors, but a textual-inversion embedding has 1 to {_MAX_VECTORS}")
     if size and size[-1] > _MAX_WIDTH:
-        raise _NotAnEmbedding(f"holds {what}: vectors of {size[-1]} values, but a textual-inversion embedding's are 768 or 1024 wide")
+        raise _NotAnEmbedding(
+            f"holds {what}: vectors of {size[-1]} values, but a textual-inversion embedding's are 768 or 1024 wide")
 
 
 class _ParameterDict(dict):
@@ -281,7 +283,8 @@ def load_tensor_pickle(path: str | os.PathLike) -> Any:
         elif raw[:1] == b"\x80":
             obj, byteorder = _load_legacy(raw, path)
         else:
-            raise ConceptFileError(f"{path}: not a PyTorch file (neither a torch zip archive nor a pickle)")
+            raise ConceptFileError(f"{path}: not a PyTorch file (neither a torch zip archive nor a pickle); the download "
+                                   "is damaged or is something else, re-download it")
         _check_total_size(obj)
         return _materialise(obj, byteorder, {})
     except (UnsafePickleError, ConceptFileError):

@@ -276,7 +276,8 @@ def test_parameter_dict_and_set_cannot_be_abused(tmp_path):
 def test_tensors_larger_than_any_embedding_are_refused_unread(tmp_path, zip_format):
     """A stride-0 view saves one 768-value storage but claims 200000 rows (a 4.6 KB file)."""
     cases = {
-        "rows": (torch.randn(768).expand(200000, 768), "shape [200000, 768]: 200000 vectors, but a textual-inversion embedding has 1 to 75"),
+        "rows": (torch.randn(768).expand(200000, 768),
+                 "shape [200000, 768]: 200000 vectors, but a textual-inversion embedding has 1 to 75"),
         "wide": (torch.randn(1).expand(10**7), "vectors of 10000000 values"),
         "rank": (torch.randn(768).expand(2, 2, 768), "(rank 3)"),
     }
@@ -327,7 +328,8 @@ def test_unknown_byteorder_and_two_pickles_are_corrupt_files(tmp_path):
     good = _save({"<x>": torch.randn(2, 768)}, tmp_path / "good.pt", True)
     sideways = _rewrite_zip(good, tmp_path / "sideways.pt",
                             lambda n, b: [(n, b"sideways" if n.endswith("/byteorder") else b)])
-    with pytest.raises(ConceptFileError, match=r"corrupt PyTorch file \(its byteorder record says 'sideways', expected 'little' or 'big'\); re-download"):
+    with pytest.raises(ConceptFileError,
+                       match=r"corrupt PyTorch file \(its byteorder record says 'sideways', expected 'little' or 'big'\); re-download"):
         load_tensor_pickle(sideways)
     two = _rewrite_zip(good, tmp_path / "two.pt",
                        lambda n, b: [(n, b), ("other/data.pkl", b)] if n.endswith("data.pkl") else [(n, b)])
@@ -335,3 +337,12 @@ def test_unknown_byteorder_and_two_pickles_are_corrupt_files(tmp_path):
         load_tensor_pickle(two)
     big = _rewrite_zip(good, tmp_path / "big.pt", lambda n, b: [(n, b"big" if n.endswith("/byteorder") else b)])
     assert load_tensor_pickle(big)["<x>"].shape == (2, 768)
+
+
+def test_not_a_pytorch_file_says_how_to_fix(tmp_path):
+    page = tmp_path / "embedding.pt"
+    page.write_bytes(b"<!DOCTYPE html><html><body>Rate limit exceeded</body></html>")
+    with pytest.raises(ConceptFileError) as info:
+        load_tensor_pickle(page)
+    assert str(info.value) == (f"{page}: not a PyTorch file (neither a torch zip archive nor a pickle); the download "
+                               "is damaged or is something else, re-download it")

@@ -44,10 +44,12 @@ class Trainer(Protocol):
     ``run`` must: build the models for ``job.config`` (weights from ``job.weights``), start from
     ``job.initial_vectors(table)`` or ``job.load_checkpoint()``, and for each step in
     ``range(job.start_step, job.config.steps)`` train on ``job.batch(step)`` and then call
-    ``job.step_done(step, loss, save=...)`` (which reports progress and, when due, asks for a
-    checkpoint/preview through the callbacks), and return a TrainingResult whose preview is
-    ``job.final_preview(render)`` (it reuses the last step's preview when one was rendered).
-    Importing the class must be cheap: heavy imports happen inside ``run``.
+    ``job.step_done(step, loss)`` (which reports progress and, when due, saves a checkpoint and
+    renders a preview through ``job.checkpoint_fn``/``job.preview_fn``), and return a
+    TrainingResult whose preview is ``job.final_preview(render)`` (it reuses the last step's
+    preview when one was rendered). ``job.stage(message)`` tells the user what happens before the
+    first step (building models, compiling). Importing the class must be cheap: heavy imports
+    happen inside ``run``.
     """
 
     name: ClassVar[str]

@@ -91,7 +91,7 @@ def contact_sheet(images, columns: int | None = None):
 @click.argument("prompt")
 @click.option("--negative", default=None, help="Negative prompt (may contain concept tokens too).")
 @click.option("-n", "--num-images", "num_images", default=3, show_default=True, type=click.IntRange(1, 64),
-              help="How many images.")
+              help="How many images. (In `train`, -n is --name.)")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000), help="Diffusion steps.")
 @click.option("--seed", default=None, type=int, help="Random seed (printed and stored in the PNGs if not given).")
 @click.option("--size", default=512, show_default=True, type=int, help="Image width and height (multiple of 64).")
@@ -100,13 +100,16 @@ def contact_sheet(images, columns: int | None = None):
               help="Folder of keras-cv weight files (default: $CONCEPTLIB_WEIGHTS, then the Keras cache, then download).")
 @click.option("--model", default=None, type=_MODELS,
               help="Base model (default: that of the concepts in the prompt, else sd-1).")
-@click.option("--offline", is_flag=True, help="Never download weights; fail if they are not found locally.")
+@click.option("--offline", is_flag=True,
+              help="Never download weights; fail if they are not found locally. (The CLIP vocabulary is still "
+              "downloaded if it is not found locally.)")
 @click.option("--out", "out_dir", default="conceptlib-images", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Folder for the PNGs.")
 def generate_command(prompt, negative, num_images, steps, seed, size, guidance, weights_dir, model, offline, out_dir):
     """Generate images for PROMPT, applying every library concept whose token it contains.
 
-    Writes one PNG per image and a contact sheet, and prints their paths.
+    Writes one PNG per image and a contact sheet, and prints their paths. Runs on the JAX backend
+    where JAX can use an NVIDIA GPU, else on TensorFlow (CPU); a set KERAS_BACKEND wins.
     """
     if size < 64 or size % 64:
         raise UsageError(f"--size {size} is not a positive multiple of 64; use e.g. 512")
@@ -205,7 +208,7 @@ def init_random_command(directory: Path, model: str) -> None:
 @weights_group.command("where")
 @click.option("--model", default="sd-1", show_default=True, type=_MODELS, help="Base model.")
 @click.option("--weights", "weights_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder of keras-cv weight files.")
+              help="Folder of keras-cv weight files (default: $CONCEPTLIB_WEIGHTS), searched before the Keras cache.")
 def where_command(model: str, weights_dir: Path | None) -> None:
     """Print which file each part would be loaded from, or the URL it would be downloaded from
     (nothing is downloaded)."""

@@ -26,37 +26,44 @@ def _split_words(values) -> list[str]:
 
 @main.command()
 @click.argument("images", required=False, type=click.Path(file_okay=True, dir_okay=True, path_type=str))
-@click.option("--name", "-n", help="Library name (a slug); default: from the token.")
+@click.option("--name", "-n", help="Library name (a slug); default: from the token. (In `generate`, -n is --num-images.)")
 @click.option("--token", "-t", help="The word prompts will use, e.g. '<cat-doll>'; default: '<NAME>'.")
 @click.option("--init", "-i", "init", multiple=True, metavar="WORD[S]",
-              help="Start from these words' embeddings, spread over the vectors (e.g. 'cat' or 'toy cat'). "
-              "Default: random vectors.")
-@click.option("--weights", "-w", type=click.Path(file_okay=False, path_type=str),
+              help="Start from these words' embeddings, spread over the vectors (e.g. 'cat' or 'toy cat'); "
+              "may be repeated. Default: random vectors.")
+@click.option("--weights", "-w", type=click.Path(file_okay=False, path_type=str), metavar="DIR|random",
               help="Folder with keras-cv weight files (else $CONCEPTLIB_WEIGHTS, the Keras cache, or download); "
               "'random' = random weights in memory, for smoke runs only.")
-@click.option("--base-model", type=click.Choice(["sd-1", "sd-2"]), default="sd-1", show_default=True)
+@click.option("--base-model", type=click.Choice(["sd-1", "sd-2"]), default="sd-1", show_default=True,
+              help="Stable Diffusion 1.x or 2.x.")
 @click.option("--trainer", default="auto", show_default=True,
-              help="Trainer plugin (see `conceptlib plugins`); auto = jax where there is an NVIDIA GPU, else tensorflow.")
+              help="Trainer plugin (see `conceptlib plugins`); auto = jax where there is an NVIDIA GPU and JAX's "
+              "CUDA build is installed (pip install -U \"jax[cuda12]\"), else tensorflow.")
 @click.option("--template", default="object", show_default=True, help="Template pack (see `conceptlib templates list`).")
 @click.option("--resolution", "-r", type=int, default=512, show_default=True, help="Training size in pixels (multiple of 64).")
-@click.option("--steps", "-s", type=int, default=1000, show_default=True)
-@click.option("--batch-size", "-b", type=int, default=1, show_default=True)
+@click.option("--steps", "-s", type=int, default=1000, show_default=True, help="Training steps.")
+@click.option("--batch-size", "-b", type=int, default=1, show_default=True,
+              help="Images per step. jax: split over the GPUs (see --devices); $CONCEPTLIB_JAX_BATCH_SIZE overrides it.")
 @click.option("--num-vectors", type=int, default=1, show_default=True, help="Embedding vectors the token stands for.")
 @click.option("--lr", "learning_rate", type=float, default=5e-3, show_default=True, help="Peak learning rate.")
-@click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
-@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
+              help="Cosine decay to 0 over the run, or a constant learning rate.")
+@click.option("--warmup-steps", type=int, default=0, show_default=True,
+              help="Steps rising linearly from 0 to --lr before the cosine decay (cosine schedule only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same data and noise, same vectors (on CPU).")
 @click.option("--no-flip", is_flag=True, help="Do not flip images horizontally (e.g. for text or asymmetric logos).")
-@click.option("--checkpoint-every", type=int, default=100, show_default=True, help="Steps between checkpoints (0: none).")
+@click.option("--checkpoint-every", type=int, default=100, show_default=True, help="Steps between checkpoints (0: none; an interrupted run then restarts from step 0).")
 @click.option("--preview-every", type=int, default=0, show_default=True,
               help="Steps between preview grids written to the run folder (0: none).")
 @click.option("--preview-steps", type=int, default=10, show_default=True, help="Denoising steps per preview.")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=str), help="Run folder (default: in the library's runs/).")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=str), metavar="RUN_DIR",
-              help="Continue an interrupted run from its last checkpoint (its own settings are used).")
+              help="Continue an interrupted run from its last checkpoint; the run's own settings are used and "
+              "IMAGES and the other options are ignored (except --devices and -q).")
 @click.option("--devices", metavar="all|N",
-              help="jax trainer: train data-parallel on all local GPUs (the default) or the first N.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+              help="jax trainer only: train data-parallel on all local GPUs (the default; fewer if the batch size "
+              "does not split over them) or the first N (N must divide the batch size).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress or stage output.")
 def train(images, name, token, init, weights, base_model, trainer, template, resolution, steps, batch_size,
           num_vectors, learning_rate, lr_schedule, warmup_steps, seed, no_flip, checkpoint_every,
           preview_every, preview_steps, run_dir, resume, devices, quiet):
@@ -169,7 +176,7 @@ def templates_list():
 
 @templates.command("show")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the pack as one JSON object.")
 def templates_show(name, as_json):
     """Print the templates of pack NAME."""
     from conceptlib.plugins import get_template_pack

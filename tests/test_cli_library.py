@@ -97,6 +97,37 @@ def test_show(library):
     assert f"{np.linalg.norm(concept.vectors[0]):.4f}" in text
 
 
+def test_show_writes_the_preview_image(library, tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    picture = io.BytesIO()
+    Image.new("RGB", (96, 64), (200, 30, 40)).save(picture, format="PNG")
+    rng = np.random.default_rng(2)
+    library.add(Concept("robot", "<robot>", rng.standard_normal((1, 768)).astype(np.float32),
+                        {"preview": base64.b64encode(picture.getvalue()).decode()}))
+    out = tmp_path / "previews" / "robot.png"
+    result = run("show", "<robot>", "--preview", str(out))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("name:        robot")
+    assert result.stderr.strip() == f"Wrote the preview of robot to {out}"
+    assert out.read_bytes() == picture.getvalue()
+    with Image.open(out) as image:
+        assert image.size == (96, 64) and image.getpixel((5, 5)) == (200, 30, 40)
+
+    before = snapshot(library.root)
+    assert_one_line_error(run("show", "robot", "--preview", str(out)), 2, "the file exists; remove it or choose another name")
+    assert_one_line_error(run("show", "robot", "--preview", str(tmp_path / "robot.jpg")), 2, "give a file name ending in .png")
+    assert_one_line_error(run("show", "oil-style", "--preview", str(tmp_path / "oil.png")), 1,
+                          "oil-style has no preview image")
+    assert_one_line_error(run("show", "cat-doll", "--preview", str(tmp_path / "cat.png")), 1,
+                          "its preview metadata is not a base64 PNG")
+    assert not (tmp_path / "oil.png").exists() and not (tmp_path / "cat.png").exists()
+    assert snapshot(library.root) == before
+
+
 def test_remove_asks(library):
     before = snapshot(library.root)
     result = run("remove", "cat-doll", input="n\n")

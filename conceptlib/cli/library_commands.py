@@ -56,12 +56,16 @@ def list_command(as_json: bool) -> None:
 @main.command("show")
 @click.argument("ref", metavar="NAME")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def show_command(ref: str, as_json: bool) -> None:
+@click.option("--preview", "preview_out", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
+              help="Also write the concept's preview image (made at the end of training) to FILE.png.")
+def show_command(ref: str, as_json: bool, preview_out: Path | None) -> None:
     """Show everything in a concept's header (NAME or token) and its vector norms."""
     from conceptlib.files import non_finite_vectors, vector_norms
     from conceptlib.library import non_finite_message
 
     header = _library().header(ref)
+    if preview_out is not None:
+        _write_preview(header, preview_out)
     norms = vector_norms(header.path)
     bad = non_finite_vectors(norms)
     if bad:
@@ -90,6 +94,30 @@ def show_command(ref: str, as_json: bool) -> None:
             value = value[:117] + "..."
         lines.append(f"  {key.ljust(width)}  {value}")
     click.echo("\n".join(lines))
+
+
+def _write_preview(header, out: Path) -> None:
+    """Write the PNG in ``header``'s ``preview`` metadata to ``out`` (never over an existing file)."""
+    import base64
+    import binascii
+
+    from conceptlib.files import atomic_write_bytes
+
+    encoded = header.metadata.get("preview")
+    if not encoded:
+        raise ConceptError(f"{header.name} has no preview image (only concepts trained by conceptlib carry one)")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        data = b""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ConceptFileError(f"{header.path}: its preview metadata is not a base64 PNG; the file was edited or damaged")
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--preview {out}: the preview is a PNG; give a file name ending in .png")
+    if out.exists():
+        raise UsageError(f"--preview {out}: the file exists; remove it or choose another name")
+    atomic_write_bytes(out, data, fix="choose another --preview file")
+    click.echo(f"Wrote the preview of {header.name} to {out}", err=True)
 
 
 @main.command("remove")

@@ -114,6 +114,12 @@ class TrainingConfig:
             raise UsageError(f"--lr {self.learning_rate} must be positive, e.g. 5e-3")
         if self.lr_schedule not in LR_SCHEDULES:
             raise UsageError(f"unknown --lr-schedule {self.lr_schedule!r}; use {' or '.join(LR_SCHEDULES)}")
+        if self.warmup_steps and self.lr_schedule != "cosine":
+            # Both trainers warm up only into the cosine decay; a silently ignored option is worse.
+            raise UsageError(
+                f"--warmup-steps {self.warmup_steps} works with the cosine schedule only; "
+                "drop it or use --lr-schedule cosine"
+            )
         if not 0 <= self.seed < 2**32:
             raise UsageError(f"--seed {self.seed} must be between 0 and 2**32 - 1")
         return self
@@ -194,8 +200,8 @@ class RunDirectory:
             return json.loads(self.config_path.read_text())
         except FileNotFoundError:
             raise TrainingError(
-                f"{self.path} is not a training run folder (no config.json); give the folder a "
-                "`conceptlib train` run printed"
+                f"{self.path} is not a training run folder (no config.json); give the run folder "
+                "that `conceptlib train` printed when it started"
             ) from None
         except ValueError as exc:
             raise TrainingError(f"{self.config_path}: corrupt ({exc}); start a new run") from None

@@ -147,6 +147,11 @@ def test_resume_refuses_changed_images(home, images, tmp_path):
     _refused(home, ["--resume", str(run.path)], "changed since run")
 
 
+def test_warmup_needs_the_cosine_schedule(home, images):
+    _refused(home, [str(images), "--name", "new", "--lr-schedule", "constant", "--warmup-steps", "10"],
+             "--warmup-steps 10 works with the cosine schedule only; drop it or use --lr-schedule cosine", 2)
+
+
 def test_devices_is_for_the_jax_trainer_and_takes_all_or_a_count(home, images):
     _refused(home, [str(images), "--name", "new", "--trainer", "tensorflow", "--devices", "2"], "only the jax trainer", 2)
     _refused(home, [str(images), "--name", "new", "--trainer", "jax", "--devices", "0"], "use 'all' or a positive number", 2)

@@ -465,8 +465,12 @@ class JaxTrainer:
             return models["ti"]
 
         where = f"{config.batch_size} x {config.resolution} px on {_devices_text(devices)}"
+        early_compile = None
         if entry is not None:
-            job.stage(f"reading the weights into the cached training step for {where} ({step_cache.folder})")
+            job.stage(f"reading the weights and compiling the cached training step for {where} ({step_cache.folder})")
+            if self.background_compile:
+                # The exported step's input shapes are known: compile it while the weights are read.
+                early_compile = InBackground(_compile_exported, entry.step, replicated, timings)
             try:
                 state = jax.device_put(read_weights(entry.state_leaves, job.weights), replicated)
                 # Replicated like the traced run's VAE variables (built in the distribution's
@@ -476,7 +480,7 @@ class JaxTrainer:
             except WeightsError as exc:
                 # Files of another layout than the cached run's: build the models, whose own
                 # loading reports a truly broken file, and export the step again.
-                entry = None
+                entry = early_compile = None  # (that compile finishes unused)
                 self.report["step_cache"] = f"miss ({exc})"
         if entry is None:
             job.stage(f"building the {config.base_model} models")
@@ -550,9 +554,10 @@ class JaxTrainer:
                 return result
 
             timings["step_ready"] = time.perf_counter()  # traced and exported, or read from the cache
-            job.stage(_compile_message(self.report["step_cache"], where, cache_dir))
-            background = None
-            if self.background_compile:
+            if self.report["step_cache"] != "hit":  # a hit said so when it read the weights
+                job.stage(_compile_message(self.report["step_cache"], where, cache_dir))
+            background = early_compile
+            if self.background_compile and background is None:
                 # XLA compiles (GIL released) while the VAE encodes the crops.
                 background = InBackground(compile_step)
             job.stage(f"encoding {len(job.images)} image(s) with the VAE")
@@ -716,6 +721,19 @@ class JaxTrainer:
             job.step_done(first + offset, float(loss))
 
 
+def _compile_exported(exported, sharding, timings):
+    """Compile the deserialized step from its input shapes alone (every input on ``sharding``, or
+    the default device): the same program, so the same executable, as from the real arrays."""
+    import jax
+
+    started = time.perf_counter()
+    specs = [jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sharding) for aval in exported.in_avals]
+    args, kwargs = jax.tree.unflatten(exported.in_tree, specs)
+    compiled = jax.jit(exported.call, donate_argnums=(0,)).lower(*args, **kwargs).compile()
+    timings["compile_seconds"] = time.perf_counter() - started + timings["start"]
+    return compiled
+
+
 class InBackground:
     """``fn(*args, **kwargs)`` in a daemon thread (an interrupted run exits without waiting for
     it); ``result()`` waits for it and returns its value or raises its exception."""
@@ -747,8 +765,6 @@ def _devices_text(devices) -> str:
 
 def _compile_message(step_cache: str, where: str, cache_dir) -> str:
     """What the user waits for before the first step, by the step cache's state."""
-    if step_cache == "hit":
-        return "compiling the cached step (seconds when JAX's compilation cache has it)"
     if step_cache == "stored":
         return (
             f"compiling the training step for {where}: the first run of a setting takes a minute "

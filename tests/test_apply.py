@@ -128,6 +128,17 @@ def test_after_unload_the_token_is_plain_text_again(sd1, plain_tokenizer):
     assert sd1.tokenizer.encode(PROMPT_A) == plain_tokenizer.encode(PROMPT_A)
 
 
+def test_a_bare_word_token_matches_only_as_a_whole_word(sd1, plain_tokenizer):
+    """A token without brackets (e.g. from an AUTOMATIC1111 file name) is used where it is a
+    word of its own, not at the start of a longer word, as AUTOMATIC1111 and ComfyUI match it."""
+    bare = _concept("zorblax", "zorblax", 1, 768, seed=3)
+    with apply(sd1, [bare]) as applied:
+        (new_id,) = applied.token_ids["zorblax"]
+        assert sd1.tokenizer.encode("a zorblax, on a table") == reference_ids(
+            plain_tokenizer, "a", [new_id], ", on a table")
+        assert sd1.tokenizer.encode("a zorblaxes on a table") == plain_tokenizer.encode("a zorblaxes on a table")
+
+
 def test_prompt_too_long_after_expansion_says_by_how_much(sd1):
     wide = _concept("wide", "<wide>", 70, 768, seed=3)
     words = " ".join(["cat"] * 6)  # 1 + 70 + 6 + 1 = 78 tokens

@@ -101,6 +101,10 @@ def test_find_tokens_matches_like_the_tokenizer():
     assert tok.find_tokens("<dog>&lt;cat&gt;", tokens) == ["<dog>", "<cat>"]  # html unescaped, as keras-cv does
     assert tok.find_tokens("abcxyz", tokens) == []  # inside a word: the tokenizer would not match it
     assert tok.find_tokens("plain prompt", tokens) == []
+    # A bare-word token (e.g. an AUTOMATIC1111 file name) only where its word ends, as A1111 and
+    # ComfyUI match whole CLIP tokens: not at the start of a longer word.
+    assert tok.find_tokens("a xyzzy", tokens) == []
+    assert tok.find_tokens("a xyzzy, then xyz.", tokens) == ["xyz"]
 
 
 def test_modules_import_no_keras_or_tensorflow():

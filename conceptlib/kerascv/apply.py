@@ -181,14 +181,10 @@ _TOKENIZER_STATE = ("vocab", "encoder", "decoder", "special_tokens", "cache", "p
 def _tokenizer_pattern(special_tokens):
     import regex as re
 
-    # Longest first: regex alternation takes the first alternative that matches, so '<cat>' must
-    # not shadow '<cat>-style'.
-    ordered = sorted(special_tokens, key=len, reverse=True)
-    return re.compile(
-        "|".join(re.escape(token) for token in ordered)
-        + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-        re.IGNORECASE,
-    )
+    from conceptlib.clip_bpe import PATTERN
+    from conceptlib.kerascv.tokenizer import added_tokens_pattern
+
+    return re.compile(added_tokens_pattern(special_tokens) + "|" + PATTERN, re.IGNORECASE)
 
 
 # -- the handle -----------------------------------------------------------------------------------

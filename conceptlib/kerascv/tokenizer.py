@@ -153,6 +153,21 @@ def make_clip_tokenizer(*, download: bool = True):
     return _read_vocab(ClipTokenizer, find_vocab_path(download=download))
 
 
+def added_tokens_pattern(tokens) -> str:
+    """Regex alternatives for tokens added to the tokenizer, tried before CLIP's own pattern.
+
+    Longest first: alternation takes the first alternative that matches, so '<cat>' must not
+    shadow '<cat>-style'. A token ending in a letter or digit matches only where a word ends, as
+    other tools match whole CLIP tokens: 'mydoll' is not found in 'mydollhouse'.
+    """
+    import regex as re
+
+    def alternative(token: str) -> str:
+        return re.escape(token) + (r"(?![\p{L}\p{N}])" if token[-1].isalnum() else "")
+
+    return "|".join(alternative(token) for token in sorted(tokens, key=len, reverse=True))
+
+
 def find_tokens(text: str, tokens) -> list[str]:
     """The members of ``tokens`` that keras-cv's tokenizer would match in ``text`` if they were
     added to it, in order of first appearance (same cleaning, lowercasing and longest-first
@@ -165,10 +180,7 @@ def find_tokens(text: str, tokens) -> list[str]:
     if not text or not tokens:
         return []
     cleaned = clean(text)
-    pattern = re.compile(
-        "|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True)) + "|" + PATTERN,
-        re.IGNORECASE,
-    )
+    pattern = re.compile(added_tokens_pattern(tokens) + "|" + PATTERN, re.IGNORECASE)
     found: list[str] = []
     for piece in pattern.findall(cleaned):
         if piece in tokens and piece not in found:

@@ -68,7 +68,11 @@ def test_weights_where_lists_each_part(home):
 
     folder = write_random_weights(home / "w", "sd-1", parts=["image_encoder"])
     result = CliRunner().invoke(main, ["weights", "where", "--weights", str(folder)])
-    assert result.exit_code == 1 and "text_encoder weights (kcv_encoder.h5) not found" in result.output
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["text_encoder", "diffusion_model", "decoder", "image_encoder"]
+    assert lines[0].startswith("text_encoder\tnot found locally; would download https://")
+    assert lines[3] == f"image_encoder\t{folder / 'vae_encoder.h5'}  (RANDOM)"
 
 
 @pytest.mark.slow

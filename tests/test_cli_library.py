@@ -97,6 +97,32 @@ def test_show(library):
     assert f"{np.linalg.norm(concept.vectors[0]):.4f}" in text
 
 
+def test_show_a_file_from_another_tool_without_importing_it(library, tmp_path, monkeypatch):
+    vectors = torch.randn(2, 768)
+    path = tmp_path / "downloads" / "mydoll.pt"
+    path.parent.mkdir()
+    # An AUTOMATIC1111 embedding as its textual-inversion code saves one.
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "mydoll", "step": 500}, path)
+    before = snapshot(library.root)
+    result = run("show", str(path))
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["name:        mydoll", "token:       mydoll", "vectors:     2 x 768 float32 (sd-1)"]
+    norms = np.linalg.norm(vectors.numpy().astype(np.float64), axis=1)
+    assert lines[3] == f"norms:       {norms[0]:.4f}, {norms[1]:.4f}"
+    assert lines[4] == f"path:        {path} ({path.stat().st_size} bytes; not in the library: `conceptlib import` adds it)"
+    assert "  a1111.step     500" in lines
+    info = json.loads(run("show", str(path), "--json").stdout)
+    assert info["in_library"] is False and info["metadata"]["source_format"] == "a1111"
+    np.testing.assert_allclose(info["norms"], norms, rtol=1e-6)
+    assert snapshot(library.root) == before  # nothing imported
+    assert_one_line_error(run("show", str(tmp_path / "missing.pt")), 1, "missing.pt: no such file or folder")
+    # A library concept wins over a file of the same name in the current folder.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "oil-style").write_bytes(b"not a concept")
+    assert run("show", "oil-style").stdout.startswith("name:        oil-style")
+
+
 def test_show_writes_the_preview_image(library, tmp_path):
     import base64
     import io
@@ -281,7 +307,8 @@ def test_bad_arguments(library, tmp_path):
         (["import", str(tmp_path / "q.safetensors"), "--token", "<Upper>"], 2, "--token: invalid token"),
         (["import", str(tmp_path / "q.safetensors"), "--token", "a b"], 2, "--token: invalid token"),
         (["import", str(tmp_path / "q.safetensors"), "--name", "q2", "--token", "<cat-doll>"], 1, "already used"),
-        (["show", "../../etc/passwd"], 1, "no concept"),
+        # Not a library name; an existing file is read as a concept file (as import would), and refused.
+        (["show", "../../../../../../etc/passwd"], 1, "etc/passwd: unknown file type"),
         (["show", "missing"], 1, "no concept"),
         (["remove", "-y", "../cat-doll"], 1, "no concept"),
         (["remove", "-y", "<cat-doll>"], 2, "remove it by name"),

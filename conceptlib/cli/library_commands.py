@@ -18,6 +18,7 @@ import click
 from conceptlib.cli import main
 from conceptlib.errors import ConceptError, ConceptFileError, ConceptlibError, UsageError
 from conceptlib.files import write_failure_reason
+from conceptlib.formats.readers import FILE_SUFFIXES
 from conceptlib.formats.writers import EXPORT_FORMATS
 
 
@@ -54,18 +55,29 @@ def list_command(as_json: bool) -> None:
 
 
 @main.command("show")
-@click.argument("ref", metavar="NAME")
+@click.argument("ref", metavar="NAME|FILE")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--preview", "preview_out", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
               help="Also write the concept's preview image (made at the end of training) to FILE.png.")
 def show_command(ref: str, as_json: bool, preview_out: Path | None) -> None:
-    """Show everything in a concept's header (NAME or token) and its vector norms."""
+    """Show everything in a concept's header and its vector norms: a library concept (NAME or
+    token), or any concept file or folder `import` reads, without importing it."""
+    from conceptlib.errors import NotFoundError
     from conceptlib.files import non_finite_vectors, vector_norms
     from conceptlib.library import non_finite_message
 
-    header = _library().header(ref)
+    try:
+        header = _library().header(ref)
+    except NotFoundError:
+        if not os.path.exists(ref):
+            if os.sep in ref or Path(ref).suffix.lower() in FILE_SUFFIXES:
+                raise ConceptFileError(f"{ref}: no such file or folder (nor a library concept of that name); "
+                                       "check the path") from None
+            raise
+        _show_file(Path(ref), as_json, preview_out)
+        return
     if preview_out is not None:
-        _write_preview(header, preview_out)
+        _write_preview(header.name, header.path, header.metadata, preview_out)
     norms = vector_norms(header.path)
     bad = non_finite_vectors(norms)
     if bad:
@@ -75,6 +87,32 @@ def show_command(ref: str, as_json: bool, preview_out: Path | None) -> None:
     info.update({"path": str(header.path), "size_bytes": header.path.stat().st_size,
                  "norms": [None if i in bad else n for i, n in enumerate(norms)],
                  "metadata": dict(sorted(header.metadata.items()))})
+    _print_info(info, as_json, where=f"{info['size_bytes']} bytes")
+
+
+def _show_file(path: Path, as_json: bool, preview_out: Path | None) -> None:
+    """`show FILE`: a file or folder of any format `import` reads (import refuses non-finite
+    vectors, so every norm is a number), shown as the library would hold it."""
+    import numpy as np
+
+    from conceptlib.formats import load_source
+
+    concept = load_source(path)
+    if preview_out is not None:
+        _write_preview(concept.name, path, concept.metadata, preview_out)
+    norms = np.linalg.norm(concept.vectors.astype(np.float64), axis=1)
+    info = {
+        "name": concept.name, "token": concept.token, "num_vectors": concept.num_vectors, "dim": concept.dim,
+        "base_model": concept.base_model, "trainer": concept.metadata.get("trainer", ""),
+        "created_at": concept.metadata.get("created_at", ""), "in_library": False, "path": str(path),
+        "size_bytes": path.stat().st_size if path.is_file() else None,
+        "norms": [round(float(n), 6) for n in norms], "metadata": dict(sorted(concept.metadata.items())),
+    }
+    size = f"{info['size_bytes']} bytes; " if info["size_bytes"] is not None else ""
+    _print_info(info, as_json, where=f"{size}not in the library: `conceptlib import` adds it")
+
+
+def _print_info(info: dict, as_json: bool, *, where: str) -> None:
     if as_json:
         click.echo(json.dumps(info, ensure_ascii=False, allow_nan=False))
         return
@@ -83,7 +121,7 @@ def show_command(ref: str, as_json: bool, preview_out: Path | None) -> None:
         f"token:       {info['token']}",
         f"vectors:     {info['num_vectors']} x {info['dim']} float32 ({info['base_model']})",
         f"norms:       {', '.join('NaN/Inf' if n is None else f'{n:.4f}' for n in info['norms'])}",
-        f"path:        {info['path']} ({info['size_bytes']} bytes)",
+        f"path:        {info['path']} ({where})",
         "metadata:",
     ]
     width = max((len(k) for k in info["metadata"]), default=0)
@@ -96,28 +134,29 @@ def show_command(ref: str, as_json: bool, preview_out: Path | None) -> None:
     click.echo("\n".join(lines))
 
 
-def _write_preview(header, out: Path) -> None:
-    """Write the PNG in ``header``'s ``preview`` metadata to ``out`` (never over an existing file)."""
+def _write_preview(name: str, path: Path, metadata: dict, out: Path) -> None:
+    """Write the PNG in the ``preview`` metadata of concept ``name`` (file ``path``) to ``out``
+    (never over an existing file)."""
     import base64
     import binascii
 
     from conceptlib.files import atomic_write_bytes
 
-    encoded = header.metadata.get("preview")
+    encoded = metadata.get("preview")
     if not encoded:
-        raise ConceptError(f"{header.name} has no preview image (only concepts trained by conceptlib carry one)")
+        raise ConceptError(f"{name} has no preview image (only concepts trained by conceptlib carry one)")
     try:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         data = b""
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
-        raise ConceptFileError(f"{header.path}: its preview metadata is not a base64 PNG; the file was edited or damaged")
+        raise ConceptFileError(f"{path}: its preview metadata is not a base64 PNG; the file was edited or damaged")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--preview {out}: the preview is a PNG; give a file name ending in .png")
     if out.exists():
         raise UsageError(f"--preview {out}: the file exists; remove it or choose another name")
     atomic_write_bytes(out, data, fix="choose another --preview file")
-    click.echo(f"Wrote the preview of {header.name} to {out}", err=True)
+    click.echo(f"Wrote the preview of {name} to {out}", err=True)
 
 
 @main.command("remove")

@@ -193,15 +193,39 @@ def test_import_folder_reports_each(home, tmp_path):
     assert out.strip().endswith("2 imported, 2 skipped")
     assert result.stderr.strip() == "Error: 1 of 3 concept files could not be imported; see the reasons above"
     assert [h.name for h in ConceptLibrary(home).list()] == ["a", "bdoll"]
-    # Again: everything is already there -> nothing imported -> exit 1, library unchanged, and the
-    # hints offer --name/--token only for importing a file by itself (refused for several).
+    # Again (e.g. an embeddings folder synced later): what is already there, bit for bit, is no
+    # failure; only the SDXL file fails again. The library is unchanged.
     before = snapshot(home)
     result = run("import", str(folder))
+    assert result.exit_code == 1, result.output
+    assert f"Already in the library: a (<a>) holds the vectors of {folder / 'a.safetensors'}" in result.stdout
+    assert f"Already in the library: bdoll (bdoll) holds the vectors of {folder / 'bdoll.pt'}" in result.stdout
+    assert result.stdout.strip().endswith("0 imported, 2 already in the library, 2 skipped")
+    assert result.stderr.strip() == "Error: 1 of 3 concept files could not be imported; see the reasons above"
+    assert snapshot(home) == before
+    # Other vectors under the same names: collisions, and the hints offer --name/--token only for
+    # importing a file by itself (refused for several).
+    (folder / "xl.safetensors").unlink()
+    safetensors_torch.save_file({"<a>": torch.randn(1, 768)}, folder / "a.safetensors")
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(2, 768)}, "name": "bdoll"},
+               folder / "bdoll.pt")
+    result = run("import", str(folder))
     assert result.exit_code == 1
-    assert "already exists" in result.output and result.stderr.strip().startswith("Error: nothing imported")
+    assert result.stderr.strip().startswith("Error: nothing imported")
     skipped = [line for line in result.stdout.splitlines() if "already exists" in line]
     assert len(skipped) == 2 and all("import this file by itself with --name NEW" in line for line in skipped)
     assert "(--name)" not in result.stdout and "(--token)" not in result.stdout
+    assert snapshot(home) == before
+
+
+def test_importing_the_same_file_again_changes_nothing_and_succeeds(home, tmp_path):
+    path = tmp_path / "learned_embeds.safetensors"
+    safetensors_torch.save_file({"<x-doll>": torch.randn(2, 768)}, path)
+    assert run("import", str(path)).exit_code == 0
+    before = snapshot(home)
+    result = run("import", str(path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"Already in the library: x-doll (<x-doll>) holds the vectors of {path}"
     assert snapshot(home) == before
 
 

@@ -252,24 +252,26 @@ def import_command(paths: tuple[str, ...], name: str | None, token: str | None) 
     library = _library()
     if len(items) == 1 and not skipped:
         # A single file: its failure is the command's error (one line, exit 1).
-        header = _import_one(library, items[0], name=name, token=token, several=False)
-        click.echo(f"Imported {header.name} ({header.token}, {header.num_vectors}x{header.dim}) from {items[0].path}")
+        header, added = _import_one(library, items[0], name=name, token=token, several=False)
+        click.echo(_imported_line(header, added, items[0].path))
         return
-    imported = 0
+    imported = present = 0
     with library.lock():
         for item in items:
             try:
-                header = _import_one(library, item, name=name, token=token, several=True)
+                header, added = _import_one(library, item, name=name, token=token, several=True)
             except ConceptlibError as exc:
                 click.echo(f"Skipped {item.path}: {_strip_path(str(exc), item.path)}")
                 continue
-            imported += 1
-            click.echo(f"Imported {header.name} ({header.token}, {header.num_vectors}x{header.dim}) from {item.path}")
+            imported += added
+            present += not added
+            click.echo(_imported_line(header, added, item.path))
     for entry in skipped:
         click.echo(f"Skipped {entry.path}: {entry.reason}")
-    failures = len(items) - imported
-    click.echo(f"{imported} imported, {failures + len(skipped)} skipped")
-    if not imported:
+    failures = len(items) - imported - present
+    already = f"{present} already in the library, " if present else ""
+    click.echo(f"{imported} imported, {already}{failures + len(skipped)} skipped")
+    if not imported and not present:
         raise _ImportFailed(f"nothing imported from {', '.join(paths)}; see the reasons above")
     if failures:
         raise _ImportFailed(f"{failures} of {len(items)} concept files could not be imported; see the reasons above")
@@ -302,8 +304,16 @@ def _discover_all(paths):
     return items, skipped
 
 
+def _imported_line(header, added: bool, path) -> str:
+    if added:
+        return f"Imported {header.name} ({header.token}, {header.num_vectors}x{header.dim}) from {path}"
+    return f"Already in the library: {header.name} ({header.token}) holds the vectors of {path}"
+
+
 def _import_one(library, source, *, name, token, several: bool):
-    """Read ``source``, refuse a token that is a CLIP word, and add it to ``library``. With
+    """Read ``source``, refuse a token that is a CLIP word, and add it to ``library``: (header,
+    True), or (the existing header, False) when a concept with its token and exactly its vectors
+    is already there (importing a folder again must not fail on what it imported before). With
     ``several`` the hints name no option that is refused for several files."""
     from conceptlib.formats import load_source
     from conceptlib.library import NameTakenError, TokenTakenError
@@ -315,15 +325,29 @@ def _import_one(library, source, *, name, token, several: bool):
     if _is_clip_word(concept.token):
         raise ConceptError(f"{source.path}: {_clip_word_problem(concept.token)}; {alone} --token '<{concept.token}>'")
     try:
-        return library.add(concept)
-    except NameTakenError as exc:
+        return library.add(concept), True
+    except (NameTakenError, TokenTakenError) as exc:
+        existing = _identical_in_library(library, concept)
+        if existing is not None:
+            return existing, False
         if not several:
             raise
-        raise NameTakenError(exc.name, f"remove it first, or {alone} --name NEW") from None
-    except TokenTakenError as exc:
-        if not several:
-            raise
+        if isinstance(exc, NameTakenError):
+            raise NameTakenError(exc.name, f"remove it first, or {alone} --name NEW") from None
         raise TokenTakenError(exc.token, exc.owner, f"{alone} --token NEW") from None
+
+
+def _identical_in_library(library, concept):
+    """The header of the library concept with ``concept``'s token and bit-identical vectors, or None."""
+    import numpy as np
+
+    try:
+        existing = library.get(concept.token)
+    except ConceptlibError:
+        return None
+    if existing.token != concept.token or not np.array_equal(existing.vectors, concept.vectors):
+        return None
+    return library.header(existing.name)
 
 
 def _clip_word_problem(token: str) -> str:

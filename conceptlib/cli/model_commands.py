@@ -131,11 +131,12 @@ def generate_command(prompt, negative, num_images, steps, seed, size, guidance, 
         seed = secrets.randbelow(2**31)
         click.echo(f"Seed: {seed}", err=True)
 
-    from conceptlib.kerascv import set_default_backend
+    from conceptlib.kerascv import ignore_one_pixel_attention_warning, set_default_backend
     from conceptlib.plugins import jax_gpu_available
 
     # The pinned TensorFlow is the CPU build: on a GPU only the JAX backend is fast.
     set_default_backend("jax" if jax_gpu_available() else None)
+    ignore_one_pixel_attention_warning()
     from conceptlib.kerascv.apply import apply
     from conceptlib.kerascv.models import build_stable_diffusion
 

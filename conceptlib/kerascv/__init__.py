@@ -19,6 +19,14 @@ def set_default_backend(backend: str | None = None) -> str:
     return os.environ["KERAS_BACKEND"]
 
 
+def ignore_one_pixel_attention_warning() -> None:
+    """At 64 px the UNet's deepest attention sees one pixel, and Keras warns about a softmax over
+    an axis of size 1 on every call: harmless (keras-cv's own numbers), but noise for users."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="You are using a softmax over axis")
+
+
 def keras_module():
     """Import and return keras (after making sure a backend is chosen)."""
     set_default_backend()

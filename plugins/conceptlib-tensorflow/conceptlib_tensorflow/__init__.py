@@ -64,18 +64,16 @@ class TensorFlowTrainer:
     backend = "tensorflow"
 
     def run(self, job):
-        import warnings
-
         import keras
         import numpy as np
 
         from conceptlib.errors import TrainingError
+        from conceptlib.kerascv import ignore_one_pixel_attention_warning
         from conceptlib.kerascv.textual_inversion import make_optimizer
         from conceptlib.training import TrainingResult
 
         config = job.config
-        # At 64 px the UNet's deepest attention sees one pixel; Keras warns about that softmax.
-        warnings.filterwarnings("ignore", message="You are using a softmax over axis")
+        ignore_one_pixel_attention_warning()
         job.stage(f"building the {config.base_model} models")
         ti = build_models(config.base_model, config.resolution, job.weights, decoder=job.wants_previews)
         if ti.vocab_size != job.vocab_size:

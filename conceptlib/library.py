@@ -9,7 +9,8 @@ Layout under the library root ($CONCEPTLIB_HOME, else platformdirs' user data di
 
 The index makes listing 10,000 concepts cheap: each entry is validated against the file's
 (inode, mtime_ns, size) and re-read from the file when stale (its header, and its few KB of
-vectors once, to flag NaN/Inf); a missing or corrupt index is simply rebuilt. It keeps only what ``conceptlib list`` shows; the rest of the metadata (preview
+vectors once, to flag NaN/Inf); a missing or corrupt index is simply rebuilt. It keeps only what
+``conceptlib list`` shows; the rest of the metadata (preview
 thumbnail, loss history, ...) is read from the file header on first access of ``header.metadata``.
 
 Nothing here imports numpy or TensorFlow except ``get`` (which loads vectors).
@@ -99,7 +100,8 @@ class _IndexedHeader(ConceptHeader):
 class NameTakenError(CollisionError):
     """The library already holds a concept with this name (``.name``)."""
 
-    def __init__(self, name: str, fix: str = "choose another name (--name) or remove it first"):
+    def __init__(self, name: str, fix: str | None = None):
+        fix = fix or "choose another name (--name) or remove it first"
         super().__init__(f"a concept named {name!r} already exists; {fix}")
         self.name = name
 
@@ -107,7 +109,8 @@ class NameTakenError(CollisionError):
 class TokenTakenError(CollisionError):
     """Another concept (``.owner``) already uses this token (``.token``)."""
 
-    def __init__(self, token: str, owner: str, fix: str = "choose another token (--token)"):
+    def __init__(self, token: str, owner: str, fix: str | None = None):
+        fix = fix or "choose another token (--token)"
         super().__init__(f"token {token!r} is already used by concept {owner!r}; {fix}")
         self.token = token
         self.owner = owner
@@ -348,10 +351,10 @@ class ConceptLibrary:
         validate_name(name)
         validate_token(token)
         if name != replacing and (self.concepts_dir / f"{name}{SUFFIX}").exists():
-            raise NameTakenError(name, name_fix) if name_fix else NameTakenError(name)
+            raise NameTakenError(name, name_fix)
         owner = self.find_token(token)
         if owner is not None and owner.name != replacing:
-            raise TokenTakenError(token, owner.name, token_fix) if token_fix else TokenTakenError(token, owner.name)
+            raise TokenTakenError(token, owner.name, token_fix)
 
     def _remove_stale_temp_files(self) -> None:
         # Called on taking the lock: no other process is writing now, so temp files are

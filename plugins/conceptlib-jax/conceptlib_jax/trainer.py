@@ -548,10 +548,7 @@ class JaxTrainer:
                 moments = jax.jit(moments_fn)
 
             def compile_step():
-                started = time.perf_counter()
-                result = step.lower(carry, state, shapes, base_key).compile()
-                timings["compile_seconds"] = time.perf_counter() - started + timings["start"]
-                return result
+                return _timed_compile(step, (carry, state, shapes, base_key), timings)
 
             timings["step_ready"] = time.perf_counter()  # traced and exported, or read from the cache
             if self.report["step_cache"] != "hit":  # a hit said so when it read the weights
@@ -726,10 +723,16 @@ def _compile_exported(exported, sharding, timings):
     the default device): the same program, so the same executable, as from the real arrays."""
     import jax
 
-    started = time.perf_counter()
     specs = [jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sharding) for aval in exported.in_avals]
     args, kwargs = jax.tree.unflatten(exported.in_tree, specs)
-    compiled = jax.jit(exported.call, donate_argnums=(0,)).lower(*args, **kwargs).compile()
+    return _timed_compile(jax.jit(exported.call, donate_argnums=(0,)), args, timings, **kwargs)
+
+
+def _timed_compile(jitted, args, timings, **kwargs):
+    """``jitted`` compiled for ``args``; its duration goes to ``timings["compile_seconds"]``
+    (stored relative to ``timings["start"]``, as every other phase is)."""
+    started = time.perf_counter()
+    compiled = jitted.lower(*args, **kwargs).compile()
     timings["compile_seconds"] = time.perf_counter() - started + timings["start"]
     return compiled
 

@@ -140,8 +140,14 @@ def test_a_second_jax_run_uses_the_step_cache_without_keras_cv(run, resumed):
     cli_report = json.loads((run["root"] / "trainer-report-home.json").read_text())
     assert cli_report["step_cache"] == "stored"
     assert cli_report["flash_layers"] == 0 and cli_report["patched_convs"] > 0  # traced on CPU
+    # The traced run's sampler was compiled in the background after step 1, for exactly the
+    # previews' shapes: the step-2 and final previews reused it.
+    assert cli_report["preview_warmup"] == "sampler" and cli_report["sampler_traces"] == 1
     assert resumed["report"]["trainer"]["step_cache"] == "hit"
-    assert resumed["report"]["trainer"]["preview_models"] == "built in the background"
+    # Built in the background while the device trained, and the sampler compiled there: the
+    # previews then ran it without tracing again.
+    assert resumed["report"]["trainer"]["preview_warmup"] == "models and sampler"
+    assert resumed["report"]["trainer"]["sampler_traces"] == 1
     assert resumed["report"]["previews"] == ["step-0000002.png"]
     folder = run["root"] / "jax-cache" / "conceptlib-steps"
     (entry,) = folder.iterdir()

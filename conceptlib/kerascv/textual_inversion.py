@@ -23,6 +23,7 @@ Nothing here imports keras at module import time; the backend must be chosen fir
 from __future__ import annotations
 
 import math
+import threading
 
 VAE_SCALE = 0.18215
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -181,6 +182,10 @@ class TextualInversion:
             )
         self.scheduler = make_noise_scheduler()
         self._sampler = None  # (key, compiled denoise + decode): see _compiled_sampler
+        self.sampler_traces = 0  # how often the sampler was traced (each trace compiles)
+        # One sampler call at a time: a preview waits for a background warm-up's compile and
+        # reuses it instead of compiling the same function a second time.
+        self._sampler_lock = threading.Lock()
 
     def new_ids(self, num_vectors: int) -> list[int]:
         """The ids the concept's vectors take in the extended table."""
@@ -302,8 +307,9 @@ class TextualInversion:
             coefficients,
             np.float32(guidance),
         )
-        # Tensors, so tf.function traces once per shape rather than once per value.
-        decoded = self._compiled_sampler()(*(ops.convert_to_tensor(a) for a in args))
+        with self._sampler_lock:
+            # Tensors, so tf.function traces once per shape rather than once per value.
+            decoded = self._compiled_sampler()(*(ops.convert_to_tensor(a) for a in args))
         return np.asarray(ops.convert_to_numpy(decoded), dtype=np.float32)
 
     def _sample_state(self) -> dict:
@@ -367,6 +373,7 @@ class TextualInversion:
         """
         from keras import ops
 
+        self.sampler_traces += 1  # runs while jax.jit / tf.function trace, not per call
         batch = int(token_ids.shape[0])
         context = self.encode_text(new_rows, state, token_ids)
         uncond = ops.repeat(self.encode_text(new_rows, state, unconditional), batch, axis=0)

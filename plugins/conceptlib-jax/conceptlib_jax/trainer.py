@@ -18,7 +18,9 @@ how the work is laid out for a GPU (see ``conceptlib_jax.step``):
   it next to the compilation cache; later runs read the weights straight from the files and
   never build (or import) keras-cv's models, unless they render previews: then the models are
   built in a background thread once the first step runs. The new vectors are padded to a power
-  of two of rows (``vector_rows``), so 3 and 4 vectors share a step.
+  of two of rows (``vector_rows``), so 3 and 4 vectors share a step;
+- previews: once the first step runs, a background thread compiles the preview sampler for the
+  run's preview shapes (``ready_for_previews``), so the first preview does not pause training.
 
 Options come from the constructor or, for ``conceptlib train --trainer jax``, from environment
 variables: CONCEPTLIB_JAX_PRECISION (bf16|fp32|auto), CONCEPTLIB_JAX_FLASH (on|off|auto),
@@ -588,7 +590,13 @@ class JaxTrainer:
             job.checkpoint_fn = current
 
             def preview(token_ids, noise):
-                return get_models(decoder=True).sample(carry[0][:num_vectors], token_ids, noise, num_steps=config.preview_steps)
+                started = time.perf_counter()
+                images = get_models(decoder=True).sample(
+                    carry[0][:num_vectors], token_ids, noise, num_steps=config.preview_steps
+                )
+                # How long training paused for it (waiting for the warm-up included).
+                self.report.setdefault("preview_seconds", []).append(round(time.perf_counter() - started, 3))
+                return images
 
             if job.wants_previews:
                 job.preview_fn = preview
@@ -600,6 +608,7 @@ class JaxTrainer:
             # Report a step's loss only after the next step is queued (the device never waits
             # for the host), except where a checkpoint/preview must see that step's vectors.
             pending = None
+            warming_previews = False
             index = job.start_step
             per_call = self.steps_per_call
             single = None
@@ -610,14 +619,20 @@ class JaxTrainer:
                         single = jax.jit(step_for(1), donate_argnums=(0,))
                     fn = single
                 carry, losses = fn(carry, state, data_tree, base_key)
-                if job.wants_previews and not models:
-                    # A step-cache hit has no models, and previews need them: build them on the
-                    # host while the device trains rather than pausing at the first preview.
+                if job.wants_previews and not warming_previews:
+                    # Previews need the models (a step-cache hit has none) and a compiled sampler
+                    # (~25-40 s on a GPU): get both on the host while the device trains, rather
+                    # than pausing at the first preview. The slice is a new array, read before
+                    # the next step donates the carry.
+                    warming_previews = True
+                    self.report["preview_warmup"] = "sampler" if "ti" in models else "models and sampler"
                     models["building"] = InBackground(
-                        build_models, config.base_model, config.resolution, job.weights,
-                        precision=precision, decoder=True, distribution=distribution,
+                        ready_for_previews, models.get("ti"), carry[0][:num_vectors], job,
+                        lambda: build_models(
+                            config.base_model, config.resolution, job.weights,
+                            precision=precision, decoder=True, distribution=distribution,
+                        ),
                     )
-                    self.report["preview_models"] = "built in the background"
                 if pending is not None:
                     self._report(job, *pending)
                 pending = (index, losses)
@@ -631,6 +646,8 @@ class JaxTrainer:
             if pending is not None:
                 self._report(job, *pending)
             final_preview = job.final_preview(preview)
+            if "ti" in models:
+                self.report["sampler_traces"] = models["ti"].sampler_traces
         finally:
             for patch in patches:
                 patch.restore()
@@ -735,6 +752,16 @@ def _timed_compile(jitted, args, timings, **kwargs):
     compiled = jitted.lower(*args, **kwargs).compile()
     timings["compile_seconds"] = time.perf_counter() - started + timings["start"]
     return compiled
+
+
+def ready_for_previews(ti, rows, job, build):
+    """``ti`` (or ``build()``'s models when ``ti`` has no decoder) once its sampler has rendered
+    one preview of ``rows``, discarded: compiled for the run's preview shapes, so the first real
+    preview only runs it. Meant for a background thread while the device trains."""
+    if ti is None or ti.decoder is None:
+        ti = build()
+    ti.sample(rows, *job.preview_inputs(), num_steps=job.config.preview_steps)
+    return ti
 
 
 class InBackground:

@@ -80,6 +80,8 @@ PRESETS = {
     "xcudnnln": {"XLA_FLAGS": "--xla_gpu_enable_cudnn_layer_norm=true"},
     "xconvfus": {"XLA_FLAGS": "--xla_gpu_experimental_enable_conv_fusion=true"},
     "xcudnngemm": {"XLA_FLAGS": "--xla_gpu_cudnn_gemm_fusion_level=2"},
+    # cuBLASLt GEMMs, which take bias adds (and GELU) into their epilogue.
+    "xcublaslt": {"XLA_FLAGS": "--xla_gpu_enable_cublaslt=true"},
     # The allocator may use 8 GiB of the 80 GB card: batch 1 at 512 px must run under it.
     "mem8g": {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
     "noprealloc": {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
@@ -303,7 +305,9 @@ def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
         # the jax trainer's cache of exported steps: "stored" (this run traced and exported the
         # step), "hit" (no keras-cv models built), "off", or why it was not exported
         "step_cache": trainer_report.get("step_cache"),
-        "preview_models": trainer_report.get("preview_models"),  # a hit with previews builds them in the background
+        "preview_warmup": trainer_report.get("preview_warmup"),  # built / compiled in the background
+        "sampler_traces": trainer_report.get("sampler_traces"),
+        "preview_seconds": trainer_report.get("preview_seconds"),  # the pause for each preview
         **rate,
         "compilation_cache": env.get("CONCEPTLIB_JAX_CACHE", "default (user cache dir)"),
         "stderr_tail": tail[-6:] if proc.returncode else tail[-2:],

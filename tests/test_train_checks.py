@@ -160,6 +160,15 @@ def test_devices_is_for_the_jax_trainer_and_takes_all_or_a_count(home, images):
              "--devices 2: the batch of 3 does not split over 2 devices; use a --batch-size that is a multiple of 2", 2)
 
 
+def test_devices_is_checked_against_the_jax_batch_size_override(home, images, monkeypatch):
+    """$CONCEPTLIB_JAX_BATCH_SIZE replaces --batch-size in the jax trainer, so --devices is checked
+    against it, before any run folder exists."""
+    monkeypatch.setenv("CONCEPTLIB_JAX_BATCH_SIZE", "3")
+    _refused(home, [str(images), "--name", "new", "--trainer", "jax", "--devices", "2", "--batch-size", "4"],
+             "--devices 2: the batch of 3 does not split over 2 devices; "
+             "use a $CONCEPTLIB_JAX_BATCH_SIZE that is a multiple of 2", 2)
+
+
 def test_devices_reaches_the_jax_trainer(home, images, monkeypatch):
     import os
     import types

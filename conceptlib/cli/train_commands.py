@@ -114,17 +114,21 @@ def _resumed_settings(resume: str) -> dict:
 
 
 def _use_devices(devices: str, trainer: str, batch_size: int) -> None:
+    import os
+
     if trainer != "jax":
         raise UsageError(f"--devices {devices}: only the jax trainer spreads over devices; add --trainer jax")
     if devices != "all" and not (devices.isdigit() and int(devices) > 0):
         raise UsageError(f"--devices {devices!r}: use 'all' or a positive number of devices, e.g. --devices 2")
+    override = os.environ.get("CONCEPTLIB_JAX_BATCH_SIZE", "").strip()
+    source = "--batch-size"
+    if override.isdigit():  # the jax trainer's override of --batch-size ("auto" fits the devices)
+        batch_size, source = int(override), "$CONCEPTLIB_JAX_BATCH_SIZE"
     if devices != "all" and batch_size % int(devices):
         raise UsageError(
             f"--devices {devices}: the batch of {batch_size} does not split over {devices} devices; "
-            f"use a --batch-size that is a multiple of {devices}"
+            f"use a {source} that is a multiple of {devices}"
         )
-    import os
-
     os.environ["CONCEPTLIB_JAX_DEVICES"] = devices  # read by the jax trainer when it starts
 
 

@@ -374,13 +374,13 @@ def _refuse_long(path: Path, stem_name: str | None, derived_token: str, *, token
     if not name and stem_name and len(stem_name) > _MAX_LENGTH:
         options.append("--name")
     if options:
+        fix = f"import it alone with {' and '.join(options)} to choose shorter ones"
         if len(path.stem) > _MAX_LENGTH:
-            source = f"the file name {path.stem[:24]!r}..."
+            source, fix = f"the file name {path.stem[:24]!r}...", f"rename the file, or {fix}"
         else:
             source = f"{(derived_token if '--token' in options else stem_name)[:24]!r}..., taken from inside the file,"
         raise ConceptFileError(
-            f"{path}: {source} has more than {_MAX_LENGTH} characters, the most a token or name may have; "
-            f"pass {' and '.join(options)} to choose shorter ones (or rename the file)"
+            f"{path}: {source} has more than {_MAX_LENGTH} characters, the most a token or name may have; {fix}"
         )
 
 

@@ -622,12 +622,13 @@ class JaxTrainer:
                 if job.wants_previews and not warming_previews:
                     # Previews need the models (a step-cache hit has none) and a compiled sampler
                     # (~25-40 s on a GPU): get both on the host while the device trains, rather
-                    # than pausing at the first preview. The slice is a new array, read before
-                    # the next step donates the carry.
+                    # than pausing at the first preview. It renders a copy of the vectors, made
+                    # before the next step donates the carry (a slice of all the rows would be the
+                    # carry's own buffer).
                     warming_previews = True
                     self.report["preview_warmup"] = "sampler" if "ti" in models else "models and sampler"
                     models["building"] = InBackground(
-                        ready_for_previews, models.get("ti"), carry[0][:num_vectors], job,
+                        ready_for_previews, models.get("ti"), jax.numpy.array(carry[0][:num_vectors], copy=True), job,
                         lambda: build_models(
                             config.base_model, config.resolution, job.weights,
                             precision=precision, decoder=True, distribution=distribution,

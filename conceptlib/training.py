@@ -200,8 +200,8 @@ class RunDirectory:
             return json.loads(self.config_path.read_text())
         except FileNotFoundError:
             raise TrainingError(
-                f"{self.path} is not a training run folder (no config.json); give the run folder "
-                "that `conceptlib train` printed when it started"
+                f"{self.path} is not a training run folder (no config.json); give a run folder or a run "
+                "name from `conceptlib runs`"
             ) from None
         except ValueError as exc:
             raise TrainingError(f"{self.config_path}: corrupt ({exc}); start a new run") from None
@@ -246,6 +246,49 @@ class RunDirectory:
                 )
         except (OSError, ValueError, KeyError) as exc:
             raise TrainingError(f"{path}: unreadable checkpoint ({exc}); delete it to resume from an earlier one") from None
+
+
+def find_run(resume: str | Path, library) -> RunDirectory:
+    """The run folder ``resume`` names: a path, or the name of a folder in ``library.runs_dir``
+    (as `conceptlib runs` lists them)."""
+    path = Path(resume).expanduser()
+    if not path.exists() and len(path.parts) == 1 and (Path(library.runs_dir) / path).is_dir():
+        path = Path(library.runs_dir) / path
+    return RunDirectory(path)
+
+
+def run_summary(run: RunDirectory) -> dict:
+    """What `conceptlib runs` shows of one run folder, read without loading a checkpoint:
+    ``status`` is "finished" (its concept was added), "stopped" (``step`` of ``steps`` done at its
+    latest checkpoint; resumable), "no checkpoint" (stopped or still running before its first
+    checkpoint) or "unreadable" (its config.json; ``error`` says why)."""
+    summary: dict = {"run": run.path.name, "path": str(run.path)}
+    try:
+        config = run.read()["config"]
+    except (TrainingError, KeyError, TypeError) as exc:
+        return dict(summary, status="unreadable", error=str(exc))
+    summary.update(
+        name=config.get("name"), token=config.get("token"), trainer=config.get("trainer"),
+        steps=config.get("steps"), started=_dt.datetime.fromtimestamp(run.config_path.stat().st_mtime).isoformat(timespec="seconds"),
+        previews=len(list(run.previews.glob("*.png"))) if run.previews.is_dir() else 0,
+    )
+    latest = run.latest_checkpoint()
+    if run.concept_path.exists():
+        summary.update(status="finished", step=config.get("steps"))
+    elif latest is not None:
+        summary.update(status="stopped", step=int(latest.stem.split("-")[-1]))
+    else:
+        summary.update(status="no checkpoint", step=0)
+    return summary
+
+
+def run_summaries(library) -> list[dict]:
+    """``run_summary`` of every run folder in ``library.runs_dir``, oldest first."""
+    root = Path(library.runs_dir)
+    folders = [RunDirectory(p) for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    folders = [run for run in folders if run.config_path.exists()]
+    folders.sort(key=lambda run: (run.config_path.stat().st_mtime, run.path.name))
+    return [run_summary(run) for run in folders]
 
 
 class Progress:
@@ -548,7 +591,7 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
     if resume is None and config is None:
         raise UsageError("nothing to train: give a TrainingConfig or a run folder to resume")
     if resume is not None:
-        run_dir = RunDirectory(resume)
+        run_dir = find_run(resume, library)
         saved = run_dir.read()
         config = TrainingConfig.from_dict(saved["config"])
         config.run_dir = str(run_dir.path)

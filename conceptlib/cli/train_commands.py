@@ -1,4 +1,4 @@
-"""`conceptlib train`, `conceptlib plugins`, `conceptlib templates` (issue 4).
+"""`conceptlib train`, `conceptlib runs`, `conceptlib plugins`, `conceptlib templates` (issue 4).
 
 `train` picks the trainer plugin first and sets KERAS_BACKEND from it before anything imports
 keras; every check (images, name/token, vocabulary, init words, template pack, weights) runs
@@ -57,8 +57,9 @@ def _split_words(values) -> list[str]:
               help="Steps between preview grids written to the run folder (0: none).")
 @click.option("--preview-steps", type=int, default=10, show_default=True, help="Denoising steps per preview.")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=str), help="Run folder (default: in the library's runs/).")
-@click.option("--resume", type=click.Path(file_okay=False, path_type=str), metavar="RUN_DIR",
-              help="Continue an interrupted run from its last checkpoint; the run's own settings are used and "
+@click.option("--resume", type=click.Path(file_okay=False, path_type=str), metavar="RUN",
+              help="Continue an interrupted run (its folder, or its name in `conceptlib runs`) from its last "
+              "checkpoint; the run's own settings are used and "
               "IMAGES and the other options are ignored (except --devices and -q).")
 @click.option("--devices", metavar="all|N",
               help="jax trainer only: train data-parallel on all local GPUs (the default; fewer if the batch size "
@@ -77,7 +78,7 @@ def train(images, name, token, init, weights, base_model, trainer, template, res
 
     if resume is None:
         if not images:
-            raise UsageError("missing IMAGES: give the folder holding the training pictures (or --resume RUN_DIR)")
+            raise UsageError("missing IMAGES: give the folder holding the training pictures (or --resume RUN)")
         if not name and not token:
             raise UsageError("give --name and/or --token, e.g. --name cat-doll --token '<cat-doll>'")
         token = token or f"<{name}>"
@@ -107,10 +108,11 @@ def train(images, name, token, init, weights, base_model, trainer, template, res
 
 
 def _resumed_settings(resume: str) -> dict:
-    """The settings of the run in folder ``resume`` (its trainer and batch size decide --devices)."""
-    from conceptlib.training import RunDirectory
+    """The settings of run ``resume`` (its trainer and batch size decide --devices)."""
+    from conceptlib.library import ConceptLibrary
+    from conceptlib.training import find_run
 
-    return RunDirectory(resume).read()["config"]
+    return find_run(resume, ConceptLibrary()).read()["config"]
 
 
 def _use_devices(devices: str, trainer: str, batch_size: int) -> None:
@@ -130,6 +132,39 @@ def _use_devices(devices: str, trainer: str, batch_size: int) -> None:
             f"use a {source} that is a multiple of {devices}"
         )
     os.environ["CONCEPTLIB_JAX_DEVICES"] = devices  # read by the jax trainer when it starts
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def runs(as_json):
+    """List the training runs in the library's runs folder, oldest first: finished, or where an
+    interrupted one stopped and how to resume it (runs given --run-dir elsewhere are not listed)."""
+    from conceptlib.library import ConceptLibrary
+    from conceptlib.training import run_summaries
+
+    library = ConceptLibrary()
+    summaries = run_summaries(library)
+    if as_json:
+        click.echo(json.dumps(summaries, indent=2))
+        return
+    if not summaries:
+        click.echo(f"No training runs in {library.runs_dir}")
+        return
+    for run in summaries:
+        click.echo(_run_line(run))
+
+
+def _run_line(run: dict) -> str:
+    if run["status"] == "unreadable":
+        return f"{run['run']}  unreadable: {run['error']}"
+    what = f"{run['run']}  {run['name']} ({run['token']}), {run['trainer']}, started {run['started']}"
+    previews = f", {run['previews']} preview(s)" if run["previews"] else ""
+    if run["status"] == "finished":
+        return f"{what}: finished, {run['steps']} steps{previews}"
+    resume = f"conceptlib train --resume {run['run']}"
+    if run["status"] == "stopped":
+        return f"{what}: stopped at step {run['step']}/{run['steps']}{previews}; continue with {resume}"
+    return f"{what}: no checkpoint yet (still running, or stopped before its first); {resume} starts it over"
 
 
 @main.command()

@@ -1,0 +1,127 @@
+"""`conceptlib runs` lists the library's training runs (finished, stopped with where to resume,
+not checkpointed yet, unreadable) without importing TensorFlow, and `train --resume` takes a run's
+name from that list as well as its folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conceptlib.cli import main
+from conceptlib.concept import Concept
+from conceptlib.files import write_concept
+from conceptlib.library import ConceptLibrary
+from conceptlib.training import Checkpoint, RunDirectory, TrainingConfig
+
+
+@pytest.fixture
+def library(tmp_path, monkeypatch):
+    """A library whose runs folder holds four runs, oldest first: finished (with a preview),
+    stopped at step 20 of 100, started without a checkpoint, and one with a corrupt config."""
+    root = tmp_path / "home"
+    monkeypatch.setenv("CONCEPTLIB_HOME", str(root))
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    library = ConceptLibrary(root)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(images / f"p{index}.png")
+    vectors = rng.standard_normal((1, 768)).astype(np.float32)
+
+    def run(folder, name, steps, checkpoints=(), **extra):
+        path = RunDirectory(library.runs_dir / folder)
+        config = TrainingConfig(images=str(images), name=name, token=f"<{name}>", weights="random", steps=steps)
+        path.create(config, extra)
+        for step in checkpoints:
+            path.save_checkpoint(Checkpoint(step, vectors, [np.int64(step), vectors], [1.0] * step))
+        return path
+
+    done = run("done-20261127-010000-11", "done", 5, [5])
+    write_concept(Concept("done", "<done>", vectors), done.concept_path)
+    done.previews.mkdir()
+    Image.new("RGB", (8, 8)).save(done.previews / "step-0000005.png")
+    run("ink-20261127-020000-12", "ink", 100, [10, 20], image_sha256=["not these images"])
+    run("fresh-20261127-030000-13", "fresh", 50)
+    broken = library.runs_dir / "broken-20261127-040000-14"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text("{not json")
+    (library.runs_dir / "not-a-run").mkdir()  # no config.json: not listed
+    for age, folder in enumerate(["done-20261127-010000-11", "ink-20261127-020000-12",
+                                  "fresh-20261127-030000-13", "broken-20261127-040000-14"]):
+        os.utime(library.runs_dir / folder / "config.json", (1_800_000_000 + age, 1_800_000_000 + age))
+    return library
+
+
+def test_runs_lists_each_run_and_how_to_continue_it(library):
+    result = CliRunner().invoke(main, ["runs"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 4
+    assert lines[0].startswith("done-20261127-010000-11  done (<done>), tensorflow, started ")
+    assert lines[0].endswith(": finished, 5 steps, 1 preview(s)")
+    assert lines[1].endswith(": stopped at step 20/100; continue with conceptlib train --resume ink-20261127-020000-12")
+    assert "fresh-20261127-030000-13  fresh (<fresh>)" in lines[2]
+    assert lines[2].endswith(": no checkpoint yet (still running, or stopped before its first); "
+                             "conceptlib train --resume fresh-20261127-030000-13 starts it over")
+    assert lines[3].startswith("broken-20261127-040000-14  unreadable: ")
+    assert "corrupt" in lines[3]
+
+
+def test_runs_json(library):
+    result = CliRunner().invoke(main, ["runs", "--json"])
+    assert result.exit_code == 0, result.output
+    runs = json.loads(result.output)
+    assert [(r["run"], r["status"], r.get("step")) for r in runs] == [
+        ("done-20261127-010000-11", "finished", 5),
+        ("ink-20261127-020000-12", "stopped", 20),
+        ("fresh-20261127-030000-13", "no checkpoint", 0),
+        ("broken-20261127-040000-14", "unreadable", None),
+    ]
+    assert runs[1]["steps"] == 100 and runs[1]["token"] == "<ink>" and runs[1]["previews"] == 0
+    assert runs[1]["path"] == str(library.runs_dir / "ink-20261127-020000-12")
+
+
+def test_runs_in_an_empty_library(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONCEPTLIB_HOME", str(tmp_path / "empty"))
+    result = CliRunner().invoke(main, ["runs"])
+    assert result.exit_code == 0
+    assert result.output == f"No training runs in {tmp_path / 'empty' / 'runs'}\n"
+
+
+def test_resume_takes_a_run_name_from_the_list(library):
+    """The name reaches the run folder: the finished run and the stopped one (whose images are
+    not the ones it started with) are refused for what they are, not as unknown folders."""
+    runner = CliRunner()
+    done = runner.invoke(main, ["train", "--resume", "done-20261127-010000-11"])
+    assert done.exit_code == 1
+    assert done.output == (f"Error: run {library.runs_dir / 'done-20261127-010000-11'} already finished "
+                           "(concept.safetensors exists); nothing to resume\n")
+    ink = runner.invoke(main, ["train", "--resume", "ink-20261127-020000-12"])
+    assert ink.exit_code == 1 and "changed since run" in ink.output and ink.output.count("\n") == 1
+    unknown = runner.invoke(main, ["train", "--resume", "no-such-run"])
+    assert unknown.exit_code == 1
+    assert unknown.output == ("Error: no-such-run is not a training run folder (no config.json); "
+                              "give a run folder or a run name from `conceptlib runs`\n")
+
+
+def test_runs_reads_no_model_library(library):
+    """A real process: `conceptlib runs` imports neither TensorFlow, Keras, JAX nor numpy."""
+    probe = (
+        "import sys\nfrom conceptlib.cli import main\n"
+        "try:\n    main(['runs'])\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "heavy = [m for m in ('tensorflow', 'keras', 'keras_cv', 'jax', 'numpy') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    env = dict(os.environ, CONCEPTLIB_HOME=str(library.root))
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "HEAVY []"
+    assert "stopped at step 20/100" in result.stdout

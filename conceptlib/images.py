@@ -40,7 +40,12 @@ def find_images(source: str | Path) -> list[TrainingImage]:
     if source.is_file():
         paths = [source]
     elif source.is_dir():
-        paths = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
+        # Hidden files are not pictures of the concept: macOS leaves "._photo.jpg" metadata files
+        # beside copied photos, and they carry the photo's extension.
+        paths = sorted(
+            p for p in source.iterdir()
+            if p.is_file() and p.suffix.lower() in EXTENSIONS and not p.name.startswith(".")
+        )
         if not paths:
             raise TrainingError(
                 f"no images in {source}: put a few .png/.jpg/.webp pictures of the concept there"
@@ -53,7 +58,9 @@ def find_images(source: str | Path) -> list[TrainingImage]:
             data = path.read_bytes()
             with Image.open(path) as image:
                 image.load()
-                width, height = image.size
+                width, height = upright_size(image)
+        except Image.DecompressionBombError as exc:
+            raise TrainingError(f"{path}: {exc}; downscale it") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             raise TrainingError(
                 f"{path}: cannot read this image ({type(exc).__name__}); replace or remove it"
@@ -66,20 +73,32 @@ def find_images(source: str | Path) -> list[TrainingImage]:
         caption_path = path.with_suffix(".txt")
         caption = None
         if caption_path.is_file():
-            caption = " ".join(caption_path.read_text(encoding="utf-8").split()) or None
+            try:
+                caption = " ".join(caption_path.read_text(encoding="utf-8").split()) or None
+            except UnicodeDecodeError as exc:
+                raise TrainingError(
+                    f"{caption_path}: the caption is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+                ) from None
         images.append(
             TrainingImage(path, width, height, hashlib.sha256(data).hexdigest(), caption)
         )
     return images
 
 
+def upright_size(image) -> tuple[int, int]:
+    """(width, height) of ``image`` as viewers show it: its EXIF orientation applied."""
+    orientation = image.getexif().get(0x0112, 1)  # 5-8: rotated by 90 or 270 degrees
+    return (image.height, image.width) if orientation in (5, 6, 7, 8) else image.size
+
+
 def load_rgb(path: Path, short_side: int):
-    """The image as a uint8 (H, W, 3) array resized so its short side is ``short_side``."""
+    """The image, upright as viewers show it (EXIF orientation applied: phone photos are often
+    stored sideways), as a uint8 (H, W, 3) array resized so its short side is ``short_side``."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image = ImageOps.exif_transpose(image).convert("RGB")
         scale = short_side / min(image.size)
         size = (max(short_side, round(image.width * scale)), max(short_side, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BICUBIC)

@@ -81,6 +81,22 @@ def test_tiny_image(home, images):
     assert "tiny.png" in line
 
 
+def test_caption_that_is_not_utf8(home, images):
+    (images / "p0.txt").write_bytes("un chat sur une chaise ros\xe9e".encode("latin-1"))
+    line = _refused(home, [str(images), "--name", "new", "--weights", "random"], "the caption is not UTF-8 text")
+    assert "p0.txt" in line and "save it as UTF-8" in line
+
+
+def test_image_over_pillows_pixel_limit(home, images, monkeypatch):
+    """Pillow refuses images of more than twice MAX_IMAGE_PIXELS (a 200-megapixel phone photo):
+    one line, not a traceback. The limit is lowered here rather than writing such a file."""
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
+    line = _refused(home, [str(images), "--name", "new", "--weights", "random"], "p0.png: Image size (7680 pixels)")
+    assert line.endswith("; downscale it")
+
+
 def test_name_already_in_library(home, images):
     _refused(home, [str(images), "--name", "taken", "--token", "<fresh>"], "taken")
 

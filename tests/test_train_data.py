@@ -89,6 +89,34 @@ def test_captions_are_read_beside_images(job):
     assert all(len(image.sha256) == 64 for image in job.images)
 
 
+def test_hidden_files_are_not_training_images(tmp_path):
+    """macOS leaves "._name.jpg" metadata files beside copied photos: skipped, not "unreadable"."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (80, 80), (200, 10, 10)).save(folder / "cat.jpg")
+    (folder / "._cat.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    assert [image.path.name for image in find_images(folder)] == ["cat.jpg"]
+
+
+def test_phone_photos_are_used_upright(tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view), as
+    phones write them: its size and pixels are those of the upright picture."""
+    from conceptlib.images import load_rgb
+
+    stored = np.zeros((64, 128, 3), np.uint8)  # 128 wide, 64 high as stored
+    stored[:, :64] = (255, 0, 0)  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    (image,) = find_images(path)
+    assert (image.width, image.height) == (64, 128)
+    upright = load_rgb(path, 64)
+    assert upright.shape == (128, 64, 3)
+    # Rotated clockwise, the stored left half is now the top half.
+    assert upright[:48, :, 0].mean() > 200 and upright[80:, :, 0].mean() < 50
+
+
 def test_batches_are_a_pure_function_of_seed_and_step(job):
     first = job.batch(4)
     again = job.batch(4)

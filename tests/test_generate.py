@@ -118,3 +118,18 @@ def _init_and_generate(cli, env, home, weights):
             assert '"concepts": ["cat-doll"]' in image.text["conceptlib"]
     with Image.open(paths[2]) as sheet:
         assert sheet.size[0] > 64 and sheet.size[1] == 64
+
+    # On the JAX backend (what generate uses on a GPU) the compiled functions go to the persistent
+    # compilation cache, so the next generate does not compile them again.
+    cache = home / "jax-cache"
+    jax_env = dict(env, KERAS_BACKEND="jax", CONCEPTLIB_JAX_CACHE=str(cache))
+    result = subprocess.run(
+        cli + ["generate", "a <cat-doll>", "-n", "1", "--steps", "1", "--size", "64", "--seed", "7",
+               "--weights", str(weights), "--out", str(home / "out-jax")],
+        env=jax_env, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (path, _sheet) = result.stdout.strip().splitlines()
+    with Image.open(path) as image:
+        assert image.size == (64, 64)
+    assert any(cache.iterdir()), "generate on the JAX backend wrote nothing to the compilation cache"

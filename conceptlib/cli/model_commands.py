@@ -131,11 +131,13 @@ def generate_command(prompt, negative, num_images, steps, seed, size, guidance, 
         seed = secrets.randbelow(2**31)
         click.echo(f"Seed: {seed}", err=True)
 
-    from conceptlib.kerascv import ignore_one_pixel_attention_warning, set_default_backend
+    from conceptlib.kerascv import enable_jax_compilation_cache, ignore_one_pixel_attention_warning, set_default_backend
     from conceptlib.plugins import jax_gpu_available
 
     # The pinned TensorFlow is the CPU build: on a GPU only the JAX backend is fast.
-    set_default_backend("jax" if jax_gpu_available() else None)
+    if set_default_backend("jax" if jax_gpu_available() else None) == "jax":
+        # The same cache as the jax trainer's: a later generate skips the UNet's compile.
+        enable_jax_compilation_cache()
     ignore_one_pixel_attention_warning()
     from conceptlib.kerascv.apply import apply
     from conceptlib.kerascv.models import build_stable_diffusion

@@ -19,6 +19,26 @@ def set_default_backend(backend: str | None = None) -> str:
     return os.environ["KERAS_BACKEND"]
 
 
+def enable_jax_compilation_cache(path: str | None = None) -> str | None:
+    """Point JAX's persistent compilation cache at ``path`` (else ``$CONCEPTLIB_JAX_CACHE``, else
+    conceptlib's user cache folder), so the next process skips XLA compiles it already did (on a
+    GPU the UNet's take tens of seconds). Returns the folder, or None when the variable is "off".
+    Call it before the first compile; it imports jax."""
+    import jax
+
+    path = path or os.environ.get("CONCEPTLIB_JAX_CACHE")
+    if path and path.lower() == "off":
+        return None
+    if not path:
+        import platformdirs
+
+        path = str(platformdirs.user_cache_path("conceptlib") / "jax")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return path
+
+
 def ignore_one_pixel_attention_warning() -> None:
     """At 64 px the UNet's deepest attention sees one pixel, and Keras warns about a softmax over
     an axis of size 1 on every call: harmless (keras-cv's own numbers), but noise for users."""

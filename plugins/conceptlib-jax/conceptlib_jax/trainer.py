@@ -208,24 +208,6 @@ def apply_default_xla_flags() -> str:
     return flags
 
 
-def enable_compilation_cache(path=None) -> str | None:
-    """Point JAX's persistent compilation cache at ``path`` (default: conceptlib's user cache),
-    so a second run skips XLA compilation. Returns the folder, or None when disabled."""
-    import jax
-
-    path = path or os.environ.get("CONCEPTLIB_JAX_CACHE")
-    if path and path.lower() == "off":
-        return None
-    if not path:
-        import platformdirs
-
-        path = str(platformdirs.user_cache_path("conceptlib") / "jax")
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    return path
-
-
 class JaxTrainer:
     """The ``jax`` trainer (conceptlib.training.Trainer)."""
 
@@ -411,6 +393,7 @@ class JaxTrainer:
         import numpy as np
 
         from conceptlib.errors import TrainingError, WeightsError
+        from conceptlib.kerascv import enable_jax_compilation_cache
         from conceptlib.plugins import has_nvidia_gpu
         from conceptlib.training import TrainingResult
         from conceptlib_jax.exported import entry_key, read_weights
@@ -419,7 +402,7 @@ class JaxTrainer:
         timings = {"start": time.perf_counter()}
         config = job.config
         xla_flags = apply_default_xla_flags()
-        cache_dir = enable_compilation_cache(self.compilation_cache)
+        cache_dir = enable_jax_compilation_cache(self.compilation_cache)
         precision, flash, gpu = self._settings()
         if not gpu and has_nvidia_gpu():
             job.stage(

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
@@ -196,8 +197,9 @@ class RunDirectory:
         atomic_write_bytes(self.config_path, json.dumps(data, indent=2).encode())
 
     def read(self) -> dict:
+        """config.json: a dict whose "config" holds the run's settings (TrainingError if not)."""
         try:
-            return json.loads(self.config_path.read_text())
+            data = json.loads(self.config_path.read_text())
         except FileNotFoundError:
             raise TrainingError(
                 f"{self.path} is not a training run folder (no config.json); give a run folder or a run "
@@ -205,6 +207,19 @@ class RunDirectory:
             ) from None
         except ValueError as exc:
             raise TrainingError(f"{self.config_path}: corrupt ({exc}); start a new run") from None
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            raise TrainingError(f"{self.config_path}: corrupt (no \"config\" settings); start a new run")
+        return data
+
+    def read_config(self) -> TrainingConfig:
+        """The run's settings as a TrainingConfig (TrainingError if config.json lacks some)."""
+        settings = self.read()["config"]
+        required = [f.name for f in dataclasses.fields(TrainingConfig) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
+        missing = [key for key in required if key not in settings]
+        if missing:
+            raise TrainingError(f"{self.config_path}: corrupt (no {', '.join(missing)} in its settings); start a new run")
+        return TrainingConfig.from_dict(settings)
 
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:07d}.npz"
@@ -244,7 +259,7 @@ class RunDirectory:
                     optimizer=[data[f"optimizer_{i:04d}"].copy() for i in range(int(meta["optimizer"]))],
                     losses=[float(x) for x in meta["losses"]],
                 )
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             raise TrainingError(f"{path}: unreadable checkpoint ({exc}); delete it to resume from an earlier one") from None
 
 
@@ -386,6 +401,7 @@ class TrainingJob:
         self.checkpoint_fn = None  # () -> (vectors, [optimizer variable values]) after the step
         self.preview_fn = None  # (token_ids, latent_noise) -> uint8 (B, R, R, 3)
         self._last_preview: tuple[int, object] | None = None  # (step, images) step_done rendered
+        self._checkpoint: Checkpoint | None = None  # read and checked by prepare when resuming
 
     # --- data -------------------------------------------------------------------------------
 
@@ -459,7 +475,7 @@ class TrainingJob:
         """The latest checkpoint when resuming (sets ``start_step`` and the loss history)."""
         if not self.resume:
             return None
-        checkpoint = self.run_dir.load_checkpoint()
+        checkpoint = self._checkpoint or self.run_dir.load_checkpoint()
         if checkpoint is not None:
             self.start_step = checkpoint.step
             self.losses = list(checkpoint.losses)
@@ -580,7 +596,8 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
     """Check everything and set up the run folder; no model is built here.
 
     With ``resume`` the run's own config.json is used (``config`` is ignored), and the training
-    images must be unchanged.
+    images must be unchanged. The cheap checks (names, images, vocabulary, prompts, checkpoint)
+    come before the weights, which may be downloaded.
     """
     from conceptlib import plugins
     from conceptlib.images import find_images
@@ -593,7 +610,7 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
     if resume is not None:
         run_dir = find_run(resume, library)
         saved = run_dir.read()
-        config = TrainingConfig.from_dict(saved["config"])
+        config = run_dir.read_config()
         config.run_dir = str(run_dir.path)
         if run_dir.concept_path.exists():
             raise TrainingError(f"run {run_dir.path} already finished (concept.safetensors exists); nothing to resume")
@@ -601,22 +618,17 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
     trainer_cls = plugins.get_trainer(config.trainer)
     pack = plugins.get_template_pack(config.template)
     _ensure_backend(trainer_cls.backend)
-    library.check_available(config.name, config.token)
+    if resume is None:
+        library.check_available(config.name, config.token)
+        run_dir = _new_run_dir(config, library)
+    else:
+        _check_resumable(run_dir, config, library)
     images = find_images(config.images)
     hashes = [image.sha256 for image in images]
     if resume is not None and saved.get("image_sha256") and saved["image_sha256"] != hashes:
         raise TrainingError(
             f"the images in {config.images} changed since run {run_dir.path} started; restore them or start a new run"
         )
-    from conceptlib.weights import prefetch as prefetch_weights
-    from conceptlib.weights import resolve_weights
-
-    if config.weights == RANDOM_WEIGHTS:
-        weights = None  # randomly initialised in memory: benchmarks and smoke runs only
-    else:
-        parts = ["text_encoder", "diffusion_model", "image_encoder"] + (["decoder"] if config.preview_every else [])
-        weights = resolve_weights(config.base_model, config.weights, parts)
-        prefetch_weights(weights)
     # Pure Python, same ids as keras-cv's SimpleTokenizer: tokenizing prompts must not import
     # keras-cv (and TensorFlow) before the trainer needs it.
     from conceptlib.kerascv.tokenizer import make_clip_tokenizer
@@ -627,24 +639,106 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
             f"token {config.token!r} is already a word of the CLIP vocabulary; pick an unused one such as '<{config.name}>'"
         )
     init_ids = tokenize_init(tokenizer, config.init)
+    job = TrainingJob(config, trainer_cls, pack, images, tokenizer, init_ids, None, run_dir, library, resume is not None)
+    # Every prompt must fit: render each template/caption once now rather than fail mid-run.
+    for image in images:
+        for index in range(len(pack.caption_templates if image.caption else pack.templates)):
+            try:
+                job.prompt_ids(pack.render(index, config.token, image.caption))
+            except TrainingError as exc:
+                source = f"{image.path.with_suffix('.txt')}: " if image.caption else f"template pack {pack.name!r}: "
+                raise TrainingError(f"{source}{exc}") from None
+    if resume is not None:
+        job._checkpoint = _checked_checkpoint(run_dir, config)
+    job.weights = _weights(config)
     if resume is None:
         # Absolute paths, so `--resume` works from any working directory.
         config.images = str(Path(config.images).resolve())
         if config.weights not in (None, RANDOM_WEIGHTS):
             config.weights = str(Path(config.weights).expanduser().resolve())
-        run_dir = RunDirectory(Path(config.run_dir or default_run_dir(library, config.name)).resolve())
-        if run_dir.exists():
-            raise TrainingError(f"{run_dir.path} already holds a run; resume it with --resume {run_dir.path} or pick another --run-dir")
         config.run_dir = str(run_dir.path)
-    job = TrainingJob(config, trainer_cls, pack, images, tokenizer, init_ids, weights, run_dir, library, resume is not None)
-    # Every prompt must fit: render each template/caption once now rather than fail mid-run.
-    for image in images:
-        for index in range(len(pack.caption_templates if image.caption else pack.templates)):
-            job.prompt_ids(pack.render(index, config.token, image.caption))
-    if resume is None:
         extra = {"image_sha256": hashes, "init_ids": init_ids, "random_weights": job.random_weights}
-        run_dir.create(config, extra)
+        try:
+            run_dir.create(config, extra)
+        except OSError as exc:
+            raise TrainingError(
+                f"cannot create the run folder {run_dir.path} ({exc.strerror or exc}); pick another --run-dir"
+            ) from None
     return job
+
+
+def _new_run_dir(config: TrainingConfig, library) -> RunDirectory:
+    """The (not yet created) folder of a new run: --run-dir, or a new folder in the runs folder.
+    A folder in the library outside its runs folder is refused: the run's concept.safetensors
+    and checkpoints must never mix with the library's own files."""
+    given = config.run_dir
+    path = Path(given).expanduser().resolve() if given else default_run_dir(library, config.name).resolve()
+    root, runs = Path(library.root).expanduser().resolve(), Path(library.runs_dir).expanduser().resolve()
+    if (path == root or root in path.parents) and runs not in path.parents:
+        raise UsageError(
+            f"--run-dir {given} is inside the concept library {root}; give a folder outside it, "
+            f"a new folder in {runs}, or leave --run-dir out"
+        )
+    run_dir = RunDirectory(path)
+    if run_dir.exists():
+        raise TrainingError(f"{run_dir.path} already holds a run; resume it with --resume {run_dir.path} or pick another --run-dir")
+    return run_dir
+
+
+def _check_resumable(run_dir: RunDirectory, config: TrainingConfig, library) -> None:
+    """A resumed run's name, token, images and weights folder come from its config.json, not from
+    the command line: say how to fix each with that in mind (--name, IMAGES, --weights are ignored)."""
+    from conceptlib.library import NameTakenError, TokenTakenError
+
+    try:
+        library.check_available(config.name, config.token)
+    except NameTakenError as exc:
+        raise NameTakenError(
+            exc.name, f"run {run_dir.path} trains it; rename that concept (`conceptlib rename {exc.name} NEW`) "
+            "or remove it, then resume"
+        ) from None
+    except TokenTakenError as exc:
+        raise TokenTakenError(
+            exc.token, exc.owner, f"run {run_dir.path} trains it; give that concept another token "
+            f"(`conceptlib rename {exc.owner} {exc.owner} --token NEW`) or remove it, then resume"
+        ) from None
+    for key, path in (("images", config.images), ("weights", config.weights)):
+        if path not in (None, RANDOM_WEIGHTS) and not Path(path).exists():
+            raise TrainingError(
+                f"the {key} of run {run_dir.path} were in {path}, which does not exist here; put them back "
+                f"or set \"{key}\" in {run_dir.config_path} to where they are now"
+            )
+
+
+def _checked_checkpoint(run_dir: RunDirectory, config: TrainingConfig) -> Checkpoint | None:
+    """The checkpoint a resumed run continues from, read and checked now, before any model is built."""
+    from conceptlib.concept import DIMS
+
+    path = run_dir.latest_checkpoint()
+    checkpoint = run_dir.load_checkpoint(path)
+    if checkpoint is None:
+        return None
+    shape = tuple(getattr(checkpoint.vectors, "shape", ()))
+    expected = (config.num_vectors, DIMS[config.base_model])
+    if shape != expected or not 0 < checkpoint.step < config.steps:
+        raise TrainingError(
+            f"{path}: checkpoint of step {checkpoint.step} with vectors {shape} does not fit this run "
+            f"({config.steps} steps, vectors {expected}); delete it to resume from an earlier one"
+        )
+    return checkpoint
+
+
+def _weights(config: TrainingConfig):
+    """``resolve_weights`` for the run (None: random weights in memory)."""
+    from conceptlib.weights import prefetch as prefetch_weights
+    from conceptlib.weights import resolve_weights
+
+    if config.weights == RANDOM_WEIGHTS:
+        return None  # randomly initialised in memory: benchmarks and smoke runs only
+    parts = ["text_encoder", "diffusion_model", "image_encoder"] + (["decoder"] if config.preview_every else [])
+    weights = resolve_weights(config.base_model, config.weights, parts)
+    prefetch_weights(weights)
+    return weights
 
 
 def finish(job: TrainingJob, result: TrainingResult, *, trainer_version: str):

@@ -118,8 +118,17 @@ def test_unknown_template_pack(home, images):
 def test_bad_settings_are_usage_errors(home, images):
     _refused(home, [str(images), "--name", "new", "--resolution", "100"], "not a positive multiple of 64", 2)
     _refused(home, [str(images), "--name", "new", "--steps", "0"], "--steps 0 must be at least 1", 2)
-    _refused(home, [str(images), "--name", "Bad Name"], "invalid concept name", 1)
     _refused(home, [str(images)], "give --name and/or --token", 2)
+
+
+def test_invalid_name_or_token_is_a_usage_error_naming_the_option(home, images):
+    """As in `conceptlib import`: a --name/--token value that can never work is a wrong command
+    line (exit 2), and the line says which option, also when the token was made from --name."""
+    _refused(home, [str(images), "--name", "Bad Name"], "--name: invalid concept name 'Bad Name'", 2)
+    _refused(home, [str(images), "--token", "<Cat>"], "--token: invalid token '<Cat>'", 2)
+    long_name = "a" * 63  # a valid name, but '<' + name + '>' is longer than a token may be
+    line = _refused(home, [str(images), "--name", long_name], "--token (not given, so made from --name)", 2)
+    assert f"'<{long_name}>'" in line
 
 
 def test_missing_weights_folder(home, images, tmp_path):
@@ -139,7 +148,38 @@ def test_init_word_that_tokenizes_to_nothing(home, images):
 
 def test_caption_too_long_for_the_text_encoder(home, images):
     (images / "p0.txt").write_text(" ".join(["word"] * 80))
-    _refused(home, [str(images), "--name", "new", "--weights", "random"], "more than the text encoder's 77")
+    line = _refused(home, [str(images), "--name", "new", "--weights", "random"], "more than the text encoder's 77")
+    assert line.startswith(f"Error: {images / 'p0.txt'}: prompt 'a photo of a <new>, word word")  # which file to fix
+    assert "needs 88 tokens, 11 more than" in line  # start, 4 words, token, comma, 80 words, end
+
+
+def test_too_many_vectors_for_the_template_pack_says_by_how_much(home, images):
+    line = _refused(home, [str(images), "--name", "new", "--num-vectors", "72", "--template", "style", "--weights", "random"],
+                    "template pack 'style': prompt 'a painting in the style of <new>' needs 80 tokens, 3 more than")
+    assert "use fewer --num-vectors" in line
+
+
+def test_vocabulary_checks_come_before_the_weights(home, images, tmp_path):
+    """Weights may be a multi-GB download: a token, init word or prompt that can never work is
+    refused first."""
+    no_weights = ["--weights", str(tmp_path / "no-weights")]
+    _refused(home, [str(images), "--name", "new", "--token", "cat", *no_weights], "already a word of the CLIP vocabulary")
+    _refused(home, [str(images), "--name", "new", "--init", "&nbsp;", *no_weights], "tokenizes to nothing")
+    _refused(home, [str(images), "--name", "new", "--num-vectors", "75", *no_weights], "more than the text encoder's 77")
+
+
+def test_run_dir_inside_the_library_is_refused(home, images):
+    """A run folder in the library (outside its runs folder) would put the run's
+    concept.safetensors and checkpoints among the library's own files."""
+    for inside in (home.root, home.root / "concepts", home.root / "concepts" / "run", home.runs_dir):
+        _refused(home, [str(images), "--name", "new", "--weights", "random", "--run-dir", str(inside)],
+                 f"--run-dir {inside} is inside the concept library {home.root}; give a folder outside it", 2)
+
+
+def test_run_dir_that_cannot_be_created(home, images):
+    line = _refused(home, [str(images), "--name", "new", "--weights", "random", "--run-dir", str(images / "p0.png" / "run")],
+                    f"cannot create the run folder {images / 'p0.png' / 'run'} (Not a directory)")
+    assert line.endswith("; pick another --run-dir")
 
 
 def test_resume_refuses_non_runs_and_finished_runs(home, tmp_path):
@@ -235,3 +275,58 @@ def test_resume_with_devices_uses_the_runs_trainer_and_batch(home, images, tmp_p
     assert seen == {"devices": "2", "resume": jax_run}
     _refused(home, ["--resume", run_folder("jax", 3), "--devices", "2"], "the batch of 3 does not split", 2)
     _refused(home, ["--resume", run_folder("tensorflow", 4), "--devices", "2"], "only the jax trainer", 2)
+
+
+def _run(tmp_path, photos, folder="run", **settings):
+    """A run folder as `conceptlib train` leaves it before its first checkpoint."""
+    from conceptlib.images import find_images
+    from conceptlib.training import RunDirectory, TrainingConfig
+
+    run = RunDirectory(tmp_path / folder)
+    config = {"images": str(photos), "name": "again", "token": "<again>", "weights": "random", **settings}
+    run.create(TrainingConfig(**config), {"image_sha256": [image.sha256 for image in find_images(photos)]})
+    return run
+
+
+def test_resume_on_another_machine_says_how_to_point_the_run_at_its_files(home, images, tmp_path):
+    """IMAGES and --weights are ignored with --resume, so the fix named is the run's config.json."""
+    moved = _run(tmp_path, images, "moved", images=str(tmp_path / "old-photos"))
+    line = _refused(home, ["--resume", str(moved.path)], f"the images of run {moved.path} were in {tmp_path / 'old-photos'}")
+    assert line.endswith(f'put them back or set "images" in {moved.config_path} to where they are now')
+    no_weights = _run(tmp_path, images, "weights", weights=str(tmp_path / "old-weights"))
+    line = _refused(home, ["--resume", str(no_weights.path)], f"the weights of run {no_weights.path} were in")
+    assert "--weights" not in line and f'set "weights" in {no_weights.config_path}' in line
+
+
+def test_resume_when_the_library_took_the_runs_name_or_token(home, images, tmp_path):
+    """--name/--token are ignored with --resume: the fix is renaming the concept in the way."""
+    line = _refused(home, ["--resume", str(_run(tmp_path, images, "n", name="taken", token="<other>").path)],
+                    "a concept named 'taken' already exists; run ")
+    assert "conceptlib rename taken NEW" in line and "--name" not in line
+    line = _refused(home, ["--resume", str(_run(tmp_path, images, "t", name="other", token="<taken>").path)],
+                    "token '<taken>' is already used by concept 'taken'; run ")
+    assert "conceptlib rename taken taken --token NEW" in line and "(--token)" not in line
+
+
+def test_resume_checks_the_checkpoint_before_building_models(home, images, tmp_path):
+    from conceptlib.training import Checkpoint
+
+    truncated = _run(tmp_path, images, "truncated")
+    path = truncated.save_checkpoint(Checkpoint(10, np.zeros((1, 768), np.float32), [np.int64(10)], [1.0] * 10))
+    path.write_bytes(path.read_bytes()[:200])
+    line = _refused(home, ["--resume", str(truncated.path)], f"{path}: unreadable checkpoint")
+    assert line.endswith("delete it to resume from an earlier one")
+    other = _run(tmp_path, images, "other", num_vectors=2)
+    path = other.save_checkpoint(Checkpoint(10, np.zeros((1, 768), np.float32), [], [1.0] * 10))
+    _refused(home, ["--resume", str(other.path)],
+             f"{path}: checkpoint of step 10 with vectors (1, 768) does not fit this run (1000 steps, vectors (2, 768))")
+
+
+def test_resume_of_a_damaged_config_is_one_line(home, images, tmp_path):
+    for text, why in (('{"steps": 5}', 'corrupt (no "config" settings)'), ("[1, 2]", 'corrupt (no "config" settings)'),
+                      ('{"config": {"name": "x"}}', "corrupt (no images, token in its settings)")):
+        run = tmp_path / f"damaged-{len(text)}"
+        run.mkdir()
+        (run / "config.json").write_text(text)
+        _refused(home, ["--resume", str(run)], f"{run / 'config.json'}: {why}; start a new run")
+        _refused(home, ["--resume", str(run), "--devices", "2"], f"{run / 'config.json'}: {why}; start a new run")

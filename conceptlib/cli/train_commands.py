@@ -72,7 +72,6 @@ def train(images, name, token, init, weights, base_model, trainer, template, res
 
     Example: conceptlib train photos/ --name cat-doll --token '<cat-doll>' --init 'toy cat'
     """
-    from conceptlib.concept import slug_from_token
     from conceptlib.training import TrainingConfig
     from conceptlib.training import train as run_training
 
@@ -81,12 +80,11 @@ def train(images, name, token, init, weights, base_model, trainer, template, res
             raise UsageError("missing IMAGES: give the folder holding the training pictures (or --resume RUN)")
         if not name and not token:
             raise UsageError("give --name and/or --token, e.g. --name cat-doll --token '<cat-doll>'")
-        token = token or f"<{name}>"
+        name, token = _name_and_token(name, token)
         if trainer == "auto":
             from conceptlib.plugins import default_trainer
 
             trainer = default_trainer()
-        name = name or slug_from_token(token)
         config = TrainingConfig(
             images=str(images), name=name, token=token, base_model=base_model, weights=weights,
             trainer=trainer, template=template, init=_split_words(init), num_vectors=num_vectors,
@@ -98,8 +96,8 @@ def train(images, name, token, init, weights, base_model, trainer, template, res
     else:
         config = None
     if devices is not None:
-        settings = config.to_dict() if config is not None else _resumed_settings(resume)
-        _use_devices(devices, settings["trainer"], settings["batch_size"])
+        settings = config if config is not None else _resumed_settings(resume)
+        _use_devices(devices, settings.trainer, settings.batch_size)
     try:
         header, job = run_training(config, resume=resume, progress=not quiet, announce=not quiet)
     except KeyboardInterrupt:
@@ -107,12 +105,35 @@ def train(images, name, token, init, weights, base_model, trainer, template, res
     click.echo(f"Added {header.name} ({header.token}) to the library: {header.path}")
 
 
-def _resumed_settings(resume: str) -> dict:
+def _name_and_token(name: str | None, token: str | None) -> tuple[str, str]:
+    """--name and --token, each defaulting to one made from the other; an invalid value is a
+    usage error that names the option it came from (also when it was made from the other)."""
+    from conceptlib.concept import slug_from_token, validate_name, validate_token
+    from conceptlib.errors import ConceptError
+
+    checks = []
+    if name is not None:
+        checks.append((validate_name, name, "--name"))
+    if token is not None:
+        checks.append((validate_token, token, "--token"))
+    else:
+        token = f"<{name}>"
+        checks.append((validate_token, token, "--token (not given, so made from --name)"))
+    name = name if name is not None else slug_from_token(token)
+    for validate, value, label in checks:
+        try:
+            validate(value)
+        except ConceptError as exc:
+            raise UsageError(f"{label}: {exc}") from None
+    return name, token
+
+
+def _resumed_settings(resume: str):
     """The settings of run ``resume`` (its trainer and batch size decide --devices)."""
     from conceptlib.library import ConceptLibrary
     from conceptlib.training import find_run
 
-    return find_run(resume, ConceptLibrary()).read()["config"]
+    return find_run(resume, ConceptLibrary()).read_config()
 
 
 def _use_devices(devices: str, trainer: str, batch_size: int) -> None:

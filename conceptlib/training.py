@@ -586,6 +586,17 @@ def tokenize_init(tokenizer, words: list[str]) -> list[int]:
     return ids
 
 
+def split_init_words(tokenizer, words: list[str]) -> list[str]:
+    """The init words CLIP reads as several pieces, each as "word (piece + piece)": a misspelt or
+    unknown word starts the vectors from meaningless fragments, so the user should see them."""
+    split = []
+    for word in words:
+        pieces = [tokenizer.decode([i]).strip() for i in tokenizer.encode(word)[1:-1]]
+        if len(pieces) > 1:
+            split.append(f"{word!r} ({' + '.join(pieces)})")
+    return split
+
+
 def token_in_vocabulary(tokenizer, token: str) -> bool:
     """True if ``token`` is already one CLIP token (a concept must not shadow a real word)."""
     token = token.lower()
@@ -814,6 +825,13 @@ def train(
             file=sys.stderr,
             flush=True,
         )
+        split = split_init_words(job.tokenizer, job.config.init)
+        if split:
+            print(
+                f"Note: CLIP has no single token for --init {', '.join(split)}; the vectors start from "
+                "those pieces (use a common word instead if that is not what you meant)",
+                file=sys.stderr,
+            )
     trainer = job.trainer_cls()
     try:
         result = trainer.run(job)

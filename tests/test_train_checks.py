@@ -330,3 +330,18 @@ def test_resume_of_a_damaged_config_is_one_line(home, images, tmp_path):
         (run / "config.json").write_text(text)
         _refused(home, ["--resume", str(run)], f"{run / 'config.json'}: {why}; start a new run")
         _refused(home, ["--resume", str(run), "--devices", "2"], f"{run / 'config.json'}: {why}; start a new run")
+
+
+def test_init_words_clip_reads_as_pieces_are_shown_before_the_models(home, images):
+    """A misspelt --init word is not refused (CLIP splits every word into known pieces) but the
+    user sees, before the long model build, what the vectors start from."""
+    result = CliRunner().invoke(main, ["train", str(images), "--name", "new", "--weights", "random",
+                                       "--init", "toy xyzzyqwerty teddybear"])
+    assert isinstance(result.exception, AssertionError)  # the home fixture stops at the model build
+    notes = [line for line in result.output.splitlines() if line.startswith("Note:")]
+    assert notes == ["Note: CLIP has no single token for --init 'xyzzyqwerty' (xy + zzy + q + wer + ty), "
+                     "'teddybear' (teddy + bear); the vectors start from those pieces (use a common word "
+                     "instead if that is not what you meant)"]
+    quiet = CliRunner().invoke(main, ["train", str(images), "--name", "new2", "--weights", "random", "-q",
+                                      "--init", "xyzzyqwerty"])
+    assert isinstance(quiet.exception, AssertionError) and "Note:" not in quiet.output

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conceptlib import Concept
-from conceptlib.errors import ApplyError, NotFoundError, PromptTooLongError
+from conceptlib.errors import ApplyError, ConceptlibError, NotFoundError, PromptTooLongError
 from conceptlib.kerascv.apply import apply, token_embedding_layer
 from conceptlib.kerascv.models import build_stable_diffusion
 from conceptlib.kerascv.tokenizer import make_tokenizer
@@ -145,9 +145,89 @@ def test_prompt_too_long_after_expansion_says_by_how_much(sd1):
     with apply(sd1, [wide]):
         with pytest.raises(PromptTooLongError) as info:
             sd1.encode_text(f"<wide> {words}")
-        assert "78 tokens" in str(info.value) and "shorten it by 1 token" in str(info.value)
+        assert "78 tokens" in str(info.value) and str(info.value).endswith("shorten it by 1 token")
         assert "69 of them from multi-vector concepts" in str(info.value)
         sd1.encode_text(f"<wide> {' '.join(['cat'] * 5)}")  # exactly 77 fits
+
+
+@pytest.mark.parametrize("before, after", [("(", ")"), ("a photo,", "."), ('"', '"'), ("[[", "]]:1.2")])
+def test_a_token_right_after_punctuation_is_found(sd1, plain_tokenizer, before, after):
+    """CLIP's pattern takes a run of punctuation at once: '(<' would swallow the token's '<'."""
+    from conceptlib.kerascv.tokenizer import find_tokens
+
+    cat = _concept("cat", "<cat>", 1, 768, seed=8)
+    with apply(sd1, [CAT, cat]) as applied:
+        got = sd1.tokenizer.encode(f"{before}<cat-doll>{after}")
+        assert got == reference_ids(plain_tokenizer, before, applied.token_ids["<cat-doll>"], after)
+        assert sd1.tokenizer.encode(f"{before}<cat>-doll") == reference_ids(
+            plain_tokenizer, before, applied.token_ids["<cat>"], "-doll")
+        for plain in ("(a cat), <|endoftext|>!", "<<<>>> ,,("):  # no concept token: keras-cv's split
+            assert sd1.tokenizer.encode(plain) == plain_tokenizer.encode(plain)
+    assert find_tokens(f"{before}<cat-doll>{after}", {"<cat-doll>", "<cat>"}) == ["<cat-doll>"]
+
+
+@pytest.mark.parametrize("token", ["<café>", "<🐱>", "пёс"])
+def test_a_non_ascii_token_is_found_and_decodes(sd1, plain_tokenizer, token):
+    """keras-cv looks each piece up by its UTF-8 bytes mapped to unicode, not by its text."""
+    concept = _concept("non-ascii", token, 2, 768, seed=9)
+    with apply(sd1, [concept]) as applied:
+        ids = applied.token_ids[token]
+        assert sd1.tokenizer.encode(f"a {token} cat") == reference_ids(plain_tokenizer, "a", ids, "cat")
+        assert sd1.tokenizer.decode(list(ids[:1])) == token
+        with pytest.raises(ApplyError, match="already in the tokenizer's vocabulary"):
+            apply(sd1, [concept.renamed(name="again")])
+    assert sd1.tokenizer.encode(f"a {token} cat") == plain_tokenizer.encode(f"a {token} cat")
+
+
+def test_a_token_spelled_like_another_concepts_extra_vector_keeps_its_own_id(sd1):
+    two = _concept("two", "<x>", 2, 768, seed=10)
+    hash_one = _concept("hash-one", "<x>#1", 1, 768, seed=11)
+    with apply(sd1, [hash_one, two]) as applied:
+        assert sd1.tokenizer.encode("<x>#1")[1:-1] == list(applied.token_ids["<x>#1"])
+        assert sd1.tokenizer.encode("<x>")[1:-1] == list(applied.token_ids["<x>"])
+    with apply(sd1, [two]):
+        with apply(sd1, [hash_one]) as later:
+            assert sd1.tokenizer.encode("<x>#1")[1:-1] == list(later.token_ids["<x>#1"])
+
+
+def test_width_is_checked_before_the_text_encoder_is_built_or_downloaded(tmp_path, monkeypatch):
+    import keras
+    import keras_cv
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"tried to download {args} {kwargs}")
+
+    monkeypatch.setattr(keras.utils, "get_file", no_download)
+    monkeypatch.setenv("CONCEPTLIB_WEIGHTS", str(tmp_path))  # empty: building would fail
+    sd = keras_cv.models.StableDiffusionV2(img_height=128, img_width=128, jit_compile=False)
+    with pytest.raises(ApplyError, match=r"768-wide vectors \(sd-1\).*1024-wide vectors \(sd-2\)"):
+        apply(sd, [CAT])
+    assert sd._text_encoder is None
+
+
+def test_single_header_none_library_folder_and_tokens_with_a_slash(sd1, tmp_path):
+    from conceptlib.library import ConceptLibrary
+
+    library = ConceptLibrary(tmp_path / "lib")
+    header = library.add(_concept("style-oil", "<style/oil>", 1, 768, seed=12))
+    with apply(sd1, header) as applied:
+        assert applied.tokens == ["<style/oil>"]
+    with apply(sd1, ["<style/oil>"], library=str(library.root)) as applied:
+        assert applied.tokens == ["<style/oil>"]
+    with pytest.raises(ApplyError, match=r"cannot apply None \(NoneType\); pass a list"):
+        apply(sd1, None)
+    with pytest.raises(ConceptlibError, match="no such file"):
+        apply(sd1, [str(tmp_path / "missing" / "x.safetensors")], library=library)
+
+
+def test_an_unloaded_handle_cannot_be_entered_again(sd1):
+    applied = apply(sd1, [CAT])
+    with applied:
+        pass
+    with pytest.raises(ApplyError, match="already unloaded; call conceptlib.apply"):
+        with applied:
+            raise AssertionError("the block must not run without the concepts")
+    assert "<cat-doll>" not in sd1.tokenizer.encoder
 
 
 def _assert_unchanged(sd, table_rows, vocab_size):

@@ -39,10 +39,28 @@ def _load_path(path: Path) -> list[Concept]:
     return list(load_any(path))
 
 
+def _is_header(item) -> bool:
+    return hasattr(item, "path") and hasattr(item, "token")
+
+
 def resolve_concepts(concepts, library=None) -> list[Concept]:
-    """Turn library names, tokens, file paths, ConceptHeaders and Concept objects into Concepts."""
-    if isinstance(concepts, (str, os.PathLike, Concept)):
+    """Turn library names, tokens, file paths, ConceptHeaders and Concept objects into Concepts.
+
+    A string is an existing file, else a library name or token, else a folder or path (tokens
+    may contain '/', e.g. '<style/oil>'). ``library`` is a ConceptLibrary or its root folder."""
+    if isinstance(concepts, (str, os.PathLike, Concept)) or _is_header(concepts):
         concepts = [concepts]
+    try:
+        concepts = list(concepts)
+    except TypeError:
+        raise ApplyError(
+            f"cannot apply {concepts!r} ({type(concepts).__name__}); pass a list of library names, "
+            "tokens, file paths or conceptlib.Concept objects"
+        ) from None
+    if isinstance(library, (str, os.PathLike)):
+        from conceptlib.library import ConceptLibrary
+
+        library = ConceptLibrary(library)
     resolved: list[Concept] = []
     by_ref = None
     for item in concepts:
@@ -52,7 +70,7 @@ def resolve_concepts(concepts, library=None) -> list[Concept]:
             resolved.extend(_load_path(Path(item)))
         elif isinstance(item, str):
             path = Path(item).expanduser()
-            if path.is_file() or os.sep in item or item.endswith(_CONCEPT_SUFFIXES):
+            if path.is_file():
                 resolved.extend(_load_path(path))
                 continue
             if library is None:
@@ -66,7 +84,9 @@ def resolve_concepts(concepts, library=None) -> list[Concept]:
                     by_ref.setdefault(header.token, header)
                     by_ref[header.name] = header
             header = by_ref.get(item)
-            if header is None:
+            if header is None and (path.exists() or os.sep in item or item.endswith(_CONCEPT_SUFFIXES)):
+                resolved.extend(_load_path(path))  # a folder, or a path that is not there
+            elif header is None:
                 resolved.append(library.get(item))  # raises NotFoundError with A's message
             else:
                 from conceptlib.files import read_concept
@@ -75,7 +95,7 @@ def resolve_concepts(concepts, library=None) -> list[Concept]:
                 if concept.name != header.name:
                     concept = Concept(header.name, concept.token, concept.vectors, concept.metadata)
                 resolved.append(concept)
-        elif hasattr(item, "path") and hasattr(item, "token"):  # a ConceptHeader
+        elif _is_header(item):  # a ConceptHeader
             from conceptlib.files import read_concept
 
             resolved.append(read_concept(item.path))
@@ -170,7 +190,7 @@ def _expanding_encode(tokenizer, text):
         raise PromptTooLongError(
             f"prompt {text[:40] + '...' if len(text) > 40 else text!r} is {len(ids)} tokens{because}; "
             f"the text encoder takes {MAX_PROMPT_LENGTH} including start and end: shorten it by "
-            f"{len(ids) - MAX_PROMPT_LENGTH} tokens"
+            f"{len(ids) - MAX_PROMPT_LENGTH} token{'s' if len(ids) - MAX_PROMPT_LENGTH > 1 else ''}"
         )
     return ids
 
@@ -178,13 +198,22 @@ def _expanding_encode(tokenizer, text):
 _TOKENIZER_STATE = ("vocab", "encoder", "decoder", "special_tokens", "cache", "pat")
 
 
+_CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+
+
 def _tokenizer_pattern(special_tokens):
     import regex as re
 
-    from conceptlib.clip_bpe import PATTERN
-    from conceptlib.kerascv.tokenizer import added_tokens_pattern
+    from conceptlib.kerascv.tokenizer import applied_pattern
 
-    return re.compile(added_tokens_pattern(special_tokens) + "|" + PATTERN, re.IGNORECASE)
+    concept_tokens = [token for token in special_tokens if token not in _CLIP_SPECIALS]
+    return re.compile(applied_pattern(special_tokens, concept_tokens), re.IGNORECASE)
+
+
+def _vocab_entry(tokenizer, token: str) -> str:
+    """``token`` as the tokenizer's vocabulary spells it: keras-cv maps each matched piece's
+    UTF-8 bytes to unicode before looking it up, so '<café>' is looked up as '<cafÃ©>'."""
+    return "".join(tokenizer.byte_encoder[byte] for byte in token.encode("utf-8"))
 
 
 # -- the handle -----------------------------------------------------------------------------------
@@ -243,6 +272,11 @@ class AppliedConcepts:
         self.loaded = False
 
     def __enter__(self) -> "AppliedConcepts":
+        if not self.loaded:
+            raise ApplyError(
+                f"{', '.join(self.tokens)} {'was' if len(self.tokens) == 1 else 'were'} already unloaded; "
+                "call conceptlib.apply(sd, ...) again for a new handle"
+            )
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -254,6 +288,17 @@ class AppliedConcepts:
 
 
 # -- apply ----------------------------------------------------------------------------------------
+
+
+def _check_widths(sd, base_model: str, concepts, width: int) -> None:
+    for concept in concepts:
+        if concept.dim != width:
+            other = {dim: base for base, dim in DIMS.items()}.get(concept.dim, "another model")
+            raise ApplyError(
+                f"concept {concept.name!r} ({concept.token}) has {concept.dim}-wide vectors ({other}) but "
+                f"this {type(sd).__name__}'s text encoder takes {width}-wide vectors ({base_model}); "
+                f"use a concept trained for {base_model}"
+            )
 
 
 def apply(sd, concepts, library=None) -> AppliedConcepts:
@@ -270,33 +315,30 @@ def apply(sd, concepts, library=None) -> AppliedConcepts:
     concepts = resolve_concepts(concepts, library)
     if not concepts:
         raise ApplyError("no concepts to apply; pass library names, tokens, file paths or Concept objects")
-    text_encoder = _ensure_text_encoder(sd, base_model)
-    tokenizer = _ensure_tokenizer(sd)
-    layer = token_embedding_layer(text_encoder)
-    width = int(layer.output_dim)
 
-    # Validate everything before changing anything.
+    # Validate everything before changing anything, and before building (or downloading) the
+    # text encoder: the widths are known from the model class.
+    _check_widths(sd, base_model, concepts, DIMS[base_model])
     seen: dict[str, Concept] = {}
+    tokenizer = _ensure_tokenizer(sd)
     for concept in concepts:
-        if concept.dim != width:
-            other = {dim: base for base, dim in DIMS.items()}.get(concept.dim, "another model")
-            raise ApplyError(
-                f"concept {concept.name!r} ({concept.token}) has {concept.dim}-wide vectors ({other}) but "
-                f"this {type(sd).__name__}'s text encoder takes {width}-wide vectors ({base_model}); "
-                f"use a concept trained for {base_model}"
-            )
         if concept.token in seen:
             raise ApplyError(
                 f"token {concept.token!r} is given twice ({seen[concept.token].name!r} and {concept.name!r}); "
                 "apply each concept once, or rename one with `conceptlib rename NAME NEW --token`"
             )
         seen[concept.token] = concept
-        if concept.token in tokenizer.encoder or concept.token + "</w>" in tokenizer.encoder:
+        entry = _vocab_entry(tokenizer, concept.token)
+        if entry in tokenizer.encoder or entry + "</w>" in tokenizer.encoder:
             raise ApplyError(
                 f"token {concept.token!r} of concept {concept.name!r} is already in the tokenizer's vocabulary "
                 "(a CLIP word, or a concept already applied to this model); unload it first or give the "
                 "concept another token with `conceptlib rename NAME NEW --token '<new-token>'`"
             )
+    text_encoder = _ensure_text_encoder(sd, base_model)
+    layer = token_embedding_layer(text_encoder)
+    width = int(layer.output_dim)
+    _check_widths(sd, base_model, concepts, width)
 
     import numpy as np
 
@@ -313,8 +355,11 @@ def apply(sd, concepts, library=None) -> AppliedConcepts:
     token_ids: dict[str, tuple[int, ...]] = {}
     for concept in concepts:
         ids = tuple(range(len(new_vocab), len(new_vocab) + concept.num_vectors))
-        new_vocab.append(concept.token)
-        new_vocab.extend(_EXTRA_VECTOR.format(token=concept.token, index=i) for i in range(1, concept.num_vectors))
+        new_vocab.append(_vocab_entry(tokenizer, concept.token))
+        new_vocab.extend(
+            _vocab_entry(tokenizer, _EXTRA_VECTOR.format(token=concept.token, index=i))
+            for i in range(1, concept.num_vectors)
+        )
         token_ids[concept.token] = ids
     rows = np.concatenate(
         [np.zeros((first_id - table_rows, width), np.float32)] + [concept.vectors for concept in concepts]
@@ -344,11 +389,14 @@ def apply(sd, concepts, library=None) -> AppliedConcepts:
     decoder = dict(tokenizer.decoder)
     expansions = dict(saved.expansions or {})
     for index in range(len(tokenizer.vocab), len(new_vocab)):
-        encoder[new_vocab[index]] = index
         decoder[index] = new_vocab[index]
+    # Only the tokens themselves go into the encoder: a placeholder ('<x>#1') there would take
+    # the id of a concept whose token is spelled the same.
     for token, ids in token_ids.items():
+        entry = new_vocab[ids[0]]
+        encoder[entry] = ids[0]
         special_tokens[token] = token
-        cache[token] = token
+        cache[entry] = entry
         if len(ids) > 1:
             expansions[ids[0]] = ids
 

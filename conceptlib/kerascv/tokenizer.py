@@ -168,19 +168,40 @@ def added_tokens_pattern(tokens) -> str:
     return "|".join(alternative(token) for token in sorted(tokens, key=len, reverse=True))
 
 
+# CLIP's run of punctuation; in an applied tokenizer it must stop where an added token starts.
+_PUNCTUATION_RUN = r"[^\s\p{L}\p{N}]+"
+
+
+def applied_pattern(tokens, concept_tokens=None) -> str:
+    """The split pattern of a tokenizer with ``tokens`` added: the tokens (longest first), then
+    CLIP's own pattern, whose punctuation run stops before a concept token so that '(<cat-doll>)'
+    or 'photo,<cat-doll>' finds the token as '<cat-doll>' does (the run would otherwise swallow its
+    '<'). ``concept_tokens`` (default: ``tokens``) are the tokens that stop the run; CLIP's own
+    '<|startoftext|>'/'<|endoftext|>' are left out so plain prompts split exactly as in keras-cv."""
+    from conceptlib.clip_bpe import PATTERN
+
+    added = added_tokens_pattern(tokens)
+    stops = added_tokens_pattern(tokens if concept_tokens is None else concept_tokens)
+    clip = PATTERN
+    if stops:
+        assert _PUNCTUATION_RUN in PATTERN, "CLIP's pattern changed; update _PUNCTUATION_RUN"
+        clip = PATTERN.replace(_PUNCTUATION_RUN, r"(?:(?!" + stops + r")[^\s\p{L}\p{N}])+")
+    return added + "|" + clip if added else clip
+
+
 def find_tokens(text: str, tokens) -> list[str]:
     """The members of ``tokens`` that keras-cv's tokenizer would match in ``text`` if they were
     added to it, in order of first appearance (same cleaning, lowercasing and longest-first
     matching as the applied tokenizer). Needs no vocabulary and no TensorFlow."""
     import regex as re
 
-    from conceptlib.clip_bpe import PATTERN, clean
+    from conceptlib.clip_bpe import clean
 
     tokens = {token for token in tokens if token}
     if not text or not tokens:
         return []
     cleaned = clean(text)
-    pattern = re.compile(added_tokens_pattern(tokens) + "|" + PATTERN, re.IGNORECASE)
+    pattern = re.compile(applied_pattern(tokens), re.IGNORECASE)
     found: list[str] = []
     for piece in pattern.findall(cleaned):
         if piece in tokens and piece not in found:

@@ -214,6 +214,9 @@ def test_single_header_none_library_folder_and_tokens_with_a_slash(sd1, tmp_path
         assert applied.tokens == ["<style/oil>"]
     with apply(sd1, ["<style/oil>"], library=str(library.root)) as applied:
         assert applied.tokens == ["<style/oil>"]
+    library.add(_concept("tilde-cat", "~cat", 1, 768, seed=13))
+    with apply(sd1, ["~cat"], library=library) as applied:  # not taken for a home folder
+        assert applied.tokens == ["~cat"]
     with pytest.raises(ApplyError, match=r"cannot apply None \(NoneType\); pass a list"):
         apply(sd1, None)
     with pytest.raises(ConceptlibError, match="no such file"):

@@ -69,7 +69,10 @@ def resolve_concepts(concepts, library=None) -> list[Concept]:
         elif isinstance(item, os.PathLike):
             resolved.extend(_load_path(Path(item)))
         elif isinstance(item, str):
-            path = Path(item).expanduser()
+            try:
+                path = Path(item).expanduser()
+            except RuntimeError:  # '~cat', a valid token, names no user's home
+                path = Path(item)
             if path.is_file():
                 resolved.extend(_load_path(path))
                 continue

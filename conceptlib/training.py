@@ -698,7 +698,7 @@ def _new_run_dir(config: TrainingConfig, library) -> RunDirectory:
 
 def _check_resumable(run_dir: RunDirectory, config: TrainingConfig, library) -> None:
     """A resumed run's name, token, images and weights folder come from its config.json, not from
-    the command line: say how to fix each with that in mind (--name, IMAGES, --weights are ignored)."""
+    the command line: say how to fix each with that in mind (--name, IMAGES, --weights are refused with it)."""
     from conceptlib.library import NameTakenError, TokenTakenError
 
     try:

@@ -345,3 +345,12 @@ def test_init_words_clip_reads_as_pieces_are_shown_before_the_models(home, image
     quiet = CliRunner().invoke(main, ["train", str(images), "--name", "new2", "--weights", "random", "-q",
                                       "--init", "xyzzyqwerty"])
     assert isinstance(quiet.exception, AssertionError) and "Note:" not in quiet.output
+
+
+def test_resume_refuses_settings_it_would_ignore(home, images):
+    """A resumed run keeps the settings it started with; IMAGES or --steps with --resume are a usage
+    error naming them, before the run folder is even read."""
+    line = _refused(home, ["--resume", "some-run", "--steps", "5000"], "--resume some-run continues the run", 2)
+    assert line.endswith("with the settings it started with; --steps cannot change them: drop it, or start a new run")
+    line = _refused(home, [str(images), "--resume", "some-run", "--name", "x", "-q"], "continues the run", 2)
+    assert "; IMAGES, --name cannot change them: drop them," in line

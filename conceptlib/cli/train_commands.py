@@ -59,8 +59,7 @@ def _split_words(values) -> list[str]:
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=str), help="Run folder (default: in the library's runs/).")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=str), metavar="RUN",
               help="Continue an interrupted run (its folder, or its name in `conceptlib runs`) from its last "
-              "checkpoint; the run's own settings are used and "
-              "IMAGES and the other options are ignored (except --devices and -q).")
+              "checkpoint, with the settings it started with: only --devices and -q may be given with it.")
 @click.option("--devices", metavar="all|N",
               help="jax trainer only: train data-parallel on all local GPUs (the default; fewer if the batch size "
               "does not split over them) or the first N (N must divide the batch size).")
@@ -94,6 +93,7 @@ def train(images, name, token, init, weights, base_model, trainer, template, res
             run_dir=run_dir,
         )
     else:
+        _refuse_settings_with_resume(click.get_current_context(), resume)
         config = None
     if devices is not None:
         settings = config if config is not None else _resumed_settings(resume)
@@ -103,6 +103,28 @@ def train(images, name, token, init, weights, base_model, trainer, template, res
     except KeyboardInterrupt:
         sys.exit(130)  # training.train has said how to resume
     click.echo(f"Added {header.name} ({header.token}) to the library: {header.path}")
+
+
+# What --resume may be given besides the run: how it runs, not what it trains.
+_RESUME_OPTIONS = ("resume", "devices", "quiet")
+
+
+def _refuse_settings_with_resume(ctx, resume: str) -> None:
+    """A resumed run trains with the settings it started with (so it ends with the same vectors
+    as an uninterrupted run); IMAGES or a setting given with --resume would be silently ignored,
+    so it is a usage error instead."""
+    from click.core import ParameterSource
+
+    given = [
+        param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+        for param in ctx.command.params
+        if param.name not in _RESUME_OPTIONS and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE
+    ]
+    if given:
+        raise UsageError(
+            f"--resume {resume} continues the run with the settings it started with; {', '.join(given)} "
+            f"cannot change them: drop {'it' if len(given) == 1 else 'them'}, or start a new run"
+        )
 
 
 def _name_and_token(name: str | None, token: str | None) -> tuple[str, str]:

@@ -34,6 +34,16 @@ def test_encode_prompt_places_every_vector_of_the_token():
     assert len(ids) == MAX_LENGTH and set(ids[12:]) == {END_OF_TEXT}
 
 
+def test_encode_prompt_finds_a_bare_word_token_only_as_a_whole_word():
+    """'hoto' is not spliced into 'photo', nor 'mydoll' into 'mydollhouse' (as apply matches)."""
+    tok = WordTokenizer()
+    ids = encode_prompt(tok, "a photo of hoto", "hoto", [49408])
+    assert ids.count(49408) == 1 and ids.index(49408) == 4  # <start> a photo of <hoto>
+    ids = encode_prompt(tok, "mydoll in a mydollhouse, (mydoll)", "mydoll", [49408, 49409])
+    assert ids.count(49408) == 2 and ids.count(49409) == 2
+    assert ids[1:3] == [49408, 49409]
+
+
 def test_encode_prompt_too_long_says_by_how_much():
     with pytest.raises(ValueError, match="needs 80 tokens, 3 more than"):
         encode_prompt(WordTokenizer(), " ".join(["w"] * 77) + " <x>", "<x>", [49408])

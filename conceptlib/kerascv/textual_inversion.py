@@ -62,10 +62,19 @@ def encode_prompt(tokenizer, prompt: str, token: str, new_ids) -> list[int]:
     """Token ids (length 77, padded with end-of-text) for ``prompt``, with every occurrence of
     ``token`` replaced by ``new_ids`` (all of the concept's vectors, in order).
 
+    A token that starts or ends with a letter or digit (a bare word such as ``mydoll``) is found
+    only as a whole word there, as ``conceptlib.apply`` and other tools find it when generating:
+    not inside ``mydollhouse``, and ``hoto`` not inside ``photo``.
+
     Raises ValueError if the prompt does not fit in 77 tokens (saying by how much).
     """
+    import regex
+
+    word = r"[\p{L}\p{N}]"
+    token = token.lower()
+    pattern = (f"(?<!{word})" if token[0].isalnum() else "") + regex.escape(token) + (f"(?!{word})" if token[-1].isalnum() else "")
     ids = [START_OF_TEXT]
-    parts = prompt.lower().split(token.lower())
+    parts = regex.split(pattern, prompt.lower())
     for index, part in enumerate(parts):
         if index:
             ids.extend(int(i) for i in new_ids)

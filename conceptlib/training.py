@@ -16,8 +16,10 @@ Nothing here imports keras, TensorFlow or JAX at module import time.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime as _dt
+import fcntl
 import io
 import json
 import os
@@ -185,8 +187,43 @@ class RunDirectory:
     def concept_path(self) -> Path:
         return self.path / "concept.safetensors"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
+
     def exists(self) -> bool:
         return self.config_path.is_file()
+
+    @contextlib.contextmanager
+    def hold(self):
+        """Hold the run's lock while training it, so that two processes never train the same run
+        (e.g. two `--resume` of it at once): the second gets a TrainingError."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise TrainingError(
+                    f"run {self.path} is being trained by another process right now; wait for it to "
+                    "finish, or stop it first"
+                ) from None
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def is_training(self) -> bool:
+        """True while a process trains this run (holds ``hold``'s lock)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def create(self, config: TrainingConfig, extra: dict) -> None:
         from conceptlib.files import atomic_write_bytes
@@ -274,36 +311,47 @@ def find_run(resume: str | Path, library) -> RunDirectory:
 
 def run_summary(run: RunDirectory) -> dict:
     """What `conceptlib runs` shows of one run folder, read without loading a checkpoint:
-    ``status`` is "finished" (its concept was added), "stopped" (``step`` of ``steps`` done at its
-    latest checkpoint; resumable), "no checkpoint" (stopped or still running before its first
-    checkpoint) or "unreadable" (its config.json; ``error`` says why)."""
+    ``status`` is "finished" (its concept was added), "running" (a process trains it now;
+    ``step``: its latest checkpoint, 0 without one), "stopped" (``step`` of ``steps`` done at its
+    latest checkpoint; resumable), "no checkpoint" (stopped before its first checkpoint) or
+    "unreadable" (its config.json; ``error`` says why)."""
     summary: dict = {"run": run.path.name, "path": str(run.path)}
     try:
-        config = run.read()["config"]
-    except (TrainingError, KeyError, TypeError) as exc:
-        return dict(summary, status="unreadable", error=str(exc))
+        saved = run.read()
+    except TrainingError as exc:
+        return dict(summary, status="unreadable", error=str(exc), started=_started(run, {}))
+    config = saved["config"]
     summary.update(
         name=config.get("name"), token=config.get("token"), trainer=config.get("trainer"),
-        steps=config.get("steps"), started=_dt.datetime.fromtimestamp(run.config_path.stat().st_mtime).isoformat(timespec="seconds"),
+        steps=config.get("steps"), started=_started(run, saved),
         previews=len(list(run.previews.glob("*.png"))) if run.previews.is_dir() else 0,
     )
     latest = run.latest_checkpoint()
+    step = int(latest.stem.split("-")[-1]) if latest is not None else 0
     if run.concept_path.exists():
         summary.update(status="finished", step=config.get("steps"))
-    elif latest is not None:
-        summary.update(status="stopped", step=int(latest.stem.split("-")[-1]))
+    elif run.is_training():
+        summary.update(status="running", step=step)
     else:
-        summary.update(status="no checkpoint", step=0)
+        summary.update(status="stopped" if latest is not None else "no checkpoint", step=step)
     return summary
+
+
+def _started(run: RunDirectory, saved: dict) -> str:
+    """When the run started: recorded in config.json (earlier runs: the file's modification time)."""
+    started = saved.get("started")
+    if isinstance(started, str):
+        return started
+    return _dt.datetime.fromtimestamp(run.config_path.stat().st_mtime).isoformat(timespec="seconds")
 
 
 def run_summaries(library) -> list[dict]:
     """``run_summary`` of every run folder in ``library.runs_dir``, oldest first."""
     root = Path(library.runs_dir)
     folders = [RunDirectory(p) for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
-    folders = [run for run in folders if run.config_path.exists()]
-    folders.sort(key=lambda run: (run.config_path.stat().st_mtime, run.path.name))
-    return [run_summary(run) for run in folders]
+    summaries = [run_summary(run) for run in folders if run.config_path.exists()]
+    summaries.sort(key=lambda summary: (summary.get("started", ""), summary["run"]))
+    return summaries
 
 
 class Progress:
@@ -668,7 +716,10 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
         if config.weights not in (None, RANDOM_WEIGHTS):
             config.weights = str(Path(config.weights).expanduser().resolve())
         config.run_dir = str(run_dir.path)
-        extra = {"image_sha256": hashes, "init_ids": init_ids, "random_weights": job.random_weights}
+        extra = {
+            "image_sha256": hashes, "init_ids": init_ids, "random_weights": job.random_weights,
+            "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        }
         try:
             run_dir.create(config, extra)
         except OSError as exc:
@@ -798,6 +849,30 @@ def finish(job: TrainingJob, result: TrainingResult, *, trainer_version: str):
         ) from None
 
 
+def _announce(job: TrainingJob) -> None:
+    """The lines on stderr before a CLI run: random weights, the run folder, split --init words."""
+    if job.random_weights:
+        print(
+            "WARNING: training with RANDOM weights (from `conceptlib weights init-random`): this "
+            "is a smoke run, the concept will be meaningless.",
+            file=sys.stderr,
+        )
+    verb = "Resuming" if job.resume else "Training"
+    print(
+        f"{verb} {job.config.name} ({job.config.token}) with trainer {job.config.trainer} on "
+        f"{len(job.images)} image(s); run folder {job.run_dir.path} (continue it with --resume)",
+        file=sys.stderr,
+        flush=True,
+    )
+    split = split_init_words(job.tokenizer, job.config.init)
+    if split:
+        print(
+            f"Note: CLIP has no single token for --init {', '.join(split)}; the vectors start from "
+            "those pieces (use a common word instead if that is not what you meant)",
+            file=sys.stderr,
+        )
+
+
 def train(
     config: TrainingConfig | None,
     *,
@@ -811,34 +886,17 @@ def train(
     weights) on stderr."""
     job = prepare(config, library=library, resume=resume)
     job.progress.enabled = progress
-    if announce:
-        if job.random_weights:
-            print(
-                "WARNING: training with RANDOM weights (from `conceptlib weights init-random`): this "
-                "is a smoke run, the concept will be meaningless.",
-                file=sys.stderr,
-            )
-        verb = "Resuming" if job.resume else "Training"
-        print(
-            f"{verb} {job.config.name} ({job.config.token}) with trainer {job.config.trainer} on "
-            f"{len(job.images)} image(s); run folder {job.run_dir.path} (continue it with --resume)",
-            file=sys.stderr,
-            flush=True,
-        )
-        split = split_init_words(job.tokenizer, job.config.init)
-        if split:
-            print(
-                f"Note: CLIP has no single token for --init {', '.join(split)}; the vectors start from "
-                "those pieces (use a common word instead if that is not what you meant)",
-                file=sys.stderr,
-            )
-    trainer = job.trainer_cls()
-    try:
-        result = trainer.run(job)
-    except KeyboardInterrupt:
-        last = job.run_dir.latest_checkpoint()
-        where = f"from {last.name}" if last else "from the start (no checkpoint yet)"
-        print(f"\nInterrupted. Continue {where} with: conceptlib train --resume {job.run_dir.path}", file=sys.stderr)
-        raise
-    header = finish(job, result, trainer_version=str(getattr(trainer, "version", "?")))
+    # Held until the concept is in the library: nobody else may train (resume) this run meanwhile.
+    with job.run_dir.hold():
+        if announce:
+            _announce(job)
+        trainer = job.trainer_cls()
+        try:
+            result = trainer.run(job)
+        except KeyboardInterrupt:
+            last = job.run_dir.latest_checkpoint()
+            where = f"from {last.name}" if last else "from the start (no checkpoint yet)"
+            print(f"\nInterrupted. Continue {where} with: conceptlib train --resume {job.run_dir.path}", file=sys.stderr)
+            raise
+        header = finish(job, result, trainer_version=str(getattr(trainer, "version", "?")))
     return header, job

@@ -69,7 +69,7 @@ def test_runs_lists_each_run_and_how_to_continue_it(library):
     assert lines[0].endswith(": finished, 5 steps, 1 preview(s)")
     assert lines[1].endswith(": stopped at step 20/100; continue with conceptlib train --resume ink-20261127-020000-12")
     assert "fresh-20261127-030000-13  fresh (<fresh>)" in lines[2]
-    assert lines[2].endswith(": no checkpoint yet (still running, or stopped before its first); "
+    assert lines[2].endswith(": stopped before its first checkpoint; "
                              "conceptlib train --resume fresh-20261127-030000-13 starts it over")
     assert lines[3].startswith("broken-20261127-040000-14  unreadable: ")
     assert "corrupt" in lines[3]
@@ -125,3 +125,37 @@ def test_runs_reads_no_model_library(library):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "HEAVY []"
     assert "stopped at step 20/100" in result.stdout
+
+
+def test_a_run_being_trained_is_listed_as_such_and_cannot_be_resumed_twice(library, monkeypatch):
+    """While a process trains a run (holds its lock, as `conceptlib train` does from start to
+    finish), `runs` says so and a second `--resume` of it is refused, leaving it untouched."""
+    import conceptlib_tensorflow
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("the second resume went on to build the models")
+
+    monkeypatch.setattr(conceptlib_tensorflow, "build_models", no_models)
+    run = RunDirectory(library.runs_dir / "fresh-20261127-030000-13")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom conceptlib.training import RunDirectory\n"
+         f"with RunDirectory({str(run.path)!r}).hold():\n    print('held', flush=True)\n    time.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run.is_training()
+        listed = {r["run"]: r for r in json.loads(CliRunner().invoke(main, ["runs", "--json"]).output)}
+        assert (listed[run.path.name]["status"], listed[run.path.name]["step"]) == ("running", 0)
+        line = CliRunner().invoke(main, ["runs"]).output.splitlines()[2]
+        assert line.endswith(": training now (last checkpoint: none yet)")
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in run.path.rglob("*"))
+        again = CliRunner().invoke(main, ["train", "--resume", run.path.name])
+        assert again.exit_code == 1
+        assert again.output == (f"Error: run {run.path} is being trained by another process right now; "
+                                "wait for it to finish, or stop it first\n")
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in run.path.rglob("*")) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not run.is_training()  # the lock goes with the process

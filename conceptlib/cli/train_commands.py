@@ -204,10 +204,13 @@ def _run_line(run: dict) -> str:
     previews = f", {run['previews']} preview(s)" if run["previews"] else ""
     if run["status"] == "finished":
         return f"{what}: finished, {run['steps']} steps{previews}"
+    if run["status"] == "running":
+        checkpoint = f"step {run['step']}/{run['steps']}" if run["step"] else "none yet"
+        return f"{what}: training now (last checkpoint: {checkpoint}){previews}"
     resume = f"conceptlib train --resume {run['run']}"
     if run["status"] == "stopped":
         return f"{what}: stopped at step {run['step']}/{run['steps']}{previews}; continue with {resume}"
-    return f"{what}: no checkpoint yet (still running, or stopped before its first); {resume} starts it over"
+    return f"{what}: stopped before its first checkpoint; {resume} starts it over"
 
 
 @main.command()

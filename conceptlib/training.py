@@ -731,12 +731,14 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
 
 def _new_run_dir(config: TrainingConfig, library) -> RunDirectory:
     """The (not yet created) folder of a new run: --run-dir, or a new folder in the runs folder.
-    A folder in the library outside its runs folder is refused: the run's concept.safetensors
-    and checkpoints must never mix with the library's own files."""
+    The library's own folders are refused (its root, its concepts folder or anything in it, the
+    runs folder itself): the run's concept.safetensors and checkpoints must never mix with the
+    library's files."""
     given = config.run_dir
     path = Path(given).expanduser().resolve() if given else default_run_dir(library, config.name).resolve()
     root, runs = Path(library.root).expanduser().resolve(), Path(library.runs_dir).expanduser().resolve()
-    if (path == root or root in path.parents) and runs not in path.parents:
+    concepts = Path(library.concepts_dir).expanduser().resolve()
+    if path in (root, runs, concepts) or concepts in path.parents:
         raise UsageError(
             f"--run-dir {given} is inside the concept library {root}; give a folder outside it, "
             f"a new folder in {runs}, or leave --run-dir out"

@@ -169,11 +169,21 @@ def test_vocabulary_checks_come_before_the_weights(home, images, tmp_path):
 
 
 def test_run_dir_inside_the_library_is_refused(home, images):
-    """A run folder in the library (outside its runs folder) would put the run's
-    concept.safetensors and checkpoints among the library's own files."""
+    """A run folder that is one of the library's own folders (or inside its concepts folder) would
+    put the run's concept.safetensors and checkpoints among the library's own files. Another new
+    folder in the library's root is only a folder, as the JAX train test's runs use."""
     for inside in (home.root, home.root / "concepts", home.root / "concepts" / "run", home.runs_dir):
         _refused(home, [str(images), "--name", "new", "--weights", "random", "--run-dir", str(inside)],
                  f"--run-dir {inside} is inside the concept library {home.root}; give a folder outside it", 2)
+
+
+def test_another_new_folder_in_the_library_root_may_hold_a_run(home, images):
+    from conceptlib.training import TrainingConfig, prepare
+
+    config = TrainingConfig(images=str(images), name="new", token="<new>", weights="random",
+                            run_dir=str(home.root / "my-runs" / "first"))
+    job = prepare(config, library=home)
+    assert job.run_dir.path == (home.root / "my-runs" / "first").resolve() and job.run_dir.exists()
 
 
 def test_run_dir_that_cannot_be_created(home, images):

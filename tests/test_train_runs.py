@@ -18,7 +18,8 @@ from conceptlib.cli import main
 from conceptlib.concept import Concept
 from conceptlib.files import write_concept
 from conceptlib.library import ConceptLibrary
-from conceptlib.training import Checkpoint, RunDirectory, TrainingConfig
+from conceptlib.runs import Checkpoint, RunDirectory
+from conceptlib.training import TrainingConfig
 
 
 @pytest.fixture
@@ -138,7 +139,7 @@ def test_a_run_being_trained_is_listed_as_such_and_cannot_be_resumed_twice(libra
     monkeypatch.setattr(conceptlib_tensorflow, "build_models", no_models)
     run = RunDirectory(library.runs_dir / "fresh-20261127-030000-13")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom conceptlib.training import RunDirectory\n"
+        [sys.executable, "-c", "import sys, time\nfrom conceptlib.runs import RunDirectory\n"
          f"with RunDirectory({str(run.path)!r}).hold():\n    print('held', flush=True)\n    time.sleep(120)\n"],
         stdout=subprocess.PIPE, text=True,
     )

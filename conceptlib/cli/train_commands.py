@@ -153,7 +153,7 @@ def _name_and_token(name: str | None, token: str | None) -> tuple[str, str]:
 def _resumed_settings(resume: str):
     """The settings of run ``resume`` (its trainer and batch size decide --devices)."""
     from conceptlib.library import ConceptLibrary
-    from conceptlib.training import find_run
+    from conceptlib.runs import find_run
 
     return find_run(resume, ConceptLibrary()).read_config()
 
@@ -183,7 +183,7 @@ def runs(as_json):
     """List the training runs in the library's runs folder, oldest first: finished, or where an
     interrupted one stopped and how to resume it (runs given --run-dir elsewhere are not listed)."""
     from conceptlib.library import ConceptLibrary
-    from conceptlib.training import run_summaries
+    from conceptlib.runs import run_summaries
 
     library = ConceptLibrary()
     summaries = run_summaries(library)

@@ -1,0 +1,230 @@
+"""Training runs on disk: a run's folder (settings, checkpoints, previews, lock), finding a run
+by folder or name, and what `conceptlib runs` lists. Standard library only until a checkpoint is
+read (numpy): listing runs imports neither numpy nor any model library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import fcntl
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from conceptlib.errors import TrainingError
+
+if TYPE_CHECKING:
+    from conceptlib.training import TrainingConfig
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to continue a run bit-identically: the next step, the vectors, the
+    optimizer's variables (in the trainer's order) and the loss history so far."""
+
+    step: int
+    vectors: "object"  # np.ndarray (num_vectors, dim)
+    optimizer: list = field(default_factory=list)  # list of np.ndarray
+    losses: list[float] = field(default_factory=list)
+
+
+class RunDirectory:
+    """A training run's folder: config.json, checkpoints/, previews/, concept.safetensors."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def previews(self) -> Path:
+        return self.path / "previews"
+
+    @property
+    def concept_path(self) -> Path:
+        return self.path / "concept.safetensors"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    @contextlib.contextmanager
+    def hold(self):
+        """Hold the run's lock while training it, so that two processes never train the same run
+        (e.g. two `--resume` of it at once): the second gets a TrainingError."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise TrainingError(
+                    f"run {self.path} is being trained by another process right now; wait for it to "
+                    "finish, or stop it first"
+                ) from None
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def is_training(self) -> bool:
+        """True while a process trains this run (holds ``hold``'s lock)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def create(self, config: TrainingConfig, extra: dict) -> None:
+        from conceptlib.files import atomic_write_bytes
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        data = {"config": config.to_dict(), **extra}
+        atomic_write_bytes(self.config_path, json.dumps(data, indent=2).encode())
+
+    def read(self) -> dict:
+        """config.json: a dict whose "config" holds the run's settings (TrainingError if not)."""
+        try:
+            data = json.loads(self.config_path.read_text())
+        except FileNotFoundError:
+            raise TrainingError(
+                f"{self.path} is not a training run folder (no config.json); give a run folder or a run "
+                "name from `conceptlib runs`"
+            ) from None
+        except ValueError as exc:
+            raise TrainingError(f"{self.config_path}: corrupt ({exc}); start a new run") from None
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            raise TrainingError(f"{self.config_path}: corrupt (no \"config\" settings); start a new run")
+        return data
+
+    def read_config(self) -> TrainingConfig:
+        """The run's settings as a TrainingConfig (TrainingError if config.json lacks some)."""
+        from conceptlib.training import TrainingConfig
+
+        settings = self.read()["config"]
+        required = [f.name for f in dataclasses.fields(TrainingConfig) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
+        missing = [key for key in required if key not in settings]
+        if missing:
+            raise TrainingError(f"{self.config_path}: corrupt (no {', '.join(missing)} in its settings); start a new run")
+        return TrainingConfig.from_dict(settings)
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:07d}.npz"
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.checkpoints.glob("step-*.npz")) if self.checkpoints.is_dir() else []
+        return found[-1] if found else None
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> Path:
+        import numpy as np
+
+        from conceptlib.files import atomic_write_bytes
+
+        arrays = {"vectors": np.asarray(checkpoint.vectors, dtype=np.float32)}
+        for index, value in enumerate(checkpoint.optimizer):
+            arrays[f"optimizer_{index:04d}"] = np.asarray(value)
+        arrays["meta"] = np.frombuffer(
+            json.dumps({"step": checkpoint.step, "losses": checkpoint.losses, "optimizer": len(checkpoint.optimizer)}).encode(),
+            dtype=np.uint8,
+        )
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return atomic_write_bytes(self.checkpoint_path(checkpoint.step), buffer.getvalue())
+
+    def load_checkpoint(self, path: Path | None = None) -> Checkpoint | None:
+        import numpy as np
+
+        path = path or self.latest_checkpoint()
+        if path is None:
+            return None
+        try:
+            with np.load(path) as data:
+                meta = json.loads(bytes(data["meta"]).decode())
+                return Checkpoint(
+                    step=int(meta["step"]),
+                    vectors=data["vectors"].copy(),
+                    optimizer=[data[f"optimizer_{i:04d}"].copy() for i in range(int(meta["optimizer"]))],
+                    losses=[float(x) for x in meta["losses"]],
+                )
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise TrainingError(f"{path}: unreadable checkpoint ({exc}); delete it to resume from an earlier one") from None
+
+
+def find_run(resume: str | Path, library) -> RunDirectory:
+    """The run folder ``resume`` names: a path, or the name of a folder in ``library.runs_dir``
+    (as `conceptlib runs` lists them)."""
+    path = Path(resume).expanduser()
+    if not path.exists() and len(path.parts) == 1 and (Path(library.runs_dir) / path).is_dir():
+        path = Path(library.runs_dir) / path
+    return RunDirectory(path)
+
+
+def run_summary(run: RunDirectory) -> dict:
+    """What `conceptlib runs` shows of one run folder, read without loading a checkpoint:
+    ``status`` is "finished" (its concept was added), "running" (a process trains it now;
+    ``step``: its latest checkpoint, 0 without one), "stopped" (``step`` of ``steps`` done at its
+    latest checkpoint; resumable), "no checkpoint" (stopped before its first checkpoint) or
+    "unreadable" (its config.json; ``error`` says why)."""
+    summary: dict = {"run": run.path.name, "path": str(run.path)}
+    try:
+        saved = run.read()
+    except TrainingError as exc:
+        return dict(summary, status="unreadable", error=str(exc), started=_started(run, {}))
+    config = saved["config"]
+    summary.update(
+        name=config.get("name"), token=config.get("token"), trainer=config.get("trainer"),
+        steps=config.get("steps"), started=_started(run, saved),
+        previews=len(list(run.previews.glob("*.png"))) if run.previews.is_dir() else 0,
+    )
+    latest = run.latest_checkpoint()
+    step = int(latest.stem.split("-")[-1]) if latest is not None else 0
+    if run.concept_path.exists():
+        summary.update(status="finished", step=config.get("steps"))
+    elif run.is_training():
+        summary.update(status="running", step=step)
+    else:
+        summary.update(status="stopped" if latest is not None else "no checkpoint", step=step)
+    return summary
+
+
+def _started(run: RunDirectory, saved: dict) -> str:
+    """When the run started: recorded in config.json (earlier runs: the file's modification time)."""
+    started = saved.get("started")
+    if isinstance(started, str):
+        return started
+    return _dt.datetime.fromtimestamp(run.config_path.stat().st_mtime).isoformat(timespec="seconds")
+
+
+def run_summaries(library) -> list[dict]:
+    """``run_summary`` of every run folder in ``library.runs_dir``, oldest first."""
+    root = Path(library.runs_dir)
+    folders = [RunDirectory(p) for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    summaries = [run_summary(run) for run in folders if run.config_path.exists()]
+    summaries.sort(key=lambda summary: (summary.get("started", ""), summary["run"]))
+    return summaries
+
+
+def default_run_dir(library, name: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(library.runs_dir) / f"{name}-{stamp}-{os.getpid()}"

@@ -118,7 +118,10 @@ class RunDirectory:
         return data
 
     def read_config(self) -> TrainingConfig:
-        """The run's settings as a TrainingConfig (TrainingError if config.json lacks some)."""
+        """The run's settings as a validated TrainingConfig. The settings were valid when the run
+        started, so a missing, mistyped or out-of-range one means config.json was damaged or
+        edited: a TrainingError naming it, not a traceback or a command-line usage error."""
+        from conceptlib.errors import ConceptlibError
         from conceptlib.training import TrainingConfig
 
         settings = self.read()["config"]
@@ -127,7 +130,10 @@ class RunDirectory:
         missing = [key for key in required if key not in settings]
         if missing:
             raise TrainingError(f"{self.config_path}: corrupt (no {', '.join(missing)} in its settings); start a new run")
-        return TrainingConfig.from_dict(settings)
+        try:
+            return TrainingConfig.from_dict(settings).validate()
+        except (ConceptlibError, TypeError, ValueError) as exc:
+            raise TrainingError(f"{self.config_path}: invalid settings ({exc}); undo the edit or start a new run") from None
 
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:07d}.npz"

@@ -113,6 +113,19 @@ def test_resume_takes_a_run_name_from_the_list(library):
                               "give a run folder or a run name from `conceptlib runs`\n")
 
 
+def test_resume_of_a_run_whose_settings_were_edited_wrongly(library):
+    """A hand-edited config.json with a mistyped or out-of-range setting is one line (exit 1)."""
+    path = library.runs_dir / "fresh-20261127-030000-13" / "config.json"
+    saved = json.loads(path.read_text())
+    for steps, reason in (("many", "'<' not supported"), (0, "--steps 0 must be at least 1")):
+        saved["config"]["steps"] = steps
+        path.write_text(json.dumps(saved))
+        result = CliRunner().invoke(main, ["train", "--resume", "fresh-20261127-030000-13"])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith(f"Error: {path}: invalid settings (") and reason in result.output
+        assert result.output.endswith("); undo the edit or start a new run\n") and result.output.count("\n") == 1
+
+
 def test_runs_reads_no_model_library(library):
     """A real process: `conceptlib runs` imports neither TensorFlow, Keras, JAX nor numpy."""
     probe = (

@@ -230,6 +230,9 @@ def test_an_unloaded_handle_cannot_be_entered_again(sd1):
     with pytest.raises(ApplyError, match="already unloaded; call conceptlib.apply"):
         with applied:
             raise AssertionError("the block must not run without the concepts")
+    # Nor encode: it would give the ids of the plain words, not the concept's.
+    with pytest.raises(ApplyError, match="already unloaded"):
+        applied.encode("a photo of <cat-doll>")
     assert "<cat-doll>" not in sd1.tokenizer.encoder
 
 

@@ -250,7 +250,15 @@ class AppliedConcepts:
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of ``prompt`` as the text encoder will see them (multi-vector expanded)."""
+        self._check_loaded()
         return self.sd.tokenizer.encode(prompt)
+
+    def _check_loaded(self) -> None:
+        if not self.loaded:
+            raise ApplyError(
+                f"{', '.join(self.tokens)} {'was' if len(self.tokens) == 1 else 'were'} already unloaded; "
+                "call conceptlib.apply(sd, ...) again for a new handle"
+            )
 
     def unload(self) -> None:
         """Restore the original token table and tokenizer (idempotent)."""
@@ -275,11 +283,7 @@ class AppliedConcepts:
         self.loaded = False
 
     def __enter__(self) -> "AppliedConcepts":
-        if not self.loaded:
-            raise ApplyError(
-                f"{', '.join(self.tokens)} {'was' if len(self.tokens) == 1 else 'were'} already unloaded; "
-                "call conceptlib.apply(sd, ...) again for a new handle"
-            )
+        self._check_loaded()
         return self
 
     def __exit__(self, *exc_info) -> None:

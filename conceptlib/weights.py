@@ -92,8 +92,8 @@ def keras_cache_dirs() -> list[Path]:
 
 
 def check_weight_file(path: Path) -> Path:
-    """Cheap integrity check (exists, non-empty, an HDF5 file); WeightsError otherwise. Full
-    corruption (e.g. a truncated file) is reported when the weights are loaded."""
+    """Cheap integrity check (exists, an HDF5 file whose superblock opens, not truncated);
+    WeightsError otherwise. Damage inside the file is reported when the weights are loaded."""
     try:
         with open(path, "rb") as handle:
             signature = handle.read(len(HDF5_SIGNATURE))
@@ -102,11 +102,24 @@ def check_weight_file(path: Path) -> Path:
     except OSError as exc:
         raise WeightsError(f"weights file {path} cannot be read ({exc.strerror})") from None
     if signature != HDF5_SIGNATURE:
-        raise WeightsError(
-            f"weights file {path} is corrupt (not an HDF5 file); delete it and re-download it, or "
-            "rewrite the folder with `conceptlib weights init-random`"
-        )
+        raise WeightsError(f"weights file {path} is corrupt (not an HDF5 file); {_replace_advice(path)}")
+    import h5py
+
+    # Opening reads only the superblock, which records the file's full size: a truncated download
+    # is caught here, before any model is built, not when its part is loaded minutes later.
+    try:
+        h5py.File(path, "r").close()
+    except OSError as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsError(f"weights file {path} is truncated or corrupt ({detail}); {_replace_advice(path)}") from None
     return path
+
+
+def _replace_advice(path: Path) -> str:
+    folder = Path(path).parent
+    if is_random(folder):
+        return f"rewrite the folder with `conceptlib weights init-random {folder}`"
+    return "delete it and download it again, or put an intact copy there"
 
 
 def numpy_dtype(name: str):
@@ -182,10 +195,23 @@ def resolve_weights(
             raise WeightsError(
                 f"{base_model} {part} weights ({weight_filename(base_model, part)}) not found in {looked}; "
                 f"pass --weights DIR (or set ${ENV_VAR}) to a folder holding keras-cv's weight files, "
-                "or run `conceptlib weights init-random DIR` for random smoke-test weights"
+                f"or run `conceptlib weights init-random DIR` for random smoke-test weights{_other_model_hint(base_model, search)}"
             )
         resolved[part] = download_weight_file(base_model, part, looked_in=search)
     return resolved
+
+
+def _other_model_hint(base_model: str, folders) -> str:
+    """A note when a searched folder holds the other base model's own files (a --weights folder
+    of sd-2 weights used for an sd-1 prompt), so the user learns which --model they have."""
+    for other in BASE_MODELS:
+        if other == base_model:
+            continue
+        own = {weight_filename(other, part) for part in ("text_encoder", "diffusion_model")}
+        for folder in folders:
+            if any((Path(folder) / name).exists() for name in own):
+                return f" ({folder} holds {other} weights: pass --model {other} to use them)"
+    return ""
 
 
 def find_local_weights(base_model: str, weights_dir: str | os.PathLike | None = None, parts=PARTS) -> dict[str, Path]:
@@ -229,6 +255,7 @@ def download_weight_file(base_model: str, part: str, *, looked_in=()) -> Path:
             f"{base_model} {part} weights ({spec.filename}) not found in {looked} and the download "
             f"from {spec.url} failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
             f"pass --weights DIR (or set ${ENV_VAR}) to a folder holding keras-cv's weight files"
+            f"{_other_model_hint(base_model, looked_in)}"
         ) from None
     return Path(path)
 
@@ -277,15 +304,24 @@ def write_random_weights(directory: str | os.PathLike, base_model: str = "sd-1",
     directory = Path(directory).expanduser()
     if directory.exists() and not directory.is_dir():
         raise WeightsError(f"{directory} exists and is not a folder; pick another path for the weights")
-    for existing in (directory.glob("*.h5") if directory.is_dir() else ()):
-        if not (directory / RANDOM_MARKER).exists() and existing.name in {
-            weight_filename(base_model, part) for part in parts
-        }:
-            raise WeightsError(
-                f"{directory} already holds {existing.name} and is not marked random; refusing to "
-                "overwrite what may be real weights, pick an empty folder"
-            )
-    directory.mkdir(parents=True, exist_ok=True)
+    # The marker declares the whole folder random: written beside other files (real weights of
+    # the other base model, a Keras cache) it would mislabel them, and a later init-random into
+    # the now "random" folder would overwrite them. Only an empty or already-random folder is used.
+    existing = sorted(directory.iterdir()) if directory.is_dir() else []
+    if existing and not (directory / RANDOM_MARKER).exists():
+        raise WeightsError(
+            f"{directory} already holds {existing[0].name} and is not marked random; refusing to "
+            "write random weights beside (or over) what may be real weights, pick an empty or new folder"
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / RANDOM_MARKER).write_text(
+            "These Stable Diffusion weights are RANDOMLY INITIALISED by `conceptlib weights init-random`.\n"
+            "They exist for smoke runs and tests: images generated with them are noise, and concepts\n"
+            "trained with them are meaningless. Use real keras-cv weights for real work.\n"
+        )
+    except OSError as exc:
+        raise WeightsError(f"cannot write to {directory} ({exc.strerror or exc}); pick another folder for the weights") from None
     from conceptlib.kerascv import models
 
     manifest_path = directory / MANIFEST
@@ -295,11 +331,6 @@ def write_random_weights(directory: str | os.PathLike, base_model: str = "sd-1",
         manifest = {}
     manifest.setdefault("files", {})
     manifest.update({"format": "conceptlib-weights/1", "random": True})
-    (directory / RANDOM_MARKER).write_text(
-        "These Stable Diffusion weights are RANDOMLY INITIALISED by `conceptlib weights init-random`.\n"
-        "They exist for smoke runs and tests: images generated with them are noise, and concepts\n"
-        "trained with them are meaningless. Use real keras-cv weights for real work.\n"
-    )
     for part in parts:
         model = models.build_part(base_model, part, img_size=128, weights=None)
         path = directory / weight_filename(base_model, part)

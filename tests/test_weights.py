@@ -123,6 +123,27 @@ def test_corrupt_file_is_reported_with_its_path(cache, tmp_path):
         W.resolve_weights("sd-1", mine, parts=["text_encoder"])
 
 
+def test_truncated_file_is_reported_before_any_model_is_built(cache, tmp_path):
+    # A cut-off download keeps its HDF5 signature; its superblock still records the full size.
+    whole = tmp_path / "whole.h5"
+    with h5py.File(whole, "w") as handle:
+        handle.create_dataset("x", data=np.zeros((200, 200)))
+    mine = tmp_path / "w"
+    mine.mkdir()
+    (mine / "kcv_decoder.h5").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(WeightsError) as info:
+        W.resolve_weights("sd-1", mine, parts=["decoder"], download=False)
+    message = str(info.value)
+    assert f"{mine / 'kcv_decoder.h5'} is truncated or corrupt" in message and "\n" not in message
+    assert "download it again" in message and "init-random" not in message  # init-random refuses unmarked folders
+
+
+def test_missing_weights_name_the_other_model_found_instead(cache, tmp_path):
+    mine = _h5(tmp_path / "sd2" / "diffusion_model_v2_1.h5").parent
+    with pytest.raises(WeightsError, match=rf"\({mine} holds sd-2 weights: pass --model sd-2 to use them\)$"):
+        W.resolve_weights("sd-1", mine, parts=["diffusion_model"], download=False)
+
+
 def test_download_uses_keras_cv_url_and_hash(cache, monkeypatch, tmp_path):
     import keras
 
@@ -258,6 +279,22 @@ def test_missing_part_in_a_weights_dict(random_dir):
 def test_random_weights_never_overwrite_unmarked_files(tmp_path):
     real = _h5(tmp_path / "real" / "vae_encoder.h5")
     before = real.read_bytes()
-    with pytest.raises(WeightsError, match="not marked random; refusing to overwrite"):
+    with pytest.raises(WeightsError, match="not marked random; refusing to write random weights beside"):
         W.write_random_weights(tmp_path / "real", "sd-1", parts=["image_encoder"])
     assert real.read_bytes() == before
+
+
+def test_random_weights_refuse_a_non_empty_unmarked_folder(tmp_path):
+    # Real sd-2 weights: random sd-1 ones beside them would mark them RANDOM too, and a later
+    # `init-random --model sd-2` into the then "random" folder would overwrite them.
+    real = _h5(tmp_path / "cache" / "text_encoder_v2_1.h5")
+    with pytest.raises(WeightsError, match="already holds text_encoder_v2_1.h5 and is not marked random"):
+        W.write_random_weights(real.parent, "sd-1", parts=["image_encoder"])
+    assert sorted(p.name for p in real.parent.iterdir()) == ["text_encoder_v2_1.h5"]
+    assert not W.is_random(real.parent)
+
+
+def test_random_weights_into_an_unusable_path_is_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(WeightsError, match=r"cannot write to .*a-file/w \(Not a directory\); pick another folder"):
+        W.write_random_weights(tmp_path / "a-file" / "w", "sd-1", parts=["image_encoder"])

@@ -54,6 +54,76 @@ def test_generate_size_must_be_a_multiple_of_64(home):
     assert result.exit_code == 2 and "--size 100" in result.output
 
 
+def _generate(home, *args):
+    """generate with an empty weights folder and --offline: a check that is missing lets the run
+    through to the weights lookup, which then fails with another message."""
+    empty = home / "empty-weights"
+    empty.mkdir(exist_ok=True)
+    return CliRunner().invoke(main, ["generate", *args, "--weights", str(empty), "--offline"])
+
+
+def _one_line_error(result, code):
+    assert result.exit_code == code, result.output
+    assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("Error: "), result.output
+    return result.output
+
+
+def test_generate_refuses_bad_numbers_before_anything_else(home):
+    for value in ("nan", "inf", "-inf"):
+        assert f"--guidance {float(value)} is not a finite number" in _one_line_error(
+            _generate(home, "a cat", "--guidance", value), 2
+        )
+    # Seeds are uint32 for keras' random ops: -1 or 2**32 would wrap or crash after the build.
+    for value in ("-1", str(2**32)):
+        result = _generate(home, "a cat", "--seed", value)
+        assert result.exit_code == 2 and "0<=x<=4294967295" in result.output
+    assert "not found in" in _generate(home, "a cat", "--seed", str(2**32 - 1)).output  # the limit itself is fine
+
+
+def test_generate_refuses_an_empty_prompt(home):
+    for prompt in ("", "   "):
+        output = _one_line_error(_generate(home, prompt, "--negative", "blurry"), 2)
+        assert "PROMPT is empty" in output
+
+
+def test_generate_refuses_unknown_concept_tokens(home):
+    output = _one_line_error(_generate(home, "a <cat-dol> on a table"), 1)
+    assert "'<cat-dol>' in PROMPT is not a concept token" in output and "did you mean <cat-doll>?" in output
+    output = _one_line_error(_generate(home, "a <cat-doll>", "--negative", "<ugly-style>"), 1)
+    assert "'<ugly-style>' in --negative" in output and "conceptlib import" in output
+    # A known token that contains a bracketed word is not mistaken for an unknown one.
+    ConceptLibrary().add(_concept("doll-style", "<doll>-style", 1, 768, 3))
+    assert "not found in" in _generate(home, "a cat, <doll>-style").output
+
+
+def test_generate_refuses_a_prompt_too_long_before_the_build(home):
+    # 2 vectors for <cat-doll>: 74 words + 2 + start/end = 78 tokens.
+    output = _one_line_error(_generate(home, "x " * 74 + "<cat-doll>"), 1)
+    assert "is 78 tokens (1 of them from multi-vector concepts)" in output and "shorten it by 1 token" in output
+    output = _one_line_error(_generate(home, "a cat", "--negative", "y " * 80), 1)
+    assert "is 82 tokens;" in output and "shorten it by 5 tokens" in output
+    assert "not found in" in _generate(home, "x " * 73 + "<cat-doll>").output  # 77 fits
+
+
+def test_generate_refuses_an_unusable_out_folder_before_the_build(home):
+    a_file = home / "a-file"
+    a_file.write_text("x")
+    output = _one_line_error(_generate(home, "a cat", "--out", str(a_file / "images")), 2)
+    assert f"{a_file} is a file, not a folder" in output and "--out" in output
+    assert not (a_file.parent / "images").exists()
+
+
+def test_generate_says_when_the_weights_folder_is_of_the_other_model(home):
+    import h5py
+
+    folder = home / "sd2-weights"
+    folder.mkdir()
+    h5py.File(folder / "text_encoder_v2_1.h5", "w").close()
+    result = CliRunner().invoke(main, ["generate", "a cat", "--weights", str(folder), "--offline"])
+    output = _one_line_error(result, 1)
+    assert "kcv_encoder.h5) not found in" in output and f"({folder} holds sd-2 weights: pass --model sd-2" in output
+
+
 def test_concepts_in_prompts_finds_tokens_in_prompt_and_negative(home):
     from conceptlib.cli.model_commands import concepts_in_prompts
 

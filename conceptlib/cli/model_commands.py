@@ -87,13 +87,88 @@ def contact_sheet(images, columns: int | None = None):
     return sheet
 
 
+# What a prompt word that is meant as a concept token looks like: '<cat-doll>'. Such a word that
+# is no library token is a typo or a concept not imported; keras-cv would silently spell it out.
+_TOKEN_LIKE = re.compile(r"<[^\s<>|]+>")
+
+
+def _check_unknown_tokens(library, prompt: str, negative: str | None) -> None:
+    import difflib
+
+    from conceptlib.clip_bpe import clean
+
+    known = sorted((header.token for header in library.list()), key=len, reverse=True)
+    for where, text in (("PROMPT", prompt), ("--negative", negative)):
+        text = clean(text or "")
+        for token in known:  # longest first: '<cat>' inside a token '<cat>-style' is no word of its own
+            text = text.replace(token, " ")
+        for word in _TOKEN_LIKE.findall(text):
+                close = difflib.get_close_matches(word, known, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise ApplyError(
+                    f"{word!r} in {where} is not a concept token of the library; {hint}see `conceptlib list` "
+                    "for the tokens, or import the concept first (`conceptlib import FILE`)"
+                )
+
+
+def _check_prompt_lengths(headers, *texts: str) -> None:
+    """Refuse, before any model is built, a prompt that will not fit the text encoder's 77 tokens
+    with every concept token expanded to all its vectors (as ``apply`` encodes it)."""
+    from conceptlib.clip_bpe import END_OF_TEXT, START_OF_TEXT, clean
+    from conceptlib.errors import PromptTooLongError, VocabularyError
+    from conceptlib.kerascv.apply import MAX_PROMPT_LENGTH, _tokenizer_pattern
+    from conceptlib.kerascv.tokenizer import make_clip_tokenizer
+
+    try:
+        # No download here: that would import keras before the backend is chosen. Without a
+        # local vocabulary the text encoder's own check runs later.
+        tokenizer = make_clip_tokenizer(download=False)
+    except VocabularyError:
+        return
+    vectors = {header.token: header.num_vectors for header in headers}
+    pattern = _tokenizer_pattern([START_OF_TEXT, END_OF_TEXT, *vectors]) if vectors else tokenizer.pattern
+    for text in texts:
+        if not text:
+            continue
+        length, grown = 2, 0
+        for piece in pattern.findall(clean(text)):
+            if piece in vectors:
+                length += vectors[piece]
+                grown += vectors[piece] - 1
+            else:
+                mapped = "".join(tokenizer.byte_encoder[byte] for byte in piece.encode("utf-8"))
+                length += len(tokenizer.bpe(mapped).split(" "))
+        if length > MAX_PROMPT_LENGTH:
+            over = length - MAX_PROMPT_LENGTH
+            because = f" ({grown} of them from multi-vector concepts)" if grown else ""
+            raise PromptTooLongError(
+                f"prompt {text[:40] + '...' if len(text) > 40 else text!r} is {length} tokens{because}; the "
+                f"text encoder takes {MAX_PROMPT_LENGTH} including start and end: shorten it by "
+                f"{over} token{'s' if over > 1 else ''}"
+            )
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an --out folder that cannot be created or written now, not after the images."""
+    import os
+
+    existing = out_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {out_dir}: {existing} is a file, not a folder; pass another --out folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out_dir}: {existing} is not writable; pass a folder you can write to")
+
+
 @main.command("generate")
 @click.argument("prompt")
 @click.option("--negative", default=None, help="Negative prompt (may contain concept tokens too).")
 @click.option("-n", "--num-images", "num_images", default=3, show_default=True, type=click.IntRange(1, 64),
               help="How many images. (In `train`, -n is --name.)")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000), help="Diffusion steps.")
-@click.option("--seed", default=None, type=int, help="Random seed (printed and stored in the PNGs if not given).")
+@click.option("--seed", default=None, type=click.IntRange(0, 2**32 - 1),
+              help="Random seed, 0 to 2**32-1 (printed and stored in the PNGs if not given).")
 @click.option("--size", default=512, show_default=True, type=int, help="Image width and height (multiple of 64).")
 @click.option("--guidance", default=7.5, show_default=True, type=float, help="Classifier-free guidance scale.")
 @click.option("--weights", "weights_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
@@ -113,11 +188,18 @@ def generate_command(prompt, negative, num_images, steps, seed, size, guidance, 
     """
     if size < 64 or size % 64:
         raise UsageError(f"--size {size} is not a positive multiple of 64; use e.g. 512")
+    if not prompt.strip():
+        raise UsageError("PROMPT is empty; say what to draw, e.g. conceptlib generate \"a photo of <cat-doll>\"")
+    if not math.isfinite(guidance):
+        raise UsageError(f"--guidance {guidance} is not a finite number; use e.g. 7.5")
+    _check_out_dir(out_dir)
     from conceptlib.library import ConceptLibrary
 
     library = ConceptLibrary()
     headers = concepts_in_prompts(library, prompt, negative or "")
+    _check_unknown_tokens(library, prompt, negative)
     base_model = _pick_base_model(model, headers)
+    _check_prompt_lengths(headers, prompt, negative)
 
     from conceptlib.weights import is_random, resolve_weights
 
@@ -196,7 +278,8 @@ def weights_group() -> None:
 def init_random_command(directory: Path, model: str) -> None:
     """Write RANDOMLY initialised weights into DIRECTORY (for --weights), for smoke runs and tests.
 
-    Images generated with them are noise. The folder is marked with RANDOM-WEIGHTS.txt.
+    Images generated with them are noise. The folder is marked with RANDOM-WEIGHTS.txt, so
+    DIRECTORY must be new, empty, or a folder init-random wrote before.
     """
     from conceptlib.kerascv import set_default_backend
 

@@ -102,7 +102,7 @@ def check_weight_file(path: Path) -> Path:
     except OSError as exc:
         raise WeightsError(f"weights file {path} cannot be read ({exc.strerror})") from None
     if signature != HDF5_SIGNATURE:
-        raise WeightsError(f"weights file {path} is corrupt (not an HDF5 file); {_replace_advice(path)}")
+        raise WeightsError(f"weights file {path} is corrupt (not an HDF5 file); {replacement_advice(path)}")
     import h5py
 
     # Opening reads only the superblock, which records the file's full size: a truncated download
@@ -111,11 +111,13 @@ def check_weight_file(path: Path) -> Path:
         h5py.File(path, "r").close()
     except OSError as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(f"weights file {path} is truncated or corrupt ({detail}); {_replace_advice(path)}") from None
+        raise WeightsError(f"weights file {path} is truncated or corrupt ({detail}); {replacement_advice(path)}") from None
     return path
 
 
-def _replace_advice(path: Path) -> str:
+def replacement_advice(path: Path) -> str:
+    """How to replace a bad weight file: rewrite a folder `weights init-random` made, else get an
+    intact copy (init-random refuses folders of real weights)."""
     folder = Path(path).parent
     if is_random(folder):
         return f"rewrite the folder with `conceptlib weights init-random {folder}`"
@@ -148,7 +150,7 @@ def read_legacy_h5(path, datasets, *, dtypes=None, shapes=None) -> list:
                 except KeyError:
                     raise WeightsError(
                         f"weights file {path} has no weight {layer}/{weight}; it belongs to another "
-                        "model layout, rewrite it with `conceptlib weights init-random` or re-download it"
+                        f"model layout: {replacement_advice(path)}"
                     ) from None
                 if shapes is not None and tuple(value.shape) != tuple(shapes[index]):
                     raise WeightsError(

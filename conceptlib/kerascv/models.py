@@ -35,7 +35,7 @@ def _load(model, part: str, weights) -> None:
                 f"no {part} weights among the resolved files ({', '.join(sorted(weights)) or 'none'}); "
                 f"resolve them with resolve_weights(base_model, parts=[..., {part!r}])"
             ) from None
-    from conceptlib.weights import check_weight_file
+    from conceptlib.weights import check_weight_file, replacement_advice
 
     check_weight_file(path)
     try:
@@ -45,7 +45,7 @@ def _load(model, part: str, weights) -> None:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsError(
             f"{path}: could not load {part} weights ({detail[:200]}); the file is corrupt or belongs "
-            "to another model, delete it and re-download it or rewrite it with `conceptlib weights init-random`"
+            f"to another model: {replacement_advice(path)}"
         ) from None
 
 

@@ -116,7 +116,7 @@ def _check_prompt_lengths(headers, *texts: str) -> None:
     with every concept token expanded to all its vectors (as ``apply`` encodes it)."""
     from conceptlib.clip_bpe import END_OF_TEXT, START_OF_TEXT, clean
     from conceptlib.errors import PromptTooLongError, VocabularyError
-    from conceptlib.kerascv.apply import MAX_PROMPT_LENGTH, _tokenizer_pattern
+    from conceptlib.kerascv.apply import MAX_PROMPT_LENGTH, _tokenizer_pattern, _vocab_entry
     from conceptlib.kerascv.tokenizer import make_clip_tokenizer
 
     try:
@@ -136,8 +136,7 @@ def _check_prompt_lengths(headers, *texts: str) -> None:
                 length += vectors[piece]
                 grown += vectors[piece] - 1
             else:
-                mapped = "".join(tokenizer.byte_encoder[byte] for byte in piece.encode("utf-8"))
-                length += len(tokenizer.bpe(mapped).split(" "))
+                length += len(tokenizer.bpe(_vocab_entry(tokenizer, piece)).split(" "))
         if length > MAX_PROMPT_LENGTH:
             over = length - MAX_PROMPT_LENGTH
             because = f" ({grown} of them from multi-vector concepts)" if grown else ""

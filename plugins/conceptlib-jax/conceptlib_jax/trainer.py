@@ -438,15 +438,18 @@ class JaxTrainer:
 
         models = {}
 
+        def build(decoder=False):
+            return build_models(
+                config.base_model, config.resolution, job.weights,
+                precision=precision, decoder=decoder, distribution=distribution,
+            )
+
         def get_models(decoder=False):
             building = models.pop("building", None)
             if building is not None:
                 models["ti"] = building.result()
             if "ti" not in models or (decoder and models["ti"].decoder is None):
-                models["ti"] = build_models(
-                    config.base_model, config.resolution, job.weights,
-                    precision=precision, decoder=decoder, distribution=distribution,
-                )
+                models["ti"] = build(decoder)
             return models["ti"]
 
         where = f"{config.batch_size} x {config.resolution} px on {_devices_text(devices)}"
@@ -612,10 +615,7 @@ class JaxTrainer:
                     self.report["preview_warmup"] = "sampler" if "ti" in models else "models and sampler"
                     models["building"] = InBackground(
                         ready_for_previews, models.get("ti"), jax.numpy.array(carry[0][:num_vectors], copy=True), job,
-                        lambda: build_models(
-                            config.base_model, config.resolution, job.weights,
-                            precision=precision, decoder=True, distribution=distribution,
-                        ),
+                        lambda: build(decoder=True),
                     )
                 if pending is not None:
                     self._report(job, *pending)

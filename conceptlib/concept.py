@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,19 +37,56 @@ def validate_name(name: str) -> str:
 
 
 def validate_token(token: str) -> str:
-    """Return ``token`` if prompts can contain it (lowercase, no whitespace), else raise."""
+    """Return ``token`` if prompts can contain it, else raise ConceptError naming a token to use.
+
+    KerasCV's tokenizer HTML-unescapes a prompt (twice), collapses whitespace and lowercases it
+    before it looks for tokens, so a token with capitals, whitespace or an HTML entity (``&amp;``,
+    ``&lt;``, ``&#60;``) never matches what users type; nor does one not in Unicode NFC form (the
+    composed characters keyboards type: ``é`` is one character, not ``e`` + a combining accent).
+    """
     if not isinstance(token, str) or not token:
         raise ConceptError(f"invalid token {token!r}: a token must be a non-empty string like '<cat-doll>'")
     if token != token.lower():
         raise ConceptError(
             f"invalid token {token!r}: KerasCV lowercases prompts, so a token with capitals never "
-            f"matches; use {token.lower()!r}"
+            f"matches; use {suggested_token(token)!r}"
         )
     if not _TOKEN_RE.match(token):
         raise ConceptError(
             f"invalid token {token!r}: use 1-64 characters without whitespace, e.g. '<cat-doll>'"
         )
+    composed = unicodedata.normalize("NFC", token)
+    if composed != token:
+        raise ConceptError(
+            f"invalid token {token!r} ({ascii(token)}): it is not in Unicode NFC form, so the same "
+            f"text typed on a keyboard would not match it; use {composed!r} ({ascii(composed)})"
+        )
+    if html.unescape(token) != token:
+        raise ConceptError(
+            f"invalid token {token!r}: it contains an HTML entity, and KerasCV unescapes HTML in "
+            f"prompts, so {token!r} typed in a prompt becomes {_unescaped(token)!r} and never matches; "
+            f"use {suggested_token(token)!r}"
+        )
     return token
+
+
+def _unescaped(text: str) -> str:
+    # What keras-cv's SimpleTokenizer (basic_clean) does to a prompt first.
+    return html.unescape(html.unescape(text))
+
+
+def suggested_token(text: str) -> str:
+    """A token prompts can contain, close to ``text``: NFC, lowercase, whitespace as '-', HTML
+    entities replaced by what they stand for (or, where that is no valid token, their '&' by '-')."""
+    fixed = _clean_token_text(text)
+    if html.unescape(fixed) != fixed:
+        unescaped = _clean_token_text(_unescaped(fixed))
+        fixed = unescaped if unescaped and html.unescape(unescaped) == unescaped else fixed.replace("&", "-")
+    return fixed[:64] or "<concept>"
+
+
+def _clean_token_text(text: str) -> str:
+    return re.sub(r"\s+", "-", unicodedata.normalize("NFC", text.strip().lower()))
 
 
 def slug_from_token(token: str) -> str:

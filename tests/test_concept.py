@@ -1,0 +1,135 @@
+"""Token validation: a token must be something a prompt typed by a user can contain once keras-cv's
+SimpleTokenizer has cleaned the prompt (HTML unescaped twice, whitespace collapsed, lowercased)."""
+
+from __future__ import annotations
+
+import unicodedata
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import save_file
+
+from conceptlib.cli import main
+from conceptlib.concept import Concept, suggested_token, validate_token
+from conceptlib.errors import ConceptError
+from conceptlib.library import ConceptLibrary
+
+NFD_CAFE = unicodedata.normalize("NFD", "<café>")
+NFC_CAFE = unicodedata.normalize("NFC", "<café>")
+
+
+@pytest.mark.parametrize("token", ["<cat-doll>", "<a&b>", "x&y", "&", "<café>", "ö", "<&#x>", "&;"])
+def test_tokens_prompts_can_contain_are_accepted(token):
+    assert validate_token(token) == token
+
+
+@pytest.mark.parametrize("token,becomes,use", [
+    ("&amp;", "&", "&"),
+    ("<a&amp;b>", "<a&b>", "<a&b>"),
+    ("&lt;cat&gt;", "<cat>", "<cat>"),
+    ("<x&#60;y>", "<x<y>", "<x<y>"),
+    ("<x&#x3c;y>", "<x<y>", "<x<y>"),
+    ("<a&lt>", "<a<>", "<a<>"),            # html.unescape also takes some entities without ';'
+    ("&amp;lt;", "<", "<"),                # unescaped twice, as keras-cv does
+    ("<a&nbsp;b>", "<a\xa0b>", "<a-b>"),   # the entity stands for whitespace
+    ("&nbsp;", "\xa0", "-nbsp;"),          # only whitespace: the '&' goes instead
+])
+def test_a_token_with_an_html_entity_is_refused_with_a_token_to_use(token, becomes, use):
+    with pytest.raises(ConceptError) as info:
+        validate_token(token)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"invalid token {token!r}: it contains an HTML entity")
+    assert f"becomes {becomes!r}" in message and message.endswith(f"; use {use!r}")
+    assert validate_token(use) == use  # the advice itself is accepted
+
+
+def test_a_token_not_in_nfc_form_is_refused_with_its_nfc_form():
+    assert NFD_CAFE != NFC_CAFE and len(NFD_CAFE) == len(NFC_CAFE) + 1
+    with pytest.raises(ConceptError) as info:
+        validate_token(NFD_CAFE)
+    message = str(info.value)
+    # The two forms look alike on screen, so the message spells both out in escapes too.
+    assert message.startswith(f"invalid token {NFD_CAFE!r} ({ascii(NFD_CAFE)}): it is not in Unicode NFC form")
+    assert message.endswith(f"; use {NFC_CAFE!r} ({ascii(NFC_CAFE)})") and "\n" not in message
+    # Capitals are reported first, with advice that fixes the form too.
+    with pytest.raises(ConceptError, match="capitals") as info:
+        validate_token(NFD_CAFE.upper())
+    assert str(info.value).endswith(f"; use {NFC_CAFE!r}")
+
+
+def test_suggested_tokens_are_valid():
+    for text in ("<Cat Doll>", "&LT;x&GT;", NFD_CAFE.upper(), "a\tb&amp;c", "&nbsp;&nbsp;"):
+        assert validate_token(suggested_token(text)) == suggested_token(text)
+
+
+def test_a_concept_cannot_be_made_with_such_a_token():
+    vectors = np.zeros((1, 768), np.float32)
+    for token in ("<a&amp;b>", NFD_CAFE):
+        with pytest.raises(ConceptError, match="invalid token"):
+            Concept("doll", token, vectors)
+
+
+def test_keras_cv_never_matches_the_refused_tokens_and_does_match_the_advice():
+    """What the checks are for, measured with keras-cv's own SimpleTokenizer: a prompt typed with
+    the refused token does not contain it once tokenized, one typed with the advice does."""
+    from conceptlib.kerascv.tokenizer import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    pairs = [("<a&amp;b>", "<a&b>"), ("&lt;doll&gt;", "<doll>"), ("<x&#60;y>", "<x<y>"), ("<a&lt>", "<a<>")]
+    tokenizer.add_tokens([token for pair in pairs for token in pair])
+    for refused, advice in pairs:
+        assert tokenizer.encoder[refused] not in tokenizer.encode(f"a photo of {refused} on a table")
+        assert tokenizer.encoder[advice] in tokenizer.encode(f"a photo of {advice} on a table")
+    # keras-cv does not normalise Unicode: what a keyboard types (NFC) is other text than NFD, so
+    # an NFD token never matches it. (Non-ASCII tokens work through apply: test_apply.py.)
+    plain = make_tokenizer()
+    assert plain.encode(f"a photo of {NFC_CAFE}") != plain.encode(f"a photo of {NFD_CAFE}")
+
+
+# -- import: tokens derived from other tools' keys and file names -----------------------------------
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    root = tmp_path / "home"
+    monkeypatch.setenv("CONCEPTLIB_HOME", str(root))
+    return root
+
+
+def _vectors(seed):
+    return np.random.default_rng(seed).standard_normal((1, 768)).astype(np.float32)
+
+
+def test_importing_files_with_odd_tokens_skips_each_with_one_line(home, tmp_path):
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    save_file({"<a&amp;b>": _vectors(1)}, str(folder / "escaped.safetensors"))   # diffusers: the key is the token
+    save_file({"emb_params": _vectors(2)}, str(folder / f"{NFD_CAFE}.safetensors"))  # kohya: the file name is
+    save_file({"<good>": _vectors(3)}, str(folder / "good.safetensors"))
+    result = CliRunner().invoke(main, ["import", str(folder)])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    lines = result.stdout.splitlines()
+    escaped = [line for line in lines if "escaped.safetensors" in line]
+    assert escaped == [f"Skipped {folder / 'escaped.safetensors'}: invalid token '<a&amp;b>': it contains an "
+                       "HTML entity, and KerasCV unescapes HTML in prompts, so '<a&amp;b>' typed in a prompt "
+                       "becomes '<a&b>' and never matches; use '<a&b>'"]
+    nfd = [line for line in lines if NFD_CAFE in line]
+    assert len(nfd) == 1 and nfd[0].startswith("Skipped ") and "not in Unicode NFC form" in nfd[0]
+    assert nfd[0].endswith(f"use {NFC_CAFE!r} ({ascii(NFC_CAFE)})")
+    assert lines[-1] == "1 imported, 2 skipped"
+    assert result.stderr.strip() == "Error: 2 of 3 concept files could not be imported; see the reasons above"
+    assert [h.token for h in ConceptLibrary(home).list()] == ["<good>"]
+
+    # The advice works: imported one at a time with --token, and such a --token is a usage error.
+    refused = CliRunner().invoke(main, ["import", str(folder / "escaped.safetensors"), "--token", "&lt;ab&gt;"])
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith("Error: --token: invalid token '&lt;ab&gt;': it contains an HTML entity")
+    assert [h.token for h in ConceptLibrary(home).list()] == ["<good>"]
+    for path, token in ((folder / "escaped.safetensors", "<a&b>"), (folder / f"{NFD_CAFE}.safetensors", NFC_CAFE)):
+        result = CliRunner().invoke(main, ["import", str(path), "--token", token])
+        assert result.exit_code == 0, result.output
+    assert sorted(h.token for h in ConceptLibrary(home).list()) == sorted(["<good>", "<a&b>", NFC_CAFE])

@@ -219,6 +219,12 @@ def _other_model_hint(base_model: str, folders) -> str:
 def find_local_weights(base_model: str, weights_dir: str | os.PathLike | None = None, parts=PARTS) -> dict[str, Path]:
     """``{part: path}`` for the ``parts`` found in ``weights_dir`` (else ``$CONCEPTLIB_WEIGHTS``)
     or the Keras cache, each checked; parts found nowhere are left out. Nothing is downloaded."""
+    return {part: check_weight_file(path) for part, path in local_weight_files(base_model, weights_dir, parts).items()}
+
+
+def local_weight_files(base_model: str, weights_dir: str | os.PathLike | None = None, parts=PARTS) -> dict[str, Path]:
+    """Like ``find_local_weights`` but unchecked: the file each part would be loaded from, so a
+    caller can check every one (``check_weight_file``) and report all the bad ones."""
     validate_base_model(base_model)
     found: dict[str, Path] = {}
     search = _search_dirs(weights_dir)
@@ -227,7 +233,7 @@ def find_local_weights(base_model: str, weights_dir: str | os.PathLike | None = 
         for folder in search:
             candidate = folder / filename
             if candidate.exists():
-                found[part] = check_weight_file(candidate)
+                found[part] = candidate
                 break
     return found
 

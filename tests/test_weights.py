@@ -103,6 +103,54 @@ def test_weights_where_lists_local_files_and_what_would_be_downloaded(cache, tmp
     assert sorted(p.name for p in cache.iterdir()) == ["kcv_decoder.h5"]
 
 
+def test_weights_where_lists_every_bad_file_then_fails(cache, tmp_path):
+    """A bad file does not hide the parts after it: each line says which file is wrong and how to
+    fix it, and the exit code (1) comes at the end."""
+    from click.testing import CliRunner
+
+    from conceptlib.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "kcv_encoder.h5").write_bytes(b"<html>rate limited</html>")  # an error page saved as the file
+    _h5(mine / "kcv_diffusion_model.h5")
+    whole = _h5(tmp_path / "whole.h5")
+    (cache / "kcv_decoder.h5").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # a cut-off download
+    result = CliRunner().invoke(main, ["weights", "where", "--weights", str(mine)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == list(W.PARTS)
+    assert lines[0].startswith(f"text_encoder\tBAD: weights file {mine / 'kcv_encoder.h5'} is corrupt (not an HDF5 file); ")
+    assert lines[0].endswith("delete it and download it again, or put an intact copy there")
+    assert lines[1] == f"diffusion_model\t{mine / 'kcv_diffusion_model.h5'}"
+    assert lines[2].startswith(f"decoder\tBAD: weights file {cache / 'kcv_decoder.h5'} is truncated or corrupt (")
+    assert lines[2].endswith("delete it and download it again, or put an intact copy there")
+    assert lines[3] == f"image_encoder\tnot found locally; would download {W.WEIGHT_FILES['sd-1']['image_encoder'].url}"
+    assert result.stderr == ("Error: 2 of 4 weight files cannot be used (text_encoder, decoder); "
+                             "replace each as its line above says\n")
+    # Nothing was downloaded or changed.
+    assert sorted(p.name for p in cache.iterdir()) == ["kcv_decoder.h5"]
+
+
+def test_weights_where_tells_to_rewrite_a_damaged_random_folder(cache, tmp_path):
+    from click.testing import CliRunner
+
+    from conceptlib.cli import main
+
+    mine = tmp_path / "random"
+    mine.mkdir()
+    (mine / W.RANDOM_MARKER).write_text("random")
+    for part in W.PARTS:
+        (mine / W.weight_filename("sd-1", part)).write_bytes(b"")  # e.g. a disk that filled up
+    result = CliRunner().invoke(main, ["weights", "where", "--weights", str(mine)])
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and all("\tBAD: weights file " in line for line in lines)
+    assert all(line.endswith(f"rewrite the folder with `conceptlib weights init-random {mine}`") for line in lines)
+    assert result.stderr.startswith("Error: 4 of 4 weight files cannot be used (")
+
+
 def test_missing_weights_folder_is_an_error(cache, tmp_path):
     with pytest.raises(WeightsError, match=r"weights folder .*nope.* does not exist"):
         W.resolve_weights("sd-1", tmp_path / "nope")

@@ -296,13 +296,25 @@ def init_random_command(directory: Path, model: str) -> None:
               help="Folder of keras-cv weight files (default: $CONCEPTLIB_WEIGHTS), searched before the Keras cache.")
 def where_command(model: str, weights_dir: Path | None) -> None:
     """Print which file each part would be loaded from, or the URL it would be downloaded from
-    (nothing is downloaded)."""
-    from conceptlib.weights import PARTS, WEIGHT_FILES, find_local_weights, is_random
+    (nothing is downloaded). Every damaged file is listed with how to fix it; exit 1 if any is."""
+    from conceptlib.errors import WeightsError
+    from conceptlib.weights import PARTS, WEIGHT_FILES, check_weight_file, is_random, local_weight_files
 
-    found = find_local_weights(model, weights_dir)
+    located = local_weight_files(model, weights_dir)
+    bad = []
     for part in PARTS:
-        path = found.get(part)
+        path = located.get(part)
         if path is None:
             click.echo(f"{part}\tnot found locally; would download {WEIGHT_FILES[model][part].url}")
+            continue
+        try:
+            check_weight_file(path)
+        except WeightsError as exc:
+            bad.append(part)
+            click.echo(f"{part}\tBAD: {exc}")
         else:
             click.echo(f"{part}\t{path}{'  (RANDOM)' if is_random({part: path}) else ''}")
+    if bad:
+        raise WeightsError(
+            f"{len(bad)} of {len(PARTS)} weight files cannot be used ({', '.join(bad)}); replace each as its line above says"
+        )

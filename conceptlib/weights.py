@@ -294,9 +294,19 @@ def is_random(weights: dict[str, Path] | str | os.PathLike | None) -> bool:
     if weights is None:
         return False
     if isinstance(weights, dict):
-        folders = {Path(path).parent for path in weights.values()}
-        return any((folder / RANDOM_MARKER).exists() for folder in folders)
+        return bool(random_folders(weights))
     return (Path(weights) / RANDOM_MARKER).exists()
+
+
+def random_folders(weights: dict[str, Path]) -> list[Path]:
+    """The folders (each once, in part order) that hold random parts of a resolve_weights dict:
+    parts may come from several folders (``--weights DIR``, then the Keras cache)."""
+    folders: list[Path] = []
+    for path in weights.values():
+        folder = Path(path).parent
+        if folder not in folders and (folder / RANDOM_MARKER).exists():
+            folders.append(folder)
+    return folders
 
 
 def write_random_weights(directory: str | os.PathLike, base_model: str = "sd-1", parts=PARTS) -> Path:

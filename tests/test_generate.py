@@ -203,3 +203,36 @@ def _init_and_generate(cli, env, home, weights):
     with Image.open(path) as image:
         assert image.size == (64, 64)
     assert any(cache.iterdir()), "generate on the JAX backend wrote nothing to the compilation cache"
+
+
+def test_generate_names_every_folder_of_random_weights(home, monkeypatch):
+    """Parts come from --weights and then the Keras cache folders: the RANDOM warning names each
+    folder that holds random parts, once. The text encoder file here is a stand-in (an HDF5 file
+    without its weights), so the run stops with one line when the text encoder loads it, before
+    the diffusion model is built."""
+    import h5py
+
+    from conceptlib import weights as W
+
+    def folder(name, random, files):
+        path = home / name
+        path.mkdir()
+        if random:
+            (path / W.RANDOM_MARKER).write_text("random")
+        for file in files:
+            h5py.File(path / file, "w").close()
+        return path
+
+    mine = folder("mine", True, ["kcv_encoder.h5"])
+    cache_random = folder("cache-random", True, ["kcv_decoder.h5", "vae_encoder.h5"])
+    cache_real = folder("cache-real", False, ["kcv_diffusion_model.h5"])
+    monkeypatch.setattr(W, "keras_cache_dirs", lambda: [cache_random, cache_real])
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    result = CliRunner().invoke(main, ["generate", "a cat", "--weights", str(mine), "--offline", "--size", "64",
+                                       "--seed", "1", "--out", str(home / "out")])
+    warnings = [line for line in result.stderr.splitlines() if "RANDOM" in line]
+    assert warnings == [f"Warning: sd-1 weights in {mine} and {cache_random} are RANDOM; images will be noise"]
+    assert result.exit_code == 1, result.output
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"Error: {mine / 'kcv_encoder.h5'}: could not load text_encoder") and "Traceback" not in result.output
+    assert not (home / "out").exists()

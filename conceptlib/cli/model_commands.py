@@ -200,14 +200,16 @@ def generate_command(prompt, negative, num_images, steps, seed, size, guidance, 
     base_model = _pick_base_model(model, headers)
     _check_prompt_lengths(headers, prompt, negative)
 
-    from conceptlib.weights import is_random, resolve_weights
+    from conceptlib.weights import random_folders, resolve_weights
 
     with contextlib.redirect_stdout(sys.stderr):  # keras' download progress
         weights = resolve_weights(
             base_model, weights_dir, parts=("text_encoder", "diffusion_model", "decoder"), download=not offline
         )
-    if is_random(weights):
-        click.echo(f"Warning: {base_model} weights in {weights['text_encoder'].parent} are RANDOM; images will be noise", err=True)
+    random_dirs = random_folders(weights)
+    if random_dirs:
+        where = " and ".join(str(folder) for folder in random_dirs)
+        click.echo(f"Warning: {base_model} weights in {where} are RANDOM; images will be noise", err=True)
     if seed is None:
         seed = secrets.randbelow(2**31)
         click.echo(f"Seed: {seed}", err=True)
@@ -247,7 +249,7 @@ def generate_command(prompt, negative, num_images, steps, seed, size, guidance, 
     settings = {
         "prompt": prompt, "negative": negative, "seed": seed, "steps": steps, "size": size,
         "guidance": guidance, "base_model": base_model, "concepts": [h.name for h in headers],
-        "random_weights": is_random(weights),
+        "random_weights": bool(random_dirs),
     }
     info.add_text("conceptlib", json.dumps(settings, ensure_ascii=False))
     info.add_text("parameters", f"{prompt}\nNegative prompt: {negative or ''}\nSteps: {steps}, Seed: {seed}, "

@@ -307,7 +307,9 @@ def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
         "step_cache": trainer_report.get("step_cache"),
         "preview_warmup": trainer_report.get("preview_warmup"),  # built / compiled in the background
         "sampler_traces": trainer_report.get("sampler_traces"),
-        "preview_seconds": trainer_report.get("preview_seconds"),  # the pause for each preview
+        "preview_seconds": trainer_report.get("preview_seconds"),  # request to images, training going on
+        "longest_step_gap_s": trainer_report.get("longest_step_gap_s"),  # the longest stall between steps
+        "previews": sorted(p.name for p in (tmp / f"cli-run-{run}" / "previews").glob("*.png")),
         **rate,
         "compilation_cache": env.get("CONCEPTLIB_JAX_CACHE", "default (user cache dir)"),
         "stderr_tail": tail[-6:] if proc.returncode else tail[-2:],

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
@@ -243,11 +244,15 @@ class TrainingJob:
         self.losses: list[float] = []
         self.progress = Progress(config.steps)
         self.timings: dict[str, float] = {"prepared": time.perf_counter()}
+        self.longest_step_gap = 0.0  # seconds
         self._arrays: dict[int, object] = {}
         # Callbacks the trainer sets so the job can ask for a checkpoint / preview when due.
         self.checkpoint_fn = None  # () -> (vectors, [optimizer variable values]) after the step
-        self.preview_fn = None  # (token_ids, latent_noise) -> uint8 (B, R, R, 3)
+        # (token_ids, latent_noise) -> uint8 (B, R, R, 3), or a Future of them: a trainer that
+        # renders in the background returns at once and training goes on.
+        self.preview_fn = None
         self._last_preview: tuple[int, object] | None = None  # (step, images) step_done rendered
+        self._pending_previews: list[tuple[int, Future]] = []  # (step, Future) in step order
         self._checkpoint: Checkpoint | None = None  # read and checked by prepare when resuming
 
     # --- data -------------------------------------------------------------------------------
@@ -339,9 +344,13 @@ class TrainingJob:
 
     def step_done(self, step: int, loss: float) -> None:
         """Record ``loss`` for ``step`` (0-based), report progress, and checkpoint/preview when due."""
+        self._write_rendered_previews()
         loss = float(loss)
+        now = time.perf_counter()
         if "first_step" not in self.timings:
-            self.timings["first_step"] = time.perf_counter()
+            self.timings["first_step"] = now
+        else:  # the longest stall between two steps (e.g. waiting for a preview), for benchmarks
+            self.longest_step_gap = max(self.longest_step_gap, now - self.timings["last_step"])
         self.losses.append(loss)
         self.progress.update(step, loss)
         done = step + 1
@@ -353,16 +362,30 @@ class TrainingJob:
         if self.preview_fn is not None and every and done % every == 0:
             self.stage(f"rendering the preview of step {done}")
             images = self.preview_fn(*self.preview_inputs())
+            self._pending_previews.append((done, images))
+            self._write_rendered_previews(wait=not isinstance(images, Future))
+        self.timings["last_step"] = time.perf_counter()
+
+    def _write_rendered_previews(self, wait: bool = False) -> None:
+        """Write the previews whose images are ready, in step order; with ``wait``, all of them
+        (a background render's error is raised here, in the training thread)."""
+        while self._pending_previews:
+            done, images = self._pending_previews[0]
+            if isinstance(images, Future):
+                if not (wait or images.done()):
+                    return
+                images = images.result()
+            self._pending_previews.pop(0)
             self._last_preview = (done, images)
             self.write_preview(done, images)
-        self.timings["last_step"] = time.perf_counter()
 
     def final_preview(self, render=None):
         """The preview of the final vectors as one grid image (uint8 (H, W, 3)) for
         ``TrainingResult.preview``, or None when the run makes no previews.
 
-        Call it after the last ``step_done``. When ``preview_every`` divides ``steps``, step_done
-        has just rendered the final vectors' preview: its images are reused rather than rendered
+        Call it after the last ``step_done``; it first waits for the previews still rendering in
+        the background and writes them. When ``preview_every`` divides ``steps``, step_done has
+        just rendered the final vectors' preview: its images are reused rather than rendered
         again. Otherwise ``render`` (default: ``preview_fn``), a ``(token_ids, latent_noise) ->
         uint8 (B, R, R, 3)`` function, renders them.
         """
@@ -370,6 +393,7 @@ class TrainingJob:
 
         if not self.wants_previews:
             return None
+        self._write_rendered_previews(wait=True)
         if self._last_preview is not None and self._last_preview[0] == self.config.steps:
             images = self._last_preview[1]
         else:
@@ -377,6 +401,8 @@ class TrainingJob:
             if render is None:
                 raise TrainingError("no preview renderer: set job.preview_fn or pass render to final_preview")
             images = render(*self.preview_inputs())
+            if isinstance(images, Future):
+                images = images.result()
         return grid(images)
 
     def write_preview(self, step: int, images) -> Path:

@@ -67,6 +67,30 @@ def test_in_background_returns_the_value_or_raises_in_the_caller():
         job.result()
 
 
+def test_serial_worker_runs_one_function_at_a_time_in_order_and_returns_futures():
+    import threading
+
+    from conceptlib_jax.trainer import SerialWorker
+
+    gate, order = threading.Event(), []
+
+    def work(name):
+        gate.wait(timeout=60)
+        order.append(name)
+        if name == "broken":
+            raise ValueError("sampler failed")
+        return name.upper()
+
+    worker = SerialWorker()
+    futures = [worker.submit(work, name) for name in ("a", "broken", "c")]
+    assert not any(future.done() for future in futures)  # submit returned before any ran
+    gate.set()
+    assert futures[2].result(timeout=60) == "C" and futures[0].result() == "A"
+    with pytest.raises(ValueError, match="sampler failed"):
+        futures[1].result()
+    assert order == ["a", "broken", "c"]
+
+
 def test_a_batch_that_does_not_split_uses_as_many_devices_as_divide_it():
     from conceptlib.errors import TrainingError
     from conceptlib_jax.trainer import devices_for_batch

@@ -3,6 +3,9 @@ per-step batches (a pure function of seed and step), run folders and checkpoints
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,6 +13,7 @@ from PIL import Image
 from conceptlib.images import augment, find_images, grid
 from conceptlib.kerascv.textual_inversion import END_OF_TEXT, MAX_LENGTH, START_OF_TEXT, encode_prompt, initial_rows
 from conceptlib.plugins import get_template_pack
+from conceptlib.errors import TrainingError
 from conceptlib.training import Checkpoint, RunDirectory, TrainingConfig, TrainingJob
 
 
@@ -190,6 +194,50 @@ def test_final_preview_renders_when_the_last_step_made_none(job):
     calls, final = _drive(job, steps=4, preview_every=3)
     assert calls == [1, 2] and final == [2]
     assert sorted(p.name for p in job.run_dir.previews.iterdir()) == ["step-0000003.png"]
+
+
+def test_previews_rendered_in_the_background_are_written_in_step_order_while_training_goes_on(job):
+    # A trainer may return a Future from preview_fn (the jax trainer renders in a background
+    # thread): step_done does not wait for it and writes each preview once its images exist.
+    job.config.steps, job.config.preview_every = 6, 2
+    job.progress.enabled = False
+    requested = []
+
+    def render(token_ids, noise):
+        requested.append(Future())
+        return requested[-1]
+
+    def images(value):
+        return np.full((2, 64, 64, 3), value, np.uint8)
+
+    def written():
+        return sorted(p.name for p in job.run_dir.previews.glob("*.png"))
+
+    job.preview_fn = render
+    for index in range(4):  # steps 1-4: the previews of steps 2 and 4 requested, none rendered
+        job.step_done(index, 0.5)
+    assert len(requested) == 2 and written() == []
+    requested[1].set_result(images(4))
+    job.step_done(4, 0.5)
+    assert written() == []  # step 4's preview waits for step 2's, so files appear in order
+    requested[0].set_result(images(2))
+    job.step_done(5, 0.5)  # step 6: writes steps 2 and 4, requests step 6's
+    assert written() == ["step-0000002.png", "step-0000004.png"] and len(requested) == 3
+    threading.Timer(0.2, requested[2].set_result, (images(6),)).start()
+    final = job.final_preview(render)  # waits for step 6's preview and reuses it
+    assert len(requested) == 3 and sorted(np.unique(final).tolist()) == [6]
+    assert written() == ["step-0000002.png", "step-0000004.png", "step-0000006.png"]
+
+
+def test_a_background_preview_that_failed_stops_the_run_at_the_next_step(job):
+    job.config.steps, job.config.preview_every = 4, 1
+    job.progress.enabled = False
+    failed = Future()
+    job.preview_fn = lambda token_ids, noise: failed
+    job.step_done(0, 0.5)
+    failed.set_exception(TrainingError("out of memory while rendering"))
+    with pytest.raises(TrainingError, match="out of memory while rendering"):
+        job.step_done(1, 0.5)
 
 
 def test_final_preview_is_none_without_previews(job):

@@ -20,7 +20,8 @@ how the work is laid out for a GPU (see ``conceptlib_jax.step``):
   built in a background thread once the first step runs. The new vectors are padded to a power
   of two of rows (``vector_rows``), so 3 and 4 vectors share a step;
 - previews: once the first step runs, a background thread compiles the preview sampler for the
-  run's preview shapes (``ready_for_previews``), so the first preview does not pause training.
+  run's preview shapes (``ready_for_previews``); each preview then renders in another background
+  thread (``SerialWorker``) from a copy of that step's vectors, so training never waits for one.
 
 Options come from the constructor or, for ``conceptlib train --trainer jax``, from environment
 variables: CONCEPTLIB_JAX_PRECISION (bf16|fp32|auto), CONCEPTLIB_JAX_FLASH (on|off|auto),
@@ -40,8 +41,10 @@ and peak memory; for benchmarks).
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
+from concurrent.futures import Future
 
 from conceptlib_jax import __version__
 
@@ -575,14 +578,20 @@ class JaxTrainer:
 
             job.checkpoint_fn = current
 
-            def preview(token_ids, noise):
-                started = time.perf_counter()
-                images = get_models(decoder=True).sample(
-                    carry[0][:num_vectors], token_ids, noise, num_steps=config.preview_steps
-                )
-                # How long training paused for it (waiting for the warm-up included).
-                self.report.setdefault("preview_seconds", []).append(round(time.perf_counter() - started, 3))
+            renderer = SerialWorker()
+
+            def render(rows, token_ids, noise, requested):
+                images = get_models(decoder=True).sample(rows, token_ids, noise, num_steps=config.preview_steps)
+                # From the request to the images (waiting for the warm-up included); training
+                # went on meanwhile.
+                self.report.setdefault("preview_seconds", []).append(round(time.perf_counter() - requested, 3))
                 return images
+
+            def preview(token_ids, noise):
+                # A copy made now: the next step donates the carry (a slice of all the rows is the
+                # carry's own buffer).
+                rows = jax.numpy.array(carry[0][:num_vectors], copy=True)
+                return renderer.submit(render, rows, token_ids, noise, time.perf_counter())
 
             if job.wants_previews:
                 job.preview_fn = preview
@@ -639,6 +648,7 @@ class JaxTrainer:
         peaks["done"] = peak_memory_gib()
         self.report["peak_memory_gib_after"] = peaks
         self.report["timings"] = {k: round(v - timings["start"], 3) for k, v in timings.items()}
+        self.report["longest_step_gap_s"] = round(job.longest_step_gap, 3)
         if "prepared" in job.timings:  # conceptlib.training.prepare's checks, before this trainer
             self.report["timings"]["job_prepared"] = round(job.timings["prepared"] - timings["start"], 3)
         job.timings.update({f"jax_{k}": v for k, v in timings.items()})
@@ -746,6 +756,31 @@ def ready_for_previews(ti, rows, job, build):
         ti = build()
     ti.sample(rows, *job.preview_inputs(), num_steps=job.config.preview_steps)
     return ti
+
+
+class SerialWorker:
+    """Runs the functions given to ``submit`` one after another in a daemon thread (an
+    interrupted run exits without waiting for them); ``submit`` returns a Future at once."""
+
+    def __init__(self):
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+
+    def submit(self, fn, *args) -> Future:
+        future = Future()
+        self._queue.put((future, fn, args))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="conceptlib-previews")
+            self._thread.start()
+        return future
+
+    def _run(self):
+        while True:
+            future, fn, args = self._queue.get()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # re-raised in the caller's thread by future.result()
+                future.set_exception(exc)
 
 
 class InBackground:

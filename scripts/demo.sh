@@ -7,11 +7,32 @@
 # meaningless and the generated pictures are noise. Real use: pass --weights DIR with keras-cv's
 # weight files (or let KerasCV download them), train at 512 px for ~1000+ steps, on a GPU.
 #
-# DEMO_DIR=path keeps the results (default: a fresh temporary folder).
+# Without DEMO_DIR it works in a fresh temporary folder and deletes the ~4 GB of random weights
+# at the end (also when a step fails or it is interrupted), keeping the small results (run folder,
+# library, generated images), and says where they are. DEMO_DIR=path keeps everything there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORK="${DEMO_DIR:-$(mktemp -d -t conceptlib-demo-XXXXXX)}"
-mkdir -p "$WORK"
+if [ -n "${DEMO_DIR:-}" ]; then
+  WORK="$DEMO_DIR"
+  mkdir -p "$WORK"
+else
+  WORK="$(mktemp -d -t conceptlib-demo-XXXXXX)"
+  delete_weights() {
+    # Only the folder this run made inside its own temporary folder.
+    rm -rf -- "$WORK/weights"
+  }
+  on_exit() {
+    local status=$?
+    delete_weights
+    if [ "$status" -ne 0 ]; then
+      echo "Demo stopped (exit $status); deleted its random weights. What it made so far is in $WORK" \
+        "(delete it with: rm -rf $(printf %q "$WORK"))" >&2
+    fi
+  }
+  trap on_exit EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+fi
 export CONCEPTLIB_HOME="$WORK/library"   # a library of its own, so the demo touches nothing else
 export TF_CPP_MIN_LOG_LEVEL=2
 
@@ -41,3 +62,8 @@ conceptlib generate "a photo of <toy-robot> on the moon" --weights "$WORK/weight
 echo
 echo "Done. Run folder (config, checkpoints, preview): $WORK/run"
 echo "Library: $CONCEPTLIB_HOME   Generated images: $WORK/generated"
+if [ -z "${DEMO_DIR:-}" ]; then
+  delete_weights
+  echo "Deleted the random weights (~4 GB, $WORK/weights); the results above stay in $WORK."
+  echo "Delete them with: rm -rf $(printf %q "$WORK")"
+fi

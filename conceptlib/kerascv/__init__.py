@@ -7,6 +7,7 @@ so callers (the CLI) choose the backend first; ``keras_module()`` imports it on 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 DEFAULT_BACKEND = "tensorflow"
 
@@ -19,20 +20,33 @@ def set_default_backend(backend: str | None = None) -> str:
     return os.environ["KERAS_BACKEND"]
 
 
-def enable_jax_compilation_cache(path: str | None = None) -> str | None:
-    """Point JAX's persistent compilation cache at ``path`` (else ``$CONCEPTLIB_JAX_CACHE``, else
-    conceptlib's user cache folder), so the next process skips XLA compiles it already did (on a
-    GPU the UNet's take tens of seconds). Returns the folder, or None when the variable is "off".
-    Call it before the first compile; it imports jax."""
-    import jax
+JAX_CACHE_ENV = "CONCEPTLIB_JAX_CACHE"
 
-    path = path or os.environ.get("CONCEPTLIB_JAX_CACHE")
+
+def jax_cache_dir(path: str | os.PathLike | None = None) -> Path | None:
+    """The folder of JAX's persistent compilation cache (and the jax trainer's step cache in it):
+    ``path``, else ``$CONCEPTLIB_JAX_CACHE``, else conceptlib's user cache folder (e.g.
+    ``~/.cache/conceptlib/jax``); None when it is "off". Imports no jax (``conceptlib cache``)."""
+    path = os.fspath(path) if path else os.environ.get(JAX_CACHE_ENV)
     if path and path.lower() == "off":
         return None
     if not path:
         import platformdirs
 
-        path = str(platformdirs.user_cache_path("conceptlib") / "jax")
+        return platformdirs.user_cache_path("conceptlib") / "jax"
+    return Path(path)
+
+
+def enable_jax_compilation_cache(path: str | None = None) -> str | None:
+    """Point JAX's persistent compilation cache at ``jax_cache_dir(path)``, so the next process
+    skips XLA compiles it already did (on a GPU the UNet's take tens of seconds). Returns the
+    folder, or None when the variable is "off". Call it before the first compile; it imports jax."""
+    import jax
+
+    folder = jax_cache_dir(path)
+    if folder is None:
+        return None
+    path = str(folder)
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

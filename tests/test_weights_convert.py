@@ -1,0 +1,476 @@
+"""`conceptlib weights convert`: a diffusers SD 1.x pipeline folder -> keras-cv weights folder.
+
+Real weights cannot be downloaded here, so the heavy test builds the real diffusers/transformers
+classes (CLIPTextModel of openai/clip-vit-large-patch14, UNet2DConditionModel and AutoencoderKL
+of SD 1.5, configs below) with random weights (every norm's scale and shift randomised too),
+writes them with ``save_pretrained`` as the Hub holds them, converts the folder with the real
+CLI, builds keras-cv's models through conceptlib's own loading path (``--weights DIR``) and
+compares each part's outputs with torch's on the same inputs. A swapped, untransposed or
+misplaced tensor changes outputs by O(1); the tolerances are ~1e-4 of each output's scale.
+
+keras-cv's SD 1.x differs from diffusers in two documented details that are not weights: its
+GEGLU uses the tanh approximation of GELU, and its GroupNorms use eps 1e-5 where diffusers' VAE
+and transformer norms use 1e-6. The tight comparison runs torch with keras-cv's choices; the
+outputs of the unchanged diffusers models are compared too, with a looser bound.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import conceptlib.cli.convert_command  # noqa: F401  (registers `weights convert` if not yet)
+from conceptlib.cli import main
+from conceptlib.kerascv import convert as C
+from conceptlib import weights as W
+
+# diffusers and transformers (imported in the fixture) must never reach for the Hub: every model
+# here is built from its config.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+# openai/clip-vit-large-patch14's text model, as SD 1.x's text_encoder/config.json has it.
+TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    attention_dropout=0.0, dropout=0.0, initializer_range=0.02, initializer_factor=1.0,
+    pad_token_id=1, bos_token_id=0, eos_token_id=2,
+)
+# runwayml/stable-diffusion-v1-5 unet/config.json
+UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+)
+# runwayml/stable-diffusion-v1-5 vae/config.json
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512,
+)
+SCHEDULER_CONFIG = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+    set_alpha_to_one=False, steps_offset=1,
+)
+TIMESTEP = 981
+# The first tensors of SD 1.5's vae file carry diffusers' pre-0.14 attention names (query, key,
+# value, proj_attn); the fixture renames the decoder's to them so both spellings are converted.
+OLD_VAE_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def _randomise(module, generator) -> None:
+    """Every parameter random, norms included (scale around 1, shift around 0), so a swapped
+    scale/shift, bias or transposed square matrix changes the outputs."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.ndim == 1 and name.endswith("weight"):
+                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
+            elif param.ndim == 1:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                fan_in = param[0].numel() if "embedding" not in name else 1
+                param.copy_(torch.randn(param.shape, generator=generator) / np.sqrt(fan_in))
+
+
+class _KerasCvChoices:
+    """Run diffusers with keras-cv's two non-weight choices (tanh GELU in GEGLU, GroupNorm eps
+    1e-5) inside the block, so what is left to differ is the weights' mapping."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        import torch
+        from diffusers.models import activations
+
+        self.norms = [(m, m.eps) for m in self.model.modules() if isinstance(m, torch.nn.GroupNorm)]
+        for module, _ in self.norms:
+            module.eps = 1e-5
+        self.gelu = activations.GEGLU.gelu
+        activations.GEGLU.gelu = lambda _self, gate: torch.nn.functional.gelu(gate, approximate="tanh")
+        return self
+
+    def __exit__(self, *exc):
+        from diffusers.models import activations
+
+        for module, eps in self.norms:
+            module.eps = eps
+        activations.GEGLU.gelu = self.gelu
+
+
+def _torch_pipeline(folder: Path) -> dict:
+    """Write a random SD 1.5 pipeline folder with diffusers' save_pretrained; return torch's
+    outputs for the inputs, computed one model at a time (the UNet alone is 3.4 GB)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    ids = np.full((2, 77), 49407, dtype=np.int64)  # <|endoftext|> pads, as keras-cv pads
+    ids[:, 0] = 49406
+    ids[0, 1:9] = rng.integers(0, 49406, 8)
+    ids[1, 1:77] = rng.integers(0, 49406, 76)
+    inputs = {
+        "ids": ids,
+        "latent": rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
+        "context": rng.standard_normal((1, 77, 768)).astype(np.float32),
+        "image": rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32),
+    }
+    out = {"inputs": inputs}
+    with torch.no_grad():
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).eval()
+        _randomise(text_encoder, generator)
+        out["text"] = text_encoder(torch.from_numpy(ids)).last_hidden_state.numpy()
+
+        unet = UNet2DConditionModel(**UNET_CONFIG).eval()
+        _randomise(unet, generator)
+        args = (torch.from_numpy(inputs["latent"]), TIMESTEP, torch.from_numpy(inputs["context"]))
+        out["unet_diffusers"] = unet(*args).sample.numpy()
+        with _KerasCvChoices(unet):
+            out["unet"] = unet(*args).sample.numpy()
+
+        vae = AutoencoderKL(**VAE_CONFIG).eval()
+        _randomise(vae, generator)
+        z = torch.from_numpy(inputs["latent"])
+        image = torch.from_numpy(inputs["image"])
+        out["decoder_diffusers"] = vae.decode(z / 0.18215).sample.numpy()
+        posterior = vae.encode(image).latent_dist
+        out["mean_diffusers"] = (posterior.mean * 0.18215).numpy()
+        with _KerasCvChoices(vae):
+            out["decoder"] = vae.decode(z / 0.18215).sample.numpy()
+            posterior = vae.encode(image).latent_dist
+            out["mean"] = (posterior.mean * 0.18215).numpy()
+            out["logvar"] = posterior.logvar.numpy()
+
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet,
+            scheduler=PNDMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(folder)
+    del pipe, unet, vae, text_encoder
+    gc.collect()
+    _rename_decoder_attention(folder / "vae" / "diffusion_pytorch_model.safetensors")
+    return out
+
+
+def _rename_decoder_attention(path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(path))
+    prefix = "decoder.mid_block.attentions.0."
+    for key in [k for k in tensors if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for new, old in OLD_VAE_NAMES.items():
+            if rest.startswith(new + "."):
+                tensors[prefix + old + rest[len(new):]] = tensors.pop(key)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _assert_close(what: str, keras_out, torch_out, diffusers_out=None) -> None:
+    """keras' output within 1e-4 of the output's scale of torch's run with keras-cv's choices, and
+    within 2e-3 of the unchanged diffusers model's (GELU approximation and eps apart)."""
+    scale = max(float(np.max(np.abs(torch_out))), 1.0)
+    diff = float(np.max(np.abs(np.asarray(keras_out) - torch_out)))
+    line = f"\n{what}: max |keras - torch| = {diff:.2e} (outputs up to {float(np.max(np.abs(torch_out))):.2f})"
+    if diffusers_out is not None:
+        exact = float(np.max(np.abs(np.asarray(keras_out) - diffusers_out)))
+        line += f"; vs unchanged diffusers {exact:.2e}"
+    print(line)
+    assert diff <= 1e-4 * scale, line
+    if diffusers_out is not None:
+        assert exact <= 2e-3 * scale, line
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """The torch outputs, the pipeline folder and its conversion (by the real CLI process)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("convert")
+    src, dest = root / "sd15-diffusers", root / "keras-weights"
+    start = time.monotonic()
+    reference = _torch_pipeline(src)
+    torch_seconds = time.monotonic() - start
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop(W.ENV_VAR, None)
+    result = subprocess.run(
+        [sys.executable, "-c", "import conceptlib.cli.convert_command; from conceptlib.cli import main; main()", "weights", "convert", str(src), str(dest)],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(f"\ntorch models + save_pretrained: {torch_seconds:.0f} s; convert: {time.monotonic() - start - torch_seconds:.0f} s")
+    return {"src": src, "dest": dest, "stdout": result.stdout, "stderr": result.stderr, **reference}
+
+
+@pytest.fixture(scope="module")
+def sd(converted):
+    """keras-cv's StableDiffusion whose parts load lazily from the converted folder."""
+    from conceptlib.kerascv.models import build_stable_diffusion
+
+    weights = W.resolve_weights("sd-1", converted["dest"], download=False)
+    return build_stable_diffusion("sd-1", 64, weights)
+
+
+def _free(sd, attribute: str) -> None:
+    setattr(sd, attribute, None)
+    gc.collect()
+
+
+@pytest.mark.slow
+def test_convert_writes_keras_cv_files_and_says_where_they_came_from(converted):
+    dest = converted["dest"]
+    assert converted["stdout"].strip() == str(dest)
+    names = {W.weight_filename("sd-1", part) for part in W.PARTS}
+    assert names <= {p.name for p in dest.iterdir()}
+    assert sorted(p.name for p in dest.iterdir()) == sorted(names | {W.MANIFEST, C.NOTE})
+    assert not list(dest.parent.glob(".*converting*")), "the staging folder is left behind"
+    manifest = json.loads((dest / W.MANIFEST).read_text())
+    assert manifest["random"] is False and not W.is_random(dest)
+    record = manifest["converted_from"]
+    assert record["source"] == str(converted["src"].resolve())
+    assert record["pipeline"] == "StableDiffusionPipeline" and record["base_model"] == "sd-1"
+    assert manifest["files"]["kcv_diffusion_model.h5"]["source"] == ["unet/diffusion_pytorch_model.safetensors"]
+    assert str(converted["src"].resolve()) in (dest / C.NOTE).read_text()
+    # `weights where` finds every part in it, none marked random.
+    result = CliRunner().invoke(main, ["weights", "where", "--weights", str(dest)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count(str(dest)) == 4 and "RANDOM" not in result.output
+
+
+@pytest.mark.slow
+def test_text_encoder_matches_transformers(converted, sd):
+    ids = converted["inputs"]["ids"].astype(np.int32)
+    positions = np.tile(np.arange(77, dtype=np.int32), (2, 1))
+    hidden = np.asarray(sd.text_encoder.predict_on_batch([ids, positions]))
+    _free(sd, "_text_encoder")
+    _assert_close("text encoder (last hidden state)", hidden, converted["text"])
+
+
+@pytest.mark.slow
+def test_diffusion_model_matches_diffusers_unet(converted, sd):
+    inputs = converted["inputs"]
+    latent = inputs["latent"].transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    t_embedding = np.asarray(sd._get_timestep_embedding(TIMESTEP, 1))  # keras-cv's own embedding
+    eps = np.asarray(sd.diffusion_model.predict_on_batch([latent, t_embedding, inputs["context"]]))
+    _free(sd, "_diffusion_model")
+    _assert_close("unet (noise prediction)", eps.transpose(0, 3, 1, 2), converted["unet"], converted["unet_diffusers"])
+
+
+@pytest.mark.slow
+def test_decoder_matches_diffusers_vae_decode(converted, sd):
+    latent = converted["inputs"]["latent"].transpose(0, 2, 3, 1)
+    image = np.asarray(sd.decoder.predict_on_batch(latent)).transpose(0, 3, 1, 2)
+    _free(sd, "_decoder")
+    _assert_close("decoder (image)", image, converted["decoder"], converted["decoder_diffusers"])
+
+
+@pytest.mark.slow
+def test_image_encoder_matches_diffusers_vae_encode(converted, sd):
+    from conceptlib.kerascv import keras_module
+
+    keras = keras_module()
+    image = converted["inputs"]["image"].transpose(0, 2, 3, 1)
+    encoder = sd.image_encoder
+    mean = np.asarray(encoder.predict_on_batch(image)).transpose(0, 3, 1, 2)
+    moments = keras.Model(encoder.inputs, encoder.layers[-2].output)  # mean and log-variance
+    logvar = np.asarray(moments.predict_on_batch(image))[..., 4:].transpose(0, 3, 1, 2)
+    _free(sd, "_image_encoder")
+    _assert_close("image encoder (mean x 0.18215)", mean, converted["mean"], converted["mean_diffusers"])
+    _assert_close("image encoder (log-variance)", logvar, converted["logvar"])
+
+
+@pytest.mark.slow
+def test_a_failed_conversion_leaves_nothing(converted, tmp_path, monkeypatch):
+    from conceptlib.kerascv import models
+
+    def disk_full(model, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(models, "save_legacy_h5_weights", disk_full)
+    dest = tmp_path / "weights"
+    result = CliRunner().invoke(main, ["weights", "convert", str(converted["src"]), str(dest)])
+    assert result.exit_code == 1, result.output
+    assert "No space left on device" in result.output and str(tmp_path) in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_refuses_an_earlier_conversion_without_overwrite(converted):
+    dest = converted["dest"]
+    result = CliRunner().invoke(main, ["weights", "convert", str(converted["src"]), str(dest)])
+    assert result.exit_code == 1
+    assert f"already holds weights converted from {converted['src'].resolve()}; pass --overwrite" in result.output
+
+
+# --- cheap checks: every one fails before keras or any model is involved --------------------
+
+
+@pytest.fixture()
+def no_models(monkeypatch):
+    from conceptlib.kerascv import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the input was checked")
+
+    monkeypatch.setattr(models, "build_part", refuse)
+
+
+def _configs(folder: Path, *, unet=None, text=None, index=None) -> Path:
+    """A pipeline folder with SD 1.5's configs (overridden by the given dicts) and no weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model_index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+                   "text_encoder": ["transformers", "CLIPTextModel"], "unet": ["diffusers", "UNet2DConditionModel"],
+                   "vae": ["diffusers", "AutoencoderKL"], **(index or {})}
+    (folder / "model_index.json").write_text(json.dumps(model_index))
+    for sub, config in (("text_encoder", {**TEXT_CONFIG, "architectures": ["CLIPTextModel"], **(text or {})}),
+                        ("unet", {"_class_name": "UNet2DConditionModel", **UNET_CONFIG, **(unet or {})}),
+                        ("vae", {"_class_name": "AutoencoderKL", **VAE_CONFIG})):
+        (folder / sub).mkdir(exist_ok=True)
+        (folder / sub / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _convert(*args):
+    return CliRunner().invoke(main, ["weights", "convert", *map(str, args)])
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def test_missing_source(tmp_path, no_models):
+    line = _one_line_error(_convert(tmp_path / "nope", tmp_path / "out"))
+    assert f"{tmp_path / 'nope'} does not exist" in line and "model_index.json" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_diffusers_folder(tmp_path, no_models):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "model.ckpt").write_bytes(b"x")
+    line = _one_line_error(_convert(tmp_path / "src", tmp_path / "out"))
+    assert f"{tmp_path / 'src' / 'model_index.json'} is missing" in line and "save_pretrained" in line
+    single = tmp_path / "src" / "model.ckpt"
+    assert "single-file checkpoints are not supported" in _one_line_error(_convert(single, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_sd2_and_sdxl_folders_are_named(tmp_path, no_models):
+    sd2 = _configs(tmp_path / "sd2", unet={"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
+                                           "use_linear_projection": True}, text={"hidden_size": 1024})
+    line = _one_line_error(_convert(sd2, tmp_path / "out"))
+    assert "Stable Diffusion 2.x pipeline" in line and "1.x" in line and str(sd2) in line
+    xl = _configs(tmp_path / "xl", index={"_class_name": "StableDiffusionXLPipeline",
+                                         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]})
+    assert "Stable Diffusion XL" in _one_line_error(_convert(xl, tmp_path / "out"))
+    inpaint = _configs(tmp_path / "inpaint", unet={"in_channels": 9})
+    line = _one_line_error(_convert(inpaint, tmp_path / "out"))
+    assert "in_channels is 9, keras-cv's SD 1.x UNet needs 4" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_part_files(tmp_path, no_models):
+    src = _configs(tmp_path / "src")
+    line = _one_line_error(_convert(src, tmp_path / "out"))
+    assert f"{src / 'text_encoder' / 'model.safetensors'} is missing" in line
+    (src / "text_encoder" / "pytorch_model.bin").write_bytes(b"x")
+    (src / "text_encoder" / "model.bin").write_bytes(b"x")
+    line = _one_line_error(_convert(src, tmp_path / "out"))
+    assert "a pickle" in line and "safe_serialization=True" in line
+    (src / "unet").rename(tmp_path / "unet-elsewhere")
+    assert f"{src} has no unet/ folder" in _one_line_error(_convert(src, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_tensor_shape_is_named(tmp_path, no_models):
+    from safetensors.numpy import save_file
+
+    src = _configs(tmp_path / "src")
+    save_file({"text_model.embeddings.token_embedding.weight": np.zeros((10, 768), np.float16)},
+              str(src / "text_encoder" / "model.safetensors"))
+    line = _one_line_error(_convert(src, tmp_path / "out"))
+    assert "tensor embeddings.token_embedding.weight has shape [10, 768], SD 1.x needs [49408, 768]" in line
+
+
+def test_destination_holding_other_files_is_refused(tmp_path, no_models):
+    src = _configs(tmp_path / "src")
+    for name in (W.RANDOM_MARKER, "kcv_encoder.h5"):
+        dest = tmp_path / f"dest-{name}"
+        dest.mkdir()
+        (dest / name).write_text("x")
+        line = _one_line_error(_convert(src, dest))
+        assert f"{dest} already holds {name} (not written by `weights convert`)" in line
+        assert [p.name for p in dest.iterdir()] == [name]
+    (tmp_path / "file").write_text("x")
+    assert "is not a folder" in _one_line_error(_convert(src, tmp_path / "file"))
+
+
+def test_tensor_reader_handles_prefixes_half_precision_and_bfloat16(tmp_path):
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "model.safetensors"
+    value = np.arange(6, dtype=np.float32).reshape(2, 3) / 4
+    save_file({"text_model.a": value.astype(np.float16), "b": value}, str(path))
+    tensors = C._Tensors([path], strip_prefix="text_model.")
+    assert sorted(tensors.keys()) == ["a", "b"] and tensors.shape("a") == (2, 3) and tensors.dtype("a") == "F16"
+    assert tensors.get("a").dtype == np.float32 and np.array_equal(tensors.get("a"), value)
+    # safetensors' numpy API cannot return bfloat16: write one by hand, as torch would.
+    raw = value.astype(ml_dtypes.bfloat16).tobytes()
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, len(raw)]}}).encode()
+    (tmp_path / "bf16.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + raw)
+    tensors = C._Tensors([tmp_path / "bf16.safetensors"])
+    assert tensors.dtype("w") == "BF16" and np.array_equal(tensors.get("w"), value)
+
+
+def test_layouts_become_keras_layouts():
+    linear = np.arange(6, dtype=np.float32).reshape(3, 2)  # torch (out=3, in=2)
+    assert np.array_equal(C._keras_value(linear, (2, 3), "kernel"), linear.T)
+    assert np.array_equal(C._keras_value(linear, (1, 1, 2, 3), "kernel")[0, 0], linear.T)
+    conv = np.arange(3 * 2 * 3 * 3, dtype=np.float32).reshape(3, 2, 3, 3)  # OIHW
+    hwio = C._keras_value(conv, (3, 3, 2, 3), "kernel")
+    assert hwio.shape == (3, 3, 2, 3) and hwio[1, 2, 0, 1] == conv[1, 0, 1, 2]
+    embedding = np.zeros((5, 4), np.float32)
+    assert C._keras_value(embedding, (5, 4), "embeddings").shape == (5, 4)
+
+
+def test_replacing_an_earlier_conversion_is_all_or_nothing(tmp_path):
+    dest = tmp_path / "weights"
+    dest.mkdir()
+    (dest / "old.h5").write_text("old")
+    staging = tmp_path / ".weights.converting-1"
+    staging.mkdir()
+    (staging / "new.h5").write_text("new")
+    C._replace(staging, dest)
+    assert [p.name for p in dest.iterdir()] == ["new.h5"] and sorted(p.name for p in tmp_path.iterdir()) == ["weights"]
+
+
+def test_plans_cover_sd1_exactly():
+    """Parameter counts of SD 1.x's text encoder, UNet and VAE (diffusers' own numbers)."""
+    import math
+
+    counts = {part: sum(math.prod(shape) for _, shape, _ in build().entries) for part, build in C._PLANS.items()}
+    assert counts["text_encoder"] == 123_060_480
+    assert counts["diffusion_model"] == 859_520_964
+    assert counts["decoder"] + counts["image_encoder"] == 83_653_863
+

@@ -350,9 +350,10 @@ def _refuse_sdxl(path: Path, keys) -> None:
 
 
 def _token_from_text(text: str) -> str:
-    """A usable token from a file name or token_identifier.txt: lowercase (KerasCV lowercases
-    prompts), whitespace replaced by '-'. Never shortened: prompts must match what other tools use."""
-    return re.sub(r"\s+", "-", text.strip().lower())
+    """A usable token from a file name, a file's key or token_identifier.txt: lowercase (KerasCV
+    lowercases prompts), whitespace replaced by '-', in Unicode NFC form (what keyboards type;
+    macOS stores file names decomposed). Never shortened: prompts must match what other tools use."""
+    return re.sub(r"\s+", "-", unicodedata.normalize("NFC", text.strip()).lower())
 
 
 def _slug(text: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -216,7 +217,8 @@ def converted(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     print(f"\ntorch models + save_pretrained: {torch_seconds:.0f} s; convert: {time.monotonic() - start - torch_seconds:.0f} s")
-    return {"src": src, "dest": dest, "stdout": result.stdout, "stderr": result.stderr, **reference}
+    yield {"src": src, "dest": dest, "stdout": result.stdout, "stderr": result.stderr, **reference}
+    shutil.rmtree(root, ignore_errors=True)  # 8 GB; pytest would keep it for three runs
 
 
 @pytest.fixture(scope="module")
@@ -397,6 +399,9 @@ def test_missing_part_files(tmp_path, no_models):
     (src / "text_encoder" / "model.bin").write_bytes(b"x")
     line = _one_line_error(_convert(src, tmp_path / "out"))
     assert "a pickle" in line and "safe_serialization=True" in line
+    (src / "text_encoder" / "model.safetensors").write_bytes(b"<html>rate limited</html>")
+    line = _one_line_error(_convert(src, tmp_path / "out"))
+    assert f"{src / 'text_encoder' / 'model.safetensors'} is not a readable safetensors file" in line
     (src / "unet").rename(tmp_path / "unet-elsewhere")
     assert f"{src} has no unet/ folder" in _one_line_error(_convert(src, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
@@ -423,6 +428,39 @@ def test_destination_holding_other_files_is_refused(tmp_path, no_models):
         assert [p.name for p in dest.iterdir()] == [name]
     (tmp_path / "file").write_text("x")
     assert "is not a folder" in _one_line_error(_convert(src, tmp_path / "file"))
+
+
+def test_a_disk_without_room_is_refused_before_converting(tmp_path, no_models, monkeypatch):
+    src = _configs(tmp_path / "src")
+    monkeypatch.setattr(C.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**9, 10**9))
+    line = _one_line_error(_convert(src, tmp_path / "out"))
+    assert "not enough disk space" in line and "4.3 GB needed, 1.0 GB free" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_weight_files_variants_and_shards(tmp_path):
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")
+    # Only one variant: it is used; with --variant, the named one.
+    assert C._weight_files(tmp_path, "unet", None) == [folder / "diffusion_pytorch_model.fp16.safetensors"]
+    (folder / "diffusion_pytorch_model.ema.safetensors").write_bytes(b"")
+    with pytest.raises(W.WeightsError, match="holds only variant files .* pass --variant ema"):
+        C._weight_files(tmp_path, "unet", None)
+    assert C._weight_files(tmp_path, "unet", "ema") == [folder / "diffusion_pytorch_model.ema.safetensors"]
+    with pytest.raises(W.WeightsError, match="diffusion_pytorch_model.bf16.safetensors is missing .and no bf16 variant"):
+        C._weight_files(tmp_path, "unet", "bf16")
+    # The plain file wins over variants; a sharded file is its index's shards.
+    shards = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"]
+    index = {"metadata": {}, "weight_map": {"a.weight": shards[1], "b.weight": shards[0], "c.weight": shards[1]}}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(W.WeightsError, match=f"{shards[0]} .named in diffusion_pytorch_model.safetensors.index.json. is missing"):
+        C._weight_files(tmp_path, "unet", None)
+    for name in shards:
+        (folder / name).write_bytes(b"")
+    assert C._weight_files(tmp_path, "unet", None) == [folder / name for name in shards]
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert C._weight_files(tmp_path, "unet", None) == [folder / "diffusion_pytorch_model.safetensors"]
 
 
 def test_tensor_reader_handles_prefixes_half_precision_and_bfloat16(tmp_path):

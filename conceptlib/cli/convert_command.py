@@ -32,7 +32,7 @@ def convert_command(src: Path, directory: Path, variant: str | None, overwrite: 
     hosts) into DIRECTORY, a keras-cv weights folder for --weights / $CONCEPTLIB_WEIGHTS.
 
     DIRECTORY must be new or empty (or, with --overwrite, an earlier conversion); it receives all
-    four parts or, on any error, nothing. Needs about 4.3 GB of disk and 5 GB of memory.
+    four parts or, on any error, nothing. Needs about 4.3 GB of disk and 5.5 GB of memory.
     """
     from conceptlib.kerascv.convert import check_destination, convert_pipeline, converted_bytes, inspect_pipeline
 

@@ -29,7 +29,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import conceptlib.cli.convert_command  # noqa: F401  (registers `weights convert` if not yet)
 from conceptlib.cli import main
 from conceptlib.kerascv import convert as C
 from conceptlib import weights as W
@@ -212,7 +211,7 @@ def converted(tmp_path_factory):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env.pop(W.ENV_VAR, None)
     result = subprocess.run(
-        [sys.executable, "-c", "import conceptlib.cli.convert_command; from conceptlib.cli import main; main()", "weights", "convert", str(src), str(dest)],
+        [sys.executable, "-m", "conceptlib", "weights", "convert", str(src), str(dest)],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -388,6 +387,11 @@ def test_sd2_and_sdxl_folders_are_named(tmp_path, no_models):
     inpaint = _configs(tmp_path / "inpaint", unet={"in_channels": 9})
     line = _one_line_error(_convert(inpaint, tmp_path / "out"))
     assert "in_channels is 9, keras-cv's SD 1.x UNet needs 4" in line
+    v_prediction = _configs(tmp_path / "v-pred")
+    (v_prediction / "scheduler").mkdir()
+    (v_prediction / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
+    line = _one_line_error(_convert(v_prediction, tmp_path / "out"))
+    assert 'prediction_type is "v_prediction"' in line and "epsilon" in line
     assert not (tmp_path / "out").exists()
 
 
@@ -445,11 +449,19 @@ def test_weight_files_variants_and_shards(tmp_path):
     # Only one variant: it is used; with --variant, the named one.
     assert C._weight_files(tmp_path, "unet", None) == [folder / "diffusion_pytorch_model.fp16.safetensors"]
     (folder / "diffusion_pytorch_model.ema.safetensors").write_bytes(b"")
-    with pytest.raises(W.WeightsError, match="holds only variant files .* pass --variant ema"):
+    with pytest.raises(W.WeightsError, match="holds only variant files .ema, fp16.; pass --variant ema"):
         C._weight_files(tmp_path, "unet", None)
     assert C._weight_files(tmp_path, "unet", "ema") == [folder / "diffusion_pytorch_model.ema.safetensors"]
     with pytest.raises(W.WeightsError, match="diffusion_pytorch_model.bf16.safetensors is missing .and no bf16 variant"):
         C._weight_files(tmp_path, "unet", "bf16")
+    (folder / "diffusion_pytorch_model.ema.safetensors").unlink()
+    sharded = ["diffusion_pytorch_model.fp16-00001-of-00002.safetensors", "diffusion_pytorch_model.fp16-00002-of-00002.safetensors"]
+    (folder / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    (folder / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text(
+        json.dumps({"weight_map": {"a": sharded[0], "b": sharded[1]}}))
+    for name in sharded:
+        (folder / name).write_bytes(b"")
+    assert C._weight_files(tmp_path, "unet", None) == [folder / name for name in sharded]
     # The plain file wins over variants; a sharded file is its index's shards.
     shards = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"]
     index = {"metadata": {}, "weight_map": {"a.weight": shards[1], "b.weight": shards[0], "c.weight": shards[1]}}

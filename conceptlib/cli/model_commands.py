@@ -320,3 +320,6 @@ def where_command(model: str, weights_dir: Path | None) -> None:
         raise WeightsError(
             f"{len(bad)} of {len(PARTS)} weight files cannot be used ({', '.join(bad)}); replace each as its line above says"
         )
+
+
+from conceptlib.cli import convert_command  # noqa: E402,F401  (registers `weights convert` on weights_group)

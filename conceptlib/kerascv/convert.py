@@ -21,6 +21,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -333,13 +334,16 @@ def _weight_files(src: Path, sub: str, variant: str | None) -> list[Path]:
             if not shard.is_file():
                 raise WeightsError(f"{shard} (named in {index.name}) is missing; download it")
         return shards
-    variants = sorted(p.name for p in folder.glob(f"{stem}.*.safetensors"))
+    # Variants: model.fp16.safetensors, or shards model.fp16-00001-of-00002.safetensors named by
+    # model.safetensors.index.fp16.json.
+    variants = {p.name[len(stem) + 1:-len(".safetensors")] for p in folder.glob(f"{stem}.*.safetensors")}
+    variants |= {p.name[len(f"{stem}.safetensors.index."):-len(".json")] for p in folder.glob(f"{stem}.safetensors.index.*.json")}
+    variants = sorted(name for name in variants if not re.search(r"-\d+-of-\d+$", name))
     if variant is None and len(variants) == 1:
-        return [folder / variants[0]]
+        return _weight_files(src, sub, variants[0])
     if variant is None and variants:
         raise WeightsError(
-            f"{folder} holds only variant files ({', '.join(variants)}); pass --variant "
-            f"{variants[0][len(stem) + 1:-len('.safetensors')]} to pick one"
+            f"{folder} holds only variant files ({', '.join(variants)}); pass --variant {variants[0]} (or another) to pick one"
         )
     pickles = sorted(p.name for p in folder.glob(f"{stem}*.bin"))
     if pickles:
@@ -381,6 +385,18 @@ _UNET_CONFIG = (
     ("transformer_layers_per_block", 1, 1),
     ("conv_in_kernel", 3, 3),
     ("conv_out_kernel", 3, 3),
+    # Settings that change what the same weights compute.
+    ("norm_eps", 1e-5, 1e-5),
+    ("downsample_padding", 1, 1),
+    ("mid_block_scale_factor", 1, 1),
+    ("time_embedding_type", "positional", "positional"),
+    ("time_embedding_act_fn", None, None),
+    ("timestep_post_act", None, None),
+    ("encoder_hid_dim", None, None),
+    ("attention_type", "default", "default"),
+    ("cross_attention_norm", None, None),
+    ("resnet_out_scale_factor", 1.0, 1.0),
+    ("resnet_skip_time_act", False, False),
 )
 _TEXT_CONFIG = (
     ("hidden_size", 768, None),
@@ -388,6 +404,7 @@ _TEXT_CONFIG = (
     ("num_attention_heads", 12, None),
     ("intermediate_size", 3072, None),
     ("hidden_act", "quick_gelu", "quick_gelu"),
+    ("layer_norm_eps", 1e-5, 1e-5),
     ("max_position_embeddings", 77, 77),
     ("vocab_size", 49408, 49408),
 )
@@ -405,6 +422,9 @@ _VAE_CONFIG = (
     ("use_quant_conv", True, True),
     ("use_post_quant_conv", True, True),
     ("mid_block_add_attention", True, True),
+    ("latents_mean", None, None),
+    ("latents_std", None, None),
+    ("shift_factor", None, None),
 )
 
 
@@ -416,6 +436,8 @@ def _check_config(path: Path, config: dict, expected, what: str) -> None:
     for key, want, default in expected:
         have = _norm(config.get(key, default))
         if key == "attention_head_dim" and isinstance(have, list) and set(have) == {want}:
+            continue
+        if key == "num_attention_heads" and have in (8, [8] * 4):  # the same as attention_head_dim 8
             continue
         if have != want:
             raise WeightsError(
@@ -496,6 +518,13 @@ def inspect_pipeline(src: str | os.PathLike, *, variant: str | None = None) -> P
             raise WeightsError(f"{src} has no {sub}/ folder; download the complete pipeline folder")
         configs[sub] = _read_json(src / sub / "config.json", "download the complete pipeline folder")
     base_model = _base_model(src, index, configs["unet"], configs["text_encoder"])
+    scheduler = src / "scheduler" / "scheduler_config.json"
+    prediction = _read_json(scheduler, "").get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
+    if prediction != "epsilon":
+        raise WeightsError(
+            f"{scheduler}: prediction_type is {json.dumps(prediction)}; keras-cv's sampler and conceptlib's trainer "
+            "expect a UNet that predicts the noise (epsilon), so this fine-tune cannot be converted"
+        )
     _check_config(src / "text_encoder" / "config.json", configs["text_encoder"], _TEXT_CONFIG, "SD 1.x text encoder (CLIP ViT-L/14)")
     _check_config(src / "unet" / "config.json", configs["unet"], _UNET_CONFIG, "SD 1.x UNet")
     _check_config(src / "vae" / "config.json", configs["vae"], _VAE_CONFIG, "SD 1.x VAE")

@@ -1,8 +1,7 @@
 """``conceptlib weights convert SRC DIR``: a diffusers Stable Diffusion 1.x pipeline folder into a
 keras-cv weights folder that ``--weights DIR`` reads.
 
-Registered on the ``weights`` group of ``conceptlib.cli.model_commands`` (which imports this
-module). The folder, configs, tensor names and shapes and the destination are checked before
+Added to the ``weights`` group by ``conceptlib.cli.model_commands``. The folder, configs, tensor names and shapes and the destination are checked before
 keras is imported and any model is built.
 """
 
@@ -15,10 +14,8 @@ from pathlib import Path
 
 import click
 
-from conceptlib.cli.model_commands import weights_group
 
-
-@weights_group.command("convert")
+@click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--variant", default=None, metavar="NAME",

@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from conceptlib.cli import main
+from conceptlib.cli.convert_command import convert_command
 from conceptlib.errors import ApplyError, UsageError
 
 _MODELS = click.Choice(["sd-1", "sd-2"])
@@ -322,4 +323,4 @@ def where_command(model: str, weights_dir: Path | None) -> None:
         )
 
 
-from conceptlib.cli import convert_command  # noqa: E402,F401  (registers `weights convert` on weights_group)
+weights_group.add_command(convert_command)

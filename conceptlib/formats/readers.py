@@ -10,7 +10,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from conceptlib.concept import FORMAT, Concept, slug_from_token
+from conceptlib.concept import FORMAT, Concept, slug_from_token, suggested_token, validate_token
 from conceptlib.errors import ConceptError, ConceptFileError, UnsupportedFormatError, UsageError
 from conceptlib.files import MAX_HEADER_BYTES, FileHeader, read_file_header
 from conceptlib.library import is_valid_name
@@ -400,6 +400,13 @@ def _make(path: Path, stem_name: str | None, file_token: str, vectors, metadata:
     metadata = {str(k): str(v) for k, v in metadata.items()}
     if fmt is not None:
         metadata.setdefault("source_file", path.name)
+    if not token:
+        try:
+            validate_token(derived_token)
+        except ConceptError as exc:  # the file's token: only --token can change it
+            raise ConceptFileError(
+                f"{path}: {exc} (import this file by itself with --token '{suggested_token(derived_token)}')"
+            ) from None
     try:
         return Concept(name=final_name, token=final_token, vectors=vectors, metadata=metadata)
     except ConceptError as exc:

@@ -166,7 +166,7 @@ def _two_device_worker(folder: str) -> None:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from conceptlib_jax.exported import StepCache, StepEntry, export
-    from conceptlib_jax.trainer import InBackground
+    from conceptlib_jax.trainer import in_background
 
     mesh = Mesh(np.asarray(jax.devices()[:2]), ("batch",))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -194,7 +194,7 @@ def _two_device_worker(folder: str) -> None:
     step_fn = jax.jit(loaded.step.call, donate_argnums=(0,))
     out, _ = step_fn(jax.device_put(jnp.array(carry), replicated), leaves, data, key)
     shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated), data)
-    background = InBackground(lambda: step_fn.lower(carry, leaves, shapes, key).compile())
+    background = in_background(lambda: step_fn.lower(carry, leaves, shapes, key).compile())
     host_data = jax.tree.map(np.asarray, data)
     placed = jax.device_put(host_data, replicated)  # meanwhile, as the trainer's VAE latents
     again, _ = background.result()(jax.device_put(jnp.array(carry), replicated), leaves, placed, key)

@@ -55,14 +55,14 @@ def test_default_xla_flags_are_added_unless_the_user_set_them(monkeypatch):
 
 
 def test_in_background_returns_the_value_or_raises_in_the_caller():
-    from conceptlib_jax.trainer import InBackground
+    from conceptlib_jax.trainer import in_background
 
-    assert InBackground(lambda a, b=0: a + b, 2, b=3).result() == 5
+    assert in_background(lambda a, b: a + b, 2, 3).result() == 5
 
     def broken():
         raise ValueError("weights file is corrupt")
 
-    job = InBackground(broken)
+    job = in_background(broken)
     with pytest.raises(ValueError, match="corrupt"):
         job.result()
 

@@ -461,7 +461,7 @@ class JaxTrainer:
             job.stage(f"reading the weights and compiling the cached training step for {where} ({step_cache.folder})")
             if self.background_compile:
                 # The exported step's input shapes are known: compile it while the weights are read.
-                early_compile = InBackground(_compile_exported, entry.step, replicated, timings)
+                early_compile = in_background(_compile_exported, entry.step, replicated, timings)
             try:
                 state = jax.device_put(read_weights(entry.state_leaves, job.weights), replicated)
                 # Replicated like the traced run's VAE variables (built in the distribution's
@@ -547,7 +547,7 @@ class JaxTrainer:
             background = early_compile
             if self.background_compile and background is None:
                 # XLA compiles (GIL released) while the VAE encodes the crops.
-                background = InBackground(compile_step)
+                background = in_background(compile_step)
             job.stage(f"encoding {len(job.images)} image(s) with the VAE")
             data = self.latent_data(job, moments, vae_state, host=host)
             del host
@@ -622,7 +622,7 @@ class JaxTrainer:
                     # carry's own buffer).
                     warming_previews = True
                     self.report["preview_warmup"] = "sampler" if "ti" in models else "models and sampler"
-                    models["building"] = InBackground(
+                    models["building"] = in_background(
                         ready_for_previews, models.get("ti"), jax.numpy.array(carry[0][:num_vectors], copy=True), job,
                         lambda: build(decoder=True),
                     )
@@ -776,35 +776,22 @@ class SerialWorker:
 
     def _run(self):
         while True:
-            future, fn, args = self._queue.get()
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # re-raised in the caller's thread by future.result()
-                future.set_exception(exc)
+            _settle(*self._queue.get())
 
 
-class InBackground:
-    """``fn(*args, **kwargs)`` in a daemon thread (an interrupted run exits without waiting for
-    it); ``result()`` waits for it and returns its value or raises its exception."""
+def in_background(fn, *args) -> Future:
+    """``fn(*args)`` in a daemon thread of its own (an interrupted run exits without waiting for
+    it); the Future's ``result()`` waits for it and returns its value or raises its exception."""
+    future = Future()
+    threading.Thread(target=_settle, args=(future, fn, args), daemon=True, name="conceptlib-background").start()
+    return future
 
-    def __init__(self, fn, *args, **kwargs):
-        self._value = self._error = None
-        self._thread = threading.Thread(
-            target=self._run, args=(fn, args, kwargs), daemon=True, name="conceptlib-background"
-        )
-        self._thread.start()
 
-    def _run(self, fn, args, kwargs):
-        try:
-            self._value = fn(*args, **kwargs)
-        except BaseException as exc:  # re-raised in the caller's thread by result()
-            self._error = exc
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
+def _settle(future: Future, fn, args) -> None:
+    try:
+        future.set_result(fn(*args))
+    except BaseException as exc:  # re-raised in the caller's thread by future.result()
+        future.set_exception(exc)
 
 
 def _devices_text(devices) -> str:

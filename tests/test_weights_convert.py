@@ -313,6 +313,112 @@ def test_a_failed_conversion_leaves_nothing(converted, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+# --- original (LDM) single-file checkpoints ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def single_file(converted):
+    """The test pipeline as an original SD 1.x single-file checkpoint, the way A1111/civitai files
+    are laid out: LDM names, VAE attention as 1x1 convs, float16 throughout, non-model entries
+    (schedule buffers, EMA bookkeeping, position_ids) and EMA copies of three UNet tensors (set to
+    other values, to show which copy is read). The LDM names come from conceptlib's table; the
+    test proves them with diffusers' own single-file loader."""
+    path = _write_single_file(converted["src"], converted["src"].parent / "sd15-single-file.safetensors")
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def _write_single_file(src: Path, path: Path) -> Path:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = {}
+    for sub, (stem, _) in C._SUBFOLDERS.items():
+        for key, value in load_file(str(src / sub / f"{stem}.safetensors")).items():
+            key = key.removeprefix(C._TEXT_PREFIX)
+            for new, old in OLD_VAE_NAMES.items():  # back to today's names (the fixture wrote old ones)
+                key = key.replace(f".attentions.0.{old}.", f".attentions.0.{new}.")
+            if sub == "vae" and ".mid_block.attentions.0.to_" in key and value.ndim == 2:
+                value = value.reshape(value.shape + (1, 1))
+            tensors[C.ldm_name(sub, key)] = value.astype(np.float16) if value.dtype == np.float32 else value
+    unet = C._LDM_PREFIX["unet"]
+    for key in ("input_blocks.0.0.weight", "input_blocks.0.0.bias", "out.2.weight"):
+        tensors["model_ema.diffusion_model" + key.replace(".", "")] = -tensors[unet + key]
+    tensors.update({"model_ema.decay": np.array(0.9999, np.float32), "model_ema.num_updates": np.array(470000, np.int32),
+                    "alphas_cumprod": np.linspace(1, 0.005, 1000, dtype=np.float32),
+                    "cond_stage_model.transformer.text_model.embeddings.position_ids": np.arange(77, dtype=np.int64)[None]})
+    save_file(tensors, str(path))
+    del tensors
+    gc.collect()
+    return path
+
+
+def _torch_state(model) -> dict:
+    return {key: value.detach().float().numpy() for key, value in model.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_single_file_checkpoint_is_genuine_for_diffusers(converted, single_file):
+    """diffusers' own single-file loader reads the file back into the original models' tensors
+    (float16-rounded): the file is a genuine LDM checkpoint, so conceptlib's LDM names are right."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.numpy import load_file
+
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(single_file), config=str(converted["src"]), local_files_only=True,
+        tokenizer=None, safety_checker=None, feature_extractor=None)
+    for sub, model in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet), ("vae", pipe.vae)):
+        loaded = _torch_state(model)
+        original = load_file(str(converted["src"] / sub / f"{C._SUBFOLDERS[sub][0]}.safetensors"))
+        for key, value in original.items():
+            for new, old in OLD_VAE_NAMES.items():
+                key = key.replace(f".attentions.0.{old}.", f".attentions.0.{new}.")
+            key = key if key in loaded else key.removeprefix(C._TEXT_PREFIX)
+            assert key in loaded, f"{sub}: diffusers did not load {key} from the single file"
+            assert np.array_equal(loaded.pop(key), value.astype(np.float16).astype(np.float32)), f"{sub}: {key} differs"
+        assert set(loaded) <= {"text_model.embeddings.position_ids", "embeddings.position_ids"}, (sub, sorted(loaded)[:3])
+        del loaded, original
+    del pipe
+    gc.collect()
+
+
+@pytest.mark.slow
+def test_single_file_converts_to_the_same_keras_cv_files(converted, single_file, tmp_path):
+    """Converting the single file gives, array for array, the folder conversion's keras-cv files
+    (float16-rounded), which the tests above checked numerically against torch."""
+    import h5py
+
+    dest = tmp_path / "from-single-file"
+    result = CliRunner().invoke(main, ["weights", "convert", str(single_file), str(dest)])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert result.stdout.strip() == str(dest)
+    assert "single-file sd-1 checkpoint" in result.stderr and "its 3 model_ema.* tensors are not used" in result.stderr
+    manifest = json.loads((dest / W.MANIFEST).read_text())
+    record = manifest["converted_from"]
+    assert record["format"] == "ldm-single-file" and record["source"] == str(single_file.resolve())
+    assert record["ema_tensors_ignored"] == 3 and "model.diffusion_model" in record["unet_weights"]
+    assert manifest["files"]["kcv_diffusion_model.h5"]["source"] == [single_file.name]
+    assert "single-file checkpoint" in (dest / C.NOTE).read_text()
+    for part in W.PARTS:
+        name = W.weight_filename("sd-1", part)
+        with h5py.File(converted["dest"] / name, "r") as folder, h5py.File(dest / name, "r") as single:
+            # keras' legacy loader pairs weights by position (layer names carry per-process
+            # counters), so the files must hold the same arrays in the same order.
+            expected, got = _h5_weights(folder), _h5_weights(single)
+            assert len(got) == len(expected) > 0, part
+            for (key, want), (_, have) in zip(expected, got):
+                assert np.array_equal(have[()], want[()].astype(np.float16).astype(np.float32)), f"{part}: {key}"
+        (dest / name).unlink()  # 4.3 GB in all
+
+
+def _h5_weights(handle) -> list:
+    """(name, dataset) of a legacy keras .h5 weights file, in the order keras loads them."""
+    out = []
+    for layer in handle.attrs["layer_names"]:
+        group = handle[layer]
+        out += [(f"{layer}/{weight}", group[weight]) for weight in group.attrs["weight_names"]]
+    return out
+
+
 @pytest.mark.slow
 def test_refuses_an_earlier_conversion_without_overwrite(converted):
     dest = converted["dest"]
@@ -371,8 +477,9 @@ def test_not_a_diffusers_folder(tmp_path, no_models):
     (tmp_path / "src" / "model.ckpt").write_bytes(b"x")
     line = _one_line_error(_convert(tmp_path / "src", tmp_path / "out"))
     assert f"{tmp_path / 'src' / 'model_index.json'} is missing" in line and "save_pretrained" in line
-    single = tmp_path / "src" / "model.ckpt"
-    assert "single-file checkpoints are not supported" in _one_line_error(_convert(single, tmp_path / "out"))
+    (tmp_path / "src" / "notes.txt").write_text("x")
+    line = _one_line_error(_convert(tmp_path / "src" / "notes.txt", tmp_path / "out"))
+    assert "neither a diffusers pipeline folder nor a .safetensors checkpoint" in line
     assert not (tmp_path / "out").exists()
 
 
@@ -440,6 +547,91 @@ def test_a_disk_without_room_is_refused_before_converting(tmp_path, no_models, m
     line = _one_line_error(_convert(src, tmp_path / "out"))
     assert "not enough disk space" in line and "4.3 GB needed, 1.0 GB free" in line
     assert not (tmp_path / "out").exists()
+
+
+def _checkpoint(path: Path, shapes: dict) -> Path:
+    """A .safetensors file with zero tensors of the given shapes (float16, as most are)."""
+    from safetensors.numpy import save_file
+
+    save_file({key: np.zeros(shape, np.float16) for key, shape in shapes.items()}, str(path))
+    return path
+
+
+def test_single_file_checkpoints_of_other_models_are_named(tmp_path, no_models):
+    conv_in = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}
+    to_k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    cases = [
+        ("sdxl", {"conditioner.embedders.1.model.positional_embedding": (77, 1280), **conv_in},
+         "is a Stable Diffusion XL checkpoint (conditioner.* text encoders)"),
+        ("sd2", {"cond_stage_model.model.token_embedding.weight": (8, 1024), **conv_in},
+         "is a Stable Diffusion 2.x checkpoint"),
+        ("sd2-unet", {to_k: (320, 1024), **conv_in}, "is a Stable Diffusion 2.x checkpoint"),
+        ("inpainting", {"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)},
+         "the UNet takes 9 input channels (an inpainting model), keras-cv's SD 1.x UNet takes 4"),
+        ("v-prediction", {"v_pred": (0,), **conv_in}, "is marked as a v-prediction model"),
+        ("lora", {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)},
+         "holds no Stable Diffusion UNet (no model.diffusion_model.* tensors)"),
+        ("unet-only", conv_in,
+         "has no tensor cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"),
+        ("small-vocab", {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (10, 768), **conv_in},
+         "tensor cond_stage_model.transformer.text_model.embeddings.token_embedding.weight has shape [10, 768], "
+         "SD 1.x needs [49408, 768]"),
+    ]
+    for name, shapes, message in cases:
+        path = _checkpoint(tmp_path / f"{name}.safetensors", shapes)
+        line = _one_line_error(_convert(path, tmp_path / "out"))
+        assert message in line and str(path) in line, (name, line)
+    # Older files name the text encoder's tensors without text_model.; the UNet's come next.
+    path = _checkpoint(tmp_path / "old-clip.safetensors", {
+        **{C.ldm_name("text_encoder", keys[0]).replace("text_model.", ""): shape
+           for keys, shape, _ in C._text_encoder_plan().entries}, **conv_in})
+    line = _one_line_error(_convert(path, tmp_path / "out"))
+    assert "has no tensor model.diffusion_model.time_embed.0.weight" in line
+    (tmp_path / "truncated.safetensors").write_bytes(b"<html>rate limited</html>")
+    line = _one_line_error(_convert(tmp_path / "truncated.safetensors", tmp_path / "out"))
+    assert "truncated.safetensors is not a readable safetensors file" in line
+    line = _one_line_error(_convert(path, tmp_path / "out", "--variant", "fp16"))
+    assert "--variant fp16 applies to pipeline folders only" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickled_checkpoints_are_refused_unread(tmp_path, no_models):
+    for name in ("v1-5-pruned-emaonly.ckpt", "model.pt", "model.pth"):
+        path = tmp_path / name
+        path.write_bytes(b"\x80\x02not really a pickle")
+        line = _one_line_error(_convert(path, tmp_path / "out"))
+        assert f"{path} is a pickle checkpoint" in line and "download the .safetensors version" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_ldm_names_of_sd1_tensors():
+    """Spot checks against SD 1.5's v1-5-pruned-emaonly.safetensors key names; the slow tests prove
+    the whole table with diffusers' own loader."""
+    expected = {
+        ("unet", "down_blocks.0.resnets.0.norm1.weight"): "model.diffusion_model.input_blocks.1.0.in_layers.0.weight",
+        ("unet", "down_blocks.1.attentions.1.proj_in.weight"): "model.diffusion_model.input_blocks.5.1.proj_in.weight",
+        ("unet", "down_blocks.2.downsamplers.0.conv.bias"): "model.diffusion_model.input_blocks.9.0.op.bias",
+        ("unet", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"):
+            "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+        ("unet", "mid_block.resnets.1.time_emb_proj.bias"): "model.diffusion_model.middle_block.2.emb_layers.1.bias",
+        ("unet", "up_blocks.0.upsamplers.0.conv.weight"): "model.diffusion_model.output_blocks.2.1.conv.weight",
+        ("unet", "up_blocks.1.upsamplers.0.conv.weight"): "model.diffusion_model.output_blocks.5.2.conv.weight",
+        ("unet", "up_blocks.3.resnets.2.conv_shortcut.weight"): "model.diffusion_model.output_blocks.11.0.skip_connection.weight",
+        ("unet", "conv_norm_out.weight"): "model.diffusion_model.out.0.weight",
+        ("vae", "encoder.down_blocks.1.resnets.0.conv_shortcut.weight"): "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight",
+        ("vae", "decoder.up_blocks.0.resnets.1.conv2.weight"): "first_stage_model.decoder.up.3.block.1.conv2.weight",
+        ("vae", "decoder.up_blocks.2.upsamplers.0.conv.bias"): "first_stage_model.decoder.up.1.upsample.conv.bias",
+        ("vae", "decoder.mid_block.attentions.0.to_out.0.weight"): "first_stage_model.decoder.mid.attn_1.proj_out.weight",
+        ("vae", "encoder.mid_block.attentions.0.group_norm.bias"): "first_stage_model.encoder.mid.attn_1.norm.bias",
+        ("vae", "encoder.mid_block.resnets.1.norm2.weight"): "first_stage_model.encoder.mid.block_2.norm2.weight",
+        ("vae", "post_quant_conv.weight"): "first_stage_model.post_quant_conv.weight",
+        ("text_encoder", "encoder.layers.11.mlp.fc2.bias"): "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.bias",
+    }
+    assert {args: C.ldm_name(*args) for args in expected} == expected
+    # Every tensor a part needs has its own LDM name.
+    for sub, (_, parts) in C._SUBFOLDERS.items():
+        keys = [entry[0][0] for part in parts for entry in C._PLANS[part]().entries]
+        assert len({C.ldm_name(sub, key) for key in keys}) == len(keys), sub
 
 
 def test_weight_files_variants_and_shards(tmp_path):

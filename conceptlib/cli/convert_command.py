@@ -1,5 +1,6 @@
-"""``conceptlib weights convert SRC DIR``: a diffusers Stable Diffusion 1.x pipeline folder into a
-keras-cv weights folder that ``--weights DIR`` reads.
+"""``conceptlib weights convert SRC DIR``: a diffusers Stable Diffusion 1.x pipeline folder, or an
+original single-file SD 1.x ``.safetensors`` checkpoint, into a keras-cv weights folder that
+``--weights DIR`` reads.
 
 Added to the ``weights`` group by ``conceptlib.cli.model_commands``. The folder, configs, tensor names and shapes and the destination are checked before
 keras is imported and any model is built.
@@ -24,9 +25,12 @@ import click
 @click.option("--overwrite", is_flag=True, help="Replace DIRECTORY if an earlier `weights convert` wrote it.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the folder at the end.")
 def convert_command(src: Path, directory: Path, variant: str | None, overwrite: bool, quiet: bool) -> None:
-    """Convert the diffusers Stable Diffusion 1.x pipeline folder SRC (model_index.json,
+    """Convert SRC, a Stable Diffusion 1.x model, into DIRECTORY, a keras-cv weights folder for
+    --weights / $CONCEPTLIB_WEIGHTS. SRC is either a diffusers pipeline folder (model_index.json,
     text_encoder/, unet/, vae/ with .safetensors files, as save_pretrained writes and the Hub
-    hosts) into DIRECTORY, a keras-cv weights folder for --weights / $CONCEPTLIB_WEIGHTS.
+    hosts) or a single-file checkpoint in the original layout as AUTOMATIC1111, ComfyUI and
+    civitai use it (e.g. v1-5-pruned-emaonly.safetensors; its model.diffusion_model.* UNet is
+    used, not model_ema.* copies). .ckpt pickles are refused: use the .safetensors version.
 
     DIRECTORY must be new or empty (or, with --overwrite, an earlier conversion); it receives all
     four parts or, on any error, nothing. Needs about 4.3 GB of disk and 5.5 GB of memory.
@@ -44,7 +48,11 @@ def convert_command(src: Path, directory: Path, variant: str | None, overwrite: 
         inspect_pipeline(src)
     check_destination(directory, overwrite=overwrite, needed_bytes=converted_bytes())
     info = inspect_pipeline(src, variant=variant)
-    report(f"{src}: a diffusers {info.base_model} pipeline ({info.pipeline_class or 'no class name'}); converting")
+    if info.source_format == "ldm-single-file":
+        unused = f"; its {info.ema_tensors_ignored} model_ema.* tensors are not used" if info.ema_tensors_ignored else ""
+        report(f"{src}: a single-file {info.base_model} checkpoint (UNet from model.diffusion_model.*{unused}); converting")
+    else:
+        report(f"{src}: a diffusers {info.base_model} pipeline ({info.pipeline_class or 'no class name'}); converting")
 
     from conceptlib.kerascv import set_default_backend
 

@@ -8,6 +8,11 @@ tensor onto keras-cv's ``TextEncoder``, ``DiffusionModel``, ``Decoder`` and ``Im
 (transposing Linear ``(out, in)`` to Dense ``(in, out)`` and conv ``OIHW`` to ``HWIO``) and writes
 keras-cv's own files (``kcv_encoder.h5``, ...), so ``--weights DIR`` reads them like downloaded ones.
 
+The source may also be an original (LDM/CompVis) single-file SD 1.x checkpoint in safetensors
+format (``v1-5-pruned-emaonly.safetensors``, the files AUTOMATIC1111 and ComfyUI load):
+``inspect_single_file`` finds each tensor the same plans need under its LDM name (``ldm_name``),
+so both sources go through the same mapping onto keras-cv.
+
 Everything that can be checked without a model is checked first (``inspect_pipeline``: the
 folder, the configs, every tensor's name and shape, the destination, the free disk space); then
 each part is built once, filled, and saved. Files are written into a temporary folder beside
@@ -237,18 +242,26 @@ class _Tensors:
     """The tensors of one model subfolder (one or several safetensors shards), read lazily with
     safetensors' numpy API. ``shape``/``dtype`` read only the header."""
 
-    def __init__(self, files: list[Path], strip_prefix: str = ""):
+    def __init__(self, files: list[Path], strip_prefix: str = "", *, select=None, stored_name=None):
         from safetensors import safe_open
 
         self.files = files
         self._where: dict[str, tuple[Path, str]] = {}  # name (prefix stripped) -> file, name there
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        # select(stored) -> the name the plans use, or None for another part's tensor (single files
+        # hold all parts); stored_name(name) -> the name in the file, for messages.
+        self.stored_name = stored_name or (lambda key: key)
         for path in files:
             try:
                 with safe_open(str(path), framework="np") as handle:
                     for stored in handle.keys():
+                        if select is not None:
+                            key = select(stored)
+                            if key is None:
+                                continue
+                        else:
+                            key = stored[len(strip_prefix):] if strip_prefix and stored.startswith(strip_prefix) else stored
                         piece = handle.get_slice(stored)
-                        key = stored[len(strip_prefix):] if strip_prefix and stored.startswith(strip_prefix) else stored
                         self._where[key] = (path, stored)
                         self._meta[key] = (tuple(piece.get_shape()), piece.get_dtype())
             except Exception as exc:  # safetensors raises its own error types for bad headers
@@ -481,6 +494,10 @@ class PipelineInfo:
     tensors: dict[str, _Tensors]
     name_or_path: str | None = None
     diffusers_version: str | None = None
+    # "diffusers" (a pipeline folder) or "ldm-single-file"; a single file's UNet is read from its
+    # model.diffusion_model.* tensors, and this many model_ema.* copies are left unused.
+    source_format: str = "diffusers"
+    ema_tensors_ignored: int = 0
 
 
 def converted_bytes() -> int:
@@ -494,12 +511,14 @@ def inspect_pipeline(src: str | os.PathLike, *, variant: str | None = None) -> P
     no keras, no model). WeightsError says what is wrong and how to fix it."""
     src = Path(src).expanduser()
     if not src.exists():
-        raise WeightsError(f"{src} does not exist; pass a diffusers Stable Diffusion pipeline folder (with model_index.json)")
-    if not src.is_dir():
         raise WeightsError(
-            f"{src} is a file, not a diffusers pipeline folder; pass the folder holding model_index.json, "
-            "text_encoder/, unet/ and vae/ (single-file checkpoints are not supported)"
+            f"{src} does not exist; pass a diffusers Stable Diffusion pipeline folder (with model_index.json) "
+            "or an SD 1.x single-file .safetensors checkpoint"
         )
+    if not src.is_dir():
+        if variant is not None:
+            raise WeightsError(f"{src} is a single file: --variant {variant} applies to pipeline folders only; leave it out")
+        return inspect_single_file(src)
     index = _read_json(
         src / "model_index.json",
         "this is not a diffusers pipeline folder: pass the folder StableDiffusionPipeline.save_pretrained "
@@ -530,19 +549,10 @@ def inspect_pipeline(src: str | os.PathLike, *, variant: str | None = None) -> P
     _check_config(src / "vae" / "config.json", configs["vae"], _VAE_CONFIG, "SD 1.x VAE")
 
     files, tensors = {}, {}
-    for sub, (_, parts) in _SUBFOLDERS.items():
+    for sub in _SUBFOLDERS:
         files[sub] = _weight_files(src, sub, variant)
         tensors[sub] = _Tensors(files[sub], _TEXT_PREFIX if sub == "text_encoder" else "")
-        used: set[str] = set()
-        for part in parts:
-            for keys, shape, _ in _PLANS[part]().entries:
-                used.add(_check_tensor(tensors[sub], keys, shape))
-        extra = sorted(set(tensors[sub].keys()) - used - _IGNORED_KEYS)
-        if extra:
-            raise WeightsError(
-                f"{tensors[sub].files[0]} holds {len(extra)} tensor(s) an SD 1.x {sub} does not have ({extra[0]}, ...); "
-                "it has another architecture (e.g. LoRA-merged or extra layers) and cannot be converted"
-            )
+        _check_part(tensors[sub], sub)
     return PipelineInfo(
         src=src,
         base_model=base_model,
@@ -551,6 +561,165 @@ def inspect_pipeline(src: str | os.PathLike, *, variant: str | None = None) -> P
         tensors=tensors,
         name_or_path=index.get("_name_or_path"),
         diffusers_version=index.get("_diffusers_version"),
+    )
+
+
+def _check_part(tensors: _Tensors, sub: str) -> None:
+    """Every tensor the plans of ``sub``'s parts need is there with SD 1.x's shape, and no other."""
+    used: set[str] = set()
+    for part in _SUBFOLDERS[sub][1]:
+        for keys, shape, _ in _PLANS[part]().entries:
+            used.add(_check_tensor(tensors, keys, shape))
+    extra = sorted(tensors.stored_name(key) for key in set(tensors.keys()) - used - _IGNORED_KEYS)
+    if extra:
+        raise WeightsError(
+            f"{tensors.files[0]} holds {len(extra)} tensor(s) an SD 1.x {sub} does not have ({extra[0]}, ...); "
+            "it has another architecture (e.g. LoRA-merged or extra layers) and cannot be converted"
+        )
+
+
+# --- reading an original (LDM/CompVis) single-file checkpoint -------------------------------
+#
+# AUTOMATIC1111, ComfyUI, InvokeAI and civitai keep SD 1.x as one .safetensors file with the
+# original training code's tensor names (model.diffusion_model.*, first_stage_model.*,
+# cond_stage_model.transformer.*). Each tensor the plans name by its diffusers name is looked up
+# under its LDM name: the reverse of diffusers' convert_ldm_unet_checkpoint /
+# convert_ldm_vae_checkpoint / convert_ldm_clip_checkpoint (the table of diffusers'
+# scripts/convert_diffusers_to_original_stable_diffusion.py), for SD 1.x's block layout only.
+
+_LDM_PREFIX = {"text_encoder": "cond_stage_model.transformer.", "unet": "model.diffusion_model.", "vae": "first_stage_model."}
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _ldm_prefixes() -> dict[str, list[tuple[str, str, dict]]]:
+    """Per model: (diffusers prefix, LDM prefix, renames of the layer names below it)."""
+    unet = [("time_embedding.linear_1.", "time_embed.0.", {}), ("time_embedding.linear_2.", "time_embed.2.", {}),
+            ("conv_in.", "input_blocks.0.0.", {}), ("conv_norm_out.", "out.0.", {}), ("conv_out.", "out.2.", {}),
+            ("mid_block.attentions.0.", "middle_block.1.", {})]
+    unet += [(f"mid_block.resnets.{j}.", f"middle_block.{2 * j}.", _UNET_RESNET) for j in range(2)]
+    vae = [(f"{coder}.conv_norm_out.", f"{coder}.norm_out.", {}) for coder in ("encoder", "decoder")]
+    for coder in ("encoder", "decoder"):
+        vae += [(f"{coder}.mid_block.resnets.{j}.", f"{coder}.mid.block_{j + 1}.", _VAE_RESNET) for j in range(2)]
+        vae.append((f"{coder}.mid_block.attentions.0.", f"{coder}.mid.attn_1.", _VAE_ATTENTION))
+    for i in range(4):
+        for j in range(2):  # a level of the down path: 2 layers, then the downsampler (3 input_blocks)
+            unet.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{3 * i + j + 1}.0.", _UNET_RESNET))
+            unet.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{3 * i + j + 1}.1.", {}))
+        for j in range(3):
+            unet.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{3 * i + j}.0.", _UNET_RESNET))
+            unet.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{3 * i + j}.1.", {}))
+            vae.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", _VAE_RESNET))
+            vae.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{3 - i}.block.{j}.", _VAE_RESNET))
+        unet.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{3 * i + 3}.0.op.", {}))
+        # The up path's upsampler follows the level's last resnet (and attention, below level 0).
+        unet.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.", {}))
+        vae.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.", {}))
+        vae.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{3 - i}.upsample.", {}))
+    return {"unet": unet, "vae": vae}
+
+
+_LDM_PREFIXES = _ldm_prefixes()
+
+
+def ldm_name(sub: str, key: str) -> str:
+    """The name in an original SD 1.x single-file checkpoint of the tensor diffusers calls ``key``
+    in ``sub`` (text_encoder, unet or vae); text encoder keys without ``text_model.``."""
+    if sub == "text_encoder":
+        return f"{_LDM_PREFIX[sub]}{_TEXT_PREFIX}{key}"
+    for new, old, renames in _LDM_PREFIXES[sub]:
+        if key.startswith(new):
+            rest = key[len(new):]
+            for name, renamed in renames.items():
+                if rest.startswith(name + "."):
+                    rest = renamed + rest[len(name):]
+                    break
+            return f"{_LDM_PREFIX[sub]}{old}{rest}"
+    return f"{_LDM_PREFIX[sub]}{key}"  # the VAE's quant convs and conv_in/conv_out keep their names
+
+
+def _single_file_tensors(path: Path, sub: str) -> _Tensors:
+    """``sub``'s tensors of the single file ``path``, under their diffusers names (tensors under
+    the part's prefix that SD 1.x does not have keep their own name, so they show as extra)."""
+    prefix = _LDM_PREFIX[sub]
+    if sub == "text_encoder":  # cond_stage_model.transformer.[text_model.]...
+        return _Tensors([path], select=lambda stored: _strip(_strip(stored, prefix), _TEXT_PREFIX) if stored.startswith(prefix) else None,
+                        stored_name=lambda key: ldm_name(sub, key))
+    names = {ldm_name(sub, keys[0]): keys[0] for part in _SUBFOLDERS[sub][1] for keys, _, _ in _PLANS[part]().entries}
+    return _Tensors([path], select=lambda stored: names.get(stored, stored) if stored.startswith(prefix) else None,
+                    stored_name=lambda key: key if key.startswith(prefix) else ldm_name(sub, key))
+
+
+def _strip(text: str, prefix: str) -> str:
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+_PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+def inspect_single_file(src: Path) -> PipelineInfo:
+    """Check that ``src`` is an original (LDM) Stable Diffusion 1.x single-file checkpoint in
+    safetensors format holding every tensor keras-cv needs (reading only its header). A single
+    file carries no config: other architectures are told apart by their tensors' names and
+    shapes, and SD 1.x's settings (epsilon prediction, VAE scaling 0.18215) are assumed."""
+    if src.suffix.lower() in _PICKLES:
+        raise WeightsError(
+            f"{src} is a pickle checkpoint, which can run code when loaded and is not read by conceptlib; "
+            "download the .safetensors version of this model instead (most model pages offer one)"
+        )
+    if src.suffix.lower() != ".safetensors":
+        raise WeightsError(
+            f"{src} is neither a diffusers pipeline folder nor a .safetensors checkpoint; pass the folder holding "
+            "model_index.json, or a single-file SD 1.x .safetensors checkpoint"
+        )
+    header = _Tensors([src])  # reads the header only
+    keys = set(header.keys())
+
+    def shape(key):
+        return header.shape(key) if key in keys else None
+
+    if any(key.startswith("conditioner.") for key in keys):
+        raise WeightsError(
+            f"{src} is a Stable Diffusion XL checkpoint (conditioner.* text encoders); keras-cv has no SDXL model, "
+            "so only Stable Diffusion 1.x checkpoints can be converted"
+        )
+    to_k = shape("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    if any(key.startswith("cond_stage_model.model.") for key in keys) or (to_k and to_k[-1] == 1024):
+        raise WeightsError(
+            f"{src} is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder, cross-attention width 1024); "
+            "`weights convert` supports Stable Diffusion 1.x (1.4, 1.5 and their fine-tunes) only so far"
+        )
+    if not any(key.startswith(_LDM_PREFIX["unet"]) for key in keys):
+        raise WeightsError(
+            f"{src} holds no Stable Diffusion UNet (no model.diffusion_model.* tensors), so it is not a full "
+            "checkpoint (a LoRA, VAE or embedding?); pass a whole SD 1.x checkpoint"
+        )
+    conv_in = shape("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in and len(conv_in) == 4 and conv_in[1] != 4:
+        kind = {9: "an inpainting model", 8: "an instruct-pix2pix model"}.get(conv_in[1], "not a text-to-image model")
+        raise WeightsError(
+            f"{src}: the UNet takes {conv_in[1]} input channels ({kind}), keras-cv's SD 1.x UNet takes 4; "
+            "only text-to-image SD 1.x checkpoints can be converted"
+        )
+    if "v_pred" in keys:  # the marker ComfyUI and kohya's scripts write into v-prediction models
+        raise WeightsError(
+            f"{src} is marked as a v-prediction model (its v_pred tensor); keras-cv's sampler and conceptlib's trainer "
+            "expect a UNet that predicts the noise (epsilon), so it cannot be converted"
+        )
+    tensors = {sub: _single_file_tensors(src, sub) for sub in _SUBFOLDERS}
+    for sub in _SUBFOLDERS:
+        _check_part(tensors[sub], sub)
+    ema = sum(key.startswith("model_ema.") and key not in ("model_ema.decay", "model_ema.num_updates") for key in keys)
+    return PipelineInfo(
+        src=src,
+        base_model="sd-1",
+        pipeline_class="single-file SD 1.x checkpoint",
+        files={sub: [src] for sub in _SUBFOLDERS},
+        tensors=tensors,
+        source_format="ldm-single-file",
+        ema_tensors_ignored=ema,
     )
 
 
@@ -568,15 +737,17 @@ def _check_tensor(tensors: _Tensors, keys: tuple, expected: tuple) -> str:
     where = tensors.files[0] if len(tensors.files) == 1 else tensors.files[0].parent
     if key is None:
         raise WeightsError(
-            f"{where} has no tensor {keys[0]}; the file is incomplete or not an SD 1.x model: download it again"
+            f"{where} has no tensor {tensors.stored_name(keys[0])}; the file is incomplete or not an SD 1.x model: "
+            "download it again"
         )
+    name = tensors.stored_name(key)
     if not _same_layout(tensors.shape(key), expected):
         raise WeightsError(
-            f"{where}: tensor {key} has shape {list(tensors.shape(key))}, SD 1.x needs {list(expected)}; "
+            f"{where}: tensor {name} has shape {list(tensors.shape(key))}, SD 1.x needs {list(expected)}; "
             "the file belongs to another model"
         )
     if tensors.dtype(key) not in _DTYPES:
-        raise WeightsError(f"{where}: tensor {key} is {tensors.dtype(key)}; only float32/float16/bfloat16 files can be converted")
+        raise WeightsError(f"{where}: tensor {name} is {tensors.dtype(key)}; only float32/float16/bfloat16 files can be converted")
     return key
 
 
@@ -692,8 +863,8 @@ def convert_pipeline(
     report=None,
     info: PipelineInfo | None = None,
 ) -> Path:
-    """Convert the diffusers SD 1.x pipeline folder ``src`` into a keras-cv weights folder
-    ``directory`` (text_encoder, diffusion_model, decoder and image_encoder, keras-cv's file
+    """Convert the diffusers SD 1.x pipeline folder (or single-file checkpoint) ``src`` into a
+    keras-cv weights folder ``directory`` (text_encoder, diffusion_model, decoder and image_encoder, keras-cv's file
     names, plus a ``conceptlib-weights.json`` manifest and ``CONVERTED-FROM.txt`` saying where
     they came from). ``report(message)`` is called as each part is done. Returns the folder."""
     info = info or inspect_pipeline(src, variant=variant)
@@ -741,8 +912,10 @@ def _write_parts(info: PipelineInfo, staging: Path, report) -> dict:
             "part": part,
             "bytes": path.stat().st_size,
             "created_at": _now(),
-            "source": [str(p.relative_to(info.src)) for p in info.files[sub]],
+            "source": [str(p.relative_to(info.src)) if p != info.src else p.name for p in info.files[sub]],
         }
+        if info.source_format == "ldm-single-file":
+            files[path.name]["source_tensors"] = f"{_LDM_PREFIX[sub]}*"
         report(f"{part}: {', '.join(files[path.name]['source'])} -> {path.name}")
     return files
 
@@ -756,7 +929,7 @@ def _write_manifest(info: PipelineInfo, staging: Path, files: dict, variant: str
 
     record = {
         "source": str(info.src.resolve()),
-        "format": "diffusers",
+        "format": info.source_format,
         "pipeline": info.pipeline_class,
         "name_or_path": info.name_or_path,
         "diffusers_version": info.diffusers_version,
@@ -765,12 +938,17 @@ def _write_manifest(info: PipelineInfo, staging: Path, files: dict, variant: str
         "converted_at": _now(),
         "converter": f"conceptlib {__version__} (weights convert)",
     }
+    if info.source_format == "ldm-single-file":
+        # As AUTOMATIC1111 and diffusers' from_single_file do by default.
+        record["unet_weights"] = "model.diffusion_model.* (model_ema.* copies not used)"
+        record["ema_tensors_ignored"] = info.ema_tensors_ignored
     manifest = {"format": "conceptlib-weights/1", "random": False, "converted_from": record, "files": files}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     origin = info.name_or_path or record["source"]
     (staging / NOTE).write_text(
         f"These keras-cv Stable Diffusion weights ({info.base_model}) were converted by `conceptlib weights convert`\n"
-        f"from the diffusers pipeline folder {record['source']}"
+        f"from the {'single-file checkpoint' if info.source_format == 'ldm-single-file' else 'diffusers pipeline folder'} "
+        f"{record['source']}"
         f"{f' ({origin})' if origin != record['source'] else ''} on {record['converted_at']}.\n"
         "They are the same numbers in keras-cv's layout; the source's license applies to them.\n"
     )

@@ -29,3 +29,32 @@ def run_interrupted(job, after_step: int) -> int | None:
     finally:
         del job.step_done  # the class's own method again
     return None
+
+
+_IMPORT_PROBE = """
+import json, sys
+from conceptlib.cli import main
+try:
+    main(sys.argv[1:])
+    code = 0
+except SystemExit as exc:
+    code = exc.code or 0
+heavy = sorted(m for m in ("tensorflow", "keras", "keras_cv", "jax", "torch", "numpy") if m in sys.modules)
+print("PROBE", json.dumps({"imported": heavy, "code": code}), file=sys.stderr)
+"""
+
+
+def cli_imports(args, env=None):
+    """Run ``conceptlib ARGS`` in a fresh Python process (``env``: its environment) and return
+    ``(exit code, the heavy modules it imported, the process)``: which of tensorflow, keras,
+    keras_cv, jax, torch and numpy were in ``sys.modules`` when the command ended."""
+    import json
+    import subprocess
+    import sys
+
+    process = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, *args], env=env, capture_output=True,
+                             text=True, timeout=120)
+    last = process.stderr.strip().splitlines()[-1] if process.stderr.strip() else ""
+    assert last.startswith("PROBE "), process.stderr
+    probe = json.loads(last[len("PROBE "):])
+    return probe["code"], probe["imported"], process

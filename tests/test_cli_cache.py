@@ -3,7 +3,6 @@ the jax trainer and `generate` use, its size, and clearing it without touching a
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from conceptlib.cli import main
+from helpers import cli_imports
 
 
 @pytest.fixture
@@ -143,24 +143,8 @@ def test_a_cache_path_that_is_a_file_is_an_error(cache):
     assert cache.read_text() == "not a folder"
 
 
-_PROBE = """
-import json, sys
-from conceptlib.cli import main
-try:
-    main(sys.argv[1:])
-except SystemExit as exc:
-    code = exc.code or 0
-heavy = sorted(m for m in ("tensorflow", "keras", "keras_cv", "jax", "numpy") if m in sys.modules)
-print("PROBE", json.dumps({"heavy": heavy, "code": code}), file=sys.stderr)
-"""
-
-
 @pytest.mark.parametrize("args", [["cache"], ["cache", "info"], ["cache", "clear", "-y"]])
 def test_cache_commands_never_import_tensorflow_jax_or_numpy(cache, args):
     _fill(cache)
-    result = subprocess.run([sys.executable, "-c", _PROBE, *args], env=dict(os.environ), capture_output=True,
-                            text=True, timeout=120)
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("PROBE "), result.stderr
-    probe = json.loads(last[len("PROBE "):])
-    assert probe == {"heavy": [], "code": 0}, f"{args}: {probe}"
+    code, imported, process = cli_imports(args, dict(os.environ))
+    assert (code, imported) == (0, []), f"{args}: exit {code}, imported {imported}: {process.stderr}"

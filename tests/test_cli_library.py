@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from conceptlib.cli import main
+from helpers import cli_imports
 from conceptlib.concept import Concept
 from conceptlib.library import ConceptLibrary
 
@@ -384,19 +385,6 @@ def test_real_process_round_trip(home, tmp_path):
     assert _conceptlib("export", "bdoll", home=home).returncode == 2
 
 
-_PROBE = """
-import sys
-from conceptlib.cli import main
-try:
-    main(sys.argv[1:])
-except SystemExit as exc:
-    code = exc.code or 0
-import json
-heavy = sorted(m for m in ("tensorflow", "keras", "keras_cv", "jax", "torch") if m in sys.modules)
-print("PROBE", json.dumps({"heavy": heavy, "numpy": "numpy" in sys.modules, "code": code}), file=sys.stderr)
-"""
-
-
 @pytest.mark.parametrize("args,numpy_ok", [
     (["list"], False),
     (["list", "--json"], False),
@@ -411,14 +399,12 @@ def test_library_commands_never_import_tensorflow(library, tmp_path, args, numpy
     folder = _foreign_folder(tmp_path / "in")
     args = [a.format(folder=folder, out=tmp_path / "out.pt") for a in args]
     env = dict(os.environ, CONCEPTLIB_HOME=str(library.root))
-    result = subprocess.run([sys.executable, "-c", _PROBE, *args], env=env, capture_output=True, text=True, timeout=120)
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("PROBE "), result.stderr
-    probe = json.loads(last[len("PROBE "):])
-    assert probe["code"] == 0, result.stderr
-    assert probe["heavy"] == [], f"{args} imported {probe['heavy']}"
+    code, imported, process = cli_imports(args, env)
+    assert code == 0, process.stderr
+    heavy = [module for module in imported if module != "numpy"]
+    assert heavy == [], f"{args} imported {heavy}"
     if not numpy_ok:
-        assert not probe["numpy"], f"{args} imported numpy; listing/showing must read headers only"
+        assert "numpy" not in imported, f"{args} imported numpy; listing/showing must read headers only"
 
 
 # -- audit fixes: broken library files, write failures, file modes, --out, CLIP words, several paths ---

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conceptlib.cli import main
+from helpers import cli_imports
 from conceptlib.concept import Concept
 from conceptlib.files import write_concept
 from conceptlib.library import ConceptLibrary
@@ -128,17 +129,9 @@ def test_resume_of_a_run_whose_settings_were_edited_wrongly(library):
 
 def test_runs_reads_no_model_library(library):
     """A real process: `conceptlib runs` imports neither TensorFlow, Keras, JAX nor numpy."""
-    probe = (
-        "import sys\nfrom conceptlib.cli import main\n"
-        "try:\n    main(['runs'])\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
-        "heavy = [m for m in ('tensorflow', 'keras', 'keras_cv', 'jax', 'numpy') if m in sys.modules]\n"
-        "print('HEAVY', heavy)\n"
-    )
-    env = dict(os.environ, CONCEPTLIB_HOME=str(library.root))
-    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "HEAVY []"
-    assert "stopped at step 20/100" in result.stdout
+    code, imported, process = cli_imports(["runs"], dict(os.environ, CONCEPTLIB_HOME=str(library.root)))
+    assert (code, imported) == (0, []), process.stderr
+    assert "stopped at step 20/100" in process.stdout
 
 
 def test_a_run_being_trained_is_listed_as_such_and_cannot_be_resumed_twice(library, monkeypatch):

@@ -216,8 +216,9 @@ def non_finite_vectors(norms: list[float]) -> list[int]:
     return [i for i, norm in enumerate(norms) if not math.isfinite(norm)]
 
 
-def read_concept(path: str | os.PathLike) -> Concept:
-    """Load a concept file written by conceptlib (or any single-tensor concept safetensors)."""
+def read_concept(path: str | os.PathLike, token: str | None = None) -> Concept:
+    """Load a concept file written by conceptlib (or any single-tensor concept safetensors).
+    ``token`` replaces the file's token (so a file whose token is refused can get a new one)."""
     header = read_header(path)
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -229,7 +230,7 @@ def read_concept(path: str | os.PathLike) -> Concept:
     try:
         return Concept(
             name=_name_or_stem(header),
-            token=header.token,
+            token=token or header.token,
             vectors=tensors[header.token],
             metadata=header.metadata,
         )

@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from conceptlib.concept import BASE_MODEL_BY_DIM, Concept, validate_name, validate_token
+from conceptlib.concept import BASE_MODEL_BY_DIM, Concept, suggested_token, validate_name, validate_token
 from conceptlib.errors import (
     CollisionError,
     ConceptError,
@@ -289,10 +289,11 @@ class ConceptLibrary:
         with self.lock():
             old = self._name_of(old)
             old_path = self._existing_path(old)
-            concept = read_concept(old_path)
             validate_name(new)
-            new_token = validate_token(token) if token is not None else concept.token
-            if new == old and new_token == concept.token:
+            # With a new token, a file whose own token is now refused can still be renamed.
+            concept = read_concept(old_path, token=validate_token(token) if token is not None else None)
+            new_token = concept.token
+            if new == old and new_token == read_header(old_path).token:
                 return _with_name(read_header(old_path), old)
             self._check_available(new, new_token, replacing=old,
                                   name_fix=f"choose another new name or remove {new!r} first",
@@ -450,7 +451,8 @@ def _index_entry(path: Path, key: list[int]) -> dict:
     try:
         validate_token(header.token)
     except ConceptError as exc:
-        return {"key": key, "error": f"{path}: {exc}"}
+        fix = f"give it another token: conceptlib rename {name} {name} --token '{suggested_token(header.token)}'"
+        return {"key": key, "error": f"{path}: {exc} ({fix})"}
     try:
         # Once per new or changed file (the index caches the result): a few KB, no numpy.
         bad = non_finite_vectors(vector_norms(path))

@@ -133,3 +133,21 @@ def test_import_skips_a_token_with_an_html_entity_and_composes_a_decomposed_file
     result = CliRunner().invoke(main, ["import", str(folder / "escaped.safetensors"), "--token", "<a&b>"])
     assert result.exit_code == 0, result.output
     assert sorted(h.token for h in ConceptLibrary(home).list()) == sorted(["<good>", "<a&b>", NFC_CAFE])
+
+
+def test_a_library_concept_whose_token_is_now_refused_can_be_given_a_new_one(home):
+    # A file written before tokens had to be NFC: listed as skipped with the fix, which works.
+    (home / "concepts").mkdir(parents=True)
+    metadata = {"format": "conceptlib/1", "name": "cafe", "token": NFD_CAFE, "base_model": "sd-1",
+                "num_vectors": "1", "dim": "768"}
+    save_file({NFD_CAFE: _vectors(4)}, str(home / "concepts" / "cafe.safetensors"), metadata=metadata)
+    listed = CliRunner().invoke(main, ["list"])
+    assert listed.exit_code == 0 and "No concepts" in listed.stdout
+    assert listed.stderr.startswith("Warning: skipped ") and "not in Unicode NFC form" in listed.stderr
+    assert listed.stderr.rstrip().endswith(f"(give it another token: conceptlib rename cafe cafe --token '{NFC_CAFE}')")
+
+    renamed = CliRunner().invoke(main, ["rename", "cafe", "cafe", "--token", NFC_CAFE])
+    assert renamed.exit_code == 0, renamed.output
+    concept = ConceptLibrary(home).get("cafe")
+    assert concept.token == NFC_CAFE
+    np.testing.assert_array_equal(concept.vectors, _vectors(4))

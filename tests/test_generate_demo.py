@@ -76,6 +76,7 @@ def test_stopped_demo_with_demo_dir_keeps_everything(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.demo  # not in the default run (CI's time budget); `python3 -m pytest -m demo` runs it
 def test_demo_runs_the_main_job_and_leaves_only_small_results(tmp_path):
     """The whole demo once (~3 min on 2 CPU cores): it succeeds, the random weights are gone, the
     run folder, library and images are kept, and the last lines say where and how to delete them."""

@@ -47,11 +47,16 @@ def test_default_xla_flags_are_added_unless_the_user_set_them(monkeypatch):
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     assert apply_default_xla_flags() == "--xla_dump_to=/tmp/x " + " ".join(DEFAULT_XLA_FLAGS)
+    # The user's choice wins; the other defaults are still added.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true --xla_gpu_force_compilation_parallelism=2")
+    assert apply_default_xla_flags() == "--xla_gpu_enable_triton_gemm=true --xla_gpu_force_compilation_parallelism=2"
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
-    assert apply_default_xla_flags() == "--xla_gpu_enable_triton_gemm=true"  # the user's choice wins
+    expected = "--xla_gpu_enable_triton_gemm=true " + DEFAULT_XLA_FLAGS[1]
+    assert apply_default_xla_flags() == expected
     import os
 
-    assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=true"
+    assert os.environ["XLA_FLAGS"] == expected
+    assert DEFAULT_XLA_FLAGS[1] == f"--xla_gpu_force_compilation_parallelism={min(os.cpu_count() or 1, 16)}"
 
 
 def test_in_background_returns_the_value_or_raises_in_the_caller():

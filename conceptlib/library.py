@@ -393,9 +393,12 @@ class ConceptLibrary:
                 continue  # removed while listing
             key = [stat.st_ino, stat.st_mtime_ns, stat.st_size]
             cached = old_index.get(file_name)
-            if not _is_current(cached, key):
-                cached = _index_entry(Path(entry.path), key)
-                changed = True
+            # A skipped file's line is made anew each time (such files are few and cheap to
+            # check), so it gives this version's reason and fix, not the one cached earlier.
+            if not _is_current(cached, key) or "error" in cached:
+                fresh = _index_entry(Path(entry.path), key)
+                changed = changed or fresh != cached
+                cached = fresh
             new_index[file_name] = cached
             if "error" in cached:
                 problems.append(Problem(Path(entry.path), cached["error"]))

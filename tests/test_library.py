@@ -334,6 +334,26 @@ def test_nan_vectors_are_a_problem_even_with_an_old_index(library):
     assert [h.name for h in ConceptLibrary(library.root).list()] == ["good"]
 
 
+def test_a_skipped_files_line_is_never_an_old_versions_cached_one(library):
+    library.add(make("good"))
+    bad = library.root / "concepts" / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    assert [h.name for h in library.list()] == ["good"]
+    current = library.problems[0].message
+    # The index holds the line an earlier version wrote for the unchanged file.
+    index = library.root / ".index.json"
+    data = json.loads(index.read_text())
+    data["files"]["bad.safetensors"]["error"] = "an old reason without the fix"
+    index.write_text(json.dumps(data))
+    fresh = ConceptLibrary(library.root)
+    assert [h.name for h in fresh.list()] == ["good"] and [p.message for p in fresh.problems] == [current]
+    assert json.loads(index.read_text())["files"]["bad.safetensors"]["error"] == current
+    # Nothing changed since: the index is not rewritten.
+    before = index.stat().st_mtime_ns
+    fresh.list()
+    assert index.stat().st_mtime_ns == before
+
+
 def test_unwritable_library_is_one_line_and_unchanged(tmp_path):
     (tmp_path / "afile").write_text("x")
     library = ConceptLibrary(tmp_path / "afile")

@@ -94,13 +94,34 @@ class RunDirectory:
             os.close(fd)
         return False
 
-    def create(self, config: TrainingConfig, extra: dict) -> None:
-        from conceptlib.files import atomic_write_bytes
+    @property
+    def init_path(self) -> Path:
+        """The concept the run started from (--init-from), kept so a resume never depends on
+        the library or the file it came from."""
+        return self.path / "init.safetensors"
+
+    def create(self, config: TrainingConfig, extra: dict, start=None) -> None:
+        """Write the run's settings (and ``start``, the Concept it starts from, if any)."""
+        from conceptlib.files import atomic_write_bytes, write_concept
 
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints.mkdir(exist_ok=True)
+        if start is not None:
+            write_concept(start, self.init_path)
         data = {"config": config.to_dict(), **extra}
         atomic_write_bytes(self.config_path, json.dumps(data, indent=2).encode())
+
+    def load_init(self):
+        """The Concept the run started from (TrainingError if its file is gone or damaged)."""
+        from conceptlib.errors import ConceptlibError
+        from conceptlib.files import read_concept
+
+        try:
+            return read_concept(self.init_path)
+        except ConceptlibError as exc:
+            raise TrainingError(
+                f"the vectors this run started from are unreadable ({exc}); start a new run"
+            ) from None
 
     def read(self) -> dict:
         """config.json: a dict whose "config" holds the run's settings (TrainingError if not)."""

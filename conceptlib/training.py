@@ -17,6 +17,7 @@ Nothing here imports keras, TensorFlow or JAX at module import time.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -74,7 +75,9 @@ class TrainingConfig:
     trainer: str = "tensorflow"
     template: str = "object"
     init: list[str] = field(default_factory=list)  # init words; empty = random init
-    num_vectors: int = 1
+    # Start from this concept's vectors instead (a library name or token, or a concept file).
+    init_from: str | None = None
+    num_vectors: int | None = None  # None: 1, or as many as the init_from concept has
     resolution: int = 512
     steps: int = 1000
     batch_size: int = 1
@@ -100,10 +103,14 @@ class TrainingConfig:
             raise UsageError(f"unknown base model {self.base_model!r}; use sd-1 or sd-2")
         if self.resolution < 64 or self.resolution % 64:
             raise UsageError(f"--resolution {self.resolution} is not a positive multiple of 64; use e.g. 512")
+        if self.init and self.init_from:
+            raise UsageError(
+                f"--init {' '.join(self.init)} and --init-from {self.init_from} both give the starting vectors; use one"
+            )
         for option, value, low in (
             ("--steps", self.steps, 1),
             ("--batch-size", self.batch_size, 1),
-            ("--num-vectors", self.num_vectors, 1),
+            ("--num-vectors", 1 if self.num_vectors is None else self.num_vectors, 1),
             ("--checkpoint-every", self.checkpoint_every, 0),
             ("--preview-every", self.preview_every, 0),
             ("--warmup-steps", self.warmup_steps, 0),
@@ -111,7 +118,7 @@ class TrainingConfig:
         ):
             if value < low:
                 raise UsageError(f"{option} {value} must be at least {low}")
-        if self.num_vectors > 75:
+        if self.num_vectors is not None and self.num_vectors > 75:
             raise UsageError(f"--num-vectors {self.num_vectors} is too many; a prompt holds at most 75 tokens")
         if not self.learning_rate > 0:
             raise UsageError(f"--lr {self.learning_rate} must be positive, e.g. 5e-3")
@@ -234,6 +241,7 @@ class TrainingJob:
         self.images = images
         self.tokenizer = tokenizer
         self.init_ids: list[int] = init_ids
+        self.init_concept = None  # the Concept whose vectors the run starts from (--init-from)
         self.weights = weights  # resolve_weights dict
         self.run_dir: RunDirectory = run_dir
         self.library = library
@@ -304,10 +312,14 @@ class TrainingJob:
         }
 
     def initial_vectors(self, table):
-        """Starting vectors from the frozen token table (init words spread over the vectors, or
-        seeded random vectors)."""
+        """Starting vectors: the init_from concept's, or from the frozen token table (init words
+        spread over the vectors, or seeded random vectors)."""
         from conceptlib.kerascv.textual_inversion import initial_rows
 
+        if self.init_concept is not None:
+            import numpy as np
+
+            return np.array(self.init_concept.vectors, dtype=np.float32)
         return initial_rows(table, self.init_ids, self.config.num_vectors, _rng(self.config.seed, _STREAM_INIT))
 
     def preview_inputs(self, count: int = 2):
@@ -500,8 +512,12 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
     if resume is None:
         library.check_available(config.name, config.token)
         run_dir = _new_run_dir(config, library)
+        start = _starting_concept(config, library) if config.init_from else None
     else:
         _check_resumable(run_dir, config, library)
+        start = run_dir.load_init() if config.init_from else None
+    if config.num_vectors is None:
+        config.num_vectors = 1
     images = find_images(config.images)
     hashes = [image.sha256 for image in images]
     if resume is not None and saved.get("image_sha256") and saved["image_sha256"] != hashes:
@@ -519,6 +535,7 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
         )
     init_ids = tokenize_init(tokenizer, config.init)
     job = TrainingJob(config, trainer_cls, pack, images, tokenizer, init_ids, None, run_dir, library, resume is not None)
+    job.init_concept = start
     # Every prompt must fit: render each template/caption once now rather than fail mid-run.
     for image in images:
         for index in range(len(pack.caption_templates if image.caption else pack.templates)):
@@ -541,12 +558,59 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
             "started": _dt.datetime.now().isoformat(timespec="seconds"),
         }
         try:
-            run_dir.create(config, extra)
+            run_dir.create(config, extra, start)
         except OSError as exc:
             raise TrainingError(
                 f"cannot create the run folder {run_dir.path} ({exc.strerror or exc}); pick another --run-dir"
             ) from None
     return job
+
+
+def _starting_concept(config: TrainingConfig, library):
+    """The concept ``--init-from`` names (Concept refuses NaN/Inf vectors), checked against the
+    run: the base model's width, and --num-vectors (set to the concept's count when left out)."""
+    import numpy as np
+
+    from conceptlib.concept import DIMS, Concept
+    from conceptlib.kerascv.apply import resolve_concepts
+
+    ref = config.init_from
+    concepts = resolve_concepts([ref], library)
+    if len(concepts) != 1:
+        raise TrainingError(f"--init-from {ref} holds {len(concepts)} concepts; give one (a library name or token, or one file)")
+    concept = concepts[0]
+    vectors = np.asarray(concept.vectors, dtype=np.float32)
+    count, dim = vectors.shape
+    if dim != DIMS[config.base_model]:
+        model = next((base for base, width in DIMS.items() if width == dim), None)
+        fix = f"add --base-model {model}" if model else "start from an sd-1 or sd-2 concept"
+        raise TrainingError(
+            f"--init-from {ref}: its vectors are {dim} wide, but {config.base_model} needs "
+            f"{DIMS[config.base_model]}; {fix}"
+        )
+    if config.num_vectors is None:
+        config.num_vectors = count
+    elif config.num_vectors != count:
+        raise UsageError(
+            f"--num-vectors {config.num_vectors} does not match the {count} vector(s) of --init-from {ref}; "
+            "leave --num-vectors out"
+        )
+    if count > 75:
+        raise TrainingError(f"--init-from {ref} has {count} vectors; a prompt holds at most 75 tokens")
+    with contextlib.suppress(RuntimeError):  # '~cat', a valid token, names no user's home
+        if Path(ref).expanduser().is_file():
+            config.init_from = str(Path(ref).expanduser().resolve())  # so the run's config.json says which file
+    return Concept(concept.name, concept.token, vectors, concept.metadata)
+
+
+def init_record(concept) -> dict:
+    """What a concept trained --init-from another records about it (its ``init_from`` metadata)."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256(np.ascontiguousarray(concept.vectors, dtype="<f4").tobytes()).hexdigest()
+    return {"name": concept.name, "token": concept.token, "vectors_sha256": digest}
 
 
 def _new_run_dir(config: TrainingConfig, library) -> RunDirectory:
@@ -649,6 +713,7 @@ def finish(job: TrainingJob, result: TrainingResult, *, trainer_version: str):
     metadata = {
         "init_tokens": json.dumps(init_tokens),
         "init_words": json.dumps(config.init),
+        **({"init_from": json.dumps(init_record(job.init_concept))} if job.init_concept is not None else {}),
         "trainer": config.trainer,
         "trainer_version": trainer_version,
         "training": json.dumps(config.training_summary(), sort_keys=True),
@@ -686,6 +751,9 @@ def _announce(job: TrainingJob) -> None:
         file=sys.stderr,
         flush=True,
     )
+    start = job.init_concept
+    if start is not None:
+        print(f"Starting from the {len(start.vectors)} vector(s) of {start.name} ({start.token})", file=sys.stderr)
     split = split_init_words(job.tokenizer, job.config.init)
     if split:
         print(

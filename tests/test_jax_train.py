@@ -14,6 +14,7 @@ the first step runs (previews read the vectors, never change them or the data).
 Before that, the worker trains another concept with the same shapes but other images (four
 instead of three), vectors (four instead of three: both train four rows), steps, learning rate
 and warmup: those are arguments of the exported step, so it hits the same cache entry too.
+Last, it trains one step onward from the CLI run's finished concept (--init-from its file).
 """
 
 from __future__ import annotations
@@ -194,6 +195,18 @@ def test_interrupted_jax_run_resumes_to_the_same_concept(run, resumed):
     assert [step for step, _ in json.loads(part.metadata["loss_history"])] == [1, 2]
 
 
+def test_a_run_continues_from_the_cli_runs_concept(resumed):
+    """--init-from the finished concept's file: the run starts from its vectors, so one Adam step
+    moves each element by at most the learning rate (Adam's first step is lr * g/|g|, plus a
+    decoupled weight decay of lr * 0.004 * x). Started from words or at random, they would differ by O(1)."""
+    continued = resumed["report"]["continued"]
+    assert continued["step_cache"] == "hit" and continued["num_vectors"] == 3
+    assert 0 < continued["max_change"] <= continued["learning_rate"] * 1.01
+    assert continued["init_from"] == continued["expected_init_from"]
+    assert continued["init_from"]["name"] == "jax-concept" and continued["init_from"]["token"] == "<jax-concept>"
+    assert continued["init_words"] == []
+
+
 def _stages(stderr: str) -> list[str]:
     """The stage lines of a run ("[m:ss] what it does"), without their times."""
     return [re.sub(r"^\[\d+:\d\d\] ", "", line) for line in stderr.splitlines() if re.match(r"\[\d+:\d\d\] ", line)]
@@ -204,8 +217,9 @@ def _stages(stderr: str) -> list[str]:
 
 
 def _resume_worker(run_folder: str, home: str, out: str) -> None:
+    from conceptlib.files import read_concept
     from conceptlib.library import ConceptLibrary
-    from conceptlib.training import RunDirectory, TrainingConfig, prepare, train
+    from conceptlib.training import RunDirectory, TrainingConfig, init_record, prepare, train
     from helpers import run_interrupted
 
     config = TrainingConfig.from_dict(RunDirectory(run_folder).read()["config"])
@@ -243,6 +257,25 @@ def _resume_worker(run_folder: str, home: str, out: str) -> None:
         "other_run": other_run,
         "imported_after_other_run": imported_after_other,
         "cache_folder": str(Path(os.environ["CONCEPTLIB_JAX_CACHE"]) / "conceptlib-steps"),
+    }
+
+    # One step onward from the CLI run's finished concept (--init-from its file).
+    source = Path(run_folder) / "concept.safetensors"
+    continued = TrainingConfig.from_dict(dict(
+        config.to_dict(), init=[], init_from=str(source), num_vectors=None, name="continued", token="<continued>",
+        steps=1, checkpoint_every=0, preview_every=0, run_dir=str(Path(home) / "continued-run"),
+    ))
+    header, continued_job = train(continued, library=library, progress=False)
+    start = read_concept(source)
+    trained = library.get(header.name)
+    report["continued"] = {
+        "step_cache": json.loads(Path(os.environ["CONCEPTLIB_JAX_REPORT"]).read_text())["step_cache"],
+        "num_vectors": continued_job.config.num_vectors,
+        "max_change": float(np.abs(trained.vectors - start.vectors).max()),
+        "learning_rate": continued.learning_rate,
+        "init_from": json.loads(trained.metadata["init_from"]),
+        "expected_init_from": init_record(start),
+        "init_words": json.loads(trained.metadata["init_words"]),
     }
     Path(out).write_text(json.dumps(report, indent=2))
 

@@ -31,6 +31,9 @@ def _split_words(values) -> list[str]:
 @click.option("--init", "-i", "init", multiple=True, metavar="WORD[S]",
               help="Start from these words' embeddings, spread over the vectors (e.g. 'cat' or 'toy cat'); "
               "may be repeated. Default: random vectors.")
+@click.option("--init-from", metavar="CONCEPT",
+              help="Start from an existing concept's vectors instead: a library name or token, or a concept file "
+              "in any format `import` reads (to train a concept further, or refine a downloaded one).")
 @click.option("--weights", "-w", type=click.Path(file_okay=False, path_type=str), metavar="DIR|random",
               help="Folder with keras-cv weight files (else $CONCEPTLIB_WEIGHTS, the Keras cache, or download); "
               "'random' = random weights in memory, for smoke runs only.")
@@ -44,7 +47,8 @@ def _split_words(values) -> list[str]:
 @click.option("--steps", "-s", type=int, default=1000, show_default=True, help="Training steps.")
 @click.option("--batch-size", "-b", type=int, default=1, show_default=True,
               help="Images per step. jax: split over the GPUs (see --devices); $CONCEPTLIB_JAX_BATCH_SIZE overrides it.")
-@click.option("--num-vectors", type=int, default=1, show_default=True, help="Embedding vectors the token stands for.")
+@click.option("--num-vectors", type=int,
+              help="Embedding vectors the token stands for.  [default: 1, or as many as the --init-from concept has]")
 @click.option("--lr", "learning_rate", type=float, default=5e-3, show_default=True, help="Peak learning rate.")
 @click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
               help="Cosine decay to 0 over the run, or a constant learning rate.")
@@ -64,7 +68,7 @@ def _split_words(values) -> list[str]:
               help="jax trainer only: train data-parallel on all local GPUs (the default; fewer if the batch size "
               "does not split over them) or the first N (N must divide the batch size).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or stage output.")
-def train(images, name, token, init, weights, base_model, trainer, template, resolution, steps, batch_size,
+def train(images, name, token, init, init_from, weights, base_model, trainer, template, resolution, steps, batch_size,
           num_vectors, learning_rate, lr_schedule, warmup_steps, seed, no_flip, checkpoint_every,
           preview_every, preview_steps, run_dir, resume, devices, quiet):
     """Learn a new token from the pictures in IMAGES and add it to the library.
@@ -86,7 +90,7 @@ def train(images, name, token, init, weights, base_model, trainer, template, res
             trainer = default_trainer()
         config = TrainingConfig(
             images=str(images), name=name, token=token, base_model=base_model, weights=weights,
-            trainer=trainer, template=template, init=_split_words(init), num_vectors=num_vectors,
+            trainer=trainer, template=template, init=_split_words(init), init_from=init_from, num_vectors=num_vectors,
             resolution=resolution, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
             lr_schedule=lr_schedule, warmup_steps=warmup_steps, seed=seed, flip=not no_flip,
             checkpoint_every=checkpoint_every, preview_every=preview_every, preview_steps=preview_steps,

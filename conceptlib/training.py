@@ -450,7 +450,9 @@ def _ensure_backend(backend: str) -> None:
             f"KERAS_BACKEND={current} but the trainer needs {backend!r}; unset KERAS_BACKEND or set it to {backend}"
         )
     os.environ["KERAS_BACKEND"] = backend
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from conceptlib.kerascv import quiet_tensorflow_logs
+
+    quiet_tensorflow_logs(backend)
 
 
 def tokenize_init(tokenizer, words: list[str]) -> list[int]:

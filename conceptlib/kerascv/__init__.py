@@ -16,8 +16,18 @@ def set_default_backend(backend: str | None = None) -> str:
     """Set ``KERAS_BACKEND`` before keras is imported: an existing environment value wins, then
     ``backend``, then TensorFlow (the reference backend). Returns the backend in effect."""
     os.environ.setdefault("KERAS_BACKEND", backend or DEFAULT_BACKEND)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow_logs(os.environ["KERAS_BACKEND"])
     return os.environ["KERAS_BACKEND"]
+
+
+def quiet_tensorflow_logs(backend: str) -> None:
+    """Before TensorFlow is imported: no INFO/WARNING lines from its C++ side. On the JAX backend
+    keras-cv imports TensorFlow but runs nothing on it, so its oneDNN notice (two lines printed
+    even at TF_CPP_MIN_LOG_LEVEL=2, twice) is turned off with oneDNN itself; on the TensorFlow
+    backend oneDNN stays on, as it is TensorFlow's fast CPU path. The user's settings win."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if backend == "jax":
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 JAX_CACHE_ENV = "CONCEPTLIB_JAX_CACHE"

@@ -159,6 +159,9 @@ class RunDirectory:
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:07d}.npz"
 
+    def preview_path(self, step: int) -> Path:
+        return self.previews / f"step-{step:07d}.png"
+
     def latest_checkpoint(self) -> Path | None:
         found = sorted(self.checkpoints.glob("step-*.npz")) if self.checkpoints.is_dir() else []
         return found[-1] if found else None
@@ -196,6 +199,59 @@ class RunDirectory:
                 )
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             raise TrainingError(f"{path}: unreadable checkpoint ({exc}); delete it to resume from an earlier one") from None
+
+
+def checkpoint_concept(path: str | Path, *, name: str | None = None, token: str | None = None):
+    """The vectors of training checkpoint ``path`` (RUN/checkpoints/step-N.npz) as a Concept with
+    the metadata of one trained to step N: named ``NAME-stepN`` with token ``<TOKEN-stepN>``
+    unless ``name``/``token`` are given. The preview is that step's preview grid, if the run
+    rendered one. A picked checkpoint is how an earlier, less overfitted state of a run is kept."""
+    import numpy as np
+
+    from conceptlib.concept import Concept
+    from conceptlib.errors import ConceptError, ConceptFileError, UnsupportedFormatError
+    from conceptlib.training import trained_metadata
+
+    path = Path(path)
+    run = RunDirectory(path.parent.parent)
+    if path.parent.name != "checkpoints" or not run.config_path.is_file():
+        raise UnsupportedFormatError(
+            f"{path}: an .npz file that is not a conceptlib training checkpoint (RUN/checkpoints/step-N.npz); "
+            "import concept files (.safetensors, .pt, .bin) instead"
+        )
+    try:
+        checkpoint = run.load_checkpoint(path)
+        saved = run.read()
+        config = run.read_config()
+    except TrainingError as exc:
+        raise ConceptFileError(str(exc)) from None
+    step = checkpoint.step
+    name = name or f"{config.name}-step{step}"
+    token = token or (f"{config.token[:-1]}-step{step}>" if config.token.endswith(">") else f"{config.token}-step{step}")
+    init_concept = run.load_init() if config.init_from else None
+    preview = _preview_of_step(run, step)
+    metadata = trained_metadata(
+        config, checkpoint.losses, init_tokens=saved.get("init_tokens", []), init_concept=init_concept,
+        image_sha256=saved.get("image_sha256", []), random_weights=bool(saved.get("random_weights")),
+        preview=preview, preview_source="generated", trainer_version=str(saved.get("trainer_version", "?")),
+    )
+    metadata["checkpoint_of"] = json.dumps({"run": str(run.path.resolve()), "step": step})
+    try:
+        return Concept(name, token, np.asarray(checkpoint.vectors, dtype=np.float32), metadata)
+    except ConceptError as exc:
+        raise ConceptFileError(f"{path}: {exc}; give another --name/--token") from None
+
+
+def _preview_of_step(run: RunDirectory, step: int):
+    """The preview grid the run rendered at ``step`` (uint8 (H, W, 3)), or None."""
+    preview = run.preview_path(step)
+    if not preview.is_file():
+        return None
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(preview) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def find_run(resume: str | Path, library) -> RunDirectory:

@@ -420,7 +420,7 @@ class TrainingJob:
     def write_preview(self, step: int, images) -> Path:
         from conceptlib.images import grid, save_png
 
-        return save_png(grid(images), self.run_dir.previews / f"step-{step:07d}.png")
+        return save_png(grid(images), self.run_dir.preview_path(step))
 
     @property
     def random_weights(self) -> bool:
@@ -556,7 +556,8 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
             config.weights = str(Path(config.weights).expanduser().resolve())
         config.run_dir = str(run_dir.path)
         extra = {
-            "image_sha256": hashes, "init_ids": init_ids, "random_weights": job.random_weights,
+            "image_sha256": hashes, "init_ids": init_ids, "init_tokens": _init_tokens(tokenizer, init_ids),
+            "random_weights": job.random_weights, "trainer_version": str(getattr(trainer_cls, "version", "?")),
             "started": _dt.datetime.now().isoformat(timespec="seconds"),
         }
         try:
@@ -697,36 +698,18 @@ def finish(job: TrainingJob, result: TrainingResult, *, trainer_version: str):
 
     from conceptlib.concept import Concept
     from conceptlib.files import write_concept
-    from conceptlib.images import load_rgb, thumbnail_png
+    from conceptlib.images import load_rgb
 
     config = job.config
-    losses = [float(x) for x in result.losses]
-    if len(losses) > MAX_LOSS_HISTORY:
-        # Keep an evenly spaced summary (always the first and last step).
-        picks = np.unique(np.linspace(0, len(losses) - 1, MAX_LOSS_HISTORY).round().astype(int))
-        history = [[int(i) + 1, round(losses[i], 6)] for i in picks]
-    else:
-        history = [[i + 1, round(loss, 6)] for i, loss in enumerate(losses)]
     if result.preview is not None:
         preview, source = np.asarray(result.preview, dtype=np.uint8), "generated"
     else:
         preview, source = load_rgb(job.images[0].path, 128), "training-image"
-    init_tokens = [job.tokenizer.decode([i]).strip() for i in job.init_ids]
-    metadata = {
-        "init_tokens": json.dumps(init_tokens),
-        "init_words": json.dumps(config.init),
-        **({"init_from": json.dumps(init_record(job.init_concept))} if job.init_concept is not None else {}),
-        "trainer": config.trainer,
-        "trainer_version": trainer_version,
-        "training": json.dumps(config.training_summary(), sort_keys=True),
-        "final_loss": f"{losses[-1]:.6f}" if losses else "",
-        "loss_history": json.dumps(history),
-        "image_sha256": json.dumps([image.sha256 for image in job.images]),
-        "preview": base64.b64encode(thumbnail_png(preview)).decode("ascii"),
-        "preview_source": source,
-        "random_weights": "true" if job.random_weights else "false",
-        "created_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-    }
+    metadata = trained_metadata(
+        config, result.losses, init_tokens=_init_tokens(job.tokenizer, job.init_ids), init_concept=job.init_concept,
+        image_sha256=[image.sha256 for image in job.images], random_weights=job.random_weights,
+        preview=preview, preview_source=source, trainer_version=trainer_version,
+    )
     concept = Concept(config.name, config.token, np.asarray(result.vectors, dtype=np.float32), metadata)
     write_concept(concept, job.run_dir.concept_path)
     try:
@@ -736,6 +719,46 @@ def finish(job: TrainingJob, result: TrainingResult, *, trainer_version: str):
             f"{exc} (the trained concept is saved in {job.run_dir.concept_path}; add it under another "
             "name with `conceptlib import`)"
         ) from None
+
+
+def trained_metadata(
+    config: TrainingConfig, losses, *, init_tokens: list[str], init_concept, image_sha256: list[str],
+    random_weights: bool, preview, preview_source: str, trainer_version: str,
+) -> dict[str, str]:
+    """The training part of a concept's metadata (contract 1) after ``losses`` (one per step);
+    ``preview`` is a uint8 (H, W, 3) image or None."""
+    import numpy as np
+
+    from conceptlib.images import thumbnail_png
+
+    losses = [float(x) for x in losses]
+    if len(losses) > MAX_LOSS_HISTORY:
+        # Keep an evenly spaced summary (always the first and last step).
+        picks = np.unique(np.linspace(0, len(losses) - 1, MAX_LOSS_HISTORY).round().astype(int))
+        history = [[int(i) + 1, round(losses[i], 6)] for i in picks]
+    else:
+        history = [[i + 1, round(loss, 6)] for i, loss in enumerate(losses)]
+    metadata = {
+        "init_tokens": json.dumps(init_tokens),
+        "init_words": json.dumps(config.init),
+        **({"init_from": json.dumps(init_record(init_concept))} if init_concept is not None else {}),
+        "trainer": config.trainer,
+        "trainer_version": trainer_version,
+        "training": json.dumps(config.training_summary(), sort_keys=True),
+        "final_loss": f"{losses[-1]:.6f}" if losses else "",
+        "loss_history": json.dumps(history),
+        "image_sha256": json.dumps(image_sha256),
+        "random_weights": "true" if random_weights else "false",
+        "created_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    if preview is not None:
+        metadata["preview"] = base64.b64encode(thumbnail_png(preview)).decode("ascii")
+        metadata["preview_source"] = preview_source
+    return metadata
+
+
+def _init_tokens(tokenizer, init_ids: list[int]) -> list[str]:
+    return [tokenizer.decode([i]).strip() for i in init_ids]
 
 
 def _announce(job: TrainingJob) -> None:

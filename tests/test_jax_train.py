@@ -197,6 +197,30 @@ def test_interrupted_jax_run_resumes_to_the_same_concept(run, resumed):
     assert [step for step, _ in json.loads(part.metadata["loss_history"])] == [1, 2]
 
 
+def test_the_runs_checkpoint_and_folder_import_into_another_library(run, tmp_path, monkeypatch):
+    """Step 1's checkpoint imports as a concept of its own (an earlier state of the run, with its
+    step's loss); the run folder imports as its final concept, its checkpoints skipped."""
+    from click.testing import CliRunner
+
+    from conceptlib.cli import main
+    from conceptlib.library import ConceptLibrary
+
+    assert run["proc"].returncode == 0
+    monkeypatch.setenv("CONCEPTLIB_HOME", str(tmp_path / "other-library"))
+    result = CliRunner().invoke(main, ["import", str(run["run"] / "checkpoints" / "step-0000001.npz")])
+    assert result.exit_code == 0, result.output
+    library = ConceptLibrary(tmp_path / "other-library")
+    step1 = library.get("<jax-concept-step1>")
+    with np.load(run["run"] / "checkpoints" / "step-0000001.npz") as data:
+        np.testing.assert_array_equal(step1.vectors, data["vectors"])
+    final = ConceptLibrary(run["home"]).get("jax-concept")
+    assert json.loads(step1.metadata["loss_history"]) == json.loads(final.metadata["loss_history"])[:1]
+    result = CliRunner().invoke(main, ["import", str(run["run"])])
+    assert result.exit_code == 0, result.output
+    assert "1 imported, 1 skipped" in result.output and "1 training checkpoint (steps 1)" in result.output
+    np.testing.assert_array_equal(library.get("jax-concept").vectors, final.vectors)
+
+
 def test_a_run_continues_from_the_cli_runs_concept(resumed):
     """--init-from the finished concept's file: the run starts from its vectors, so one Adam step
     moves each element by at most the learning rate (Adam's first step is lr * g/|g|, plus a

@@ -23,6 +23,9 @@ _FOLDER_TEXTS = ("token_identifier.txt", "type_of_concept.txt")
 # diffusers' textual_inversion.py saves these every --save_steps beside the final learned_embeds.*.
 _CHECKPOINT_RE = re.compile(r"^learned_embeds-steps-(\d+)\.(safetensors|bin)$")
 _CHECKPOINTS = "learned_embeds-steps-*"
+# A conceptlib training run folder (conceptlib.runs): config.json, checkpoints/step-N.npz, and
+# concept.safetensors once finished; init.safetensors is what an --init-from run started from.
+_RUN_CHECKPOINTS = "checkpoints"
 # Library names derived from these file names would say nothing about the concept.
 _GENERIC_STEMS = {"learned_embeds", "emb_params", "embedding", "embeddings"}
 _SDXL_KEYS = {"clip_l", "clip_g"}
@@ -67,7 +70,7 @@ def discover(path: str | os.PathLike) -> tuple[list[Source], list[Skipped]]:
     skipped: list[Skipped] = []
     _discover_folder(path, sources, skipped, seen=set())
     if not sources:
-        checkpoints = [s for s in skipped if s.path == path / _CHECKPOINTS]
+        checkpoints = [s for s in skipped if s.path in (path / _CHECKPOINTS, path / _RUN_CHECKPOINTS)]
         if checkpoints:
             raise ConceptFileError(f"{path}: {checkpoints[0].reason}")
         raise ConceptFileError(
@@ -81,6 +84,9 @@ def _discover_folder(folder: Path, sources: list[Source], skipped: list[Skipped]
     """Add what ``folder`` holds to ``sources``/``skipped``: itself if it is one concept folder,
     else its concept files, concept folders and (recursively) subfolders."""
     seen.add(folder.resolve())
+    if (folder / "config.json").is_file() and (folder / _RUN_CHECKPOINTS).is_dir():
+        _discover_run(folder, sources, skipped)
+        return
     try:
         entries = sorted(folder.iterdir())
     except PermissionError:
@@ -120,16 +126,43 @@ def _discover_subfolder(folder: Path, sources: list[Source], skipped: list[Skipp
     if found:
         sources.extend(found)
         skipped.extend(inner)
-    elif any(s.path == folder / _CHECKPOINTS for s in inner):
+    elif any(s.path in (folder / _CHECKPOINTS, folder / _RUN_CHECKPOINTS) for s in inner):
         skipped.extend(inner)
     else:
         skipped.append(Skipped(folder, f"a folder without concept files (looked for {', '.join(FILE_SUFFIXES)})"))
 
 
-def _checkpoints_reason(folder: Path, checkpoints: list[Path]) -> str:
-    steps = sorted(int(_CHECKPOINT_RE.match(c.name).group(1)) for c in checkpoints)
+def _discover_run(folder: Path, sources: list[Source], skipped: list[Skipped]) -> None:
+    """A conceptlib training run: its final concept.safetensors; its checkpoints only by path."""
+    final = folder / "concept.safetensors"
+    if final.is_file():
+        sources.append(Source(final))
+    if (folder / "init.safetensors").is_file():
+        skipped.append(Skipped(folder / "init.safetensors", "the concept this run started from (--init-from), not what it trained"))
+    checkpoints = sorted((folder / _RUN_CHECKPOINTS).glob("step-*.npz"))
+    if not checkpoints:
+        if not final.is_file():
+            skipped.append(Skipped(folder / _RUN_CHECKPOINTS, "a training run that stopped before its first checkpoint; "
+                                   f"resume it with `conceptlib train --resume {folder}`"))
+        return
+    what = _checkpoints_counted("training", [int(c.stem.split("-")[-1]) for c in checkpoints])
+    if final.is_file():
+        reason = f"{what}; the run's final concept.safetensors is imported instead (to import a checkpoint, give its own path)"
+    else:
+        reason = (f"{what} of a training run that has not finished; import the checkpoint you want by its own path, "
+                  f"e.g. {checkpoints[-1]}, or resume the run with `conceptlib train --resume {folder}`")
+    skipped.append(Skipped(folder / _RUN_CHECKPOINTS, reason))
+
+
+def _checkpoints_counted(kind: str, steps: list[int]) -> str:
+    """E.g. "3 training checkpoints (steps 10, 20, 30)", at most six steps listed."""
+    steps = sorted(steps)
     listed = ", ".join(map(str, steps[:6])) + (", ..." if len(steps) > 6 else "")
-    what = f"{len(steps)} intermediate training checkpoint{'s' if len(steps) > 1 else ''} (steps {listed})"
+    return f"{len(steps)} {kind} checkpoint{'s' if len(steps) > 1 else ''} (steps {listed})"
+
+
+def _checkpoints_reason(folder: Path, checkpoints: list[Path]) -> str:
+    what = _checkpoints_counted("intermediate training", [int(_CHECKPOINT_RE.match(c.name).group(1)) for c in checkpoints])
     final = next((f for f in _FOLDER_EMBEDDINGS if (folder / f).is_file()), None)
     if final:
         return f"{what}; the final {final} is imported instead (to import a checkpoint, give its own path)"
@@ -161,7 +194,14 @@ def load_source(source: Source | str | os.PathLike, *, token: str | None = None,
         return _load_safetensors(path, token=token, name=name)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return _load_pickle(path, token=token, name=name)
-    raise UnsupportedFormatError(f"{path}: unknown file type {path.suffix!r}; expected {', '.join(FILE_SUFFIXES)}")
+    if path.suffix.lower() == ".npz":
+        from conceptlib.runs import checkpoint_concept
+
+        return checkpoint_concept(path, name=name, token=token)
+    raise UnsupportedFormatError(
+        f"{path}: unknown file type {path.suffix!r}; expected {', '.join(FILE_SUFFIXES)} "
+        "(or a conceptlib training checkpoint, RUN/checkpoints/step-N.npz)"
+    )
 
 
 # -- folders --------------------------------------------------------------------------------------

@@ -1,0 +1,138 @@
+"""Keeping an earlier state of a training run: `conceptlib import RUN/checkpoints/step-N.npz` adds
+the checkpoint's vectors as a concept with the metadata of one trained to step N (and that
+step's preview grid), and importing a run folder takes its final concept, never its checkpoints
+or the concept it started from. Run folders are written here as `conceptlib train` writes them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conceptlib.cli import main
+from conceptlib.concept import Concept
+from conceptlib.files import write_concept
+from conceptlib.library import ConceptLibrary
+from conceptlib.runs import Checkpoint, RunDirectory
+from conceptlib.training import TrainingConfig
+from helpers import cli_imports
+
+LOSSES = [1.0 - 0.01 * i for i in range(30)]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONCEPTLIB_HOME", str(tmp_path / "home"))
+    return ConceptLibrary(tmp_path / "home")
+
+
+def _vectors(step: int) -> np.ndarray:
+    return np.random.default_rng(step).standard_normal((2, 768)).astype(np.float32)
+
+
+def _run(tmp_path, *, finished=False, previews=(20,), init_from=None) -> RunDirectory:
+    """A run of <doll> stopped after step 30, with checkpoints at steps 10, 20 and 30."""
+    run = RunDirectory(tmp_path / "run")
+    config = TrainingConfig(images=str(tmp_path / "photos"), name="doll", token="<doll>", weights="random",
+                            trainer="jax", init=[] if init_from else ["toy"], init_from=init_from, num_vectors=2,
+                            steps=50, checkpoint_every=10, preview_every=20)
+    start = Concept("source", "<source>", _vectors(0)) if init_from else None
+    run.create(config, {"image_sha256": ["ab" * 32], "init_ids": [] if init_from else [5988],
+                        "init_tokens": [] if init_from else ["toy"], "random_weights": True,
+                        "trainer_version": "0.1.0"}, start)
+    for step in (10, 20, 30):
+        run.save_checkpoint(Checkpoint(step, _vectors(step), [np.int64(step)], LOSSES[:step]))
+    run.previews.mkdir()
+    for step in previews:
+        Image.fromarray(np.full((64, 128, 3), step, np.uint8)).save(run.preview_path(step))
+    if finished:
+        write_concept(Concept("doll", "<doll>", _vectors(50)), run.concept_path)
+    return run
+
+
+def test_a_checkpoint_becomes_a_concept_with_its_steps_metadata(home, tmp_path):
+    run = _run(tmp_path)
+    result = CliRunner().invoke(main, ["import", str(run.checkpoint_path(20))])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Imported doll-step20 (<doll-step20>, 2x768) from ")
+    concept = home.get("doll-step20")
+    assert concept.token == "<doll-step20>"
+    np.testing.assert_array_equal(concept.vectors, _vectors(20))
+    meta = concept.metadata
+    assert json.loads(meta["checkpoint_of"]) == {"run": str(run.path.resolve()), "step": 20}
+    assert json.loads(meta["loss_history"]) == [[i + 1, round(loss, 6)] for i, loss in enumerate(LOSSES[:20])]
+    assert meta["final_loss"] == f"{LOSSES[19]:.6f}"
+    assert meta["trainer"] == "jax" and meta["trainer_version"] == "0.1.0" and meta["random_weights"] == "true"
+    assert json.loads(meta["init_tokens"]) == ["toy"] and json.loads(meta["image_sha256"]) == ["ab" * 32]
+    assert json.loads(meta["training"])["num_vectors"] == 2
+    # The thumbnail of that step's preview grid.
+    assert meta["preview_source"] == "generated"
+    out = tmp_path / "preview.png"
+    assert CliRunner().invoke(main, ["show", "doll-step20", "--preview", str(out)]).exit_code == 0
+    with Image.open(out) as image:
+        assert image.size == (128, 64) and image.getpixel((5, 5)) == (20, 20, 20)
+
+
+def test_a_checkpoint_without_a_preview_and_with_a_name_and_token_given(home, tmp_path):
+    run = _run(tmp_path, init_from="source")
+    result = CliRunner().invoke(main, ["import", str(run.checkpoint_path(30)), "--name", "doll-best", "--token", "<doll-best>"])
+    assert result.exit_code == 0, result.output
+    meta = home.get("<doll-best>").metadata
+    assert "preview" not in meta and json.loads(meta["loss_history"])[-1] == [30, round(LOSSES[29], 6)]
+    assert json.loads(meta["init_from"])["token"] == "<source>" and json.loads(meta["init_tokens"]) == []
+
+
+def test_a_run_folder_imports_its_final_concept_only(home, tmp_path):
+    run = _run(tmp_path, finished=True, init_from="source")
+    result = CliRunner().invoke(main, ["import", str(run.path)])
+    assert result.exit_code == 0, result.output
+    assert [h.name for h in home.list()] == ["doll"]
+    assert f"Skipped {run.path / 'checkpoints'}: 3 training checkpoints (steps 10, 20, 30); the run's final " in result.output
+    assert f"Skipped {run.path / 'init.safetensors'}: the concept this run started from" in result.output
+
+
+def test_an_unfinished_run_folder_names_its_latest_checkpoint(home, tmp_path):
+    run = _run(tmp_path)
+    result = CliRunner().invoke(main, ["import", str(run.path)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: {run.path}: 3 training checkpoints (steps 10, 20, 30) of a training run that has not finished; "
+        f"import the checkpoint you want by its own path, e.g. {run.checkpoint_path(30)}, or resume the run "
+        f"with `conceptlib train --resume {run.path}`"
+    ]
+    assert home.list() == []
+
+
+def test_npz_files_that_are_not_checkpoints_are_one_line_errors(home, tmp_path):
+    np.savez(tmp_path / "arrays.npz", vectors=_vectors(1))
+    result = CliRunner().invoke(main, ["import", str(tmp_path / "arrays.npz")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "an .npz file that is not a conceptlib training checkpoint (RUN/checkpoints/step-N.npz)" in result.output
+    run = _run(tmp_path)
+    run.checkpoint_path(20).write_bytes(b"PK\x03\x04 damaged")
+    result = CliRunner().invoke(main, ["import", str(run.checkpoint_path(20))])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert f"{run.checkpoint_path(20)}: unreadable checkpoint" in result.output
+    assert home.list() == []
+
+
+def test_a_checkpoint_token_taken_in_the_library_is_refused(home, tmp_path):
+    run = _run(tmp_path)
+    assert CliRunner().invoke(main, ["import", str(run.checkpoint_path(10))]).exit_code == 0
+    again = CliRunner().invoke(main, ["import", str(run.checkpoint_path(10))])
+    assert again.exit_code == 0 and again.output.startswith("Already in the library: doll-step10")
+    result = CliRunner().invoke(main, ["import", str(run.checkpoint_path(20)), "--token", "<doll-step10>"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "token '<doll-step10>' is already used by concept 'doll-step10'" in result.output
+    assert [h.name for h in home.list()] == ["doll-step10"]
+
+
+def test_importing_a_checkpoint_imports_no_model_library(home, tmp_path):
+    run = _run(tmp_path)
+    code, imported, process = cli_imports(["import", str(run.checkpoint_path(20))], dict(os.environ))
+    assert code == 0, process.stderr
+    assert not {"tensorflow", "keras", "keras_cv", "jax", "torch"} & set(imported)

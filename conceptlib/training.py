@@ -91,6 +91,7 @@ class TrainingConfig:
     checkpoint_every: int = 100  # 0 = only at the end
     preview_every: int = 0  # 0 = no previews during training
     preview_steps: int = 10  # denoising steps of a preview
+    preview_prompt: str | None = None  # holds the token; None: the template pack's first template
     run_dir: str | None = None
 
     def validate(self) -> "TrainingConfig":
@@ -129,6 +130,11 @@ class TrainingConfig:
             raise UsageError(
                 f"--warmup-steps {self.warmup_steps} works with the cosine schedule only; "
                 "drop it or use --lr-schedule cosine"
+            )
+        if self.preview_prompt is not None and self.token not in self.preview_prompt.lower():
+            raise UsageError(
+                f"--preview-prompt {self.preview_prompt!r} does not contain the token {self.token}; "
+                f"e.g. 'a watercolor painting of {self.token}'"
             )
         if not 0 <= self.seed < 2**32:
             raise UsageError(f"--seed {self.seed} must be between 0 and 2**32 - 1")
@@ -327,7 +333,7 @@ class TrainingJob:
         import numpy as np
 
         config = self.config
-        prompt = self.pack.render(0, config.token)
+        prompt = config.preview_prompt or self.pack.render(0, config.token)
         ids = np.asarray([self.prompt_ids(prompt)] * count, dtype=np.int32)
         latent = config.resolution // 8
         noise = _rng(config.seed, _STREAM_PREVIEW).standard_normal((count, latent, latent, 4), dtype=np.float32)
@@ -539,6 +545,13 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
     job = TrainingJob(config, trainer_cls, pack, images, tokenizer, init_ids, None, run_dir, library, resume is not None)
     job.init_concept = start
     # Every prompt must fit: render each template/caption once now rather than fail mid-run.
+    if config.preview_prompt is not None:
+        from conceptlib.kerascv.textual_inversion import encode_prompt
+
+        try:
+            encode_prompt(tokenizer, config.preview_prompt, config.token, job.new_ids)
+        except ValueError as exc:
+            raise UsageError(f"--preview-prompt: {exc}; shorten it") from None
     for image in images:
         for index in range(len(pack.caption_templates if image.caption else pack.templates)):
             try:

@@ -70,6 +70,7 @@ def run(tmp_path_factory):
         "--init", "toy robot", "--weights", str(root / "weights"), "--resolution", "64", "--steps", "2",
         "--batch-size", "2", "--num-vectors", "3", "--trainer", "jax", "--seed", "3",
         "--checkpoint-every", "1", "--preview-every", "2", "--preview-steps", "2",
+        "--preview-prompt", "a watercolor painting of <jax-concept>",
         "--run-dir", str(root / "run"),
     ]
     proc = subprocess.run(cmd, env=_env(home, root / "jax-cache"), capture_output=True, text=True, timeout=1800)
@@ -254,6 +255,7 @@ def _resume_worker(run_folder: str, home: str, out: str) -> None:
     other = TrainingConfig.from_dict(dict(
         config.to_dict(), images=str(_images(Path(home) / "other-images", count=4)), name="other",
         token="<other>", num_vectors=4, steps=3, learning_rate=2e-3, warmup_steps=1, checkpoint_every=0, preview_every=0,
+        preview_prompt=None,
         run_dir=str(Path(home) / "other-run"),
     ))
     other_job = prepare(other, library=library)
@@ -289,7 +291,7 @@ def _resume_worker(run_folder: str, home: str, out: str) -> None:
     source = Path(run_folder) / "concept.safetensors"
     continued = TrainingConfig.from_dict(dict(
         config.to_dict(), init=[], init_from=str(source), num_vectors=None, name="continued", token="<continued>",
-        steps=1, checkpoint_every=0, preview_every=0, run_dir=str(Path(home) / "continued-run"),
+        steps=1, checkpoint_every=0, preview_every=0, preview_prompt=None, run_dir=str(Path(home) / "continued-run"),
     ))
     header, continued_job = train(continued, library=library, progress=False)
     start = read_concept(source)

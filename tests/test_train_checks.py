@@ -364,3 +364,28 @@ def test_resume_refuses_settings_it_would_ignore(home, images):
     assert line.endswith("with the settings it started with; --steps cannot change them: drop it, or start a new run")
     line = _refused(home, [str(images), "--resume", "some-run", "--name", "x", "-q"], "continues the run", 2)
     assert "; IMAGES, --name cannot change them: drop them," in line
+
+
+def test_preview_prompt_is_checked_before_any_model(home, images):
+    base = [str(images), "--name", "doll", "--weights", "random", "--trainer", "tensorflow"]
+    _refused(home, [*base, "--preview-prompt", "a painting of <doll>"], "--preview-prompt needs previews: add --preview-every N", 2)
+    line = _refused(home, [*base, "--preview-every", "5", "--preview-prompt", "a painting of a doll"],
+                    "--preview-prompt 'a painting of a doll' does not contain the token <doll>", 2)
+    assert line.endswith("e.g. 'a watercolor painting of <doll>'")
+    _refused(home, [*base, "--preview-every", "5", "--num-vectors", "3", "--preview-prompt", "<doll> " + "very " * 73],
+             "--preview-prompt: prompt '<doll> very", 2)
+
+
+def test_preview_prompt_gives_the_previews_token_ids(home, images, tmp_path):
+    from conceptlib.training import TrainingConfig, prepare
+
+    config = TrainingConfig(images=str(images), name="doll", token="<doll>", weights="random", preview_every=5,
+                            num_vectors=2, preview_prompt="A watercolor painting of <doll> on a shelf")
+    job = prepare(config, library=home)
+    ids, noise = job.preview_inputs()
+    assert ids.shape == (2, 77) and noise.shape == (2, 64, 64, 4)
+    assert ids.tolist() == [job.prompt_ids("a watercolor painting of <doll> on a shelf")] * 2
+    assert job.new_ids[0] in ids[0] and job.new_ids[1] in ids[0]
+    default = prepare(TrainingConfig(images=str(images), name="doll2", token="<doll2>", weights="random",
+                                     preview_every=5), library=home)
+    assert default.preview_inputs()[0][0].tolist() == default.prompt_ids(default.pack.render(0, "<doll2>"))

@@ -60,6 +60,9 @@ def _split_words(values) -> list[str]:
 @click.option("--preview-every", type=int, default=0, show_default=True,
               help="Steps between preview grids written to the run folder (0: none).")
 @click.option("--preview-steps", type=int, default=10, show_default=True, help="Denoising steps per preview.")
+@click.option("--preview-prompt", metavar="TEXT",
+              help="The previews' prompt, holding the token (e.g. 'a watercolor painting of <cat-doll>'); "
+              "default: the template pack's first template.")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=str), help="Run folder (default: in the library's runs/).")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=str), metavar="RUN",
               help="Continue an interrupted run (its folder, or its name in `conceptlib runs`) from its last "
@@ -70,7 +73,7 @@ def _split_words(values) -> list[str]:
 @click.option("--quiet", "-q", is_flag=True, help="No progress or stage output.")
 def train(images, name, token, init, init_from, weights, base_model, trainer, template, resolution, steps, batch_size,
           num_vectors, learning_rate, lr_schedule, warmup_steps, seed, no_flip, checkpoint_every,
-          preview_every, preview_steps, run_dir, resume, devices, quiet):
+          preview_every, preview_steps, preview_prompt, run_dir, resume, devices, quiet):
     """Learn a new token from the pictures in IMAGES and add it to the library.
 
     Example: conceptlib train photos/ --name cat-doll --token '<cat-doll>' --init 'toy cat'
@@ -84,6 +87,8 @@ def train(images, name, token, init, init_from, weights, base_model, trainer, te
         if not name and not token:
             raise UsageError("give --name and/or --token, e.g. --name cat-doll --token '<cat-doll>'")
         name, token = _name_and_token(name, token)
+        if preview_prompt is not None and not preview_every:
+            raise UsageError("--preview-prompt needs previews: add --preview-every N")
         if trainer == "auto":
             from conceptlib.plugins import default_trainer
 
@@ -94,7 +99,7 @@ def train(images, name, token, init, init_from, weights, base_model, trainer, te
             resolution=resolution, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
             lr_schedule=lr_schedule, warmup_steps=warmup_steps, seed=seed, flip=not no_flip,
             checkpoint_every=checkpoint_every, preview_every=preview_every, preview_steps=preview_steps,
-            run_dir=run_dir,
+            preview_prompt=preview_prompt, run_dir=run_dir,
         )
     else:
         _refuse_settings_with_resume(click.get_current_context(), resume)

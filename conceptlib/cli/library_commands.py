@@ -240,7 +240,8 @@ def import_command(paths: tuple[str, ...], name: str | None, token: str | None) 
     """Import concept files, concept folders, or folders of them into the library.
 
     Reads conceptlib files, diffusers learned_embeds.safetensors/.bin, sd-concepts-library folders,
-    AUTOMATIC1111 .pt (zip or legacy pickle; never executed) and single-tensor .safetensors (kohya).
+    AUTOMATIC1111 .pt (zip or legacy pickle; never executed) and single-tensor .safetensors (kohya);
+    a conceptlib training run folder gives its final concept, RUN/checkpoints/step-N.npz that step's.
     With several files, the valid ones are imported and each other one is reported; the exit code
     is 1 if any concept file failed.
     """

@@ -70,7 +70,7 @@ class TrainingConfig:
     images: str
     name: str
     token: str
-    base_model: str = "sd-1"
+    base_model: str | None = None  # sd-1 or sd-2; None: sd-1, or the init_from concept's
     weights: str | None = None
     trainer: str = "tensorflow"
     template: str = "object"
@@ -100,7 +100,7 @@ class TrainingConfig:
 
         validate_name(self.name)
         validate_token(self.token)
-        if self.base_model not in ("sd-1", "sd-2"):
+        if self.base_model not in (None, "sd-1", "sd-2"):
             raise UsageError(f"unknown base model {self.base_model!r}; use sd-1 or sd-2")
         if self.resolution < 64 or self.resolution % 64:
             raise UsageError(f"--resolution {self.resolution} is not a positive multiple of 64; use e.g. 512")
@@ -526,6 +526,8 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
         start = run_dir.load_init() if config.init_from else None
     if config.num_vectors is None:
         config.num_vectors = 1
+    if config.base_model is None:
+        config.base_model = "sd-1"
     images = find_images(config.images)
     hashes = [image.sha256 for image in images]
     if resume is not None and saved.get("image_sha256") and saved["image_sha256"] != hashes:
@@ -584,7 +586,7 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
 
 def _starting_concept(config: TrainingConfig, library):
     """The concept ``--init-from`` names (Concept refuses NaN/Inf vectors), checked against the
-    run: the base model's width, and --num-vectors (set to the concept's count when left out)."""
+    run: the base model's width and --num-vectors (each taken from the concept when left out)."""
     import numpy as np
 
     from conceptlib.concept import DIMS, Concept
@@ -597,12 +599,13 @@ def _starting_concept(config: TrainingConfig, library):
     concept = concepts[0]
     vectors = np.asarray(concept.vectors, dtype=np.float32)
     count, dim = vectors.shape
-    if dim != DIMS[config.base_model]:
-        model = next((base for base, width in DIMS.items() if width == dim), None)
-        fix = f"add --base-model {model}" if model else "start from an sd-1 or sd-2 concept"
+    model = next(base for base, width in DIMS.items() if width == dim)  # Concept refuses other widths
+    if config.base_model is None:
+        config.base_model = model
+    elif config.base_model != model:
         raise TrainingError(
-            f"--init-from {ref}: its vectors are {dim} wide, but {config.base_model} needs "
-            f"{DIMS[config.base_model]}; {fix}"
+            f"--init-from {ref}: its vectors are {dim} wide ({model}), but {config.base_model} needs "
+            f"{DIMS[config.base_model]}; train with --base-model {model}, or leave --base-model out"
         )
     if config.num_vectors is None:
         config.num_vectors = count

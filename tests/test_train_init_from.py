@@ -23,7 +23,7 @@ def _vectors(count: int, dim: int = 768, seed: int = 5) -> np.ndarray:
 
 
 def _config(images, **settings) -> TrainingConfig:
-    return TrainingConfig(images=str(images), name="more", token="<more>", weights="random", **settings)
+    return TrainingConfig(**{"images": str(images), "name": "more", "token": "<more>", "weights": "random", **settings})
 
 
 def test_a_library_concept_gives_the_starting_vectors_and_their_count(home, images):
@@ -50,6 +50,14 @@ def test_a_file_in_another_tools_format_is_read_and_recorded_by_its_full_path(ho
     assert job.init_concept.token == "ink-style"  # A1111 reads the file name as the token
 
 
+def test_the_base_model_comes_from_the_concept_when_not_given(home, images):
+    home.add(Concept("wide", "<wide>", _vectors(2, 1024)))
+    job = prepare(_config(images, init_from="wide"), library=home)
+    assert job.config.base_model == "sd-2" and job.config.num_vectors == 2
+    assert json.loads(job.run_dir.config_path.read_text())["config"]["base_model"] == "sd-2"
+    assert prepare(_config(images, name="plain", token="<plain>"), library=home).config.base_model == "sd-1"
+
+
 def test_the_cli_says_where_the_vectors_start(home, images, monkeypatch):
     """The announcement comes before the trainer builds its models (the fixture's stop)."""
     home.add(Concept("three", "<three>", _vectors(3)))
@@ -70,8 +78,12 @@ def test_refusals_are_one_line_and_leave_the_library_unchanged(home, images, tmp
     _refused(home, [*base, "--init-from", "nowhere"], "nowhere")
 
     save_file({"<wide>": _vectors(1, 1024)}, str(tmp_path / "wide.safetensors"))
-    line = _refused(home, [*base, "--init-from", str(tmp_path / "wide.safetensors")],
-                    "its vectors are 1024 wide, but sd-1 needs 768; add --base-model sd-2")
+    line = _refused(home, [*base, "--init-from", str(tmp_path / "wide.safetensors"), "--base-model", "sd-1"],
+                    "its vectors are 1024 wide (sd-2), but sd-1 needs 768; train with --base-model sd-2, or leave "
+                    "--base-model out")
+    save_file({"<odd>": _vectors(1, 512)}, str(tmp_path / "odd.safetensors"))
+    _refused(home, [*base, "--init-from", str(tmp_path / "odd.safetensors")],
+             "concept 'odd': vector width 512 is not 768 (SD 1.x) or 1024 (SD 2.x)")
     bad = _vectors(2)
     bad[1, 3] = np.inf
     save_file({"<bad>": bad}, str(tmp_path / "bad.safetensors"))

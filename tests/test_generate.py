@@ -69,8 +69,8 @@ def _one_line_error(result, code):
 
 
 def test_generate_refuses_bad_numbers_before_anything_else(home):
-    for value in ("nan", "inf", "-inf"):
-        assert f"--guidance {float(value)} is not a finite number" in _one_line_error(
+    for value in ("nan", "inf", "-inf", "-2"):
+        assert f"--guidance {float(value)} is not a finite number of at least 0" in _one_line_error(
             _generate(home, "a cat", "--guidance", value), 2
         )
     # Seeds are uint32 for keras' random ops: -1 or 2**32 would wrap or crash after the build.

@@ -170,7 +170,7 @@ def _check_out_dir(out_dir: Path) -> None:
 @click.option("--seed", default=None, type=click.IntRange(0, 2**32 - 1),
               help="Random seed, 0 to 2**32-1 (printed and stored in the PNGs if not given).")
 @click.option("--size", default=512, show_default=True, type=int, help="Image width and height (multiple of 64).")
-@click.option("--guidance", default=7.5, show_default=True, type=float, help="Classifier-free guidance scale.")
+@click.option("--guidance", default=7.5, show_default=True, type=float, help="Classifier-free guidance scale (0 or more; 1: none).")
 @click.option("--weights", "weights_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Folder of keras-cv weight files (default: $CONCEPTLIB_WEIGHTS, then the Keras cache, then download).")
 @click.option("--model", default=None, type=_MODELS,
@@ -190,8 +190,9 @@ def generate_command(prompt, negative, num_images, steps, seed, size, guidance, 
         raise UsageError(f"--size {size} is not a positive multiple of 64; use e.g. 512")
     if not prompt.strip():
         raise UsageError("PROMPT is empty; say what to draw, e.g. conceptlib generate \"a photo of <cat-doll>\"")
-    if not math.isfinite(guidance):
-        raise UsageError(f"--guidance {guidance} is not a finite number; use e.g. 7.5")
+    if not math.isfinite(guidance) or guidance < 0:
+        # Other tools' ranges start at 0 (ComfyUI) or 1 (AUTOMATIC1111): a negative scale is a typo.
+        raise UsageError(f"--guidance {guidance} is not a finite number of at least 0; use e.g. 7.5")
     _check_out_dir(out_dir)
     from conceptlib.library import ConceptLibrary
 

@@ -182,7 +182,11 @@ class RunDirectory:
         np.savez(buffer, **arrays)
         return atomic_write_bytes(self.checkpoint_path(checkpoint.step), buffer.getvalue())
 
-    def load_checkpoint(self, path: Path | None = None) -> Checkpoint | None:
+    def load_checkpoint(
+        self, path: Path | None = None, *, fix: str = "delete it to resume from an earlier one"
+    ) -> Checkpoint | None:
+        """Checkpoint ``path`` (default: the latest), or None where there is none; an unreadable
+        one is a TrainingError that ends with ``fix``."""
         import numpy as np
 
         path = path or self.latest_checkpoint()
@@ -198,7 +202,7 @@ class RunDirectory:
                     losses=[float(x) for x in meta["losses"]],
                 )
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            raise TrainingError(f"{path}: unreadable checkpoint ({exc}); delete it to resume from an earlier one") from None
+            raise TrainingError(f"{path}: unreadable checkpoint ({exc}); {fix}") from None
 
 
 def checkpoint_concept(path: str | Path, *, name: str | None = None, token: str | None = None):
@@ -220,7 +224,7 @@ def checkpoint_concept(path: str | Path, *, name: str | None = None, token: str 
             "import concept files (.safetensors, .pt, .bin) instead"
         )
     try:
-        checkpoint = run.load_checkpoint(path)
+        checkpoint = run.load_checkpoint(path, fix=f"import another step's checkpoint from {path.parent}")
         saved = run.read()
         config = run.read_config()
     except TrainingError as exc:

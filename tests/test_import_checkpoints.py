@@ -117,6 +117,7 @@ def test_npz_files_that_are_not_checkpoints_are_one_line_errors(home, tmp_path):
     result = CliRunner().invoke(main, ["import", str(run.checkpoint_path(20))])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert f"{run.checkpoint_path(20)}: unreadable checkpoint" in result.output
+    assert result.output.strip().endswith(f"import another step's checkpoint from {run.checkpoints}")
     assert home.list() == []
 
 

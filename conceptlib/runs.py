@@ -295,6 +295,43 @@ def run_summary(run: RunDirectory) -> dict:
     return summary
 
 
+def run_steps(run: RunDirectory) -> list[dict]:
+    """The steps of ``run`` to pick a concept from, in order: each step that left a checkpoint or
+    a preview grid, and the final step of a finished run. Each is ``step``, ``checkpoint``,
+    ``preview`` and ``concept`` (paths, or None) and ``loss``: the mean loss of the steps since
+    the previous one listed (None where the run kept none), from the finished concept's loss
+    history or else the latest checkpoint's."""
+    found: dict[int, dict] = {}
+    for key, folder, suffix in (("checkpoint", run.checkpoints, ".npz"), ("preview", run.previews, ".png")):
+        for path in sorted(folder.glob(f"step-*{suffix}")) if folder.is_dir() else []:
+            number = path.stem.removeprefix("step-")
+            if number.isdigit():
+                found.setdefault(int(number), {})[key] = str(path)
+    finished = run.concept_path.is_file()
+    if finished:
+        found.setdefault(int(run.read()["config"]["steps"]), {})["concept"] = str(run.concept_path)
+    losses = _losses_by_step(run, finished)
+    steps, previous = [], 0
+    for step in sorted(found):
+        window = [loss for done, loss in losses.items() if previous < done <= step]
+        steps.append({"step": step, "loss": round(sum(window) / len(window), 6) if window else None,
+                      "checkpoint": None, "preview": None, "concept": None, **found[step]})
+        previous = step
+    return steps
+
+
+def _losses_by_step(run: RunDirectory, finished: bool) -> dict[int, float]:
+    """Steps done -> loss: the finished concept's (possibly thinned) loss history, or every
+    step's loss up to the latest checkpoint."""
+    if finished:
+        from conceptlib.files import read_header
+
+        history = json.loads(read_header(run.concept_path).metadata.get("loss_history") or "[]")
+        return {int(done): float(loss) for done, loss in history}
+    checkpoint = run.load_checkpoint()
+    return {index + 1: loss for index, loss in enumerate(checkpoint.losses)} if checkpoint else {}
+
+
 def _started(run: RunDirectory, saved: dict) -> str:
     """When the run started: recorded in config.json (earlier runs: the file's modification time)."""
     started = saved.get("started")

@@ -137,3 +137,65 @@ def test_importing_a_checkpoint_imports_no_model_library(home, tmp_path):
     code, imported, process = cli_imports(["import", str(run.checkpoint_path(20))], dict(os.environ))
     assert code == 0, process.stderr
     assert not {"tensorflow", "keras", "keras_cv", "jax", "torch"} & set(imported)
+
+
+# --- `conceptlib runs RUN`: the steps to pick from -----------------------------------------
+
+
+def _mean(start: int, stop: int, losses=LOSSES) -> float:
+    return sum(losses[start:stop]) / (stop - start)
+
+
+def test_runs_run_lists_its_steps_and_how_to_import_one(home, tmp_path):
+    run = _run(tmp_path, previews=(20, 30))
+    result = CliRunner().invoke(main, ["runs", str(run.path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("run  doll (<doll>), jax, started ") and "stopped at step 30/50" in lines[0]
+    assert lines[0].endswith(f"continue with conceptlib train --resume {run.path}")  # not in the runs folder
+    assert lines[1:] == [
+        f"  step     10  loss {_mean(0, 10):.4f}  checkpoints/step-0000010.npz",
+        f"  step     20  loss {_mean(10, 20):.4f}  checkpoints/step-0000020.npz  previews/step-0000020.png",
+        f"  step     30  loss {_mean(20, 30):.4f}  checkpoints/step-0000030.npz  previews/step-0000030.png",
+        f"Import a step as a concept: conceptlib import {run.checkpoint_path(30)}",
+    ]
+    summary = json.loads(CliRunner().invoke(main, ["runs", str(run.path), "--json"]).output)
+    assert summary["status"] == "stopped" and [entry["step"] for entry in summary["steps"]] == [10, 20, 30]
+    assert summary["steps"][1] == {
+        "step": 20, "loss": round(_mean(10, 20), 6), "checkpoint": str(run.checkpoint_path(20)),
+        "preview": str(run.preview_path(20)), "concept": None,
+    }
+
+
+def test_runs_run_of_a_finished_run_by_name_ends_with_its_concept(home, tmp_path):
+    run = _run(home.runs_dir, previews=(20, 50))  # a run folder in the library's runs folder
+    losses = LOSSES + [0.5] * 20  # 50 steps
+    history = json.dumps([[i + 1, loss] for i, loss in enumerate(losses)])
+    write_concept(Concept("doll", "<doll>", _vectors(50), {"loss_history": history}), run.concept_path)
+    result = CliRunner().invoke(main, ["runs", "run"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "finished, 50 steps, 2 preview(s)" in lines[0]
+    # Losses now come from the concept's history, which covers every step.
+    assert lines[2] == f"  step     20  loss {_mean(10, 20, losses):.4f}  checkpoints/step-0000020.npz  previews/step-0000020.png"
+    assert lines[4] == "  step     50  loss 0.5000  concept.safetensors  previews/step-0000050.png"
+    assert lines[5] == f"Import a step as a concept: conceptlib import {run.checkpoint_path(30)}"
+
+
+def test_runs_run_refuses_what_is_not_a_run(home, tmp_path):
+    for name in ("no-such-run", str(tmp_path)):
+        result = CliRunner().invoke(main, ["runs", name])
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert f"{name}: not a training run (no folder of that name or path holding config.json)" in result.output
+    run = _run(tmp_path)
+    run.config_path.write_text("{not json")
+    result = CliRunner().invoke(main, ["runs", str(run.path)])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert str(run.config_path) in result.output
+
+
+def test_runs_run_imports_no_model_library(home, tmp_path):
+    run = _run(tmp_path)
+    code, imported, process = cli_imports(["runs", str(run.path)], dict(os.environ))
+    assert code == 0, process.stderr
+    assert not {"tensorflow", "keras", "keras_cv", "jax", "torch"} & set(imported)

@@ -8,8 +8,10 @@ before any model is built.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+from pathlib import Path
 
 import click
 
@@ -168,8 +170,6 @@ def _resumed_settings(resume: str):
 
 
 def _use_devices(devices: str, trainer: str, batch_size: int) -> None:
-    import os
-
     if trainer != "jax":
         raise UsageError(f"--devices {devices}: only the jax trainer spreads over devices; add --trainer jax")
     if devices != "all" and not (devices.isdigit() and int(devices) > 0):
@@ -187,14 +187,22 @@ def _use_devices(devices: str, trainer: str, batch_size: int) -> None:
 
 
 @main.command()
+@click.argument("run", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def runs(as_json):
+def runs(run, as_json):
     """List the training runs in the library's runs folder, oldest first: finished, or where an
-    interrupted one stopped and how to resume it (runs given --run-dir elsewhere are not listed)."""
+    interrupted one stopped and how to resume it (runs given --run-dir elsewhere are not listed).
+
+    With RUN (a run folder, or its name in the list): that run's checkpoints and previews, step
+    by step with the mean loss since the step before, to pick one to import as a concept.
+    """
     from conceptlib.library import ConceptLibrary
     from conceptlib.runs import run_summaries
 
     library = ConceptLibrary()
+    if run is not None:
+        _show_run(library, run, as_json)
+        return
     summaries = run_summaries(library)
     if as_json:
         click.echo(json.dumps(summaries, indent=2))
@@ -202,11 +210,40 @@ def runs(as_json):
     if not summaries:
         click.echo(f"No training runs in {library.runs_dir}")
         return
-    for run in summaries:
-        click.echo(_run_line(run))
+    for summary in summaries:
+        click.echo(_run_line(summary))
 
 
-def _run_line(run: dict) -> str:
+def _show_run(library, name: str, as_json: bool) -> None:
+    from conceptlib.errors import TrainingError
+    from conceptlib.runs import find_run, run_steps, run_summary
+
+    run = find_run(name, library)
+    if not run.config_path.is_file():
+        raise TrainingError(
+            f"{name}: not a training run (no folder of that name or path holding config.json); "
+            "`conceptlib runs` lists the runs"
+        )
+    summary = run_summary(run)
+    if summary["status"] == "unreadable":
+        raise TrainingError(summary["error"])
+    steps = run_steps(run)
+    if as_json:
+        click.echo(json.dumps(dict(summary, steps=steps), indent=2))
+        return
+    in_runs_folder = run.path.resolve().parent == Path(library.runs_dir).resolve()
+    click.echo(_run_line(summary, None if in_runs_folder else str(run.path)))
+    for entry in steps:
+        loss = f"loss {entry['loss']:.4f}" if entry["loss"] is not None else "loss ?"
+        files = [os.path.relpath(entry[key], run.path) for key in ("checkpoint", "concept", "preview") if entry[key]]
+        click.echo(f"  step {entry['step']:>6}  {loss}  " + "  ".join(files))
+    checkpoints = [entry["checkpoint"] for entry in steps if entry["checkpoint"]]
+    if checkpoints:
+        click.echo(f"Import a step as a concept: conceptlib import {checkpoints[-1]}")
+
+
+def _run_line(run: dict, resume_as: str | None = None) -> str:
+    """One run's line; ``resume_as``: how `--resume` names it (default: its name in the runs folder)."""
     if run["status"] == "unreadable":
         return f"{run['run']}  unreadable: {run['error']}"
     what = f"{run['run']}  {run['name']} ({run['token']}), {run['trainer']}, started {run['started']}"
@@ -216,7 +253,7 @@ def _run_line(run: dict) -> str:
     if run["status"] == "running":
         checkpoint = f"step {run['step']}/{run['steps']}" if run["step"] else "none yet"
         return f"{what}: training now (last checkpoint: {checkpoint}){previews}"
-    resume = f"conceptlib train --resume {run['run']}"
+    resume = f"conceptlib train --resume {resume_as or run['run']}"
     if run["status"] == "stopped":
         return f"{what}: stopped at step {run['step']}/{run['steps']}{previews}; continue with {resume}"
     return f"{what}: stopped before its first checkpoint; {resume} starts it over"

@@ -397,7 +397,6 @@ class JaxTrainer:
 
     def run(self, job):
         import jax
-        import keras
         import numpy as np
 
         from conceptlib.errors import TrainingError, WeightsError
@@ -405,7 +404,6 @@ class JaxTrainer:
         from conceptlib.plugins import has_nvidia_gpu
         from conceptlib.training import TrainingResult
         from conceptlib_jax.exported import entry_key, read_weights
-        from conceptlib_jax.step import step_optimizer
 
         timings = {"start": time.perf_counter()}
         config = job.config
@@ -417,22 +415,7 @@ class JaxTrainer:
                 "WARNING: this machine has an NVIDIA GPU but JAX does not see it (a jaxlib without CUDA): "
                 "training on the CPU, slowly; install JAX's CUDA support: pip install -U \"jax[cuda12]\""
             )
-        devices = resolve_devices(self.devices)
-        requested = self.batch_size if self.batch_size is not None else config.batch_size
-        if requested in (None, 0, "auto"):
-            config.batch_size = auto_batch_size(config.resolution, precision, flash, devices)
-        else:
-            config.batch_size = int(requested)
-        devices, note = devices_for_batch(devices, config.batch_size, self.devices)
-        if note:
-            job.stage(note)
-        distribution = replicated = None
-        if len(devices) > 1:
-            distribution = keras.distribution.DataParallel(
-                devices=[f"{d.platform}:{d.id}" for d in devices]
-            )
-            # Weights, data, carry and key live on every device; only each batch is split.
-            replicated = jax.sharding.NamedSharding(distribution.device_mesh.backend_mesh, jax.sharding.PartitionSpec())
+        devices, distribution, replicated = self._placement(job, precision, flash)
         host = self.host_data(job)
         step_cache = self._step_cache(job, cache_dir)
         key = entry_key(self._cache_settings(job, precision, flash, host, len(devices))) if step_cache else None
@@ -490,26 +473,8 @@ class JaxTrainer:
                 "the weights do not belong to this base model"
             )
 
-        # The step trains vector_rows(n) rows; the ones past n are never in a prompt, so they get
-        # zero gradients and leave the real rows' updates unchanged (tests/test_jax_schedule.py).
         num_vectors = config.num_vectors
-        initial = pad_rows(job.initial_vectors(token_table), vector_rows(num_vectors))
-        rows_var = keras.Variable(initial, dtype="float32", name="concept_vectors")
-        optimizer, rate = step_optimizer(config)
-        optimizer.build([rows_var])
-        # Copies: the step donates its carry, and the keras variables must keep valid buffers.
-        rows = jax.numpy.array(rows_var.value, copy=True)
-        opt_values = [jax.numpy.array(v.value, copy=True) for v in optimizer.variables]
-        checkpoint = job.load_checkpoint()
-        if checkpoint is not None:
-            if len(checkpoint.optimizer) != len(opt_values):
-                raise TrainingError("the checkpoint's optimizer state does not match this trainer; start a new run")
-            rows = jax.numpy.asarray(pad_rows(checkpoint.vectors, rows.shape[0]), "float32")
-            opt_values = [
-                jax.numpy.asarray(pad_rows(v, o.shape[0]) if o.shape == rows.shape else v, dtype=o.dtype)
-                for v, o in zip(checkpoint.optimizer, opt_values)
-            ]
-        carry = (rows, opt_values, jax.numpy.int32(job.start_step))
+        carry, optimizer, rate = self._initial_carry(job, token_table)
         base_key = jax.random.key(config.seed)
         shapes = self.data_shapes(host, config.resolution)
         if replicated is not None:
@@ -651,6 +616,37 @@ class JaxTrainer:
                 patch.restore()
         timings["done"] = time.perf_counter()
         peaks["done"] = peak_memory_gib()
+        self._finish_report(job, timings, peaks)
+        vectors = np.asarray(carry[0], dtype=np.float32)[:num_vectors]
+        return TrainingResult(vectors, list(job.losses), final_preview)
+
+    def _placement(self, job, precision: str, flash: bool):
+        """``(devices, distribution, replicated)``: the devices to train on, once the batch size
+        is settled (``job.config.batch_size``, chosen from free memory for "auto"); with several,
+        keras' DataParallel distribution and the sharding that puts an array on all of them."""
+        import jax
+        import keras
+
+        config = job.config
+        devices = resolve_devices(self.devices)
+        requested = self.batch_size if self.batch_size is not None else config.batch_size
+        if requested in (None, 0, "auto"):
+            config.batch_size = auto_batch_size(config.resolution, precision, flash, devices)
+        else:
+            config.batch_size = int(requested)
+        devices, note = devices_for_batch(devices, config.batch_size, self.devices)
+        if note:
+            job.stage(note)
+        if len(devices) == 1:
+            return devices, None, None
+        distribution = keras.distribution.DataParallel(devices=[f"{d.platform}:{d.id}" for d in devices])
+        # Weights, data, carry and key live on every device; only each batch is split.
+        replicated = jax.sharding.NamedSharding(distribution.device_mesh.backend_mesh, jax.sharding.PartitionSpec())
+        return devices, distribution, replicated
+
+    def _finish_report(self, job, timings: dict, peaks: dict) -> None:
+        """Add the run's phase timings and memory peaks to ``self.report``; write it to
+        $CONCEPTLIB_JAX_REPORT when that is set (benchmarks read it)."""
         self.report["peak_memory_gib_after"] = peaks
         self.report["timings"] = {k: round(v - timings["start"], 3) for k, v in timings.items()}
         self.report["longest_step_gap_s"] = round(job.longest_step_gap, 3)
@@ -663,8 +659,36 @@ class JaxTrainer:
 
             with open(report_path, "w") as handle:
                 json.dump(self.report, handle, default=str)
-        vectors = np.asarray(carry[0], dtype=np.float32)[:num_vectors]
-        return TrainingResult(vectors, list(job.losses), final_preview)
+
+    @staticmethod
+    def _initial_carry(job, token_table):
+        """``((rows, optimizer values, step), optimizer, rate)`` to start the step from: the run's
+        initial vectors, or its checkpoint's vectors and optimizer state when it resumes."""
+        import jax
+        import keras
+
+        from conceptlib.errors import TrainingError
+        from conceptlib_jax.step import step_optimizer
+
+        # The step trains vector_rows(n) rows; the ones past n are never in a prompt, so they get
+        # zero gradients and leave the real rows' updates unchanged (tests/test_jax_schedule.py).
+        initial = pad_rows(job.initial_vectors(token_table), vector_rows(job.config.num_vectors))
+        rows_var = keras.Variable(initial, dtype="float32", name="concept_vectors")
+        optimizer, rate = step_optimizer(job.config)
+        optimizer.build([rows_var])
+        # Copies: the step donates its carry, and the keras variables must keep valid buffers.
+        rows = jax.numpy.array(rows_var.value, copy=True)
+        opt_values = [jax.numpy.array(v.value, copy=True) for v in optimizer.variables]
+        checkpoint = job.load_checkpoint()
+        if checkpoint is not None:
+            if len(checkpoint.optimizer) != len(opt_values):
+                raise TrainingError("the checkpoint's optimizer state does not match this trainer; start a new run")
+            rows = jax.numpy.asarray(pad_rows(checkpoint.vectors, rows.shape[0]), "float32")
+            opt_values = [
+                jax.numpy.asarray(pad_rows(v, o.shape[0]) if o.shape == rows.shape else v, dtype=o.dtype)
+                for v, o in zip(checkpoint.optimizer, opt_values)
+            ]
+        return (rows, opt_values, jax.numpy.int32(job.start_step)), optimizer, rate
 
     def _trace(self, ti, optimizer, rate, job, flash, carry, base_key, replicated, patches):
         """Install the UNet rewrites (appended to ``patches``, restored by the caller) and return

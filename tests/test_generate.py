@@ -165,6 +165,7 @@ def _init_and_generate(cli, env, home, weights):
     init = subprocess.run(cli + ["weights", "init-random", str(weights)], env=env, capture_output=True, text=True)
     assert init.returncode == 0, init.stderr[-2000:]
     assert init.stdout.strip() == str(weights)
+    _assert_no_tensorflow_notices(init.stderr)
     assert (weights / "RANDOM-WEIGHTS.txt").exists()
     assert {p.name for p in weights.glob("*.h5")} == {"kcv_encoder.h5", "kcv_diffusion_model.h5", "kcv_decoder.h5", "vae_encoder.h5"}
 
@@ -177,6 +178,7 @@ def _init_and_generate(cli, env, home, weights):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "RANDOM" in result.stderr
     assert "softmax over axis" not in result.stderr  # at 64 px the deepest attention sees one pixel
+    _assert_no_tensorflow_notices(result.stderr)
     paths = result.stdout.strip().splitlines()
     assert len(paths) == 3 and paths[-1].endswith("-sheet.png")
     for path in paths:
@@ -199,10 +201,32 @@ def _init_and_generate(cli, env, home, weights):
         env=jax_env, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    _assert_no_tensorflow_notices(result.stderr)
     (path, _sheet) = result.stdout.strip().splitlines()
     with Image.open(path) as image:
         assert image.size == (64, 64)
     assert any(cache.iterdir()), "generate on the JAX backend wrote nothing to the compilation cache"
+
+
+def _assert_no_tensorflow_notices(stderr: str) -> None:
+    # TensorFlow's C++ side prints these at its import on either backend, whatever the log level.
+    assert "oneDNN" not in stderr and "absl::InitializeLog" not in stderr, stderr[:500]
+
+
+def test_native_stderr_without_drops_only_the_notices(capfd):
+    from conceptlib.kerascv import TENSORFLOW_IMPORT_NOTICES, native_stderr_without
+
+    with native_stderr_without(TENSORFLOW_IMPORT_NOTICES):
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")
+        os.write(2, b"a real error\n")
+        os.write(2, b"I0000 00:00:17 9740 port.cc:153] oneDNN custom operations are on. You may see ...\n")
+    assert capfd.readouterr().err == "a real error\n"
+    # An exception in the block still gives stderr back, with what was written before it.
+    with pytest.raises(RuntimeError), native_stderr_without(TENSORFLOW_IMPORT_NOTICES):
+        os.write(2, b"before the failure\n")
+        raise RuntimeError("boom")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "before the failure\nafter\n"
 
 
 def test_generate_names_every_folder_of_random_weights(home, monkeypatch):

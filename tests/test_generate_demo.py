@@ -97,3 +97,5 @@ def test_demo_runs_the_main_job_and_leaves_only_small_results(tmp_path):
         f"Delete them with: rm -rf {work}",
     ]
     assert "Demo stopped" not in result.stderr
+    # TensorFlow's import notices (printed whatever TF_CPP_MIN_LOG_LEVEL says) are left out.
+    assert "oneDNN" not in result.stderr and "absl::InitializeLog" not in result.stderr

@@ -6,7 +6,9 @@ so callers (the CLI) choose the backend first; ``keras_module()`` imports it on 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 DEFAULT_BACKEND = "tensorflow"
@@ -22,12 +24,51 @@ def set_default_backend(backend: str | None = None) -> str:
 
 def quiet_tensorflow_logs(backend: str) -> None:
     """Before TensorFlow is imported: no INFO/WARNING lines from its C++ side. On the JAX backend
-    keras-cv imports TensorFlow but runs nothing on it, so its oneDNN notice (two lines printed
-    even at TF_CPP_MIN_LOG_LEVEL=2, twice) is turned off with oneDNN itself; on the TensorFlow
-    backend oneDNN stays on, as it is TensorFlow's fast CPU path. The user's settings win."""
+    keras-cv imports TensorFlow but runs nothing on it, so its oneDNN notice is turned off with
+    oneDNN itself; on the TensorFlow backend oneDNN stays on, as it is TensorFlow's fast CPU path
+    (``import_tensorflow_quietly`` keeps its notice out of stderr). The user's settings win."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if backend == "jax":
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+# What TensorFlow's C++ side prints at its first import, before its log settings apply (so even
+# at TF_CPP_MIN_LOG_LEVEL=2): an absl warning line and the oneDNN notice.
+TENSORFLOW_IMPORT_NOTICES = ("All log messages before absl::InitializeLog() is called", "oneDNN custom operations are on")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow (if it is not yet) without the notices it prints at its import; every
+    other line it writes is kept. TF_CPP_MIN_LOG_LEVEL=0 (all logs wanted) keeps them too."""
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0":
+        return
+    with native_stderr_without(TENSORFLOW_IMPORT_NOTICES):
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError:
+            pass  # keras' own import says what is missing
+
+
+@contextlib.contextmanager
+def native_stderr_without(notices):
+    """Route file descriptor 2 (where C++ code writes, bypassing ``sys.stderr``) to a temporary
+    file for the block, then write back every line that holds none of ``notices``."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured if not any(notice.encode() in line for notice in notices)]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 JAX_CACHE_ENV = "CONCEPTLIB_JAX_CACHE"
@@ -72,8 +113,10 @@ def ignore_one_pixel_attention_warning() -> None:
 
 
 def keras_module():
-    """Import and return keras (after making sure a backend is chosen)."""
-    set_default_backend()
+    """Import and return keras (after making sure a backend is chosen; on the TensorFlow
+    backend TensorFlow is imported first, without its import notices)."""
+    if set_default_backend() == "tensorflow":
+        import_tensorflow_quietly()
     import keras
 
     return keras

@@ -64,17 +64,17 @@ class TensorFlowTrainer:
     backend = "tensorflow"
 
     def run(self, job):
-        import keras
         import numpy as np
 
         from conceptlib.errors import TrainingError
-        from conceptlib.kerascv import ignore_one_pixel_attention_warning
+        from conceptlib.kerascv import ignore_one_pixel_attention_warning, keras_module
         from conceptlib.kerascv.textual_inversion import make_optimizer
         from conceptlib.training import TrainingResult
 
         config = job.config
-        ignore_one_pixel_attention_warning()
         job.stage(f"building the {config.base_model} models")
+        keras = keras_module()  # TensorFlow imported without its import notices
+        ignore_one_pixel_attention_warning()
         ti = build_models(config.base_model, config.resolution, job.weights, decoder=job.wants_previews)
         if ti.vocab_size != job.vocab_size:
             raise TrainingError(

@@ -112,3 +112,43 @@ def test_a_batch_that_does_not_split_uses_as_many_devices_as_divide_it():
     assert devices_for_batch(gpus[:2], 4, "2") == (gpus[:2], None)
     with pytest.raises(TrainingError, match=r"--batch-size 3 does not split over 2 devices; use a multiple of 2"):
         devices_for_batch(gpus[:2], 3, "2")
+
+
+_PLACEMENT_SCRIPT = """
+import json
+from types import SimpleNamespace
+from jax.sharding import PartitionSpec
+from conceptlib_jax.trainer import JaxTrainer
+
+notes = []
+out = {}
+for batch in (4, 3):
+    job = SimpleNamespace(config=SimpleNamespace(batch_size=batch, resolution=64), stage=notes.append)
+    devices, distribution, replicated = JaxTrainer(devices="all")._placement(job, "fp32", False)
+    out[batch] = {
+        "devices": [str(d) for d in devices],
+        "distribution": None if distribution is None else [str(d) for d in distribution.device_mesh.devices.ravel()],
+        "replicated": None if replicated is None else [replicated.spec == PartitionSpec(), len(replicated.device_set)],
+    }
+out["notes"] = notes
+print(json.dumps(out))
+"""
+
+
+def test_placement_spreads_a_batch_over_the_devices_that_divide_it():
+    """The trainer's device placement on two CPU host devices (a subprocess: the device count is
+    fixed when jax starts): a batch of 4 is data-parallel over both, with weights replicated on
+    both; a batch of 3 trains on one, says so, and has no distribution."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-c", _PLACEMENT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Weights replicated (an empty PartitionSpec) over both devices.
+    assert out["4"] == {"devices": ["cpu:0", "cpu:1"], "distribution": ["cpu:0", "cpu:1"], "replicated": [True, 2]}
+    assert out["3"] == {"devices": ["cpu:0"], "distribution": None, "replicated": None}
+    assert out["notes"] == ["batch 3 does not split over 2 devices: training on 1 (a --batch-size that is a multiple of 2 uses them all)"]

@@ -16,11 +16,15 @@ from conceptlib.errors import ConceptlibError
 
 
 class _Group(click.Group):
-    """Maps ConceptlibError to one line on stderr and its exit code (1, or 2 for usage)."""
+    """Maps ConceptlibError to one line on stderr and its exit code (1, or 2 for usage), and
+    makes sure Ctrl-C interrupts every command (``reliable_ctrl_c``)."""
 
     def invoke(self, ctx):
+        from conceptlib.interrupts import reliable_ctrl_c
+
         try:
-            return super().invoke(ctx)
+            with reliable_ctrl_c():
+                return super().invoke(ctx)
         except ConceptlibError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)

@@ -4,7 +4,6 @@ real process sent a real SIGINT while a callback of its own is running Python co
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -815,6 +815,8 @@ def train(
     """Prepare, run the trainer plugin, and add the concept to the library. Returns
     (ConceptHeader, TrainingJob). ``announce`` prints the run folder (and a warning for random
     weights) on stderr."""
+    from conceptlib.interrupts import reliable_ctrl_c
+
     job = prepare(config, library=library, resume=resume)
     job.progress.enabled = progress
     # Held until the concept is in the library: nobody else may train (resume) this run meanwhile.
@@ -823,7 +825,8 @@ def train(
             _announce(job)
         trainer = job.trainer_cls()
         try:
-            result = trainer.run(job)
+            with reliable_ctrl_c():  # for Python callers too, not only the CLI
+                result = trainer.run(job)
         except KeyboardInterrupt:
             last = job.run_dir.latest_checkpoint()
             where = f"from {last.name}" if last else "from the start (no checkpoint yet)"

@@ -115,6 +115,47 @@ def test_cli_train_adds_concept_with_full_metadata(workspace, cli_run):
     assert (run / "previews" / "step-0000002.png").is_file()
 
 
+def test_ctrl_c_stops_a_cli_run_and_resume_finishes_it(workspace):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) once the run has saved its
+    second checkpoint: it stops with exit 130 and says how to continue; `--resume` then finishes
+    the 4 steps and adds the concept with every step's loss."""
+    import signal
+    import time
+
+    run = workspace["root"] / "ctrl-c-run"
+    cmd = [
+        shutil.which("conceptlib"), "train", str(workspace["images"]), "--name", "ctrl-c", "--init", "toy",
+        "--weights", str(workspace["weights"]), "--resolution", "64", "--steps", "4", "--trainer", "tensorflow",
+        "--checkpoint-every", "1", "--run-dir", str(run),
+    ]
+    process = subprocess.Popen(cmd, env=_env(workspace["home"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600  # a bound for a hung process, not a speed requirement
+        while not (run / "checkpoints" / "step-0000002.npz").exists():
+            assert process.poll() is None, f"the run ended before its second checkpoint: {process.communicate()}"
+            assert time.monotonic() < deadline, "no second checkpoint"
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"Interrupted\. Continue from step-000000[23]\.npz with: conceptlib train --resume {re.escape(str(run))}", last)
+    assert not (run / "concept.safetensors").exists()
+
+    resumed = subprocess.run([shutil.which("conceptlib"), "train", "--resume", str(run)], env=_env(workspace["home"]),
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    from conceptlib.library import ConceptLibrary
+
+    history = json.loads(ConceptLibrary(workspace["home"]).get("ctrl-c").metadata["loss_history"])
+    assert [step for step, _ in history] == [1, 2, 3, 4]
+
+
 def test_trained_concept_loads_with_conceptlib_apply(report):
     applied = report["apply"]
     assert applied["tokens"] == ["<cli-concept>"]

@@ -58,3 +58,34 @@ def cli_imports(args, env=None):
     assert last.startswith("PROBE "), process.stderr
     probe = json.loads(last[len("PROBE "):])
     return probe["code"], probe["imported"], process
+
+
+def interrupt_when_ready(cmd, env, ready, what: str):
+    """Start ``cmd`` in a session of its own, send SIGINT to its process group (as a terminal's
+    Ctrl-C does) once ``ready()`` returns something (polled; the test fails if the process ends
+    first: ``what`` names what it should have reached), and return ``(what ready() returned,
+    exit code, stderr)``."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import pytest
+
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600  # a bound for a hung process, not a speed requirement
+        while not (found := ready()):
+            if process.poll() is not None:
+                pytest.fail(f"the process ended (exit {process.returncode}) before {what}: {process.stderr.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the process did not reach {what}")
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return found, process.returncode, stderr

@@ -5,12 +5,12 @@ where they are; with DEMO_DIR it keeps everything."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+
+from helpers import interrupt_when_ready
 
 DEMO = Path(__file__).resolve().parent.parent / "scripts" / "demo.sh"
 
@@ -23,35 +23,14 @@ def _env(tmp_path, **extra):
     return env
 
 
-def _wait_for(find, process, what):
-    """Poll until ``find()`` returns something (the demo got that far), or fail if it ends first."""
-    deadline = time.monotonic() + 600  # a bound for a hung process, not a speed requirement
-    while time.monotonic() < deadline:
-        found = find()
-        if found:
-            return found
-        if process.poll() is not None:
-            pytest.fail(f"the demo ended (exit {process.returncode}) before {what}: {process.stderr.read()[-2000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"the demo did not reach {what}")
-
-
 def _interrupt_while_writing_weights(tmp_path, env, work_glob, written):
-    """Start the demo, Ctrl-C it (SIGINT to its process group, as a terminal does) once it has
-    written the file ``written`` of the random weights, and return (exit code, stderr, its work
-    folder)."""
-    process = subprocess.Popen(["bash", str(DEMO)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        marker = _wait_for(lambda: next(iter(tmp_path.glob(f"{work_glob}/weights/{written}")), None),
-                           process, f"writing {written}")
-        os.killpg(process.pid, signal.SIGINT)
-        _, stderr = process.communicate(timeout=600)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    return process.returncode, stderr, marker.parent.parent
+    """Start the demo, Ctrl-C it once it has written the file ``written`` of the random weights,
+    and return (exit code, stderr, its work folder)."""
+    marker, code, stderr = interrupt_when_ready(
+        ["bash", str(DEMO)], env, lambda: next(iter(tmp_path.glob(f"{work_glob}/weights/{written}")), None),
+        f"writing {written}",
+    )
+    return code, stderr, marker.parent.parent
 
 
 def test_stopped_demo_deletes_its_random_weights_and_keeps_the_rest(tmp_path):

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import interrupt_when_ready
+
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).resolve()
@@ -119,30 +121,15 @@ def test_ctrl_c_stops_a_cli_run_and_resume_finishes_it(workspace):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) once the run has saved its
     second checkpoint: it stops with exit 130 and says how to continue; `--resume` then finishes
     the 4 steps and adds the concept with every step's loss."""
-    import signal
-    import time
-
     run = workspace["root"] / "ctrl-c-run"
     cmd = [
         shutil.which("conceptlib"), "train", str(workspace["images"]), "--name", "ctrl-c", "--init", "toy",
         "--weights", str(workspace["weights"]), "--resolution", "64", "--steps", "4", "--trainer", "tensorflow",
         "--checkpoint-every", "1", "--run-dir", str(run),
     ]
-    process = subprocess.Popen(cmd, env=_env(workspace["home"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600  # a bound for a hung process, not a speed requirement
-        while not (run / "checkpoints" / "step-0000002.npz").exists():
-            assert process.poll() is None, f"the run ended before its second checkpoint: {process.communicate()}"
-            assert time.monotonic() < deadline, "no second checkpoint"
-            time.sleep(0.1)
-        os.killpg(process.pid, signal.SIGINT)
-        _, stderr = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    assert process.returncode == 130, stderr[-3000:]
+    second = run / "checkpoints" / "step-0000002.npz"
+    _, code, stderr = interrupt_when_ready(cmd, _env(workspace["home"]), second.exists, "its second checkpoint")
+    assert code == 130, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert re.fullmatch(rf"Interrupted\. Continue from step-000000[23]\.npz with: conceptlib train --resume {re.escape(str(run))}", last)
     assert not (run / "concept.safetensors").exists()

@@ -64,7 +64,7 @@ def interrupt_when_ready(cmd, env, ready, what: str):
     """Start ``cmd`` in a session of its own, send SIGINT to its process group (as a terminal's
     Ctrl-C does) once ``ready()`` returns something (polled; the test fails if the process ends
     first: ``what`` names what it should have reached), and return ``(what ready() returned,
-    exit code, stderr)``."""
+    exit code, stdout, stderr)``."""
     import os
     import signal
     import subprocess
@@ -83,9 +83,9 @@ def interrupt_when_ready(cmd, env, ready, what: str):
                 pytest.fail(f"the process did not reach {what}")
             time.sleep(0.1)
         os.killpg(process.pid, signal.SIGINT)
-        _, stderr = process.communicate(timeout=600)
+        stdout, stderr = process.communicate(timeout=600)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    return found, process.returncode, stderr
+    return found, process.returncode, stdout, stderr

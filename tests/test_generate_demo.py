@@ -26,7 +26,7 @@ def _env(tmp_path, **extra):
 def _interrupt_while_writing_weights(tmp_path, env, work_glob, written):
     """Start the demo, Ctrl-C it once it has written the file ``written`` of the random weights,
     and return (exit code, stderr, its work folder)."""
-    marker, code, stderr = interrupt_when_ready(
+    marker, code, _, stderr = interrupt_when_ready(
         ["bash", str(DEMO)], env, lambda: next(iter(tmp_path.glob(f"{work_glob}/weights/{written}")), None),
         f"writing {written}",
     )

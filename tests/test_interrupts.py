@@ -5,11 +5,9 @@ real process sent a real SIGINT while a callback of its own is running Python co
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
-import time
 
-import pytest
+from helpers import interrupt_when_ready
 
 _SCRIPT = """
 import gc, os, sys, time
@@ -43,16 +41,8 @@ else:
 
 def _interrupt_inside_the_callback(tmp_path, mode: str):
     entered = tmp_path / f"entered-{mode}"
-    process = subprocess.Popen([sys.executable, "-c", _SCRIPT, str(entered), mode], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60  # a bound for a hung process, not a speed requirement
-    while not entered.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the script never reached its callback: {process.communicate()}")
-        time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    _, _, out, err = interrupt_when_ready([sys.executable, "-c", _SCRIPT, str(entered), mode], None, entered.exists,
+                                          "its callback")
     return out.strip(), err
 
 

@@ -128,7 +128,7 @@ def test_ctrl_c_stops_a_cli_run_and_resume_finishes_it(workspace):
         "--checkpoint-every", "1", "--run-dir", str(run),
     ]
     second = run / "checkpoints" / "step-0000002.npz"
-    _, code, stderr = interrupt_when_ready(cmd, _env(workspace["home"]), second.exists, "its second checkpoint")
+    _, code, _, stderr = interrupt_when_ready(cmd, _env(workspace["home"]), second.exists, "its second checkpoint")
     assert code == 130, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert re.fullmatch(rf"Interrupted\. Continue from step-000000[23]\.npz with: conceptlib train --resume {re.escape(str(run))}", last)

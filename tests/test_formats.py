@@ -467,8 +467,10 @@ def test_embeddings_folder_with_subfolders(tmp_path):
         "characters/alice.pt", "characters/old/bob.pt", "styles/midjourney-style", "styles/oil.safetensors"]
     reasons = {str(s.path.relative_to(root)): s.reason for s in skipped}
     assert reasons == {
-        "empty": "a folder without concept files (looked for .safetensors, .pt, .bin, .pth)",
-        "previews": "a folder without concept files (looked for .safetensors, .pt, .bin, .pth)",
+        "empty": "a folder without concept files (looked for .safetensors, .pt, .bin, .pth files, "
+                 "AUTOMATIC1111 embedding images (.png, .webp))",
+        "previews": "a folder without concept files (looked for .safetensors, .pt, .bin, .pth files, "
+                 "AUTOMATIC1111 embedding images (.png, .webp))",
         "loop": "a link to a folder that is already being imported",
     }
     assert sorted(c.token for c in load_any(root)) == ["<mj>", "<oil>", "alice", "bob"]

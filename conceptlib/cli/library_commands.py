@@ -18,7 +18,7 @@ import click
 from conceptlib.cli import main
 from conceptlib.errors import ConceptError, ConceptFileError, ConceptlibError, UsageError
 from conceptlib.files import write_failure_reason
-from conceptlib.formats.readers import FILE_SUFFIXES
+from conceptlib.formats.readers import FILE_SUFFIXES, IMAGE_SUFFIXES
 from conceptlib.formats.writers import EXPORT_FORMATS
 
 
@@ -70,7 +70,7 @@ def show_command(ref: str, as_json: bool, preview_out: Path | None) -> None:
         header = _library().header(ref)
     except NotFoundError:
         if not os.path.exists(ref):
-            if os.sep in ref or Path(ref).suffix.lower() in FILE_SUFFIXES:
+            if os.sep in ref or Path(ref).suffix.lower() in FILE_SUFFIXES + IMAGE_SUFFIXES:
                 raise ConceptFileError(f"{ref}: no such file or folder (nor a library concept of that name); "
                                        "check the path") from None
             raise
@@ -396,7 +396,7 @@ def _strip_path(message: str, path) -> str:
 _EXPORT_SUFFIXES = {
     "conceptlib": (".safetensors",),
     "diffusers": (".safetensors", ".bin"),
-    "a1111": (".pt",),
+    "a1111": (".pt", ".png"),
     "kohya": (".safetensors",),
 }
 
@@ -404,7 +404,8 @@ _EXPORT_SUFFIXES = {
 @main.command("export")
 @click.argument("ref", metavar="NAME")
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
-              help="conceptlib | diffusers (learned_embeds.safetensors, or .bin) | a1111 (.pt) | sd-concepts (folder) | kohya (emb_params).")
+              help="conceptlib | diffusers (learned_embeds.safetensors, or .bin) | a1111 (.pt, or an embedding image with "
+                   "--out X.png) | sd-concepts (folder) | kohya (emb_params).")
 @click.option("--out", type=click.Path(path_type=str), default=None,
               help="File to write, or a folder (existing, or given with a trailing '/'; the conventional file name is "
                    "used inside). Default: the current folder; for sd-concepts ./NAME/.")

@@ -5,8 +5,8 @@ Readers: ``discover`` finds the importable units under a path (a file; a concept
 other folder, searched recursively) and what it skipped; ``load_source`` reads one unit,
 ``load_any`` every unit under a path. Formats: conceptlib files; diffusers
 ``learned_embeds.safetensors`` and ``learned_embeds.bin``; sd-concepts-library folders;
-AUTOMATIC1111 ``.pt`` (zip and legacy pickle, never executed); single-tensor ``.safetensors`` such
-as kohya's ``emb_params``. SDXL two-encoder files are refused. Writers (``export``): conceptlib,
+AUTOMATIC1111 ``.pt`` (zip and legacy pickle, never executed) and embedding images
+(``a1111_image``); single-tensor ``.safetensors`` such as kohya's ``emb_params``. SDXL two-encoder files are refused. Writers (``export``): conceptlib,
 diffusers, a1111, sd-concepts, kohya (``EXPORT_FORMATS``).
 """
 

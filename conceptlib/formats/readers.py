@@ -13,10 +13,14 @@ from pathlib import Path
 from conceptlib.concept import FORMAT, Concept, slug_from_token, suggested_token, validate_token
 from conceptlib.errors import ConceptError, ConceptFileError, UnsupportedFormatError, UsageError
 from conceptlib.files import MAX_HEADER_BYTES, FileHeader, read_file_header
+from conceptlib.formats import a1111_image
+from conceptlib.formats.a1111_image import IMAGE_SUFFIXES
 from conceptlib.library import is_valid_name
 
 PICKLE_SUFFIXES = (".pt", ".bin", ".pth")
 FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+# What a folder import looks for (AUTOMATIC1111 also keeps embeddings inside images).
+_LOOKED_FOR = f"{', '.join(FILE_SUFFIXES)} files, AUTOMATIC1111 embedding images ({', '.join(IMAGE_SUFFIXES)})"
 # Files the diffusers / sd-concepts-library layouts keep next to the embedding.
 _FOLDER_EMBEDDINGS = ("learned_embeds.safetensors", "learned_embeds.bin")
 _FOLDER_TEXTS = ("token_identifier.txt", "type_of_concept.txt")
@@ -74,7 +78,7 @@ def discover(path: str | os.PathLike) -> tuple[list[Source], list[Skipped]]:
         if checkpoints:
             raise ConceptFileError(f"{path}: {checkpoints[0].reason}")
         raise ConceptFileError(
-            f"{path}: no concept files in this folder (looked for {', '.join(FILE_SUFFIXES)} files and "
+            f"{path}: no concept files in this folder (looked for {_LOOKED_FOR} and "
             "sd-concepts-library folders); point at a file or a folder that holds some"
         )
     return sources, skipped
@@ -105,9 +109,11 @@ def _discover_folder(folder: Path, sources: list[Source], skipped: list[Skipped]
             _discover_subfolder(entry, sources, skipped, seen)
         elif entry.is_file() and entry.suffix.lower() in FILE_SUFFIXES:
             sources.append(Source(entry))
+        elif entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
+            _discover_image(entry, sources, skipped)
         elif entry.is_file():
             if entry.name not in _FOLDER_TEXTS:
-                skipped.append(Skipped(entry, f"not a concept file (expected {', '.join(FILE_SUFFIXES)})"))
+                skipped.append(Skipped(entry, f"not a concept file (expected {_LOOKED_FOR})"))
         elif not entry.exists():
             skipped.append(Skipped(entry, "a broken link (what it points to does not exist)"))
         else:
@@ -129,7 +135,23 @@ def _discover_subfolder(folder: Path, sources: list[Source], skipped: list[Skipp
     elif any(s.path in (folder / _CHECKPOINTS, folder / _RUN_CHECKPOINTS) for s in inner):
         skipped.extend(inner)
     else:
-        skipped.append(Skipped(folder, f"a folder without concept files (looked for {', '.join(FILE_SUFFIXES)})"))
+        skipped.append(Skipped(folder, f"a folder without concept files (looked for {_LOOKED_FOR})"))
+
+
+def _discover_image(path: Path, sources: list[Source], skipped: list[Skipped]) -> None:
+    """An image in an embeddings folder is a concept only if it carries an embedding; previews
+    (``NAME.preview.png``) and other pictures are passed over, as AUTOMATIC1111 does."""
+    if a1111_image.is_preview_name(path):
+        skipped.append(Skipped(path, "a preview image (NAME.preview.png), not an embedding"))
+        return
+    try:
+        holds_one = a1111_image.read(path) is not None
+    except ConceptFileError:
+        holds_one = True  # a damaged embedding image: loading it reports why
+    if holds_one:
+        sources.append(Source(path))
+    else:
+        skipped.append(Skipped(path, "an image without an embedding in it"))
 
 
 def _discover_run(folder: Path, sources: list[Source], skipped: list[Skipped]) -> None:
@@ -194,12 +216,14 @@ def load_source(source: Source | str | os.PathLike, *, token: str | None = None,
         return _load_safetensors(path, token=token, name=name)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return _load_pickle(path, token=token, name=name)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return _load_image(path, token=token, name=name)
     if path.suffix.lower() == ".npz":
         from conceptlib.runs import checkpoint_concept
 
         return checkpoint_concept(path, name=name, token=token)
     raise UnsupportedFormatError(
-        f"{path}: unknown file type {path.suffix!r}; expected {', '.join(FILE_SUFFIXES)} "
+        f"{path}: unknown file type {path.suffix!r}; expected {', '.join(FILE_SUFFIXES + IMAGE_SUFFIXES)} "
         "(or a conceptlib training checkpoint, RUN/checkpoints/step-N.npz)"
     )
 
@@ -335,7 +359,12 @@ def _load_pickle(path: Path, *, token: str | None, name: str | None) -> Concept:
             f"{path}: a safetensors file, not a PyTorch file, despite its name; rename it to "
             f"{path.stem}.safetensors and import that"
         )
-    data = load_tensor_pickle(path)
+    return _load_embedding_dict(path, load_tensor_pickle(path), "a PyTorch file", word=path.stem, token=token, name=name)
+
+
+def _load_embedding_dict(path: Path, data, what: str, *, word: str, token: str | None, name: str | None) -> Concept:
+    """A concept from the dictionary a .pt/.bin file (or an AUTOMATIC1111 embedding image) holds;
+    ``word`` is AUTOMATIC1111's prompt word for it."""
     expected = "expected AUTOMATIC1111's string_to_param or diffusers' {token: tensor}"
     if _is_array(data):
         raise UnsupportedFormatError(
@@ -346,7 +375,7 @@ def _load_pickle(path: Path, *, token: str | None, name: str | None) -> Concept:
         raise UnsupportedFormatError(f"{path}: holds a {type(data).__name__}, not a dictionary of embeddings; {expected}")
     _refuse_sdxl(path, list(data))
     if "string_to_param" in data:
-        return _load_a1111(path, data, token=token, name=name)
+        return _load_a1111(path, data, word=word, token=token, name=name)
     if "emb_params" in data and _is_array(data["emb_params"]):
         return _make(path, path.stem, _token_from_text(path.stem), data["emb_params"], {"source_format": "kohya"},
                      token=token, name=name, fmt="kohya")
@@ -355,10 +384,10 @@ def _load_pickle(path: Path, *, token: str | None, name: str | None) -> Concept:
         key, vectors = next(iter(tensors.items()))
         return _make(path, None, key, vectors, {"source_format": "diffusers"}, token=token, name=name, fmt="diffusers")
     keys = ", ".join(map(str, list(data)[:5]))
-    raise UnsupportedFormatError(f"{path}: a PyTorch file but not a textual-inversion embedding (keys: {keys}); {expected}")
+    raise UnsupportedFormatError(f"{path}: {what} but not a textual-inversion embedding (keys: {keys}); {expected}")
 
 
-def _load_a1111(path: Path, data: dict, *, token: str | None, name: str | None) -> Concept:
+def _load_a1111(path: Path, data: dict, *, word: str, token: str | None, name: str | None) -> Concept:
     params = data["string_to_param"]
     if not isinstance(params, dict) or len(params) != 1 or not _is_array(next(iter(params.values()))):
         raise UnsupportedFormatError(
@@ -371,8 +400,32 @@ def _load_a1111(path: Path, data: dict, *, token: str | None, name: str | None) 
         value = data.get(key)
         if value is not None:
             metadata[f"a1111.{key}"] = str(value)
-    # AUTOMATIC1111 uses the file name as the word prompts contain.
-    return _make(path, path.stem, _token_from_text(path.stem), vectors, metadata, token=token, name=name, fmt="a1111")
+    # AUTOMATIC1111 uses the file name (an image: its data's name) as the word prompts contain.
+    return _make(path, word, _token_from_text(word), vectors, metadata, token=token, name=name, fmt="a1111")
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+def _load_image(path: Path, *, token: str | None, name: str | None) -> Concept:
+    """An AUTOMATIC1111 embedding image; its picture becomes the concept's preview."""
+    import base64
+
+    from conceptlib.images import thumbnail_png
+
+    found = a1111_image.read(path)
+    if found is None:
+        raise UnsupportedFormatError(
+            f"{path}: an image without an embedding in it (no sd-ti-embedding text chunk, no data strips beside the "
+            "picture); only AUTOMATIC1111's embedding images carry one: import the embedding's .pt/.safetensors file"
+        )
+    word = found.data.get("name")
+    word = word if isinstance(word, str) and word.strip() else path.stem
+    concept = _load_embedding_dict(path, found.data, "an embedding image", word=word, token=token, name=name)
+    metadata = dict(concept.metadata)
+    if metadata.get("source_format") == "a1111":
+        metadata["source_format"] = "a1111-image"
+    metadata["preview"] = base64.b64encode(thumbnail_png(found.picture)).decode("ascii")
+    return Concept(concept.name, concept.token, concept.vectors, metadata)
 
 
 # -- common ----------------------------------------------------------------------------------------

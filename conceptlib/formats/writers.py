@@ -26,7 +26,8 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
       ``pipeline.load_textual_inversion``; a ``.bin`` path gives the torch pickle ``{token: tensor}``.
     * a1111: ``<name>.pt``, a torch zip pickle with string_to_param {'*': tensor}; AUTOMATIC1111
       uses the file name as the prompt word. A concept imported from an A1111 file keeps that
-      file's name, step and sd_checkpoint(_name).
+      file's name, step and sd_checkpoint(_name). A ``.png`` path gives AUTOMATIC1111's embedding
+      image instead: the concept's preview (else a grey card) carrying the same dictionary.
     * sd-concepts: a folder with learned_embeds.bin, token_identifier.txt, type_of_concept.txt.
     * kohya: ``<name>.safetensors`` with one tensor ``emb_params`` (kohya-ss sd-scripts).
     """
@@ -53,7 +54,30 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
         # Not our layout (the key is not the token), so the file must not claim our format;
         # modelspec.trigger_phrase still carries the token.
         return atomic_write_bytes(target, _safetensors({"emb_params": concept.vectors}, concept, drop=("format",)))
+    if target.suffix.lower() == ".png":
+        from conceptlib.formats import a1111_image
+
+        return atomic_write_bytes(target, a1111_image.write(_a1111_dict(concept), _preview_pixels(concept)))
     return atomic_write_bytes(target, _pickle(_a1111_dict(concept), target))
+
+
+def _preview_pixels(concept: Concept):
+    """The concept's preview thumbnail as uint8 pixels, or None when it has no readable one."""
+    import base64
+    import binascii
+    import io
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    encoded = concept.metadata.get("preview")
+    if not encoded:
+        return None
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(encoded, validate=True))) as image:
+            return np.asarray(image.convert("RGB"))
+    except (binascii.Error, ValueError, OSError, UnidentifiedImageError):
+        return None
 
 
 def _a1111_dict(concept: Concept) -> dict:

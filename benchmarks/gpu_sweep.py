@@ -13,7 +13,8 @@ The models are built once per precision and reused, so only the first line's tim
 includes the model build; every line reports its own compile time.
 
 A configuration name is dash-separated: ``b<N>`` or ``bauto`` (batch size, global), ``bf16`` /
-``fp32``, ``flash`` / ``noflash``, optionally ``spc<K>`` (K steps per jitted call, lax.scan),
+``fp32``, ``flash`` / ``noflash``, optionally ``ga<K>`` (gradient accumulation: K batches per
+update, so K x N samples per step), ``spc<K>`` (K steps per jitted call, lax.scan),
 ``k<list>`` the UNet rewrites joined by ``+`` (``kconv+groupnorm+qkv+crosspad``, ``knone``;
 default: the trainer's DEFAULT_KERNELS), ``nobg`` (no background compile), and process presets
 (PRESETS: ``xlhs``, ``xat0``, ``xat2``, ``xnotriton``, ``xnocmdbuf``, ``mem8g``, ...) that set
@@ -107,7 +108,7 @@ def preset_env(presets) -> dict:
 
 
 def parse_config(name: str) -> dict:
-    opts = {"name": name, "batch_size": 1, "precision": "bf16", "flash": "on", "steps_per_call": 1,
+    opts = {"name": name, "batch_size": 1, "grad_accum": 1, "precision": "bf16", "flash": "on", "steps_per_call": 1,
             "kernels": None, "background_compile": True}
     for part in name.split("-"):
         if part == "bauto":
@@ -118,6 +119,8 @@ def parse_config(name: str) -> dict:
             opts["precision"] = part
         elif part in ("flash", "noflash"):
             opts["flash"] = "on" if part == "flash" else "off"
+        elif part.startswith("ga") and part[2:].isdigit():
+            opts["grad_accum"] = int(part[2:])
         elif part.startswith("spc") and part[3:].isdigit():
             opts["steps_per_call"] = int(part[3:])
         elif part.startswith("k") and len(part) > 1:
@@ -161,7 +164,7 @@ def run_config(opts: dict, args, tmp: Path, index: int) -> dict:
     config = TrainingConfig(
         images=str(tmp / "images"), name=f"bench-{index}", token=f"<bench-{index}>", weights="random",
         trainer="jax", init=["cat"], resolution=args.resolution, steps=args.steps,
-        batch_size=1 if opts["batch_size"] == "auto" else opts["batch_size"],
+        batch_size=1 if opts["batch_size"] == "auto" else opts["batch_size"], grad_accum=opts["grad_accum"],
         checkpoint_every=0, preview_every=0, run_dir=str(tmp / f"run-{index}"),
     )
     job = prepare(config, library=ConceptLibrary(tmp / "library"))
@@ -178,12 +181,13 @@ def run_config(opts: dict, args, tmp: Path, index: int) -> dict:
     first_chunk = opts["steps_per_call"]
     timed_steps = args.steps - first_chunk
     ms = (job.timings["last_step"] - job.timings["first_step"]) / max(1, timed_steps) * 1000
-    batch = job.config.batch_size
+    batch = job.config.samples_per_step
     line = {
         "kind": "config",
         "config": opts["name"],
         "resolution": args.resolution,
-        "batch_size": batch,
+        "batch_size": job.config.batch_size,
+        "grad_accum": job.config.grad_accum,
         "steps": args.steps,
         "ms_per_step": round(ms, 2),
         "samples_per_s": round(batch * 1000 / ms, 2),

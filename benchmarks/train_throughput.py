@@ -7,7 +7,7 @@ images in a temporary library, with randomly initialised weights unless --weight
 (throughput does not depend on the weight values). Reports:
 
   ms_per_step         mean wall time of steps 2..S (the first step includes tracing/compilation)
-  samples_per_s       batch_size * 1000 / ms_per_step
+  samples_per_s       batch_size * grad_accum * 1000 / ms_per_step
   time_to_first_step_s  from the start of the run (before keras is imported) to the end of step 1
   peak_memory_gib     peak host RSS, and peak device memory where the backend reports it
   device              what the steps ran on
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trainer", default="tensorflow")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--grad-accum", type=int, default=1, help="batches per update (gradient accumulation)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--num-vectors", type=int, default=1)
     parser.add_argument("--base-model", default="sd-1", choices=["sd-1", "sd-2"])
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
         config = TrainingConfig(
             images=str(tmp / "images"), name="bench", token="<bench>", base_model=args.base_model,
             weights=args.weights, trainer=args.trainer, init=["cat"], num_vectors=args.num_vectors,
-            resolution=args.resolution, steps=args.steps, batch_size=args.batch_size,
+            resolution=args.resolution, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
             checkpoint_every=0, preview_every=0, run_dir=str(tmp / "run"),
         )
         job = prepare(config, library=ConceptLibrary(tmp / "library"))
@@ -108,9 +109,10 @@ def main(argv=None) -> int:
         "base_model": args.base_model,
         "resolution": args.resolution,
         "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
         "steps": args.steps,
         "ms_per_step": round(ms_per_step, 1),
-        "samples_per_s": round(args.batch_size * 1000 / ms_per_step, 3),
+        "samples_per_s": round(args.batch_size * args.grad_accum * 1000 / ms_per_step, 3),
         "time_to_first_step_s": round(timings["first_step"] - started, 1),
         "peak_host_rss_gib": round(rss_gib, 2),
         "peak_device_memory_gib": round(device_peak, 2) if device_peak is not None else None,

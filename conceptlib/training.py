@@ -81,6 +81,9 @@ class TrainingConfig:
     resolution: int = 512
     steps: int = 1000
     batch_size: int = 1
+    # Batches whose gradients are averaged into one update: the update of a batch of
+    # batch_size * grad_accum samples with the memory of batch_size.
+    grad_accum: int = 1
     learning_rate: float = 5e-3
     lr_schedule: str = "cosine"
     warmup_steps: int = 0
@@ -111,6 +114,7 @@ class TrainingConfig:
         for option, value, low in (
             ("--steps", self.steps, 1),
             ("--batch-size", self.batch_size, 1),
+            ("--grad-accum", self.grad_accum, 1),
             ("--num-vectors", 1 if self.num_vectors is None else self.num_vectors, 1),
             ("--checkpoint-every", self.checkpoint_every, 0),
             ("--preview-every", self.preview_every, 0),
@@ -140,6 +144,11 @@ class TrainingConfig:
             raise UsageError(f"--seed {self.seed} must be between 0 and 2**32 - 1")
         return self
 
+    @property
+    def samples_per_step(self) -> int:
+        """Training samples behind one update: ``batch_size`` per pass, ``grad_accum`` passes."""
+        return self.batch_size * self.grad_accum
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -151,7 +160,7 @@ class TrainingConfig:
     def training_summary(self) -> dict:
         """The settings recorded in the concept's ``training`` metadata."""
         keys = (
-            "steps", "batch_size", "learning_rate", "lr_schedule", "warmup_steps", "weight_decay",
+            "steps", "batch_size", "grad_accum", "learning_rate", "lr_schedule", "warmup_steps", "weight_decay",
             "clip_norm", "resolution", "template", "seed", "num_vectors", "flip", "base_model",
         )
         return {k: getattr(self, k) for k in keys}
@@ -293,28 +302,31 @@ class TrainingJob:
 
     def batch(self, step: int) -> dict:
         """The batch for ``step`` as numpy arrays (see TextualInversion.loss): a pure function of
-        the seed and the step, so a resumed run sees exactly the data an uninterrupted one does."""
+        the seed and the step, so a resumed run sees exactly the data an uninterrupted one does.
+        It holds ``config.samples_per_step`` samples: with ``grad_accum`` > 1 the trainer runs it
+        in that many equal parts, so the data is that of one batch of all of them."""
         import numpy as np
 
         from conceptlib.images import augment
 
         config = self.config
+        count = config.samples_per_step
         rng = _rng(config.seed, _STREAM_STEP, step)
         size, latent = config.resolution, config.resolution // 8
         images, ids = [], []
-        for j in range(config.batch_size):
-            index = self._image_index(step * config.batch_size + j)
+        for j in range(count):
+            index = self._image_index(step * count + j)
             image = self.images[index]
             images.append(augment(self._image(index), size, rng, flip=config.flip))
             template = int(rng.integers(0, 1 << 30))
             ids.append(self.prompt_ids(self.pack.render(template, config.token, image.caption)))
-        shape = (config.batch_size, latent, latent, 4)
+        shape = (count, latent, latent, 4)
         return {
             "images": np.stack(images).astype(np.float32),
             "token_ids": np.asarray(ids, dtype=np.int32),
             "posterior_noise": rng.standard_normal(shape, dtype=np.float32),
             "noise": rng.standard_normal(shape, dtype=np.float32),
-            "timesteps": rng.integers(0, 1000, size=(config.batch_size,)).astype(np.int32),
+            "timesteps": rng.integers(0, 1000, size=(count,)).astype(np.int32),
         }
 
     def initial_vectors(self, table):

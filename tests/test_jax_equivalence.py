@@ -78,25 +78,23 @@ def worker(backend: str, out: str) -> None:
 
         from conceptlib.kerascv.textual_inversion import TextualInversion
 
+        from conceptlib_tensorflow import loss_and_grad
+
         ti = TextualInversion(text_encoder, diffusion_model, image_encoder)
         batch = _batch(ti.vocab_size, ti.dim)
-        import keras
-
-        # Exactly the TensorFlow trainer's step (conceptlib_tensorflow.make_train_step).
-        rows = keras.Variable(batch.pop("new_rows"), dtype="float32")
-        with tf.GradientTape() as tape:
-            tape.watch(rows.value)
-            loss = ti.loss(rows.value, ti.frozen_state(), batch)
-        results["loss"] = np.asarray(loss)
-        # tf.gather's gradient is IndexedSlices: densify it.
-        results["grad"] = np.asarray(tf.convert_to_tensor(tape.gradient(loss, rows.value)))
+        # What the TensorFlow trainer's step (conceptlib_tensorflow.make_train_step) differentiates;
+        # with 2 parts, its gradient accumulation (--grad-accum 2: two batches of 1).
+        rows = tf.constant(batch.pop("new_rows"))
+        for prefix, parts in (("", 1), ("accum_", 2)):
+            loss, grad = loss_and_grad(ti, rows, ti.frozen_state(), batch, parts)
+            results[prefix + "loss"], results[prefix + "grad"] = np.asarray(loss), np.asarray(grad)
     else:
         import jax
         import jax.numpy as jnp
 
         from conceptlib.kerascv.attention import fused_attention
         from conceptlib.kerascv.textual_inversion import VAE_SCALE
-        from conceptlib_jax.step import fast_textual_inversion_class, loss_and_grad_fn
+        from conceptlib_jax.step import accumulated, fast_textual_inversion_class, loss_and_grad_fn
         from conceptlib_jax.step import posterior_moments_fn, step_state
 
         ti = fast_textual_inversion_class()(text_encoder, diffusion_model, image_encoder)
@@ -125,6 +123,12 @@ def worker(backend: str, out: str) -> None:
                 batch["noise"], batch["timesteps"], batch["token_ids"],
             )
             results["padded_loss"], results["padded_grad"] = np.asarray(padded_loss), np.asarray(padded_grad)
+            # The JAX trainer's gradient accumulation, two parts of 1.
+            accum_loss, accum_grad = jax.jit(accumulated(loss_and_grad_fn(ti), 2))(
+                jnp.asarray(batch["new_rows"]), step_state(state), latents,
+                batch["noise"], batch["timesteps"], batch["token_ids"],
+            )
+            results["accum_loss"], results["accum_grad"] = np.asarray(accum_loss), np.asarray(accum_grad)
             results["patched_layers"] = np.asarray(len(patch.layers))
             results["plain_calls"] = np.asarray(patch.plain_calls)
         results["unet_restored"] = np.asarray(diffusion_model(unet_inputs))
@@ -164,6 +168,17 @@ def test_jax_gradient_on_new_rows_equals_tensorflow(results):
     # Both new rows are used by the batch, so both must get a real gradient.
     assert np.all(np.linalg.norm(tf_grad, axis=1) > 0)
     np.testing.assert_allclose(jax_grad, tf_grad, rtol=1e-3, atol=1e-4 * np.abs(tf_grad).max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_gradient_accumulation_gives_the_whole_batchs_loss_and_gradient(results, backend):
+    """Two parts of 1 (--grad-accum 2), averaged, are the batch of 2 at once: each trainer's
+    accumulation against the TensorFlow trainer's whole batch."""
+    reference, accumulated = results["tensorflow"], results[backend]
+    np.testing.assert_allclose(float(accumulated["accum_loss"]), float(reference["loss"]), rtol=1e-4)
+    tf_grad = reference["grad"]
+    np.testing.assert_allclose(accumulated["accum_grad"], tf_grad, rtol=1e-3, atol=1e-4 * np.abs(tf_grad).max())
 
 
 @pytest.mark.slow

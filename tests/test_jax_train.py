@@ -68,7 +68,8 @@ def run(tmp_path_factory):
     cmd = [
         cli, "train", str(_images(root / "images")), "--name", "jax-concept", "--token", "<jax-concept>",
         "--init", "toy robot", "--weights", str(root / "weights"), "--resolution", "64", "--steps", "2",
-        "--batch-size", "2", "--num-vectors", "3", "--trainer", "jax", "--seed", "3",
+        # Two batches of 1 per update: the step accumulates gradients (a scan inside the exported step).
+        "--batch-size", "1", "--grad-accum", "2", "--num-vectors", "3", "--trainer", "jax", "--seed", "3",
         "--checkpoint-every", "1", "--preview-every", "2", "--preview-steps", "2",
         "--preview-prompt", "a watercolor painting of <jax-concept>",
         "--run-dir", str(root / "run"),
@@ -100,7 +101,8 @@ def test_cli_train_with_jax_trainer_adds_the_concept(run):
     assert "oneDNN" not in proc.stderr and "absl::InitializeLog" not in proc.stderr
     assert _stages(proc.stderr) == [
         "building the sd-1 models",
-        "compiling the training step for 2 x 64 px on CPU: the first run of a setting takes a minute "
+        "compiling the training step for 1 x 64 px on CPU, 2 batches per update: the first run of a setting "
+        "takes a minute "
         f"or two, later ones reuse it from {run['root'] / 'jax-cache'}",
         "encoding 3 image(s) with the VAE",
         "rendering the preview of step 2",
@@ -114,7 +116,8 @@ def test_cli_train_with_jax_trainer_adds_the_concept(run):
     meta = concept.metadata
     assert meta["trainer"] == "jax" and meta["trainer_version"] == "0.1.0"
     training = json.loads(meta["training"])
-    assert training["steps"] == 2 and training["resolution"] == 64 and training["batch_size"] == 2
+    assert training["steps"] == 2 and training["resolution"] == 64
+    assert (training["batch_size"], training["grad_accum"]) == (1, 2)
     history = json.loads(meta["loss_history"])
     assert [step for step, _ in history] == [1, 2]
     assert all(np.isfinite(loss) and loss > 0 for _, loss in history)
@@ -168,7 +171,8 @@ def test_other_images_steps_and_learning_rate_use_the_same_cached_step(resumed):
     assert other["vectors_shape"] == [4, 768]
     folder = resumed["report"]["cache_folder"]
     assert other["stages"] == [
-        f"reading the weights and compiling the cached training step for 2 x 64 px on CPU ({folder})",
+        f"reading the weights and compiling the cached training step for 1 x 64 px on CPU, 2 batches per update "
+        f"({folder})",
         "encoding 4 image(s) with the VAE",
     ]
     assert len(other["losses"]) == 3 and all(np.isfinite(loss) and loss > 0 for loss in other["losses"])

@@ -168,6 +168,17 @@ def test_loss_falls_on_a_fixed_batch(report):
     assert losses[-1] < losses[0]
 
 
+def test_gradient_accumulation_trains_like_the_whole_batch(report):
+    """--batch-size 2 --grad-accum 2 sees the data of --batch-size 4 and makes the same updates."""
+    accumulation = report["grad_accum"]
+    assert accumulation["recorded"] == [1, 2]
+    whole, parts = accumulation["losses"]
+    assert len(whole) == len(parts) == 2
+    np.testing.assert_allclose(parts, whole, rtol=1e-5)
+    assert accumulation["moved"] > 1e-4  # the comparison is not between two untrained starts
+    assert accumulation["max_diff"] < 1e-6, accumulation
+
+
 def test_resumed_run_ends_with_the_same_vectors(report):
     resume = report["resume"]
     assert resume["interrupted_after_step"] == 2 and resume["resumed_from_step"] == 2
@@ -265,7 +276,23 @@ def _worker(weights_dir: str, images: str, home: str, out: str) -> None:
         "losses_equal": full.metadata["loss_history"] == resumed.metadata["loss_history"],
     }
 
-    # 4. No model weight changed through all of the above.
+    # 4. Gradient accumulation: 2 batches of 2 per update train the vectors a batch of 4 does.
+    def accumulation(name, batch_size, grad_accum):
+        config = TrainingConfig(images=images, name=name, token=f"<{name}>", weights=weights_dir, resolution=64,
+                                steps=2, batch_size=batch_size, grad_accum=grad_accum, init=["toy"], seed=5,
+                                checkpoint_every=0)
+        _, run = train(config, library=library, progress=False)
+        return library.get(name), run.initial_vectors(ti.token_table())
+
+    (whole, start), (parts, _) = accumulation("whole-batch", 4, 1), accumulation("two-parts", 2, 2)
+    report["grad_accum"] = {
+        "max_diff": float(np.abs(whole.vectors - parts.vectors).max()),
+        "moved": float(np.abs(whole.vectors - start).max()),
+        "losses": [json.loads(c.metadata["loss_history"]) for c in (whole, parts)],
+        "recorded": [json.loads(c.metadata["training"])["grad_accum"] for c in (whole, parts)],
+    }
+
+    # 5. No model weight changed through all of the above.
     hashes_after = _hash_variables(models)
     report["variables_checked"] = len(hashes_before)
     table_keys = [f"{m.name}/{i}/{v.path}" for m in models for i, v in enumerate(m.variables) if v is ti._token_table]

@@ -49,6 +49,9 @@ def _split_words(values) -> list[str]:
 @click.option("--steps", "-s", type=int, default=1000, show_default=True, help="Training steps.")
 @click.option("--batch-size", "-b", type=int, default=1, show_default=True,
               help="Images per step. jax: split over the GPUs (see --devices); $CONCEPTLIB_JAX_BATCH_SIZE overrides it.")
+@click.option("--grad-accum", "--gradient-accumulation-steps", "grad_accum", type=int, default=1, show_default=True,
+              help="Batches whose gradients are averaged into each update: the update of --batch-size x N images "
+              "in the memory of --batch-size.")
 @click.option("--num-vectors", type=int,
               help="Embedding vectors the token stands for.  [default: 1, or as many as the --init-from concept has]")
 @click.option("--lr", "learning_rate", type=float, default=5e-3, show_default=True, help="Peak learning rate.")
@@ -74,7 +77,7 @@ def _split_words(values) -> list[str]:
               "does not split over them) or the first N (N must divide the batch size).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or stage output.")
 def train(images, name, token, init, init_from, weights, base_model, trainer, template, resolution, steps, batch_size,
-          num_vectors, learning_rate, lr_schedule, warmup_steps, seed, no_flip, checkpoint_every,
+          grad_accum, num_vectors, learning_rate, lr_schedule, warmup_steps, seed, no_flip, checkpoint_every,
           preview_every, preview_steps, preview_prompt, run_dir, resume, devices, quiet):
     """Learn a new token from the pictures in IMAGES and add it to the library.
 
@@ -98,7 +101,8 @@ def train(images, name, token, init, init_from, weights, base_model, trainer, te
         config = TrainingConfig(
             images=str(images), name=name, token=token, base_model=base_model, weights=weights,
             trainer=trainer, template=template, init=_split_words(init), init_from=init_from, num_vectors=num_vectors,
-            resolution=resolution, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+            resolution=resolution, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+            learning_rate=learning_rate,
             lr_schedule=lr_schedule, warmup_steps=warmup_steps, seed=seed, flip=not no_flip,
             checkpoint_every=checkpoint_every, preview_every=preview_every, preview_steps=preview_steps,
             preview_prompt=preview_prompt, run_dir=run_dir,

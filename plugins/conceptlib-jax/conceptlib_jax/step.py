@@ -209,15 +209,38 @@ def loss_and_grad_fn(ti):
     return jax.value_and_grad(loss)
 
 
-def make_train_step(ti, optimizer, batch_size: int, *, rate=None, steps_per_call: int = 1, mesh=None):
+def accumulated(value_and_grad, parts: int):
+    """``value_and_grad(new_rows, state, *batch)`` run on ``parts`` equal parts of the batch one
+    after another (``lax.scan``), their losses and gradients averaged: the whole batch's numbers
+    (the mean of equal parts' means is the mean) in the memory of one part."""
+    if parts == 1:
+        return value_and_grad
+    import jax
+    import jax.numpy as jnp
+
+    def run(new_rows, state, *batch):
+        split = [x.reshape((parts, x.shape[0] // parts) + x.shape[1:]) for x in batch]
+
+        def add(totals, part):
+            loss, grad = value_and_grad(new_rows, state, *part)
+            return (totals[0] + loss.astype(jnp.float32), totals[1] + grad.astype(new_rows.dtype)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jnp.zeros(new_rows.shape, new_rows.dtype))
+        (loss, grad), _ = jax.lax.scan(add, zeros, split)
+        return loss / parts, grad / parts
+
+    return run
+
+
+def make_train_step(ti, optimizer, batch_size: int, *, rate=None, steps_per_call: int = 1, mesh=None, parts: int = 1):
     """``train_step_fn(...)`` jitted, its carry donated."""
     import jax
 
-    fn = train_step_fn(ti, optimizer, batch_size, rate=rate, steps_per_call=steps_per_call, mesh=mesh)
+    fn = train_step_fn(ti, optimizer, batch_size, rate=rate, steps_per_call=steps_per_call, mesh=mesh, parts=parts)
     return jax.jit(fn, donate_argnums=(0,))
 
 
-def train_step_fn(ti, optimizer, batch_size: int, *, rate=None, steps_per_call: int = 1, mesh=None):
+def train_step_fn(ti, optimizer, batch_size: int, *, rate=None, steps_per_call: int = 1, mesh=None, parts: int = 1):
     """The training step, not jitted.
 
     ``step(carry, state, data, key) -> (carry, losses)`` where ``carry = (new_rows,
@@ -231,17 +254,21 @@ def train_step_fn(ti, optimizer, batch_size: int, *, rate=None, steps_per_call: 
     and the carry stay replicated. Per device, not partitioned by XLA, so custom calls such as
     cuDNN flash attention see their local shapes and the step stays exportable. ``rate`` is the
     optimizer's ScheduleFromArguments (``step_optimizer``), bound to ``data["schedule"]`` while
-    tracing; None for an optimizer with its rate inside.
+    tracing; None for an optimizer with its rate inside. ``parts`` > 1 (gradient accumulation)
+    draws ``batch_size * parts`` samples per step and runs them ``batch_size`` at a time
+    (``accumulated``).
     """
     import jax
 
     value_and_grad = loss_and_grad_fn(ti)
     if mesh is not None:
         value_and_grad = data_parallel(value_and_grad, mesh)
+    value_and_grad = accumulated(value_and_grad, parts)
 
     def one_step(carry, state, data, key):
         new_rows, opt_values, index = carry
-        latents, noise, timesteps, token_ids = sample_batch(jax.random.fold_in(key, index), data, batch_size)
+        sample = sample_batch(jax.random.fold_in(key, index), data, batch_size * parts)
+        latents, noise, timesteps, token_ids = sample
         loss, grad = value_and_grad(new_rows, state, latents, noise, timesteps, token_ids)
         if rate is not None:
             rate.bind(data["schedule"])

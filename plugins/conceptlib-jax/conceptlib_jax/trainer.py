@@ -381,7 +381,7 @@ class JaxTrainer:
         return {
             "base_model": config.base_model, "resolution": config.resolution, "precision": precision,
             "flash": flash, "kernels": list(self.kernels), "batch_size": config.batch_size,
-            "vector_rows": vector_rows(config.num_vectors), "vae_chunk": self._vae_chunk(config.resolution, len(crops)),
+            "grad_accum": config.grad_accum, "vector_rows": vector_rows(config.num_vectors), "vae_chunk": self._vae_chunk(config.resolution, len(crops)),
             "variant_rows": len(image_of), "prompt_table": list(prompts.shape),
             "optimizer": [config.lr_schedule, config.weight_decay, config.clip_norm], "devices": devices,
         }
@@ -422,7 +422,7 @@ class JaxTrainer:
         entry = step_cache.load(key) if step_cache else None
         self.report = {
             "precision": precision, "flash": flash, "devices": len(devices),
-            "device": str(devices[0].device_kind), "batch_size": config.batch_size,
+            "device": str(devices[0].device_kind), "batch_size": config.batch_size, "grad_accum": config.grad_accum,
             "compilation_cache": cache_dir, "kernels": ",".join(self.kernels) or "none", "xla_flags": xla_flags,
             "step_cache": "off" if step_cache is None else ("hit" if entry is not None else "miss"),
         }
@@ -444,6 +444,8 @@ class JaxTrainer:
             return models["ti"]
 
         where = f"{config.batch_size} x {config.resolution} px on {_devices_text(devices)}"
+        if config.grad_accum > 1:
+            where += f", {config.grad_accum} batches per update"
         early_compile = None
         if entry is not None:
             job.stage(f"reading the weights and compiling the cached training step for {where} ({step_cache.folder})")
@@ -721,7 +723,7 @@ class JaxTrainer:
         def step_for(steps_per_call):
             return train_step_fn(
                 ti, optimizer, config.batch_size, rate=rate, steps_per_call=steps_per_call,
-                mesh=replicated.mesh if replicated is not None else None,
+                mesh=replicated.mesh if replicated is not None else None, parts=config.grad_accum,
             )
 
         return step_for, posterior_moments(ti), state, vae_state, carry, base_key

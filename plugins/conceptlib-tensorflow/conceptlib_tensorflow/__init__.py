@@ -37,19 +37,43 @@ def build_models(base_model: str, resolution: int, weights, *, decoder: bool = F
     return cached
 
 
-def make_train_step(ti, rows, optimizer):
+def loss_and_grad(ti, rows, state, batch, parts: int = 1):
+    """``(loss, d loss / d rows)`` for ``batch`` (``rows``: the new vectors as a tensor). With
+    ``parts`` > 1 the batch runs as that many equal parts, one at a time, and their losses and
+    gradients are averaged: the same numbers as the whole batch at once (the mean of equal
+    parts' means is the mean), in the memory of one part."""
+    import tensorflow as tf
+
+    def one(part):
+        with tf.GradientTape() as tape:
+            tape.watch(rows)
+            loss = ti.loss(rows, state, part)
+        # tf.gather's gradient is IndexedSlices: densify it to add them up.
+        return loss, tf.convert_to_tensor(tape.gradient(loss, rows))
+
+    if parts == 1:
+        return one(batch)
+    split = {key: tf.reshape(value, [parts, -1, *value.shape[1:]]) for key, value in batch.items()}
+
+    def add(i, loss_sum, grad_sum):
+        loss, grad = one({key: value[i] for key, value in split.items()})
+        return i + 1, loss_sum + loss, grad_sum + grad
+
+    _, loss_sum, grad_sum = tf.while_loop(
+        lambda i, *_: i < parts, add, (tf.constant(0), tf.zeros([], tf.float32), tf.zeros_like(rows))
+    )
+    return loss_sum / parts, grad_sum / parts
+
+
+def make_train_step(ti, rows, optimizer, parts: int = 1):
     """A tf.function running one optimisation step on ``rows`` (a keras.Variable holding the new
-    vectors) and returning the loss. Gradient flows only into ``rows``: every model weight is read,
-    never written."""
+    vectors) and returning the loss; ``parts``: gradient accumulation (``loss_and_grad``).
+    Gradient flows only into ``rows``: every model weight is read, never written."""
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
     def step(batch):
-        state = ti.frozen_state()
-        with tf.GradientTape() as tape:
-            tape.watch(rows.value)
-            loss = ti.loss(rows.value, state, batch)
-        grad = tape.gradient(loss, rows.value)
+        loss, grad = loss_and_grad(ti, rows.value, ti.frozen_state(), batch, parts)
         optimizer.apply_gradients([(grad, rows)])
         return loss
 
@@ -108,7 +132,7 @@ class TensorFlowTrainer:
 
         if job.wants_previews:
             job.preview_fn = preview
-        step = make_train_step(ti, rows, optimizer)
+        step = make_train_step(ti, rows, optimizer, config.grad_accum)
         job.stage("tracing the training step (the first step takes longer than the others)")
         for index in range(job.start_step, config.steps):
             loss = step(job.batch(index))

@@ -257,6 +257,51 @@ def test_export_formats(library, tmp_path, fmt, out_name, check):
         assert run("export", "cat-doll", "--format", fmt, "--out", str(out), "--force").exit_code == 0
 
 
+@pytest.mark.parametrize("fmt,files", [
+    ("a1111", ["cat-doll.pt", "oil-style.pt"]),
+    ("kohya", ["cat-doll.safetensors", "oil-style.safetensors"]),
+    # Fixed file names: one subfolder per concept, which diffusers' load_textual_inversion takes.
+    ("diffusers", ["cat-doll/learned_embeds.safetensors", "oil-style/learned_embeds.safetensors"]),
+    ("sd-concepts", [f"{name}/{file}" for name in ("cat-doll", "oil-style")
+                     for file in ("learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt")]),
+])
+def test_export_all_into_another_tools_folder(library, tmp_path, fmt, files):
+    folder = tmp_path / "webui" / "embeddings"
+    result = run("export", "--all", "--format", fmt, "--out", str(folder))
+    assert result.exit_code == 0, result.output
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == files
+    assert result.stdout.strip().splitlines()[-1] == f"2 concepts exported to {folder}"
+    # Each file reads back as its concept.
+    from conceptlib.formats import load_any
+
+    exported = {c.token: c for c in load_any(folder)}
+    for name in ("cat-doll", "oil-style"):
+        original = library.get(name)
+        token = name if fmt == "a1111" else original.token  # A1111: the file name is the word
+        np.testing.assert_array_equal(exported[token].vectors, original.vectors)
+
+
+def test_export_several_checks_everything_before_writing(library, tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "oil-style.pt").write_bytes(b"someone else's file")
+    # cat-doll's file would be new, but oil-style's exists: nothing is written.
+    assert_one_line_error(run("export", "cat-doll", "oil-style", "--format", "a1111", "--out", str(folder)), 1,
+                          "oil-style.pt: already exists, so nothing was exported")
+    assert sorted(p.name for p in folder.iterdir()) == ["oil-style.pt"]
+    assert_one_line_error(run("export", "cat-doll", "missing", "--format", "a1111", "--out", str(folder)), 1, "missing")
+    assert sorted(p.name for p in folder.iterdir()) == ["oil-style.pt"]
+    result = run("export", "cat-doll", "<oil-style>", "cat-doll", "--format", "a1111", "--out", str(folder), "--force")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("Exported ") == 2  # a concept named twice (by name and token) is written once
+    assert (folder / "oil-style.pt").read_bytes() != b"someone else's file"
+    # Usage errors: several concepts need a folder; NAMEs and --all exclude each other.
+    assert_one_line_error(run("export", "--all", "--format", "a1111", "--out", str(folder / "oil-style.pt")), 2,
+                          "needs a folder")
+    assert_one_line_error(run("export", "cat-doll", "--all", "--format", "a1111"), 2, "not both")
+    assert_one_line_error(run("export", "--format", "a1111"), 2, "missing NAME")
+
+
 # -- bad input: one line, exit code, library unchanged ---------------------------------------------
 
 

@@ -402,33 +402,77 @@ _EXPORT_SUFFIXES = {
 
 
 @main.command("export")
-@click.argument("ref", metavar="NAME")
+@click.argument("refs", metavar="NAME...", nargs=-1)
+@click.option("--all", "export_all", is_flag=True, help="Export every concept in the library (into the --out folder).")
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
               help="conceptlib | diffusers (learned_embeds.safetensors, or .bin) | a1111 (.pt, or an embedding image with "
                    "--out X.png) | sd-concepts (folder) | kohya (emb_params).")
 @click.option("--out", type=click.Path(path_type=str), default=None,
               help="File to write, or a folder (existing, or given with a trailing '/'; the conventional file name is "
-                   "used inside). Default: the current folder; for sd-concepts ./NAME/.")
+                   "used inside). Default: the current folder; for sd-concepts ./NAME/. Several concepts: a folder.")
 @click.option("--force", is_flag=True, help="Replace existing files.")
-def export_command(ref: str, fmt: str, out: str | None, force: bool) -> None:
-    """Export concept NAME in another tool's format."""
-    from conceptlib.files import WriteError
-    from conceptlib.formats import export
+def export_command(refs: tuple[str, ...], export_all: bool, fmt: str, out: str | None, force: bool) -> None:
+    """Export concept NAME in another tool's format; several NAMEs or --all export into one folder
+    (e.g. another tool's embeddings folder)."""
+    if export_all and refs:
+        raise UsageError("give concept NAMEs or --all, not both")
+    if not refs and not export_all:
+        raise UsageError("missing NAME: give the concept to export (or several, or --all)")
+    if len(refs) == 1 and not export_all:
+        _export_one(refs[0], fmt, out, force)
+    else:
+        _export_many(refs, fmt, out, force)
 
+
+def _export_one(ref: str, fmt: str, out: str | None, force: bool) -> None:
     target, folder = _export_target(fmt, out)
     concept = _library().get(ref)
     if fmt == "sd-concepts":
         target = target or Path(concept.name)
         _refuse_existing_sd_concepts_files(target, force)
+    written = _write_export(concept, fmt, target, folder, force)
+    click.echo(f"Exported {concept.name} ({concept.token}) as {fmt} to {written}")
+
+
+def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool) -> None:
+    """Several concepts into one folder: every concept and every target is checked before the
+    first file is written, so a refusal writes nothing."""
+    from conceptlib.formats.writers import paths_in_folder
+
+    folder = Path(out).expanduser() if out is not None else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {out}: exporting several concepts needs a folder, and this is a file; "
+                         "give a folder (it is created if missing)")
+    library = _library()
+    names = [header.name for header in library.list()] if not refs else list(dict.fromkeys(refs))
+    if not names:
+        raise ConceptError("the library is empty: nothing to export")
+    concepts = list({concept.name: concept for concept in map(library.get, names)}.values())
+    plans = [(concept, *paths_in_folder(concept, fmt, folder)) for concept in concepts]
+    if not force:
+        for _, _, files in plans:
+            taken = next((path for path in files if path.exists()), None)
+            if taken is not None:
+                raise ConceptFileError(f"{taken}: already exists, so nothing was exported; choose another --out "
+                                       "or pass --force to replace such files")
+    for concept, target, _ in plans:
+        written = _write_export(concept, fmt, target, True, force)
+        click.echo(f"Exported {concept.name} ({concept.token}) as {fmt} to {written}")
+    click.echo(f"{len(plans)} concept{'s' if len(plans) != 1 else ''} exported to {folder}")
+
+
+def _write_export(concept, fmt: str, target: Path, folder: bool, force: bool) -> Path:
+    from conceptlib.files import WriteError
+    from conceptlib.formats import export
+
     try:
         if folder:
             target.mkdir(parents=True, exist_ok=True)
-        written = export(concept, fmt, target, overwrite=force)
+        return export(concept, fmt, target, overwrite=force)
     except WriteError as exc:
         raise WriteError(exc.path, exc.reason, "choose another --out") from None
     except OSError as exc:
         raise WriteError(target, write_failure_reason(target, exc), "choose another --out") from None
-    click.echo(f"Exported {concept.name} ({concept.token}) as {fmt} to {written}")
 
 
 def _export_target(fmt: str, out: str | None) -> tuple[Path | None, bool]:

@@ -10,6 +10,7 @@ from conceptlib.errors import ConceptFileError, UsageError
 from conceptlib.files import atomic_write_bytes, concept_metadata, write_concept
 
 EXPORT_FORMATS = ("conceptlib", "diffusers", "a1111", "sd-concepts", "kohya")
+_SD_CONCEPTS_FILES = ("learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt")
 # What AUTOMATIC1111 itself writes: the id of '*' in CLIP's vocabulary.
 _A1111_STAR_TOKEN_ID = 265
 
@@ -36,13 +37,7 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
     out = Path(out).expanduser()
     if fmt == "sd-concepts":
         return _export_sd_concepts(concept, out, overwrite)
-    defaults = {
-        "conceptlib": f"{concept.name}.safetensors",
-        "diffusers": "learned_embeds.safetensors",
-        "a1111": f"{concept.name}.pt",
-        "kohya": f"{concept.name}.safetensors",
-    }
-    target = out / defaults[fmt] if out.is_dir() else out
+    target = out / _default_file(concept, fmt) if out.is_dir() else out
     _check_target(target, overwrite)
     if fmt == "conceptlib":
         return write_concept(concept, target)
@@ -80,6 +75,28 @@ def _preview_pixels(concept: Concept):
         return None
 
 
+def paths_in_folder(concept: Concept, fmt: str, folder: Path) -> tuple[Path, list[Path]]:
+    """Where ``concept`` goes when several are exported into ``folder``: the ``out`` to pass to
+    ``export`` and the files that writes. Formats whose files carry a fixed name (diffusers'
+    learned_embeds.*, the sd-concepts folder) get a subfolder per concept."""
+    if fmt == "sd-concepts":
+        out = folder / concept.name
+        return out, [out / name for name in _SD_CONCEPTS_FILES]
+    if fmt == "diffusers":
+        out = folder / concept.name
+        return out, [out / _default_file(concept, fmt)]
+    return folder, [folder / _default_file(concept, fmt)]
+
+
+def _default_file(concept: Concept, fmt: str) -> str:
+    return {
+        "conceptlib": f"{concept.name}.safetensors",
+        "diffusers": "learned_embeds.safetensors",
+        "a1111": f"{concept.name}.pt",
+        "kohya": f"{concept.name}.safetensors",
+    }[fmt]
+
+
 def _a1111_dict(concept: Concept) -> dict:
     """AUTOMATIC1111's fields: from our training metadata, else (a concept imported from an A1111
     file) the a1111.* fields it was imported with, so a round trip keeps them."""
@@ -110,8 +127,8 @@ def _export_sd_concepts(concept: Concept, folder: Path, overwrite: bool) -> Path
     if folder.exists() and not folder.is_dir():
         raise ConceptFileError(f"{folder}: exists and is not a folder; sd-concepts export writes a folder, choose another --out")
     embeds = folder / "learned_embeds.bin"
-    for target in (embeds, folder / "token_identifier.txt", folder / "type_of_concept.txt"):
-        _check_target(target, overwrite)
+    for name in _SD_CONCEPTS_FILES:
+        _check_target(folder / name, overwrite)
     # sd-concepts-library stores a single vector as shape [dim], as diffusers' script saved it.
     vectors = concept.vectors[0] if concept.num_vectors == 1 else concept.vectors
     atomic_write_bytes(embeds, _pickle({concept.token: vectors}, embeds))

@@ -33,7 +33,8 @@ from conceptlib.errors import ConceptlibError, TrainingError, UsageError
 # Run folders live in conceptlib.runs; these names are part of the training API too.
 from conceptlib.runs import Checkpoint, RunDirectory, default_run_dir, find_run, run_summaries  # noqa: F401
 
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "constant", "stepped")
+_MAX_LR_PIECES = 16  # conceptlib.kerascv.textual_inversion.MAX_LR_PIECES (which imports no keras either)
 # ``TrainingConfig.weights`` value for models randomly initialised in memory (no files): for
 # benchmarks and smoke runs; the concept is marked random_weights=true.
 RANDOM_WEIGHTS = "random"
@@ -85,7 +86,9 @@ class TrainingConfig:
     # batch_size * grad_accum samples with the memory of batch_size.
     grad_accum: int = 1
     learning_rate: float = 5e-3
-    lr_schedule: str = "cosine"
+    lr_schedule: str = "cosine"  # or "constant", or "stepped" (lr_steps)
+    # "stepped": [[rate, until_step], ..., [rate, None]] (parse_learning_rate); learning_rate is its first rate
+    lr_steps: list | None = None
     warmup_steps: int = 0
     weight_decay: float = 0.004
     clip_norm: float = 10.0
@@ -129,6 +132,7 @@ class TrainingConfig:
             raise UsageError(f"--lr {self.learning_rate} must be positive, e.g. 5e-3")
         if self.lr_schedule not in LR_SCHEDULES:
             raise UsageError(f"unknown --lr-schedule {self.lr_schedule!r}; use {' or '.join(LR_SCHEDULES)}")
+        self._validate_lr_steps()
         if self.warmup_steps and self.lr_schedule != "cosine":
             # Both trainers warm up only into the cosine decay; a silently ignored option is worse.
             raise UsageError(
@@ -143,6 +147,21 @@ class TrainingConfig:
         if not 0 <= self.seed < 2**32:
             raise UsageError(f"--seed {self.seed} must be between 0 and 2**32 - 1")
         return self
+
+    def _validate_lr_steps(self) -> None:
+        if (self.lr_schedule == "stepped") != bool(self.lr_steps):
+            raise UsageError("a stepped learning rate needs its steps: give --lr as 'RATE:STEP, ..., RATE'")
+        if not self.lr_steps:
+            return
+        if len(self.lr_steps) > _MAX_LR_PIECES:
+            raise UsageError(f"--lr has {len(self.lr_steps)} rates; at most {_MAX_LR_PIECES} are supported")
+        last = self.lr_steps[-1][1]
+        if last is not None and last < self.steps:
+            text = format_learning_rate(self.lr_steps)
+            raise UsageError(
+                f"--lr {text!r} ends at step {last} but --steps is {self.steps}; add a last rate for the "
+                f"remaining steps (e.g. '{text}, {self.lr_steps[-1][0]:g}') or use --steps {last}"
+            )
 
     @property
     def samples_per_step(self) -> int:
@@ -160,10 +179,50 @@ class TrainingConfig:
     def training_summary(self) -> dict:
         """The settings recorded in the concept's ``training`` metadata."""
         keys = (
-            "steps", "batch_size", "grad_accum", "learning_rate", "lr_schedule", "warmup_steps", "weight_decay",
+            "steps", "batch_size", "grad_accum", "learning_rate", "lr_schedule", "lr_steps", "warmup_steps", "weight_decay",
             "clip_norm", "resolution", "template", "seed", "num_vectors", "flip", "base_model",
         )
         return {k: getattr(self, k) for k in keys}
+
+
+def parse_learning_rate(text: str) -> tuple[float, list | None]:
+    """``--lr``: a rate (``5e-3``), or AUTOMATIC1111's stepped rates ``"0.05:10, 0.005:200, 0.001"``
+    (each rate until that step, the last one to the end; a step of -1 also means the end).
+    Returns ``(first rate, lr_steps or None)``; raises UsageError naming the bad piece."""
+    pieces = [piece.strip() for piece in str(text).split(",")]
+    if len(pieces) == 1 and ":" not in pieces[0]:
+        return _rate(pieces[0], text), None
+    steps: list = []
+    for index, piece in enumerate(pieces):
+        rate_text, _, until_text = piece.partition(":")
+        until = None
+        if until_text.strip() and until_text.strip() != "-1":
+            try:
+                until = int(until_text)
+            except ValueError:
+                raise UsageError(f"--lr {text!r}: {piece!r} is not RATE:STEP (STEP a whole number)") from None
+            previous = steps[-1][1] if steps else 0
+            if until <= previous:
+                raise UsageError(f"--lr {text!r}: step {until} must come after step {previous}; list the rates in order")
+        if until is None and index != len(pieces) - 1:
+            raise UsageError(f"--lr {text!r}: only the last rate may go to the end; give {piece!r} a step (RATE:STEP)")
+        steps.append([_rate(rate_text.strip(), text), until])
+    return steps[0][0], steps
+
+
+def _rate(value: str, text: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        raise UsageError(f"--lr {text!r}: {value!r} is not a number; give e.g. 5e-3 or '0.05:10, 0.005'") from None
+    if not rate > 0 or rate == float("inf"):
+        raise UsageError(f"--lr {text!r}: the rate {value} must be a positive number, e.g. 5e-3")
+    return rate
+
+
+def format_learning_rate(lr_steps) -> str:
+    """``lr_steps`` back in ``--lr``'s syntax."""
+    return ", ".join(f"{rate:g}:{until}" if until is not None else f"{rate:g}" for rate, until in lr_steps)
 
 
 @dataclass

@@ -22,20 +22,36 @@ import pytest
 from conceptlib_jax.step import bucket
 
 CASES = {
-    # name: (schedule, learning rate, steps, warmup steps)
+    # name: (schedule, learning rate, steps, warmup steps[, stepped rates])
     "cosine": ("cosine", 5e-3, 6, 0),
     "cosine-warmup": ("cosine", 2e-3, 7, 3),
     "constant": ("constant", 1e-3, 6, 0),
+    "stepped": ("stepped", 5e-2, 7, 0, [[5e-2, 2], [1e-2, 5], [2e-3, None]]),
+    "stepped-other": ("stepped", 3e-2, 6, 0, [[3e-2, 4], [1e-3, 9]]),
 }
+# --lr '0.05:2, 0.01:5, 0.002' as AUTOMATIC1111 reads it: 0.05 for the first 2 updates, 0.01
+# until step 5, then 0.002.
+STEPPED_RATES = [0.05, 0.05, 0.01, 0.01, 0.01, 0.002, 0.002, 0.002]
+
+
+def _run_worker(out, backend: str) -> dict:
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("schedule") / "report.json"
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return _run_worker(tmp_path_factory.mktemp("schedule") / "report.json", "jax")
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_stepped_learning_rate_applies_each_rate_for_its_steps(report, backend, tmp_path):
+    """Adam's update for a constant gradient is the learning rate itself (bias-corrected m / sqrt(v)
+    is 1): each update's size shows the rate each trainer's optimizer applied."""
+    rates = report["applied_rates"] if backend == "jax" else _run_worker(tmp_path / "tf.json", "tensorflow")["applied_rates"]
+    assert rates == pytest.approx(STEPPED_RATES, rel=1e-4)  # float32 Adam
 
 
 def test_bucket_is_the_next_power_of_two():
@@ -54,8 +70,10 @@ def test_schedule_from_arguments_trains_exactly_like_make_optimizer(report, case
 
 
 def test_one_compiled_step_serves_other_steps_and_learning_rates(report):
-    # Both cosine cases ran through ONE jitted function: the schedule is its argument.
+    # Both cosine cases ran through ONE jitted function: the schedule is its argument; so did
+    # both stepped ones (their rates and steps are fixed-size arguments).
     assert report["cosine_compilations"] == 1
+    assert report["stepped_compilations"] == 1
 
 
 def test_padded_vector_rows_update_the_real_rows_exactly_as_unpadded(report):
@@ -89,16 +107,17 @@ def _adam_runs(case, fn_cache):
     from conceptlib.kerascv.textual_inversion import make_optimizer
     from conceptlib_jax.step import schedule_arguments, step_optimizer
 
-    schedule, learning_rate, steps, warmup = CASES[case]
+    schedule, learning_rate, steps, warmup, *stepped = CASES[case]
+    lr_steps = stepped[0] if stepped else None
     config = types.SimpleNamespace(
         learning_rate=learning_rate, steps=steps, lr_schedule=schedule, warmup_steps=warmup,
-        weight_decay=0.004, clip_norm=10.0,
+        weight_decay=0.004, clip_norm=10.0, lr_steps=lr_steps,
     )
     rng = np.random.default_rng(7)
     start = rng.standard_normal((2, 16)).astype(np.float32)
     grads = [rng.standard_normal((2, 16)).astype(np.float32) * 3 for _ in range(steps + 2)]
 
-    reference = make_optimizer(learning_rate, steps, schedule=schedule, warmup_steps=warmup)
+    reference = make_optimizer(learning_rate, steps, schedule=schedule, warmup_steps=warmup, lr_steps=lr_steps)
     reference.build([keras.Variable(start)])
 
     @jax.jit
@@ -119,7 +138,7 @@ def _adam_runs(case, fn_cache):
 
         fn_cache[schedule] = (candidate_step, optimizer, rate)
     candidate_step, traced_optimizer, traced_rate = fn_cache[schedule]
-    values = schedule_arguments(learning_rate, steps, warmup)
+    values = schedule_arguments(learning_rate, steps, warmup, lr_steps)
 
     ref_opt = [jnp.asarray(v.value) for v in reference.variables]
     opt = [jnp.asarray(v.value) for v in optimizer.variables]
@@ -220,13 +239,40 @@ def _padded_batches():
     return rows, [float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(a, b)]
 
 
+def _applied_rates() -> list[float]:
+    """The size of each of 8 updates of make_optimizer's stepped schedule for a constant gradient,
+    without weight decay or clipping (any Keras backend)."""
+    import keras
+    import numpy as np
+
+    from conceptlib.kerascv.textual_inversion import make_optimizer
+
+    optimizer = make_optimizer(0.05, 8, schedule="stepped", lr_steps=CASES["stepped"][4], weight_decay=0, clip_norm=0)
+    variable = keras.Variable(np.zeros((1, 4), np.float32))
+    optimizer.build([variable])
+    sizes = []
+    for _ in range(len(STEPPED_RATES)):
+        before = float(keras.ops.convert_to_numpy(variable)[0, 0])
+        optimizer.apply([keras.ops.ones((1, 4))], [variable])
+        sizes.append(before - float(keras.ops.convert_to_numpy(variable)[0, 0]))
+    return sizes
+
+
 def _worker(out_path: str) -> None:
+    import keras
+
+    if keras.backend.backend() != "jax":
+        with open(out_path, "w") as handle:
+            json.dump({"applied_rates": _applied_rates()}, handle)
+        return
     fn_cache: dict = {}
-    cases = {case: _adam_runs(case, fn_cache) for case in ("cosine", "cosine-warmup", "constant")}
+    cases = {case: _adam_runs(case, fn_cache) for case in CASES}
     rows, differences = _padded_batches()
     report = {
         "cases": cases,
+        "applied_rates": _applied_rates(),
         "cosine_compilations": fn_cache["cosine"][0]._cache_size(),
+        "stepped_compilations": fn_cache["stepped"][0]._cache_size(),
         "padded_rows": rows,
         "padded_vectors": _padded_vector_rows(),
         "batch_differences": differences,

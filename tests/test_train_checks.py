@@ -122,6 +122,34 @@ def test_bad_settings_are_usage_errors(home, images):
     _refused(home, [str(images)], "give --name and/or --token", 2)
 
 
+def test_stepped_learning_rate_is_parsed_as_automatic1111_writes_it():
+    from conceptlib.training import format_learning_rate, parse_learning_rate
+
+    assert parse_learning_rate("5e-3") == (0.005, None)
+    rate, steps = parse_learning_rate("0.05:10, 0.02:20,0.005:200, 0.001")
+    assert rate == 0.05 and steps == [[0.05, 10], [0.02, 20], [0.005, 200], [0.001, None]]
+    assert parse_learning_rate("0.01:100, 1e-4:-1")[1] == [[0.01, 100], [1e-4, None]]  # -1: to the end
+    assert format_learning_rate(steps) == "0.05:10, 0.02:20, 0.005:200, 0.001"
+
+
+def test_bad_stepped_learning_rates_are_usage_errors(home, images):
+    base = [str(images), "--name", "new", "--steps", "100"]
+    for lr, message in (
+        ("abc", "'abc' is not a number; give e.g. 5e-3 or '0.05:10, 0.005'"),
+        ("0", "the rate 0 must be a positive number"),
+        ("0.05:ten, 0.01", "'0.05:ten' is not RATE:STEP"),
+        ("0.05:50, 0.01:20, 0.001", "step 20 must come after step 50"),
+        ("0.05, 0.01", "only the last rate may go to the end; give '0.05' a step"),
+        ("0.05:10, 0.01:50", "ends at step 50 but --steps is 100; add a last rate for the remaining steps "
+                             "(e.g. '0.05:10, 0.01:50, 0.01') or use --steps 50"),
+        (",".join(f"0.01:{i}" for i in range(1, 18)) + ",0.001", "--lr has 18 rates; at most 16"),
+    ):
+        _refused(home, [*base, "--lr", lr], message, 2)
+    _refused(home, [*base, "--lr", "0.05:10, 0.01", "--lr-schedule", "constant"],
+             "--lr-schedule constant: a stepped --lr is its own schedule; drop --lr-schedule", 2)
+    _refused(home, [*base, "--lr", "0.05:10, 0.01", "--warmup-steps", "5"], "works with the cosine schedule only", 2)
+
+
 def test_invalid_name_or_token_is_a_usage_error_naming_the_option(home, images):
     """As in `conceptlib import`: a --name/--token value that can never work is a wrong command
     line (exit 2), and the line says which option, also when the token was made from --name."""

@@ -60,6 +60,7 @@ def cli_run(workspace):
         "--name", "cli-concept", "--token", "<cli-concept>", "--init", "toy cat",
         "--weights", str(workspace["weights"]), "--resolution", "64", "--steps", "2",
         "--batch-size", "1", "--num-vectors", "2", "--trainer", "tensorflow", "--seed", "5",
+        "--lr", "0.01:1, 0.005",  # AUTOMATIC1111's stepped syntax: 0.01 for step 1, then 0.005
         "--checkpoint-every", "1", "--preview-every", "2", "--preview-steps", "2",
         "--run-dir", str(workspace["root"] / "cli-run"),
     ]
@@ -101,6 +102,7 @@ def test_cli_train_adds_concept_with_full_metadata(workspace, cli_run):
     training = json.loads(meta["training"])
     assert training["steps"] == 2 and training["resolution"] == 64 and training["seed"] == 5
     assert training["num_vectors"] == 2 and training["batch_size"] == 1 and training["template"] == "object"
+    assert training["lr_schedule"] == "stepped" and training["lr_steps"] == [[0.01, 1], [0.005, None]]
     history = json.loads(meta["loss_history"])
     assert [step for step, _ in history] == [1, 2]
     assert float(meta["final_loss"]) == pytest.approx(history[-1][1], abs=1e-6)

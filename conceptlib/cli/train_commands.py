@@ -54,9 +54,12 @@ def _split_words(values) -> list[str]:
               "in the memory of --batch-size.")
 @click.option("--num-vectors", type=int,
               help="Embedding vectors the token stands for.  [default: 1, or as many as the --init-from concept has]")
-@click.option("--lr", "learning_rate", type=float, default=5e-3, show_default=True, help="Peak learning rate.")
-@click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
-              help="Cosine decay to 0 over the run, or a constant learning rate.")
+@click.option("--lr", "learning_rate", default="5e-3", show_default=True, metavar="RATE|RATE:STEP,...",
+              help="Peak learning rate; or stepped rates as in AUTOMATIC1111, e.g. '0.05:10, 0.005:200, 0.001' "
+              "(each rate until that step, the last to the end).")
+@click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]),
+              help="Cosine decay to 0 over the run, or a constant learning rate.  [default: cosine; stepped for a "
+              "stepped --lr]")
 @click.option("--warmup-steps", type=int, default=0, show_default=True,
               help="Steps rising linearly from 0 to --lr before the cosine decay (cosine schedule only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same data and noise, same vectors (on CPU).")
@@ -83,7 +86,7 @@ def train(images, name, token, init, init_from, weights, base_model, trainer, te
 
     Example: conceptlib train photos/ --name cat-doll --token '<cat-doll>' --init 'toy cat'
     """
-    from conceptlib.training import TrainingConfig
+    from conceptlib.training import TrainingConfig, parse_learning_rate
     from conceptlib.training import train as run_training
 
     if resume is None:
@@ -94,6 +97,10 @@ def train(images, name, token, init, init_from, weights, base_model, trainer, te
         name, token = _name_and_token(name, token)
         if preview_prompt is not None and not preview_every:
             raise UsageError("--preview-prompt needs previews: add --preview-every N")
+        learning_rate, lr_steps = parse_learning_rate(learning_rate)
+        if lr_steps and lr_schedule:
+            raise UsageError(f"--lr-schedule {lr_schedule}: a stepped --lr is its own schedule; drop --lr-schedule")
+        lr_schedule = "stepped" if lr_steps else (lr_schedule or "cosine")
         if trainer == "auto":
             from conceptlib.plugins import default_trainer
 
@@ -102,7 +109,7 @@ def train(images, name, token, init, init_from, weights, base_model, trainer, te
             images=str(images), name=name, token=token, base_model=base_model, weights=weights,
             trainer=trainer, template=template, init=_split_words(init), init_from=init_from, num_vectors=num_vectors,
             resolution=resolution, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-            learning_rate=learning_rate,
+            learning_rate=learning_rate, lr_steps=lr_steps,
             lr_schedule=lr_schedule, warmup_steps=warmup_steps, seed=seed, flip=not no_flip,
             checkpoint_every=checkpoint_every, preview_every=preview_every, preview_steps=preview_steps,
             preview_prompt=preview_prompt, run_dir=run_dir,

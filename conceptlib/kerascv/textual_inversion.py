@@ -112,6 +112,32 @@ def initial_rows(table, init_ids, num_vectors: int, rng):
     return (rng.standard_normal((num_vectors, dim)) * scale).astype(np.float32)
 
 
+# A stepped learning rate ("0.05:10, 0.005:200, 0.001", AUTOMATIC1111's syntax) has at most this
+# many pieces: the jax trainer's compiled step takes them as fixed-size arguments.
+MAX_LR_PIECES = 16
+_NO_BOUNDARY = 1e30  # pads the boundaries: a step never passes it
+
+
+def stepped_rate_numbers(lr_steps) -> tuple[list[float], list[float]]:
+    """``(boundaries, values)``, each MAX_LR_PIECES float32 numbers, for ``lr_steps``
+    (``[[rate, until_step or None], ...]``): update ``i`` (from 0) uses ``values[k]``, ``k`` the
+    number of boundaries below ``i``, so a rate given "until step N" serves updates 0..N-1 of its
+    span, as AUTOMATIC1111 counts."""
+    rates = [float(rate) for rate, _ in lr_steps]
+    boundaries = [float(until) - 1 for _, until in lr_steps[:-1]]
+    pad = MAX_LR_PIECES - len(rates)
+    return boundaries + [_NO_BOUNDARY] * (pad + 1), rates + rates[-1:] * pad
+
+
+def stepped_rate(boundaries, values, iteration):
+    """The stepped learning rate at optimizer ``iteration`` (``stepped_rate_numbers``' arrays;
+    keras ops, so one function serves both backends and traced arguments)."""
+    from keras import ops
+
+    passed = ops.sum(ops.cast(ops.greater(ops.cast(iteration, "float32"), boundaries), "int32"))
+    return ops.take(ops.convert_to_tensor(values, "float32"), passed)
+
+
 def make_optimizer(
     learning_rate: float,
     steps: int,
@@ -120,14 +146,21 @@ def make_optimizer(
     warmup_steps: int = 0,
     weight_decay: float = 0.004,
     clip_norm: float = 10.0,
+    lr_steps=None,
     rate=None,
 ):
     """The keras.io example's optimizer: Adam with (decoupled) weight decay, cosine decay over the
-    run and global gradient-norm clipping. ``schedule="constant"`` keeps the rate fixed. ``rate``
-    (a keras learning-rate callable) replaces the cosine schedule object by one computing the same
-    rates another way (the jax trainer reads the schedule's numbers from its step's arguments)."""
+    run and global gradient-norm clipping. ``schedule="constant"`` keeps the rate fixed;
+    ``"stepped"`` follows ``lr_steps`` (``stepped_rate``). ``rate`` (a keras learning-rate
+    callable) replaces the cosine or stepped schedule by one computing the same rates another way
+    (the jax trainer reads the schedule's numbers from its step's arguments)."""
     import keras
 
+    if schedule == "stepped" and rate is None:
+        boundaries, values = stepped_rate_numbers(lr_steps)
+        # keras calls a callable rate with no argument: it reads the optimizer's own iteration.
+        optimizer = _adam(lambda: stepped_rate(boundaries, values, optimizer.iterations), weight_decay, clip_norm)
+        return optimizer
     if schedule == "cosine" and rate is None:
         decay_steps = max(1, steps - warmup_steps)
         if warmup_steps:
@@ -138,8 +171,14 @@ def make_optimizer(
             rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
     elif schedule == "constant":
         rate = learning_rate
-    elif schedule != "cosine":
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'cosine' or 'constant'")
+    elif schedule not in ("cosine", "stepped"):
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'cosine', 'constant' or 'stepped'")
+    return _adam(rate, weight_decay, clip_norm)
+
+
+def _adam(rate, weight_decay: float, clip_norm: float):
+    import keras
+
     return keras.optimizers.Adam(
         learning_rate=rate,
         weight_decay=weight_decay or None,

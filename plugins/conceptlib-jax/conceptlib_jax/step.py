@@ -97,7 +97,7 @@ class DeviceData:
     variant_count  () int32: how many of the N rows are real variants (the step draws from those)
     prompts        (I, T, 77) int32: prompt token ids per image and template (padded by repeats)
     prompt_count   (I,) int32: how many of the T templates image i really has
-    schedule       dict of () float32: ``schedule_arguments`` (read by ``ScheduleFromArguments``)
+    schedule       dict of float32 arrays: ``schedule_arguments`` (read by ``ScheduleFromArguments``)
     """
 
     mean: object
@@ -120,26 +120,32 @@ class DeviceData:
         }
 
 
-def schedule_arguments(learning_rate: float, steps: int, warmup_steps: int = 0) -> dict:
-    """The numbers of ``make_optimizer``'s schedule as float32 step arguments."""
+def schedule_arguments(learning_rate: float, steps: int, warmup_steps: int = 0, lr_steps=None) -> dict:
+    """The numbers of ``make_optimizer``'s schedule as float32 step arguments: the cosine
+    schedule's scalars and the stepped schedule's ``(MAX_LR_PIECES,)`` boundaries and values
+    (``stepped_rate_numbers``; for a run without steps, one piece at ``learning_rate``)."""
     import numpy as np
 
+    boundaries, values = ti_math.stepped_rate_numbers(lr_steps or [[learning_rate, None]])
     return {
         "learning_rate": np.float32(learning_rate),
         "decay_steps": np.float32(max(1, steps - warmup_steps)),
         "warmup_steps": np.float32(warmup_steps),
+        "boundaries": np.asarray(boundaries, np.float32),
+        "values": np.asarray(values, np.float32),
     }
 
 
 class ScheduleFromArguments:
     """A keras learning-rate callable: ``make_optimizer``'s cosine schedule (with or without
-    warmup) at the optimizer's iteration, its numbers read from the step's ``schedule``
-    argument (``bind`` them while tracing), not baked into the compiled step.
+    warmup), or its stepped one, at the optimizer's iteration, its numbers read from the step's
+    ``schedule`` argument (``bind`` them while tracing), not baked into the compiled step.
 
-    Without warmup this is keras' warmup form with zero warmup steps, which computes the same
+    Without warmup the cosine is keras' warmup form with zero warmup steps, which computes the same
     numbers as ``CosineDecay(learning_rate, decay_steps)`` op for op (step - 0, decay + 0)."""
 
-    def __init__(self):
+    def __init__(self, schedule: str = "cosine"):
+        self.schedule = schedule
         self.values = None
         self.optimizer = None  # set by step_optimizer: the rate is read at its iteration
 
@@ -151,6 +157,8 @@ class ScheduleFromArguments:
 
         if self.values is None:
             raise RuntimeError("ScheduleFromArguments is only defined inside the traced step")
+        if self.schedule == "stepped":
+            return ti_math.stepped_rate(self.values["boundaries"], self.values["values"], self.optimizer.iterations)
         schedule = CosineDecay(
             0.0, 1, warmup_target=self.values["learning_rate"], warmup_steps=self.values["warmup_steps"]
         )
@@ -160,17 +168,17 @@ class ScheduleFromArguments:
 
 
 def step_optimizer(config):
-    """``make_optimizer`` for ``config`` with nothing run-specific baked in: the cosine rate comes
-    from the step's arguments (``ScheduleFromArguments``); a constant rate is already the
-    optimizer's own ``learning_rate`` variable, i.e. part of the carried optimizer state.
+    """``make_optimizer`` for ``config`` with nothing run-specific baked in: the cosine or stepped
+    rate comes from the step's arguments (``ScheduleFromArguments``); a constant rate is already
+    the optimizer's own ``learning_rate`` variable, i.e. part of the carried optimizer state.
     Returns ``(optimizer, rate)``, ``rate`` None for the constant schedule. The optimizer's
     variables are the same as ``make_optimizer``'s (checkpoints are interchangeable)."""
     from conceptlib.kerascv.textual_inversion import make_optimizer
 
-    rate = ScheduleFromArguments() if config.lr_schedule == "cosine" else None
+    rate = ScheduleFromArguments(config.lr_schedule) if config.lr_schedule in ("cosine", "stepped") else None
     optimizer = make_optimizer(
         config.learning_rate, config.steps, schedule=config.lr_schedule, warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay, clip_norm=config.clip_norm, rate=rate,
+        weight_decay=config.weight_decay, clip_norm=config.clip_norm, lr_steps=config.lr_steps, rate=rate,
     )
     if rate is not None:
         rate.optimizer = optimizer

@@ -321,8 +321,8 @@ class JaxTrainer:
         crops, image_of, prompts, counts = host
         side = resolution // 8
         latent = jax.ShapeDtypeStruct((len(image_of), side, side, 4), jnp.float32)
-        scalar = jax.ShapeDtypeStruct((), jnp.float32)
-        schedule = {name: scalar for name in schedule_arguments(0.0, 1)}
+        schedule = {name: jax.ShapeDtypeStruct(value.shape, jnp.float32)
+                    for name, value in schedule_arguments(1.0, 1).items()}
         return {
             "mean": latent, "std": latent,
             "image_of": jax.ShapeDtypeStruct(image_of.shape, jnp.int32),
@@ -358,7 +358,7 @@ class JaxTrainer:
         config = job.config
         return DeviceData(
             mean, std, jnp.asarray(image_of), jnp.int32(count), jnp.asarray(prompts), jnp.asarray(counts),
-            schedule_arguments(config.learning_rate, config.steps, config.warmup_steps),
+            schedule_arguments(config.learning_rate, config.steps, config.warmup_steps, config.lr_steps),
         )
 
     # --- run ----------------------------------------------------------------------------------

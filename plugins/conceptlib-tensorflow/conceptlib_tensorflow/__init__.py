@@ -110,6 +110,7 @@ class TensorFlowTrainer:
             config.learning_rate,
             config.steps,
             schedule=config.lr_schedule,
+            lr_steps=config.lr_steps,
             warmup_steps=config.warmup_steps,
             weight_decay=config.weight_decay,
             clip_norm=config.clip_norm,

@@ -59,7 +59,12 @@ def list_command(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--preview", "preview_out", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
               help="Also write the concept's preview image (made at the end of training) to FILE.png.")
-def show_command(ref: str, as_json: bool, preview_out: Path | None) -> None:
+@click.option("--nearest", type=click.IntRange(0, 100), default=0, metavar="K",
+              help="Also list the K vocabulary words closest to each vector (cosine similarity in the text "
+                   "encoder's token table; needs its weight file, never downloads).")
+@click.option("--weights", "weights_dir", type=click.Path(file_okay=False, path_type=str), metavar="DIR",
+              help="Folder with the text encoder's weights for --nearest (else $CONCEPTLIB_WEIGHTS or the Keras cache).")
+def show_command(ref: str, as_json: bool, preview_out: Path | None, nearest: int, weights_dir: str | None) -> None:
     """Show everything in a concept's header and its vector norms: a library concept (NAME or
     token), or any concept file or folder `import` reads, without importing it."""
     from conceptlib.errors import NotFoundError
@@ -74,7 +79,7 @@ def show_command(ref: str, as_json: bool, preview_out: Path | None) -> None:
                 raise ConceptFileError(f"{ref}: no such file or folder (nor a library concept of that name); "
                                        "check the path") from None
             raise
-        _show_file(Path(ref), as_json, preview_out)
+        _show_file(Path(ref), as_json, preview_out, nearest, weights_dir)
         return
     if preview_out is not None:
         _write_preview(header.name, header.path, header.metadata, preview_out)
@@ -87,10 +92,36 @@ def show_command(ref: str, as_json: bool, preview_out: Path | None) -> None:
     info.update({"path": str(header.path), "size_bytes": header.path.stat().st_size,
                  "norms": [None if i in bad else n for i, n in enumerate(norms)],
                  "metadata": dict(sorted(header.metadata.items()))})
+    if nearest:
+        from conceptlib.files import read_concept
+
+        info["nearest"] = _nearest_words(read_concept(header.path).vectors, header.base_model, nearest, weights_dir)
     _print_info(info, as_json, where=f"{info['size_bytes']} bytes")
 
 
-def _show_file(path: Path, as_json: bool, preview_out: Path | None) -> None:
+def _nearest_words(vectors, base_model: str, count: int, weights_dir: str | None) -> list:
+    """``nearest_words`` against the local text encoder of ``base_model`` (never downloaded)."""
+    from conceptlib.errors import WeightsError
+    from conceptlib.kerascv.tokenizer import find_vocab_path
+    from conceptlib.nearest_words import nearest_words, token_table
+    from conceptlib.weights import find_local_weights, is_random, weight_filename
+
+    found = find_local_weights(base_model, weights_dir, parts=("text_encoder",))
+    if "text_encoder" not in found:
+        raise WeightsError(
+            f"--nearest compares with the {base_model} text encoder's token table, and its weights "
+            f"({weight_filename(base_model, 'text_encoder')}) are not in {weights_dir or 'the Keras cache or $CONCEPTLIB_WEIGHTS'}; "
+            "pass --weights DIR (a folder of keras-cv weight files)"
+        )
+    tokenizer = _clip_tokenizer(find_vocab_path(download=False))
+    if tokenizer is None:
+        raise WeightsError("--nearest needs the CLIP vocabulary to name the tokens, and it cannot be read; see the README")
+    if is_random(found["text_encoder"].parent):
+        click.echo("Note: these weights are random (`weights init-random`): the nearest words mean nothing", err=True)
+    return nearest_words(vectors, token_table(found["text_encoder"]), tokenizer, count)
+
+
+def _show_file(path: Path, as_json: bool, preview_out: Path | None, nearest: int = 0, weights_dir: str | None = None) -> None:
     """`show FILE`: a file or folder of any format `import` reads (import refuses non-finite
     vectors, so every norm is a number), shown as the library would hold it."""
     import numpy as np
@@ -108,6 +139,8 @@ def _show_file(path: Path, as_json: bool, preview_out: Path | None) -> None:
         "size_bytes": path.stat().st_size if path.is_file() else None,
         "norms": [round(float(n), 6) for n in norms], "metadata": dict(sorted(concept.metadata.items())),
     }
+    if nearest:
+        info["nearest"] = _nearest_words(concept.vectors, concept.base_model, nearest, weights_dir)
     size = f"{info['size_bytes']} bytes; " if info["size_bytes"] is not None else ""
     _print_info(info, as_json, where=f"{size}not in the library: `conceptlib import` adds it")
 
@@ -122,8 +155,12 @@ def _print_info(info: dict, as_json: bool, *, where: str) -> None:
         f"vectors:     {info['num_vectors']} x {info['dim']} float32 ({info['base_model']})",
         f"norms:       {', '.join('NaN/Inf' if n is None else f'{n:.4f}' for n in info['norms'])}",
         f"path:        {info['path']} ({where})",
-        "metadata:",
     ]
+    for index, words in enumerate(info.get("nearest", [])):
+        label = "nearest:" if index == 0 else ""
+        listed = ", ".join(f"{w['word']} {w['similarity']:.3f}" for w in words)
+        lines.append(f"{label:<13}vector {index}: {listed}")
+    lines.append("metadata:")
     width = max((len(k) for k in info["metadata"]), default=0)
     for key, value in info["metadata"].items():
         if key == "preview":

@@ -298,8 +298,9 @@ def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
     if steps > 1 and "first_step" in phases and "done" in phases:
         per_step = (phases["done"] - phases["first_step"]) / (steps - 1)
         batch = trainer_report.get("batch_size", args.cli_batch)
-        rate = {"ms_per_step": round(per_step * 1000, 2), "samples_per_s": round(batch / per_step, 2),
-                "devices": trainer_report.get("devices"), "trainer_batch_size": batch}
+        accumulate = trainer_report.get("grad_accum", 1)  # --grad-accum: batches per step
+        rate = {"ms_per_step": round(per_step * 1000, 2), "samples_per_s": round(batch * accumulate / per_step, 2),
+                "devices": trainer_report.get("devices"), "trainer_batch_size": batch, "grad_accum": accumulate}
     return {
         "kind": "cli", "run": run + 1, "command": " ".join(cmd[1:4]) + " ...", "resolution": args.resolution,
         "batch_size": args.cli_batch, "steps": steps, "options": more, "images": len(list(images.glob("*.png"))),

@@ -126,11 +126,18 @@ def get_trainer(name: str):
 
 
 def get_template_pack(name: str):
-    """The TemplatePack registered as ``name``; PluginError if unknown."""
+    """The TemplatePack registered as ``name``, else the templates in file ``name`` (a path that
+    exists or ends in .txt: ``templates.pack_from_file``); PluginError if neither."""
+    import os
+
     registry = discover()
-    if name not in registry.template_packs:
-        raise _unknown("template pack", name, registry.template_packs, registry.broken)
-    return registry.template_packs[name]
+    if name in registry.template_packs:
+        return registry.template_packs[name]
+    if name.lower().endswith(".txt") or os.path.isfile(name):
+        from conceptlib.templates import pack_from_file
+
+        return pack_from_file(name)
+    raise _unknown("template pack", name, registry.template_packs, registry.broken)
 
 
 def has_nvidia_gpu() -> bool:

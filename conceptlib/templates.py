@@ -6,17 +6,22 @@ caption templates that also hold a ``{caption}`` placeholder.
 
 Packs are found through the ``conceptlib.template_packs`` entry-point group (see
 conceptlib.plugins); this module provides the built-in ``object``, ``style`` and ``group`` packs,
-the first and last taken from the keras.io textual-inversion example.
+the first and last taken from the keras.io textual-inversion example. A plain text file of
+templates is a pack too (``pack_from_file``), in AUTOMATIC1111's template-file syntax.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from conceptlib.errors import PluginError
+from conceptlib.errors import PluginError, TrainingError
 
 TOKEN = "{token}"
 CAPTION = "{caption}"
+# AUTOMATIC1111's textual_inversion_templates/*.txt placeholders.
+_A1111_PLACEHOLDERS = {"[name]": TOKEN, "[filewords]": CAPTION}
 
 
 @dataclass(frozen=True)
@@ -24,7 +29,7 @@ class TemplatePack:
     """A named list of prompt templates.
 
     ``templates`` each contain ``{token}``; ``caption_templates`` each contain ``{token}`` and
-    ``{caption}`` and are used for images that have a caption file.
+    ``{caption}`` and are used for images that have a caption file (none: captions are not used).
     """
 
     name: str
@@ -53,12 +58,16 @@ class TemplatePack:
 
         A caption that itself contains ``{token}`` is used as the whole prompt.
         """
-        if caption:
+        if caption and self.caption_templates:
             if TOKEN in caption:
                 return caption.replace(TOKEN, token)
             template = self.caption_templates[index % len(self.caption_templates)]
             return template.replace(CAPTION, caption).replace(TOKEN, token)
         return self.templates[index % len(self.templates)].replace(TOKEN, token)
+
+    def count(self, caption: str | None) -> int:
+        """How many prompts ``render`` makes for an image with this caption (or none)."""
+        return len(self.caption_templates if caption and self.caption_templates else self.templates)
 
     def to_dict(self) -> dict:
         return {
@@ -145,6 +154,54 @@ def builtin_packs() -> list[TemplatePack]:
             caption_templates=("a photo of a group of {token}, {caption}",),
         ),
     ]
+
+
+def pack_from_file(path: str | Path) -> TemplatePack:
+    """A pack from a UTF-8 text file of templates, one per line (blank lines skipped), with
+    ``{token}`` and ``{caption}`` or AUTOMATIC1111's ``[name]`` and ``[filewords]``: an AUTOMATIC1111
+    ``textual_inversion_templates/*.txt`` file works as it is. Images without a caption use every
+    line, its caption placeholder left out; images with one use the lines that hold the
+    placeholder (a file without such lines ignores captions, as AUTOMATIC1111 does).
+    TrainingError names the file (and line) that cannot be used."""
+    path = Path(path).expanduser().absolute()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TrainingError(f"template file {path} does not exist; give a file of templates or a pack name "
+                            "(`conceptlib templates list`)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrainingError(f"template file {path} cannot be read ({exc}); save it as UTF-8 text") from None
+    lines = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        for placeholder, ours in _A1111_PLACEHOLDERS.items():
+            line = line.replace(placeholder, ours)
+        if not line:
+            continue
+        if TOKEN not in line:
+            raise TrainingError(
+                f"template file {path}, line {number} ({raw.strip()!r}): no [name] or {TOKEN}, so the concept's "
+                "token would not be in that prompt; add it or delete the line"
+            )
+        lines.append(line)
+    if not lines:
+        raise TrainingError(f"template file {path} holds no templates; write one per line, e.g. 'a photo of a [name]'")
+    return TemplatePack(
+        name=f"file:{path.name}",
+        description=f"{len(lines)} templates from {path}",
+        templates=tuple(dict.fromkeys(_without_caption(line) for line in lines)),
+        caption_templates=tuple(line for line in lines if CAPTION in line),
+        source=str(path),
+    )
+
+
+def _without_caption(line: str) -> str:
+    """A template with its caption placeholder left out, and the separators around it tidied:
+    'a photo of a {token}, {caption}' -> 'a photo of a {token}'."""
+    line = line.replace(CAPTION, "")
+    line = re.sub(r"\s*,(\s*,)+", ",", line)
+    line = re.sub(r"\s+", " ", line)
+    return line.strip(" ,")
 
 
 def coerce_packs(obj, source: str) -> list[TemplatePack]:

@@ -182,7 +182,12 @@ class TrainingConfig:
             "steps", "batch_size", "grad_accum", "learning_rate", "lr_schedule", "lr_steps", "warmup_steps", "weight_decay",
             "clip_norm", "resolution", "template", "seed", "num_vectors", "flip", "base_model",
         )
-        return {k: getattr(self, k) for k in keys}
+        summary = {k: getattr(self, k) for k in keys}
+        if Path(summary["template"]).is_absolute():
+            # A template file (prepare made its path absolute): its name only, not the trainer's
+            # folders, goes into files people share.
+            summary["template"] = f"file:{Path(summary['template']).name}"
+        return summary
 
 
 def parse_learning_rate(text: str) -> tuple[float, list | None]:
@@ -626,7 +631,7 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
         except ValueError as exc:
             raise UsageError(f"--preview-prompt: {exc}; shorten it") from None
     for image in images:
-        for index in range(len(pack.caption_templates if image.caption else pack.templates)):
+        for index in range(pack.count(image.caption)):
             try:
                 job.prompt_ids(pack.render(index, config.token, image.caption))
             except TrainingError as exc:
@@ -638,6 +643,8 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
     if resume is None:
         # Absolute paths, so `--resume` works from any working directory.
         config.images = str(Path(config.images).resolve())
+        if pack.name.startswith("file:"):
+            config.template = pack.source  # the file's absolute path
         if config.weights not in (None, RANDOM_WEIGHTS):
             config.weights = str(Path(config.weights).expanduser().resolve())
         config.run_dir = str(run_dir.path)

@@ -73,3 +73,78 @@ def test_cli_templates_show_unknown_pack():
     lines = result.output.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("Error: unknown template pack 'nope'; installed: group, object, style")
+
+
+# -- template files (AUTOMATIC1111's syntax works as it is) -----------------------------------------
+
+A1111_SUBJECT_FILEWORDS = """a photo of a [name], [filewords]
+a rendering of a [name], [filewords]
+
+a cropped photo of the [name], [filewords]
+"""
+
+
+def test_an_automatic1111_template_file_is_a_pack(tmp_path):
+    path = tmp_path / "subject_filewords.txt"
+    path.write_text(A1111_SUBJECT_FILEWORDS)
+    pack = get_template_pack(str(path))
+    assert pack.name == "file:subject_filewords.txt" and pack.source == str(path)
+    # Without a caption: every line, the [filewords] part left out; blank lines skipped.
+    assert pack.templates == ("a photo of a {token}", "a rendering of a {token}", "a cropped photo of the {token}")
+    assert pack.count(None) == 3 and pack.count("on a chair") == 3
+    assert pack.render(1, "<x>") == "a rendering of a <x>"
+    assert pack.render(1, "<x>", "on a red chair") == "a rendering of a <x>, on a red chair"
+
+
+def test_a_template_file_without_filewords_ignores_captions(tmp_path):
+    path = tmp_path / "style.txt"
+    path.write_text("a painting, art by {token}\na drawing in the style of [name]\n")
+    pack = get_template_pack(str(path))
+    assert pack.caption_templates == ()
+    assert pack.count("a castle") == 2
+    assert pack.render(0, "<s>", "a castle") == "a painting, art by <s>"
+    shown = CliRunner().invoke(main, ["templates", "show", str(path)])
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.splitlines()[1:] == ["a painting, art by {token}", "a drawing in the style of {token}",
+                                             "# captions are not used by this pack"]
+
+
+def test_template_file_errors_are_one_line(tmp_path):
+    from conceptlib.errors import TrainingError
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a photo of a [name]\npicture\n")
+    with pytest.raises(TrainingError, match=r"bad.txt, line 2 \('picture'\): no \[name\] or \{token\}"):
+        get_template_pack(str(bad))
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(TrainingError, match="holds no templates"):
+        get_template_pack(str(tmp_path / "empty.txt"))
+    with pytest.raises(TrainingError, match="does not exist"):
+        get_template_pack(str(tmp_path / "missing.txt"))
+    (tmp_path / "latin1.txt").write_bytes("une photo de [name] \xe9t\xe9".encode("latin-1"))
+    with pytest.raises(TrainingError, match="save it as UTF-8 text"):
+        get_template_pack(str(tmp_path / "latin1.txt"))
+
+
+def test_training_with_a_template_file_records_its_name_only(tmp_path, monkeypatch):
+    """prepare() resolves the file (so --resume works from anywhere) and the concept's metadata
+    names the file, not the folders it lies in."""
+    import numpy as np
+    from PIL import Image
+
+    from conceptlib.library import ConceptLibrary
+    from conceptlib.training import TrainingConfig, prepare
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 100).save(images / "a.png")
+    (images / "a.txt").write_text("on a red chair")
+    (tmp_path / "mine.txt").write_text(A1111_SUBJECT_FILEWORDS)
+    monkeypatch.chdir(tmp_path)
+    config = TrainingConfig(images=str(images), name="x", token="<x>", template="mine.txt", weights="random",
+                            resolution=64)
+    job = prepare(config, library=ConceptLibrary(tmp_path / "home"))
+    assert job.pack.name == "file:mine.txt"
+    assert job.config.template == str(tmp_path / "mine.txt")
+    assert job.config.training_summary()["template"] == "file:mine.txt"
+    assert job.pack.render(0, "<x>", job.images[0].caption) == "a photo of a <x>, on a red chair"

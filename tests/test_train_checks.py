@@ -150,6 +150,14 @@ def test_bad_stepped_learning_rates_are_usage_errors(home, images):
     _refused(home, [*base, "--lr", "0.05:10, 0.01", "--warmup-steps", "5"], "works with the cosine schedule only", 2)
 
 
+def test_a_template_file_that_cannot_be_used_is_one_line(home, images, tmp_path):
+    bad = tmp_path / "templates.txt"
+    bad.write_text("a photo of a [name]\na photo\n")
+    _refused(home, [str(images), "--name", "new", "--template", str(bad)],
+             f"template file {bad}, line 2 ('a photo'): no [name] or {{token}}", 1)
+    _refused(home, [str(images), "--name", "new", "--template", str(tmp_path / "missing.txt")], "does not exist", 1)
+
+
 def test_invalid_name_or_token_is_a_usage_error_naming_the_option(home, images):
     """As in `conceptlib import`: a --name/--token value that can never work is a wrong command
     line (exit 2), and the line says which option, also when the token was made from --name."""

@@ -44,7 +44,9 @@ def _split_words(values) -> list[str]:
 @click.option("--trainer", default="auto", show_default=True,
               help="Trainer plugin (see `conceptlib plugins`); auto = jax where there is an NVIDIA GPU and JAX's "
               "CUDA build is installed (pip install -U \"jax[cuda12]\"), else tensorflow.")
-@click.option("--template", default="object", show_default=True, help="Template pack (see `conceptlib templates list`).")
+@click.option("--template", default="object", show_default=True, metavar="PACK|FILE",
+              help="Template pack (see `conceptlib templates list`), or a text file of templates, one per line, "
+              "with [name]/{token} and [filewords]/{caption} (AUTOMATIC1111's template files work as they are).")
 @click.option("--resolution", "-r", type=int, default=512, show_default=True, help="Training size in pixels (multiple of 64).")
 @click.option("--steps", "-s", type=int, default=1000, show_default=True, help="Training steps.")
 @click.option("--batch-size", "-b", type=int, default=1, show_default=True,
@@ -330,6 +332,9 @@ def templates_show(name, as_json):
     click.echo(f"# {pack.name}: {pack.description} ({pack.source})")
     for template in pack.templates:
         click.echo(template)
+    if not pack.caption_templates:
+        click.echo("# captions are not used by this pack")
+        return
     click.echo("# with a caption file:")
     for template in pack.caption_templates:
         click.echo(template)

@@ -298,9 +298,8 @@ class JaxTrainer:
         pack = job.pack
         prompt_lists = []
         for image in job.images:
-            templates = pack.caption_templates if image.caption else pack.templates
             prompt_lists.append(
-                [job.prompt_ids(pack.render(j, config.token, image.caption)) for j in range(len(templates))]
+                [job.prompt_ids(pack.render(j, config.token, image.caption)) for j in range(pack.count(image.caption))]
             )
         width = bucket(max(len(p) for p in prompt_lists))
         counts = [len(p) for p in prompt_lists]

@@ -34,7 +34,6 @@ from conceptlib.errors import ConceptlibError, TrainingError, UsageError
 from conceptlib.runs import Checkpoint, RunDirectory, default_run_dir, find_run, run_summaries  # noqa: F401
 
 LR_SCHEDULES = ("cosine", "constant", "stepped")
-_MAX_LR_PIECES = 16  # conceptlib.kerascv.textual_inversion.MAX_LR_PIECES (which imports no keras either)
 # ``TrainingConfig.weights`` value for models randomly initialised in memory (no files): for
 # benchmarks and smoke runs; the concept is marked random_weights=true.
 RANDOM_WEIGHTS = "random"
@@ -149,12 +148,14 @@ class TrainingConfig:
         return self
 
     def _validate_lr_steps(self) -> None:
+        from conceptlib.kerascv.textual_inversion import MAX_LR_PIECES  # imports no keras
+
         if (self.lr_schedule == "stepped") != bool(self.lr_steps):
             raise UsageError("a stepped learning rate needs its steps: give --lr as 'RATE:STEP, ..., RATE'")
         if not self.lr_steps:
             return
-        if len(self.lr_steps) > _MAX_LR_PIECES:
-            raise UsageError(f"--lr has {len(self.lr_steps)} rates; at most {_MAX_LR_PIECES} are supported")
+        if len(self.lr_steps) > MAX_LR_PIECES:
+            raise UsageError(f"--lr has {len(self.lr_steps)} rates; at most {MAX_LR_PIECES} are supported")
         last = self.lr_steps[-1][1]
         if last is not None and last < self.steps:
             text = format_learning_rate(self.lr_steps)

@@ -77,6 +77,24 @@ def test_list(library):
         "name": "cat-doll", "token": "<cat-doll>", "num_vectors": 2, "dim": 768, "base_model": "sd-1"}
 
 
+def test_list_filters_by_pattern_and_base_model(library):
+    def names(*args):
+        result = run("list", *args, "--json")
+        assert result.exit_code == 0, result.output
+        return [row["name"] for row in json.loads(result.stdout)]
+
+    assert names() == ["cat-doll", "oil-style"]
+    assert names("DOLL") == ["cat-doll"]  # name or token, case-insensitive
+    assert names("<oil") == ["oil-style"]
+    assert names("*-style") == ["oil-style"]  # a wildcard pattern matches the whole name or token
+    assert names("*-st") == []
+    assert names("--base-model", "sd-2") == ["oil-style"]
+    assert names("doll", "--base-model", "sd-2") == []
+    table = run("list", "nothing-like-this")
+    assert table.exit_code == 0 and table.stdout.startswith("None of the 2 concepts in ")
+    assert run("list", "--base-model", "sd-3").exit_code == 2
+
+
 def test_list_warns_about_broken_files(library):
     (library.root / "concepts" / "broken.safetensors").write_bytes(b"junk")
     result = run("list", "--json")

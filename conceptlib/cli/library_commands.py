@@ -28,23 +28,44 @@ def _library():
     return ConceptLibrary()
 
 
+def _listed(row: dict, pattern: str | None, base_model: str | None) -> bool:
+    if base_model and row.get("base_model") != base_model:
+        return False
+    if not pattern:
+        return True
+    import fnmatch
+
+    pattern = pattern.lower()
+    fields = (str(row.get("name", "")).lower(), str(row.get("token", "")).lower())
+    if any(char in pattern for char in "*?["):
+        return any(fnmatch.fnmatchcase(field, pattern) for field in fields)
+    return any(pattern in field for field in fields)
+
+
 def _warn_problems(library) -> None:
     for problem in library.problems:
         click.echo(f"Warning: skipped {problem.path}: {_strip_path(problem.message, problem.path)}", err=True)
 
 
 @main.command("list")
+@click.argument("pattern", required=False)
+@click.option("--base-model", type=click.Choice(["sd-1", "sd-2"]), help="Only the concepts for this base model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
-def list_command(as_json: bool) -> None:
-    """List the concepts in the library."""
+def list_command(pattern: str | None, base_model: str | None, as_json: bool) -> None:
+    """List the concepts in the library; PATTERN keeps those whose name or token contains it
+    (case-insensitive; *, ? and [...] make it a wildcard pattern)."""
     library = _library()
-    rows = library.summaries()
+    everything = library.summaries()
     _warn_problems(library)
+    rows = [row for row in everything if _listed(row, pattern, base_model)]
     if as_json:
         click.echo(json.dumps(rows, ensure_ascii=False))
         return
-    if not rows:
+    if not everything:
         click.echo(f"No concepts in {library.root}. Add one with `conceptlib import PATH` or `conceptlib train`.")
+        return
+    if not rows:
+        click.echo(f"None of the {len(everything)} concepts in {library.root} match.")
         return
     columns = [("NAME", "name"), ("TOKEN", "token"), ("VECTORS", "num_vectors"), ("DIM", "dim"),
                ("BASE", "base_model"), ("TRAINER", "trainer"), ("CREATED", "created_at")]

@@ -164,7 +164,7 @@ def test_prompt_table_uses_every_template_for_a_pack_that_ignores_captions(tmp_p
     from conceptlib.templates import pack_from_file
     from conceptlib.training import RunDirectory, TrainingConfig, TrainingJob
     from conceptlib_jax.trainer import JaxTrainer
-    from test_train_data import WordTokenizer
+    from helpers import WordTokenizer
 
     images = tmp_path / "images"
     images.mkdir()

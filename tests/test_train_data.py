@@ -15,18 +15,7 @@ from conceptlib.kerascv.textual_inversion import END_OF_TEXT, MAX_LENGTH, START_
 from conceptlib.plugins import get_template_pack
 from conceptlib.errors import TrainingError
 from conceptlib.training import Checkpoint, RunDirectory, TrainingConfig, TrainingJob
-
-
-class WordTokenizer:
-    """A stand-in for CLIP's tokenizer: one id per word (enough for the id bookkeeping)."""
-
-    def __init__(self):
-        self.encoder = {f"w{i}": i for i in range(49408)}
-        self.words: dict[str, int] = {}
-
-    def encode(self, text):
-        ids = [self.words.setdefault(word, 100 + len(self.words)) for word in text.lower().split()]
-        return [START_OF_TEXT, *ids, END_OF_TEXT]
+from helpers import WordTokenizer
 
 
 def test_encode_prompt_places_every_vector_of_the_token():

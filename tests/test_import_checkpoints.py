@@ -153,7 +153,8 @@ def test_runs_run_lists_its_steps_and_how_to_import_one(home, tmp_path):
     lines = result.output.splitlines()
     assert lines[0].startswith("run  doll (<doll>), jax, started ") and "stopped at step 30/50" in lines[0]
     assert lines[0].endswith(f"continue with conceptlib train --resume {run.path}")  # not in the runs folder
-    assert lines[1:] == [
+    assert lines[1] == "  settings: 50 steps, batch 1, lr 0.005 cosine, 512 px, 2 vector(s), template object, seed 0"
+    assert lines[2:] == [
         f"  step     10  loss {_mean(0, 10):.4f}  checkpoints/step-0000010.npz",
         f"  step     20  loss {_mean(10, 20):.4f}  checkpoints/step-0000020.npz  previews/step-0000020.png",
         f"  step     30  loss {_mean(20, 30):.4f}  checkpoints/step-0000030.npz  previews/step-0000030.png",
@@ -161,6 +162,7 @@ def test_runs_run_lists_its_steps_and_how_to_import_one(home, tmp_path):
     ]
     summary = json.loads(CliRunner().invoke(main, ["runs", str(run.path), "--json"]).output)
     assert summary["status"] == "stopped" and [entry["step"] for entry in summary["steps"]] == [10, 20, 30]
+    assert summary["config"]["steps"] == 50 and summary["config"]["token"] == "<doll>"
     assert summary["steps"][1] == {
         "step": 20, "loss": round(_mean(10, 20), 6), "checkpoint": str(run.checkpoint_path(20)),
         "preview": str(run.preview_path(20)), "concept": None,
@@ -177,9 +179,20 @@ def test_runs_run_of_a_finished_run_by_name_ends_with_its_concept(home, tmp_path
     lines = result.output.splitlines()
     assert "finished, 50 steps, 2 preview(s)" in lines[0]
     # Losses now come from the concept's history, which covers every step.
-    assert lines[2] == f"  step     20  loss {_mean(10, 20, losses):.4f}  checkpoints/step-0000020.npz  previews/step-0000020.png"
-    assert lines[4] == "  step     50  loss 0.5000  concept.safetensors  previews/step-0000050.png"
-    assert lines[5] == f"Import a step as a concept: conceptlib import {run.checkpoint_path(30)}"
+    assert lines[3] == f"  step     20  loss {_mean(10, 20, losses):.4f}  checkpoints/step-0000020.npz  previews/step-0000020.png"
+    assert lines[5] == "  step     50  loss 0.5000  concept.safetensors  previews/step-0000050.png"
+    assert lines[6] == f"Import a step as a concept: conceptlib import {run.checkpoint_path(30)}"
+
+
+def test_runs_run_shows_accumulation_stepped_rates_and_a_template_file(home, tmp_path):
+    run = _run(tmp_path)
+    data = json.loads(run.config_path.read_text())
+    data["config"].update(batch_size=2, grad_accum=4, lr_schedule="stepped", lr_steps=[[0.05, 10], [0.005, None]],
+                          template=str(tmp_path / "templates" / "mine.txt"), seed=7)
+    run.config_path.write_text(json.dumps(data))
+    lines = CliRunner().invoke(main, ["runs", str(run.path)]).output.splitlines()
+    assert lines[1] == ("  settings: 50 steps, batch 2 x 4 accumulated, lr 0.05:10, 0.005, 512 px, 2 vector(s), "
+                        "template mine.txt, seed 7")
 
 
 def test_runs_run_refuses_what_is_not_a_run(home, tmp_path):

@@ -241,11 +241,13 @@ def _show_run(library, name: str, as_json: bool) -> None:
     if summary["status"] == "unreadable":
         raise TrainingError(summary["error"])
     steps = run_steps(run)
+    config = run.read()["config"]
     if as_json:
-        click.echo(json.dumps(dict(summary, steps=steps), indent=2))
+        click.echo(json.dumps(dict(summary, config=config, steps=steps), indent=2))
         return
     in_runs_folder = run.path.resolve().parent == Path(library.runs_dir).resolve()
     click.echo(_run_line(summary, None if in_runs_folder else str(run.path)))
+    click.echo(_settings_line(config))
     for entry in steps:
         loss = f"loss {entry['loss']:.4f}" if entry["loss"] is not None else "loss ?"
         files = [os.path.relpath(entry[key], run.path) for key in ("checkpoint", "concept", "preview") if entry[key]]
@@ -253,6 +255,26 @@ def _show_run(library, name: str, as_json: bool) -> None:
     checkpoints = [entry["checkpoint"] for entry in steps if entry["checkpoint"]]
     if checkpoints:
         click.echo(f"Import a step as a concept: conceptlib import {checkpoints[-1]}")
+
+
+def _settings_line(config: dict) -> str:
+    """What a run trains with, to compare runs: steps, batch, learning rate, size, vectors,
+    template and seed (from its config.json)."""
+    from conceptlib.training import format_learning_rate
+
+    batch = f"batch {config.get('batch_size', 1)}"
+    if config.get("grad_accum", 1) > 1:
+        batch += f" x {config['grad_accum']} accumulated"
+    if config.get("lr_steps"):
+        rate = f"lr {format_learning_rate(config['lr_steps'])}"
+    else:
+        rate = f"lr {config.get('learning_rate', 0):g} {config.get('lr_schedule', 'cosine')}"
+        if config.get("warmup_steps"):
+            rate += f" (warmup {config['warmup_steps']})"
+    template = str(config.get("template", ""))
+    parts = [f"{config.get('steps')} steps", batch, rate, f"{config.get('resolution')} px",
+             f"{config.get('num_vectors') or 1} vector(s)", f"template {Path(template).name}", f"seed {config.get('seed', 0)}"]
+    return "  settings: " + ", ".join(parts)
 
 
 def _run_line(run: dict, resume_as: str | None = None) -> str:

@@ -177,8 +177,12 @@ def test_gradient_accumulation_trains_like_the_whole_batch(report):
     whole, parts = accumulation["losses"]
     assert len(whole) == len(parts) == 2
     np.testing.assert_allclose(parts, whole, rtol=1e-5)
-    assert accumulation["moved"] > 1e-4  # the comparison is not between two untrained starts
-    assert accumulation["max_diff"] < 1e-6, accumulation
+    assert accumulation["moved"] > 1e-3  # the comparison is not between two untrained starts
+    # The parts' gradients are summed in another order than the whole batch's (float32, oneDNN
+    # threads): the vectors agree to ~1e-6 in most runs, 2.4e-6 in one, against the ~7.5e-3 they
+    # moved. Wrong data would change the losses above; a wrong scale, the gradient compared in
+    # test_jax_equivalence.
+    assert accumulation["max_diff"] < 1e-4, accumulation
 
 
 def test_resumed_run_ends_with_the_same_vectors(report):

@@ -86,8 +86,9 @@ def write(data: dict, picture) -> bytes:
     height = picture.shape[0]
     width = -(-packed.size // (height * 3))  # columns each strip needs
     cells = np.resize(packed, height * width * 3)  # repeats the bytes: zlib ignores what follows
-    low = ((cells & 0x0F) ^ _lcg_nibbles(cells.size)) | _DECORATION
-    high = ((cells >> 4) ^ _lcg_nibbles(cells.size)) | _DECORATION
+    mask = _lcg_nibbles(cells.size)  # both strips are XORed with the same sequence
+    low = ((cells & 0x0F) ^ mask) | _DECORATION
+    high = ((cells >> 4) ^ mask) | _DECORATION
     black = np.zeros((height, 1, 3), np.uint8)
     framed = np.concatenate([low.reshape(height, width, 3), black, picture, black, high.reshape(height, width, 3)], 1)
     info = PngImagePlugin.PngInfo()

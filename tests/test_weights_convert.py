@@ -32,6 +32,10 @@ from click.testing import CliRunner
 from conceptlib.cli import main
 from conceptlib.kerascv import convert as C
 from conceptlib import weights as W
+from torch_reference import (
+    TEXT_CONFIG, TEXT_CONFIG_SD2, TIMESTEP, UNET_CONFIG, VAE_CONFIG, KerasCvChoices, assert_close, h5_weights,
+    randomise, reference_inputs, save_pipeline, torch_state, unet_outputs,
+)
 
 # diffusers and transformers (imported in the fixture) must never reach for the Hub: every model
 # here is built from its config.
@@ -39,132 +43,49 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
-# openai/clip-vit-large-patch14's text model, as SD 1.x's text_encoder/config.json has it.
-TEXT_CONFIG = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
-    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-    attention_dropout=0.0, dropout=0.0, initializer_range=0.02, initializer_factor=1.0,
-    pad_token_id=1, bos_token_id=0, eos_token_id=2,
-)
-# runwayml/stable-diffusion-v1-5 unet/config.json
-UNET_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
-)
-# runwayml/stable-diffusion-v1-5 vae/config.json
-VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512,
-)
-SCHEDULER_CONFIG = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-    set_alpha_to_one=False, steps_offset=1,
-)
-TIMESTEP = 981
 # The first tensors of SD 1.5's vae file carry diffusers' pre-0.14 attention names (query, key,
 # value, proj_attn); the fixture renames the decoder's to them so both spellings are converted.
 OLD_VAE_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-
-
-def _randomise(module, generator) -> None:
-    """Every parameter random, norms included (scale around 1, shift around 0), so a swapped
-    scale/shift, bias or transposed square matrix changes the outputs."""
-    import torch
-
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim == 1 and name.endswith("weight"):
-                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
-            elif param.ndim == 1:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-            else:
-                fan_in = param[0].numel() if "embedding" not in name else 1
-                param.copy_(torch.randn(param.shape, generator=generator) / np.sqrt(fan_in))
-
-
-class _KerasCvChoices:
-    """Run diffusers with keras-cv's two non-weight choices (tanh GELU in GEGLU, GroupNorm eps
-    1e-5) inside the block, so what is left to differ is the weights' mapping."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        import torch
-        from diffusers.models import activations
-
-        self.norms = [(m, m.eps) for m in self.model.modules() if isinstance(m, torch.nn.GroupNorm)]
-        for module, _ in self.norms:
-            module.eps = 1e-5
-        self.gelu = activations.GEGLU.gelu
-        activations.GEGLU.gelu = lambda _self, gate: torch.nn.functional.gelu(gate, approximate="tanh")
-        return self
-
-    def __exit__(self, *exc):
-        from diffusers.models import activations
-
-        for module, eps in self.norms:
-            module.eps = eps
-        activations.GEGLU.gelu = self.gelu
 
 
 def _torch_pipeline(folder: Path) -> dict:
     """Write a random SD 1.5 pipeline folder with diffusers' save_pretrained; return torch's
     outputs for the inputs, computed one model at a time (the UNet alone is 3.4 GB)."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     rng = np.random.default_rng(0)
-    ids = np.full((2, 77), 49407, dtype=np.int64)  # <|endoftext|> pads, as keras-cv pads
-    ids[:, 0] = 49406
-    ids[0, 1:9] = rng.integers(0, 49406, 8)
-    ids[1, 1:77] = rng.integers(0, 49406, 76)
-    inputs = {
-        "ids": ids,
-        "latent": rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
-        "context": rng.standard_normal((1, 77, 768)).astype(np.float32),
-        "image": rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32),
-    }
+    inputs = reference_inputs(rng, 768)
+    inputs["image"] = rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)
+    ids = inputs["ids"]
     out = {"inputs": inputs}
     with torch.no_grad():
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).eval()
-        _randomise(text_encoder, generator)
+        randomise(text_encoder, generator)
         out["text"] = text_encoder(torch.from_numpy(ids)).last_hidden_state.numpy()
 
         unet = UNet2DConditionModel(**UNET_CONFIG).eval()
-        _randomise(unet, generator)
-        args = (torch.from_numpy(inputs["latent"]), TIMESTEP, torch.from_numpy(inputs["context"]))
-        out["unet_diffusers"] = unet(*args).sample.numpy()
-        with _KerasCvChoices(unet):
-            out["unet"] = unet(*args).sample.numpy()
+        randomise(unet, generator)
+        out.update(unet_outputs(unet, inputs))
 
         vae = AutoencoderKL(**VAE_CONFIG).eval()
-        _randomise(vae, generator)
+        randomise(vae, generator)
         z = torch.from_numpy(inputs["latent"])
         image = torch.from_numpy(inputs["image"])
         out["decoder_diffusers"] = vae.decode(z / 0.18215).sample.numpy()
         posterior = vae.encode(image).latent_dist
         out["mean_diffusers"] = (posterior.mean * 0.18215).numpy()
-        with _KerasCvChoices(vae):
+        with KerasCvChoices(vae):
             out["decoder"] = vae.decode(z / 0.18215).sample.numpy()
             posterior = vae.encode(image).latent_dist
             out["mean"] = (posterior.mean * 0.18215).numpy()
             out["logvar"] = posterior.logvar.numpy()
 
-        pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet,
-            scheduler=PNDMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.save_pretrained(folder)
-    del pipe, unet, vae, text_encoder
+        save_pipeline(folder, text_encoder, unet, vae)
+    del unet, vae, text_encoder
     gc.collect()
     _rename_decoder_attention(folder / "vae" / "diffusion_pytorch_model.safetensors")
     return out
@@ -181,21 +102,6 @@ def _rename_decoder_attention(path: Path) -> None:
             if rest.startswith(new + "."):
                 tensors[prefix + old + rest[len(new):]] = tensors.pop(key)
     save_file(tensors, str(path), metadata={"format": "pt"})
-
-
-def _assert_close(what: str, keras_out, torch_out, diffusers_out=None) -> None:
-    """keras' output within 1e-4 of the output's scale of torch's run with keras-cv's choices, and
-    within 2e-3 of the unchanged diffusers model's (GELU approximation and eps apart)."""
-    scale = max(float(np.max(np.abs(torch_out))), 1.0)
-    diff = float(np.max(np.abs(np.asarray(keras_out) - torch_out)))
-    line = f"\n{what}: max |keras - torch| = {diff:.2e} (outputs up to {float(np.max(np.abs(torch_out))):.2f})"
-    if diffusers_out is not None:
-        exact = float(np.max(np.abs(np.asarray(keras_out) - diffusers_out)))
-        line += f"; vs unchanged diffusers {exact:.2e}"
-    print(line)
-    assert diff <= 1e-4 * scale, line
-    if diffusers_out is not None:
-        assert exact <= 2e-3 * scale, line
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +167,7 @@ def test_text_encoder_matches_transformers(converted, sd):
     positions = np.tile(np.arange(77, dtype=np.int32), (2, 1))
     hidden = np.asarray(sd.text_encoder.predict_on_batch([ids, positions]))
     _free(sd, "_text_encoder")
-    _assert_close("text encoder (last hidden state)", hidden, converted["text"])
+    assert_close("text encoder (last hidden state)", hidden, converted["text"])
 
 
 @pytest.mark.slow
@@ -271,7 +177,7 @@ def test_diffusion_model_matches_diffusers_unet(converted, sd):
     t_embedding = np.asarray(sd._get_timestep_embedding(TIMESTEP, 1))  # keras-cv's own embedding
     eps = np.asarray(sd.diffusion_model.predict_on_batch([latent, t_embedding, inputs["context"]]))
     _free(sd, "_diffusion_model")
-    _assert_close("unet (noise prediction)", eps.transpose(0, 3, 1, 2), converted["unet"], converted["unet_diffusers"])
+    assert_close("unet (noise prediction)", eps.transpose(0, 3, 1, 2), converted["unet"], converted["unet_diffusers"])
 
 
 @pytest.mark.slow
@@ -279,7 +185,7 @@ def test_decoder_matches_diffusers_vae_decode(converted, sd):
     latent = converted["inputs"]["latent"].transpose(0, 2, 3, 1)
     image = np.asarray(sd.decoder.predict_on_batch(latent)).transpose(0, 3, 1, 2)
     _free(sd, "_decoder")
-    _assert_close("decoder (image)", image, converted["decoder"], converted["decoder_diffusers"])
+    assert_close("decoder (image)", image, converted["decoder"], converted["decoder_diffusers"])
 
 
 @pytest.mark.slow
@@ -293,8 +199,8 @@ def test_image_encoder_matches_diffusers_vae_encode(converted, sd):
     moments = keras.Model(encoder.inputs, encoder.layers[-2].output)  # mean and log-variance
     logvar = np.asarray(moments.predict_on_batch(image))[..., 4:].transpose(0, 3, 1, 2)
     _free(sd, "_image_encoder")
-    _assert_close("image encoder (mean x 0.18215)", mean, converted["mean"], converted["mean_diffusers"])
-    _assert_close("image encoder (log-variance)", logvar, converted["logvar"])
+    assert_close("image encoder (mean x 0.18215)", mean, converted["mean"], converted["mean_diffusers"])
+    assert_close("image encoder (log-variance)", logvar, converted["logvar"])
 
 
 @pytest.mark.slow
@@ -352,10 +258,6 @@ def _write_single_file(src: Path, path: Path) -> Path:
     return path
 
 
-def _torch_state(model) -> dict:
-    return {key: value.detach().float().numpy() for key, value in model.state_dict().items()}
-
-
 @pytest.mark.slow
 def test_single_file_checkpoint_is_genuine_for_diffusers(converted, single_file):
     """diffusers' own single-file loader reads the file back into the original models' tensors
@@ -367,7 +269,7 @@ def test_single_file_checkpoint_is_genuine_for_diffusers(converted, single_file)
         str(single_file), config=str(converted["src"]), local_files_only=True,
         tokenizer=None, safety_checker=None, feature_extractor=None)
     for sub, model in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet), ("vae", pipe.vae)):
-        loaded = _torch_state(model)
+        loaded = torch_state(model)
         original = load_file(str(converted["src"] / sub / f"{C._SUBFOLDERS[sub][0]}.safetensors"))
         for key, value in original.items():
             for new, old in OLD_VAE_NAMES.items():
@@ -410,19 +312,10 @@ def _convert_single_file_and_compare(converted, single_file: Path, dest: Path) -
         with h5py.File(converted["dest"] / name, "r") as folder, h5py.File(dest / name, "r") as single:
             # keras' legacy loader pairs weights by position (layer names carry per-process
             # counters), so the files must hold the same arrays in the same order.
-            expected, got = _h5_weights(folder), _h5_weights(single)
+            expected, got = h5_weights(folder), h5_weights(single)
             assert len(got) == len(expected) > 0, part
             for (key, want), (_, have) in zip(expected, got):
                 assert np.array_equal(have[()], want[()].astype(np.float16).astype(np.float32)), f"{part}: {key}"
-
-
-def _h5_weights(handle) -> list:
-    """(name, dataset) of a legacy keras .h5 weights file, in the order keras loads them."""
-    out = []
-    for layer in handle.attrs["layer_names"]:
-        group = handle[layer]
-        out += [(f"{layer}/{weight}", group[weight]) for weight in group.attrs["weight_names"]]
-    return out
 
 
 @pytest.mark.slow
@@ -489,22 +382,40 @@ def test_not_a_diffusers_folder(tmp_path, no_models):
     assert not (tmp_path / "out").exists()
 
 
-def test_sd2_and_sdxl_folders_are_named(tmp_path, no_models):
-    sd2 = _configs(tmp_path / "sd2", unet={"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
-                                           "use_linear_projection": True}, text={"hidden_size": 1024})
-    line = _one_line_error(_convert(sd2, tmp_path / "out"))
-    assert "Stable Diffusion 2.x pipeline" in line and "1.x" in line and str(sd2) in line
+def test_other_models_folders_are_named(tmp_path, no_models):
+    sd2 = {"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True}
+    # An SD 2.x UNet with an SD 1.x text encoder is no model keras-cv has.
+    mixed = _configs(tmp_path / "mixed", unet=sd2)
+    line = _one_line_error(_convert(mixed, tmp_path / "out"))
+    assert "text_encoder/config.json: hidden_size is 768, keras-cv's SD 2.x text encoder (OpenCLIP ViT-H/14) needs 1024" in line
+    wide = _configs(tmp_path / "wide", unet={"cross_attention_dim": 1280})
+    assert "cross_attention_dim is 1280, Stable Diffusion 1.x has 768 and 2.x 1024" in _one_line_error(_convert(wide, tmp_path / "out"))
     xl = _configs(tmp_path / "xl", index={"_class_name": "StableDiffusionXLPipeline",
                                          "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]})
     assert "Stable Diffusion XL" in _one_line_error(_convert(xl, tmp_path / "out"))
     inpaint = _configs(tmp_path / "inpaint", unet={"in_channels": 9})
     line = _one_line_error(_convert(inpaint, tmp_path / "out"))
     assert "in_channels is 9, keras-cv's SD 1.x UNet needs 4" in line
-    v_prediction = _configs(tmp_path / "v-pred")
-    (v_prediction / "scheduler").mkdir()
-    (v_prediction / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
-    line = _one_line_error(_convert(v_prediction, tmp_path / "out"))
-    assert 'prediction_type is "v_prediction"' in line and "epsilon" in line
+    for name, unet, text in (("v-pred", None, None), ("sd2-768-v", sd2, TEXT_CONFIG_SD2)):
+        v_prediction = _configs(tmp_path / name, unet=unet, text=text)
+        (v_prediction / "scheduler").mkdir()
+        (v_prediction / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
+        line = _one_line_error(_convert(v_prediction, tmp_path / "out"))
+        assert 'prediction_type is "v_prediction"' in line and "epsilon" in line
+        assert ("use an SD 2.x base model" in line) == (unet is not None), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_sd2_folders_are_checked_as_sd2(tmp_path, no_models):
+    """An SD 2.x base folder passes the config checks (and is then read as SD 2.x: its missing
+    weights are named); an SD 2.x config that differs from keras-cv's V2 models is refused."""
+    sd2 = {"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True}
+    src = _configs(tmp_path / "sd2", unet=sd2, text=TEXT_CONFIG_SD2)
+    line = _one_line_error(_convert(src, tmp_path / "out"))
+    assert "model.safetensors is missing" in line and "text_encoder" in line
+    heads = _configs(tmp_path / "heads", unet={**sd2, "attention_head_dim": 8}, text=TEXT_CONFIG_SD2)
+    line = _one_line_error(_convert(heads, tmp_path / "out"))
+    assert "attention_head_dim is 8, keras-cv's SD 2.x UNet needs [5, 10, 20, 20]" in line
     assert not (tmp_path / "out").exists()
 
 
@@ -569,9 +480,11 @@ def test_single_file_checkpoints_of_other_models_are_named(tmp_path, no_models):
     cases = [
         ("sdxl", {"conditioner.embedders.1.model.positional_embedding": (77, 1280), **conv_in},
          "is a Stable Diffusion XL checkpoint (conditioner.* text encoders)"),
+        # SD 2.x files are read as SD 2.x: OpenCLIP's own names, SD 2.x's shapes.
         ("sd2", {"cond_stage_model.model.token_embedding.weight": (8, 1024), **conv_in},
-         "is a Stable Diffusion 2.x checkpoint"),
-        ("sd2-unet", {to_k: (320, 1024), **conv_in}, "is a Stable Diffusion 2.x checkpoint"),
+         "tensor cond_stage_model.model.token_embedding.weight has shape [8, 1024], SD 2.x needs [49408, 1024]"),
+        ("sd2-unet", {to_k: (320, 1024), **conv_in},
+         "has no tensor cond_stage_model.model.token_embedding.weight; the file is incomplete or not an SD 2.x model"),
         ("inpainting", {"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)},
          "the UNet takes 9 input channels (an inpainting model), keras-cv's SD 1.x UNet takes 4"),
         ("v-prediction", {"v_pred": (0,), **conv_in}, "is marked as a v-prediction model"),
@@ -636,7 +549,7 @@ def test_ldm_names_of_sd1_tensors():
     assert {args: C.ldm_name(*args) for args in expected} == expected
     # Every tensor a part needs has its own LDM name.
     for sub, (_, parts) in C._SUBFOLDERS.items():
-        keys = [entry[0][0] for part in parts for entry in C._PLANS[part]().entries]
+        keys = [entry[0][0] for part in parts for entry in C._plans("sd-1")[part]().entries]
         assert len({C.ldm_name(sub, key) for key in keys}) == len(keys), sub
 
 
@@ -713,12 +626,57 @@ def test_replacing_an_earlier_conversion_is_all_or_nothing(tmp_path):
     assert [p.name for p in dest.iterdir()] == ["new.h5"] and sorted(p.name for p in tmp_path.iterdir()) == ["weights"]
 
 
-def test_plans_cover_sd1_exactly():
-    """Parameter counts of SD 1.x's text encoder, UNet and VAE (diffusers' own numbers)."""
+def test_plans_cover_sd1_and_sd2_exactly():
+    """Parameter counts of SD 1.x's and SD 2.x's text encoders, UNets and VAE (diffusers' own numbers)."""
     import math
 
-    counts = {part: sum(math.prod(shape) for _, shape, _ in build().entries) for part, build in C._PLANS.items()}
-    assert counts["text_encoder"] == 123_060_480
-    assert counts["diffusion_model"] == 859_520_964
-    assert counts["decoder"] + counts["image_encoder"] == 83_653_863
+    for base_model, text, unet in (("sd-1", 123_060_480, 859_520_964), ("sd-2", 340_387_840, 865_910_724)):
+        plans = C._plans(base_model)
+        counts = {part: sum(math.prod(shape) for _, shape, _ in build().entries) for part, build in plans.items()}
+        assert counts["text_encoder"] == text and counts["diffusion_model"] == unet, base_model
+        assert counts["decoder"] + counts["image_encoder"] == 83_653_863
+    assert C.converted_bytes("sd-2") > C.converted_bytes("sd-1")
+
+
+def test_openclip_names_of_sd2_text_encoder_tensors(tmp_path):
+    """SD 2.x single files keep OpenCLIP's layout: q/k/v are the thirds of each layer's in_proj
+    tensor, the 24th layer and the projection are not used, anything else is named as extra."""
+    from safetensors.numpy import save_file
+
+    prefix = "cond_stage_model.model."
+    in_proj = np.arange(6 * 2, dtype=np.float32).reshape(6, 2)  # q, k, v rows of a 2-wide model
+    save_file({f"{prefix}transformer.resblocks.0.attn.in_proj_weight": in_proj,
+               f"{prefix}transformer.resblocks.0.attn.in_proj_bias": np.arange(6, dtype=np.float32),
+               f"{prefix}positional_embedding": np.ones((77, 2), np.float32),
+               f"{prefix}transformer.resblocks.23.ln_1.weight": np.ones(2, np.float32),
+               f"{prefix}text_projection": np.ones((2, 2), np.float32), f"{prefix}logit_scale": np.ones((), np.float32),
+               f"{prefix}visual.proj": np.ones(2, np.float32), "model.diffusion_model.out.2.bias": np.ones(4, np.float32)},
+              str(tmp_path / "sd2.safetensors"))
+    tensors = C._OpenClipTensors(tmp_path / "sd2.safetensors")
+    assert set(tensors.keys()) == {
+        *(f"encoder.layers.0.self_attn.{name}_proj.{kind}" for name in "qkv" for kind in ("weight", "bias")),
+        "embeddings.position_embedding.weight", "visual.proj"}
+    assert tensors.shape("encoder.layers.0.self_attn.k_proj.weight") == (2, 2)
+    assert np.array_equal(tensors.get("encoder.layers.0.self_attn.k_proj.weight"), in_proj[2:4])
+    assert np.array_equal(tensors.get("encoder.layers.0.self_attn.v_proj.bias"), [4, 5])
+    assert tensors.stored_name("encoder.layers.0.self_attn.q_proj.weight") == f"{prefix}transformer.resblocks.0.attn.in_proj_weight"
+    assert tensors.stored_name("visual.proj") == f"{prefix}visual.proj"
+
+
+def test_sd2_v_prediction_single_files_are_refused(tmp_path, no_models):
+    """An SD 2.x 768-v file holds the same tensors as a base one; ComfyUI tells them apart by the
+    spread of one norm's bias (above 0.09: v-prediction), and so does conceptlib."""
+    from safetensors.numpy import save_file
+
+    probe = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    rng = np.random.default_rng(0)
+    for name, spread, refused in (("v", 0.15, True), ("base", 0.03, False)):
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"cond_stage_model.model.token_embedding.weight": np.zeros((8, 1024), np.float16),
+                   probe: (spread * rng.standard_normal(320)).astype(np.float16)}, str(path))
+        line = _one_line_error(_convert(path, tmp_path / "out"))
+        assert ("is an SD 2.x v-prediction model" in line) == refused, line
+        if not refused:  # read on as an SD 2.x base model, whose other tensors are missing
+            assert "SD 2.x needs [49408, 1024]" in line, line
+    assert not (tmp_path / "out").exists()
 

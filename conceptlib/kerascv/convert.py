@@ -1,4 +1,4 @@
-"""Convert a diffusers Stable Diffusion 1.x pipeline folder into a keras-cv weights folder.
+"""Convert a diffusers Stable Diffusion 1.x or 2.x pipeline folder into a keras-cv weights folder.
 
 A diffusers pipeline folder (what ``StableDiffusionPipeline.save_pretrained`` writes and the Hub
 hosts) holds ``model_index.json`` and one subfolder per model: ``text_encoder/`` (a transformers
@@ -7,9 +7,13 @@ hosts) holds ``model_index.json`` and one subfolder per model: ``text_encoder/``
 tensor onto keras-cv's ``TextEncoder``, ``DiffusionModel``, ``Decoder`` and ``ImageEncoder``
 (transposing Linear ``(out, in)`` to Dense ``(in, out)`` and conv ``OIHW`` to ``HWIO``) and writes
 keras-cv's own files (``kcv_encoder.h5``, ...), so ``--weights DIR`` reads them like downloaded ones.
+SD 2.x (2.0/2.1 base and their fine-tunes: an OpenCLIP text encoder, a 1024-wide context) goes onto
+keras-cv's ``TextEncoderV2`` and ``DiffusionModelV2`` the same way; v-prediction (768-v) models are
+refused, since keras-cv samples and conceptlib trains epsilon-prediction UNets only.
 
-The source may also be an original (LDM/CompVis) single-file SD 1.x checkpoint in safetensors
-format (``v1-5-pruned-emaonly.safetensors``, the files AUTOMATIC1111 and ComfyUI load):
+The source may also be an original (LDM/CompVis) single-file SD 1.x or 2.x checkpoint in
+safetensors format (``v1-5-pruned-emaonly.safetensors``, ``v2-1_512-ema-pruned.safetensors``, the
+files AUTOMATIC1111 and ComfyUI load):
 ``inspect_single_file`` finds each tensor the same plans need under its LDM name (``ldm_name``),
 so both sources go through the same mapping onto keras-cv.
 
@@ -85,19 +89,21 @@ class _Plan:
         self.entries.append(((f"{key}.weight",), (rows, width), path + ("embeddings",)))
 
 
-def _text_encoder_plan() -> _Plan:
+def _text_encoder_plan(width: int = 768, layers: int = 12) -> _Plan:
+    """SD 1.x: CLIP ViT-L/14's 12 layers of 768; SD 2.x: OpenCLIP ViT-H/14's first 23 layers of
+    1024 (SD 2.x conditions on the penultimate layer, so diffusers' and keras-cv's models stop there)."""
     plan = _Plan()
-    plan.embedding("embeddings.token_embedding", 49408, 768, ("CLIPEmbedding", 0, "token_embedding"))
-    plan.embedding("embeddings.position_embedding", 77, 768, ("CLIPEmbedding", 0, "position_embedding"))
-    for index in range(12):
+    plan.embedding("embeddings.token_embedding", 49408, width, ("CLIPEmbedding", 0, "token_embedding"))
+    plan.embedding("embeddings.position_embedding", 77, width, ("CLIPEmbedding", 0, "position_embedding"))
+    for index in range(layers):
         key, path = f"encoder.layers.{index}", ("CLIPEncoderLayer", index)
-        plan.norm(f"{key}.layer_norm1", 768, path + ("layer_norm1",))
+        plan.norm(f"{key}.layer_norm1", width, path + ("layer_norm1",))
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            plan.linear(f"{key}.self_attn.{name}", 768, 768, path + ("clip_attn", name))
-        plan.norm(f"{key}.layer_norm2", 768, path + ("layer_norm2",))
-        plan.linear(f"{key}.mlp.fc1", 3072, 768, path + ("fc1",))
-        plan.linear(f"{key}.mlp.fc2", 768, 3072, path + ("fc2",))
-    plan.norm("final_layer_norm", 768, ("LayerNormalization", 0))
+            plan.linear(f"{key}.self_attn.{name}", width, width, path + ("clip_attn", name))
+        plan.norm(f"{key}.layer_norm2", width, path + ("layer_norm2",))
+        plan.linear(f"{key}.mlp.fc1", 4 * width, width, path + ("fc1",))
+        plan.linear(f"{key}.mlp.fc2", width, 4 * width, path + ("fc2",))
+    plan.norm("final_layer_norm", width, ("LayerNormalization", 0))
     return plan
 
 
@@ -112,11 +118,14 @@ def _unet_resnet(plan, key, cin, cout, index):
         plan.conv(f"{key}.conv_shortcut", cout, cin, 1, path + ("residual_projection",))
 
 
-def _unet_transformer(plan, key, channels, index, context=768):
+def _unet_transformer(plan, key, channels, index, context, linear):
     path = ("SpatialTransformer", index)
     block, tkey = path + ("transformer_block",), f"{key}.transformer_blocks.0"
+    # SD 1.x projects in and out with 1x1 convolutions, SD 2.x with Linear/Dense layers.
+    project = (lambda name, keras_name: plan.linear(f"{key}.{name}", channels, channels, path + (keras_name,))) if linear \
+        else (lambda name, keras_name: plan.conv(f"{key}.{name}", channels, channels, 1, path + (keras_name,)))
     plan.norm(f"{key}.norm", channels, path + ("norm",))
-    plan.conv(f"{key}.proj_in", channels, channels, 1, path + ("proj1",))
+    project("proj_in", "proj1")
     for number in (1, 2, 3):
         plan.norm(f"{tkey}.norm{number}", channels, block + (f"norm{number}",))
     for attn, kv_width in (("attn1", channels), ("attn2", context)):
@@ -127,10 +136,12 @@ def _unet_transformer(plan, key, channels, index, context=768):
     # GEGLU: one Linear to 2 x 4c (value half, then gate half, as keras-cv splits it).
     plan.linear(f"{tkey}.ff.net.0.proj", 8 * channels, channels, block + ("geglu", "dense"))
     plan.linear(f"{tkey}.ff.net.2", channels, 4 * channels, block + ("dense",))
-    plan.conv(f"{key}.proj_out", channels, channels, 1, path + ("proj2",))
+    project("proj_out", "proj2")
 
 
-def _unet_plan() -> _Plan:
+def _unet_plan(context: int = 768, linear: bool = False) -> _Plan:
+    """SD 1.x (``context`` 768, conv projections) or SD 2.x (1024, ``linear`` projections): the
+    same blocks; the heads (8 of 40.. vs 5.. of 64) do not change any weight's shape."""
     plan = _Plan()
     widths = (320, 640, 1280, 1280)
     plan.linear("time_embedding.linear_1", 1280, 320, ("Dense", 0))
@@ -143,14 +154,14 @@ def _unet_plan() -> _Plan:
             _unet_resnet(plan, f"down_blocks.{block}.resnets.{layer}", cin, width, resnets)
             resnets, cin = resnets + 1, width
             if block < 3:
-                _unet_transformer(plan, f"down_blocks.{block}.attentions.{layer}", width, transformers)
+                _unet_transformer(plan, f"down_blocks.{block}.attentions.{layer}", width, transformers, context, linear)
                 transformers += 1
             skips.append(width)
         if block < 3:
             plan.conv(f"down_blocks.{block}.downsamplers.0.conv", width, width, 3, ("PaddedConv2D", block + 1))
             skips.append(width)
     _unet_resnet(plan, "mid_block.resnets.0", 1280, 1280, resnets)
-    _unet_transformer(plan, "mid_block.attentions.0", 1280, transformers)
+    _unet_transformer(plan, "mid_block.attentions.0", 1280, transformers, context, linear)
     _unet_resnet(plan, "mid_block.resnets.1", 1280, 1280, resnets + 1)
     resnets, transformers = resnets + 2, transformers + 1
     for block, width in enumerate(reversed(widths)):
@@ -159,7 +170,7 @@ def _unet_plan() -> _Plan:
             _unet_resnet(plan, f"up_blocks.{block}.resnets.{layer}", cin + skips.pop(), width, resnets)
             resnets, cin = resnets + 1, width
             if block > 0:
-                _unet_transformer(plan, f"up_blocks.{block}.attentions.{layer}", width, transformers)
+                _unet_transformer(plan, f"up_blocks.{block}.attentions.{layer}", width, transformers, context, linear)
                 transformers += 1
         if block < 3:
             plan.conv(f"up_blocks.{block}.upsamplers.0.conv", width, width, 3, ("Upsample", block, "conv"))
@@ -227,12 +238,19 @@ def _image_encoder_plan() -> _Plan:
     return plan
 
 
-_PLANS = {
-    "text_encoder": _text_encoder_plan,
-    "diffusion_model": _unet_plan,
-    "decoder": _decoder_plan,
-    "image_encoder": _image_encoder_plan,
-}
+def _plans(base_model: str) -> dict:
+    """keras-cv part -> its plan builder, for ``base_model``'s keras-cv classes (sd-1: TextEncoder
+    and DiffusionModel; sd-2: TextEncoderV2 and DiffusionModelV2; both share the VAE)."""
+    sd2 = base_model == "sd-2"
+    return {
+        "text_encoder": (lambda: _text_encoder_plan(1024, 23)) if sd2 else _text_encoder_plan,
+        "diffusion_model": (lambda: _unet_plan(1024, linear=True)) if sd2 else _unet_plan,
+        "decoder": _decoder_plan,
+        "image_encoder": _image_encoder_plan,
+    }
+
+
+_LABEL = {"sd-1": "SD 1.x", "sd-2": "SD 2.x"}
 
 
 # --- reading the diffusers folder -----------------------------------------------------------
@@ -411,6 +429,9 @@ _UNET_CONFIG = (
     ("resnet_out_scale_factor", 1.0, 1.0),
     ("resnet_skip_time_act", False, False),
 )
+# SD 2.x (2.0/2.1 base and their fine-tunes): the same UNet with heads of 64 (diffusers' legacy
+# attention_head_dim holds the head counts), Linear projections and a 1024-wide context.
+_UNET_CONFIG_SD2 = {"attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True}
 _TEXT_CONFIG = (
     ("hidden_size", 768, None),
     ("num_hidden_layers", 12, None),
@@ -421,6 +442,8 @@ _TEXT_CONFIG = (
     ("max_position_embeddings", 77, 77),
     ("vocab_size", 49408, 49408),
 )
+_TEXT_CONFIG_SD2 = {"hidden_size": 1024, "num_hidden_layers": 23, "num_attention_heads": 16,
+                    "intermediate_size": 4096, "hidden_act": "gelu"}
 _VAE_CONFIG = (
     ("in_channels", 3, 3),
     ("out_channels", 3, 3),
@@ -445,12 +468,18 @@ def _norm(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+def _expected(table, overrides: dict) -> list:
+    return [(key, overrides.get(key, want), default) for key, want, default in table]
+
+
 def _check_config(path: Path, config: dict, expected, what: str) -> None:
+    heads = next((want for key, want, _ in expected if key == "attention_head_dim"), None)
     for key, want, default in expected:
         have = _norm(config.get(key, default))
-        if key == "attention_head_dim" and isinstance(have, list) and set(have) == {want}:
+        if key == "attention_head_dim" and isinstance(have, list) and have == [want] * len(have):
             continue
-        if key == "num_attention_heads" and have in (8, [8] * 4):  # the same as attention_head_dim 8
+        # diffusers' num_attention_heads, when given, means what its legacy attention_head_dim does.
+        if key == "num_attention_heads" and have is not None and have in (heads, [heads] * 4):
             continue
         if have != want:
             raise WeightsError(
@@ -460,26 +489,20 @@ def _check_config(path: Path, config: dict, expected, what: str) -> None:
 
 
 def _base_model(src: Path, index: dict, unet: dict, text: dict) -> str:
-    """'sd-1', or a WeightsError naming what the folder is instead."""
+    """'sd-1' or 'sd-2', or a WeightsError naming what the folder is instead."""
     cls = str(index.get("_class_name", ""))
     if "XL" in cls or "text_encoder_2" in index or unet.get("cross_attention_dim") == 2048:
         raise WeightsError(
             f"{src} is a Stable Diffusion XL pipeline ({cls or 'two text encoders'}); keras-cv has no SDXL model, "
-            "so only Stable Diffusion 1.x folders can be converted"
+            "so only Stable Diffusion 1.x and 2.x folders can be converted"
         )
     cross = unet.get("cross_attention_dim")
-    if cross == 1024 or text.get("hidden_size") == 1024:
+    if cross not in (768, 1024):
         raise WeightsError(
-            f"{src} is a Stable Diffusion 2.x pipeline (cross_attention_dim 1024); `weights convert` supports "
-            "Stable Diffusion 1.x (1.4, 1.5 and their fine-tunes) only so far: convert an SD 1.x folder, or use "
-            "keras-cv's own sd-2 weights (`conceptlib weights where --model sd-2`)"
+            f"{src / 'unet' / 'config.json'}: cross_attention_dim is {json.dumps(cross)}, Stable Diffusion 1.x has 768 "
+            "and 2.x 1024; this is not an SD 1.x or 2.x pipeline and cannot be converted"
         )
-    if cross != 768:
-        raise WeightsError(
-            f"{src / 'unet' / 'config.json'}: cross_attention_dim is {json.dumps(cross)}, Stable Diffusion 1.x has 768; "
-            "this is not an SD 1.x pipeline and cannot be converted"
-        )
-    return "sd-1"
+    return "sd-1" if cross == 768 else "sd-2"
 
 
 @dataclass
@@ -500,20 +523,20 @@ class PipelineInfo:
     ema_tensors_ignored: int = 0
 
 
-def converted_bytes() -> int:
-    """About how many bytes the four keras-cv files of an SD 1.x conversion take (float32)."""
-    return sum(4 * math.prod(shape) for build in _PLANS.values() for _, shape, _ in build().entries)
+def converted_bytes(base_model: str = "sd-1") -> int:
+    """About how many bytes the four keras-cv files of a conversion take (float32)."""
+    return sum(4 * math.prod(shape) for build in _plans(base_model).values() for _, shape, _ in build().entries)
 
 
 def inspect_pipeline(src: str | os.PathLike, *, variant: str | None = None) -> PipelineInfo:
-    """Check that ``src`` is a diffusers Stable Diffusion 1.x pipeline folder whose every tensor
+    """Check that ``src`` is a diffusers Stable Diffusion 1.x or 2.x pipeline folder whose every tensor
     keras-cv needs is there with the right shape (reading only configs and safetensors headers:
     no keras, no model). WeightsError says what is wrong and how to fix it."""
     src = Path(src).expanduser()
     if not src.exists():
         raise WeightsError(
             f"{src} does not exist; pass a diffusers Stable Diffusion pipeline folder (with model_index.json) "
-            "or an SD 1.x single-file .safetensors checkpoint"
+            "or an SD 1.x or 2.x single-file .safetensors checkpoint"
         )
     if not src.is_dir():
         if variant is not None:
@@ -542,17 +565,24 @@ def inspect_pipeline(src: str | os.PathLike, *, variant: str | None = None) -> P
     if prediction != "epsilon":
         raise WeightsError(
             f"{scheduler}: prediction_type is {json.dumps(prediction)}; keras-cv's sampler and conceptlib's trainer "
-            "expect a UNet that predicts the noise (epsilon), so this fine-tune cannot be converted"
+            "expect a UNet that predicts the noise (epsilon), so this model cannot be converted"
+            + (" (SD 2.x 768-v models predict v: use an SD 2.x base model, e.g. stable-diffusion-2-1-base)"
+               if base_model == "sd-2" else "")
         )
-    _check_config(src / "text_encoder" / "config.json", configs["text_encoder"], _TEXT_CONFIG, "SD 1.x text encoder (CLIP ViT-L/14)")
-    _check_config(src / "unet" / "config.json", configs["unet"], _UNET_CONFIG, "SD 1.x UNet")
-    _check_config(src / "vae" / "config.json", configs["vae"], _VAE_CONFIG, "SD 1.x VAE")
+    sd2 = base_model == "sd-2"
+    label = _LABEL[base_model]
+    text_what = f"{label} text encoder ({'OpenCLIP ViT-H/14' if sd2 else 'CLIP ViT-L/14'})"
+    _check_config(src / "text_encoder" / "config.json", configs["text_encoder"],
+                  _expected(_TEXT_CONFIG, _TEXT_CONFIG_SD2 if sd2 else {}), text_what)
+    _check_config(src / "unet" / "config.json", configs["unet"],
+                  _expected(_UNET_CONFIG, _UNET_CONFIG_SD2 if sd2 else {}), f"{label} UNet")
+    _check_config(src / "vae" / "config.json", configs["vae"], _VAE_CONFIG, f"{label} VAE")
 
     files, tensors = {}, {}
     for sub in _SUBFOLDERS:
         files[sub] = _weight_files(src, sub, variant)
         tensors[sub] = _Tensors(files[sub], _TEXT_PREFIX if sub == "text_encoder" else "")
-        _check_part(tensors[sub], sub)
+        _check_part(tensors[sub], sub, base_model)
     return PipelineInfo(
         src=src,
         base_model=base_model,
@@ -564,16 +594,17 @@ def inspect_pipeline(src: str | os.PathLike, *, variant: str | None = None) -> P
     )
 
 
-def _check_part(tensors: _Tensors, sub: str) -> None:
-    """Every tensor the plans of ``sub``'s parts need is there with SD 1.x's shape, and no other."""
+def _check_part(tensors: _Tensors, sub: str, base_model: str) -> None:
+    """Every tensor the plans of ``sub``'s parts need is there with ``base_model``'s shape, and no other."""
     used: set[str] = set()
+    plans = _plans(base_model)
     for part in _SUBFOLDERS[sub][1]:
-        for keys, shape, _ in _PLANS[part]().entries:
-            used.add(_check_tensor(tensors, keys, shape))
+        for keys, shape, _ in plans[part]().entries:
+            used.add(_check_tensor(tensors, keys, shape, base_model))
     extra = sorted(tensors.stored_name(key) for key in set(tensors.keys()) - used - _IGNORED_KEYS)
     if extra:
         raise WeightsError(
-            f"{tensors.files[0]} holds {len(extra)} tensor(s) an SD 1.x {sub} does not have ({extra[0]}, ...); "
+            f"{tensors.files[0]} holds {len(extra)} tensor(s) an {_LABEL[base_model]} {sub} does not have ({extra[0]}, ...); "
             "it has another architecture (e.g. LoRA-merged or extra layers) and cannot be converted"
         )
 
@@ -585,7 +616,7 @@ def _check_part(tensors: _Tensors, sub: str) -> None:
 # cond_stage_model.transformer.*). Each tensor the plans name by its diffusers name is looked up
 # under its LDM name: the reverse of diffusers' convert_ldm_unet_checkpoint /
 # convert_ldm_vae_checkpoint / convert_ldm_clip_checkpoint (the table of diffusers'
-# scripts/convert_diffusers_to_original_stable_diffusion.py), for SD 1.x's block layout only.
+# scripts/convert_diffusers_to_original_stable_diffusion.py), for the SD 1.x/2.x block layout only.
 
 _LDM_PREFIX = {"text_encoder": "cond_stage_model.transformer.", "unet": "model.diffusion_model.", "vae": "first_stage_model."}
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
@@ -640,14 +671,77 @@ def ldm_name(sub: str, key: str) -> str:
     return f"{_LDM_PREFIX[sub]}{key}"  # the VAE's quant convs and conv_in/conv_out keep their names
 
 
-def _single_file_tensors(path: Path, sub: str) -> _Tensors:
+# SD 2.x single files keep the text encoder in OpenCLIP's own layout: q, k and v fused into one
+# in_proj tensor per layer, and all 24 layers, of which SD 2.x uses the first 23 (the penultimate
+# layer's output, then ln_final), as diffusers' convert_open_clip_checkpoint reads it.
+_OPENCLIP_PREFIX = "cond_stage_model.model."
+_OPENCLIP_UNUSED = re.compile(r"transformer\.resblocks\.23\.|text_projection$|logit_scale$|attn_mask$")
+_OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                   "self_attn.out_proj": "attn.out_proj"}
+
+
+def _openclip_names(layers: int = 23) -> dict[str, tuple[str, int | None]]:
+    """diffusers text-encoder name -> (OpenCLIP name, which third of a fused q/k/v tensor or None)."""
+    names = {"embeddings.token_embedding.weight": ("token_embedding.weight", None),
+             "embeddings.position_embedding.weight": ("positional_embedding", None),
+             "final_layer_norm.weight": ("ln_final.weight", None), "final_layer_norm.bias": ("ln_final.bias", None)}
+    for index in range(layers):
+        new, old = f"encoder.layers.{index}.", f"transformer.resblocks.{index}."
+        for kind in ("weight", "bias"):
+            for name, renamed in _OPENCLIP_LAYER.items():
+                names[f"{new}{name}.{kind}"] = (f"{old}{renamed}.{kind}", None)
+            for third, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                names[f"{new}self_attn.{name}.{kind}"] = (f"{old}attn.in_proj_{kind}", third)
+    return names
+
+
+class _OpenClipTensors(_Tensors):
+    """The SD 2.x text encoder of a single file under diffusers' names; q/k/v are thirds of the
+    stored in_proj tensors. Tensors SD 2.x does not use are left out; unknown ones show as extra."""
+
+    def __init__(self, path: Path):
+        names = _openclip_names()
+        super().__init__([path], select=lambda stored: _strip(stored, _OPENCLIP_PREFIX) if stored.startswith(_OPENCLIP_PREFIX) else None,
+                         stored_name=lambda key: _OPENCLIP_PREFIX + names.get(key, (key, None))[0])
+        stored = set(self._where)
+        self._alias = {key: value for key, value in names.items() if value[0] in stored}
+        mapped = {name for name, _ in names.values()}
+        self._extra = {key for key in stored - mapped if not _OPENCLIP_UNUSED.search(key)}
+
+    def keys(self):
+        return set(self._alias) | self._extra
+
+    def _stored(self, key: str) -> tuple[str, int | None]:
+        return self._alias.get(key, (key, None))
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        stored, third = self._stored(key)
+        shape = self._meta[stored][0]
+        return shape if third is None else (shape[0] // 3,) + shape[1:]
+
+    def dtype(self, key: str) -> str:
+        return self._meta[self._stored(key)[0]][1]
+
+    def get(self, key: str):
+        stored, third = self._stored(key)
+        value = super().get(stored)
+        if third is None:
+            return value
+        rows = value.shape[0] // 3
+        return value[third * rows:(third + 1) * rows]
+
+
+def _single_file_tensors(path: Path, sub: str, base_model: str) -> _Tensors:
     """``sub``'s tensors of the single file ``path``, under their diffusers names (tensors under
-    the part's prefix that SD 1.x does not have keep their own name, so they show as extra)."""
+    the part's prefix that the model does not have keep their own name, so they show as extra)."""
     prefix = _LDM_PREFIX[sub]
+    if sub == "text_encoder" and base_model == "sd-2":
+        return _OpenClipTensors(path)
     if sub == "text_encoder":  # cond_stage_model.transformer.[text_model.]...
         return _Tensors([path], select=lambda stored: _strip(_strip(stored, prefix), _TEXT_PREFIX) if stored.startswith(prefix) else None,
                         stored_name=lambda key: ldm_name(sub, key))
-    names = {ldm_name(sub, keys[0]): keys[0] for part in _SUBFOLDERS[sub][1] for keys, _, _ in _PLANS[part]().entries}
+    plans = _plans(base_model)
+    names = {ldm_name(sub, keys[0]): keys[0] for part in _SUBFOLDERS[sub][1] for keys, _, _ in plans[part]().entries}
     return _Tensors([path], select=lambda stored: names.get(stored, stored) if stored.startswith(prefix) else None,
                     stored_name=lambda key: key if key.startswith(prefix) else ldm_name(sub, key))
 
@@ -659,11 +753,18 @@ def _strip(text: str, prefix: str) -> str:
 _PICKLES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
+# ComfyUI's test for an SD 2.x v-prediction (768-v) file, which holds the same tensors as an
+# epsilon (base) one: the spread of one late norm's bias (a single file has no config to say).
+_V_PREDICTION_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+_V_PREDICTION_STD = 0.09
+
+
 def inspect_single_file(src: Path) -> PipelineInfo:
-    """Check that ``src`` is an original (LDM) Stable Diffusion 1.x single-file checkpoint in
-    safetensors format holding every tensor keras-cv needs (reading only its header). A single
-    file carries no config: other architectures are told apart by their tensors' names and
-    shapes, and SD 1.x's settings (epsilon prediction, VAE scaling 0.18215) are assumed."""
+    """Check that ``src`` is an original (LDM) Stable Diffusion 1.x or 2.x single-file checkpoint
+    in safetensors format holding every tensor keras-cv needs (reading its header, and for SD 2.x
+    one small tensor). A single file carries no config: other architectures are told apart by
+    their tensors' names and shapes, SD 2.x v-prediction files as ComfyUI tells them apart, and
+    the settings keras-cv's models have (epsilon prediction, VAE scaling 0.18215) are assumed."""
     if src.suffix.lower() in _PICKLES:
         raise WeightsError(
             f"{src} is a pickle checkpoint, which can run code when loaded and is not read by conceptlib; "
@@ -672,7 +773,7 @@ def inspect_single_file(src: Path) -> PipelineInfo:
     if src.suffix.lower() != ".safetensors":
         raise WeightsError(
             f"{src} is neither a diffusers pipeline folder nor a .safetensors checkpoint; pass the folder holding "
-            "model_index.json, or a single-file SD 1.x .safetensors checkpoint"
+            "model_index.json, or a single-file SD 1.x or 2.x .safetensors checkpoint"
         )
     header = _Tensors([src])  # reads the header only
     keys = set(header.keys())
@@ -683,44 +784,55 @@ def inspect_single_file(src: Path) -> PipelineInfo:
     if any(key.startswith("conditioner.") for key in keys):
         raise WeightsError(
             f"{src} is a Stable Diffusion XL checkpoint (conditioner.* text encoders); keras-cv has no SDXL model, "
-            "so only Stable Diffusion 1.x checkpoints can be converted"
-        )
-    to_k = shape("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    if any(key.startswith("cond_stage_model.model.") for key in keys) or (to_k and to_k[-1] == 1024):
-        raise WeightsError(
-            f"{src} is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder, cross-attention width 1024); "
-            "`weights convert` supports Stable Diffusion 1.x (1.4, 1.5 and their fine-tunes) only so far"
+            "so only Stable Diffusion 1.x and 2.x checkpoints can be converted"
         )
     if not any(key.startswith(_LDM_PREFIX["unet"]) for key in keys):
         raise WeightsError(
             f"{src} holds no Stable Diffusion UNet (no model.diffusion_model.* tensors), so it is not a full "
-            "checkpoint (a LoRA, VAE or embedding?); pass a whole SD 1.x checkpoint"
+            "checkpoint (a LoRA, VAE or embedding?); pass a whole SD 1.x or 2.x checkpoint"
         )
+    to_k = shape("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    sd2 = any(key.startswith(_OPENCLIP_PREFIX) for key in keys) or bool(to_k and to_k[-1] == 1024)
+    base_model = "sd-2" if sd2 else "sd-1"
+    label = _LABEL[base_model]
     conv_in = shape("model.diffusion_model.input_blocks.0.0.weight")
     if conv_in and len(conv_in) == 4 and conv_in[1] != 4:
         kind = {9: "an inpainting model", 8: "an instruct-pix2pix model"}.get(conv_in[1], "not a text-to-image model")
         raise WeightsError(
-            f"{src}: the UNet takes {conv_in[1]} input channels ({kind}), keras-cv's SD 1.x UNet takes 4; "
-            "only text-to-image SD 1.x checkpoints can be converted"
+            f"{src}: the UNet takes {conv_in[1]} input channels ({kind}), keras-cv's {label} UNet takes 4; "
+            f"only text-to-image {label} checkpoints can be converted"
         )
     if "v_pred" in keys:  # the marker ComfyUI and kohya's scripts write into v-prediction models
         raise WeightsError(
             f"{src} is marked as a v-prediction model (its v_pred tensor); keras-cv's sampler and conceptlib's trainer "
             "expect a UNet that predicts the noise (epsilon), so it cannot be converted"
         )
-    tensors = {sub: _single_file_tensors(src, sub) for sub in _SUBFOLDERS}
+    if sd2 and _V_PREDICTION_PROBE in keys and _spread(header, _V_PREDICTION_PROBE) > _V_PREDICTION_STD:
+        raise WeightsError(
+            f"{src} is an SD 2.x v-prediction model (768-v; told apart as ComfyUI does, by the spread of "
+            f"{_V_PREDICTION_PROBE}); keras-cv's StableDiffusionV2 and conceptlib's trainer expect a UNet that "
+            "predicts the noise (epsilon): use an SD 2.x base (512) model, e.g. v2-1_512-ema-pruned.safetensors"
+        )
+    tensors = {sub: _single_file_tensors(src, sub, base_model) for sub in _SUBFOLDERS}
     for sub in _SUBFOLDERS:
-        _check_part(tensors[sub], sub)
+        _check_part(tensors[sub], sub, base_model)
     ema = sum(key.startswith("model_ema.") and key not in ("model_ema.decay", "model_ema.num_updates") for key in keys)
     return PipelineInfo(
         src=src,
-        base_model="sd-1",
-        pipeline_class="single-file SD 1.x checkpoint",
+        base_model=base_model,
+        pipeline_class=f"single-file {label} checkpoint",
         files={sub: [src] for sub in _SUBFOLDERS},
         tensors=tensors,
         source_format="ldm-single-file",
         ema_tensors_ignored=ema,
     )
+
+
+def _spread(tensors: _Tensors, key: str) -> float:
+    """The population standard deviation of one (small) tensor."""
+    import numpy as np
+
+    return float(np.std(tensors.get(key)))
 
 
 def _same_layout(shape: tuple, expected: tuple) -> bool:
@@ -732,18 +844,18 @@ def _same_layout(shape: tuple, expected: tuple) -> bool:
     return shape == expected
 
 
-def _check_tensor(tensors: _Tensors, keys: tuple, expected: tuple) -> str:
+def _check_tensor(tensors: _Tensors, keys: tuple, expected: tuple, base_model: str) -> str:
     key = next((k for k in keys if k in tensors.keys()), None)
     where = tensors.files[0] if len(tensors.files) == 1 else tensors.files[0].parent
     if key is None:
         raise WeightsError(
-            f"{where} has no tensor {tensors.stored_name(keys[0])}; the file is incomplete or not an SD 1.x model: "
+            f"{where} has no tensor {tensors.stored_name(keys[0])}; the file is incomplete or not an {_LABEL[base_model]} model: "
             "download it again"
         )
     name = tensors.stored_name(key)
     if not _same_layout(tensors.shape(key), expected):
         raise WeightsError(
-            f"{where}: tensor {name} has shape {list(tensors.shape(key))}, SD 1.x needs {list(expected)}; "
+            f"{where}: tensor {name} has shape {list(tensors.shape(key))}, {_LABEL[base_model]} needs {list(expected)}; "
             "the file belongs to another model"
         )
     if tensors.dtype(key) not in _DTYPES:
@@ -863,12 +975,12 @@ def convert_pipeline(
     report=None,
     info: PipelineInfo | None = None,
 ) -> Path:
-    """Convert the diffusers SD 1.x pipeline folder (or single-file checkpoint) ``src`` into a
+    """Convert the diffusers SD 1.x/2.x pipeline folder (or single-file checkpoint) ``src`` into a
     keras-cv weights folder ``directory`` (text_encoder, diffusion_model, decoder and image_encoder, keras-cv's file
     names, plus a ``conceptlib-weights.json`` manifest and ``CONVERTED-FROM.txt`` saying where
     they came from). ``report(message)`` is called as each part is done. Returns the folder."""
     info = info or inspect_pipeline(src, variant=variant)
-    directory = check_destination(directory, overwrite=overwrite, needed_bytes=converted_bytes())
+    directory = check_destination(directory, overwrite=overwrite, needed_bytes=converted_bytes(info.base_model))
     report = report or (lambda message: None)
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -897,7 +1009,7 @@ def _write_parts(info: PipelineInfo, staging: Path, report) -> dict:
     from conceptlib.kerascv import models
 
     files = {}
-    for part, build_plan in _PLANS.items():
+    for part, build_plan in _plans(info.base_model).items():
         sub = _PART_SUBFOLDER[part]
         # Every variable is assigned from the file, so skip the random initialisers (seconds for
         # the UNet); _fill checks that none is left with the placeholder zeros.
@@ -915,7 +1027,8 @@ def _write_parts(info: PipelineInfo, staging: Path, report) -> dict:
             "source": [str(p.relative_to(info.src)) if p != info.src else p.name for p in info.files[sub]],
         }
         if info.source_format == "ldm-single-file":
-            files[path.name]["source_tensors"] = f"{_LDM_PREFIX[sub]}*"
+            prefix = _OPENCLIP_PREFIX if sub == "text_encoder" and info.base_model == "sd-2" else _LDM_PREFIX[sub]
+            files[path.name]["source_tensors"] = f"{prefix}*"
         report(f"{part}: {', '.join(files[path.name]['source'])} -> {path.name}")
     return files
 

@@ -1,12 +1,19 @@
 """Training images: find, check, hash, caption, load and augment them (PIL + numpy only).
 
+Captions come, per image, from the first of: ``<stem>.txt`` beside it (AUTOMATIC1111, kohya),
+``<stem>.caption`` (kohya's default caption extension), or the folder's ``metadata.jsonl`` /
+``metadata.csv`` (Hugging Face's ImageFolder layout, as diffusers' training scripts read it: a
+``file_name`` column and a ``text`` or ``caption`` column).
+
 Augmentation (random square crop of 80-100 % of the area, resize, horizontal flip) is a pure
 function of a numpy Generator, so a run's data is reproducible from its seed and step.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,15 +24,22 @@ MIN_SIDE = 64  # the smallest training resolution
 CROP_AREA = (0.8, 1.0)  # keras.io example: RandomCropAndResize(crop_area_factor=(0.8, 1.0))
 
 
+CAPTION_EXTENSIONS = (".txt", ".caption")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+_CAPTION_COLUMNS = ("text", "caption")
+
+
 @dataclass(frozen=True)
 class TrainingImage:
-    """One checked training image and its optional caption (``<stem>.txt`` beside it)."""
+    """One checked training image and its optional caption; ``caption_source`` says where the
+    caption came from (a file, or a metadata file's line) for messages."""
 
     path: Path
     width: int
     height: int
     sha256: str
     caption: str | None
+    caption_source: str | None = None
 
 
 def find_images(source: str | Path) -> list[TrainingImage]:
@@ -52,6 +66,7 @@ def find_images(source: str | Path) -> list[TrainingImage]:
             )
     else:
         raise TrainingError(f"{source}: no such folder; give the folder holding the training images")
+    listed = folder_captions(source, paths) if source.is_dir() else {}
     images = []
     for path in paths:
         try:
@@ -70,19 +85,88 @@ def find_images(source: str | Path) -> list[TrainingImage]:
                 f"{path}: image is {width}x{height}, smaller than {MIN_SIDE} px on a side; "
                 "use a larger picture or remove it"
             )
-        caption_path = path.with_suffix(".txt")
-        caption = None
+        caption, caption_source = _sidecar_caption(path) or listed.get(path.name, (None, None))
+        images.append(
+            TrainingImage(path, width, height, hashlib.sha256(data).hexdigest(), caption, caption_source)
+        )
+    return images
+
+
+def _clean(text: str) -> str | None:
+    return " ".join(text.split()) or None
+
+
+def _sidecar_caption(path: Path) -> tuple[str | None, str] | None:
+    """(caption, its file) from ``<stem>.txt`` or ``<stem>.caption``, or None without one."""
+    for extension in CAPTION_EXTENSIONS:
+        caption_path = path.with_suffix(extension)
         if caption_path.is_file():
             try:
-                caption = " ".join(caption_path.read_text(encoding="utf-8").split()) or None
+                return _clean(caption_path.read_text(encoding="utf-8")), str(caption_path)
             except UnicodeDecodeError as exc:
                 raise TrainingError(
                     f"{caption_path}: the caption is not UTF-8 text (byte {exc.start}); save it as UTF-8"
                 ) from None
-        images.append(
-            TrainingImage(path, width, height, hashlib.sha256(data).hexdigest(), caption)
-        )
-    return images
+    return None
+
+
+def folder_captions(folder: Path, images: list[Path]) -> dict[str, tuple[str | None, str]]:
+    """Image file name -> (caption, where it was read) from the folder's metadata.jsonl or
+    metadata.csv. A row naming a file that is not one of ``images``, a malformed row or a row
+    without a caption column is a TrainingError naming the file and line."""
+    found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+    if not found:
+        return {}
+    if len(found) > 1:
+        raise TrainingError(f"{folder} holds both {found[0].name} and {found[1].name}; keep one of them")
+    path = found[0]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise TrainingError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    rows = _jsonl_rows(path, text) if path.suffix == ".jsonl" else _csv_rows(path, text)
+    names = {image.name for image in images}
+    captions: dict[str, tuple[str | None, str]] = {}
+    for line, row in rows:
+        where = f"{path} line {line}"
+        name = row.get("file_name")
+        column = next((c for c in _CAPTION_COLUMNS if c in row), None)
+        if not isinstance(name, str) or column is None or not isinstance(row[column], str):
+            raise TrainingError(
+                f"{where}: needs a file_name and a text (or caption) value, as Hugging Face's ImageFolder "
+                f"metadata has them; it has {', '.join(sorted(row)) or 'nothing'}"
+            )
+        name = name.replace("\\", "/")
+        if name not in names:
+            raise TrainingError(
+                f"{where}: {name!r} is not one of the images in {folder}; fix the name or remove the line"
+            )
+        if name in captions:
+            raise TrainingError(f"{where}: {name!r} is captioned twice (also on line {captions[name][1].rsplit(' ', 1)[-1]}); keep one")
+        captions[name] = (_clean(row[column]), where)
+    return captions
+
+
+def _jsonl_rows(path: Path, text: str):
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise TrainingError(f"{path} line {number}: not a JSON object ({exc.msg}); fix or remove the line") from None
+        if not isinstance(row, dict):
+            raise TrainingError(f"{path} line {number}: not a JSON object; write one object per line")
+        yield number, row
+
+
+def _csv_rows(path: Path, text: str):
+    reader = csv.DictReader(text.splitlines())
+    try:
+        for row in reader:
+            yield reader.line_num, {key: value for key, value in row.items() if key is not None}
+    except csv.Error as exc:
+        raise TrainingError(f"{path} line {reader.line_num}: {exc}; fix the line") from None
 
 
 def upright_size(image) -> tuple[int, int]:

@@ -636,7 +636,7 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
             try:
                 job.prompt_ids(pack.render(index, config.token, image.caption))
             except TrainingError as exc:
-                source = f"{image.path.with_suffix('.txt')}: " if image.caption else f"template pack {pack.name!r}: "
+                source = f"{image.caption_source}: " if image.caption else f"template pack {pack.name!r}: "
                 raise TrainingError(f"{source}{exc}") from None
     if resume is not None:
         job._checkpoint = _checked_checkpoint(run_dir, config)

@@ -190,6 +190,18 @@ def test_caption_too_long_for_the_text_encoder(home, images):
     assert "needs 88 tokens, 11 more than" in line  # start, 4 words, token, comma, 80 words, end
 
 
+def test_metadata_caption_too_long_names_its_line(home, images):
+    (images / "metadata.jsonl").write_text('{"file_name": "p1.png", "text": "%s"}\n' % " ".join(["word"] * 80))
+    line = _refused(home, [str(images), "--name", "new", "--weights", "random"], "more than the text encoder's 77")
+    assert line.startswith(f"Error: {images / 'metadata.jsonl'} line 1: prompt 'a photo of a <new>, word word")
+
+
+def test_metadata_naming_a_missing_image(home, images):
+    (images / "metadata.csv").write_text("file_name,text\np0.png,fine\np9.png,typo\n")
+    _refused(home, [str(images), "--name", "new", "--weights", "random"],
+             f"{images / 'metadata.csv'} line 3: 'p9.png' is not one of the images in {images}")
+
+
 def test_too_many_vectors_for_the_template_pack_says_by_how_much(home, images):
     line = _refused(home, [str(images), "--name", "new", "--num-vectors", "72", "--template", "style", "--weights", "random"],
                     "template pack 'style': prompt 'a painting in the style of <new>' needs 80 tokens, 3 more than")

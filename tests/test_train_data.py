@@ -92,6 +92,72 @@ def test_captions_are_read_beside_images(job):
     assert all(len(image.sha256) == 64 for image in job.images)
 
 
+def _pictures(folder, *names):
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        Image.new("RGB", (80, 80), (200, 10, 10)).save(folder / name)
+    return folder
+
+
+def test_kohya_caption_files_and_txt_first(tmp_path):
+    """kohya's default caption extension is .caption; a .txt beside the same image wins."""
+    folder = _pictures(tmp_path / "photos", "a.png", "b.png", "c.png")
+    (folder / "a.caption").write_text("kohya caption\n")
+    (folder / "b.caption").write_text("ignored")
+    (folder / "b.txt").write_text("the txt one")
+    images = find_images(folder)
+    assert [image.caption for image in images] == ["kohya caption", "the txt one", None]
+    assert [image.caption_source for image in images] == [str(folder / "a.caption"), str(folder / "b.txt"), None]
+
+
+def test_hugging_face_imagefolder_metadata_captions(tmp_path):
+    """metadata.jsonl / metadata.csv (file_name + text or caption), as diffusers' scripts read
+    Hugging Face ImageFolder datasets; an image's own caption file wins over its row."""
+    folder = _pictures(tmp_path / "jsonl", "a.png", "b.png", "c.png")
+    (folder / "metadata.jsonl").write_text(
+        '{"file_name": "a.png", "text": "  a doll  on a shelf "}\n\n'
+        '{"file_name": "b.png", "caption": "from the caption column", "extra": 1}\n'
+        '{"file_name": "c.png", "text": "overridden"}\n')
+    (folder / "c.txt").write_text("own file")
+    images = find_images(folder)
+    assert [image.caption for image in images] == ["a doll on a shelf", "from the caption column", "own file"]
+    assert images[0].caption_source == f"{folder / 'metadata.jsonl'} line 1"
+    assert images[1].caption_source == f"{folder / 'metadata.jsonl'} line 3"
+    folder = _pictures(tmp_path / "csv", "a.png", "b.png")
+    (folder / "metadata.csv").write_text('file_name,text\na.png,"a doll, in a box"\n', encoding="utf-8")
+    images = find_images(folder)
+    assert [image.caption for image in images] == ["a doll, in a box", None]
+    assert images[0].caption_source == f"{folder / 'metadata.csv'} line 2"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("metadata.jsonl", '{"file_name": "a.png", "text": "x"}\n{"file_name": "typo.png", "text": "y"}\n',
+     "metadata.jsonl line 2: 'typo.png' is not one of the images in"),
+    ("metadata.jsonl", '{"file_name": "a.png", "text": "x"}\n{"file_name": "a.png", "text": "y"}\n',
+     "metadata.jsonl line 2: 'a.png' is captioned twice (also on line 1)"),
+    ("metadata.jsonl", '{"file_name": "a.png", "text": "x"\n', "metadata.jsonl line 1: not a JSON object"),
+    ("metadata.jsonl", '["a.png", "x"]\n', "metadata.jsonl line 1: not a JSON object; write one object per line"),
+    ("metadata.jsonl", '{"file_name": "a.png", "label": 3}\n',
+     "metadata.jsonl line 1: needs a file_name and a text (or caption) value, as Hugging Face's ImageFolder metadata "
+     "has them; it has file_name, label"),
+    ("metadata.csv", "image,text\na.png,x\n", "metadata.csv line 2: needs a file_name and a text (or caption) value"),
+])
+def test_bad_metadata_is_one_line_naming_the_file_and_line(tmp_path, name, content, message):
+    folder = _pictures(tmp_path / "photos", "a.png")
+    (folder / name).write_text(content)
+    with pytest.raises(TrainingError) as info:
+        find_images(folder)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_two_metadata_files_are_ambiguous(tmp_path):
+    folder = _pictures(tmp_path / "photos", "a.png")
+    (folder / "metadata.jsonl").write_text("")
+    (folder / "metadata.csv").write_text("file_name,text\n")
+    with pytest.raises(TrainingError, match="holds both metadata.jsonl and metadata.csv; keep one of them"):
+        find_images(folder)
+
+
 def test_hidden_files_are_not_training_images(tmp_path):
     """macOS leaves "._name.jpg" metadata files beside copied photos: skipped, not "unreadable"."""
     folder = tmp_path / "photos"

@@ -28,8 +28,10 @@ _A1111_PLACEHOLDERS = {"[name]": TOKEN, "[filewords]": CAPTION}
 class TemplatePack:
     """A named list of prompt templates.
 
-    ``templates`` each contain ``{token}``; ``caption_templates`` each contain ``{token}`` and
-    ``{caption}`` and are used for images that have a caption file (none: captions are not used).
+    ``templates`` each contain ``{token}``; ``caption_templates`` are used for images that have a
+    caption (none: captions are not used): each contains ``{token}``, and ``{caption}`` where the
+    caption goes (a template without it leaves the caption out, as AUTOMATIC1111's template lines
+    without ``[filewords]`` do; at least one must hold it).
     """
 
     name: str
@@ -47,11 +49,15 @@ class TemplatePack:
                     f"template pack {self.name!r}: template {template!r} lacks the {TOKEN} placeholder"
                 )
         for template in self.caption_templates:
-            if TOKEN not in template or CAPTION not in template:
+            if TOKEN not in template:
                 raise PluginError(
-                    f"template pack {self.name!r}: caption template {template!r} needs both "
-                    f"{TOKEN} and {CAPTION}"
+                    f"template pack {self.name!r}: caption template {template!r} lacks the {TOKEN} placeholder"
                 )
+        if self.caption_templates and not any(CAPTION in template for template in self.caption_templates):
+            raise PluginError(
+                f"template pack {self.name!r}: no caption template holds {CAPTION}, so captions would never "
+                "be used; add it where the caption goes"
+            )
 
     def render(self, index: int, token: str, caption: str | None = None) -> str:
         """The prompt for template number ``index`` (taken modulo the list length).
@@ -160,8 +166,9 @@ def pack_from_file(path: str | Path) -> TemplatePack:
     """A pack from a UTF-8 text file of templates, one per line (blank lines skipped), with
     ``{token}`` and ``{caption}`` or AUTOMATIC1111's ``[name]`` and ``[filewords]``: an AUTOMATIC1111
     ``textual_inversion_templates/*.txt`` file works as it is. Images without a caption use every
-    line, its caption placeholder left out; images with one use the lines that hold the
-    placeholder (a file without such lines ignores captions, as AUTOMATIC1111 does).
+    line, its caption placeholder left out; images with one use every line too, as AUTOMATIC1111
+    does (the caption where a line holds the placeholder); a file without the placeholder ignores
+    captions.
     TrainingError names the file (and line) that cannot be used."""
     path = Path(path).expanduser().absolute()
     try:
@@ -190,7 +197,7 @@ def pack_from_file(path: str | Path) -> TemplatePack:
         name=f"file:{path.name}",
         description=f"{len(lines)} templates from {path}",
         templates=tuple(dict.fromkeys(_without_caption(line) for line in lines)),
-        caption_templates=tuple(line for line in lines if CAPTION in line),
+        caption_templates=tuple(lines) if any(CAPTION in line for line in lines) else (),
         source=str(path),
     )
 

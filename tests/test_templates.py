@@ -37,8 +37,10 @@ def test_render_token_caption_and_caption_with_placeholder():
 def test_pack_validation_errors_are_one_line():
     with pytest.raises(PluginError, match="lacks the {token} placeholder"):
         TemplatePack("bad", "", ("a photo of a thing",))
-    with pytest.raises(PluginError, match="needs both"):
+    with pytest.raises(PluginError, match="no caption template holds {caption}"):
         TemplatePack("bad", "", ("a {token}",), caption_templates=("{token} only",))
+    with pytest.raises(PluginError, match="caption template 'just {caption}' lacks the {token} placeholder"):
+        TemplatePack("bad", "", ("a {token}",), caption_templates=("a {token}, {caption}", "just {caption}"))
     with pytest.raises(PluginError, match="no templates"):
         TemplatePack("bad", "", ())
 
@@ -94,6 +96,17 @@ def test_an_automatic1111_template_file_is_a_pack(tmp_path):
     assert pack.count(None) == 3 and pack.count("on a chair") == 3
     assert pack.render(1, "<x>") == "a rendering of a <x>"
     assert pack.render(1, "<x>", "on a red chair") == "a rendering of a <x>, on a red chair"
+
+
+def test_a_template_file_mixing_lines_uses_every_line_for_captioned_images(tmp_path):
+    """As AUTOMATIC1111 does: a captioned image draws from every line, its caption where a line
+    holds [filewords]; an image without one, every line with the placeholder left out."""
+    path = tmp_path / "mixed.txt"
+    path.write_text("a photo of a [name], [filewords]\nart by [name]\n")
+    pack = get_template_pack(str(path))
+    assert pack.count("on a chair") == 2 and pack.count(None) == 2
+    assert [pack.render(i, "<x>", "on a chair") for i in range(2)] == ["a photo of a <x>, on a chair", "art by <x>"]
+    assert [pack.render(i, "<x>") for i in range(2)] == ["a photo of a <x>", "art by <x>"]
 
 
 def test_a_template_file_without_filewords_ignores_captions(tmp_path):

@@ -357,6 +357,6 @@ def templates_show(name, as_json):
     if not pack.caption_templates:
         click.echo("# captions are not used by this pack")
         return
-    click.echo("# with a caption file:")
+    click.echo("# for images with a caption:")
     for template in pack.caption_templates:
         click.echo(template)

@@ -39,6 +39,7 @@ class TemplatePack:
     templates: tuple[str, ...]
     caption_templates: tuple[str, ...] = ("a photo of a {token}, {caption}",)
     source: str = field(default="builtin", compare=False)
+    text: str | None = field(default=None, compare=False, repr=False)  # a template file's text
 
     def __post_init__(self) -> None:
         if not self.templates:
@@ -162,22 +163,31 @@ def builtin_packs() -> list[TemplatePack]:
     ]
 
 
+def read_template_file(path: str | Path) -> tuple[Path, str]:
+    """(absolute path, text) of a template file; TrainingError naming it if it cannot be read."""
+    path = Path(path).expanduser().absolute()
+    try:
+        return path, path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TrainingError(f"template file {path} does not exist; give a file of templates or a pack name "
+                            "(`conceptlib templates list`)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrainingError(f"template file {path} cannot be read ({exc}); save it as UTF-8 text") from None
+
+
 def pack_from_file(path: str | Path) -> TemplatePack:
     """A pack from a UTF-8 text file of templates, one per line (blank lines skipped), with
     ``{token}`` and ``{caption}`` or AUTOMATIC1111's ``[name]`` and ``[filewords]``: an AUTOMATIC1111
     ``textual_inversion_templates/*.txt`` file works as it is. Images without a caption use every
     line, its caption placeholder left out; images with one use every line too, as AUTOMATIC1111
     does (the caption where a line holds the placeholder); a file without the placeholder ignores
-    captions.
-    TrainingError names the file (and line) that cannot be used."""
-    path = Path(path).expanduser().absolute()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TrainingError(f"template file {path} does not exist; give a file of templates or a pack name "
-                            "(`conceptlib templates list`)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TrainingError(f"template file {path} cannot be read ({exc}); save it as UTF-8 text") from None
+    captions. TrainingError names the file (and line) that cannot be used."""
+    return pack_from_text(*read_template_file(path))
+
+
+def pack_from_text(path: Path, text: str) -> TemplatePack:
+    """``pack_from_file`` for the ``text`` of the template file ``path`` (e.g. the copy a training
+    run keeps, so ``--resume`` uses the templates the run started with)."""
     lines = []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -199,6 +209,7 @@ def pack_from_file(path: str | Path) -> TemplatePack:
         templates=tuple(dict.fromkeys(_without_caption(line) for line in lines)),
         caption_templates=tuple(lines) if any(CAPTION in line for line in lines) else (),
         source=str(path),
+        text=text,
     )
 
 

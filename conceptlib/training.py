@@ -329,6 +329,7 @@ class TrainingJob:
         self.vocab_size = len(tokenizer.encoder)
         self.new_ids = list(range(self.vocab_size, self.vocab_size + config.num_vectors))
         self.start_step = 0
+        self.notes: list[str] = []  # printed before the run starts (CLI: on stderr)
         self.losses: list[float] = []
         self.progress = Progress(config.steps)
         self.timings: dict[str, float] = {"prepared": time.perf_counter()}
@@ -592,7 +593,11 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
             raise TrainingError(f"run {run_dir.path} already finished (concept.safetensors exists); nothing to resume")
     config.validate()
     trainer_cls = plugins.get_trainer(config.trainer)
-    pack = plugins.get_template_pack(config.template)
+    notes: list[str] = []
+    if resume is not None and saved.get("template_text") is not None:
+        pack = _saved_template_pack(config.template, saved["template_text"], notes)
+    else:
+        pack = plugins.get_template_pack(config.template)
     _ensure_backend(trainer_cls.backend)
     if resume is None:
         library.check_available(config.name, config.token)
@@ -623,6 +628,7 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
     init_ids = tokenize_init(tokenizer, config.init)
     job = TrainingJob(config, trainer_cls, pack, images, tokenizer, init_ids, None, run_dir, library, resume is not None)
     job.init_concept = start
+    job.notes = notes
     # Every prompt must fit: render each template/caption once now rather than fail mid-run.
     if config.preview_prompt is not None:
         from conceptlib.kerascv.textual_inversion import encode_prompt
@@ -654,6 +660,8 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
             "random_weights": job.random_weights, "trainer_version": str(getattr(trainer_cls, "version", "?")),
             "started": _dt.datetime.now().isoformat(timespec="seconds"),
         }
+        if pack.text is not None:  # a template file: --resume trains with these lines, whatever the file becomes
+            extra["template_text"] = pack.text
         try:
             run_dir.create(config, extra, start)
         except OSError as exc:
@@ -856,6 +864,23 @@ def _init_tokens(tokenizer, init_ids: list[int]) -> list[str]:
     return [tokenizer.decode([i]).strip() for i in init_ids]
 
 
+def _saved_template_pack(path: str, text: str, notes: list[str]):
+    """The template file's pack as the run saved it when it started; a note if the file has
+    changed (or gone) since."""
+    from conceptlib.templates import pack_from_text
+
+    try:
+        current = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        current = None
+    if current != text:
+        notes.append(
+            f"Note: the template file {path} {'is gone' if current is None else 'has changed'} since the run "
+            "started; resuming with the templates it had then (start a new run to use the file as it is now)"
+        )
+    return pack_from_text(Path(path), text)
+
+
 def _announce(job: TrainingJob) -> None:
     """The lines on stderr before a CLI run: random weights, the run folder, split --init words."""
     if job.random_weights:
@@ -871,6 +896,8 @@ def _announce(job: TrainingJob) -> None:
         file=sys.stderr,
         flush=True,
     )
+    for note in job.notes:
+        print(note, file=sys.stderr)
     start = job.init_concept
     if start is not None:
         print(f"Starting from the {len(start.vectors)} vector(s) of {start.name} ({start.token})", file=sys.stderr)

@@ -161,3 +161,35 @@ def test_training_with_a_template_file_records_its_name_only(tmp_path, monkeypat
     assert job.config.template == str(tmp_path / "mine.txt")
     assert job.config.training_summary()["template"] == "file:mine.txt"
     assert job.pack.render(0, "<x>", job.images[0].caption) == "a photo of a <x>, on a red chair"
+
+
+def test_resume_trains_with_the_template_file_as_the_run_started(tmp_path, capsys):
+    """The run keeps the file's text: a resumed run uses the same prompts as an uninterrupted one,
+    even after the file was edited or deleted, and says so."""
+    import numpy as np
+    from PIL import Image
+
+    from conceptlib.library import ConceptLibrary
+    from conceptlib.training import TrainingConfig, _announce, prepare
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 100).save(images / "a.png")
+    template = tmp_path / "mine.txt"
+    template.write_text("a photo of a [name]\nart by [name]\n")
+    library = ConceptLibrary(tmp_path / "home")
+    config = TrainingConfig(images=str(images), name="x", token="<x>", template=str(template), weights="random",
+                            resolution=64)
+    run = prepare(config, library=library).run_dir.path
+    resumed = prepare(None, library=library, resume=run)
+    assert resumed.pack.templates == ("a photo of a {token}", "art by {token}") and resumed.notes == []
+    template.write_text("a sculpture of [name]\n")
+    resumed = prepare(None, library=library, resume=run)
+    assert resumed.pack.templates == ("a photo of a {token}", "art by {token}")
+    assert resumed.notes == [f"Note: the template file {template} has changed since the run started; resuming with "
+                             "the templates it had then (start a new run to use the file as it is now)"]
+    template.unlink()
+    resumed = prepare(None, library=library, resume=run)
+    assert resumed.pack.templates == ("a photo of a {token}", "art by {token}") and "is gone" in resumed.notes[0]
+    _announce(resumed)
+    assert "is gone since the run started" in capsys.readouterr().err

@@ -29,6 +29,18 @@ MODELSPEC_ARCHITECTURE = {
     "sd-1": "stable-diffusion-v1/textual-inversion",
     "sd-2": "stable-diffusion-v2-512/textual-inversion",
 }
+# `list --json` (and `list PATTERN`'s search) carries these of them when a concept has them.
+_LISTED_DESCRIPTIONS = ("title", "description", "category", "tags")
+# The ModelSpec keys a user describes a concept with (`conceptlib describe`), by option name.
+DESCRIPTIVE_KEYS = {
+    "title": "modelspec.title",
+    "description": "modelspec.description",
+    "author": "modelspec.author",
+    "license": "modelspec.license",
+    "usage_hint": "modelspec.usage_hint",
+    "category": "modelspec.category",
+    "tags": "modelspec.tags",
+}
 
 
 class WriteError(ConceptFileError, OSError):
@@ -80,15 +92,22 @@ class ConceptHeader:
 
     def summary(self) -> dict:
         """The fields `conceptlib list --json` prints."""
-        return {
-            "name": self.name,
-            "token": self.token,
-            "num_vectors": self.num_vectors,
-            "dim": self.dim,
-            "base_model": self.base_model,
-            "trainer": self.metadata.get("trainer", ""),
-            "created_at": self.metadata.get("created_at", ""),
-        }
+        return summary_fields(self.name, self.token, self.num_vectors, self.dim, self.metadata)
+
+
+def summary_fields(name: str, token: str, num_vectors: int, dim: int, metadata: dict) -> dict:
+    """What `conceptlib list --json` prints for a concept (its descriptive keys when it has them)."""
+    return {
+        "name": name,
+        "token": token,
+        "num_vectors": num_vectors,
+        "dim": dim,
+        "base_model": BASE_MODEL_BY_DIM.get(dim, "unknown"),
+        "trainer": metadata.get("trainer", ""),
+        "created_at": metadata.get("created_at", ""),
+        **{option: metadata[key] for option, key in DESCRIPTIVE_KEYS.items()
+           if option in _LISTED_DESCRIPTIONS and key in metadata},
+    }
 
 
 def read_file_header(path: str | os.PathLike) -> FileHeader:
@@ -269,6 +288,11 @@ def concept_metadata(concept: Concept) -> dict[str, str]:
             "modelspec.date": metadata.get("modelspec.date") or metadata["created_at"],
         }
     )
+    # keras-cv's SD 1.x and 2.x (base) both generate at 512 px and predict the noise.
+    metadata.setdefault("modelspec.resolution", "512x512")
+    metadata.setdefault("modelspec.prediction_type", "epsilon")
+    if metadata.get("preview"):  # model pickers show this one (the spec's thumbnail key)
+        metadata["modelspec.thumbnail"] = "data:image/png;base64," + metadata["preview"]
     metadata.setdefault("init_tokens", "[]")
     return metadata
 

@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from conceptlib.concept import BASE_MODEL_BY_DIM, Concept, suggested_token, validate_name, validate_token
+from conceptlib.concept import Concept, suggested_token, validate_name, validate_token
 from conceptlib.errors import (
     CollisionError,
     ConceptError,
@@ -43,16 +43,20 @@ from conceptlib.files import (
     non_finite_vectors,
     read_concept,
     read_header,
+    summary_fields,
     vector_norms,
     write_concept,
     write_failure_reason,
 )
 
 # 3: entries also record files whose vectors hold NaN or Inf (version 2 listed them as usable).
-INDEX_VERSION = 3
+INDEX_VERSION = 4
 _ENTRY_FIELDS = {"key", "name", "token", "num_vectors", "dim", "metadata"}
 # The metadata keys ConceptHeader.summary() shows; the rest is read from the file when used.
-_INDEXED_KEYS = ("trainer", "created_at")
+# What `list` shows and searches without opening each file: ModelSpec's title, category, tags and
+# description are searchable, as the spec asks of tools that list models.
+_INDEXED_KEYS = ("trainer", "created_at", "modelspec.title", "modelspec.category", "modelspec.tags",
+                 "modelspec.description")
 
 
 def default_root() -> Path:
@@ -203,18 +207,7 @@ class ConceptLibrary:
         """``[header.summary() for header in self.list()]``, straight from the index (what
         `conceptlib list` prints; no header objects, so 10,000 concepts list fast)."""
         found, self.problems = self._scan()
-        return [
-            {
-                "name": e["name"],
-                "token": e["token"],
-                "num_vectors": e["num_vectors"],
-                "dim": e["dim"],
-                "base_model": BASE_MODEL_BY_DIM.get(e["dim"], "unknown"),
-                "trainer": e["metadata"].get("trainer", ""),
-                "created_at": e["metadata"].get("created_at", ""),
-            }
-            for _, e in found
-        ]
+        return [summary_fields(e["name"], e["token"], e["num_vectors"], e["dim"], e["metadata"]) for _, e in found]
 
     def header(self, ref: str) -> ConceptHeader:
         """The header of the concept whose name or token is ``ref``; NotFoundError otherwise."""
@@ -312,6 +305,26 @@ class ConceptLibrary:
                 write_concept(renamed, new_path)
             self._held_headers = None
             return _with_name(read_header(new_path), new)
+
+    def describe(self, ref: str, changes: dict[str, str | None]) -> ConceptHeader:
+        """Set (or, with None, remove) descriptive metadata keys of concept ``ref`` (its name or
+        token), e.g. ``{"modelspec.author": "me"}``; the file is rewritten atomically with its
+        vectors and every other key as they were. Removing ``modelspec.title`` gives back the
+        default title, the concept's name."""
+        with self.lock():
+            name = self._name_of(ref)
+            path = self._existing_path(name)
+            concept = read_concept(path)
+            metadata = dict(concept.metadata)
+            for key, value in changes.items():
+                if value is None:
+                    metadata.pop(key, None)
+                else:
+                    metadata[key] = value
+            with self._writing(path):
+                write_concept(Concept(name, concept.token, concept.vectors, metadata), path)
+            self._held_headers = None
+            return _with_name(read_header(path), name)
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -95,6 +95,67 @@ def test_list_filters_by_pattern_and_base_model(library):
     assert run("list", "--base-model", "sd-3").exit_code == 2
 
 
+def test_describe_sets_modelspec_keys_for_sharing(library):
+    before = library.get("cat-doll")
+    result = run("describe", "<cat-doll>", "--author", "Jo Doe", "--license", "CC-BY-4.0", "--category", "Object",
+                 "--tags", "doll, plush", "--usage-hint", "works best at weight 0.8", "--title", "  Cat doll v2 ")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[:3] == ["title:       Cat doll v2", "description: (not set)", "author:      Jo Doe"]
+    after = library.get("cat-doll")
+    np.testing.assert_array_equal(after.vectors, before.vectors)
+    metadata = after.metadata
+    assert {key: metadata[f"modelspec.{key}"] for key in ("title", "author", "license", "category", "tags", "usage_hint")} == {
+        "title": "Cat doll v2", "author": "Jo Doe", "license": "CC-BY-4.0", "category": "Object",
+        "tags": "doll, plush", "usage_hint": "works best at weight 0.8"}
+    assert metadata["trainer"] == "tensorflow" and metadata["loss_history"] == before.metadata["loss_history"]
+    # The description may span lines, and come from stdin; an empty value removes a key, an empty
+    # title gives back the default (the name).
+    result = run("describe", "cat-doll", "--description", "-", "--license", "", "--title", "",
+                 input="A plush **cat doll**.\nTrained on 5 photos.\n")
+    assert result.exit_code == 0, result.output
+    metadata = library.header("cat-doll").metadata
+    assert metadata["modelspec.description"] == "A plush **cat doll**.\nTrained on 5 photos."
+    assert "modelspec.license" not in metadata and metadata["modelspec.title"] == "cat-doll"
+    assert "license:     (not set)" in result.stdout
+    # Without options it only prints.
+    assert run("describe", "cat-doll").stdout == result.stdout
+    assert library.header("cat-doll").metadata == metadata
+
+
+def test_described_keys_travel_with_exports(library, tmp_path):
+    from conceptlib.files import read_file_header
+
+    run("describe", "cat-doll", "--author", "Jo Doe", "--tags", "doll")
+    for fmt, out in (("kohya", "k.safetensors"), ("diffusers", "d.safetensors")):
+        assert run("export", "cat-doll", "--format", fmt, "--out", str(tmp_path / out)).exit_code == 0
+        metadata = read_file_header(tmp_path / out).metadata
+        assert metadata["modelspec.author"] == "Jo Doe" and metadata["modelspec.tags"] == "doll", fmt
+        assert metadata["modelspec.thumbnail"].startswith("data:image/png;base64,iVBORw0KGgo")
+
+
+def test_describe_refuses_bad_values_and_changes_nothing(library):
+    before = snapshot(library.root)
+    assert_one_line_error(run("describe", "nope", "--author", "x"), 1, "nope")
+    for args in (["--author", "two\nlines"], ["--title", "x" * 600], ["--description", "x" * 20000]):
+        result = run("describe", "cat-doll", *args)
+        assert result.exit_code == 2 and "Invalid value for" in result.stderr, result.output
+    assert snapshot(library.root) == before
+
+
+def test_list_searches_titles_descriptions_categories_and_tags(library):
+    run("describe", "oil-style", "--description", "Thick impasto brushwork", "--tags", "painting, texture")
+    run("describe", "cat-doll", "--category", "Toy", "--title", "Plush kitten")
+
+    def names(pattern):
+        return [row["name"] for row in json.loads(run("list", pattern, "--json").stdout)]
+
+    assert names("impasto") == ["oil-style"] and names("TEXTURE") == ["oil-style"]
+    assert names("kitten") == ["cat-doll"] and names("toy") == ["cat-doll"]
+    assert names("plush*") == ["cat-doll"]  # a wildcard matches one field whole: the title
+    rows = json.loads(run("list", "--json").stdout)
+    assert rows[1]["description"] == "Thick impasto brushwork" and rows[0]["title"] == "Plush kitten"
+
+
 def test_list_warns_about_broken_files(library):
     (library.root / "concepts" / "broken.safetensors").write_bytes(b"junk")
     result = run("list", "--json")
@@ -457,6 +518,7 @@ def test_real_process_round_trip(home, tmp_path):
     (["import", "{folder}/a.safetensors", "{folder}/bdoll.pt"], True),
     (["export", "cat-doll", "--format", "a1111", "--out", "{out}"], True),
     (["export", "cat-doll", "--format", "diffusers", "--out", "{out}.safetensors"], True),
+    (["describe", "cat-doll", "--author", "me"], True),
 ])
 def test_library_commands_never_import_tensorflow(library, tmp_path, args, numpy_ok):
     folder = _foreign_folder(tmp_path / "in")

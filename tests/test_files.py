@@ -55,6 +55,16 @@ def test_layout_and_metadata(tmp_path):
     assert read_header(again).metadata["created_at"] == meta["created_at"]
 
 
+def test_modelspec_keys_model_pickers_read(tmp_path):
+    """The spec's resolution and prediction type (keras-cv's SD 1.x and 2.x base: 512 px, epsilon),
+    and the preview as its thumbnail; a value an imported file brought is kept."""
+    meta = read_header(write_concept(concept(preview="iVBORw0KGgo="), tmp_path / "c.safetensors")).metadata
+    assert meta["modelspec.resolution"] == "512x512" and meta["modelspec.prediction_type"] == "epsilon"
+    assert meta["modelspec.thumbnail"] == "data:image/png;base64,iVBORw0KGgo="
+    meta = read_header(write_concept(concept(**{"modelspec.resolution": "768x768"}), tmp_path / "d.safetensors")).metadata
+    assert meta["modelspec.resolution"] == "768x768" and "modelspec.thumbnail" not in meta
+
+
 def test_sd2(tmp_path):
     header = read_header(write_concept(concept(n=1, dim=1024), tmp_path / "c.safetensors"))
     assert (header.dim, header.base_model) == (1024, "sd-2")

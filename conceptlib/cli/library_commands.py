@@ -11,13 +11,14 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
 
 from conceptlib.cli import main
 from conceptlib.errors import ConceptError, ConceptFileError, ConceptlibError, UsageError
-from conceptlib.files import write_failure_reason
+from conceptlib.files import DESCRIPTIVE_KEYS, write_failure_reason
 from conceptlib.formats.readers import FILE_SUFFIXES, IMAGE_SUFFIXES
 from conceptlib.formats.writers import EXPORT_FORMATS
 
@@ -36,7 +37,7 @@ def _listed(row: dict, pattern: str | None, base_model: str | None) -> bool:
     import fnmatch
 
     pattern = pattern.lower()
-    fields = (str(row.get("name", "")).lower(), str(row.get("token", "")).lower())
+    fields = tuple(str(row.get(key, "")).lower() for key in ("name", "token", "title", "description", "category", "tags"))
     if any(char in pattern for char in "*?["):
         return any(fnmatch.fnmatchcase(field, pattern) for field in fields)
     return any(pattern in field for field in fields)
@@ -52,8 +53,9 @@ def _warn_problems(library) -> None:
 @click.option("--base-model", type=click.Choice(["sd-1", "sd-2"]), help="Only the concepts for this base model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def list_command(pattern: str | None, base_model: str | None, as_json: bool) -> None:
-    """List the concepts in the library; PATTERN keeps those whose name or token contains it
-    (case-insensitive; *, ? and [...] make it a wildcard pattern)."""
+    """List the concepts in the library; PATTERN keeps those whose name, token, title, description,
+    category or tags (`conceptlib describe`) contain it (case-insensitive; *, ? and [...] make it a
+    wildcard pattern that must match one of them whole)."""
     library = _library()
     everything = library.summaries()
     _warn_problems(library)
@@ -184,9 +186,10 @@ def _print_info(info: dict, as_json: bool, *, where: str) -> None:
     lines.append("metadata:")
     width = max((len(k) for k in info["metadata"]), default=0)
     for key, value in info["metadata"].items():
-        if key == "preview":
+        if key in ("preview", "modelspec.thumbnail"):
             value = f"<base64 PNG, {len(value)} characters>"
-        elif len(value) > 120:
+        value = " ".join(value.split("\n"))  # a multi-line description stays on its row
+        if len(value) > 120:
             value = value[:117] + "..."
         lines.append(f"  {key.ljust(width)}  {value}")
     click.echo("\n".join(lines))
@@ -279,6 +282,60 @@ def rename_command(old: str, new: str, token: str | None) -> None:
     """Rename concept OLD (its name or token) to NEW (and optionally change its token)."""
     header = _library().rename(old, new, token=token)
     click.echo(f"Renamed {old} -> {header.name} ({header.token})")
+
+
+# A description may be long (markdown, as the ModelSpec suggests); every other value is one line.
+_DESCRIPTION_LIMIT = 16384
+_LINE_LIMIT = 512
+
+
+def _description_value(ctx, param, value):
+    if value is None:
+        return None
+    if param.name == "description" and value == "-":
+        value = sys.stdin.read()
+    limit = _DESCRIPTION_LIMIT if param.name == "description" else _LINE_LIMIT
+    if param.name != "description" and ("\n" in value or "\r" in value):
+        raise click.BadParameter("must be one line (only --description may hold several)")
+    if len(value) > limit:
+        raise click.BadParameter(f"is {len(value)} characters long; keep it under {limit}")
+    return value.strip()
+
+
+def _describe_options(command):
+    helps = {
+        "title": "Title shown by model pickers (default: the concept's name).",
+        "description": "What the concept is and how to use it (markdown welcome; '-' reads it from stdin).",
+        "author": "Your name, handle or profile link.",
+        "license": "License name or link, e.g. CC-BY-4.0 or 'CreativeML Open RAIL-M'.",
+        "usage_hint": "A short hint for users, e.g. 'use with a weight of 0.8'.",
+        "category": "A category such as Person, Object or Style.",
+        "tags": "Comma-separated tags.",
+    }
+    for option in reversed(DESCRIPTIVE_KEYS):
+        command = click.option(f"--{option.replace('_', '-')}", option, default=None, metavar="TEXT",
+                               callback=_description_value, help=helps[option])(command)
+    return command
+
+
+@main.command("describe")
+@click.argument("ref", metavar="NAME")
+@_describe_options
+def describe_command(ref: str, **values: str | None) -> None:
+    """Describe concept NAME (its name or token) for the people and tools you share it with: the
+    Stability AI ModelSpec keys (modelspec.title, .description, .author, .license, .usage_hint,
+    .category, .tags) that model pickers such as kohya's and civitai's tools read. An empty value
+    removes a key (an empty --title gives back the default, the name). Without options, prints them.
+    `list PATTERN` searches the title, description, category and tags."""
+    library = _library()
+    changes = {DESCRIPTIVE_KEYS[option]: (value or None) for option, value in values.items() if value is not None}
+    header = library.describe(ref, changes) if changes else library.header(ref)
+    metadata = header.metadata
+    width = max(len(option) for option in DESCRIPTIVE_KEYS) + 1
+    for option, key in DESCRIPTIVE_KEYS.items():
+        value = metadata.get(key)
+        shown = "(not set)" if value is None else value.replace("\n", "\n" + " " * (width + 1))
+        click.echo(f"{(option.replace('_', '-') + ':').ljust(width)} {shown}")
 
 
 @main.command("path")

@@ -29,8 +29,6 @@ MODELSPEC_ARCHITECTURE = {
     "sd-1": "stable-diffusion-v1/textual-inversion",
     "sd-2": "stable-diffusion-v2-512/textual-inversion",
 }
-# `list --json` (and `list PATTERN`'s search) carries these of them when a concept has them.
-_LISTED_DESCRIPTIONS = ("title", "description", "category", "tags")
 # The ModelSpec keys a user describes a concept with (`conceptlib describe`), by option name.
 DESCRIPTIVE_KEYS = {
     "title": "modelspec.title",
@@ -41,6 +39,8 @@ DESCRIPTIVE_KEYS = {
     "category": "modelspec.category",
     "tags": "modelspec.tags",
 }
+# Those `list --json` carries (and `list PATTERN` searches) when a concept has them.
+LISTED_DESCRIPTIONS = ("title", "description", "category", "tags")
 
 
 class WriteError(ConceptFileError, OSError):
@@ -105,8 +105,8 @@ def summary_fields(name: str, token: str, num_vectors: int, dim: int, metadata: 
         "base_model": BASE_MODEL_BY_DIM.get(dim, "unknown"),
         "trainer": metadata.get("trainer", ""),
         "created_at": metadata.get("created_at", ""),
-        **{option: metadata[key] for option, key in DESCRIPTIVE_KEYS.items()
-           if option in _LISTED_DESCRIPTIONS and key in metadata},
+        **{option: metadata[DESCRIPTIVE_KEYS[option]] for option in LISTED_DESCRIPTIONS
+           if DESCRIPTIVE_KEYS[option] in metadata},
     }
 
 

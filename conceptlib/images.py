@@ -127,6 +127,7 @@ def folder_captions(folder: Path, images: list[Path]) -> dict[str, tuple[str | N
     rows = _jsonl_rows(path, text) if path.suffix == ".jsonl" else _csv_rows(path, text)
     names = {image.name for image in images}
     captions: dict[str, tuple[str | None, str]] = {}
+    first_line: dict[str, int] = {}
     for line, row in rows:
         where = f"{path} line {line}"
         name = row.get("file_name")
@@ -141,8 +142,9 @@ def folder_captions(folder: Path, images: list[Path]) -> dict[str, tuple[str | N
             raise TrainingError(
                 f"{where}: {name!r} is not one of the images in {folder}; fix the name or remove the line"
             )
-        if name in captions:
-            raise TrainingError(f"{where}: {name!r} is captioned twice (also on line {captions[name][1].rsplit(' ', 1)[-1]}); keep one")
+        if name in first_line:
+            raise TrainingError(f"{where}: {name!r} is captioned twice (also on line {first_line[name]}); keep one")
+        first_line[name] = line
         captions[name] = (_clean(row[column]), where)
     return captions
 

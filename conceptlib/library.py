@@ -36,6 +36,8 @@ from conceptlib.errors import (
     NotFoundError,
 )
 from conceptlib.files import (
+    DESCRIPTIVE_KEYS,
+    LISTED_DESCRIPTIONS,
     SUFFIX,
     ConceptHeader,
     WriteError,
@@ -53,10 +55,9 @@ from conceptlib.files import (
 INDEX_VERSION = 4
 _ENTRY_FIELDS = {"key", "name", "token", "num_vectors", "dim", "metadata"}
 # The metadata keys ConceptHeader.summary() shows; the rest is read from the file when used.
-# What `list` shows and searches without opening each file: ModelSpec's title, category, tags and
-# description are searchable, as the spec asks of tools that list models.
-_INDEXED_KEYS = ("trainer", "created_at", "modelspec.title", "modelspec.category", "modelspec.tags",
-                 "modelspec.description")
+# What `list` shows and searches without opening each file (the ModelSpec asks tools that list
+# models to make their descriptions searchable).
+_INDEXED_KEYS = ("trainer", "created_at") + tuple(DESCRIPTIVE_KEYS[option] for option in LISTED_DESCRIPTIONS)
 
 
 def default_root() -> Path:

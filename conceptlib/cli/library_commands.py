@@ -18,7 +18,7 @@ import click
 
 from conceptlib.cli import main
 from conceptlib.errors import ConceptError, ConceptFileError, ConceptlibError, UsageError
-from conceptlib.files import DESCRIPTIVE_KEYS, write_failure_reason
+from conceptlib.files import DESCRIPTIVE_KEYS, LISTED_DESCRIPTIONS, write_failure_reason
 from conceptlib.formats.readers import FILE_SUFFIXES, IMAGE_SUFFIXES
 from conceptlib.formats.writers import EXPORT_FORMATS
 
@@ -37,7 +37,7 @@ def _listed(row: dict, pattern: str | None, base_model: str | None) -> bool:
     import fnmatch
 
     pattern = pattern.lower()
-    fields = tuple(str(row.get(key, "")).lower() for key in ("name", "token", "title", "description", "category", "tags"))
+    fields = tuple(str(row.get(key, "")).lower() for key in ("name", "token") + LISTED_DESCRIPTIONS)
     if any(char in pattern for char in "*?["):
         return any(fnmatch.fnmatchcase(field, pattern) for field in fields)
     return any(pattern in field for field in fields)

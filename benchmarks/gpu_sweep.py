@@ -16,7 +16,8 @@ A configuration name is dash-separated: ``b<N>`` or ``bauto`` (batch size, globa
 ``fp32``, ``flash`` / ``noflash``, optionally ``ga<K>`` (gradient accumulation: K batches per
 update, so K x N samples per step), ``spc<K>`` (K steps per jitted call, lax.scan),
 ``k<list>`` the UNet rewrites joined by ``+`` (``kconv+groupnorm+qkv+crosspad``, ``knone``;
-default: the trainer's DEFAULT_KERNELS), ``nobg`` (no background compile), and process presets
+default: the trainer's DEFAULT_KERNELS), ``nobg`` (no background compile), ``sd2`` (Stable
+Diffusion 2.x's models instead of 1.x's), and process presets
 (PRESETS: ``xlhs``, ``xat0``, ``xat2``, ``xnotriton``, ``xnocmdbuf``, ``mem8g``, ...) that set
 XLA_FLAGS / XLA_PYTHON_CLIENT_MEM_FRACTION: configurations with presets run in a child process
 per distinct preset set (XLA reads its flags once per process), their lines forwarded here.
@@ -109,7 +110,7 @@ def preset_env(presets) -> dict:
 
 def parse_config(name: str) -> dict:
     opts = {"name": name, "batch_size": 1, "grad_accum": 1, "precision": "bf16", "flash": "on", "steps_per_call": 1,
-            "kernels": None, "background_compile": True}
+            "kernels": None, "background_compile": True, "base_model": "sd-1"}
     for part in name.split("-"):
         if part == "bauto":
             opts["batch_size"] = "auto"
@@ -127,6 +128,8 @@ def parse_config(name: str) -> dict:
             opts["kernels"] = part[1:].replace("+", ",")
         elif part == "nobg":
             opts["background_compile"] = False
+        elif part == "sd2":
+            opts["base_model"] = "sd-2"
         elif part in PRESETS:
             pass  # applied to the process (see main)
         else:
@@ -163,7 +166,7 @@ def run_config(opts: dict, args, tmp: Path, index: int) -> dict:
 
     config = TrainingConfig(
         images=str(tmp / "images"), name=f"bench-{index}", token=f"<bench-{index}>", weights="random",
-        trainer="jax", init=["cat"], resolution=args.resolution, steps=args.steps,
+        trainer="jax", init=["cat"], resolution=args.resolution, steps=args.steps, base_model=opts["base_model"],
         batch_size=1 if opts["batch_size"] == "auto" else opts["batch_size"], grad_accum=opts["grad_accum"],
         checkpoint_every=0, preview_every=0, run_dir=str(tmp / f"run-{index}"),
     )

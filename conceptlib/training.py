@@ -98,6 +98,8 @@ class TrainingConfig:
     preview_steps: int = 10  # denoising steps of a preview
     preview_prompt: str | None = None  # holds the token; None: the template pack's first template
     run_dir: str | None = None
+    # ModelSpec description keys for the finished concept, e.g. {"modelspec.author": "me"}.
+    describe: dict = field(default_factory=dict)
 
     def validate(self) -> "TrainingConfig":
         """Raise UsageError (one line) for a setting out of range."""
@@ -145,6 +147,11 @@ class TrainingConfig:
             )
         if not 0 <= self.seed < 2**32:
             raise UsageError(f"--seed {self.seed} must be between 0 and 2**32 - 1")
+        from conceptlib.files import DESCRIPTIVE_KEYS
+
+        unknown = sorted(set(self.describe) - set(DESCRIPTIVE_KEYS.values()))
+        if unknown:
+            raise UsageError(f"describe: {unknown[0]!r} is not one of {', '.join(DESCRIPTIVE_KEYS.values())}")
         return self
 
     def _validate_lr_steps(self) -> None:
@@ -857,6 +864,7 @@ def trained_metadata(
     if preview is not None:
         metadata["preview"] = base64.b64encode(thumbnail_png(preview)).decode("ascii")
         metadata["preview_source"] = preview_source
+    metadata.update({key: value for key, value in config.describe.items() if value})
     return metadata
 
 

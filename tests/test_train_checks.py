@@ -438,3 +438,29 @@ def test_preview_prompt_gives_the_previews_token_ids(home, images, tmp_path):
     default = prepare(TrainingConfig(images=str(images), name="doll2", token="<doll2>", weights="random",
                                      preview_every=5), library=home)
     assert default.preview_inputs()[0][0].tolist() == default.prompt_ids(default.pack.render(0, "<doll2>"))
+
+
+def test_description_options_reach_the_trained_concept(home, images, monkeypatch):
+    """--author, --license, ... (kohya's --metadata_* options) go into the run's settings and from
+    there into the concept's ModelSpec keys; like every setting they cannot change on --resume."""
+    import conceptlib.training as training
+
+    seen = {}
+
+    def fake_train(config, **kwargs):
+        seen["config"] = config
+        raise training.TrainingError("stopped after the settings were made")
+
+    monkeypatch.setattr(training, "train", fake_train)
+    result = CliRunner().invoke(main, ["train", str(images), "--name", "new", "--weights", "random", "--author", "Jo Doe",
+                                       "--tags", "doll, plush", "--description", "-", "--title", ""],
+                                input="A plush doll.\nSecond line.\n")
+    assert result.exit_code == 1 and "stopped after the settings were made" in result.output
+    describe = seen["config"].describe
+    assert describe == {"modelspec.author": "Jo Doe", "modelspec.tags": "doll, plush",
+                        "modelspec.description": "A plush doll.\nSecond line."}
+    metadata = training.trained_metadata(
+        seen["config"], [0.5], init_tokens=[], init_concept=None, image_sha256=[], random_weights=True,
+        preview=None, preview_source="", trainer_version="test")
+    assert metadata["modelspec.author"] == "Jo Doe" and metadata["modelspec.description"].endswith("Second line.")
+    _refused(home, ["--resume", str(images), "--author", "x"], "--author cannot change them", exit_code=2)

@@ -11,13 +11,13 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 
 import click
 
 from conceptlib.cli import main
 from conceptlib.errors import ConceptError, ConceptFileError, ConceptlibError, UsageError
+from conceptlib.cli.describe_options import describe_options, described
 from conceptlib.files import DESCRIPTIVE_KEYS, LISTED_DESCRIPTIONS, write_failure_reason
 from conceptlib.formats.readers import FILE_SUFFIXES, IMAGE_SUFFIXES
 from conceptlib.formats.writers import EXPORT_FORMATS
@@ -284,43 +284,9 @@ def rename_command(old: str, new: str, token: str | None) -> None:
     click.echo(f"Renamed {old} -> {header.name} ({header.token})")
 
 
-# A description may be long (markdown, as the ModelSpec suggests); every other value is one line.
-_DESCRIPTION_LIMIT = 16384
-_LINE_LIMIT = 512
-
-
-def _description_value(ctx, param, value):
-    if value is None:
-        return None
-    if param.name == "description" and value == "-":
-        value = sys.stdin.read()
-    limit = _DESCRIPTION_LIMIT if param.name == "description" else _LINE_LIMIT
-    if param.name != "description" and ("\n" in value or "\r" in value):
-        raise click.BadParameter("must be one line (only --description may hold several)")
-    if len(value) > limit:
-        raise click.BadParameter(f"is {len(value)} characters long; keep it under {limit}")
-    return value.strip()
-
-
-def _describe_options(command):
-    helps = {
-        "title": "Title shown by model pickers (default: the concept's name).",
-        "description": "What the concept is and how to use it (markdown welcome; '-' reads it from stdin).",
-        "author": "Your name, handle or profile link.",
-        "license": "License name or link, e.g. CC-BY-4.0 or 'CreativeML Open RAIL-M'.",
-        "usage_hint": "A short hint for users, e.g. 'use with a weight of 0.8'.",
-        "category": "A category such as Person, Object or Style.",
-        "tags": "Comma-separated tags.",
-    }
-    for option in reversed(DESCRIPTIVE_KEYS):
-        command = click.option(f"--{option.replace('_', '-')}", option, default=None, metavar="TEXT",
-                               callback=_description_value, help=helps[option])(command)
-    return command
-
-
 @main.command("describe")
 @click.argument("ref", metavar="NAME")
-@_describe_options
+@describe_options
 def describe_command(ref: str, **values: str | None) -> None:
     """Describe concept NAME (its name or token) for the people and tools you share it with: the
     Stability AI ModelSpec keys (modelspec.title, .description, .author, .license, .usage_hint,
@@ -328,7 +294,7 @@ def describe_command(ref: str, **values: str | None) -> None:
     removes a key (an empty --title gives back the default, the name). Without options, prints them.
     `list PATTERN` searches the title, description, category and tags."""
     library = _library()
-    changes = {DESCRIPTIVE_KEYS[option]: (value or None) for option, value in values.items() if value is not None}
+    changes = described(values)
     header = library.describe(ref, changes) if changes else library.header(ref)
     metadata = header.metadata
     width = max(len(option) for option in DESCRIPTIVE_KEYS) + 1

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from conceptlib.cli import main
+from conceptlib.cli.describe_options import describe_options, described
 from conceptlib.errors import UsageError
 
 
@@ -81,12 +82,16 @@ def _split_words(values) -> list[str]:
               help="jax trainer only: train data-parallel on all local GPUs (the default; fewer if the batch size "
               "does not split over them) or the first N (N must divide the batch size).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or stage output.")
+@describe_options
 def train(images, name, token, init, init_from, weights, base_model, trainer, template, resolution, steps, batch_size,
           grad_accum, num_vectors, learning_rate, lr_schedule, warmup_steps, seed, no_flip, checkpoint_every,
-          preview_every, preview_steps, preview_prompt, run_dir, resume, devices, quiet):
+          preview_every, preview_steps, preview_prompt, run_dir, resume, devices, quiet, **description):
     """Learn a new token from the pictures in IMAGES and add it to the library.
 
     Example: conceptlib train photos/ --name cat-doll --token '<cat-doll>' --init 'toy cat'
+
+    --title, --description, --author, ... describe the concept for sharing, as `conceptlib
+    describe` does afterwards (kohya's --metadata_* options).
     """
     from conceptlib.training import TrainingConfig, parse_learning_rate
     from conceptlib.training import train as run_training
@@ -115,6 +120,7 @@ def train(images, name, token, init, init_from, weights, base_model, trainer, te
             lr_schedule=lr_schedule, warmup_steps=warmup_steps, seed=seed, flip=not no_flip,
             checkpoint_every=checkpoint_every, preview_every=preview_every, preview_steps=preview_steps,
             preview_prompt=preview_prompt, run_dir=run_dir,
+            describe={key: value for key, value in described(description).items() if value is not None},
         )
     else:
         _refuse_settings_with_resume(click.get_current_context(), resume)

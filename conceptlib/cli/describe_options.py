@@ -1,0 +1,51 @@
+"""The ModelSpec description options (--title, --description, --author, ...) that `describe` sets on
+a library concept and `train` writes into the concept it makes, with their checks."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from conceptlib.files import DESCRIPTIVE_KEYS
+
+# A description may be long (markdown, as the ModelSpec suggests); every other value is one line.
+_DESCRIPTION_LIMIT = 16384
+_LINE_LIMIT = 512
+
+
+def _description_value(ctx, param, value):
+    if value is None:
+        return None
+    if param.name == "description" and value == "-":
+        value = sys.stdin.read()
+    limit = _DESCRIPTION_LIMIT if param.name == "description" else _LINE_LIMIT
+    if param.name != "description" and ("\n" in value or "\r" in value):
+        raise click.BadParameter("must be one line (only --description may hold several)")
+    if len(value) > limit:
+        raise click.BadParameter(f"is {len(value)} characters long; keep it under {limit}")
+    return value.strip()
+
+
+def describe_options(command):
+    """The seven ModelSpec description options (``DESCRIPTIVE_KEYS``), as `describe` and `train` take them."""
+    helps = {
+        "title": "Title shown by model pickers (default: the concept's name).",
+        "description": "What the concept is and how to use it (markdown welcome; '-' reads it from stdin).",
+        "author": "Your name, handle or profile link.",
+        "license": "License name or link, e.g. CC-BY-4.0 or 'CreativeML Open RAIL-M'.",
+        "usage_hint": "A short hint for users, e.g. 'use with a weight of 0.8'.",
+        "category": "A category such as Person, Object or Style.",
+        "tags": "Comma-separated tags.",
+    }
+    for option in reversed(DESCRIPTIVE_KEYS):
+        command = click.option(f"--{option.replace('_', '-')}", option, default=None, metavar="TEXT",
+                               callback=_description_value, help=helps[option])(command)
+    return command
+
+
+def described(values: dict) -> dict[str, str | None]:
+    """The given description options (option name -> value, None where not given) as metadata
+    changes: ``{"modelspec.author": "me"}``, an empty value as None (remove the key)."""
+    return {DESCRIPTIVE_KEYS[option]: (value or None) for option, value in values.items()
+            if option in DESCRIPTIVE_KEYS and value is not None}

@@ -317,6 +317,9 @@ def cli_first_step(args, tmp: Path, extra_path: list[str], run: int) -> dict:
         "step_cache": trainer_report.get("step_cache"),
         "preview_warmup": trainer_report.get("preview_warmup"),  # built / compiled in the background
         "sampler_traces": trainer_report.get("sampler_traces"),
+        # convolutions rewritten on the preview models a step-cache hit builds (None: not built)
+        "preview_patched_convs": trainer_report.get("preview_patched_convs"),
+        "peak_memory_gib_after": trainer_report.get("peak_memory_gib_after"),  # process peaks by phase
         "preview_seconds": trainer_report.get("preview_seconds"),  # request to images, training going on
         "longest_step_gap_s": trainer_report.get("longest_step_gap_s"),  # the longest stall between steps
         "previews": sorted(p.name for p in (tmp / f"cli-run-{run}" / "previews").glob("*.png")),

@@ -155,6 +155,8 @@ def test_a_second_jax_run_uses_the_step_cache_without_keras_cv(run, resumed):
     # previews then ran it without tracing again.
     assert resumed["report"]["trainer"]["preview_warmup"] == "models and sampler"
     assert resumed["report"]["trainer"]["sampler_traces"] == 1
+    # ... with the traced run's UNet rewrites (fused attention, kernels) on those models too.
+    assert resumed["report"]["trainer"]["preview_patched_convs"] == cli_report["patched_convs"]
     assert resumed["report"]["previews"] == ["step-0000002.png"]
     folder = run["root"] / "jax-cache" / "conceptlib-steps"
     (entry,) = folder.iterdir()

@@ -152,16 +152,18 @@ def peak_memory_gib():
     return round(peak / _GIB, 3) if peak is not None else None
 
 
-def build_models(base_model, resolution, weights, *, precision="fp32", decoder=False, distribution=None):
+def build_models(base_model, resolution, weights, *, precision="fp32", decoder=False, distribution=None,
+                 cache=True):
     """A FastTextualInversion over keras-cv's models, the text encoder and UNet in the compute
     dtype (``bfloat16`` variables for bf16: the frozen weights are only ever read in bf16), the
-    VAE in float32. Built once per process for the same arguments."""
+    VAE in float32. Built once per process for the same arguments (``cache=False``: new models
+    of the caller's own, neither taken from nor kept in the cache)."""
     with _BUILD_LOCK:
         return _build_models(base_model, resolution, weights, precision=precision, decoder=decoder,
-                             distribution=distribution)
+                             distribution=distribution, cache=cache)
 
 
-def _build_models(base_model, resolution, weights, *, precision, decoder, distribution):
+def _build_models(base_model, resolution, weights, *, precision, decoder, distribution, cache):
     import contextlib
 
     import keras
@@ -170,7 +172,7 @@ def _build_models(base_model, resolution, weights, *, precision, decoder, distri
     from conceptlib_jax.step import fast_textual_inversion_class
 
     key = (base_model, resolution, precision, tuple(sorted((k, str(v)) for k, v in (weights or {}).items())))
-    cached = _MODELS.get(key)
+    cached = _MODELS.get(key) if cache else None
     if cached is not None and (cached.decoder is not None or not decoder):
         return cached
     scope = distribution.scope() if distribution is not None else contextlib.nullcontext()
@@ -190,7 +192,8 @@ def _build_models(base_model, resolution, weights, *, precision, decoder, distri
         dec = models.build_decoder(base_model, resolution, weights) if decoder else None
     ti = fast_textual_inversion_class()(text_encoder, diffusion_model, image_encoder, dec)
     ti.image_encoder = image_encoder
-    _MODELS[key] = ti
+    if cache:
+        _MODELS[key] = ti
     return ti
 
 
@@ -428,11 +431,19 @@ class JaxTrainer:
 
         models = {}
 
-        def build(decoder=False):
+        def build(decoder=False, cache=True):
             return build_models(
                 config.base_model, config.resolution, job.weights,
-                precision=precision, decoder=decoder, distribution=distribution,
+                precision=precision, decoder=decoder, distribution=distribution, cache=cache,
             )
+
+        def build_for_previews():
+            # A step-cache hit trained without models. The previews' own (uncached, so nothing else
+            # ever sees them) get the rewrites a traced run's previews have: flash attention keeps
+            # the 4096 x 4096 attention scores per head out of memory at 512 px.
+            ti = build(decoder=True, cache=False)
+            self.report["preview_patched_convs"] = len(self._install_rewrites(ti, flash, []).convs)
+            return ti
 
         def get_models(decoder=False):
             building = models.pop("building", None)
@@ -595,7 +606,7 @@ class JaxTrainer:
                     self.report["preview_warmup"] = "sampler" if "ti" in models else "models and sampler"
                     models["building"] = in_background(
                         ready_for_previews, models.get("ti"), jax.numpy.array(carry[0][:num_vectors], copy=True), job,
-                        lambda: build(decoder=True),
+                        build_for_previews,
                     )
                 if pending is not None:
                     self._report(job, *pending)
@@ -697,8 +708,6 @@ class JaxTrainer:
         arguments, replicated over the devices with several of them."""
         import jax
 
-        from conceptlib.kerascv.attention import fused_attention
-        from conceptlib_jax.kernels import fast_kernels
         from conceptlib_jax.step import posterior_moments, step_state, train_step_fn
 
         config = job.config
@@ -708,13 +717,7 @@ class JaxTrainer:
         if replicated is not None:
             state, carry, base_key = jax.device_put((state, carry, base_key), replicated)
 
-        kernels = self.kernels
-        patch = fused_attention(
-            ti.diffusion_model, flash=flash, cross_pad="crosspad" in kernels, fuse_qkv="qkv" in kernels,
-        )
-        patches.append(patch)
-        kernel_patch = fast_kernels(ti.diffusion_model, conv="conv" in kernels, groupnorm="groupnorm" in kernels)
-        patches.append(kernel_patch)
+        kernel_patch = self._install_rewrites(ti, flash, patches)
         self.report.update({
             "patched_convs": len(kernel_patch.convs), "patched_groupnorms": len(kernel_patch.norms),
         })
@@ -726,6 +729,20 @@ class JaxTrainer:
             )
 
         return step_for, posterior_moments(ti), state, vae_state, carry, base_key
+
+    def _install_rewrites(self, ti, flash, patches):
+        """The fused attention and the kernel rewrites (``self.kernels``) on ``ti``'s UNet, each
+        appended to ``patches`` (for the caller to restore); returns the kernel patch."""
+        from conceptlib.kerascv.attention import fused_attention
+        from conceptlib_jax.kernels import fast_kernels
+
+        kernels = self.kernels
+        patches.append(fused_attention(
+            ti.diffusion_model, flash=flash, cross_pad="crosspad" in kernels, fuse_qkv="qkv" in kernels,
+        ))
+        kernel_patch = fast_kernels(ti.diffusion_model, conv="conv" in kernels, groupnorm="groupnorm" in kernels)
+        patches.append(kernel_patch)
+        return kernel_patch
 
     def _export(self, ti, step_fn, moments_fn, carry, state, vae_state, shapes, base_key, host, job):
         """Export the traced functions (see conceptlib_jax.exported); None, with the reason in the

@@ -121,9 +121,14 @@ def _unet_resnet(plan, key, cin, cout, index):
 def _unet_transformer(plan, key, channels, index, context, linear):
     path = ("SpatialTransformer", index)
     block, tkey = path + ("transformer_block",), f"{key}.transformer_blocks.0"
-    # SD 1.x projects in and out with 1x1 convolutions, SD 2.x with Linear/Dense layers.
-    project = (lambda name, keras_name: plan.linear(f"{key}.{name}", channels, channels, path + (keras_name,))) if linear \
-        else (lambda name, keras_name: plan.conv(f"{key}.{name}", channels, channels, 1, path + (keras_name,)))
+
+    def project(name, keras_name):
+        # SD 1.x projects in and out with 1x1 convolutions, SD 2.x with Linear/Dense layers.
+        if linear:
+            plan.linear(f"{key}.{name}", channels, channels, path + (keras_name,))
+        else:
+            plan.conv(f"{key}.{name}", channels, channels, 1, path + (keras_name,))
+
     plan.norm(f"{key}.norm", channels, path + ("norm",))
     project("proj_in", "proj1")
     for number in (1, 2, 3):

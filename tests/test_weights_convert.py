@@ -34,7 +34,7 @@ from conceptlib.kerascv import convert as C
 from conceptlib import weights as W
 from torch_reference import (
     TEXT_CONFIG, TEXT_CONFIG_SD2, TIMESTEP, UNET_CONFIG, VAE_CONFIG, KerasCvChoices, assert_close, h5_weights,
-    randomise, reference_inputs, save_pipeline, torch_state, unet_outputs,
+    randomise, save_pipeline, seeded_inputs, torch_state, unet_outputs,
 )
 
 # diffusers and transformers (imported in the fixture) must never reach for the Hub: every model
@@ -55,10 +55,7 @@ def _torch_pipeline(folder: Path) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    rng = np.random.default_rng(0)
-    inputs = reference_inputs(rng, 768)
+    generator, rng, inputs = seeded_inputs(768)
     inputs["image"] = rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)
     ids = inputs["ids"]
     out = {"inputs": inputs}

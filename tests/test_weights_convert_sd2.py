@@ -28,7 +28,7 @@ from conceptlib import weights as W
 from conceptlib.cli import main
 from conceptlib.kerascv import convert as C
 from torch_reference import (
-    TEXT_CONFIG_SD2, TIMESTEP, UNET_CONFIG_SD2, VAE_CONFIG, assert_close, randomise, reference_inputs,
+    TEXT_CONFIG_SD2, TIMESTEP, UNET_CONFIG_SD2, VAE_CONFIG, assert_close, randomise, seeded_inputs,
     save_pipeline, torch_state, unet_outputs,
 )
 
@@ -48,10 +48,7 @@ def _torch_pipeline(folder: Path) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel
     from transformers.activations import ACT2FN
 
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    rng = np.random.default_rng(0)
-    inputs = reference_inputs(rng, 1024)
+    generator, _, inputs = seeded_inputs(1024)
     ids = inputs["ids"]
     out = {"inputs": inputs}
     with torch.no_grad():

@@ -44,6 +44,15 @@ UNET_CONFIG_SD2 = dict(
 TIMESTEP = 981
 
 
+def seeded_inputs(context_width: int):
+    """(torch generator for randomise, numpy generator, reference_inputs), all seeded with 0."""
+    import torch
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    return torch.Generator().manual_seed(0), rng, reference_inputs(rng, context_width)
+
+
 def reference_inputs(rng, context_width: int) -> dict:
     """Token ids of two prompts (8 tokens and a full 76, padded with <|endoftext|> as keras-cv
     pads), an 8x8 latent and a random text context for the UNet."""

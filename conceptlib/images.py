@@ -11,13 +11,14 @@ function of a numpy Generator, so a run's data is reproducible from its seed and
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from conceptlib.errors import TrainingError
+from conceptlib.errors import ConceptlibError, TrainingError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MIN_SIDE = 64  # the smallest training resolution
@@ -48,8 +49,6 @@ def find_images(source: str | Path) -> list[TrainingImage]:
     Raises TrainingError (one line) if there are none, or one is unreadable or smaller than
     MIN_SIDE pixels on a side.
     """
-    from PIL import Image, UnidentifiedImageError
-
     source = Path(source)
     if source.is_file():
         paths = [source]
@@ -69,17 +68,10 @@ def find_images(source: str | Path) -> list[TrainingImage]:
     listed = folder_captions(source, paths) if source.is_dir() else {}
     images = []
     for path in paths:
-        try:
+        with opened_image(path, TrainingError, "replace or remove it") as image:
             data = path.read_bytes()
-            with Image.open(path) as image:
-                image.load()
-                width, height = upright_size(image)
-        except Image.DecompressionBombError as exc:
-            raise TrainingError(f"{path}: {exc}; downscale it") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise TrainingError(
-                f"{path}: cannot read this image ({type(exc).__name__}); replace or remove it"
-            ) from None
+            image.load()
+            width, height = upright_size(image)
         if min(width, height) < MIN_SIDE:
             raise TrainingError(
                 f"{path}: image is {width}x{height}, smaller than {MIN_SIDE} px on a side; "
@@ -213,15 +205,49 @@ def augment(array, resolution: int, rng, *, flip: bool = True):
 
 def thumbnail_png(array, size: int = 128) -> bytes:
     """A PNG thumbnail (longest side ``size``) of a uint8 (H, W, 3) array."""
-    import io
-
     from PIL import Image
 
-    image = Image.fromarray(array)
+    return _thumbnail(Image.fromarray(array), size)
+
+
+def _thumbnail(image, size: int) -> bytes:
+    import io
+
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
+
+
+def picture_thumbnail_png(path: Path, size: int = 128) -> bytes:
+    """A PNG thumbnail (longest side ``size``, upright as viewers show it) of the picture at
+    ``path``, for a concept's preview. Raises ConceptFileError (one line) if it is not a picture."""
+    from PIL import ImageOps
+
+    from conceptlib.errors import ConceptFileError
+
+    path = Path(path)
+    fix = "give a PNG, JPEG or WebP picture"
+    if not path.is_file():
+        raise ConceptFileError(f"{path}: not a file; {fix}")
+    with opened_image(path, ConceptFileError, fix) as image:
+        picture = ImageOps.exif_transpose(image).convert("RGB")
+    return _thumbnail(picture, size)
+
+
+@contextlib.contextmanager
+def opened_image(path: Path, error: type[ConceptlibError], fix: str):
+    """``PIL.Image.open(path)``, where a file that is not an image, a damaged one or a
+    decompression bomb (here or in the with-block) is one ``error`` line ending in ``fix``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            yield image
+    except Image.DecompressionBombError as exc:
+        raise error(f"{path}: {exc}; downscale it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise error(f"{path}: cannot read this image ({type(exc).__name__}); {fix}") from None
 
 
 def grid(images, columns: int | None = None):

@@ -142,6 +142,50 @@ def test_describe_refuses_bad_values_and_changes_nothing(library):
     assert snapshot(library.root) == before
 
 
+def test_describe_thumbnail_sets_the_preview_pickers_and_exports_show(library, tmp_path):
+    from PIL import Image
+
+    from conceptlib.files import read_file_header
+
+    photo = tmp_path / "best-render.jpg"
+    exif = Image.Image().getexif()
+    exif[0x0112] = 6  # stored sideways, as phones do: viewers show it 200 wide, 300 high
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(photo, exif=exif)
+    before = library.get("oil-style")
+    result = run("describe", "oil-style", "--thumbnail", str(photo))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == "thumbnail:   a 85x128 PNG"
+    after = library.get("oil-style")
+    np.testing.assert_array_equal(after.vectors, before.vectors)
+    assert after.metadata["modelspec.thumbnail"] == "data:image/png;base64," + after.metadata["preview"]
+    assert run("show", "oil-style", "--preview", str(tmp_path / "shown.png")).exit_code == 0
+    with Image.open(tmp_path / "shown.png") as shown:
+        assert shown.size == (85, 128) and shown.getpixel((40, 60)) == (10, 200, 30)
+    # Exports carry it: the ModelSpec thumbnail, and AUTOMATIC1111's embedding image is that picture.
+    assert run("export", "oil-style", "--format", "kohya", "--out", str(tmp_path / "k.safetensors")).exit_code == 0
+    exported = read_file_header(tmp_path / "k.safetensors").metadata
+    assert exported["modelspec.thumbnail"] == after.metadata["modelspec.thumbnail"]
+    assert run("export", "oil-style", "--format", "a1111", "--out", str(tmp_path / "oil.png")).exit_code == 0
+    with Image.open(tmp_path / "oil.png") as card:
+        assert card.convert("RGB").getpixel((card.width // 2, card.height // 2)) == (10, 200, 30)
+    # An empty value removes it (and the thumbnail pickers read).
+    result = run("describe", "oil-style", "--thumbnail", "")
+    assert result.exit_code == 0 and result.stdout.splitlines()[-1] == "thumbnail:   (not set)"
+    metadata = library.header("oil-style").metadata
+    assert "preview" not in metadata and "modelspec.thumbnail" not in metadata
+
+
+def test_describe_thumbnail_refuses_what_is_not_a_picture(library, tmp_path):
+    before = snapshot(library.root)
+    (tmp_path / "notes.png").write_text("not a picture")
+    assert_one_line_error(run("describe", "cat-doll", "--thumbnail", str(tmp_path / "notes.png")), 1,
+                          "notes.png: cannot read this image (UnidentifiedImageError); give a PNG, JPEG or WebP picture")
+    assert_one_line_error(run("describe", "cat-doll", "--thumbnail", str(tmp_path / "gone.png")), 1,
+                          "gone.png: not a file; give a PNG, JPEG or WebP picture")
+    assert_one_line_error(run("describe", "nope", "--thumbnail", str(tmp_path / "notes.png")), 1, "notes.png")
+    assert snapshot(library.root) == before
+
+
 def test_list_searches_titles_descriptions_categories_and_tags(library):
     run("describe", "oil-style", "--description", "Thick impasto brushwork", "--tags", "painting, texture")
     run("describe", "cat-doll", "--category", "Toy", "--title", "Plush kitten")

@@ -205,7 +205,9 @@ def _write_preview(name: str, path: Path, metadata: dict, out: Path) -> None:
 
     encoded = metadata.get("preview")
     if not encoded:
-        raise ConceptError(f"{name} has no preview image (only concepts trained by conceptlib carry one)")
+        raise ConceptError(
+            f"{name} has no preview image (a library concept gets one with `conceptlib describe NAME --thumbnail IMAGE`)"
+        )
     try:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
@@ -287,14 +289,19 @@ def rename_command(old: str, new: str, token: str | None) -> None:
 @main.command("describe")
 @click.argument("ref", metavar="NAME")
 @describe_options
-def describe_command(ref: str, **values: str | None) -> None:
+@click.option("--thumbnail", default=None, metavar="IMAGE",
+              help="Make the picture IMAGE (PNG/JPEG/WebP, shrunk to 128 px) the concept's preview: the "
+                   "thumbnail model pickers show, and the picture of `export --format a1111 --out X.png`.")
+def describe_command(ref: str, thumbnail: str | None, **values: str | None) -> None:
     """Describe concept NAME (its name or token) for the people and tools you share it with: the
     Stability AI ModelSpec keys (modelspec.title, .description, .author, .license, .usage_hint,
-    .category, .tags) that model pickers such as kohya's and civitai's tools read. An empty value
-    removes a key (an empty --title gives back the default, the name). Without options, prints them.
-    `list PATTERN` searches the title, description, category and tags."""
+    .category, .tags, .thumbnail) that model pickers such as kohya's and civitai's tools read. An
+    empty value removes a key (an empty --title gives back the default, the name). Without options,
+    prints them. `list PATTERN` searches the title, description, category and tags."""
     library = _library()
     changes = described(values)
+    if thumbnail is not None:
+        changes.update(_thumbnail_changes(thumbnail))
     header = library.describe(ref, changes) if changes else library.header(ref)
     metadata = header.metadata
     width = max(len(option) for option in DESCRIPTIVE_KEYS) + 1
@@ -302,6 +309,38 @@ def describe_command(ref: str, **values: str | None) -> None:
         value = metadata.get(key)
         shown = "(not set)" if value is None else value.replace("\n", "\n" + " " * (width + 1))
         click.echo(f"{(option.replace('_', '-') + ':').ljust(width)} {shown}")
+    click.echo(f"{'thumbnail:'.ljust(width)} {_thumbnail_shown(metadata)}")
+
+
+def _thumbnail_changes(image: str) -> dict[str, str | None]:
+    """The metadata changes for ``--thumbnail IMAGE``: the picture as the preview (from which the
+    ModelSpec thumbnail is written), or, for an empty IMAGE, neither."""
+    if not image:
+        return {"preview": None, "modelspec.thumbnail": None}
+    import base64
+
+    from conceptlib.images import picture_thumbnail_png
+
+    png = picture_thumbnail_png(Path(image))
+    return {"preview": base64.b64encode(png).decode("ascii"), "modelspec.thumbnail": None}
+
+
+def _thumbnail_shown(metadata: dict) -> str:
+    """'a 128x96 PNG' for the concept's preview (read from the PNG's header), or '(not set)'."""
+    import base64
+    import binascii
+
+    encoded = metadata.get("preview") or metadata.get("modelspec.thumbnail", "").partition("base64,")[2]
+    if not encoded:
+        return "(not set)"
+    try:
+        head = base64.b64decode(encoded[:44])  # the signature and the IHDR chunk's size fields
+    except (binascii.Error, ValueError):
+        return "(set, not a PNG)"
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or len(head) < 24:
+        return "(set, not a PNG)"
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return f"a {width}x{height} PNG"
 
 
 @main.command("path")

@@ -349,6 +349,46 @@ def run_summaries(library) -> list[dict]:
     return summaries
 
 
+def listed_run(name: str, library) -> RunDirectory:
+    """``find_run(name)`` if it is a run folder (holds config.json, readable or not); else a
+    TrainingError pointing to `conceptlib runs`."""
+    run = find_run(name, library)
+    if not run.config_path.is_file():
+        raise TrainingError(
+            f"{name}: not a training run (no folder of that name or path holding config.json); "
+            "`conceptlib runs` lists the runs"
+        )
+    return run
+
+
+def removable_run(name: str, library) -> RunDirectory:
+    """The run folder ``name`` (a name from `conceptlib runs`, or a path) if it may be deleted: a
+    folder holding config.json (readable or not) directly in ``library.runs_dir``, not a link out
+    of it. Raises TrainingError otherwise; a run elsewhere (``--run-dir``) is the user's to delete."""
+    run = listed_run(name, library)
+    runs_dir = Path(library.runs_dir).resolve()
+    if run.path.is_symlink() or run.path.resolve().parent != runs_dir:
+        raise TrainingError(
+            f"{run.path}: not in the library's runs folder {runs_dir}; conceptlib removes only runs it lists "
+            "(delete that folder yourself)"
+        )
+    return run
+
+
+def remove_run(run: RunDirectory) -> None:
+    """Delete ``run``'s folder (checkpoints, previews, its copy of the concept; the library's
+    concept stays), holding its lock so that a run being trained is refused, untouched."""
+    import shutil
+
+    with run.hold():
+        try:
+            shutil.rmtree(run.path)
+        except OSError as exc:
+            raise TrainingError(
+                f"cannot remove run {run.path}: {exc.strerror or exc}; check its permissions and try again"
+            ) from None
+
+
 def default_run_dir(library, name: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path(library.runs_dir) / f"{name}-{stamp}-{os.getpid()}"

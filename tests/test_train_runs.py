@@ -127,6 +127,46 @@ def test_resume_of_a_run_whose_settings_were_edited_wrongly(library):
         assert result.output.endswith("); undo the edit or start a new run\n") and result.output.count("\n") == 1
 
 
+def test_runs_remove_deletes_a_run_folder_and_nothing_else(library):
+    runner = CliRunner()
+    concepts = sorted(p.name for p in library.concepts_dir.glob("*")) if library.concepts_dir.exists() else []
+    ink = library.runs_dir / "ink-20261127-020000-12"
+    declined = runner.invoke(main, ["runs", "ink-20261127-020000-12", "--remove"], input="n\n")
+    assert declined.exit_code == 1 and ink.is_dir()
+    assert "Remove run ink-20261127-020000-12  ink (<ink>)" in declined.output and "stopped at step 20/100" in declined.output
+    accepted = runner.invoke(main, ["runs", "ink-20261127-020000-12", "--remove"], input="y\n")
+    assert accepted.exit_code == 0, accepted.output
+    assert accepted.output.endswith("Removed run ink-20261127-020000-12\n") and not ink.exists()
+    # A finished run (by path) and an unreadable one (how a user clears it) go too.
+    done = library.runs_dir / "done-20261127-010000-11"
+    assert runner.invoke(main, ["runs", str(done), "--remove", "-y"]).exit_code == 0 and not done.exists()
+    assert runner.invoke(main, ["runs", "broken-20261127-040000-14", "--remove", "-y"]).exit_code == 0
+    assert [r["run"] for r in json.loads(runner.invoke(main, ["runs", "--json"]).output)] == ["fresh-20261127-030000-13"]
+    assert (library.runs_dir / "not-a-run").is_dir()
+    assert (sorted(p.name for p in library.concepts_dir.glob("*")) if library.concepts_dir.exists() else []) == concepts
+
+
+def test_runs_remove_refuses_what_is_not_one_of_the_librarys_runs(library, tmp_path):
+    elsewhere = tmp_path / "my-run"  # a --run-dir run outside the library
+    elsewhere.mkdir()
+    (elsewhere / "config.json").write_text("{}")
+    (library.runs_dir / "linked").symlink_to(elsewhere)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    runner = CliRunner()
+    for name, code, needle in (
+        (str(elsewhere), 1, f"Error: {elsewhere}: not in the library's runs folder "),
+        ("linked", 1, f"Error: {library.runs_dir / 'linked'}: not in the library's runs folder "),
+        ("not-a-run", 1, "Error: not-a-run: not a training run (no folder of that name or path holding config.json)"),
+        ("no-such-run", 1, "Error: no-such-run: not a training run"),
+    ):
+        result = runner.invoke(main, ["runs", name, "--remove", "-y"])
+        assert result.exit_code == code and result.output.startswith(needle), result.output
+        assert result.output.count("\n") == 1
+    usage = runner.invoke(main, ["runs", "--remove", "-y"])
+    assert usage.exit_code == 2 and "--remove takes one RUN" in usage.output
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
 def test_runs_reads_no_model_library(library):
     """A real process: `conceptlib runs` imports neither TensorFlow, Keras, JAX nor numpy."""
     code, imported, process = cli_imports(["runs"], dict(os.environ, CONCEPTLIB_HOME=str(library.root)))
@@ -161,6 +201,8 @@ def test_a_run_being_trained_is_listed_as_such_and_cannot_be_resumed_twice(libra
         assert again.exit_code == 1
         assert again.output == (f"Error: run {run.path} is being trained by another process right now; "
                                 "wait for it to finish, or stop it first\n")
+        removed = CliRunner().invoke(main, ["runs", run.path.name, "--remove", "-y"])
+        assert (removed.exit_code, removed.output) == (1, again.output)
         assert sorted((p.name, p.stat().st_mtime_ns) for p in run.path.rglob("*")) == before
     finally:
         holder.kill()

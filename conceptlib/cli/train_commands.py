@@ -208,17 +208,26 @@ def _use_devices(devices: str, trainer: str, batch_size: int) -> None:
 @main.command()
 @click.argument("run", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def runs(run, as_json):
+@click.option("--remove", is_flag=True, help="Delete run RUN's folder (its checkpoints and previews; the "
+              "concept it added to the library stays).")
+@click.option("-y", "--yes", is_flag=True, help="With --remove: don't ask for confirmation.")
+def runs(run, as_json, remove, yes):
     """List the training runs in the library's runs folder, oldest first: finished, or where an
     interrupted one stopped and how to resume it (runs given --run-dir elsewhere are not listed).
 
     With RUN (a run folder, or its name in the list): that run's checkpoints and previews, step
     by step with the mean loss since the step before, to pick one to import as a concept.
+    `conceptlib runs RUN --remove` deletes it.
     """
     from conceptlib.library import ConceptLibrary
     from conceptlib.runs import run_summaries
 
     library = ConceptLibrary()
+    if remove:
+        if run is None or as_json:
+            raise UsageError("--remove takes one RUN (a name from `conceptlib runs`) and no --json")
+        _remove_run(library, run, yes)
+        return
     if run is not None:
         _show_run(library, run, as_json)
         return
@@ -233,16 +242,22 @@ def runs(run, as_json):
         click.echo(_run_line(summary))
 
 
+def _remove_run(library, name: str, yes: bool) -> None:
+    from conceptlib.runs import remove_run, removable_run, run_summary
+
+    run = removable_run(name, library)
+    line = _run_line(run_summary(run))
+    if not yes:
+        click.confirm(f"Remove run {line}?", abort=True, err=True)
+    remove_run(run)
+    click.echo(f"Removed run {run.path.name}")
+
+
 def _show_run(library, name: str, as_json: bool) -> None:
     from conceptlib.errors import TrainingError
-    from conceptlib.runs import find_run, run_steps, run_summary
+    from conceptlib.runs import listed_run, run_steps, run_summary
 
-    run = find_run(name, library)
-    if not run.config_path.is_file():
-        raise TrainingError(
-            f"{name}: not a training run (no folder of that name or path holding config.json); "
-            "`conceptlib runs` lists the runs"
-        )
+    run = listed_run(name, library)
     summary = run_summary(run)
     if summary["status"] == "unreadable":
         raise TrainingError(summary["error"])

@@ -3,6 +3,7 @@ built), and one end-to-end run as a real subprocess at 64 px with `weights init-
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -96,6 +97,37 @@ def test_generate_refuses_unknown_concept_tokens(home):
     assert "not found in" in _generate(home, "a cat, <doll>-style").output
 
 
+def _embedding_file(path, token, dim=768, seed=4):
+    """A diffusers learned_embeds.safetensors, as its textual-inversion script writes it."""
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({token: _concept("x", token, 1, dim, seed).vectors}, str(path))
+    return path
+
+
+def test_generate_concept_files_are_checked_before_the_build(home):
+    """--concept FILE joins the prompt's concepts without entering the library; what cannot work
+    is one line before any model or weight is looked at."""
+    ext = _embedding_file(home / "downloads" / "ext" / "learned_embeds.safetensors", "<ext-doll>")
+    library_before = sorted(p.name for p in (home / "home" / "concepts").iterdir())
+    # Accepted: the run goes on to the weights lookup (an empty folder here).
+    assert "not found in" in _generate(home, "a <cat-doll> by a <ext-doll>", "--concept", str(ext)).output
+    assert "not found in" in _generate(home, "a cat", "--negative", "<ext-doll>", "--concept", str(ext)).output
+    wide = _embedding_file(home / "downloads" / "wide.safetensors", "<wide-ext>", dim=1024)
+    assert "sd-2" in _generate(home, "a <wide-ext>", "--concept", str(wide)).output  # its base model picked
+    for args, needle in (
+        (["a <cat-doll>", "--concept", str(ext)], "its token <ext-doll> is in neither PROMPT nor --negative"),
+        (["a <ext-doll>", "--concept", str(home / "gone.pt")], "gone.pt"),
+        (["a <cat-doll> <wide-ext>", "--concept", str(wide)], "mixes concepts for sd-1 and sd-2"),
+        (["a <cat-doll>", "--concept", str(_embedding_file(home / "d" / "cat.safetensors", "<cat-doll>"))],
+         "its token <cat-doll> is also that of concept 'cat-doll' in the library"),
+        (["a <ext-doll>", "--concept", str(ext), "--concept", str(ext.parent)], "its token <ext-doll> is also that of"),
+    ):
+        assert needle in _one_line_error(_generate(home, *args), 1), args
+    assert sorted(p.name for p in (home / "home" / "concepts").iterdir()) == library_before
+
+
 def test_generate_refuses_a_prompt_too_long_before_the_build(home):
     # 2 vectors for <cat-doll>: 74 words + 2 + start/end = 78 tokens.
     output = _one_line_error(_generate(home, "x " * 74 + "<cat-doll>"), 1)
@@ -170,9 +202,10 @@ def _init_and_generate(cli, env, home, weights):
     assert {p.name for p in weights.glob("*.h5")} == {"kcv_encoder.h5", "kcv_diffusion_model.h5", "kcv_decoder.h5", "vae_encoder.h5"}
 
     out = home / "out"
+    ext = _embedding_file(home / "downloads" / "learned_embeds.safetensors", "<ext-style>")
     result = subprocess.run(
-        cli + ["generate", "a <cat-doll> on a table", "--negative", "blurry", "-n", "2", "--steps", "1",
-               "--size", "64", "--seed", "7", "--weights", str(weights), "--out", str(out)],
+        cli + ["generate", "a <cat-doll> on a table", "--negative", "blurry <ext-style>", "-n", "2", "--steps", "1",
+               "--size", "64", "--seed", "7", "--weights", str(weights), "--out", str(out), "--concept", str(ext)],
         env=env, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -187,7 +220,9 @@ def _init_and_generate(cli, env, home, weights):
     for path in paths[:2]:
         with Image.open(path) as image:
             assert image.size == (64, 64) and image.mode == "RGB"
-            assert '"concepts": ["cat-doll"]' in image.text["conceptlib"]
+            settings = json.loads(image.text["conceptlib"])
+            assert settings["concepts"] == ["cat-doll"] and settings["concept_files"] == [str(ext)]
+    assert {p.stem for p in (home / "home" / "concepts").iterdir()} == {"cat-doll", "wide-doll"}
     with Image.open(paths[2]) as sheet:
         assert sheet.size[0] > 64 and sheet.size[1] == 64
 

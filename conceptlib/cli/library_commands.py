@@ -258,8 +258,8 @@ def _token_value(ctx, param, value: str | None) -> str | None:
     from conceptlib.concept import validate_token
 
     token = _usage_checked(param, value, validate_token)
-    if token is not None and _is_clip_word(token):
-        raise UsageError(f"--token {token!r}: {_clip_word_problem(token)}; use e.g. --token '<{token}>'")
+    if token is not None and is_clip_word(token):
+        raise UsageError(f"--token {token!r}: {clip_word_problem(token)}; use e.g. --token '<{token}>'")
     return token
 
 
@@ -443,8 +443,8 @@ def _import_one(library, source, *, name, token, several: bool):
         raise source.error
     alone = "import this file by itself with" if several else "pass"
     concept = load_source(source, token=token, name=name)
-    if _is_clip_word(concept.token):
-        raise ConceptError(f"{source.path}: {_clip_word_problem(concept.token)}; {alone} --token '<{concept.token}>'")
+    if is_clip_word(concept.token):
+        raise ConceptError(f"{source.path}: {clip_word_problem(concept.token)}; {alone} --token '<{concept.token}>'")
     try:
         return library.add(concept), True
     except (NameTakenError, TokenTakenError) as exc:
@@ -471,12 +471,12 @@ def _identical_in_library(library, concept):
     return library.header(existing.name)
 
 
-def _clip_word_problem(token: str) -> str:
+def clip_word_problem(token: str) -> str:
     return (f"token {token!r} is an ordinary word of the CLIP vocabulary, so prompts would mean the word, "
             "not the concept (generate and train refuse it)")
 
 
-def _is_clip_word(token: str) -> bool:
+def is_clip_word(token: str) -> bool:
     """True if ``token`` is one CLIP token, as train and generate decide. False when no readable
     vocabulary is found locally: import never downloads it, so the check is skipped."""
     from conceptlib.errors import VocabularyError

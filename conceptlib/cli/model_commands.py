@@ -93,12 +93,12 @@ def contact_sheet(images, columns: int | None = None):
 _TOKEN_LIKE = re.compile(r"<[^\s<>|]+>")
 
 
-def _check_unknown_tokens(library, prompt: str, negative: str | None) -> None:
+def _check_unknown_tokens(library, prompt: str, negative: str | None, extra_tokens=()) -> None:
     import difflib
 
     from conceptlib.clip_bpe import clean
 
-    known = sorted((header.token for header in library.list()), key=len, reverse=True)
+    known = sorted([header.token for header in library.list()] + list(extra_tokens), key=len, reverse=True)
     for where, text in (("PROMPT", prompt), ("--negative", negative)):
         text = clean(text or "")
         for token in known:  # longest first: '<cat>' inside a token '<cat>-style' is no word of its own
@@ -110,6 +110,36 @@ def _check_unknown_tokens(library, prompt: str, negative: str | None) -> None:
                     f"{word!r} in {where} is not a concept token of the library; {hint}see `conceptlib list` "
                     "for the tokens, or import the concept first (`conceptlib import FILE`)"
                 )
+
+
+def file_concepts(library, paths, prompt: str, negative: str | None) -> list:
+    """The concepts of ``generate --concept FILE`` (any format ``import`` reads), checked before
+    any model is built: each token must be in PROMPT or --negative, be no CLIP word, and belong to
+    no library concept nor another FILE."""
+    from conceptlib.cli.library_commands import clip_word_problem, is_clip_word
+    from conceptlib.formats import load_source
+    from conceptlib.kerascv.tokenizer import find_tokens
+
+    concepts: list = []
+    for path in paths:
+        concept = load_source(path)
+        token = concept.token
+        if is_clip_word(token):
+            raise ApplyError(f"{path}: {clip_word_problem(token)}; import it with --token '<{token}>' and use that")
+        in_library = library.find_token(token)
+        owner = in_library or next((c for c in concepts if c.token == token), None)
+        if owner is not None:
+            raise ApplyError(
+                f"{path}: its token {token} is also that of concept {owner.name!r}"
+                f"{' in the library' if in_library else ''}; apply one of them, or import the file with another --token"
+            )
+        if not any(find_tokens(text or "", {token: None}) for text in (prompt, negative)):
+            raise ApplyError(
+                f"{path}: its token {token} is in neither PROMPT nor --negative, so it would change nothing; "
+                f"write it in the prompt, e.g. \"a photo of {token}\""
+            )
+        concepts.append(concept)
+    return concepts
 
 
 def _check_prompt_lengths(headers, *texts: str) -> None:
@@ -180,8 +210,13 @@ def _check_out_dir(out_dir: Path) -> None:
               "downloaded if it is not found locally.)")
 @click.option("--out", "out_dir", default="conceptlib-images", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Folder for the PNGs.")
-def generate_command(prompt, negative, num_images, steps, seed, size, guidance, weights_dir, model, offline, out_dir):
-    """Generate images for PROMPT, applying every library concept whose token it contains.
+@click.option("--concept", "concept_paths", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
+              help="Also apply the concept in FILE (any format `import` reads) without adding it to the library, "
+                   "e.g. to try a downloaded embedding first; repeatable. Its token must be in the prompt.")
+def generate_command(prompt, negative, num_images, steps, seed, size, guidance, weights_dir, model, offline, out_dir,
+                     concept_paths):
+    """Generate images for PROMPT, applying every library concept whose token it contains (and
+    each --concept FILE).
 
     Writes one PNG per image and a contact sheet, and prints their paths. Runs on the JAX backend
     where JAX can use an NVIDIA GPU, else on TensorFlow (CPU); a set KERAS_BACKEND wins.
@@ -197,10 +232,11 @@ def generate_command(prompt, negative, num_images, steps, seed, size, guidance, 
     from conceptlib.library import ConceptLibrary
 
     library = ConceptLibrary()
+    from_files = file_concepts(library, concept_paths, prompt, negative)
     headers = concepts_in_prompts(library, prompt, negative or "")
-    _check_unknown_tokens(library, prompt, negative)
-    base_model = _pick_base_model(model, headers)
-    _check_prompt_lengths(headers, prompt, negative)
+    _check_unknown_tokens(library, prompt, negative, [concept.token for concept in from_files])
+    base_model = _pick_base_model(model, headers + from_files)
+    _check_prompt_lengths(headers + from_files, prompt, negative)
 
     from conceptlib.weights import random_folders, resolve_weights
 
@@ -230,7 +266,8 @@ def generate_command(prompt, negative, num_images, steps, seed, size, guidance, 
     # keras-cv prints a license notice and progress bars on stdout; stdout is for the paths.
     with contextlib.redirect_stdout(sys.stderr):
         sd = build_stable_diffusion(base_model, size, weights)
-        applied = apply(sd, [library.get(header.name) for header in headers], library) if headers else None
+        concepts = [library.get(header.name) for header in headers] + from_files
+        applied = apply(sd, concepts, library) if concepts else None
         try:
             images = sd.text_to_image(
                 prompt,
@@ -251,7 +288,7 @@ def generate_command(prompt, negative, num_images, steps, seed, size, guidance, 
     settings = {
         "prompt": prompt, "negative": negative, "seed": seed, "steps": steps, "size": size,
         "guidance": guidance, "base_model": base_model, "concepts": [h.name for h in headers],
-        "random_weights": bool(random_dirs),
+        "concept_files": [str(path) for path in concept_paths], "random_weights": bool(random_dirs),
     }
     info.add_text("conceptlib", json.dumps(settings, ensure_ascii=False))
     info.add_text("parameters", f"{prompt}\nNegative prompt: {negative or ''}\nSteps: {steps}, Seed: {seed}, "

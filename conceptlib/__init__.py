@@ -1,14 +1,16 @@
 """conceptlib: textual-inversion concepts for Stable Diffusion on KerasCV.
 
-Importing conceptlib never imports TensorFlow, JAX or Keras; ``apply`` imports them on first use.
+Importing conceptlib never imports TensorFlow, JAX or Keras; ``apply`` and ``train`` import them
+on first use.
 """
 
 from conceptlib.concept import Concept
 from conceptlib.errors import ConceptlibError
+from conceptlib.train_api import train
 
 __version__ = "0.1.0"
 
-__all__ = ["Concept", "ConceptlibError", "apply", "__version__"]
+__all__ = ["Concept", "ConceptlibError", "apply", "train", "__version__"]
 
 
 def apply(sd, concepts, *, library=None):
@@ -18,3 +20,4 @@ def apply(sd, concepts, *, library=None):
     from conceptlib.kerascv.apply import apply as _apply
 
     return _apply(sd, concepts, library=library)
+

@@ -22,6 +22,7 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import Future
@@ -231,6 +232,29 @@ def _rate(value: str, text: str) -> float:
     if not rate > 0 or rate == float("inf"):
         raise UsageError(f"--lr {text!r}: the rate {value} must be a positive number, e.g. 5e-3")
     return rate
+
+
+def training_config(images, *, name: str, token: str, init=(), learning_rate="5e-3", lr_schedule: str | None = None,
+                    trainer: str = "auto", **settings) -> TrainingConfig:
+    """A TrainingConfig from `conceptlib train`'s options, as the CLI and ``conceptlib.train`` take
+    them: ``init`` words (strings split on spaces and commas), ``learning_rate`` a rate or
+    AUTOMATIC1111's stepped rates (``parse_learning_rate``), the schedule "cosine" by default
+    ("stepped" for stepped rates), ``trainer="auto"`` as ``plugins.default_trainer``; ``settings``
+    are the other TrainingConfig fields. Raises UsageError (one line) for a bad value."""
+    rate, lr_steps = parse_learning_rate(learning_rate)
+    if lr_steps and lr_schedule:
+        raise UsageError(f"--lr-schedule {lr_schedule}: a stepped --lr is its own schedule; drop --lr-schedule")
+    if trainer == "auto":
+        from conceptlib.plugins import default_trainer
+
+        trainer = default_trainer()
+    words = [init] if isinstance(init, str) else list(init or ())
+    return TrainingConfig(
+        images=str(images), name=name, token=token, trainer=trainer,
+        init=[word for value in words for word in re.split(r"[\s,]+", value) if word],
+        learning_rate=rate, lr_steps=lr_steps, lr_schedule="stepped" if lr_steps else (lr_schedule or "cosine"),
+        **settings,
+    )
 
 
 def format_learning_rate(lr_steps) -> str:

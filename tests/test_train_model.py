@@ -185,6 +185,16 @@ def test_gradient_accumulation_trains_like_the_whole_batch(report):
     assert accumulation["max_diff"] < 1e-4, accumulation
 
 
+def test_conceptlib_train_in_python_returns_the_new_concept(report):
+    """conceptlib.train took the CLI's options by their Python names (the resume check below shows
+    it trained exactly what the same TrainingConfig does) and returned the library's Concept."""
+    api = report["python_api"]
+    assert (api["type"], api["token"], api["shape"], api["trainer"]) == ("Concept", "<full>", [2, 768], "tensorflow")
+    assert (api["author"], api["tags"]) == ("Jo Doe", "test")
+    assert {key: api["training"][key] for key in ("steps", "resolution", "seed", "lr_schedule")} == {
+        "steps": 4, "resolution": 64, "seed": 3, "lr_schedule": "cosine"}
+
+
 def test_resumed_run_ends_with_the_same_vectors(report):
     resume = report["resume"]
     assert resume["interrupted_after_step"] == 2 and resume["resumed_from_step"] == 2
@@ -268,7 +278,15 @@ def _worker(weights_dir: str, images: str, home: str, out: str) -> None:
         return TrainingConfig(images=images, name=name, token=f"<{name}>", weights=weights_dir, resolution=64,
                               steps=4, num_vectors=2, init=["toy"], seed=3, checkpoint_every=2)
 
-    full_header, _ = train(settings("full"), library=library, progress=False)
+    # The uninterrupted run through the Python API, conceptlib.train, with the same settings.
+    full = conceptlib.train(images, name="full", weights=weights_dir, resolution=64, steps=4, num_vectors=2,
+                            init="toy", seed=3, checkpoint_every=2, library=library, progress=False,
+                            author="Jo Doe", tags="test")
+    report["python_api"] = {
+        "type": type(full).__name__, "token": full.token, "shape": list(full.vectors.shape),
+        "trainer": full.metadata["trainer"], "author": full.metadata.get("modelspec.author"),
+        "tags": full.metadata.get("modelspec.tags"), "training": json.loads(full.metadata["training"]),
+    }
     job = prepare(settings("part"), library=library)
     job.progress.enabled = False
     interrupted = run_interrupted(job, after_step=2)

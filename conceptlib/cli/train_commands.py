@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -18,13 +17,6 @@ import click
 from conceptlib.cli import main
 from conceptlib.cli.describe_options import describe_options, described
 from conceptlib.errors import UsageError
-
-
-def _split_words(values) -> list[str]:
-    words: list[str] = []
-    for value in values or ():
-        words.extend(w for w in re.split(r"[\s,]+", value) if w)
-    return words
 
 
 @main.command()
@@ -93,8 +85,8 @@ def train(images, name, token, init, init_from, weights, base_model, trainer, te
     --title, --description, --author, ... describe the concept for sharing, as `conceptlib
     describe` does afterwards (kohya's --metadata_* options).
     """
-    from conceptlib.training import TrainingConfig, parse_learning_rate
     from conceptlib.training import train as run_training
+    from conceptlib.training import training_config
 
     if resume is None:
         if not images:
@@ -104,20 +96,11 @@ def train(images, name, token, init, init_from, weights, base_model, trainer, te
         name, token = _name_and_token(name, token)
         if preview_prompt is not None and not preview_every:
             raise UsageError("--preview-prompt needs previews: add --preview-every N")
-        learning_rate, lr_steps = parse_learning_rate(learning_rate)
-        if lr_steps and lr_schedule:
-            raise UsageError(f"--lr-schedule {lr_schedule}: a stepped --lr is its own schedule; drop --lr-schedule")
-        lr_schedule = "stepped" if lr_steps else (lr_schedule or "cosine")
-        if trainer == "auto":
-            from conceptlib.plugins import default_trainer
-
-            trainer = default_trainer()
-        config = TrainingConfig(
-            images=str(images), name=name, token=token, base_model=base_model, weights=weights,
-            trainer=trainer, template=template, init=_split_words(init), init_from=init_from, num_vectors=num_vectors,
+        config = training_config(
+            images, name=name, token=token, base_model=base_model, weights=weights,
+            trainer=trainer, template=template, init=init, init_from=init_from, num_vectors=num_vectors,
             resolution=resolution, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-            learning_rate=learning_rate, lr_steps=lr_steps,
-            lr_schedule=lr_schedule, warmup_steps=warmup_steps, seed=seed, flip=not no_flip,
+            learning_rate=learning_rate, lr_schedule=lr_schedule, warmup_steps=warmup_steps, seed=seed, flip=not no_flip,
             checkpoint_every=checkpoint_every, preview_every=preview_every, preview_steps=preview_steps,
             preview_prompt=preview_prompt, run_dir=run_dir,
             describe={key: value for key, value in described(description).items() if value is not None},

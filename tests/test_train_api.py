@@ -1,0 +1,85 @@
+"""conceptlib.train, the Python form of `conceptlib train`: what it refuses before any model is
+built (the training itself runs in test_train_model's worker, through this same function)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import conceptlib
+from conceptlib.errors import TrainingError, UsageError
+from conceptlib.library import ConceptLibrary
+from conceptlib.training import training_config
+
+
+@pytest.fixture
+def library(tmp_path):
+    return ConceptLibrary(tmp_path / "home")
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8")).save(folder / "a.png")
+    return folder
+
+
+def _unchanged(library) -> bool:
+    return not library.root.exists() or not any(library.root.rglob("*.safetensors")) and not any(
+        (library.root / "runs").glob("*"))
+
+
+def test_it_needs_a_name_or_a_token(library, images):
+    with pytest.raises(UsageError, match=r"give name= and/or token="):
+        conceptlib.train(images, library=library)
+    assert _unchanged(library)
+
+
+def test_an_unknown_setting_is_named_with_the_ones_it_takes(library, images):
+    with pytest.raises(UsageError, match=r"unknown setting stepz for conceptlib.train; it takes .*steps.*"):
+        conceptlib.train(images, token="<cat-doll>", stepz=10, library=library)
+    assert _unchanged(library)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"steps": 0}, "--steps 0 must be at least 1"),
+    ({"resolution": 100}, "--resolution 100 is not a positive multiple of 64"),
+    ({"learning_rate": "0.05:10, fast"}, "'fast' is not a number"),
+    ({"learning_rate": "0.05:10, 0.005", "lr_schedule": "constant"}, "a stepped --lr is its own schedule"),
+    ({"token": "<Cat-Doll>"}, "KerasCV lowercases prompts"),
+])
+def test_bad_values_fail_before_any_model_is_built(library, images, settings, message):
+    settings = {"token": "<cat-doll>", **settings}
+    with pytest.raises(conceptlib.ConceptlibError, match=message):
+        conceptlib.train(images, weights="random", library=library, progress=False, **settings)
+    assert _unchanged(library)
+
+
+def test_missing_images_fail_before_any_model_is_built(library, tmp_path):
+    with pytest.raises(TrainingError, match="no such folder"):
+        conceptlib.train(tmp_path / "nowhere", name="cat-doll", weights="random", library=library, progress=False)
+    assert _unchanged(library)
+
+
+def test_options_map_as_the_cli_maps_them(images):
+    config = training_config(images, name="cat-doll", token="<cat-doll>", init="toy cat, plush",
+                             learning_rate="0.05:10, 0.005", trainer="tensorflow", steps=20)
+    assert config.init == ["toy", "cat", "plush"]
+    assert (config.learning_rate, config.lr_steps, config.lr_schedule) == (0.05, [[0.05, 10], [0.005, None]], "stepped")
+    assert training_config(images, name="a", token="<a>", init=["toy cat"], learning_rate=0.01,
+                           trainer="tensorflow").init == ["toy", "cat"]
+
+
+def test_auto_picks_the_trainer_of_the_backend_keras_already_runs():
+    """In a notebook keras is often imported first; its backend is fixed, so 'auto' must follow it."""
+    code = "import keras\nfrom conceptlib.train_api import _trainer\nprint(_trainer('auto'), _trainer('tensorflow'))"
+    process = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, KERAS_BACKEND="jax"),
+                             capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert process.stdout.split() == ["jax", "tensorflow"]

@@ -20,4 +20,3 @@ def apply(sd, concepts, *, library=None):
     from conceptlib.kerascv.apply import apply as _apply
 
     return _apply(sd, concepts, library=library)
-

@@ -404,6 +404,34 @@ def test_export_all_into_another_tools_folder(library, tmp_path, fmt, files):
         np.testing.assert_array_equal(exported[token].vectors, original.vectors)
 
 
+def test_export_with_preview_writes_the_card_picture_webuis_show(library, tmp_path):
+    import base64
+
+    from PIL import Image
+
+    from conceptlib.formats import load_any
+
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "render.png")
+    assert run("describe", "oil-style", "--thumbnail", str(tmp_path / "render.png")).exit_code == 0
+    folder = tmp_path / "webui" / "embeddings"
+    result = run("export", "--all", "--format", "a1111", "--out", str(folder), "--with-preview")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == ["cat-doll.pt", "oil-style.preview.png", "oil-style.pt"]
+    assert (folder / "oil-style.preview.png").read_bytes() == base64.b64decode(library.get("oil-style").metadata["preview"])
+    assert f"  with its preview {folder / 'oil-style.preview.png'}" in result.stdout
+    assert "  cat-doll has no preview to write" in result.stdout  # its stored preview is not a readable PNG
+    assert sorted(c.token for c in load_any(folder)) == ["cat-doll", "oil-style"]  # import passes the card over
+    # An existing card is someone's file too: refused without --force, before anything is written.
+    (folder / "oil-style.pt").unlink()
+    assert_one_line_error(run("export", "oil-style", "--format", "a1111", "--out", str(folder), "--with-preview"), 1,
+                          "oil-style.preview.png: already exists, so nothing was exported")
+    assert not (folder / "oil-style.pt").exists()
+    result = run("export", "oil-style", "--format", "kohya", "--out", str(tmp_path / "k" / "oil.safetensors"), "--with-preview")
+    assert result.exit_code == 0 and (tmp_path / "k" / "oil.preview.png").is_file(), result.output
+    for args in (["--format", "diffusers"], ["--format", "a1111", "--out", str(tmp_path / "oil.png")]):
+        assert_one_line_error(run("export", "oil-style", *args, "--with-preview"), 2, "--with-preview: only a1111, kohya")
+
+
 def test_export_several_checks_everything_before_writing(library, tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()

@@ -20,7 +20,7 @@ from conceptlib.errors import ConceptError, ConceptFileError, ConceptlibError, U
 from conceptlib.cli.describe_options import describe_options, described
 from conceptlib.files import DESCRIPTIVE_KEYS, LISTED_DESCRIPTIONS, write_failure_reason
 from conceptlib.formats.readers import FILE_SUFFIXES, IMAGE_SUFFIXES
-from conceptlib.formats.writers import EXPORT_FORMATS
+from conceptlib.formats.writers import EXPORT_FORMATS, PREVIEW_FILE_FORMATS
 
 
 def _library():
@@ -531,30 +531,69 @@ _EXPORT_SUFFIXES = {
               help="File to write, or a folder (existing, or given with a trailing '/'; the conventional file name is "
                    "used inside). Default: the current folder; for sd-concepts ./NAME/. Several concepts: a folder.")
 @click.option("--force", is_flag=True, help="Replace existing files.")
-def export_command(refs: tuple[str, ...], export_all: bool, fmt: str, out: str | None, force: bool) -> None:
+@click.option("--with-preview", is_flag=True,
+              help="Also write each concept's preview beside its file as NAME.preview.png: the card picture "
+                   "AUTOMATIC1111's (and SD.Next's) Extra Networks tab shows (a1111, kohya, conceptlib).")
+def export_command(refs: tuple[str, ...], export_all: bool, fmt: str, out: str | None, force: bool,
+                   with_preview: bool) -> None:
     """Export concept NAME in another tool's format; several NAMEs or --all export into one folder
     (e.g. another tool's embeddings folder)."""
     if export_all and refs:
         raise UsageError("give concept NAMEs or --all, not both")
     if not refs and not export_all:
         raise UsageError("missing NAME: give the concept to export (or several, or --all)")
+    if with_preview and (fmt not in PREVIEW_FILE_FORMATS or (out or "").lower().endswith(".png")):
+        raise UsageError(f"--with-preview: only {', '.join(PREVIEW_FILE_FORMATS)} files get a NAME.preview.png "
+                         "beside them (an embedding image is its own picture); drop --with-preview")
     if len(refs) == 1 and not export_all:
-        _export_one(refs[0], fmt, out, force)
+        _export_one(refs[0], fmt, out, force, with_preview)
     else:
-        _export_many(refs, fmt, out, force)
+        _export_many(refs, fmt, out, force, with_preview)
 
 
-def _export_one(ref: str, fmt: str, out: str | None, force: bool) -> None:
+def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: bool) -> None:
+    from conceptlib.formats.writers import paths_in_folder
+
     target, folder = _export_target(fmt, out)
     concept = _library().get(ref)
     if fmt == "sd-concepts":
         target = target or Path(concept.name)
         _refuse_existing_sd_concepts_files(target, force)
+    file = paths_in_folder(concept, fmt, target)[1][0] if folder else target
+    preview = _preview_target(concept, fmt, file, force) if with_preview else None
     written = _write_export(concept, fmt, target, folder, force)
     click.echo(f"Exported {concept.name} ({concept.token}) as {fmt} to {written}")
+    if with_preview:
+        _write_preview_file(concept, preview)
 
 
-def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool) -> None:
+def _preview_target(concept, fmt: str, file: Path, force: bool) -> Path | None:
+    """Where ``--with-preview`` writes ``concept``'s preview for its export ``file`` (None: it has
+    no preview); an existing one is refused without ``force``, before anything is written."""
+    from conceptlib.formats.writers import preview_file_for, preview_png
+
+    path = preview_file_for(fmt, file)
+    if path is None or preview_png(concept) is None:
+        return None
+    if path.exists() and not force:
+        raise ConceptFileError(f"{path}: already exists, so nothing was exported; choose another --out or pass "
+                               "--force to replace such files")
+    return path
+
+
+def _write_preview_file(concept, path: Path | None) -> None:
+    from conceptlib.files import atomic_write_bytes
+    from conceptlib.formats.writers import preview_png
+
+    if path is None:
+        click.echo(f"  {concept.name} has no preview to write (give it one: conceptlib describe {concept.name} "
+                   "--thumbnail IMAGE)")
+        return
+    atomic_write_bytes(path, preview_png(concept), fix="choose another --out")
+    click.echo(f"  with its preview {path}")
+
+
+def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, with_preview: bool) -> None:
     """Several concepts into one folder: every concept and every target is checked before the
     first file is written, so a refusal writes nothing."""
     from conceptlib.formats.writers import paths_in_folder
@@ -575,9 +614,12 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool) 
             if taken is not None:
                 raise ConceptFileError(f"{taken}: already exists, so nothing was exported; choose another --out "
                                        "or pass --force to replace such files")
-    for concept, target, _ in plans:
+    previews = [_preview_target(concept, fmt, files[0], force) if with_preview else None for concept, _, files in plans]
+    for (concept, target, _), preview in zip(plans, previews):
         written = _write_export(concept, fmt, target, True, force)
         click.echo(f"Exported {concept.name} ({concept.token}) as {fmt} to {written}")
+        if with_preview:
+            _write_preview_file(concept, preview)
     click.echo(f"{len(plans)} concept{'s' if len(plans) != 1 else ''} exported to {folder}")
 
 

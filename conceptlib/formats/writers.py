@@ -75,6 +75,32 @@ def _preview_pixels(concept: Concept):
         return None
 
 
+# Formats whose files go into AUTOMATIC1111's (and SD.Next's, ComfyUI's) embeddings folders, where
+# a picture named like the file with ".preview.png" is the card the Extra Networks tab shows.
+PREVIEW_FILE_FORMATS = ("a1111", "kohya", "conceptlib")
+
+
+def preview_file_for(fmt: str, written: Path) -> Path | None:
+    """Where ``export --with-preview`` puts the preview beside ``written`` (a file of format
+    ``fmt``): ``NAME.preview.png``; None for formats and files that get none (diffusers'
+    and sd-concepts' fixed names, an embedding image, which is its own picture)."""
+    if fmt not in PREVIEW_FILE_FORMATS or written.suffix.lower() == ".png":
+        return None
+    return written.with_name(f"{written.stem}.preview.png")
+
+
+def preview_png(concept: Concept) -> bytes | None:
+    """The concept's preview as PNG bytes, or None when it has no readable one."""
+    import base64
+    import binascii
+
+    try:
+        data = base64.b64decode(concept.metadata.get("preview") or "", validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return data if data.startswith(b"\x89PNG\r\n\x1a\n") else None
+
+
 def paths_in_folder(concept: Concept, fmt: str, folder: Path) -> tuple[Path, list[Path]]:
     """Where ``concept`` goes when several are exported into ``folder``: the ``out`` to pass to
     ``export`` and the files that writes. Formats whose files carry a fixed name (diffusers'

@@ -386,7 +386,7 @@ def test_export_formats(library, tmp_path, fmt, out_name, check):
     # Fixed file names: one subfolder per concept, which diffusers' load_textual_inversion takes.
     ("diffusers", ["cat-doll/learned_embeds.safetensors", "oil-style/learned_embeds.safetensors"]),
     ("sd-concepts", [f"{name}/{file}" for name in ("cat-doll", "oil-style")
-                     for file in ("learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt")]),
+                     for file in ("README.md", "learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt")]),
 ])
 def test_export_all_into_another_tools_folder(library, tmp_path, fmt, files):
     folder = tmp_path / "webui" / "embeddings"
@@ -707,11 +707,11 @@ def test_export_into_a_folder(library, tmp_path, monkeypatch):
     assert list(safetensors_torch.load_file(tmp_path / "existing.pt" / "learned_embeds.safetensors")) == ["<cat-doll>"]
     assert run("export", "cat-doll", "--format", "diffusers", "--out", str(tmp_path / "x.bin")).exit_code == 0
     assert list(torch.load(tmp_path / "x.bin", weights_only=True)) == ["<cat-doll>"]
-    # sd-concepts without --out makes ./NAME/ and never replaces any of its three files unasked.
+    # sd-concepts without --out makes ./NAME/ and never replaces any of its files unasked.
     monkeypatch.chdir(tmp_path)
     assert run("export", "cat-doll", "--format", "sd-concepts").exit_code == 0
     assert sorted(p.name for p in (tmp_path / "cat-doll").iterdir()) == [
-        "learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt"]
+        "README.md", "learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt"]
     (tmp_path / "cat-doll" / "learned_embeds.bin").unlink()
     (tmp_path / "cat-doll" / "token_identifier.txt").write_text("mine")
     assert_one_line_error(run("export", "cat-doll", "--format", "sd-concepts"), 1, "token_identifier.txt: already exists")

@@ -333,7 +333,8 @@ def test_exported_pickles_pass_a1111_safe_loader(tmp_path, concept):
 def test_export_sd_concepts(tmp_path, concept):
     single = Concept("toy", "<toy>", concept.vectors[:1], {"type_of_concept": "style"})
     folder = export(single, "sd-concepts", tmp_path / "toy")
-    assert sorted(p.name for p in folder.iterdir()) == ["learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt"]
     state = torch.load(folder / "learned_embeds.bin", map_location="cpu", weights_only=True)
     assert list(state) == ["<toy>"] and tuple(state["<toy>"].shape) == (768,)
     assert (folder / "token_identifier.txt").read_text() == "<toy>"
@@ -344,6 +345,44 @@ def test_export_sd_concepts(tmp_path, concept):
     # Multi-vector concepts keep their (n, dim) shape.
     multi = export(concept, "sd-concepts", tmp_path / "multi")
     assert tuple(torch.load(multi / "learned_embeds.bin", weights_only=True)["<cat-doll>"].shape) == (3, 768)
+
+
+def test_sd_concepts_export_is_a_hub_ready_repository_with_a_model_card(tmp_path, concept):
+    """README.md is a Hugging Face model card (YAML front matter the Hub reads, the trigger word,
+    how to load it) from the concept's description; its preview goes beside it, and comes back on
+    import."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    picture = io.BytesIO()
+    Image.new("RGB", (32, 24), (1, 2, 3)).save(picture, format="PNG")
+    described = Concept("toy", "<toy>", concept.vectors, {
+        "modelspec.title": "Plush toy", "modelspec.description": "A *plush* toy.", "modelspec.license": "CC-BY-4.0",
+        "modelspec.tags": "toy, plush: soft", "modelspec.author": "Jo Doe", "modelspec.usage_hint": "weight 0.8",
+        "trainer": "jax", "training": json.dumps({"steps": 500, "batch_size": 4, "learning_rate": 0.005, "resolution": 512}),
+        "final_loss": "0.1234", "preview": base64.b64encode(picture.getvalue()).decode("ascii"),
+    })
+    folder = export(described, "sd-concepts", tmp_path / "toy")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "learned_embeds.bin", "preview.png", "token_identifier.txt", "type_of_concept.txt"]
+    assert (folder / "preview.png").read_bytes() == picture.getvalue()
+    card = (folder / "README.md").read_text()
+    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert front.splitlines() == ["license: cc-by-4.0", "tags:", '- "stable-diffusion"', '- "stable-diffusion-diffusers"',
+                                  '- "text-to-image"', '- "textual-inversion"', '- "toy"', '- "plush: soft"']
+    for line in ("# Plush toy", "A *plush* toy.", "Trigger word: `<toy>` (3 vectors of 768, for Stable Diffusion 1.x).",
+                 "weight 0.8", "![Plush toy](preview.png)", 'image = pipe("a photo of <toy>").images[0]',
+                 "- Author: Jo Doe", "- Trained with conceptlib (jax trainer): 500 steps, batch 4, learning rate 0.005, "
+                 "512 px, final loss 0.1234"):
+        assert line in body.splitlines(), line
+    back = one(folder)
+    assert back.metadata["preview"] and back.metadata["source_format"] == "sd-concepts"
+    # Without a description or preview the card still says what the concept is.
+    plain = (export(concept, "sd-concepts", tmp_path / "plain") / "README.md").read_text()
+    assert "A textual-inversion concept for Stable Diffusion 1.x." in plain and "license:" not in plain
+    assert not (tmp_path / "plain" / "preview.png").exists()
 
 
 def test_export_kohya(tmp_path, concept):
@@ -635,7 +674,7 @@ def test_a1111_round_trip_keeps_a1111_fields(tmp_path):
     np.testing.assert_array_equal(again.vectors, imported.vectors)
 
 
-@pytest.mark.parametrize("existing", ["learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt"])
+@pytest.mark.parametrize("existing", ["learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt", "README.md"])
 def test_sd_concepts_export_keeps_every_existing_file(tmp_path, concept, existing):
     folder = tmp_path / "cat-doll"
     folder.mkdir()

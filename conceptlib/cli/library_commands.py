@@ -558,7 +558,6 @@ def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: 
     concept = _library().get(ref)
     if fmt == "sd-concepts":
         target = target or Path(concept.name)
-        _refuse_existing_sd_concepts_files(target, force)
     file = paths_in_folder(concept, fmt, target)[1][0] if folder else target
     preview = _preview_target(concept, fmt, file, force) if with_preview else None
     written = _write_export(concept, fmt, target, folder, force)
@@ -654,11 +653,3 @@ def _export_target(fmt: str, out: str | None) -> tuple[Path | None, bool]:
             f"extension); use e.g. --out {target.with_suffix(suffixes[0])}, or a folder ending in '/'"
         )
     return target, False
-
-
-def _refuse_existing_sd_concepts_files(folder: Path, force: bool) -> None:
-    if force:
-        return
-    for file_name in ("learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt"):
-        if (folder / file_name).exists():
-            raise ConceptFileError(f"{folder / file_name}: already exists; choose another --out or pass --force to replace it")

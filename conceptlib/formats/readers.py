@@ -254,7 +254,22 @@ def _load_folder(path: Path, *, token: str | None, name: str | None) -> Concept:
     metadata["source_format"] = "sd-concepts" if identifier or concept_type else metadata.get("source_format", "diffusers")
     if concept_type:
         metadata["type_of_concept"] = concept_type
+    if (path / "preview.png").is_file() and not metadata.get("preview"):
+        metadata.update(_folder_preview(path / "preview.png"))
     return Concept(concept.name, concept.token, concept.vectors, metadata)
+
+
+def _folder_preview(path: Path) -> dict[str, str]:
+    """The preview an sd-concepts export put beside its files (our model card shows it), as the
+    concept's preview; nothing if it is not a readable picture (the vectors are what matters)."""
+    import base64
+
+    from conceptlib.images import picture_thumbnail_png
+
+    try:
+        return {"preview": base64.b64encode(picture_thumbnail_png(path)).decode("ascii")}
+    except ConceptFileError:
+        return {}
 
 
 def _read_text(path: Path) -> str:

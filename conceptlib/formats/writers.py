@@ -11,6 +11,7 @@ from conceptlib.files import atomic_write_bytes, concept_metadata, write_concept
 
 EXPORT_FORMATS = ("conceptlib", "diffusers", "a1111", "sd-concepts", "kohya")
 _SD_CONCEPTS_FILES = ("learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt")
+_SD_CONCEPTS_PREVIEW = "preview.png"
 # What AUTOMATIC1111 itself writes: the id of '*' in CLIP's vocabulary.
 _A1111_STAR_TOKEN_ID = 265
 
@@ -58,20 +59,18 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
 
 def _preview_pixels(concept: Concept):
     """The concept's preview thumbnail as uint8 pixels, or None when it has no readable one."""
-    import base64
-    import binascii
     import io
 
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    encoded = concept.metadata.get("preview")
-    if not encoded:
+    png = preview_png(concept)
+    if png is None:
         return None
     try:
-        with Image.open(io.BytesIO(base64.b64decode(encoded, validate=True))) as image:
+        with Image.open(io.BytesIO(png)) as image:
             return np.asarray(image.convert("RGB"))
-    except (binascii.Error, ValueError, OSError, UnidentifiedImageError):
+    except (OSError, ValueError, UnidentifiedImageError):
         return None
 
 
@@ -107,7 +106,7 @@ def paths_in_folder(concept: Concept, fmt: str, folder: Path) -> tuple[Path, lis
     learned_embeds.*, the sd-concepts folder) get a subfolder per concept."""
     if fmt == "sd-concepts":
         out = folder / concept.name
-        return out, [out / name for name in _SD_CONCEPTS_FILES]
+        return out, [out / name for name in _sd_concepts_files(concept)]
     if fmt == "diffusers":
         out = folder / concept.name
         return out, [out / _default_file(concept, fmt)]
@@ -152,8 +151,10 @@ def _int_or_none(value) -> int | None:
 def _export_sd_concepts(concept: Concept, folder: Path, overwrite: bool) -> Path:
     if folder.exists() and not folder.is_dir():
         raise ConceptFileError(f"{folder}: exists and is not a folder; sd-concepts export writes a folder, choose another --out")
+    from conceptlib.formats.model_card import model_card
+
     embeds = folder / "learned_embeds.bin"
-    for name in _SD_CONCEPTS_FILES:
+    for name in _sd_concepts_files(concept):
         _check_target(folder / name, overwrite)
     # sd-concepts-library stores a single vector as shape [dim], as diffusers' script saved it.
     vectors = concept.vectors[0] if concept.num_vectors == 1 else concept.vectors
@@ -161,7 +162,19 @@ def _export_sd_concepts(concept: Concept, folder: Path, overwrite: bool) -> Path
     atomic_write_bytes(folder / "token_identifier.txt", concept.token.encode("utf-8"))
     kind = concept.metadata.get("type_of_concept", "object")
     atomic_write_bytes(folder / "type_of_concept.txt", kind.encode("utf-8"))
+    preview = preview_png(concept)
+    if preview is not None:
+        atomic_write_bytes(folder / _SD_CONCEPTS_PREVIEW, preview)
+    card = model_card(concept, preview_file=_SD_CONCEPTS_PREVIEW if preview is not None else None)
+    atomic_write_bytes(folder / "README.md", card.encode("utf-8"))
     return folder
+
+
+def _sd_concepts_files(concept: Concept) -> list[str]:
+    """The files an sd-concepts export writes: the three the sd-concepts-library layout has, the
+    Hub model card (README.md) and the concept's preview if it has one."""
+    files = [*_SD_CONCEPTS_FILES, "README.md"]
+    return files + [_SD_CONCEPTS_PREVIEW] if preview_png(concept) is not None else files
 
 
 def _check_target(target: Path, overwrite: bool) -> None:

@@ -85,9 +85,22 @@ def test_sd_concepts_library_folder(tmp_path, zip_format):
     assert concept.metadata["type_of_concept"] == "style"
     assert concept.metadata["source_format"] == "sd-concepts"
     np.testing.assert_array_equal(concept.vectors[0], vec.numpy())
+    assert "preview" not in concept.metadata
     # token_identifier.txt wins over the key inside the file (the library's repos say so).
     (folder / "token_identifier.txt").write_text("<mj>")
     assert one(folder).token == "<mj>"
+    # The repos' concept_images/ (their training pictures) give the preview: the first readable one.
+    from PIL import Image
+
+    (folder / "concept_images").mkdir()
+    (folder / "concept_images" / "0.jpeg").write_text("not a picture")
+    Image.new("RGB", (300, 200), (0, 90, 200)).save(folder / "concept_images" / "1.jpeg")
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(folder / "concept_images" / "2.jpeg")
+    import base64
+    import io
+
+    with Image.open(io.BytesIO(base64.b64decode(one(folder).metadata["preview"]))) as preview:
+        assert preview.size == (128, 85) and preview.getpixel((60, 40))[2] > 150
 
 
 @ZIP

@@ -254,22 +254,31 @@ def _load_folder(path: Path, *, token: str | None, name: str | None) -> Concept:
     metadata["source_format"] = "sd-concepts" if identifier or concept_type else metadata.get("source_format", "diffusers")
     if concept_type:
         metadata["type_of_concept"] = concept_type
-    if (path / "preview.png").is_file() and not metadata.get("preview"):
-        metadata.update(_folder_preview(path / "preview.png"))
+    if not metadata.get("preview"):
+        metadata.update(_folder_preview(path))
     return Concept(concept.name, concept.token, concept.vectors, metadata)
 
 
-def _folder_preview(path: Path) -> dict[str, str]:
-    """The preview an sd-concepts export put beside its files (our model card shows it), as the
-    concept's preview; nothing if it is not a readable picture (the vectors are what matters)."""
+def _folder_preview(folder: Path) -> dict[str, str]:
+    """The concept folder's picture as the concept's preview: the ``preview.png`` an sd-concepts
+    export writes, else the first of the ``concept_images/`` an sd-concepts-library repository
+    holds (its training pictures). Nothing if there is none or it cannot be read: the vectors are
+    what matters."""
     import base64
 
-    from conceptlib.images import picture_thumbnail_png
+    from conceptlib.images import EXTENSIONS, picture_thumbnail_png
 
-    try:
-        return {"preview": base64.b64encode(picture_thumbnail_png(path)).decode("ascii")}
-    except ConceptFileError:
-        return {}
+    examples = folder / "concept_images"
+    candidates = [folder / "preview.png"]
+    if examples.is_dir():
+        candidates += sorted(p for p in examples.iterdir() if p.suffix.lower() in EXTENSIONS and not p.name.startswith("."))
+    for picture in candidates:
+        if picture.is_file():
+            try:
+                return {"preview": base64.b64encode(picture_thumbnail_png(picture)).decode("ascii")}
+            except ConceptFileError:
+                continue
+    return {}
 
 
 def _read_text(path: Path) -> str:

@@ -22,7 +22,8 @@ def train(images, *, name: str | None = None, token: str | None = None, init=Non
     ``learning_rate``: a rate, or AUTOMATIC1111's stepped rates (``"0.05:10, 0.005"``).
     ``trainer="auto"``: the trainer of the Keras backend this process already imported, else
     ``jax`` where JAX can use an NVIDIA GPU, else ``tensorflow``. ``library``: a
-    ``ConceptLibrary`` (default: ``$CONCEPTLIB_HOME``). ``settings``: the other options of
+    ``ConceptLibrary`` (default: ``$CONCEPTLIB_HOME``). ``progress``: print the run folder, the
+    stages and a progress line per step on stderr, as the CLI does. ``settings``: the other options of
     `conceptlib train` by their Python names (``steps=2000, resolution=512, batch_size=4,
     num_vectors=2, weights="DIR", preview_every=250, ...``: the fields of
     ``conceptlib.training.TrainingConfig``) and the description keys of `conceptlib describe`
@@ -55,7 +56,7 @@ def train(images, *, name: str | None = None, token: str | None = None, init=Non
         describe={key: value for key, value in describe.items() if value}, **settings,
     )
     library = library if library is not None else ConceptLibrary()
-    header, _job = run_training(config, library=library, progress=progress)
+    header, _job = run_training(config, library=library, progress=progress, announce=progress)
     return library.get(header.name)
 
 

@@ -158,6 +158,7 @@ def test_describe_thumbnail_sets_the_preview_pickers_and_exports_show(library, t
     after = library.get("oil-style")
     np.testing.assert_array_equal(after.vectors, before.vectors)
     assert after.metadata["modelspec.thumbnail"] == "data:image/png;base64," + after.metadata["preview"]
+    assert after.metadata["preview_source"] == "chosen"
     assert run("show", "oil-style", "--preview", str(tmp_path / "shown.png")).exit_code == 0
     with Image.open(tmp_path / "shown.png") as shown:
         assert shown.size == (85, 128) and shown.getpixel((40, 60)) == (10, 200, 30)
@@ -172,7 +173,7 @@ def test_describe_thumbnail_sets_the_preview_pickers_and_exports_show(library, t
     result = run("describe", "oil-style", "--thumbnail", "")
     assert result.exit_code == 0 and result.stdout.splitlines()[-1] == "thumbnail:   (not set)"
     metadata = library.header("oil-style").metadata
-    assert "preview" not in metadata and "modelspec.thumbnail" not in metadata
+    assert not {"preview", "preview_source", "modelspec.thumbnail"} & set(metadata)
 
 
 def test_describe_thumbnail_refuses_what_is_not_a_picture(library, tmp_path):

@@ -316,13 +316,13 @@ def _thumbnail_changes(image: str) -> dict[str, str | None]:
     """The metadata changes for ``--thumbnail IMAGE``: the picture as the preview (from which the
     ModelSpec thumbnail is written), or, for an empty IMAGE, neither."""
     if not image:
-        return {"preview": None, "modelspec.thumbnail": None}
+        return {"preview": None, "preview_source": None, "modelspec.thumbnail": None}
     import base64
 
     from conceptlib.images import picture_thumbnail_png
 
     png = picture_thumbnail_png(Path(image))
-    return {"preview": base64.b64encode(png).decode("ascii"), "modelspec.thumbnail": None}
+    return {"preview": base64.b64encode(png).decode("ascii"), "preview_source": "chosen", "modelspec.thumbnail": None}
 
 
 def _thumbnail_shown(metadata: dict) -> str:

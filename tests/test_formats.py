@@ -395,6 +395,8 @@ def test_sd_concepts_export_is_a_hub_ready_repository_with_a_model_card(tmp_path
     # Without a description or preview the card still says what the concept is.
     plain = (export(concept, "sd-concepts", tmp_path / "plain") / "README.md").read_text()
     assert "A textual-inversion concept for Stable Diffusion 1.x." in plain and "license:" not in plain
+    assert "randomly initialised" not in plain and "randomly initialised" in (export(
+        Concept("r", "<r>", concept.vectors, {"random_weights": "true"}), "sd-concepts", tmp_path / "r") / "README.md").read_text()
     assert not (tmp_path / "plain" / "preview.png").exists()
 
 

@@ -34,6 +34,8 @@ def model_card(concept: Concept, *, preview_file: str | None) -> str:
 
     vectors = f"{concept.num_vectors} vector{'s' if concept.num_vectors != 1 else ''}"
     lines = [*front, "", f"# {title}", ""]
+    if metadata.get("random_weights") == "true":
+        lines += ["**Trained on randomly initialised weights (a smoke test): these vectors mean nothing.**", ""]
     lines.append(metadata.get("modelspec.description") or f"A textual-inversion concept for {base}.")
     lines += ["", f"Trigger word: `{concept.token}` ({vectors} of {concept.dim}, for {base})."]
     if metadata.get("modelspec.usage_hint"):

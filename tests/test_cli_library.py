@@ -187,6 +187,46 @@ def test_describe_thumbnail_refuses_what_is_not_a_picture(library, tmp_path):
     assert snapshot(library.root) == before
 
 
+def test_mix_puts_vectors_one_after_another_or_sums_them(library, tmp_path):
+    from safetensors.numpy import save_file
+
+    cat = library.get("cat-doll").vectors
+    rng = np.random.default_rng(4)
+    other = rng.standard_normal((1, 768)).astype(np.float32)
+    save_file({"<dl-style>": other}, str(tmp_path / "dl.safetensors"))  # a downloaded file works as a source
+    result = run("mix", "cat-doll", f"{tmp_path / 'dl.safetensors'}*0.5", "--name", "cat-ink")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Added cat-ink (<cat-ink>, 3x768): cat-doll + 0.5 x dl-style, one after another\n"
+    mixed = library.get("<cat-ink>")
+    np.testing.assert_array_equal(mixed.vectors, np.concatenate([cat, 0.5 * other]))
+    sources = json.loads(mixed.metadata["mixed_from"])
+    assert [(s["name"], s["weight"]) for s in sources] == [("cat-doll", 1.0), ("dl-style", 0.5)]
+    assert mixed.metadata["mix_mode"] == "concat"
+    # --sum: row by row; a one-vector source is added to every row.
+    assert run("mix", "<cat-doll>*0.7", f"{tmp_path / 'dl.safetensors'}*0.3", "--sum", "--token", "<blend>").exit_code == 0
+    np.testing.assert_allclose(library.get("blend").vectors, 0.7 * cat + 0.3 * other, rtol=1e-6)
+    assert library.get("cat-doll").metadata["trainer"] == "tensorflow"  # sources unchanged
+
+
+def test_mix_refuses_what_cannot_be_mixed_and_changes_nothing(library, tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"<three>": np.ones((3, 768), np.float32)}, str(tmp_path / "three.safetensors"))
+    before = snapshot(library.root)
+    for args, code, needle in (
+        (["cat-doll", "oil-style", "--name", "x"], 1, "cannot mix vectors of different widths (cat-doll 768 (sd-1), oil-style 1024 (sd-2))"),
+        (["cat-doll", str(tmp_path / "three.safetensors"), "--sum", "--name", "x"], 1, "cat-doll 2, three 3 vectors"),
+        (["cat-doll", "nope", "--name", "x"], 1, "nope"),
+        (["cat-doll", "cat-doll", "--name", "cat-doll"], 1, "cat-doll"),
+        (["cat-doll", "--name", "fresh", "--token", "<cat-doll>"], 1, "<cat-doll>"),
+        (["cat-doll"] * 38 + ["--name", "long"], 1, "the mix has 76 vectors, more than a prompt's 75"),
+        (["cat-doll"], 2, "give --name and/or --token"),
+        (["cat-doll", "--token", "style"], 2, "ordinary word of the CLIP vocabulary"),
+    ):
+        assert_one_line_error(run("mix", *args), code, needle)
+    assert snapshot(library.root) == before
+
+
 def test_list_searches_titles_descriptions_categories_and_tags(library):
     run("describe", "oil-style", "--description", "Thick impasto brushwork", "--tags", "painting, texture")
     run("describe", "cat-doll", "--category", "Toy", "--title", "Plush kitten")
@@ -592,6 +632,7 @@ def test_real_process_round_trip(home, tmp_path):
     (["export", "cat-doll", "--format", "a1111", "--out", "{out}"], True),
     (["export", "cat-doll", "--format", "diffusers", "--out", "{out}.safetensors"], True),
     (["describe", "cat-doll", "--author", "me"], True),
+    (["mix", "cat-doll", "{folder}/bdoll.pt*0.5", "--name", "mixed"], True),
 ])
 def test_library_commands_never_import_tensorflow(library, tmp_path, args, numpy_ok):
     folder = _foreign_folder(tmp_path / "in")

@@ -286,6 +286,42 @@ def rename_command(old: str, new: str, token: str | None) -> None:
     click.echo(f"Renamed {old} -> {header.name} ({header.token})")
 
 
+@main.command("mix")
+@click.argument("sources", nargs=-1, required=True, metavar="SOURCE[*WEIGHT]...")
+@click.option("--name", default=None, callback=_name_value, help="Library name of the mix (default: from --token).")
+@click.option("--token", default=None, callback=_token_value, help="Its token (default: '<NAME>').")
+@click.option("--sum", "as_sum", is_flag=True,
+              help="Add the vectors up row by row (a blend) instead of putting them one after another.")
+def mix_command(sources: tuple[str, ...], name: str | None, token: str | None, as_sum: bool) -> None:
+    """Make a new concept from SOURCEs (library names or tokens, or files in any format `import`
+    reads), each optionally scaled (`ink-style*0.5`): their vectors one after another, as typing
+    their tokens in a row would give, or with --sum their weighted sum, as AUTOMATIC1111's
+    embedding mixers do. The mix enters the library; the sources are unchanged."""
+    from conceptlib.concept import slug_from_token
+    from conceptlib.kerascv.apply import resolve_concepts
+    from conceptlib.mixing import mix, parse_source
+
+    if name is None and token is None:
+        raise UsageError("give --name and/or --token for the mix, e.g. --name ink-doll")
+    token = token or f"<{name}>"
+    name = name or slug_from_token(token)
+    library = _library()
+    parsed = [parse_source(source) for source in sources]
+    concepts = []
+    for ref, _ in parsed:
+        found = resolve_concepts([ref], library)
+        if len(found) != 1:
+            raise UsageError(f"{ref} holds {len(found)} concepts; mix takes one per SOURCE (name the files)")
+        concepts += found
+    mixed = mix(name, token, [(concept, weight) for concept, (_, weight) in zip(concepts, parsed)],
+                mode="sum" if as_sum else "concat")
+    header = library.add(mixed)
+    parts = " + ".join(f"{weight:g} x {concept.name}" if weight != 1 else concept.name
+                       for concept, (_, weight) in zip(concepts, parsed))
+    how = "summed" if as_sum else "one after another"
+    click.echo(f"Added {header.name} ({header.token}, {header.num_vectors}x{header.dim}): {parts}, {how}")
+
+
 @main.command("describe")
 @click.argument("ref", metavar="NAME")
 @describe_options

@@ -174,6 +174,20 @@ def jax_gpu_available() -> bool:
     return has_nvidia_gpu() and jax_cuda_installed()
 
 
+def auto_trainer_reason() -> tuple[str, str]:
+    """(the trainer `--trainer auto` picks here, why: what was found, and what to install for the
+    GPU path when it is missing), for `conceptlib plugins`."""
+    trainer = default_trainer()
+    if trainer == "jax":
+        return trainer, "an NVIDIA GPU and JAX's CUDA build are here"
+    if not has_nvidia_gpu():
+        return trainer, "no NVIDIA GPU found (no /dev/nvidiactl, no nvidia-smi): training runs on the CPU"
+    if not jax_cuda_installed():
+        return trainer, ("an NVIDIA GPU is here but JAX's CUDA build is not installed, so training runs on the "
+                         "CPU; for the GPU: pip install -U \"jax[cuda12]\" (or \"jax[cuda13]\")")
+    return trainer, "the jax trainer plugin is not installed (see Failed to load, or pip install plugins/conceptlib-jax)"
+
+
 def default_trainer() -> str:
     """The trainer `--trainer auto` means: the JAX trainer where JAX can use an NVIDIA GPU, else
     the TensorFlow reference trainer (faster than JAX on a CPU)."""

@@ -11,6 +11,8 @@ import sys
 import textwrap
 from importlib import metadata
 
+import pytest
+
 from conceptlib.plugins import TEMPLATE_PACKS, TRAINERS, discover, get_trainer
 from conceptlib.training import Trainer
 
@@ -122,6 +124,27 @@ def test_auto_trainer_is_jax_on_a_gpu_machine_and_tensorflow_elsewhere(monkeypat
     monkeypatch.setattr(plugins, "jax_cuda_installed", lambda: True)
     monkeypatch.setattr(plugins, "has_nvidia_gpu", lambda: False)
     assert plugins.default_trainer() == "tensorflow"
+
+
+@pytest.mark.parametrize("gpu, cuda, picked, why", [
+    (True, True, "jax", "an NVIDIA GPU and JAX's CUDA build are here"),
+    (True, False, "tensorflow", 'JAX\'s CUDA build is not installed, so training runs on the CPU; for the GPU: pip install -U "jax[cuda12]"'),
+    (False, True, "tensorflow", "no NVIDIA GPU found"),
+])
+def test_plugins_says_which_trainer_auto_picks_and_why(monkeypatch, gpu, cuda, picked, why):
+    """The question a user with a slow run asks first: is it on the GPU, and if not, what is missing."""
+    from click.testing import CliRunner
+
+    import conceptlib.plugins as plugins
+    from conceptlib.cli import main
+
+    monkeypatch.setattr(plugins, "has_nvidia_gpu", lambda: gpu)
+    monkeypatch.setattr(plugins, "jax_cuda_installed", lambda: cuda)
+    result = CliRunner().invoke(main, ["plugins"])
+    line = next(line for line in result.output.splitlines() if "--trainer auto" in line)
+    assert line.startswith(f"  --trainer auto picks {picked}: ") and why in line, line
+    payload = json.loads(CliRunner().invoke(main, ["plugins", "--json"]).output)
+    assert payload["auto_trainer"]["trainer"] == picked and why in payload["auto_trainer"]["why"]
 
 
 def test_jax_cuda_support_is_found_from_installed_packages_without_importing_jax(tmp_path, monkeypatch):

@@ -301,16 +301,19 @@ def _run_line(run: dict, resume_as: str | None = None) -> str:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json):
-    """List installed trainer and template-pack plugins, and any that failed to load."""
-    from conceptlib.plugins import TRAINERS, discover
+    """List installed trainer and template-pack plugins (and which trainer `--trainer auto` picks
+    here, and why), and any that failed to load."""
+    from conceptlib.plugins import TRAINERS, auto_trainer_reason, discover
 
     registry = discover()
+    auto, why = auto_trainer_reason()
     if as_json:
         payload = {
             "trainers": {
                 name: {"backend": cls.backend, "version": str(getattr(cls, "version", "?"))}
                 for name, cls in registry.trainers.items()
             },
+            "auto_trainer": {"trainer": auto, "why": why},
             "template_packs": sorted(registry.template_packs),
             "entry_points": [info.__dict__ for info in registry.infos],
         }
@@ -321,6 +324,7 @@ def plugins(as_json):
         if info.ok:
             cls = registry.trainers[info.name]
             click.echo(f"  {info.name:<14} backend={cls.backend:<11} {info.distribution} {info.version}")
+    click.echo(f"  --trainer auto picks {auto}: {why}")
     click.echo("Template packs:")
     for pack in registry.template_packs.values():
         click.echo(f"  {pack.name:<14} {len(pack.templates):>3} templates  ({pack.source})")

@@ -291,8 +291,11 @@ def concept_metadata(concept: Concept) -> dict[str, str]:
     # keras-cv's SD 1.x and 2.x (base) both generate at 512 px and predict the noise.
     metadata.setdefault("modelspec.resolution", "512x512")
     metadata.setdefault("modelspec.prediction_type", "epsilon")
-    if metadata.get("preview"):  # model pickers show this one (the spec's thumbnail key)
+    if metadata.get("preview"):
+        # Where other tools look for it: model pickers read the spec's thumbnail key; AUTOMATIC1111's
+        # Extra Networks cards and ComfyUI's model previews read kohya's cover images.
         metadata["modelspec.thumbnail"] = "data:image/png;base64," + metadata["preview"]
+        metadata["ssmd_cover_images"] = json.dumps([metadata["preview"]])
     metadata.setdefault("init_tokens", "[]")
     return metadata
 

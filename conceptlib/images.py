@@ -219,6 +219,20 @@ def _thumbnail(image, size: int) -> bytes:
     return buffer.getvalue()
 
 
+def thumbnail_png_of_bytes(data: bytes, size: int = 128) -> bytes | None:
+    """A PNG thumbnail of the picture file content ``data`` (PNG, JPEG, WebP, ...), or None if it
+    is not one PIL can read (a picture another tool embedded: optional, never an error)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return _thumbnail(image.convert("RGB"), size)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
 def picture_thumbnail_png(path: Path, size: int = 128) -> bytes:
     """A PNG thumbnail (longest side ``size``, upright as viewers show it) of the picture at
     ``path``, for a concept's preview. Raises ConceptFileError (one line) if it is not a picture."""

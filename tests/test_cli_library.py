@@ -131,6 +131,8 @@ def test_described_keys_travel_with_exports(library, tmp_path):
         metadata = read_file_header(tmp_path / out).metadata
         assert metadata["modelspec.author"] == "Jo Doe" and metadata["modelspec.tags"] == "doll", fmt
         assert metadata["modelspec.thumbnail"].startswith("data:image/png;base64,iVBORw0KGgo")
+        # AUTOMATIC1111's Extra Networks cards and ComfyUI's model previews read kohya's cover images.
+        assert json.loads(metadata["ssmd_cover_images"]) == [library.get("cat-doll").metadata["preview"]]
 
 
 def test_describe_refuses_bad_values_and_changes_nothing(library):
@@ -173,7 +175,7 @@ def test_describe_thumbnail_sets_the_preview_pickers_and_exports_show(library, t
     result = run("describe", "oil-style", "--thumbnail", "")
     assert result.exit_code == 0 and result.stdout.splitlines()[-1] == "thumbnail:   (not set)"
     metadata = library.header("oil-style").metadata
-    assert not {"preview", "preview_source", "modelspec.thumbnail"} & set(metadata)
+    assert not {"preview", "preview_source", "modelspec.thumbnail", "ssmd_cover_images"} & set(metadata)
 
 
 def test_describe_thumbnail_refuses_what_is_not_a_picture(library, tmp_path):

@@ -61,8 +61,9 @@ def test_modelspec_keys_model_pickers_read(tmp_path):
     meta = read_header(write_concept(concept(preview="iVBORw0KGgo="), tmp_path / "c.safetensors")).metadata
     assert meta["modelspec.resolution"] == "512x512" and meta["modelspec.prediction_type"] == "epsilon"
     assert meta["modelspec.thumbnail"] == "data:image/png;base64,iVBORw0KGgo="
+    assert json.loads(meta["ssmd_cover_images"]) == ["iVBORw0KGgo="]  # AUTOMATIC1111's and ComfyUI's cards
     meta = read_header(write_concept(concept(**{"modelspec.resolution": "768x768"}), tmp_path / "d.safetensors")).metadata
-    assert meta["modelspec.resolution"] == "768x768" and "modelspec.thumbnail" not in meta
+    assert meta["modelspec.resolution"] == "768x768" and not {"modelspec.thumbnail", "ssmd_cover_images"} & set(meta)
 
 
 def test_sd2(tmp_path):

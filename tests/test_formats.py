@@ -400,6 +400,34 @@ def test_sd_concepts_export_is_a_hub_ready_repository_with_a_model_card(tmp_path
     assert not (tmp_path / "plain" / "preview.png").exists()
 
 
+def test_a_foreign_files_embedded_picture_becomes_the_preview(tmp_path):
+    """kohya-family files (and civitai's) carry cover images, ModelSpec files a thumbnail data URI:
+    either becomes the concept's preview; a damaged one is passed over, the import goes on."""
+    import base64
+    import io
+
+    from PIL import Image
+    from safetensors.numpy import save_file
+
+    def encoded(color, fmt):
+        buffer = io.BytesIO()
+        Image.new("RGB", (256, 192), color).save(buffer, format=fmt)
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    vectors = np.ones((1, 768), np.float32)
+    save_file({"emb_params": vectors}, str(tmp_path / "covered.safetensors"),
+              metadata={"ssmd_cover_images": json.dumps(["not base64!", encoded((250, 0, 0), "JPEG")])})
+    save_file({"<thumb>": vectors}, str(tmp_path / "thumb.safetensors"),
+              metadata={"modelspec.thumbnail": "data:image/png;base64," + encoded((0, 250, 0), "PNG")})
+    save_file({"<bad>": vectors}, str(tmp_path / "bad.safetensors"), metadata={"ssmd_cover_images": "[1, {}]"})
+    for name, color in (("covered", (250, 0, 0)), ("thumb", (0, 250, 0))):
+        preview = base64.b64decode(one(tmp_path / f"{name}.safetensors").metadata["preview"])
+        with Image.open(io.BytesIO(preview)) as image:
+            assert image.format == "PNG" and image.size == (128, 96)
+            assert all(abs(a - b) < 8 for a, b in zip(image.getpixel((60, 40)), color))
+    assert "preview" not in one(tmp_path / "bad.safetensors").metadata
+
+
 def test_export_kohya(tmp_path, concept):
     path = export(concept, "kohya", tmp_path)
     state = safetensors_torch.load_file(path)

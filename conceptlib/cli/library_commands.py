@@ -188,6 +188,8 @@ def _print_info(info: dict, as_json: bool, *, where: str) -> None:
     for key, value in info["metadata"].items():
         if key in ("preview", "modelspec.thumbnail"):
             value = f"<base64 PNG, {len(value)} characters>"
+        elif key == "ssmd_cover_images":
+            value = f"<base64 pictures, {len(value)} characters>"
         value = " ".join(value.split("\n"))  # a multi-line description stays on its row
         if len(value) > 120:
             value = value[:117] + "..."
@@ -351,14 +353,15 @@ def describe_command(ref: str, thumbnail: str | None, **values: str | None) -> N
 def _thumbnail_changes(image: str) -> dict[str, str | None]:
     """The metadata changes for ``--thumbnail IMAGE``: the picture as the preview (from which the
     ModelSpec thumbnail is written), or, for an empty IMAGE, neither."""
+    derived = {"modelspec.thumbnail": None, "ssmd_cover_images": None}  # written again from the preview
     if not image:
-        return {"preview": None, "preview_source": None, "modelspec.thumbnail": None}
+        return {"preview": None, "preview_source": None, **derived}
     import base64
 
     from conceptlib.images import picture_thumbnail_png
 
     png = picture_thumbnail_png(Path(image))
-    return {"preview": base64.b64encode(png).decode("ascii"), "preview_source": "chosen", "modelspec.thumbnail": None}
+    return {"preview": base64.b64encode(png).decode("ascii"), "preview_source": "chosen", **derived}
 
 
 def _thumbnail_shown(metadata: dict) -> str:

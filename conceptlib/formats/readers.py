@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import struct
@@ -319,6 +320,8 @@ def _load_safetensors(path: Path, *, token: str | None, name: str | None) -> Con
     key = keys[0]
     vectors = _read_safetensors_tensor(header)
     metadata = dict(header.metadata)
+    if not metadata.get("preview"):
+        metadata.update(_embedded_preview(metadata))
     if metadata.get("format") == FORMAT and key not in ("emb_params", "*"):
         # Our own file: it names itself.
         return _make(path, metadata.get("name"), key, vectors, metadata, token=token, name=name, fmt=None)
@@ -329,6 +332,34 @@ def _load_safetensors(path: Path, *, token: str | None, name: str | None) -> Con
         return _make(path, path.stem, trigger, vectors, metadata, token=token, name=name, fmt="kohya")
     metadata["source_format"] = "diffusers"
     return _make(path, None, key, vectors, metadata, token=token, name=name, fmt="diffusers")
+
+
+def _embedded_preview(metadata: dict) -> dict[str, str]:
+    """A foreign file's own picture as the concept's preview: kohya's first cover image
+    (``ssmd_cover_images``, as AUTOMATIC1111 and ComfyUI show it), else a ModelSpec thumbnail data
+    URI. Nothing if there is none or it cannot be read."""
+    import base64
+    import binascii
+
+    from conceptlib.images import thumbnail_png_of_bytes
+
+    candidates = []
+    try:
+        covers = json.loads(metadata.get("ssmd_cover_images") or "[]")
+        candidates += [c for c in covers if isinstance(c, str)] if isinstance(covers, list) else []
+    except ValueError:
+        pass
+    thumbnail = metadata.get("modelspec.thumbnail", "")
+    if thumbnail.startswith("data:image/") and "base64," in thumbnail:
+        candidates.append(thumbnail.partition("base64,")[2])
+    for encoded in candidates:
+        try:
+            png = thumbnail_png_of_bytes(base64.b64decode(encoded, validate=True))
+        except (binascii.Error, ValueError):
+            continue
+        if png is not None:
+            return {"preview": base64.b64encode(png).decode("ascii")}
+    return {}
 
 
 def _read_safetensors_tensor(header: FileHeader):

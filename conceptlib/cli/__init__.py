@@ -38,7 +38,7 @@ def main() -> None:
 
 def _register() -> None:
     # Imported for their side effect of adding commands to `main`.
-    from conceptlib.cli import cache_commands, library_commands  # noqa: F401
+    from conceptlib.cli import cache_commands, export_command, library_commands  # noqa: F401
 
     for optional in ("conceptlib.cli.model_commands", "conceptlib.cli.train_commands"):
         try:

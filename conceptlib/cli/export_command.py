@@ -1,0 +1,159 @@
+"""`conceptlib export`: write library concepts in other tools' formats (one file, or several
+into another tool's folder), with the checks that keep existing files. Imports no TensorFlow."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from conceptlib.cli import main
+from conceptlib.cli.library_commands import _library
+from conceptlib.errors import ConceptError, ConceptFileError, UsageError
+from conceptlib.files import write_failure_reason
+from conceptlib.formats.writers import EXPORT_FORMATS, PREVIEW_FILE_FORMATS
+
+
+# What each format's file must be called for its tool to pick the right loader: A1111, ComfyUI,
+# diffusers and kohya choose torch.load or safetensors by the extension.
+_EXPORT_SUFFIXES = {
+    "conceptlib": (".safetensors",),
+    "diffusers": (".safetensors", ".bin"),
+    "a1111": (".pt", ".png"),
+    "kohya": (".safetensors",),
+}
+
+
+@main.command("export")
+@click.argument("refs", metavar="NAME...", nargs=-1)
+@click.option("--all", "export_all", is_flag=True, help="Export every concept in the library (into the --out folder).")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
+              help="conceptlib | diffusers (learned_embeds.safetensors, or .bin) | a1111 (.pt, or an embedding image with "
+                   "--out X.png) | sd-concepts (folder) | kohya (emb_params).")
+@click.option("--out", type=click.Path(path_type=str), default=None,
+              help="File to write, or a folder (existing, or given with a trailing '/'; the conventional file name is "
+                   "used inside). Default: the current folder; for sd-concepts ./NAME/. Several concepts: a folder.")
+@click.option("--force", is_flag=True, help="Replace existing files.")
+@click.option("--with-preview", is_flag=True,
+              help="Also write each concept's preview beside its file as NAME.preview.png: the card picture "
+                   "AUTOMATIC1111's (and SD.Next's) Extra Networks tab shows (a1111, kohya, conceptlib).")
+def export_command(refs: tuple[str, ...], export_all: bool, fmt: str, out: str | None, force: bool,
+                   with_preview: bool) -> None:
+    """Export concept NAME in another tool's format; several NAMEs or --all export into one folder
+    (e.g. another tool's embeddings folder)."""
+    if export_all and refs:
+        raise UsageError("give concept NAMEs or --all, not both")
+    if not refs and not export_all:
+        raise UsageError("missing NAME: give the concept to export (or several, or --all)")
+    if with_preview and (fmt not in PREVIEW_FILE_FORMATS or (out or "").lower().endswith(".png")):
+        raise UsageError(f"--with-preview: only {', '.join(PREVIEW_FILE_FORMATS)} files get a NAME.preview.png "
+                         "beside them (an embedding image is its own picture); drop --with-preview")
+    if len(refs) == 1 and not export_all:
+        _export_one(refs[0], fmt, out, force, with_preview)
+    else:
+        _export_many(refs, fmt, out, force, with_preview)
+
+
+def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: bool) -> None:
+    from conceptlib.formats.writers import paths_in_folder
+
+    target, folder = _export_target(fmt, out)
+    concept = _library().get(ref)
+    if fmt == "sd-concepts":
+        target = target or Path(concept.name)
+    file = paths_in_folder(concept, fmt, target)[1][0] if folder else target
+    preview = _preview_target(concept, fmt, file, force) if with_preview else None
+    written = _write_export(concept, fmt, target, folder, force)
+    click.echo(f"Exported {concept.name} ({concept.token}) as {fmt} to {written}")
+    if with_preview:
+        _write_preview_file(concept, preview)
+
+
+def _preview_target(concept, fmt: str, file: Path, force: bool) -> Path | None:
+    """Where ``--with-preview`` writes ``concept``'s preview for its export ``file`` (None: it has
+    no preview); an existing one is refused without ``force``, before anything is written."""
+    from conceptlib.formats.writers import preview_file_for, preview_png
+
+    path = preview_file_for(fmt, file)
+    if path is None or preview_png(concept) is None:
+        return None
+    if path.exists() and not force:
+        raise ConceptFileError(f"{path}: already exists, so nothing was exported; choose another --out or pass "
+                               "--force to replace such files")
+    return path
+
+
+def _write_preview_file(concept, path: Path | None) -> None:
+    from conceptlib.files import atomic_write_bytes
+    from conceptlib.formats.writers import preview_png
+
+    if path is None:
+        click.echo(f"  {concept.name} has no preview to write (give it one: conceptlib describe {concept.name} "
+                   "--thumbnail IMAGE)")
+        return
+    atomic_write_bytes(path, preview_png(concept), fix="choose another --out")
+    click.echo(f"  with its preview {path}")
+
+
+def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, with_preview: bool) -> None:
+    """Several concepts into one folder: every concept and every target is checked before the
+    first file is written, so a refusal writes nothing."""
+    from conceptlib.formats.writers import paths_in_folder
+
+    folder = Path(out).expanduser() if out is not None else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {out}: exporting several concepts needs a folder, and this is a file; "
+                         "give a folder (it is created if missing)")
+    library = _library()
+    names = [header.name for header in library.list()] if not refs else list(dict.fromkeys(refs))
+    if not names:
+        raise ConceptError("the library is empty: nothing to export")
+    concepts = list({concept.name: concept for concept in map(library.get, names)}.values())
+    plans = [(concept, *paths_in_folder(concept, fmt, folder)) for concept in concepts]
+    if not force:
+        for _, _, files in plans:
+            taken = next((path for path in files if path.exists()), None)
+            if taken is not None:
+                raise ConceptFileError(f"{taken}: already exists, so nothing was exported; choose another --out "
+                                       "or pass --force to replace such files")
+    previews = [_preview_target(concept, fmt, files[0], force) if with_preview else None for concept, _, files in plans]
+    for (concept, target, _), preview in zip(plans, previews):
+        written = _write_export(concept, fmt, target, True, force)
+        click.echo(f"Exported {concept.name} ({concept.token}) as {fmt} to {written}")
+        if with_preview:
+            _write_preview_file(concept, preview)
+    click.echo(f"{len(plans)} concept{'s' if len(plans) != 1 else ''} exported to {folder}")
+
+
+def _write_export(concept, fmt: str, target: Path, folder: bool, force: bool) -> Path:
+    from conceptlib.files import WriteError
+    from conceptlib.formats import export
+
+    try:
+        if folder:
+            target.mkdir(parents=True, exist_ok=True)
+        return export(concept, fmt, target, overwrite=force)
+    except WriteError as exc:
+        raise WriteError(exc.path, exc.reason, "choose another --out") from None
+    except OSError as exc:
+        raise WriteError(target, write_failure_reason(target, exc), "choose another --out") from None
+
+
+def _export_target(fmt: str, out: str | None) -> tuple[Path | None, bool]:
+    """(--out as a path, whether it is a folder to write the conventional file name into). A file
+    path must end in an extension its format's tools load (a usage error otherwise)."""
+    if out is None:
+        return (None, False) if fmt == "sd-concepts" else (Path("."), True)
+    target = Path(out).expanduser()
+    if fmt == "sd-concepts":
+        return target, False  # the concept folder itself
+    if target.is_dir() or out.endswith(("/", os.sep)):
+        return target, True
+    suffixes = _EXPORT_SUFFIXES[fmt]
+    if target.suffix.lower() not in suffixes:
+        raise UsageError(
+            f"--out {out}: {fmt} files must end in {' or '.join(suffixes)} (tools choose how to load a file by its "
+            f"extension); use e.g. --out {target.with_suffix(suffixes[0])}, or a folder ending in '/'"
+        )
+    return target, False

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -178,24 +177,16 @@ def test_weights_where_lists_each_part(home):
 
 
 @pytest.mark.slow
-def test_generate_end_to_end_with_init_random_weights(home):
-    """The real CLI in subprocesses: init-random writes every sd-1 part (~4 GB), generate builds
-    the full model at 64 px, runs 1 step for 2 images and writes valid PNGs."""
+def test_generate_end_to_end_with_init_random_weights(home, random_weights):
+    """The real CLI in subprocesses: init-random wrote every sd-1 part (~4 GB; the session's
+    shared run of it), generate builds the full model at 64 px, runs 1 step for 2 images and
+    writes valid PNGs."""
+    from PIL import Image
+
     env = dict(os.environ, CONCEPTLIB_HOME=str(home / "home"), TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("KERAS_BACKEND", None)
     cli = [sys.executable, "-c", "import sys; from conceptlib.cli import main; sys.exit(main())"]
-    weights = home / "weights"
-    try:
-        _init_and_generate(cli, env, home, weights)
-    finally:
-        shutil.rmtree(weights, ignore_errors=True)  # ~4 GB; don't leave it in pytest's tmp
-
-
-def _init_and_generate(cli, env, home, weights):
-    from PIL import Image
-
-    init = subprocess.run(cli + ["weights", "init-random", str(weights)], env=env, capture_output=True, text=True)
-    assert init.returncode == 0, init.stderr[-2000:]
+    weights, init = random_weights
     assert init.stdout.strip() == str(weights)
     _assert_no_tensorflow_notices(init.stderr)
     assert (weights / "RANDOM-WEIGHTS.txt").exists()

@@ -56,18 +56,14 @@ def _images(folder: Path, count: int = 3) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, random_weights):
     root = tmp_path_factory.mktemp("jax-train")
     home = root / "home"
     cli = shutil.which("conceptlib")
-    init = subprocess.run(
-        [cli, "weights", "init-random", str(root / "weights")],
-        env=_env(home, root / "jax-cache"), capture_output=True, text=True, timeout=900,
-    )
-    assert init.returncode == 0, init.stderr[-3000:]
+    weights, _ = random_weights
     cmd = [
         cli, "train", str(_images(root / "images")), "--name", "jax-concept", "--token", "<jax-concept>",
-        "--init", "toy robot", "--weights", str(root / "weights"), "--resolution", "64", "--steps", "2",
+        "--init", "toy robot", "--weights", str(weights), "--resolution", "64", "--steps", "2",
         # Two batches of 1 per update: the step accumulates gradients (a scan inside the exported step).
         "--batch-size", "1", "--grad-accum", "2", "--num-vectors", "3", "--trainer", "jax", "--seed", "3",
         "--checkpoint-every", "1", "--preview-every", "2", "--preview-steps", "2",

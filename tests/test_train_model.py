@@ -42,14 +42,9 @@ def make_images(folder: Path, count: int = 3) -> Path:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, random_weights):
     root = tmp_path_factory.mktemp("train")
-    weights = root / "weights"
-    init = subprocess.run(
-        [shutil.which("conceptlib"), "weights", "init-random", str(weights)],
-        env=_env(root / "home"), capture_output=True, text=True, timeout=600,
-    )
-    assert init.returncode == 0, init.stderr
+    weights, _ = random_weights
     return {"root": root, "weights": weights, "images": make_images(root / "images"), "home": root / "home"}
 
 

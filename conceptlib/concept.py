@@ -18,6 +18,8 @@ FORMAT = "conceptlib/1"
 # Vector width of each base model's text encoder.
 DIMS = {"sd-1": 768, "sd-2": 1024}
 BASE_MODEL_BY_DIM = {dim: base for base, dim in DIMS.items()}
+# The text encoder's 77 positions less the start and end tokens: the most a prompt can hold.
+MAX_VECTORS = 75
 
 # A name is a file-system-safe slug: it becomes "<name>.safetensors" inside the library.
 _NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]|\.(?!\.)){0,63}$")
@@ -120,8 +122,8 @@ def validate_vectors(vectors, *, source: str = "concept") -> "np.ndarray":
             f"{source}: vector width {dim} is not 768 (SD 1.x) or 1024 (SD 2.x); "
             "this file was not made for a Stable Diffusion 1.x/2.x text encoder"
         )
-    if num < 1 or num > 75:
-        raise ConceptError(f"{source}: {num} vectors; a concept needs 1 to 75 vectors")
+    if num < 1 or num > MAX_VECTORS:
+        raise ConceptError(f"{source}: {num} vectors; a concept needs 1 to {MAX_VECTORS} vectors")
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).any(axis=1).argmax())
         raise ConceptError(

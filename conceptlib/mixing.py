@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 import re
 
-from conceptlib.concept import Concept
+from conceptlib.concept import MAX_VECTORS, Concept
 from conceptlib.errors import ConceptError, UsageError
 
-MAX_VECTORS = 75  # the text encoder's 77 positions less the start and end tokens
 _WEIGHTED = re.compile(r"^(?P<ref>.+)\*(?P<weight>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)$")
 
 

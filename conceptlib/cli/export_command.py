@@ -76,7 +76,7 @@ def _preview_target(concept, fmt: str, file: Path, force: bool) -> Path | None:
     from conceptlib.formats.writers import preview_file_for, preview_png
 
     path = preview_file_for(fmt, file)
-    if path is None or preview_png(concept) is None:
+    if path is None or preview_png(concept.metadata) is None:
         return None
     if path.exists() and not force:
         raise ConceptFileError(f"{path}: already exists, so nothing was exported; choose another --out or pass "
@@ -92,7 +92,7 @@ def _write_preview_file(concept, path: Path | None) -> None:
         click.echo(f"  {concept.name} has no preview to write (give it one: conceptlib describe {concept.name} "
                    "--thumbnail IMAGE)")
         return
-    atomic_write_bytes(path, preview_png(concept), fix="choose another --out")
+    atomic_write_bytes(path, preview_png(concept.metadata), fix="choose another --out")
     click.echo(f"  with its preview {path}")
 
 

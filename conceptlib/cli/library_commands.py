@@ -200,21 +200,15 @@ def _print_info(info: dict, as_json: bool, *, where: str) -> None:
 def _write_preview(name: str, path: Path, metadata: dict, out: Path) -> None:
     """Write the PNG in the ``preview`` metadata of concept ``name`` (file ``path``) to ``out``
     (never over an existing file)."""
-    import base64
-    import binascii
-
     from conceptlib.files import atomic_write_bytes
+    from conceptlib.formats.writers import preview_png
 
-    encoded = metadata.get("preview")
-    if not encoded:
+    if not metadata.get("preview"):
         raise ConceptError(
             f"{name} has no preview image (a library concept gets one with `conceptlib describe NAME --thumbnail IMAGE`)"
         )
-    try:
-        data = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        data = b""
-    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+    data = preview_png(metadata)
+    if data is None:
         raise ConceptFileError(f"{path}: its preview metadata is not a base64 PNG; the file was edited or damaged")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--preview {out}: the preview is a PNG; give a file name ending in .png")

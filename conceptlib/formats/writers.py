@@ -64,7 +64,7 @@ def _preview_pixels(concept: Concept):
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    png = preview_png(concept)
+    png = preview_png(concept.metadata)
     if png is None:
         return None
     try:
@@ -88,13 +88,13 @@ def preview_file_for(fmt: str, written: Path) -> Path | None:
     return written.with_name(f"{written.stem}.preview.png")
 
 
-def preview_png(concept: Concept) -> bytes | None:
-    """The concept's preview as PNG bytes, or None when it has no readable one."""
+def preview_png(metadata: dict) -> bytes | None:
+    """The preview in a concept's ``metadata`` as PNG bytes, or None when it has no readable one."""
     import base64
     import binascii
 
     try:
-        data = base64.b64decode(concept.metadata.get("preview") or "", validate=True)
+        data = base64.b64decode(metadata.get("preview") or "", validate=True)
     except (binascii.Error, ValueError):
         return None
     return data if data.startswith(b"\x89PNG\r\n\x1a\n") else None
@@ -162,7 +162,7 @@ def _export_sd_concepts(concept: Concept, folder: Path, overwrite: bool) -> Path
     atomic_write_bytes(folder / "token_identifier.txt", concept.token.encode("utf-8"))
     kind = concept.metadata.get("type_of_concept", "object")
     atomic_write_bytes(folder / "type_of_concept.txt", kind.encode("utf-8"))
-    preview = preview_png(concept)
+    preview = preview_png(concept.metadata)
     if preview is not None:
         atomic_write_bytes(folder / _SD_CONCEPTS_PREVIEW, preview)
     card = model_card(concept, preview_file=_SD_CONCEPTS_PREVIEW if preview is not None else None)
@@ -174,7 +174,7 @@ def _sd_concepts_files(concept: Concept) -> list[str]:
     """The files an sd-concepts export writes: the three the sd-concepts-library layout has, the
     Hub model card (README.md) and the concept's preview if it has one."""
     files = [*_SD_CONCEPTS_FILES, "README.md"]
-    return files + [_SD_CONCEPTS_PREVIEW] if preview_png(concept) is not None else files
+    return files + [_SD_CONCEPTS_PREVIEW] if preview_png(concept.metadata) is not None else files
 
 
 def _check_target(target: Path, overwrite: bool) -> None:

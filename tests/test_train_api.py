@@ -83,3 +83,21 @@ def test_auto_picks_the_trainer_of_the_backend_keras_already_runs():
                              capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-2000:]
     assert process.stdout.split() == ["jax", "tensorflow"]
+
+
+def test_with_progress_it_announces_the_run_folder_as_the_cli_does(library, images, monkeypatch):
+    """A notebook user needs the run folder to resume; progress=True prints it (as `train` does)."""
+    import conceptlib.training
+
+    seen = {}
+
+    def recorded(config, **options):
+        seen.update(options, config=config)
+        raise KeyboardInterrupt  # stop before any model is built
+
+    monkeypatch.setattr(conceptlib.training, "train", recorded)
+    for progress in (True, False):
+        with pytest.raises(KeyboardInterrupt):
+            conceptlib.train(images, token="<cat-doll>", library=library, progress=progress)
+        assert (seen["progress"], seen["announce"]) == (progress, progress)
+    assert seen["config"].token == "<cat-doll>" and seen["config"].name == "cat-doll"

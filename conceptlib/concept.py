@@ -22,15 +22,15 @@ BASE_MODEL_BY_DIM = {dim: base for base, dim in DIMS.items()}
 MAX_VECTORS = 75
 
 # A name is a file-system-safe slug: it becomes "<name>.safetensors" inside the library.
-_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]|\.(?!\.)){0,63}$")
+_NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9_-]|\.(?!\.)){0,63}")
 # A token is what prompts contain. KerasCV's tokenizer lowercases prompts, so only lowercase
 # tokens can ever match; whitespace would split the token into several words.
-_TOKEN_RE = re.compile(r"^[^\sA-Z]{1,64}$")
+_TOKEN_RE = re.compile(r"[^\sA-Z]{1,64}")
 
 
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid library name (a lowercase slug), else raise ConceptError."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith("."):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.endswith("."):
         raise ConceptError(
             f"invalid concept name {name!r}: use 1-64 lowercase letters, digits, '-', '_' or '.' "
             "(no '/', '..' or leading '.'), e.g. 'cat-doll'"
@@ -53,7 +53,12 @@ def validate_token(token: str) -> str:
             f"invalid token {token!r}: KerasCV lowercases prompts, so a token with capitals never "
             f"matches; use {suggested_token(token)!r}"
         )
-    if not _TOKEN_RE.match(token):
+    if not is_utf8(token):
+        raise ConceptError(
+            f"invalid token {ascii(token)}: it is not UTF-8 text (bytes from another encoding?), and concept "
+            "files and prompts hold UTF-8; type it again in a UTF-8 terminal, e.g. '<cat-doll>'"
+        )
+    if not _TOKEN_RE.fullmatch(token):
         raise ConceptError(
             f"invalid token {token!r}: use 1-64 characters without whitespace, e.g. '<cat-doll>'"
         )
@@ -70,6 +75,16 @@ def validate_token(token: str) -> str:
             f"use {suggested_token(token)!r}"
         )
     return token
+
+
+def is_utf8(text: str) -> bool:
+    """False for text that UTF-8 cannot encode: the lone surrogates Python makes of command-line
+    arguments or file contents that are not UTF-8. No concept file can store such text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _unescaped(text: str) -> str:

@@ -303,7 +303,12 @@ class ConceptLibrary:
                     # concept under its new name with its old metadata, never two files with one token.
                     os.rename(old_path, new_path)
                     _fsync_dir(new_path.parent)
-                write_concept(renamed, new_path)
+                try:
+                    write_concept(renamed, new_path)
+                except BaseException:
+                    if new_path != old_path:
+                        os.rename(new_path, old_path)  # a failed rewrite leaves the library as it was
+                    raise
             self._held_headers = None
             return _with_name(read_header(new_path), new)
 

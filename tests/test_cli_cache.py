@@ -131,9 +131,23 @@ def test_clear_refuses_a_folder_that_is_or_holds_home_or_the_library(cache, tmp_
     (precious / "data" / "file").write_text("keep")
     for folder in (tmp_path / "above", precious):
         monkeypatch.setenv("CONCEPTLIB_JAX_CACHE", str(folder))
-        what = "your home folder" if holds == "home" else "the concept library"
-        _one_line_error(run("clear", "-y"), f"the JAX cache {folder} (from $CONCEPTLIB_JAX_CACHE) is or holds {what}")
+        what = "is or holds your home folder" if holds == "home" else "is, holds or is inside the concept library"
+        _one_line_error(run("clear", "-y"), f"the JAX cache {folder} (from $CONCEPTLIB_JAX_CACHE) {what}")
         assert (precious / "data" / "file").read_text() == "keep"
+
+
+def test_clear_refuses_a_folder_inside_the_library(cache, tmp_path, monkeypatch):
+    library = tmp_path / "library"
+    monkeypatch.setenv("CONCEPTLIB_HOME", str(library))
+    concept_file = library / "concepts" / "cat-doll.safetensors"
+    concept_file.parent.mkdir(parents=True)
+    concept_file.write_bytes(b"a concept")
+    for folder in (library / "concepts", library / "runs" / "cache"):
+        folder.mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv("CONCEPTLIB_JAX_CACHE", str(folder))
+        _one_line_error(run("clear", "-y"), f"the JAX cache {folder} (from $CONCEPTLIB_JAX_CACHE) is, holds or is "
+                                            "inside the concept library")
+    assert concept_file.read_bytes() == b"a concept"
 
 
 def test_a_cache_path_that_is_a_file_is_an_error(cache):

@@ -138,10 +138,17 @@ def test_described_keys_travel_with_exports(library, tmp_path):
 def test_describe_refuses_bad_values_and_changes_nothing(library):
     before = snapshot(library.root)
     assert_one_line_error(run("describe", "nope", "--author", "x"), 1, "nope")
-    for args in (["--author", "two\nlines"], ["--title", "x" * 600], ["--description", "x" * 20000]):
+    for args in (["--author", "two\nlines"], ["--title", "x" * 600], ["--description", "x" * 20000],
+                 ["--author", "caf\udce9"]):
         result = run("describe", "cat-doll", *args)
         assert result.exit_code == 2 and "Invalid value for" in result.stderr, result.output
+    result = CliRunner().invoke(main, ["describe", "cat-doll", "--description", "-"], input=b"caf\xe9\n")
+    assert result.exit_code == 2 and "is not UTF-8" in result.stderr, result.output
+    result = run("rename", "cat-doll", "new-name", "--token", "<caf\udce9>")
+    assert_one_line_error(result, 2, "is not UTF-8 text")
     assert snapshot(library.root) == before
+    # The limit counts the description as stored: without the newline `echo` adds.
+    assert run("describe", "cat-doll", "--description", "-", input="d" * 16384 + "\n").exit_code == 0
 
 
 def test_describe_thumbnail_sets_the_preview_pickers_and_exports_show(library, tmp_path):
@@ -737,6 +744,23 @@ def test_export_refuses_an_extension_its_tools_would_misread(library, tmp_path, 
     result = run("export", "cat-doll", "--format", fmt, "--out", str(tmp_path / out))
     assert_one_line_error(result, 2, f"{fmt} files must end in {expected}")
     assert list(tmp_path.iterdir()) == [library.root]
+
+
+@pytest.mark.parametrize("args", [
+    ["cat-doll", "--format", "conceptlib", "--out", "{concepts}/oil-style.safetensors", "--force"],
+    ["cat-doll", "--format", "kohya", "--out", "{concepts}/cat-doll.safetensors", "--force"],
+    ["cat-doll", "--format", "conceptlib", "--out", "{concepts}/copy.safetensors"],
+    ["cat-doll", "--format", "sd-concepts", "--out", "{concepts}/cat-doll-folder"],
+    ["--all", "--format", "conceptlib", "--out", "{concepts}", "--force"],
+    ["cat-doll", "--format", "a1111", "--out", "{concepts}/../concepts/"],
+])
+def test_export_never_writes_into_the_library(library, args):
+    # A file exported there would become a second concept with the same token, or replace one.
+    concepts = library.concepts_dir.resolve()
+    before = snapshot(library.root)
+    result = run("export", *[arg.format(concepts=concepts) for arg in args])
+    assert_one_line_error(result, 2, f"is in the library's concepts folder {concepts}")
+    assert snapshot(library.root) == before
 
 
 def test_export_into_a_folder(library, tmp_path, monkeypatch):

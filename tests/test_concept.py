@@ -24,6 +24,22 @@ def test_tokens_prompts_can_contain_are_accepted(token):
     assert validate_token(token) == token
 
 
+@pytest.mark.parametrize("token,needle", [
+    ("<cat>\n", "use 1-64 characters without whitespace"),
+    ("<caf\udce9>", "it is not UTF-8 text"),
+])
+def test_a_trailing_newline_or_text_that_is_not_utf8_is_refused(token, needle):
+    with pytest.raises(ConceptError, match=needle):
+        validate_token(token)
+
+
+def test_a_name_with_a_trailing_newline_is_refused():
+    from conceptlib.concept import validate_name
+
+    with pytest.raises(ConceptError, match="invalid concept name"):
+        validate_name("cat\n")
+
+
 @pytest.mark.parametrize("token,becomes,use", [
     ("&amp;", "&", "&"),
     ("<a&amp;b>", "<a&b>", "<a&b>"),

@@ -122,6 +122,21 @@ def test_rename(library):
     assert library.rename("c", "c", token="<cc>").token == "<cc>"
 
 
+def test_a_rename_whose_rewrite_fails_leaves_the_library_as_it_was(library, monkeypatch):
+    import conceptlib.library as library_module
+
+    library.add(make("a", preview="x"))
+    before = snapshot(library.root)
+
+    def failing_write(concept, path):
+        raise WriteError(path, "the disk is full", "free some space")
+
+    monkeypatch.setattr(library_module, "write_concept", failing_write)
+    with pytest.raises(WriteError):
+        library.rename("a", "b", token="<b>")
+    assert snapshot(library.root) == before
+
+
 def test_index_is_a_cache_never_the_truth(library):
     library.add(make("a", preview="p" * 5000, trainer="tf"))
     library.add(make("b"))

@@ -108,16 +108,17 @@ def clear_command(yes: bool) -> None:
 
 
 def _refuse_unsafe(folder: Path) -> None:
-    """A cache variable set by mistake to the home folder (or one above it, or above the library)
-    must not turn `cache clear` into deleting them."""
+    """A cache variable set by mistake to the home folder (or one above it), or to the library (or a
+    folder above it or inside it), must not turn `cache clear` into deleting them."""
     from conceptlib.library import default_root
 
     target = folder.resolve()
-    for precious, what in ((Path.home(), "your home folder"), (default_root(), "the concept library")):
-        precious = precious.expanduser().resolve()
-        if target == precious or target in precious.parents:
+    home, library = Path.home().resolve(), default_root().expanduser().resolve()
+    for precious, what, inside in ((home, "your home folder", False), (library, "the concept library", True)):
+        if target == precious or target in precious.parents or (inside and precious in target.parents):
+            relation = "is, holds or is inside" if inside else "is or holds"
             raise ConceptlibError(
-                f"the JAX cache {_folder_label(folder)} is or holds {what} ({precious}); refusing to clear it: "
+                f"the JAX cache {_folder_label(folder)} {relation} {what} ({precious}); refusing to clear it: "
                 f"point ${JAX_CACHE_ENV} at a folder used only for the cache"
             )
 

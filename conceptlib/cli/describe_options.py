@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from conceptlib.concept import is_utf8
 from conceptlib.files import DESCRIPTIVE_KEYS
 
 # A description may be long (markdown, as the ModelSpec suggests); every other value is one line.
@@ -18,13 +19,20 @@ def _description_value(ctx, param, value):
     if value is None:
         return None
     if param.name == "description" and value == "-":
-        value = sys.stdin.read()
+        try:
+            value = sys.stdin.read()
+        except UnicodeDecodeError:
+            raise click.BadParameter("the text on standard input is not UTF-8; convert it (e.g. with iconv)") from None
+    value = value.strip()
+    if not is_utf8(value):
+        raise click.BadParameter(f"{ascii(value)[:80]} is not UTF-8 text (bytes from another encoding?); "
+                                 "give it as UTF-8")
     limit = _DESCRIPTION_LIMIT if param.name == "description" else _LINE_LIMIT
     if param.name != "description" and ("\n" in value or "\r" in value):
         raise click.BadParameter("must be one line (only --description may hold several)")
     if len(value) > limit:
-        raise click.BadParameter(f"is {len(value)} characters long; keep it under {limit}")
-    return value.strip()
+        raise click.BadParameter(f"is {len(value)} characters long; keep it to at most {limit}")
+    return value
 
 
 def describe_options(command):

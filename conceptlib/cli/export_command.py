@@ -59,10 +59,12 @@ def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: 
     from conceptlib.formats.writers import paths_in_folder
 
     target, folder = _export_target(fmt, out)
-    concept = _library().get(ref)
+    library = _library()
+    concept = library.get(ref)
     if fmt == "sd-concepts":
         target = target or Path(concept.name)
     file = paths_in_folder(concept, fmt, target)[1][0] if folder else target
+    _refuse_library_folder(file, out, library)
     preview = _preview_target(concept, fmt, file, force) if with_preview else None
     written = _write_export(concept, fmt, target, folder, force)
     click.echo(f"Exported {concept.name} ({concept.token}) as {fmt} to {written}")
@@ -106,6 +108,7 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
         raise UsageError(f"--out {out}: exporting several concepts needs a folder, and this is a file; "
                          "give a folder (it is created if missing)")
     library = _library()
+    _refuse_library_folder(folder, out, library)
     names = [header.name for header in library.list()] if not refs else list(dict.fromkeys(refs))
     if not names:
         raise ConceptError("the library is empty: nothing to export")
@@ -124,6 +127,16 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
         if with_preview:
             _write_preview_file(concept, preview)
     click.echo(f"{len(plans)} concept{'s' if len(plans) != 1 else ''} exported to {folder}")
+
+
+def _refuse_library_folder(path: Path, out: str | None, library) -> None:
+    """Exports are other tools' files: none may land in the library's concepts folder, where it
+    would become a second concept with the same token, or replace one."""
+    concepts = Path(library.concepts_dir).expanduser().resolve()
+    resolved = path.expanduser().resolve()
+    if resolved == concepts or concepts in resolved.parents:
+        raise UsageError(f"--out {out or '.'}: that is in the library's concepts folder {concepts}, where an exported "
+                         "file would become (or replace) a library concept; export to a folder outside the library")
 
 
 def _write_export(concept, fmt: str, target: Path, folder: bool, force: bool) -> Path:

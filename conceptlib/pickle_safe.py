@@ -62,14 +62,34 @@ _MAX_TENSOR_ELEMENTS = _MAX_VECTORS * _MAX_WIDTH
 _MAX_SPAN_ELEMENTS = 16 * _MAX_TENSOR_ELEMENTS
 # SDXL files hold two tensors, every other embedding format one.
 _MAX_TOTAL_ELEMENTS = 4 * _MAX_TENSOR_ELEMENTS
+# The most bytes read at once before anything is checked: a zip archive's pickle record, or a whole
+# legacy-format file. Embedding files are well under 1 MB.
+_MAX_RECORD_BYTES = 32 * 1024 * 1024
 
 
 class _NotAnEmbedding(Exception):
     """A tensor (or all of them together) is larger than any embedding; the message says which."""
 
 
-class _Callable:
-    """Base of the stand-ins handed to the unpickler: no __dict__, so BUILD cannot alter them."""
+class _Frozen:
+    """Base of every object the unpickler hands out or makes: no __dict__, and no attribute may
+    be set once made. A pickle's BUILD opcode sets slots with setattr; without this, one file
+    could retune a shared stand-in (a storage type's dtype) and so corrupt every file read after
+    it, or resize a tensor after its size was checked."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name, value):
+        raise pickle.UnpicklingError(f"the pickle tries to change {type(self).__name__}.{name}, which a tensor "
+                                     "file never does")
+
+    def _set(self, **values) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+
+class _Callable(_Frozen):
+    """Base of the stand-ins ``find_class`` returns for the globals a tensor dictionary names."""
 
     __slots__ = ()
 
@@ -78,24 +98,27 @@ class _StorageType(_Callable):
     __slots__ = ("name", "dtype", "itemsize")
 
     def __init__(self, name: str):
-        self.name = name
-        self.dtype, self.itemsize = _STORAGE_DTYPES[name]
+        dtype, itemsize = _STORAGE_DTYPES[name]
+        self._set(name=name, dtype=dtype, itemsize=itemsize)
 
     def __call__(self, *args, **kwargs):
         raise pickle.UnpicklingError(f"torch.{self.name} may only appear in a storage reference")
 
 
-class _Storage:
+class _Storage(_Frozen):
     """A storage referenced by the pickle. The container attaches ``read(first, count)``, which
     returns the raw bytes of ``count`` elements starting at element ``first``."""
 
     __slots__ = ("type", "key", "numel", "read")
 
     def __init__(self, storage_type: _StorageType, key: str, numel: int):
-        self.type, self.key, self.numel, self.read = storage_type, key, numel, None
+        self._set(type=storage_type, key=key, numel=numel, read=None)
+
+    def attach(self, read) -> None:
+        self._set(read=read)
 
 
-class _Tensor:
+class _Tensor(_Frozen):
     """A tensor rebuilt from (storage, offset, size, stride); materialised after loading."""
 
     __slots__ = ("storage", "offset", "size", "stride")
@@ -106,7 +129,7 @@ class _Tensor:
         ints = lambda v: isinstance(v, (tuple, list)) and all(type(x) is int and x >= 0 for x in v)  # noqa: E731
         if type(offset) is not int or offset < 0 or not ints(size) or not ints(stride) or len(size) != len(stride):
             raise pickle.UnpicklingError("malformed tensor size/stride")
-        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+        self._set(storage=storage, offset=offset, size=tuple(size), stride=tuple(stride))
         _check_embedding_sized(self.size)
         if self.span > _MAX_SPAN_ELEMENTS:
             raise pickle.UnpicklingError(
@@ -267,21 +290,27 @@ def load_tensor_pickle(path: str | os.PathLike) -> Any:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
+        handle = open(path, "rb")
     except FileNotFoundError:
         raise ConceptFileError(f"{path}: no such file; check the path") from None
     except IsADirectoryError:
         raise ConceptFileError(f"{path}: is a folder, expected a .pt/.bin file") from None
     except PermissionError:
         raise ConceptFileError(f"{path}: permission denied; make the file readable") from None
-    if not raw:
+    with handle:
+        return _load_open_pickle(handle, path)
+
+
+def _load_open_pickle(handle, path: Path) -> Any:
+    head = handle.read(4)
+    if not head:
         raise ConceptFileError(f"{path}: file is empty; re-download or re-export it")
+    handle.seek(0)
     try:
-        if raw[:4] == b"PK\x03\x04" or zipfile.is_zipfile(io.BytesIO(raw)):
-            obj, byteorder = _load_zip(raw, path)
-        elif raw[:1] == b"\x80":
-            obj, byteorder = _load_legacy(raw, path)
+        if head == b"PK\x03\x04" or zipfile.is_zipfile(handle):
+            obj, byteorder = _load_zip(handle, path)
+        elif head[:1] == b"\x80":
+            obj, byteorder = _load_legacy(_read_small(handle, path), path)
         else:
             raise ConceptFileError(f"{path}: not a PyTorch file (neither a torch zip archive nor a pickle); the download "
                                    "is damaged or is something else, re-download it")
@@ -298,8 +327,18 @@ def load_tensor_pickle(path: str | os.PathLike) -> Any:
         ) from None
 
 
-def _load_zip(raw: bytes, path: Path) -> tuple[Any, str]:
-    archive = zipfile.ZipFile(io.BytesIO(raw))
+def _read_small(handle, path: Path) -> bytes:
+    """The whole of a legacy-format file, which holds its tensors inline: refused unread when it is
+    larger than any embedding file could be."""
+    size = os.fstat(handle.fileno()).st_size
+    if size > _MAX_RECORD_BYTES:
+        raise _NotAnEmbedding(f"is {size / 1e6:.0f} MB, far more than a textual-inversion embedding file")
+    handle.seek(0)  # is_zipfile read elsewhere
+    return handle.read()
+
+
+def _load_zip(handle, path: Path) -> tuple[Any, str]:
+    archive = zipfile.ZipFile(handle)
     names = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
     if not names:
         raise ConceptFileError(f"{path}: a zip file but not a PyTorch archive (no <name>/data.pkl); not a torch.save file")
@@ -308,7 +347,12 @@ def _load_zip(raw: bytes, path: Path) -> tuple[Any, str]:
                                "a torch.save file has one, so this one is corrupt; re-download or re-export it")
     prefix = names[0][: -len("data.pkl")]
     storages: dict[str, _Storage] = {}
-    obj = _RestrictedUnpickler(io.BytesIO(archive.read(names[0])), path, storages).load()
+    pickled = archive.getinfo(names[0])
+    if pickled.file_size > _MAX_RECORD_BYTES:
+        # Checked before reading: a few KB of deflated zeros can declare gigabytes.
+        raise _NotAnEmbedding(f"has a {pickled.file_size / 1e6:.0f} MB data.pkl record, where a textual-inversion "
+                              "embedding file's is a few KB")
+    obj = _RestrictedUnpickler(io.BytesIO(archive.read(pickled)), path, storages).load()
     byteorder = "little"
     if f"{prefix}byteorder" in archive.namelist():
         byteorder = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
@@ -320,7 +364,7 @@ def _load_zip(raw: bytes, path: Path) -> tuple[Any, str]:
         need = storage.numel * storage.type.itemsize
         if info.file_size < need:
             raise ConceptFileError(f"{path}: storage {key} holds {info.file_size} bytes, expected {need}; the file is corrupt")
-        storage.read = _zip_reader(archive, info, storage.type.itemsize)
+        storage.attach(_zip_reader(archive, info, storage.type.itemsize))
     return obj, byteorder
 
 
@@ -360,7 +404,7 @@ def _load_legacy(raw: bytes, path: Path) -> tuple[Any, str]:
             raise ConceptFileError(f"{path}: storage {key} holds {numel} elements, expected {storage.numel}; the file is corrupt")
         if position + nbytes > len(raw):
             raise ConceptFileError(f"{path}: file truncated inside storage {key}; re-download or re-export it")
-        storage.read = _bytes_reader(raw, position, storage.type.itemsize)
+        storage.attach(_bytes_reader(raw, position, storage.type.itemsize))
         position += nbytes
     return obj, "little" if little else "big"
 

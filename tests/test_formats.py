@@ -199,6 +199,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     torch.save({"<i>": torch.full((768,), float("inf"))}, tmp_path / "inf.bin")
     safetensors_torch.save_file({"a": torch.randn(768), "b": torch.randn(768)}, tmp_path / "two.safetensors")
     safetensors_torch.save_file({"<i>": torch.arange(768)}, tmp_path / "ints.safetensors")
+    torch.save({"<i>": torch.arange(768).reshape(1, 768)}, tmp_path / "ints.bin")
+    safetensors_torch.save_file({"<big>": torch.zeros(2000, 768)}, tmp_path / "big.safetensors")
     torch.save({"state_dict": {"a": torch.randn(3)}, "epoch": 3}, tmp_path / "checkpoint.pt")
     torch.save([torch.randn(768)], tmp_path / "list.pt")
     a1111_save(tmp_path / "toomany.pt", torch.randn(80, 768))
@@ -216,6 +218,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         "inf.bin": "NaN or Inf",
         "two.safetensors": "exactly one",
         "ints.safetensors": "I64",
+        "ints.bin": "the embedding holds int64 values, but embeddings are floating-point",
+        "big.safetensors": "has shape [2000, 768], larger than any textual-inversion embedding",
         "checkpoint.pt": "not a textual-inversion embedding",
         "list.pt": "not a dictionary",
         "toomany.pt": "80 vectors",

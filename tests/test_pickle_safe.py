@@ -197,6 +197,50 @@ def test_allowed_globals_cannot_be_abused(tmp_path):
         load_tensor_pickle(tmp_path / "b.pt")
 
 
+def test_no_file_can_change_how_later_files_are_read(tmp_path):
+    """BUILD with slot state on a shared stand-in (FloatStorage's dtype) or on a checked tensor is
+    refused, so a crafted file cannot corrupt the files loaded after it in the same process."""
+    retune = (b"\x80\x02ctorch\nFloatStorage\nN}X\x05\x00\x00\x00dtypeX\x05\x00\x00\x00uint8s"
+              b"X\x08\x00\x00\x00itemsizeK\x01s\x86b0}X\x01\x00\x00\x00aK\x01s.")
+    (tmp_path / "retune.pt").write_bytes(_torch_zip(retune))
+    with pytest.raises(ConceptFileError, match="the pickle tries to change _StorageType.dtype"):
+        load_tensor_pickle(tmp_path / "retune.pt")
+    vec = torch.randn(2, 768)
+    np.testing.assert_array_equal(load_tensor_pickle(_save({"<v>": vec}, tmp_path / "v.pt", True))["<v>"], vec.numpy())
+    # A tensor rebuilt as usual, then BUILD (None, {'size': (200000, 768)}): it keeps the size it was checked with.
+    good = _save({"<v>": torch.randn(768)}, tmp_path / "good.pt", True)
+    resize = b"N}X\x04\x00\x00\x00sizeJ@\r\x03\x00M\x00\x03\x86s\x86b"
+    grown = _rewrite_zip(good, tmp_path / "grown.pt",
+                         lambda n, b: [(n, _after_last_reduce(b, resize) if n.endswith("data.pkl") else b)])
+    with pytest.raises(ConceptFileError, match="the pickle tries to change _Tensor.size"):
+        load_tensor_pickle(grown)
+
+
+def _after_last_reduce(pickled: bytes, extra: bytes) -> bytes:
+    import pickletools
+
+    position = [pos for op, _, pos in pickletools.genops(pickled) if op.name == "REDUCE"][-1] + 1
+    return pickled[:position] + extra + pickled[position:]
+
+
+def test_a_zip_bomb_is_refused_before_it_is_inflated(tmp_path):
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("archive/data.pkl", "w", force_zip64=True) as record:
+            for _ in range(40):
+                record.write(b"\0" * (1 << 20))
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(ConceptFileError, match="has a 42 MB data.pkl record, where a textual-inversion embedding"):
+        load_tensor_pickle(bomb)
+    # A legacy-format file holds its tensors inline: one far larger than any embedding is not read.
+    huge = tmp_path / "huge.pt"
+    with open(huge, "wb") as handle:
+        handle.write(b"\x80\x02")
+        handle.truncate(40 * 1024 * 1024)
+    with pytest.raises(ConceptFileError, match="is 42 MB, far more than a textual-inversion embedding file"):
+        load_tensor_pickle(huge)
+
+
 @pytest.mark.parametrize("damage", ["empty", "truncated-zip", "truncated-legacy", "garbage", "short-storage"])
 def test_corrupt_files_are_one_line_errors(tmp_path, damage):
     zip_path = _save({"<x>": torch.randn(2, 768)}, tmp_path / "z.bin", True)

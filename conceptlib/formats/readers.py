@@ -11,7 +11,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from conceptlib.concept import FORMAT, Concept, slug_from_token, suggested_token, validate_token
+from conceptlib.concept import DIMS, FORMAT, MAX_VECTORS, Concept, slug_from_token, suggested_token, validate_token
 from conceptlib.errors import ConceptError, ConceptFileError, UnsupportedFormatError, UsageError
 from conceptlib.files import MAX_HEADER_BYTES, FileHeader, read_file_header
 from conceptlib.formats import a1111_image
@@ -371,12 +371,18 @@ def _read_safetensors_tensor(header: FileHeader):
     dtype = _SAFETENSORS_DTYPES.get(tensor.dtype)
     if dtype is None:
         raise ConceptFileError(f"{path}: tensor {tensor.key!r} is {tensor.dtype}; embeddings are F32, F16 or BF16")
+    elements = int(np.prod(tensor.shape)) if tensor.shape else 1
+    if elements > MAX_VECTORS * max(DIMS.values()):
+        # Refused from the header, unread: a mistaken model file can be gigabytes.
+        raise ConceptFileError(f"{path}: tensor {tensor.key!r} has shape {list(tensor.shape)}, larger than any "
+                               f"textual-inversion embedding (1 to {MAX_VECTORS} vectors of 768 or 1024), so this "
+                               "file is not one")
     start, end = tensor.data_offsets
     with open(path, "rb") as handle:
         handle.seek(header.data_start + start)
         raw = handle.read(end - start)
     itemsize = 2 if dtype == "bf16" else np.dtype(dtype).itemsize
-    expected = itemsize * (int(np.prod(tensor.shape)) if tensor.shape else 1)
+    expected = itemsize * elements
     if len(raw) != expected:
         raise ConceptFileError(f"{path}: tensor {tensor.key!r} has {len(raw)} data bytes for shape {list(tensor.shape)} "
                                f"(expected {expected}); the file is corrupt, re-download or re-export it")
@@ -534,6 +540,9 @@ def _refuse_long(path: Path, stem_name: str | None, derived_token: str, *, token
 
 
 def _make(path: Path, stem_name: str | None, file_token: str, vectors, metadata: dict, *, token, name, fmt) -> Concept:
+    if _is_array(vectors) and vectors.dtype.kind != "f":
+        raise ConceptFileError(f"{path}: the embedding holds {vectors.dtype} values, but embeddings are floating-point "
+                               "(float32, float16 or bfloat16), so this file is not one")
     derived_token = _token_from_text(str(file_token))
     _refuse_long(path, stem_name, derived_token, token=token, name=name)
     final_token = token or derived_token

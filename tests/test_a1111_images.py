@@ -148,7 +148,8 @@ def test_exported_image_is_what_automatic1111_reads(home, vectors, picture, tmp_
     for data in (from_text, from_pixels):
         (tensor,) = data["string_to_param"].values()
         np.testing.assert_array_equal(tensor.numpy().astype(np.float32), vectors)
-        assert data["name"] == "cat-doll" and data["step"] == 800 and data["string_to_token"] == {"*": 265}
+        # An image's stored name is A1111's prompt word for it: the token.
+        assert data["name"] == "<cat-doll>" and data["step"] == 800 and data["string_to_token"] == {"*": 265}
     assert shown.shape == (384, 512, 3)  # the preview, scaled to 512 px
 
     # and back: another library imports it (its preview now the exported picture)
@@ -156,7 +157,7 @@ def test_exported_image_is_what_automatic1111_reads(home, vectors, picture, tmp_
     result = CliRunner(env={"CONCEPTLIB_HOME": str(other)}).invoke(main, ["import", str(tmp_path / "cat-doll.png")])
     assert result.exit_code == 0, result.output
     back = ConceptLibrary(other).get("cat-doll")
-    assert back.token == "cat-doll"
+    assert back.token == "<cat-doll>"
     np.testing.assert_array_equal(back.vectors, vectors)
 
 

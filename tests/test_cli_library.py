@@ -746,6 +746,24 @@ def test_export_refuses_an_extension_its_tools_would_misread(library, tmp_path, 
     assert list(tmp_path.iterdir()) == [library.root]
 
 
+def test_export_a1111_says_the_prompt_word_and_warns_of_an_ordinary_word(library, tmp_path):
+    library.add(Concept("cat", "<my-cat>", np.ones((1, 768), np.float32)))
+    result = run("export", "cat-doll", "--format", "a1111", "--out", str(tmp_path) + "/")
+    assert result.stdout.endswith(f"to {tmp_path / 'cat-doll.pt'}; AUTOMATIC1111 prompts call it 'cat-doll' (its file name)\n")
+    result = run("export", "cat", "--format", "a1111", "--out", str(tmp_path) + "/")
+    assert "AUTOMATIC1111 prompts call it 'cat' (its file name), which is also an ordinary word there" in result.stdout
+    result = run("export", "cat", "--format", "a1111", "--out", str(tmp_path / "card.png"))
+    assert result.stdout == f"Exported cat (<my-cat>) as a1111 to {tmp_path / 'card.png'}\n"  # an image's word is the token
+
+
+def test_export_all_says_which_library_files_it_left_out(library, tmp_path):
+    (library.concepts_dir / "broken.safetensors").write_bytes(b"not a concept")
+    result = run("export", "--all", "--format", "conceptlib", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0
+    assert result.stderr.startswith(f"Warning: skipped {library.concepts_dir / 'broken.safetensors'}: ")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cat-doll.safetensors", "oil-style.safetensors"]
+
+
 @pytest.mark.parametrize("args", [
     ["cat-doll", "--format", "conceptlib", "--out", "{concepts}/oil-style.safetensors", "--force"],
     ["cat-doll", "--format", "kohya", "--out", "{concepts}/cat-doll.safetensors", "--force"],

@@ -291,6 +291,19 @@ def test_export_diffusers_safetensors(tmp_path, concept):
     np.testing.assert_array_equal(back.vectors, concept.vectors)
 
 
+def test_a_single_vector_exports_flat_for_diffusers_and_invokeai(tmp_path, concept):
+    """diffusers' script and sd-concepts-library files store one vector as shape [dim], and
+    InvokeAI's installer reads a token-keyed tensor's width from its first dimension
+    (``list(state_dict.values())[0].shape[0]``, which must be 768 or 1024)."""
+    single = Concept("ink", "<ink>", concept.vectors[:1], concept.metadata)
+    for out in ("learned_embeds.safetensors", "learned_embeds.BIN"):
+        path = export(single, "diffusers", tmp_path / out)
+        state = (safetensors_torch.load_file(path) if path.suffix == ".safetensors"
+                 else torch.load(path, map_location="cpu", weights_only=True))
+        assert list(state.values())[0].shape[0] == 768, out
+        np.testing.assert_array_equal(one(path).vectors, single.vectors)
+
+
 def test_export_diffusers_bin(tmp_path, concept):
     path = export(concept, "diffusers", tmp_path / "learned_embeds.bin")
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -712,12 +725,18 @@ def test_a1111_round_trip_keeps_a1111_fields(tmp_path):
     (tmp_path / "out").mkdir()
     path = export(imported, "a1111", tmp_path / "out")
     data = torch.load(path, map_location="cpu", weights_only=True)
-    assert (data["name"], data["step"], data["sd_checkpoint"], data["sd_checkpoint_name"]) == (
-        "MyDoll", 1999, "6ce0161689", "v1-5-pruned-emaonly")
+    # The name field is the word A1111 prompts use (the file name), which diffusers takes as the token.
+    assert (path.name, data["name"], data["step"], data["sd_checkpoint"], data["sd_checkpoint_name"]) == (
+        "mydoll.pt", "mydoll", 1999, "6ce0161689", "v1-5-pruned-emaonly")
     again = one(path)
     assert {k: again.metadata[k] for k in again.metadata if k.startswith("a1111.")} == {
-        "a1111.name": "MyDoll", "a1111.step": "1999", "a1111.sd_checkpoint": "6ce0161689",
+        "a1111.name": "mydoll", "a1111.step": "1999", "a1111.sd_checkpoint": "6ce0161689",
         "a1111.sd_checkpoint_name": "v1-5-pruned-emaonly"}
+    # Renamed (or given another token) and exported again: no stale word from the first file.
+    renamed = Concept("ink2", "<ink2>", imported.vectors, imported.metadata)
+    assert torch.load(export(renamed, "a1111", tmp_path / "out"), weights_only=True)["name"] == "ink2"
+    image = export(renamed, "a1111", tmp_path / "out" / "card.png")
+    assert one(image).token == "<ink2>"  # an image is named with the token: the round trip keeps it
     np.testing.assert_array_equal(again.vectors, imported.vectors)
 
 

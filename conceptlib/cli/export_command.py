@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from conceptlib.cli import main
-from conceptlib.cli.library_commands import _library
+from conceptlib.cli.library_commands import _library, _warn_problems
 from conceptlib.errors import ConceptError, ConceptFileError, UsageError
 from conceptlib.files import write_failure_reason
 from conceptlib.formats.writers import EXPORT_FORMATS, PREVIEW_FILE_FORMATS
@@ -67,9 +67,25 @@ def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: 
     _refuse_library_folder(file, out, library)
     preview = _preview_target(concept, fmt, file, force) if with_preview else None
     written = _write_export(concept, fmt, target, folder, force)
-    click.echo(f"Exported {concept.name} ({concept.token}) as {fmt} to {written}")
+    click.echo(f"Exported {concept.name} ({concept.token}) as {fmt} to {written}{_prompt_word_note(concept, fmt, written)}")
     if with_preview:
         _write_preview_file(concept, preview)
+
+
+def _prompt_word_note(concept, fmt: str, written: Path) -> str:
+    """For an a1111 file whose prompt word is not the token (a .pt file is called by its file name):
+    the word to type in AUTOMATIC1111, and a warning when that word is an ordinary CLIP word."""
+    from conceptlib.cli.library_commands import is_clip_word
+    from conceptlib.formats.writers import a1111_prompt_word
+
+    word = a1111_prompt_word(concept, written) if fmt == "a1111" else concept.token
+    if word == concept.token:
+        return ""
+    note = f"; AUTOMATIC1111 prompts call it {word!r} (its file name)"
+    if is_clip_word(word):
+        note += (f", which is also an ordinary word there, so every {word!r} in a prompt would mean the concept: "
+                 "choose another word with --out WORD.pt")
+    return note
 
 
 def _preview_target(concept, fmt: str, file: Path, force: bool) -> Path | None:
@@ -109,7 +125,11 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
                          "give a folder (it is created if missing)")
     library = _library()
     _refuse_library_folder(folder, out, library)
-    names = [header.name for header in library.list()] if not refs else list(dict.fromkeys(refs))
+    if refs:
+        names = list(dict.fromkeys(refs))
+    else:
+        names = [header.name for header in library.list()]
+        _warn_problems(library)  # as `list` does: a file left out is said, not silently skipped
     if not names:
         raise ConceptError("the library is empty: nothing to export")
     concepts = list({concept.name: concept for concept in map(library.get, names)}.values())
@@ -123,7 +143,7 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
     previews = [_preview_target(concept, fmt, files[0], force) if with_preview else None for concept, _, files in plans]
     for (concept, target, _), preview in zip(plans, previews):
         written = _write_export(concept, fmt, target, True, force)
-        click.echo(f"Exported {concept.name} ({concept.token}) as {fmt} to {written}")
+        click.echo(f"Exported {concept.name} ({concept.token}) as {fmt} to {written}{_prompt_word_note(concept, fmt, written)}")
         if with_preview:
             _write_preview_file(concept, preview)
     click.echo(f"{len(plans)} concept{'s' if len(plans) != 1 else ''} exported to {folder}")

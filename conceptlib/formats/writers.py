@@ -27,9 +27,10 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
     * diffusers: ``learned_embeds.safetensors``, one tensor keyed by the token, for
       ``pipeline.load_textual_inversion``; a ``.bin`` path gives the torch pickle ``{token: tensor}``.
     * a1111: ``<name>.pt``, a torch zip pickle with string_to_param {'*': tensor}; AUTOMATIC1111
-      uses the file name as the prompt word. A concept imported from an A1111 file keeps that
-      file's name, step and sd_checkpoint(_name). A ``.png`` path gives AUTOMATIC1111's embedding
-      image instead: the concept's preview (else a grey card) carrying the same dictionary.
+      uses the file name as the prompt word (see ``a1111_prompt_word``). A concept imported from
+      an A1111 file keeps that file's step and sd_checkpoint(_name). A ``.png`` path gives
+      AUTOMATIC1111's embedding image instead: the concept's preview (else a grey card) carrying
+      the same dictionary, named with the token.
     * sd-concepts: a folder with learned_embeds.bin, token_identifier.txt, type_of_concept.txt.
     * kohya: ``<name>.safetensors`` with one tensor ``emb_params`` (kohya-ss sd-scripts).
     """
@@ -43,9 +44,10 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
     if fmt == "conceptlib":
         return write_concept(concept, target)
     if fmt == "diffusers":
-        if target.suffix == ".bin":
-            return atomic_write_bytes(target, _pickle({concept.token: concept.vectors}, target))
-        return atomic_write_bytes(target, _safetensors({concept.token: concept.vectors}, concept))
+        tensors = {concept.token: _one_vector_flat(concept)}
+        if target.suffix.lower() == ".bin":
+            return atomic_write_bytes(target, _pickle(tensors, target))
+        return atomic_write_bytes(target, _safetensors(tensors, concept))
     if fmt == "kohya":
         # Not our layout (the key is not the token), so the file must not claim our format;
         # modelspec.trigger_phrase still carries the token.
@@ -53,8 +55,22 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
     if target.suffix.lower() == ".png":
         from conceptlib.formats import a1111_image
 
-        return atomic_write_bytes(target, a1111_image.write(_a1111_dict(concept), _preview_pixels(concept)))
-    return atomic_write_bytes(target, _pickle(_a1111_dict(concept), target))
+        return atomic_write_bytes(target, a1111_image.write(_a1111_dict(concept, target), _preview_pixels(concept)))
+    return atomic_write_bytes(target, _pickle(_a1111_dict(concept, target), target))
+
+
+def a1111_prompt_word(concept: Concept, target: Path) -> str:
+    """The word AUTOMATIC1111 prompts use for ``concept`` exported to ``target``: a ``.pt`` file's
+    name (A1111 names embeddings after their files), an embedding image's stored name, which is
+    the concept's token. The file's ``name`` field holds the same word, since diffusers'
+    ``load_textual_inversion`` takes it as the token."""
+    return concept.token if target.suffix.lower() == ".png" else target.stem
+
+
+def _one_vector_flat(concept: Concept):
+    """A single vector as shape [dim], as diffusers' training script and sd-concepts-library files
+    store it: InvokeAI's installer reads a token-keyed tensor's width from its first dimension."""
+    return concept.vectors[0] if concept.num_vectors == 1 else concept.vectors
 
 
 def _preview_pixels(concept: Concept):
@@ -122,13 +138,14 @@ def _default_file(concept: Concept, fmt: str) -> str:
     }[fmt]
 
 
-def _a1111_dict(concept: Concept) -> dict:
-    """AUTOMATIC1111's fields: from our training metadata, else (a concept imported from an A1111
-    file) the a1111.* fields it was imported with, so a round trip keeps them."""
+def _a1111_dict(concept: Concept, target: Path) -> dict:
+    """AUTOMATIC1111's fields: the prompt word as ``name``; the step from our training metadata,
+    else (a concept imported from an A1111 file) the step and checkpoint fields it was imported
+    with, so a round trip keeps them."""
     import json
 
     metadata = concept.metadata
-    fields = {"name": concept.name, "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+    fields = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
     if "training" in metadata:
         try:
             fields["step"] = int(json.loads(metadata["training"]).get("steps"))
@@ -138,7 +155,8 @@ def _a1111_dict(concept: Concept) -> dict:
         for key in fields:
             fields[key] = metadata.get(f"a1111.{key}", fields[key])
         fields["step"] = _int_or_none(fields["step"])
-    return {"string_to_token": {"*": _A1111_STAR_TOKEN_ID}, "string_to_param": {"*": concept.vectors}, **fields}
+    return {"string_to_token": {"*": _A1111_STAR_TOKEN_ID}, "string_to_param": {"*": concept.vectors},
+            "name": a1111_prompt_word(concept, target), **fields}
 
 
 def _int_or_none(value) -> int | None:
@@ -156,9 +174,7 @@ def _export_sd_concepts(concept: Concept, folder: Path, overwrite: bool) -> Path
     embeds = folder / "learned_embeds.bin"
     for name in _sd_concepts_files(concept):
         _check_target(folder / name, overwrite)
-    # sd-concepts-library stores a single vector as shape [dim], as diffusers' script saved it.
-    vectors = concept.vectors[0] if concept.num_vectors == 1 else concept.vectors
-    atomic_write_bytes(embeds, _pickle({concept.token: vectors}, embeds))
+    atomic_write_bytes(embeds, _pickle({concept.token: _one_vector_flat(concept)}, embeds))
     atomic_write_bytes(folder / "token_identifier.txt", concept.token.encode("utf-8"))
     kind = concept.metadata.get("type_of_concept", "object")
     atomic_write_bytes(folder / "type_of_concept.txt", kind.encode("utf-8"))

@@ -23,11 +23,12 @@ import dataclasses
 import fcntl
 import json
 import os
+import stat as stat_module
 import threading
 from pathlib import Path
 from typing import Iterator
 
-from conceptlib.concept import Concept, suggested_token, validate_name, validate_token
+from conceptlib.concept import MAX_VECTORS, Concept, slug_from_token, suggested_token, validate_name, validate_token
 from conceptlib.errors import (
     CollisionError,
     ConceptError,
@@ -268,11 +269,23 @@ class ConceptLibrary:
                 self._held_headers[header.name] = header
             return header
 
+    def file_entry(self, name: str) -> Path | None:
+        """The concepts folder's entry ``name``.safetensors, whatever it is (a concept, a corrupt or
+        badly named file, a broken link, a FIFO, ...; not a folder), or None. Only plain file
+        names count: nothing outside the concepts folder can be reached."""
+        if not name or name.startswith(".") or "/" in name or os.sep in name or "\0" in name:
+            return None
+        path = self.concepts_dir / f"{name}{SUFFIX}"
+        return path if os.path.lexists(path) and not path.is_dir() else None
+
     def remove(self, name: str) -> None:
         """Delete the concept called ``name`` (NotFoundError if there is none). The file is not
-        read, so a corrupt concept file can be removed too."""
+        read, so a corrupt concept file can be removed too, and so can any other entry the listing
+        skips (``file_entry``)."""
         with self.lock():
-            path = self._existing_path(name)
+            path = self.file_entry(name)
+            if path is None:
+                raise NotFoundError(self._not_found_message(name))
             with self._writing(path):
                 os.unlink(path)
             _fsync_dir(path.parent)
@@ -370,11 +383,24 @@ class ConceptLibrary:
                          token_fix: str | None = None) -> None:
         validate_name(name)
         validate_token(token)
-        if name != replacing and (self.concepts_dir / f"{name}{SUFFIX}").exists():
-            raise NameTakenError(name, name_fix)
         owner = self.find_token(token)
-        if owner is not None and owner.name != replacing:
+        token_taken = owner is not None and owner.name != replacing
+        if name != replacing and (self.concepts_dir / f"{name}{SUFFIX}").exists():
+            if token_taken:  # say both at once, not one per attempt
+                name_fix = (f"{name_fix or 'choose another name (--name)'}, and another token (--token), since "
+                            f"concept {owner.name!r} has token {token!r}")
+            raise NameTakenError(name, name_fix)
+        if token_taken:
             raise TokenTakenError(token, owner.name, token_fix)
+        # Commands take a name or a token alike (show REF, rename REF, ...): a name that is another
+        # concept's token, or a token that is another concept's name, would hide one of the two.
+        other = self.find_token(name)
+        if other is not None and other.name not in (name, replacing):
+            raise CollisionError(f"name {name!r} is the token of concept {other.name!r}, and commands take a "
+                                 "name or a token alike; choose another name")
+        if token not in (name, replacing) and is_valid_name(token) and (self.concepts_dir / f"{token}{SUFFIX}").exists():
+            raise CollisionError(f"token {token!r} is the name of concept {token!r}, and commands take a name or "
+                                 "a token alike; choose another token")
 
     def _remove_stale_temp_files(self) -> None:
         # Called on taking the lock: no other process is writing now, so temp files are
@@ -408,8 +434,19 @@ class ConceptLibrary:
                 continue
             try:
                 stat = entry.stat()
+            except FileNotFoundError:
+                if not os.path.lexists(entry.path):
+                    continue  # removed while listing
+                problems.append(Problem(Path(entry.path), f"{entry.path}: a link to a file that does not exist; "
+                                                          f"remove it (conceptlib remove '{file_name[: -len(SUFFIX)]}')"))
+                continue
             except OSError:
-                continue  # removed while listing
+                continue
+            if not stat_module.S_ISREG(stat.st_mode):
+                # Never opened: reading a FIFO would wait forever.
+                problems.append(Problem(Path(entry.path), f"{entry.path}: not a regular file; remove it (conceptlib "
+                                                          f"remove '{file_name[: -len(SUFFIX)]}')"))
+                continue
             key = [stat.st_ino, stat.st_mtime_ns, stat.st_size]
             cached = old_index.get(file_name)
             # A skipped file's line is made anew each time (such files are few and cheap to
@@ -426,6 +463,7 @@ class ConceptLibrary:
         if changed or len(new_index) != len(old_index):
             self._save_index(new_index)
         found.sort(key=lambda item: item[1]["name"])
+        found = _without_duplicate_tokens(found, problems)
         problems.sort(key=lambda p: p.path.name)
         return found, problems
 
@@ -459,13 +497,16 @@ def _is_current(entry, key: list[int]) -> bool:
         return False
     return isinstance(entry.get("error"), str) or (
         _ENTRY_FIELDS.issubset(entry) and isinstance(entry["metadata"], dict)
+        and all(isinstance(entry[k], str) for k in ("name", "token"))
+        and all(type(entry[k]) is int for k in ("num_vectors", "dim"))
     )
 
 
 def _index_entry(path: Path, key: list[int]) -> dict:
     name = path.name[: -len(SUFFIX)]
     if not is_valid_name(name):
-        return {"key": key, "error": f"file name {path.name!r} is not a valid concept name; rename the file"}
+        return {"key": key, "error": f"file name {path.name!r} is not a valid concept name; rename the file (e.g. to "
+                                     f"{slug_from_token(name)}{SUFFIX}) or remove it (conceptlib remove '{name}')"}
     try:
         header = read_header(path)
     except ConceptFileError as exc:
@@ -475,6 +516,9 @@ def _index_entry(path: Path, key: list[int]) -> dict:
     except ConceptError as exc:
         fix = f"give it another token: conceptlib rename {name} {name} --token '{suggested_token(header.token)}'"
         return {"key": key, "error": f"{path}: {exc} ({fix})"}
+    if not 1 <= header.num_vectors <= MAX_VECTORS:
+        return {"key": key, "error": f"{path}: holds {header.num_vectors} vectors, but a concept has 1 to {MAX_VECTORS}; "
+                                     f"remove it (conceptlib remove {name})"}
     try:
         # Once per new or changed file (the index caches the result): a few KB, no numpy.
         bad = non_finite_vectors(vector_norms(path))
@@ -491,6 +535,22 @@ def _index_entry(path: Path, key: list[int]) -> dict:
         "dim": header.dim,
         "metadata": indexed,
     }
+
+
+def _without_duplicate_tokens(found: list[tuple[str, dict]], problems: list[Problem]) -> list[tuple[str, dict]]:
+    """Tokens are unique in a library, but a file copied in by hand can repeat one: the first by
+    name keeps it, each later one is a problem (its token would never reach it)."""
+    owners: dict[str, str] = {}
+    kept = []
+    for path, entry in found:
+        owner = owners.setdefault(entry["token"], entry["name"])
+        if owner == entry["name"]:
+            kept.append((path, entry))
+            continue
+        fix = f"conceptlib rename {entry['name']} {entry['name']} --token '<{entry['name']}>'"
+        problems.append(Problem(Path(path), f"{path}: its token {entry['token']!r} is also the token of concept "
+                                            f"{owner!r}; give it another ({fix})"))
+    return kept
 
 
 def non_finite_message(path: Path, name: str, bad: list[int]) -> str:

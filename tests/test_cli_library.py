@@ -746,6 +746,15 @@ def test_export_refuses_an_extension_its_tools_would_misread(library, tmp_path, 
     assert list(tmp_path.iterdir()) == [library.root]
 
 
+def test_remove_takes_what_list_skips_and_path_needs_a_name(library):
+    shutil.copy(library.path_for("cat-doll"), library.concepts_dir / "Cat Doll (1).safetensors")
+    assert "or remove it (conceptlib remove 'Cat Doll (1)')" in run("list").stderr
+    result = run("remove", "Cat Doll (1)", input="y\n")
+    assert result.exit_code == 0 and result.stdout.endswith("Removed Cat Doll (1).safetensors\n")
+    assert run("list").stderr == ""
+    assert_one_line_error(run("path", ""), 1, "no concept named or with token ''")
+
+
 def test_export_a1111_says_the_prompt_word_and_warns_of_an_ordinary_word(library, tmp_path):
     library.add(Concept("cat", "<my-cat>", np.ones((1, 768), np.float32)))
     result = run("export", "cat-doll", "--format", "a1111", "--out", str(tmp_path) + "/")

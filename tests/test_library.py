@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,6 +175,71 @@ def test_broken_files_in_the_library_are_reported_not_fatal(library):
     assert [h.name for h in library.list()] == ["good"]
     assert sorted(p.path.name for p in library.problems) == ["Bad Name.safetensors", "broken.safetensors"]
     assert all("\n" not in p.message for p in library.problems)
+
+
+def test_a_name_never_hides_a_token_and_both_collisions_are_said_at_once(library):
+    library.add(make("qqq", token="my-doll"))
+    library.add(make("aaa"))
+    before = snapshot(library.root)
+    with pytest.raises(CollisionError, match="name 'my-doll' is the token of concept 'qqq'"):
+        library.rename("aaa", "my-doll")
+    with pytest.raises(CollisionError, match="token 'qqq' is the name of concept 'qqq'"):
+        library.add(make("bbb", token="qqq"))
+    with pytest.raises(NameTakenError, match="choose another name \\(--name\\), and another token \\(--token\\), "
+                                             "since concept 'qqq' has token 'my-doll'"):
+        library.add(make("aaa", token="my-doll"))
+    assert snapshot(library.root) == before
+    assert library.add(make("ink", token="ink")).token == "ink"  # its own name as its token is fine
+
+
+def test_entries_the_listing_cannot_use_are_said_and_removable(library):
+    library.add(make("aaa"))
+    folder = library.concepts_dir
+    shutil.copy(folder / "aaa.safetensors", folder / "copy.safetensors")  # the same token again
+    write_concept(make("none"), folder / "many.safetensors")
+    _set_vector_count(folder / "many.safetensors", 76)
+    os.mkfifo(folder / "fifo.safetensors")  # opening it would wait forever
+    (folder / "gone.safetensors").symlink_to(folder / "missing.safetensors")
+    shutil.copy(folder / "aaa.safetensors", folder / "Bad Name.safetensors")
+    assert [h.name for h in library.list()] == ["aaa"]
+    problems = {p.path.name: p.message for p in library.problems}
+    assert "its token '<aaa>' is also the token of concept 'aaa'" in problems["copy.safetensors"]
+    assert "76 vectors, but a concept has 1 to 75" in problems["many.safetensors"]
+    assert "not a regular file" in problems["fifo.safetensors"]
+    assert "a link to a file that does not exist" in problems["gone.safetensors"]
+    assert "or remove it (conceptlib remove 'Bad Name')" in problems["Bad Name.safetensors"]
+    assert library.header("<aaa>").name == "aaa"
+    for name in ("copy", "many", "fifo", "gone", "Bad Name"):
+        library.remove(name)
+    assert sorted(p.name for p in folder.iterdir()) == ["aaa.safetensors"]
+    assert library.file_entry("../lib/concepts/aaa") is None and library.file_entry("") is None
+
+
+def _set_vector_count(path: Path, count: int) -> None:
+    """Rewrite a concept file's header to claim ``count`` vectors (with matching data)."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    (key,) = [k for k in header if k != "__metadata__"]
+    header[key]["shape"] = [count, 768]
+    header[key]["data_offsets"] = [0, count * 768 * 4]
+    header["__metadata__"]["num_vectors"] = str(count)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"\0" * (count * 768 * 4))
+
+
+def test_an_index_with_fields_of_the_wrong_type_is_rebuilt(library):
+    library.add(make("aaa"))
+    library.list()
+    index = library.root / ".index.json"
+    data = json.loads(index.read_text())
+    data["files"]["aaa.safetensors"]["name"] = None
+    index.write_text(json.dumps(data))
+    assert [h.name for h in ConceptLibrary(library.root).list()] == ["aaa"]
 
 
 def test_name_comes_from_the_file_name(library):

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from conceptlib.cli import main
-from conceptlib.errors import ConceptError, ConceptFileError, ConceptlibError, UsageError
+from conceptlib.errors import ConceptError, ConceptFileError, ConceptlibError, NotFoundError, UsageError
 from conceptlib.cli.describe_options import describe_options, described
 from conceptlib.files import DESCRIPTIVE_KEYS, LISTED_DESCRIPTIONS
 from conceptlib.formats.readers import FILE_SUFFIXES, IMAGE_SUFFIXES
@@ -226,6 +226,16 @@ def remove_command(name: str, yes: bool) -> None:
     library = _library()
     try:
         header = library.header(name)
+    except NotFoundError:
+        stray = library.file_entry(name)
+        if stray is None:
+            raise
+        # What `list` warns about and skips: a badly named file, a broken link, a FIFO, ...
+        if not yes:
+            click.confirm(f"Remove {stray} (not a usable concept file)?", abort=True, err=True)
+        library.remove(name)
+        click.echo(f"Removed {stray.name}")
+        return
     except ConceptFileError as exc:
         # The file NAME exists but cannot be read: removing it is how the user repairs the library.
         if not yes:
@@ -381,7 +391,7 @@ def _thumbnail_shown(metadata: dict) -> str:
 def path_command(name: str | None) -> None:
     """Print the library folder (or the file of concept NAME)."""
     library = _library()
-    click.echo(str(library.header(name).path if name else library.root))
+    click.echo(str(library.header(name).path if name is not None else library.root))
 
 
 @main.command("import")

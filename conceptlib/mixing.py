@@ -10,6 +10,7 @@ import re
 from conceptlib.concept import MAX_VECTORS, Concept
 from conceptlib.errors import ConceptError, UsageError
 
+_FLOAT32_MAX = 3.4028234663852886e38
 _WEIGHTED = re.compile(r"^(?P<ref>.+)\*(?P<weight>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)$")
 
 
@@ -18,7 +19,25 @@ def parse_source(text: str) -> tuple[str, float]:
     match = _WEIGHTED.match(text)
     if match is None:
         return text, 1.0
-    return match["ref"], float(match["weight"])
+    weight = float(match["weight"])
+    if abs(weight) > _FLOAT32_MAX:
+        raise UsageError(f"{text}: weight {match['weight']} is beyond float32's range (about 3.4e38); use a smaller one")
+    return match["ref"], weight
+
+
+def weight_problem(text: str) -> str | None:
+    """For a SOURCE that names no concept: if it holds a '*' whose weight is not a number, what to
+    write instead (tokens may hold '*', so this is asked only once the whole text named nothing)."""
+    match = _WEIGHTED.match(text)
+    inner = _WEIGHTED.match(match["ref"]) if match else None
+    if inner:
+        return (f"{text}: no concept of that name, and it has two weights; give one per SOURCE, "
+                f"e.g. {inner['ref']}*{match['weight']}")
+    ref, star, weight = text.rpartition("*")
+    if not star or match:
+        return None
+    return (f"{text}: no concept of that name, and {weight!r} after '*' is not a weight; write SOURCE*WEIGHT "
+            f"with a number, e.g. {ref or 'NAME'}*0.5")
 
 
 def mix(name: str, token: str, sources: list[tuple[Concept, float]], *, mode: str = "concat") -> Concept:
@@ -35,19 +54,11 @@ def mix(name: str, token: str, sources: list[tuple[Concept, float]], *, mode: st
     if len(dims) > 1:
         widths = ", ".join(f"{concept.name} {concept.dim} ({concept.base_model})" for concept, _ in sources)
         raise ConceptError(f"cannot mix vectors of different widths ({widths}); mix concepts of one base model")
-    weighted = [concept.vectors.astype(np.float32) * np.float32(weight) for concept, weight in sources]
-    if mode == "concat":
-        vectors = np.concatenate(weighted)
-    else:
-        counts = {len(rows) for rows in weighted} - {1}
-        if len(counts) > 1:
-            shown = ", ".join(f"{concept.name} {concept.num_vectors}" for concept, _ in sources)
-            raise ConceptError(
-                f"--sum adds vectors row by row, but the concepts have {shown} vectors; mix concepts with the same "
-                "number of vectors (or one vector), or concatenate them (without --sum)"
-            )
-        rows = counts.pop() if counts else 1
-        vectors = np.sum([np.broadcast_to(part, (rows, part.shape[1])) for part in weighted], axis=0)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below, as one line
+        vectors = _combined([concept.vectors.astype(np.float32) * np.float32(weight) for concept, weight in sources],
+                            sources, mode)
+    if not np.isfinite(vectors).all():
+        raise ConceptError("the weights make the mix overflow float32 (values beyond about 3.4e38); use smaller weights")
     if len(vectors) > MAX_VECTORS:
         raise ConceptError(
             f"the mix has {len(vectors)} vectors, more than a prompt's {MAX_VECTORS}; mix fewer or shorter concepts"
@@ -60,3 +71,20 @@ def mix(name: str, token: str, sources: list[tuple[Concept, float]], *, mode: st
         "mix_mode": mode,
     }
     return Concept(name, token, np.ascontiguousarray(vectors, dtype=np.float32), metadata)
+
+
+def _combined(weighted: list, sources: list[tuple[Concept, float]], mode: str):
+    """The weighted vectors one after another (concat) or added up row by row (sum)."""
+    import numpy as np
+
+    if mode == "concat":
+        return np.concatenate(weighted)
+    counts = {len(rows) for rows in weighted} - {1}
+    if len(counts) > 1:
+        shown = ", ".join(f"{concept.name} {concept.num_vectors}" for concept, _ in sources)
+        raise ConceptError(
+            f"--sum adds vectors row by row, but the concepts have {shown} vectors; mix concepts with the same "
+            "number of vectors (or one vector), or concatenate them (without --sum)"
+        )
+    rows = counts.pop() if counts else 1
+    return np.sum([np.broadcast_to(part, (rows, part.shape[1])) for part in weighted], axis=0)

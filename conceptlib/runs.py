@@ -164,6 +164,7 @@ class RunDirectory:
 
     def latest_checkpoint(self) -> Path | None:
         found = sorted(self.checkpoints.glob("step-*.npz")) if self.checkpoints.is_dir() else []
+        found = [path for path in found if path.stem.removeprefix("step-").isdigit()]  # not a stray step-final.npz
         return found[-1] if found else None
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> Path:

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from conceptlib.cli import main
 from helpers import cli_imports
 from conceptlib.concept import Concept
+from conceptlib.files import write_concept
 from conceptlib.library import ConceptLibrary
 
 torch = pytest.importorskip("torch")
@@ -221,6 +222,9 @@ def test_mix_refuses_what_cannot_be_mixed_and_changes_nothing(library, tmp_path)
     from safetensors.numpy import save_file
 
     save_file({"<three>": np.ones((3, 768), np.float32)}, str(tmp_path / "three.safetensors"))
+    (tmp_path / "two").mkdir()
+    for token in ("<a>", "<b>"):
+        save_file({token: np.ones((1, 768), np.float32)}, str(tmp_path / "two" / f"{token[1]}.safetensors"))
     before = snapshot(library.root)
     for args, code, needle in (
         (["cat-doll", "oil-style", "--name", "x"], 1, "cannot mix vectors of different widths (cat-doll 768 (sd-1), oil-style 1024 (sd-2))"),
@@ -231,6 +235,11 @@ def test_mix_refuses_what_cannot_be_mixed_and_changes_nothing(library, tmp_path)
         (["cat-doll"] * 38 + ["--name", "long"], 1, "the mix has 76 vectors, more than a prompt's 75"),
         (["cat-doll"], 2, "give --name and/or --token"),
         (["cat-doll", "--token", "style"], 2, "ordinary word of the CLIP vocabulary"),
+        (["cat-doll*abc", "--name", "x"], 2, "'abc' after '*' is not a weight; write SOURCE*WEIGHT with a number, e.g. cat-doll*0.5"),
+        (["cat-doll*0.5*2", "--name", "x"], 2, "it has two weights; give one per SOURCE, e.g. cat-doll*2"),
+        (["cat-doll*1e39", "--name", "x"], 2, "weight 1e39 is beyond float32's range"),
+        (["cat-doll*1e38", "cat-doll*1e38", "--sum", "--name", "x"], 1, "the weights make the mix overflow float32"),
+        ([str(tmp_path / "two"), "--name", "x"], 1, "holds 2 concepts; mix takes one per SOURCE"),
     ):
         assert_one_line_error(run("mix", *args), code, needle)
     assert snapshot(library.root) == before
@@ -318,7 +327,7 @@ def test_show_writes_the_preview_image(library, tmp_path):
         assert image.size == (96, 64) and image.getpixel((5, 5)) == (200, 30, 40)
 
     before = snapshot(library.root)
-    assert_one_line_error(run("show", "robot", "--preview", str(out)), 2, "the file exists; remove it or choose another name")
+    assert_one_line_error(run("show", "robot", "--preview", str(out)), 1, "the file exists; remove it or choose another name")
     assert_one_line_error(run("show", "robot", "--preview", str(tmp_path / "robot.jpg")), 2, "give a file name ending in .png")
     assert_one_line_error(run("show", "oil-style", "--preview", str(tmp_path / "oil.png")), 1,
                           "oil-style has no preview image")
@@ -326,6 +335,14 @@ def test_show_writes_the_preview_image(library, tmp_path):
                           "its preview metadata is not a base64 PNG")
     assert not (tmp_path / "oil.png").exists() and not (tmp_path / "cat.png").exists()
     assert snapshot(library.root) == before
+    # A file from another tool may carry only a ModelSpec thumbnail: that is its preview.
+    thumbnail = "data:image/png;base64," + base64.b64encode(picture.getvalue()).decode()
+    write_concept(Concept("pick", "<pick>", np.ones((1, 768), np.float32), {"modelspec.thumbnail": thumbnail}),
+                  library.concepts_dir / "pick.safetensors")
+    header_only = library.header("pick").metadata
+    assert not header_only.get("preview")
+    assert run("show", "pick", "--preview", str(tmp_path / "pick.png")).exit_code == 0
+    assert (tmp_path / "pick.png").read_bytes() == picture.getvalue()
 
 
 def test_remove_asks(library):

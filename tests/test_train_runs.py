@@ -91,6 +91,20 @@ def test_runs_json(library):
     assert runs[1]["path"] == str(library.runs_dir / "ink-20261127-020000-12")
 
 
+def test_a_diverged_run_and_a_stray_checkpoint_name(library):
+    """NaN losses are null in --json (strict JSON), and a hand-made step-final.npz is passed over."""
+    ink = RunDirectory(library.runs_dir / "ink-20261127-020000-12")
+    vectors = np.ones((1, 768), np.float32)
+    ink.save_checkpoint(Checkpoint(30, vectors, [np.int64(30), vectors], [1.0] * 20 + [float("nan")] * 10))
+    (ink.checkpoints / "step-final.npz").write_bytes(b"copied by hand")
+    assert "stopped at step 30/100" in CliRunner().invoke(main, ["runs"]).output
+    result = CliRunner().invoke(main, ["runs", ink.path.name, "--json"])
+    assert result.exit_code == 0, result.output
+    steps = json.loads(result.output, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))["steps"]
+    assert [(s["step"], s["loss"]) for s in steps] == [(10, 1.0), (20, 1.0), (30, None)]
+    assert "loss nan" in CliRunner().invoke(main, ["runs", ink.path.name]).output
+
+
 def test_runs_in_an_empty_library(tmp_path, monkeypatch):
     monkeypatch.setenv("CONCEPTLIB_HOME", str(tmp_path / "empty"))
     result = CliRunner().invoke(main, ["runs"])

@@ -198,12 +198,12 @@ def _print_info(info: dict, as_json: bool, *, where: str) -> None:
 
 
 def _write_preview(name: str, path: Path, metadata: dict, out: Path) -> None:
-    """Write the PNG in the ``preview`` metadata of concept ``name`` (file ``path``) to ``out``
-    (never over an existing file)."""
+    """Write the PNG in the ``preview`` metadata (else the ModelSpec thumbnail) of concept ``name``
+    (file ``path``) to ``out`` (never over an existing file)."""
     from conceptlib.files import atomic_write_bytes
     from conceptlib.formats.writers import preview_png
 
-    if not metadata.get("preview"):
+    if not metadata.get("preview") and not metadata.get("modelspec.thumbnail"):
         raise ConceptError(
             f"{name} has no preview image (a library concept gets one with `conceptlib describe NAME --thumbnail IMAGE`)"
         )
@@ -213,7 +213,7 @@ def _write_preview(name: str, path: Path, metadata: dict, out: Path) -> None:
     if out.suffix.lower() != ".png":
         raise UsageError(f"--preview {out}: the preview is a PNG; give a file name ending in .png")
     if out.exists():
-        raise UsageError(f"--preview {out}: the file exists; remove it or choose another name")
+        raise ConceptFileError(f"--preview {out}: the file exists; remove it or choose another name")
     atomic_write_bytes(out, data, fix="choose another --preview file")
     click.echo(f"Wrote the preview of {name} to {out}", err=True)
 
@@ -305,7 +305,7 @@ def mix_command(sources: tuple[str, ...], name: str | None, token: str | None, a
     embedding mixers do. The mix enters the library; the sources are unchanged."""
     from conceptlib.concept import slug_from_token
     from conceptlib.kerascv.apply import resolve_concepts
-    from conceptlib.mixing import mix, parse_source
+    from conceptlib.mixing import mix, parse_source, weight_problem
 
     if name is None and token is None:
         raise UsageError("give --name and/or --token for the mix, e.g. --name ink-doll")
@@ -314,10 +314,16 @@ def mix_command(sources: tuple[str, ...], name: str | None, token: str | None, a
     library = _library()
     parsed = [parse_source(source) for source in sources]
     concepts = []
-    for ref, _ in parsed:
-        found = resolve_concepts([ref], library)
+    for source, (ref, _) in zip(sources, parsed):
+        try:
+            found = resolve_concepts([ref], library)
+        except ConceptlibError:
+            problem = weight_problem(source)
+            if problem is None:
+                raise
+            raise UsageError(problem) from None
         if len(found) != 1:
-            raise UsageError(f"{ref} holds {len(found)} concepts; mix takes one per SOURCE (name the files)")
+            raise ConceptError(f"{ref} holds {len(found)} concepts; mix takes one per SOURCE (name the files)")
         concepts += found
     mixed = mix(name, token, [(concept, weight) for concept, (_, weight) in zip(concepts, parsed)],
                 mode="sum" if as_sum else "concat")

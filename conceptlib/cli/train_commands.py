@@ -8,6 +8,7 @@ before any model is built.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -247,7 +248,10 @@ def _show_run(library, name: str, as_json: bool) -> None:
     steps = run_steps(run)
     config = run.read()["config"]
     if as_json:
-        click.echo(json.dumps(dict(summary, config=config, steps=steps), indent=2))
+        # A diverged run's mean loss is NaN, which JSON cannot hold: null, as `show --json` does for norms.
+        finite = [dict(step, loss=step["loss"] if step["loss"] is None or math.isfinite(step["loss"]) else None)
+                  for step in steps]
+        click.echo(json.dumps(dict(summary, config=config, steps=finite), indent=2, allow_nan=False))
         return
     in_runs_folder = run.path.resolve().parent == Path(library.runs_dir).resolve()
     click.echo(_run_line(summary, None if in_runs_folder else str(run.path)))

@@ -582,6 +582,10 @@ def dump_tensor_pickle(obj: dict, archive_name: str = "archive") -> bytes:
         def record(name: str, data: bytes) -> None:
             info = zipfile.ZipInfo(f"{archive_name}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_STORED
+            # As torch does: pad the local header's extra field so the data starts on a 64-byte
+            # boundary, where torch.load(mmap=True) maps tensors (misaligned, they load slowly).
+            data_start = archive.fp.tell() + 30 + len(info.filename.encode()) + 4
+            info.extra = b"FB" + struct.pack("<H", -data_start % 64) + b"Z" * (-data_start % 64)
             archive.writestr(info, data)
 
         # Only the records AUTOMATIC1111's safe loader accepts (<dir>/data.pkl, <dir>/data/<n>,

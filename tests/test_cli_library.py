@@ -300,6 +300,11 @@ def test_show_a_file_from_another_tool_without_importing_it(library, tmp_path, m
     np.testing.assert_allclose(info["norms"], norms, rtol=1e-6)
     assert snapshot(library.root) == before  # nothing imported
     assert_one_line_error(run("show", str(tmp_path / "missing.pt")), 1, "missing.pt: no such file or folder")
+    several = tmp_path / "several"
+    several.mkdir()
+    for token in ("<a>", "<b>"):
+        write_concept(Concept(token[1], token, np.ones((1, 768), np.float32)), several / f"{token[1]}.safetensors")
+    assert_one_line_error(run("show", str(several)), 1, "a folder of 2 concept file(s) (e.g. a.safetensors), not one concept's")
     # A library concept wins over a file of the same name in the current folder.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "oil-style").write_bytes(b"not a concept")

@@ -247,6 +247,10 @@ def _load_folder(path: Path, *, token: str | None, name: str | None) -> Concept:
     token_identifier.txt and type_of_concept.txt (and, from diffusers, checkpoints: ignored)."""
     embeds = next((path / f for f in _FOLDER_EMBEDDINGS if (path / f).is_file()), None)
     if embeds is None:
+        sources, _ = discover(path)
+        if sources:
+            raise ConceptFileError(f"{path}: a folder of {len(sources)} concept file(s) (e.g. {sources[0].path.name}), "
+                                   "not one concept's folder; give one of its files (import takes the whole folder)")
         raise ConceptFileError(f"{path}: no learned_embeds.safetensors or learned_embeds.bin in this folder")
     identifier = _read_text(path / "token_identifier.txt")
     concept_type = _read_text(path / "type_of_concept.txt")

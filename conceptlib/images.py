@@ -51,6 +51,9 @@ def find_images(source: str | Path) -> list[TrainingImage]:
     """
     source = Path(source)
     if source.is_file():
+        if source.suffix.lower() not in EXTENSIONS:
+            raise TrainingError(f"{source}: not a training picture (expected {', '.join(sorted(EXTENSIONS))}); "
+                                "give a picture or a folder of them")
         paths = [source]
     elif source.is_dir():
         # Hidden files are not pictures of the concept: macOS leaves "._photo.jpg" metadata files
@@ -175,8 +178,8 @@ def load_rgb(path: Path, short_side: int):
     import numpy as np
     from PIL import Image, ImageOps
 
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+    with _quiet_about_large_pictures(), Image.open(path) as image:
+        image = as_rgb(ImageOps.exif_transpose(image))
         scale = short_side / min(image.size)
         size = (max(short_side, round(image.width * scale)), max(short_side, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BICUBIC)
@@ -228,7 +231,7 @@ def thumbnail_png_of_bytes(data: bytes, size: int = 128) -> bytes | None:
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return _thumbnail(image.convert("RGB"), size)
+            return _thumbnail(as_rgb(image), size)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
 
@@ -245,7 +248,7 @@ def picture_thumbnail_png(path: Path, size: int = 128) -> bytes:
     if not path.is_file():
         raise ConceptFileError(f"{path}: not a file; {fix}")
     with opened_image(path, ConceptFileError, fix) as image:
-        picture = ImageOps.exif_transpose(image).convert("RGB")
+        picture = as_rgb(ImageOps.exif_transpose(image))
     return _thumbnail(picture, size)
 
 
@@ -256,12 +259,41 @@ def opened_image(path: Path, error: type[ConceptlibError], fix: str):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with _quiet_about_large_pictures(), Image.open(path) as image:
             yield image
     except Image.DecompressionBombError as exc:
         raise error(f"{path}: {exc}; downscale it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise error(f"{path}: cannot read this image ({type(exc).__name__}); {fix}") from None
+        detail = f"{type(exc).__name__}: {str(exc)[:100]}" if str(exc) else type(exc).__name__
+        raise error(f"{path}: cannot read this image ({detail}); {fix}") from None
+
+
+@contextlib.contextmanager
+def _quiet_about_large_pictures():
+    """PIL warns (on stderr, with its source line) about pictures between 89 and 179 megapixels; a
+    100 MP camera photo is a fine training picture, scaled down on loading. Larger ones still raise
+    DecompressionBombError."""
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def as_rgb(image):
+    """``image.convert("RGB")``, except that 16- and 32-bit greyscale (16-bit PNGs and TIFFs) is
+    first scaled to 8 bits: PIL's convert clips it, turning most such pictures white."""
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 def grid(images, columns: int | None = None):

@@ -393,9 +393,12 @@ class TrainingJob:
         from conceptlib.kerascv.textual_inversion import encode_prompt
 
         try:
-            return encode_prompt(self.tokenizer, prompt, self.config.token, self.new_ids)
+            ids = encode_prompt(self.tokenizer, prompt, self.config.token, self.new_ids)
         except ValueError as exc:
             raise TrainingError(f"{exc}; shorten the caption or template, or use fewer --num-vectors") from None
+        if int(self.new_ids[0]) not in ids:
+            raise TrainingError(token_inside_a_word(prompt, self.config.token))
+        return ids
 
     def batch(self, step: int) -> dict:
         """The batch for ``step`` as numpy arrays (see TextualInversion.loss): a pure function of
@@ -665,9 +668,11 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
         from conceptlib.kerascv.textual_inversion import encode_prompt
 
         try:
-            encode_prompt(tokenizer, config.preview_prompt, config.token, job.new_ids)
+            ids = encode_prompt(tokenizer, config.preview_prompt, config.token, job.new_ids)
         except ValueError as exc:
             raise UsageError(f"--preview-prompt: {exc}; shorten it") from None
+        if int(job.new_ids[0]) not in ids:
+            raise UsageError(f"--preview-prompt: {token_inside_a_word(config.preview_prompt, config.token)}")
     for image in images:
         for index in range(pack.count(image.caption)):
             try:
@@ -748,6 +753,14 @@ def init_record(concept) -> dict:
 
     digest = hashlib.sha256(np.ascontiguousarray(concept.vectors, dtype="<f4").tobytes()).hexdigest()
     return {"name": concept.name, "token": concept.token, "vectors_sha256": digest}
+
+
+def token_inside_a_word(prompt: str, token: str) -> str:
+    """Why ``prompt`` holds no ``token`` although its text contains it: a bare token counts only as
+    a whole word (as when generating), so training on that prompt would not train the concept."""
+    return (f"prompt {prompt!r} has {token!r} only inside a longer word, where it is not the concept (a bare "
+            f"token counts only as a whole word); make it a word of its own (e.g. '[name] dolls', not '[name]s'), "
+            f"or use a token such as '<{token}>'")
 
 
 def _new_run_dir(config: TrainingConfig, library) -> RunDirectory:

@@ -156,6 +156,11 @@ def test_a_template_file_that_cannot_be_used_is_one_line(home, images, tmp_path)
     _refused(home, [str(images), "--name", "new", "--template", str(bad)],
              f"template file {bad}, line 2 ('a photo'): no [name] or {{token}}", 1)
     _refused(home, [str(images), "--name", "new", "--template", str(tmp_path / "missing.txt")], "does not exist", 1)
+    # A bare token counts only as a whole word: '[name]s' would train prompts without the concept.
+    plural = tmp_path / "plural.txt"
+    plural.write_text("a photo of [name]s\n")
+    _refused(home, [str(images), "--name", "new", "--token", "mydoll", "--template", str(plural)],
+             "template pack 'file:plural.txt': prompt 'a photo of mydolls' has 'mydoll' only inside a longer word", 1)
 
 
 def test_invalid_name_or_token_is_a_usage_error_naming_the_option(home, images):
@@ -423,6 +428,9 @@ def test_preview_prompt_is_checked_before_any_model(home, images):
     assert line.endswith("e.g. 'a watercolor painting of <doll>'")
     _refused(home, [*base, "--preview-every", "5", "--num-vectors", "3", "--preview-prompt", "<doll> " + "very " * 73],
              "--preview-prompt: prompt '<doll> very", 2)
+    _refused(home, [str(images), "--name", "doll", "--token", "mydoll", "--weights", "random", "--trainer", "tensorflow",
+                    "--preview-every", "5", "--preview-prompt", "a photo of mydollhouse"],
+             "--preview-prompt: prompt 'a photo of mydollhouse' has 'mydoll' only inside a longer word", 2)
 
 
 def test_preview_prompt_gives_the_previews_token_ids(home, images, tmp_path):

@@ -3,6 +3,7 @@ per-step batches (a pure function of seed and step), run folders and checkpoints
 
 from __future__ import annotations
 
+import io
 import threading
 from concurrent.futures import Future
 
@@ -184,6 +185,28 @@ def test_phone_photos_are_used_upright(tmp_path):
     assert upright.shape == (128, 64, 3)
     # Rotated clockwise, the stored left half is now the top half.
     assert upright[:48, :, 0].mean() > 200 and upright[80:, :, 0].mean() < 50
+
+
+def test_sixteen_bit_greyscale_keeps_its_tones(tmp_path):
+    """PIL's convert('RGB') clips 16-bit greyscale to white; it is scaled to 8 bits instead."""
+    from conceptlib.images import load_rgb, picture_thumbnail_png
+
+    gradient = np.tile(np.linspace(0, 65535, 128).astype(np.uint16), (128, 1))
+    path = tmp_path / "scan.png"
+    Image.fromarray(gradient).save(path)
+    with Image.open(path) as stored:
+        assert stored.mode.startswith("I")  # really 16-bit on disk
+    pixels = load_rgb(path, 128)
+    assert pixels.shape == (128, 128, 3)
+    assert pixels[:, 0].max() < 5 and pixels[:, -1].min() > 250 and 120 < pixels.mean() < 135
+    with Image.open(io.BytesIO(picture_thumbnail_png(path))) as thumbnail:
+        assert 120 < np.asarray(thumbnail).mean() < 135
+
+
+def test_a_single_file_must_be_a_training_picture(tmp_path):
+    Image.new("RGB", (80, 80)).save(tmp_path / "anim.gif")
+    with pytest.raises(TrainingError, match="anim.gif: not a training picture"):
+        find_images(tmp_path / "anim.gif")
 
 
 def test_batches_are_a_pure_function_of_seed_and_step(job):

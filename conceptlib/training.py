@@ -348,6 +348,7 @@ class TrainingJob:
     def __init__(self, config, trainer_cls, pack, images, tokenizer, init_ids, weights, run_dir, library, resume):
         self.config: TrainingConfig = config
         self.trainer_cls = trainer_cls
+        self.trainer = None  # the trainer_cls instance that runs the job (made by prepare)
         self.pack = pack
         self.images = images
         self.tokenizer = tokenizer
@@ -683,6 +684,7 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
     if resume is not None:
         job._checkpoint = _checked_checkpoint(run_dir, config)
     job.weights = _weights(config)
+    job.trainer = trainer_cls()  # its own checks (options, environment) before a run folder exists
     if resume is None:
         # Absolute paths, so `--resume` works from any working directory.
         config.images = str(Path(config.images).resolve())
@@ -780,6 +782,12 @@ def _new_run_dir(config: TrainingConfig, library) -> RunDirectory:
     run_dir = RunDirectory(path)
     if run_dir.exists():
         raise TrainingError(f"{run_dir.path} already holds a run; resume it with --resume {run_dir.path} or pick another --run-dir")
+    # Checked now, cheaply, not when the folder is made: that comes after the weights are found
+    # (or downloaded), minutes later.
+    existing = next((folder for folder in (path, *path.parents) if folder.exists()), None)
+    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        why = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise TrainingError(f"cannot create the run folder {path}: {existing} {why}; pick another --run-dir")
     return run_dir
 
 
@@ -974,7 +982,7 @@ def train(
     with job.run_dir.hold():
         if announce:
             _announce(job)
-        trainer = job.trainer_cls()
+        trainer = job.trainer or job.trainer_cls()
         try:
             with reliable_ctrl_c():  # for Python callers too, not only the CLI
                 result = trainer.run(job)

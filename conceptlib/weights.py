@@ -183,22 +183,27 @@ def resolve_weights(
     """Return ``{part: path}`` for ``parts`` of ``base_model`` ('sd-1' or 'sd-2').
 
     Each part is looked for in ``weights_dir`` (else ``$CONCEPTLIB_WEIGHTS``), then in the Keras
-    cache, then downloaded with keras-cv's URL and sha256 (``download=False`` skips that). Raises
-    WeightsError saying where it looked.
+    cache, then downloaded with keras-cv's URL and sha256. Nothing is downloaded with
+    ``download=False``, nor when a weights folder was given: the user said where the weights are,
+    and a part missing there is an error, not gigabytes fetched unasked. Raises WeightsError saying
+    where it looked.
     """
     validate_base_model(base_model)
     parts = _validate_parts(parts)
     search = _search_dirs(weights_dir)
+    given = _weights_dir(weights_dir)
     resolved = find_local_weights(base_model, weights_dir, parts)
     missing = [part for part in parts if part not in resolved]
+    if missing and (not download or given is not None):
+        files = ", ".join(weight_filename(base_model, part) for part in missing)
+        looked = ", ".join(str(folder) for folder in search)
+        fix = (f"put keras-cv's {files} in {given}, or run `conceptlib weights init-random DIR` for random smoke-test "
+               "weights" if given is not None else
+               f"pass --weights DIR (or set ${ENV_VAR}) to a folder holding keras-cv's weight files, or run "
+               "`conceptlib weights init-random DIR` for random smoke-test weights")
+        raise WeightsError(f"{base_model} {', '.join(missing)} weights ({files}) not found in {looked}; {fix}"
+                           f"{_other_model_hint(base_model, search)}")
     for part in missing:
-        if not download:
-            looked = ", ".join(str(folder) for folder in search)
-            raise WeightsError(
-                f"{base_model} {part} weights ({weight_filename(base_model, part)}) not found in {looked}; "
-                f"pass --weights DIR (or set ${ENV_VAR}) to a folder holding keras-cv's weight files, "
-                f"or run `conceptlib weights init-random DIR` for random smoke-test weights{_other_model_hint(base_model, search)}"
-            )
         resolved[part] = download_weight_file(base_model, part, looked_in=search)
     return resolved
 
@@ -212,7 +217,8 @@ def _other_model_hint(base_model: str, folders) -> str:
         own = {weight_filename(other, part) for part in ("text_encoder", "diffusion_model")}
         for folder in folders:
             if any((Path(folder) / name).exists() for name in own):
-                return f" ({folder} holds {other} weights: pass --model {other} to use them)"
+                return (f" ({folder} holds {other} weights: use them with --base-model {other} in train, "
+                        f"--model {other} in generate)")
     return ""
 
 

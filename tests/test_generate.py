@@ -152,7 +152,7 @@ def test_generate_says_when_the_weights_folder_is_of_the_other_model(home):
     h5py.File(folder / "text_encoder_v2_1.h5", "w").close()
     result = CliRunner().invoke(main, ["generate", "a cat", "--weights", str(folder), "--offline"])
     output = _one_line_error(result, 1)
-    assert "kcv_encoder.h5) not found in" in output and f"({folder} holds sd-2 weights: pass --model sd-2" in output
+    assert "kcv_encoder.h5) not found in" in output and f"({folder} holds sd-2 weights: use them with --base-model sd-2 in train, --model sd-2" in output
 
 
 def test_concepts_in_prompts_finds_tokens_in_prompt_and_negative(home):

@@ -241,8 +241,10 @@ def test_another_new_folder_in_the_library_root_may_hold_a_run(home, images):
 
 
 def test_run_dir_that_cannot_be_created(home, images):
-    line = _refused(home, [str(images), "--name", "new", "--weights", "random", "--run-dir", str(images / "p0.png" / "run")],
-                    f"cannot create the run folder {images / 'p0.png' / 'run'} (Not a directory)")
+    # Said before the weights are looked for (a missing folder here), which may mean a download.
+    line = _refused(home, [str(images), "--name", "new", "--weights", str(images / "no-weights"), "--run-dir",
+                           str(images / "p0.png" / "run")],
+                    f"cannot create the run folder {images / 'p0.png' / 'run'}: {images / 'p0.png'} is not a folder")
     assert line.endswith("; pick another --run-dir")
 
 
@@ -472,3 +474,30 @@ def test_description_options_reach_the_trained_concept(home, images, monkeypatch
         preview=None, preview_source="", trainer_version="test")
     assert metadata["modelspec.author"] == "Jo Doe" and metadata["modelspec.description"].endswith("Second line.")
     _refused(home, ["--resume", str(images), "--author", "x"], "--author cannot change them", exit_code=2)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"CONCEPTLIB_JAX_VARIANTS": "abc"}, "CONCEPTLIB_JAX_VARIANTS='abc': use a whole number of at least 1"),
+    ({"CONCEPTLIB_JAX_BATCH_SIZE": "0"}, "CONCEPTLIB_JAX_BATCH_SIZE='0': use a whole number of at least 1 or auto"),
+])
+def test_bad_jax_trainer_settings_are_one_line_before_any_run_folder(home, images, env, message):
+    """The trainer checks its settings when it is made, before the run folder exists (they used to
+    fail with a traceback after the models were built, leaving a run to 'resume')."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "conceptlib.cli", "train", str(images), "--name", "new", "--trainer", "jax",
+         "--weights", "random", "-r", "64", "--steps", "1", "-q"],
+        capture_output=True, text=True, env={**os.environ, "KERAS_BACKEND": "jax", **env}, timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [f"Error: {message}"]
+    assert not (home.root / "runs").exists() or not any((home.root / "runs").iterdir())
+
+
+def test_devices_must_be_a_plain_number(home, images):
+    _refused(home, [str(images), "--name", "new", "--trainer", "jax", "--devices", "\u00b2"],
+             "--devices '\u00b2': use 'all' or a positive number of devices", 2)
+

@@ -188,8 +188,27 @@ def test_truncated_file_is_reported_before_any_model_is_built(cache, tmp_path):
 
 def test_missing_weights_name_the_other_model_found_instead(cache, tmp_path):
     mine = _h5(tmp_path / "sd2" / "diffusion_model_v2_1.h5").parent
-    with pytest.raises(WeightsError, match=rf"\({mine} holds sd-2 weights: pass --model sd-2 to use them\)$"):
+    with pytest.raises(WeightsError, match=rf"\({mine} holds sd-2 weights: use them with --base-model sd-2 in train, "
+                                          r"--model sd-2 in generate\)$"):
         W.resolve_weights("sd-1", mine, parts=["diffusion_model"], download=False)
+
+
+def test_a_given_weights_folder_never_leads_to_a_download(cache, tmp_path, monkeypatch):
+    """Parts the folder lacks still come from the Keras cache, but a part found nowhere is an
+    error naming the folder: the user said where the weights are, so nothing is downloaded."""
+    import keras
+
+    monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("downloaded"))
+    mine = tmp_path / "mine"
+    _h5(mine / "kcv_encoder.h5")
+    _h5(cache / "kcv_decoder.h5")
+    with pytest.raises(WeightsError) as info:
+        W.resolve_weights("sd-1", mine, parts=["text_encoder", "decoder", "diffusion_model", "image_encoder"])
+    assert str(info.value).startswith("sd-1 diffusion_model, image_encoder weights (kcv_diffusion_model.h5, "
+                                      f"vae_encoder.h5) not found in {mine}, {cache}; put keras-cv's")
+    monkeypatch.setenv(W.ENV_VAR, str(mine))
+    with pytest.raises(WeightsError, match="put keras-cv's kcv_diffusion_model.h5 in"):
+        W.resolve_weights("sd-1", parts=["diffusion_model"])
 
 
 def test_download_uses_keras_cv_url_and_hash(cache, monkeypatch, tmp_path):

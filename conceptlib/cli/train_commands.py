@@ -175,11 +175,11 @@ def _resumed_settings(resume: str):
 def _use_devices(devices: str, trainer: str, batch_size: int) -> None:
     if trainer != "jax":
         raise UsageError(f"--devices {devices}: only the jax trainer spreads over devices; add --trainer jax")
-    if devices != "all" and not (devices.isdigit() and int(devices) > 0):
+    if devices != "all" and not (devices.isascii() and devices.isdigit() and int(devices) > 0):
         raise UsageError(f"--devices {devices!r}: use 'all' or a positive number of devices, e.g. --devices 2")
     override = os.environ.get("CONCEPTLIB_JAX_BATCH_SIZE", "").strip()
     source = "--batch-size"
-    if override.isdigit():  # the jax trainer's override of --batch-size ("auto" fits the devices)
+    if override.isascii() and override.isdigit() and int(override) > 0:  # the jax trainer's override of --batch-size
         batch_size, source = int(override), "$CONCEPTLIB_JAX_BATCH_SIZE"
     if devices != "all" and batch_size % int(devices):
         raise UsageError(

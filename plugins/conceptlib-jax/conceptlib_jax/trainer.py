@@ -69,6 +69,20 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"CONCEPTLIB_JAX_{name}", default).strip().lower()
 
 
+def _count(value, what: str, *, minimum: int = 1, auto: bool = False):
+    """``value`` as a whole number >= ``minimum`` (or "auto" where allowed), else one TrainingError
+    line naming ``what`` (the option or environment variable it came from)."""
+    text = str(value).strip().lower()
+    if auto and text == "auto":
+        return "auto"
+    if not (text.isascii() and text.isdigit() and int(text) >= minimum):
+        from conceptlib.errors import TrainingError
+
+        expected = f"a whole number of at least {minimum}" + (" or auto" if auto else "")
+        raise TrainingError(f"{what}={value!r}: use {expected}")
+    return int(text)
+
+
 def on_gpu() -> bool:
     import jax
 
@@ -86,7 +100,8 @@ def resolve_devices(devices):
     if not 1 <= count <= len(local):
         from conceptlib.errors import TrainingError
 
-        raise TrainingError(f"--devices {count}: this machine has {len(local)} {local[0].platform} device(s)")
+        raise TrainingError(f"--devices {count}: this machine has {len(local)} {local[0].platform} device(s); "
+                            f"use --devices all or at most {len(local)}")
     return local[:count]
 
 
@@ -241,18 +256,26 @@ class JaxTrainer:
         background_compile: bool | None = None,
         export: bool | None = None,
     ):
+        # Checked here, before a run folder exists: a bad value is one line, not a traceback after
+        # the models were built.
         self.precision = precision or _env("PRECISION", "auto")
         self.flash = flash if flash is not None else _env("FLASH", "auto")
         self.devices = devices if devices is not None else _env("DEVICES", "all")
+        if self.devices not in ("all", "auto"):
+            self.devices = _count(self.devices, "--devices (CONCEPTLIB_JAX_DEVICES)")
+            resolve_devices(self.devices)  # more devices than the machine has
         self.batch_size = batch_size if batch_size is not None else (_env("BATCH_SIZE", "") or None)
-        self.variants = int(variants if variants is not None else _env("VARIANTS", "8"))
+        if self.batch_size is not None:
+            self.batch_size = _count(self.batch_size, "CONCEPTLIB_JAX_BATCH_SIZE", auto=True)
+        self.variants = _count(variants if variants is not None else _env("VARIANTS", "8"), "CONCEPTLIB_JAX_VARIANTS")
         self.steps_per_call = int(steps_per_call)
         if export is None:
             export = _env("EXPORT", "on") in ("on", "1", "true")
         self.export = bool(export)
         self.compilation_cache = compilation_cache
         self.kernels = parse_kernels(kernels if kernels is not None else os.environ.get("CONCEPTLIB_JAX_KERNELS"))
-        self.vae_chunk = int(vae_chunk if vae_chunk is not None else _env("VAE_CHUNK", "0")) or None
+        self.vae_chunk = _count(vae_chunk if vae_chunk is not None else _env("VAE_CHUNK", "0"), "CONCEPTLIB_JAX_VAE_CHUNK",
+                                minimum=0) or None
         if background_compile is None:
             background_compile = _env("BACKGROUND_COMPILE", "on") in ("on", "1", "true")
         self.background_compile = bool(background_compile)

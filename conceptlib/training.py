@@ -64,6 +64,10 @@ class Trainer(Protocol):
     def run(self, job: "TrainingJob") -> "TrainingResult": ...
 
 
+# The largest --resolution (and generate --size): SD 1.x/2.x make sense up to about 1024 px.
+MAX_RESOLUTION = 2048
+
+
 @dataclass
 class TrainingConfig:
     """Every setting of a training run (written to the run folder as config.json)."""
@@ -110,8 +114,9 @@ class TrainingConfig:
         validate_token(self.token)
         if self.base_model not in (None, "sd-1", "sd-2"):
             raise UsageError(f"unknown base model {self.base_model!r}; use sd-1 or sd-2")
-        if self.resolution < 64 or self.resolution % 64:
-            raise UsageError(f"--resolution {self.resolution} is not a positive multiple of 64; use e.g. 512")
+        if self.resolution < 64 or self.resolution % 64 or self.resolution > MAX_RESOLUTION:
+            raise UsageError(f"--resolution {self.resolution} is not a multiple of 64 from 64 to {MAX_RESOLUTION}; "
+                             "use e.g. 512")
         if self.init and self.init_from:
             raise UsageError(
                 f"--init {' '.join(self.init)} and --init-from {self.init_from} both give the starting vectors; use one"
@@ -128,6 +133,14 @@ class TrainingConfig:
         ):
             if value < low:
                 raise UsageError(f"{option} {value} must be at least {low}")
+        # Far beyond any machine: refused now, not by an out-of-memory error after the models load.
+        for option, value, high in (("--batch-size", self.batch_size, 1024), ("--grad-accum", self.grad_accum, 1024),
+                                    ("--preview-steps", self.preview_steps, 1000)):
+            if value > high:
+                raise UsageError(f"{option} {value} is more than {high}, the most conceptlib takes")
+        if self.warmup_steps >= self.steps > 0 and self.warmup_steps:
+            raise UsageError(f"--warmup-steps {self.warmup_steps} leaves no step of the {self.steps}-step run after "
+                             "the warm-up; use fewer warm-up steps")
         if self.num_vectors is not None and self.num_vectors > 75:
             raise UsageError(f"--num-vectors {self.num_vectors} is too many; a prompt holds at most 75 tokens")
         if not self.learning_rate > 0:

@@ -45,7 +45,8 @@ def test_generate_says_where_it_looked_for_weights(home):
     empty.mkdir()
     result = CliRunner().invoke(main, ["generate", "a <cat-doll>", "--weights", str(empty), "--offline"])
     assert result.exit_code == 1
-    assert result.output.startswith("Error: sd-1 text_encoder weights (kcv_encoder.h5) not found in")
+    assert result.output.startswith("Error: sd-1 text_encoder, diffusion_model, decoder weights (kcv_encoder.h5, "
+                                    "kcv_diffusion_model.h5, kcv_decoder.h5) not found in")
     assert str(empty) in result.output and len(result.output.strip().splitlines()) == 1
 
 
@@ -152,7 +153,7 @@ def test_generate_says_when_the_weights_folder_is_of_the_other_model(home):
     h5py.File(folder / "text_encoder_v2_1.h5", "w").close()
     result = CliRunner().invoke(main, ["generate", "a cat", "--weights", str(folder), "--offline"])
     output = _one_line_error(result, 1)
-    assert "kcv_encoder.h5) not found in" in output and f"({folder} holds sd-2 weights: use them with --base-model sd-2 in train, --model sd-2" in output
+    assert "kcv_decoder.h5) not found in" in output and f"({folder} holds sd-2 weights: use them with --base-model sd-2 in train, --model sd-2" in output
 
 
 def test_concepts_in_prompts_finds_tokens_in_prompt_and_negative(home):

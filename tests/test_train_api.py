@@ -49,7 +49,10 @@ def test_an_unknown_setting_is_named_with_the_ones_it_takes(library, images):
 
 @pytest.mark.parametrize("settings, message", [
     ({"steps": 0}, "--steps 0 must be at least 1"),
-    ({"resolution": 100}, "--resolution 100 is not a positive multiple of 64"),
+    ({"resolution": 100}, "--resolution 100 is not a multiple of 64 from 64 to 2048"),
+    ({"resolution": 4096}, "--resolution 4096 is not a multiple of 64 from 64 to 2048"),
+    ({"batch_size": 10**9}, "--batch-size 1000000000 is more than 1024, the most conceptlib takes"),
+    ({"steps": 10, "warmup_steps": 10}, "--warmup-steps 10 leaves no step of the 10-step run"),
     ({"learning_rate": "0.05:10, fast"}, "'fast' is not a number"),
     ({"learning_rate": "0.05:10, 0.005", "lr_schedule": "constant"}, "a stepped --lr is its own schedule"),
     ({"token": "<Cat-Doll>"}, "KerasCV lowercases prompts"),

@@ -116,7 +116,7 @@ def test_unknown_template_pack(home, images):
 
 
 def test_bad_settings_are_usage_errors(home, images):
-    _refused(home, [str(images), "--name", "new", "--resolution", "100"], "not a positive multiple of 64", 2)
+    _refused(home, [str(images), "--name", "new", "--resolution", "100"], "not a multiple of 64 from 64 to 2048", 2)
     _refused(home, [str(images), "--name", "new", "--steps", "0"], "--steps 0 must be at least 1", 2)
     _refused(home, [str(images), "--name", "new", "--grad-accum", "0"], "--grad-accum 0 must be at least 1", 2)
     _refused(home, [str(images)], "give --name and/or --token", 2)

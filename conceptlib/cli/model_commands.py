@@ -221,8 +221,10 @@ def generate_command(prompt, negative, num_images, steps, seed, size, guidance, 
     Writes one PNG per image and a contact sheet, and prints their paths. Runs on the JAX backend
     where JAX can use an NVIDIA GPU, else on TensorFlow (CPU); a set KERAS_BACKEND wins.
     """
-    if size < 64 or size % 64:
-        raise UsageError(f"--size {size} is not a positive multiple of 64; use e.g. 512")
+    from conceptlib.training import MAX_RESOLUTION
+
+    if size < 64 or size % 64 or size > MAX_RESOLUTION:
+        raise UsageError(f"--size {size} is not a multiple of 64 from 64 to {MAX_RESOLUTION}; use e.g. 512")
     if not prompt.strip():
         raise UsageError("PROMPT is empty; say what to draw, e.g. conceptlib generate \"a photo of <cat-doll>\"")
     if not math.isfinite(guidance) or guidance < 0:

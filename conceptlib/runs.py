@@ -193,6 +193,9 @@ class RunDirectory:
         path = path or self.latest_checkpoint()
         if path is None:
             return None
+        if Path(path).is_file() and not zipfile.is_zipfile(path):
+            # np.load would try it as a pickle and answer with numpy's allow_pickle advice.
+            raise TrainingError(f"{path}: unreadable checkpoint (not an .npz archive); {fix}")
         try:
             with np.load(path) as data:
                 meta = json.loads(bytes(data["meta"]).decode())

@@ -230,7 +230,8 @@ def parse_learning_rate(text: str) -> tuple[float, list | None]:
                 raise UsageError(f"--lr {text!r}: {piece!r} is not RATE:STEP (STEP a whole number)") from None
             previous = steps[-1][1] if steps else 0
             if until <= previous:
-                raise UsageError(f"--lr {text!r}: step {until} must come after step {previous}; list the rates in order")
+                raise UsageError(f"--lr {text!r}: step {until} must come after step {previous}; list the rates in order"
+                                 if steps else f"--lr {text!r}: a rate's last step must be at least 1, not {until}")
         if until is None and index != len(pieces) - 1:
             raise UsageError(f"--lr {text!r}: only the last rate may go to the end; give {piece!r} a step (RATE:STEP)")
         steps.append([_rate(rate_text.strip(), text), until])
@@ -262,6 +263,10 @@ def training_config(images, *, name: str, token: str, init=(), learning_rate="5e
 
         trainer = default_trainer()
     words = [init] if isinstance(init, str) else list(init or ())
+    empty = next((value for value in words if not re.sub(r"[\s,]+", "", value)), None)
+    if empty is not None:
+        raise UsageError(f"--init {empty!r} holds no word; give words such as 'cat', or leave --init out for "
+                         "random starting vectors")
     return TrainingConfig(
         images=str(images), name=name, token=token, trainer=trainer,
         init=[word for value in words for word in re.split(r"[\s,]+", value) if word],

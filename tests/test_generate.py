@@ -133,7 +133,7 @@ def test_generate_refuses_a_prompt_too_long_before_the_build(home):
     output = _one_line_error(_generate(home, "x " * 74 + "<cat-doll>"), 1)
     assert "is 78 tokens (1 of them from multi-vector concepts)" in output and "shorten it by 1 token" in output
     output = _one_line_error(_generate(home, "a cat", "--negative", "y " * 80), 1)
-    assert "is 82 tokens;" in output and "shorten it by 5 tokens" in output
+    assert "negative prompt 'y y y" in output and "is 82 tokens;" in output and "shorten it by 5 tokens" in output
     assert "not found in" in _generate(home, "x " * 73 + "<cat-doll>").output  # 77 fits
 
 

@@ -118,6 +118,10 @@ def test_npz_files_that_are_not_checkpoints_are_one_line_errors(home, tmp_path):
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert f"{run.checkpoint_path(20)}: unreadable checkpoint" in result.output
     assert result.output.strip().endswith(f"import another step's checkpoint from {run.checkpoints}")
+    run.checkpoint_path(20).write_bytes(b"not an archive at all")  # numpy would try it as a pickle
+    result = CliRunner().invoke(main, ["import", str(run.checkpoint_path(20))])
+    assert result.exit_code == 1 and "unreadable checkpoint (not an .npz archive)" in result.output
+    assert "allow_pickle" not in result.output
     assert home.list() == []
 
 

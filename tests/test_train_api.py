@@ -56,6 +56,8 @@ def test_an_unknown_setting_is_named_with_the_ones_it_takes(library, images):
     ({"learning_rate": "0.05:10, fast"}, "'fast' is not a number"),
     ({"learning_rate": "0.05:10, 0.005", "lr_schedule": "constant"}, "a stepped --lr is its own schedule"),
     ({"token": "<Cat-Doll>"}, "KerasCV lowercases prompts"),
+    ({"init": " , "}, "--init ' , ' holds no word; give words such as 'cat'"),
+    ({"learning_rate": "0.05:0, 0.01"}, "a rate's last step must be at least 1, not 0"),
 ])
 def test_bad_values_fail_before_any_model_is_built(library, images, settings, message):
     settings = {"token": "<cat-doll>", **settings}

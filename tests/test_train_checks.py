@@ -501,3 +501,7 @@ def test_devices_must_be_a_plain_number(home, images):
     _refused(home, [str(images), "--name", "new", "--trainer", "jax", "--devices", "\u00b2"],
              "--devices '\u00b2': use 'all' or a positive number of devices", 2)
 
+
+def test_an_empty_token_is_named_as_such(home, images):
+    _refused(home, [str(images), "--token", ""], "--token: invalid token ''", 2)
+

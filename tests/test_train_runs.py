@@ -122,6 +122,10 @@ def test_resume_takes_a_run_name_from_the_list(library):
                            "(concept.safetensors exists); nothing to resume\n")
     ink = runner.invoke(main, ["train", "--resume", "ink-20261127-020000-12"])
     assert ink.exit_code == 1 and "changed since run" in ink.output and ink.output.count("\n") == 1
+    devices = runner.invoke(main, ["train", "--resume", "ink-20261127-020000-12", "--devices", "2"])
+    assert devices.exit_code == 2 and devices.output == (
+        "Error: --devices 2: only the jax trainer spreads over devices; this run trains with tensorflow, which keeps "
+        "to one device: drop --devices\n")
     unknown = runner.invoke(main, ["train", "--resume", "no-such-run"])
     assert unknown.exit_code == 1
     assert unknown.output == ("Error: no-such-run is not a training run folder (no config.json); "

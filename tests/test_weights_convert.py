@@ -390,6 +390,8 @@ def test_other_models_folders_are_named(tmp_path, no_models):
     xl = _configs(tmp_path / "xl", index={"_class_name": "StableDiffusionXLPipeline",
                                          "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]})
     assert "Stable Diffusion XL" in _one_line_error(_convert(xl, tmp_path / "out"))
+    shutil.rmtree(xl / "vae")  # an incomplete SDXL download: SDXL is the news, not the missing folder
+    assert "Stable Diffusion XL" in _one_line_error(_convert(xl, tmp_path / "out"))
     inpaint = _configs(tmp_path / "inpaint", unet={"in_channels": 9})
     line = _one_line_error(_convert(inpaint, tmp_path / "out"))
     assert "in_channels is 9, keras-cv's SD 1.x UNet needs 4" in line

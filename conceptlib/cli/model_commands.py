@@ -142,7 +142,7 @@ def file_concepts(library, paths, prompt: str, negative: str | None) -> list:
     return concepts
 
 
-def _check_prompt_lengths(headers, *texts: str) -> None:
+def _check_prompt_lengths(headers, prompt: str, negative: str | None) -> None:
     """Refuse, before any model is built, a prompt that will not fit the text encoder's 77 tokens
     with every concept token expanded to all its vectors (as ``apply`` encodes it)."""
     from conceptlib.clip_bpe import END_OF_TEXT, START_OF_TEXT, clean
@@ -158,7 +158,7 @@ def _check_prompt_lengths(headers, *texts: str) -> None:
         return
     vectors = {header.token: header.num_vectors for header in headers}
     pattern = _tokenizer_pattern([START_OF_TEXT, END_OF_TEXT, *vectors]) if vectors else tokenizer.pattern
-    for text in texts:
+    for which, text in (("prompt", prompt), ("negative prompt", negative)):
         if not text:
             continue
         length, grown = 2, 0
@@ -172,7 +172,7 @@ def _check_prompt_lengths(headers, *texts: str) -> None:
             over = length - MAX_PROMPT_LENGTH
             because = f" ({grown} of them from multi-vector concepts)" if grown else ""
             raise PromptTooLongError(
-                f"prompt {text[:40] + '...' if len(text) > 40 else text!r} is {length} tokens{because}; the "
+                f"{which} {text[:40] + '...' if len(text) > 40 else text!r} is {length} tokens{because}; the "
                 f"text encoder takes {MAX_PROMPT_LENGTH} including start and end: shorten it by "
                 f"{over} token{'s' if over > 1 else ''}"
             )

@@ -92,7 +92,7 @@ def train(images, name, token, init, init_from, weights, base_model, trainer, te
     if resume is None:
         if not images:
             raise UsageError("missing IMAGES: give the folder holding the training pictures (or --resume RUN)")
-        if not name and not token:
+        if name is None and token is None:
             raise UsageError("give --name and/or --token, e.g. --name cat-doll --token '<cat-doll>'")
         name, token = _name_and_token(name, token)
         if preview_prompt is not None and not preview_every:
@@ -111,7 +111,7 @@ def train(images, name, token, init, init_from, weights, base_model, trainer, te
         config = None
     if devices is not None:
         settings = config if config is not None else _resumed_settings(resume)
-        _use_devices(devices, settings.trainer, settings.batch_size)
+        _use_devices(devices, settings.trainer, settings.batch_size, resumed=config is None)
     try:
         header, job = run_training(config, resume=resume, progress=not quiet, announce=not quiet)
     except KeyboardInterrupt:
@@ -172,9 +172,11 @@ def _resumed_settings(resume: str):
     return find_run(resume, ConceptLibrary()).read_config()
 
 
-def _use_devices(devices: str, trainer: str, batch_size: int) -> None:
+def _use_devices(devices: str, trainer: str, batch_size: int, *, resumed: bool = False) -> None:
     if trainer != "jax":
-        raise UsageError(f"--devices {devices}: only the jax trainer spreads over devices; add --trainer jax")
+        fix = (f"this run trains with {trainer}, which keeps to one device: drop --devices" if resumed
+               else "add --trainer jax")
+        raise UsageError(f"--devices {devices}: only the jax trainer spreads over devices; {fix}")
     if devices != "all" and not (devices.isascii() and devices.isdigit() and int(devices) > 0):
         raise UsageError(f"--devices {devices!r}: use 'all' or a positive number of devices, e.g. --devices 2")
     override = os.environ.get("CONCEPTLIB_JAX_BATCH_SIZE", "").strip()

@@ -493,14 +493,18 @@ def _check_config(path: Path, config: dict, expected, what: str) -> None:
             )
 
 
-def _base_model(src: Path, index: dict, unet: dict, text: dict) -> str:
-    """'sd-1' or 'sd-2', or a WeightsError naming what the folder is instead."""
+def _refuse_sdxl_index(src: Path, index: dict, unet: dict | None = None) -> None:
     cls = str(index.get("_class_name", ""))
-    if "XL" in cls or "text_encoder_2" in index or unet.get("cross_attention_dim") == 2048:
+    if "XL" in cls or "text_encoder_2" in index or (unet or {}).get("cross_attention_dim") == 2048:
         raise WeightsError(
             f"{src} is a Stable Diffusion XL pipeline ({cls or 'two text encoders'}); keras-cv has no SDXL model, "
             "so only Stable Diffusion 1.x and 2.x folders can be converted"
         )
+
+
+def _base_model(src: Path, index: dict, unet: dict, text: dict) -> str:
+    """'sd-1' or 'sd-2', or a WeightsError naming what the folder is instead."""
+    _refuse_sdxl_index(src, index, unet)
     cross = unet.get("cross_attention_dim")
     if cross not in (768, 1024):
         raise WeightsError(
@@ -555,12 +559,14 @@ def inspect_pipeline(src: str | os.PathLike, *, variant: str | None = None) -> P
     if "transformer" in index and "unet" not in index:
         raise WeightsError(
             f"{src} is a {index.get('_class_name', 'transformer-based')} pipeline (no unet); only Stable Diffusion "
-            "1.x folders can be converted"
+            "1.x and 2.x folders can be converted"
         )
+    _refuse_sdxl_index(src, index)  # before asking for missing parts of a folder that cannot be converted anyway
     configs = {}
     for sub in ("text_encoder", "unet", "vae"):
         if sub not in index and not (src / sub).is_dir():
-            raise WeightsError(f"{src / 'model_index.json'} names no {sub}; only complete Stable Diffusion 1.x pipeline folders can be converted")
+            raise WeightsError(f"{src / 'model_index.json'} names no {sub}; only complete Stable Diffusion 1.x and 2.x "
+                               "pipeline folders can be converted")
         if not (src / sub).is_dir():
             raise WeightsError(f"{src} has no {sub}/ folder; download the complete pipeline folder")
         configs[sub] = _read_json(src / sub / "config.json", "download the complete pipeline folder")

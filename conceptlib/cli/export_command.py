@@ -66,26 +66,25 @@ def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: 
     file = paths_in_folder(concept, fmt, target)[1][0] if folder else target
     _refuse_library_folder(file, out, library)
     preview = _preview_target(concept, fmt, file, force) if with_preview else None
-    written = _write_export(concept, fmt, target, folder, force)
-    click.echo(f"Exported {concept.name} ({concept.token}) as {fmt} to {written}{_prompt_word_note(concept, fmt, written)}")
+    _say_exported(concept, fmt, _write_export(concept, fmt, target, folder, force))
     if with_preview:
         _write_preview_file(concept, preview)
 
 
-def _prompt_word_note(concept, fmt: str, written: Path) -> str:
-    """For an a1111 file whose prompt word is not the token (a .pt file is called by its file name):
-    the word to type in AUTOMATIC1111, and a warning when that word is an ordinary CLIP word."""
+def _say_exported(concept, fmt: str, written: Path) -> None:
+    """The line for one exported file; for an a1111 file whose prompt word is not the token (a .pt
+    file is called by its file name), that word, and a warning when it is an ordinary CLIP word."""
     from conceptlib.cli.library_commands import is_clip_word
     from conceptlib.formats.writers import a1111_prompt_word
 
+    line = f"Exported {concept.name} ({concept.token}) as {fmt} to {written}"
     word = a1111_prompt_word(concept, written) if fmt == "a1111" else concept.token
-    if word == concept.token:
-        return ""
-    note = f"; AUTOMATIC1111 prompts call it {word!r} (its file name)"
-    if is_clip_word(word):
-        note += (f", which is also an ordinary word there, so every {word!r} in a prompt would mean the concept: "
-                 "choose another word with --out WORD.pt")
-    return note
+    if word != concept.token:
+        line += f"; AUTOMATIC1111 prompts call it {word!r} (its file name)"
+        if is_clip_word(word):
+            line += (f", which is also an ordinary word there, so every {word!r} in a prompt would mean the concept: "
+                     "choose another word with --out WORD.pt")
+    click.echo(line)
 
 
 def _preview_target(concept, fmt: str, file: Path, force: bool) -> Path | None:
@@ -142,8 +141,7 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
                                        "or pass --force to replace such files")
     previews = [_preview_target(concept, fmt, files[0], force) if with_preview else None for concept, _, files in plans]
     for (concept, target, _), preview in zip(plans, previews):
-        written = _write_export(concept, fmt, target, True, force)
-        click.echo(f"Exported {concept.name} ({concept.token}) as {fmt} to {written}{_prompt_word_note(concept, fmt, written)}")
+        _say_exported(concept, fmt, _write_export(concept, fmt, target, True, force))
         if with_preview:
             _write_preview_file(concept, preview)
     click.echo(f"{len(plans)} concept{'s' if len(plans) != 1 else ''} exported to {folder}")

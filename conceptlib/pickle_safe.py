@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import io
+import mmap
 import os
 import pickle
 import struct
@@ -62,8 +63,8 @@ _MAX_TENSOR_ELEMENTS = _MAX_VECTORS * _MAX_WIDTH
 _MAX_SPAN_ELEMENTS = 16 * _MAX_TENSOR_ELEMENTS
 # SDXL files hold two tensors, every other embedding format one.
 _MAX_TOTAL_ELEMENTS = 4 * _MAX_TENSOR_ELEMENTS
-# The most bytes read at once before anything is checked: a zip archive's pickle record, or a whole
-# legacy-format file. Embedding files are well under 1 MB.
+# The largest pickle record of a zip archive read (it is read whole before anything is checked);
+# an embedding file's is a few KB.
 _MAX_RECORD_BYTES = 32 * 1024 * 1024
 
 
@@ -310,7 +311,12 @@ def _load_open_pickle(handle, path: Path) -> Any:
         if head == b"PK\x03\x04" or zipfile.is_zipfile(handle):
             obj, byteorder = _load_zip(handle, path)
         elif head[:1] == b"\x80":
-            obj, byteorder = _load_legacy(_read_small(handle, path), path)
+            # Mapped, not read: a legacy file holds its storages inline, and a view's storage can be
+            # a whole embedding matrix of which one row is read.
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as raw:
+                obj, byteorder = _load_legacy(raw, path)
+                _check_total_size(obj)
+                return _materialise(obj, byteorder, {})
         else:
             raise ConceptFileError(f"{path}: not a PyTorch file (neither a torch zip archive nor a pickle); the download "
                                    "is damaged or is something else, re-download it")
@@ -325,16 +331,6 @@ def _load_open_pickle(handle, path: Path) -> Any:
         raise ConceptFileError(
             f"{path}: corrupt or truncated PyTorch file ({type(exc).__name__}: {str(exc)[:120]}); re-download or re-export it"
         ) from None
-
-
-def _read_small(handle, path: Path) -> bytes:
-    """The whole of a legacy-format file, which holds its tensors inline: refused unread when it is
-    larger than any embedding file could be."""
-    size = os.fstat(handle.fileno()).st_size
-    if size > _MAX_RECORD_BYTES:
-        raise _NotAnEmbedding(f"is {size / 1e6:.0f} MB, far more than a textual-inversion embedding file")
-    handle.seek(0)  # is_zipfile read elsewhere
-    return handle.read()
 
 
 def _load_zip(handle, path: Path) -> tuple[Any, str]:
@@ -377,8 +373,10 @@ def _zip_reader(archive: zipfile.ZipFile, info: zipfile.ZipInfo, itemsize: int):
     return read
 
 
-def _load_legacy(raw: bytes, path: Path) -> tuple[Any, str]:
-    stream = io.BytesIO(raw)
+def _load_legacy(raw: mmap.mmap, path: Path) -> tuple[Any, str]:
+    """``raw``: the file mapped; its pickles are read from it as from a file, its storages sliced."""
+    stream = raw
+    stream.seek(0)
     no_storages: dict[str, _Storage] = {}
     magic = _RestrictedUnpickler(stream, path, no_storages).load()
     if magic != _LEGACY_MAGIC:

@@ -234,12 +234,17 @@ def test_a_zip_bomb_is_refused_before_it_is_inflated(tmp_path):
     assert bomb.stat().st_size < 100_000
     with pytest.raises(ConceptFileError, match="has a 42 MB data.pkl record, where a textual-inversion embedding"):
         load_tensor_pickle(bomb)
-    # A legacy-format file holds its tensors inline: one far larger than any embedding is not read.
+    # A legacy-format file holds its storages inline, so it is mapped, not read: a row of a large
+    # storage loads (the bytes around it stay on disk), and garbage is a corrupt file.
+    matrix = torch.randn(12000, 768)  # 37 MB of storage
+    big = _save({"<row>": matrix[11999]}, tmp_path / "row.bin", False)
+    assert big.stat().st_size > 32 * 1024 * 1024
+    np.testing.assert_array_equal(load_tensor_pickle(big)["<row>"], matrix[11999].numpy())
     huge = tmp_path / "huge.pt"
     with open(huge, "wb") as handle:
         handle.write(b"\x80\x02")
         handle.truncate(40 * 1024 * 1024)
-    with pytest.raises(ConceptFileError, match="is 42 MB, far more than a textual-inversion embedding file"):
+    with pytest.raises(ConceptFileError, match="corrupt or truncated PyTorch file"):
         load_tensor_pickle(huge)
 
 

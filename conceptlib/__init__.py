@@ -6,11 +6,12 @@ on first use.
 
 from conceptlib.concept import Concept
 from conceptlib.errors import ConceptlibError
+from conceptlib.library import ConceptLibrary
 from conceptlib.train_api import train
 
 __version__ = "0.1.0"
 
-__all__ = ["Concept", "ConceptlibError", "apply", "train", "__version__"]
+__all__ = ["Concept", "ConceptLibrary", "ConceptlibError", "apply", "train", "__version__"]
 
 
 def apply(sd, concepts, *, library=None):

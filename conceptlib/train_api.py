@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 from conceptlib.errors import UsageError
@@ -22,7 +23,7 @@ def train(images, *, name: str | None = None, token: str | None = None, init=Non
     ``learning_rate``: a rate, or AUTOMATIC1111's stepped rates (``"0.05:10, 0.005"``).
     ``trainer="auto"``: the trainer of the Keras backend this process already imported, else
     ``jax`` where JAX can use an NVIDIA GPU, else ``tensorflow``. ``library``: a
-    ``ConceptLibrary`` (default: ``$CONCEPTLIB_HOME``). ``progress``: print the run folder, the
+    ``ConceptLibrary`` or its folder (default: ``$CONCEPTLIB_HOME``). ``progress``: print the run folder, the
     stages and a progress line per step on stderr, as the CLI does. ``settings``: the other options of
     `conceptlib train` by their Python names (``steps=2000, resolution=512, batch_size=4,
     num_vectors=2, weights="DIR", preview_every=250, ...``: the fields of
@@ -55,7 +56,8 @@ def train(images, *, name: str | None = None, token: str | None = None, init=Non
         images, name=name, token=token, init=init, learning_rate=learning_rate, trainer=_trainer(trainer),
         describe={key: value for key, value in describe.items() if value}, **settings,
     )
-    library = library if library is not None else ConceptLibrary()
+    if library is None or isinstance(library, (str, os.PathLike)):
+        library = ConceptLibrary(library)
     header, _job = run_training(config, library=library, progress=progress, announce=progress)
     return library.get(header.name)
 

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import re
 import sys
@@ -107,9 +108,10 @@ class TrainingConfig:
     describe: dict = field(default_factory=dict)
 
     def validate(self) -> "TrainingConfig":
-        """Raise UsageError (one line) for a setting out of range."""
+        """Raise UsageError (one line) for a setting of the wrong type or out of range."""
         from conceptlib.concept import validate_name, validate_token
 
+        self._check_types()
         validate_name(self.name)
         validate_token(self.token)
         if self.base_model not in (None, "sd-1", "sd-2"):
@@ -167,6 +169,35 @@ class TrainingConfig:
         if unknown:
             raise UsageError(f"describe: {unknown[0]!r} is not one of {', '.join(DESCRIPTIVE_KEYS.values())}")
         return self
+
+    def _check_types(self) -> None:
+        """Python callers (and hand-edited config.json files) can pass anything: 2.5 steps or
+        flip='no' must be refused here, not fail inside the trainer after the models are built."""
+        def refuse(name: str, value, what: str):
+            option = {"learning_rate": "--lr", "flip": "flip"}.get(name, f"--{name.replace('_', '-')}")
+            raise UsageError(f"{option} {value!r} must be {what}")
+
+        for name in ("resolution", "steps", "batch_size", "grad_accum", "warmup_steps", "seed", "checkpoint_every",
+                     "preview_every", "preview_steps", "num_vectors"):
+            value = getattr(self, name)
+            if type(value) is not int and not (name == "num_vectors" and value is None):
+                refuse(name, value, "a whole number")
+        for name in ("learning_rate", "weight_decay", "clip_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                refuse(name, value, "a finite number, not negative")
+        for name in ("images", "name", "token", "trainer", "template", "base_model", "weights", "init_from",
+                     "preview_prompt", "run_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (value is None and name not in ("images", "name", "token", "trainer",
+                                                                                   "template")):
+                refuse(name, value, "text")
+        if not isinstance(self.flip, bool):
+            refuse("flip", self.flip, "True or False")
+        if not isinstance(self.init, list) or not all(isinstance(word, str) for word in self.init):
+            refuse("init", self.init, "words (text)")
+        if not isinstance(self.describe, dict) or not all(isinstance(v, str) for v in self.describe.values()):
+            raise UsageError(f"description values {self.describe!r} must be text")
 
     def _validate_lr_steps(self) -> None:
         from conceptlib.kerascv.textual_inversion import MAX_LR_PIECES  # imports no keras
@@ -262,7 +293,9 @@ def training_config(images, *, name: str, token: str, init=(), learning_rate="5e
         from conceptlib.plugins import default_trainer
 
         trainer = default_trainer()
-    words = [init] if isinstance(init, str) else list(init or ())
+    words = [init] if isinstance(init, str) else [] if init is None else list(init) if isinstance(init, (list, tuple)) else None
+    if words is None or not all(isinstance(word, str) for word in words):
+        raise UsageError(f"--init {init!r} must be words: a string such as 'toy cat', or a list of them")
     empty = next((value for value in words if not re.sub(r"[\s,]+", "", value)), None)
     if empty is not None:
         raise UsageError(f"--init {empty!r} holds no word; give words such as 'cat', or leave --init out for "
@@ -617,9 +650,10 @@ def split_init_words(tokenizer, words: list[str]) -> list[str]:
 
 
 def token_in_vocabulary(tokenizer, token: str) -> bool:
-    """True if ``token`` is already one CLIP token (a concept must not shadow a real word)."""
-    token = token.lower()
-    return token in tokenizer.encoder or f"{token}</w>" in tokenizer.encoder
+    """True if ``token`` is already one CLIP token (a concept must not shadow a real word). The
+    vocabulary spells each word's UTF-8 bytes as unicode ('café' is 'cafÃ©'), as apply looks it up."""
+    entry = "".join(tokenizer.byte_encoder[byte] for byte in token.lower().encode("utf-8"))
+    return entry in tokenizer.encoder or f"{entry}</w>" in tokenizer.encoder
 
 
 def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path | None = None) -> TrainingJob:

@@ -276,6 +276,40 @@ def test_a_token_already_applied_is_refused_and_unload_order_is_enforced(sd1):
         np.testing.assert_allclose(sd1.encode_text("<cat-doll> <oil-style>"), with_both, rtol=0, atol=1e-6)
 
 
+def test_a_concept_object_changed_after_it_was_made_is_checked_again(sd1):
+    """Concept is a mutable dataclass: apply validates what the object holds now, before anything
+    changes (a bad token once left the model half-patched for good)."""
+    rows, vocab = token_embedding_layer(sd1.text_encoder)._embeddings.shape[0], len(sd1.tokenizer.vocab)
+    broken = [_concept("empty", "<empty>", 1, 768, 12) for _ in range(4)]
+    broken[0].token = ""
+    broken[1].token = "<Upper>"
+    broken[2].vectors = np.full((1, 768), np.nan, np.float32)
+    broken[3].vectors = np.zeros((0, 768), np.float32)
+    for concept, needle in zip(broken, ("a non-empty string", "KerasCV lowercases", "NaN or Inf", "0 vectors")):
+        with pytest.raises(ApplyError, match=f"cannot apply 'empty': .*{needle}"):
+            apply(sd1, [STYLE, concept])
+        _assert_unchanged(sd1, rows, vocab)
+    with apply(sd1, [STYLE]) as applied:  # the model still takes concepts
+        assert applied.tokens == ["<oil-style>"]
+
+
+def test_an_error_in_the_block_reaches_the_caller_and_everything_is_unloaded(sd1):
+    plain = sd1.encode_text("<cat-doll> <oil-style>")
+    with pytest.raises(RuntimeError, match="boom"):
+        with apply(sd1, [CAT]):
+            apply(sd1, [STYLE])  # applied inside and not unloaded there
+            raise RuntimeError("boom")
+    assert "<cat-doll>" not in sd1.tokenizer.encoder and "<oil-style>" not in sd1.tokenizer.encoder
+    np.testing.assert_array_equal(sd1.encode_text("<cat-doll> <oil-style>"), plain)
+
+
+def test_odd_references_are_one_line_errors(sd1, tmp_path):
+    with pytest.raises(NotFoundError):
+        apply(sd1, ["x" * 300], library=tmp_path / "lib")  # too long for a file name: not an OSError
+    with pytest.raises(ApplyError, match="library=42: pass a ConceptLibrary or its folder"):
+        apply(sd1, ["cat-doll"], library=42)
+
+
 def test_concepts_by_library_name_token_and_path(sd1, tmp_path):
     from conceptlib.files import write_concept
     from conceptlib.library import ConceptLibrary

@@ -57,6 +57,14 @@ def test_an_unknown_setting_is_named_with_the_ones_it_takes(library, images):
     ({"learning_rate": "0.05:10, 0.005", "lr_schedule": "constant"}, "a stepped --lr is its own schedule"),
     ({"token": "<Cat-Doll>"}, "KerasCV lowercases prompts"),
     ({"init": " , "}, "--init ' , ' holds no word; give words such as 'cat'"),
+    ({"init": 123}, "--init 123 must be words"),
+    ({"init": ["cat", 5]}, "--init \\['cat', 5\\] must be words"),
+    ({"steps": 2.5}, "--steps 2.5 must be a whole number"),
+    ({"resolution": "64"}, "--resolution '64' must be a whole number"),
+    ({"steps": None}, "--steps None must be a whole number"),
+    ({"weight_decay": -1}, "--weight-decay -1 must be a finite number, not negative"),
+    ({"flip": "no"}, "flip 'no' must be True or False"),
+    ({"author": 5}, "description values .* must be text"),
     ({"learning_rate": "0.05:0, 0.01"}, "a rate's last step must be at least 1, not 0"),
 ])
 def test_bad_values_fail_before_any_model_is_built(library, images, settings, message):
@@ -64,6 +72,14 @@ def test_bad_values_fail_before_any_model_is_built(library, images, settings, me
     with pytest.raises(conceptlib.ConceptlibError, match=message):
         conceptlib.train(images, weights="random", library=library, progress=False, **settings)
     assert _unchanged(library)
+
+
+def test_the_library_may_be_given_as_its_folder_and_is_exported(images, tmp_path):
+    assert conceptlib.ConceptLibrary is ConceptLibrary and "ConceptLibrary" in conceptlib.__all__
+    ConceptLibrary(tmp_path / "lib").add(conceptlib.Concept("taken", "<taken>", np.ones((1, 768), np.float32)))
+    with pytest.raises(conceptlib.ConceptlibError, match="token '<taken>' is already used by concept 'taken'"):
+        conceptlib.train(images, name="new", token="<taken>", weights="random", library=str(tmp_path / "lib"),
+                         progress=False)
 
 
 def test_missing_images_fail_before_any_model_is_built(library, tmp_path):

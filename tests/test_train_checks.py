@@ -180,6 +180,9 @@ def test_missing_weights_folder(home, images, tmp_path):
 def test_token_that_is_already_a_clip_word(home, images):
     line = _refused(home, [str(images), "--name", "new", "--token", "cat", "--weights", "random"], "CLIP vocabulary")
     assert "'cat'" in line
+    # The vocabulary spells words by their UTF-8 bytes: non-ASCII words are found too (apply refuses them).
+    for word in ("café", "\U0001f496"):
+        _refused(home, [str(images), "--name", "new", "--token", word, "--weights", "random"], "CLIP vocabulary")
 
 
 def test_init_word_that_tokenizes_to_nothing(home, images):

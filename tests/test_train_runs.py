@@ -136,7 +136,7 @@ def test_resume_of_a_run_whose_settings_were_edited_wrongly(library):
     """A hand-edited config.json with a mistyped or out-of-range setting is one line (exit 1)."""
     path = library.runs_dir / "fresh-20261127-030000-13" / "config.json"
     saved = json.loads(path.read_text())
-    for steps, reason in (("many", "'<' not supported"), (0, "--steps 0 must be at least 1")):
+    for steps, reason in (("many", "--steps 'many' must be a whole number"), (0, "--steps 0 must be at least 1")):
         saved["config"]["steps"] = steps
         path.write_text(json.dumps(saved))
         result = CliRunner().invoke(main, ["train", "--resume", "fresh-20261127-030000-13"])

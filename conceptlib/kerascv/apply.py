@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conceptlib.concept import DIMS, Concept
-from conceptlib.errors import ApplyError, ConceptFileError, PromptTooLongError
+from conceptlib.errors import ApplyError, ConceptError, ConceptFileError, PromptTooLongError
 
 MAX_PROMPT_LENGTH = 77
 _CONCEPT_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
@@ -61,11 +61,13 @@ def resolve_concepts(concepts, library=None) -> list[Concept]:
         from conceptlib.library import ConceptLibrary
 
         library = ConceptLibrary(library)
+    elif library is not None and not hasattr(library, "list"):
+        raise ApplyError(f"library={library!r}: pass a ConceptLibrary or its folder (or leave it out for the default)")
     resolved: list[Concept] = []
     by_ref = None
     for item in concepts:
         if isinstance(item, Concept):
-            resolved.append(item)
+            resolved.append(_checked_again(item))
         elif isinstance(item, os.PathLike):
             resolved.extend(_load_path(Path(item)))
         elif isinstance(item, str):
@@ -73,7 +75,11 @@ def resolve_concepts(concepts, library=None) -> list[Concept]:
                 path = Path(item).expanduser()
             except RuntimeError:  # '~cat', a valid token, names no user's home
                 path = Path(item)
-            if path.is_file():
+            try:
+                is_file = path.is_file()
+            except OSError:  # a name too long to be a path: still a possible token
+                is_file = False
+            if is_file:
                 resolved.extend(_load_path(path))
                 continue
             if library is None:
@@ -87,7 +93,7 @@ def resolve_concepts(concepts, library=None) -> list[Concept]:
                     by_ref.setdefault(header.token, header)
                     by_ref[header.name] = header
             header = by_ref.get(item)
-            if header is None and (path.exists() or os.sep in item or item.endswith(_CONCEPT_SUFFIXES)):
+            if header is None and (_exists(path) or os.sep in item or item.endswith(_CONCEPT_SUFFIXES)):
                 resolved.extend(_load_path(path))  # a folder, or a path that is not there
             elif header is None:
                 resolved.append(library.get(item))  # raises NotFoundError with A's message
@@ -108,6 +114,32 @@ def resolve_concepts(concepts, library=None) -> list[Concept]:
                 "file paths or conceptlib.Concept objects"
             )
     return resolved
+
+
+def _handles(sd) -> list:
+    """The loaded handles of ``sd``, in the order they were applied."""
+    return sd.__dict__.setdefault("_conceptlib_handles", [])
+
+
+def _later_handles(handle) -> list:
+    handles = _handles(handle.sd)
+    return handles[handles.index(handle) + 1:] if handle in handles else []
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _checked_again(concept: Concept) -> Concept:
+    """A Concept object as the caller holds it now: its fields may have been changed since it was
+    made (a dataclass is mutable), so they are validated again, as a new Concept."""
+    try:
+        return Concept(concept.name, concept.token, concept.vectors, concept.metadata)
+    except ConceptError as exc:
+        raise ApplyError(f"cannot apply {concept.name!r}: {exc}") from None
 
 
 # -- the model's pieces --------------------------------------------------------------------------
@@ -281,12 +313,21 @@ class AppliedConcepts:
         reset_compiled_functions(self.sd._text_encoder)
         self._variable = None
         self.loaded = False
+        if self in _handles(self.sd):
+            _handles(self.sd).remove(self)
 
     def __enter__(self) -> "AppliedConcepts":
         self._check_loaded()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.unload()
+            return
+        # An error is on its way out of the block: it must reach the caller, so handles applied
+        # later inside the block (and not unloaded there) are unloaded first, then this one.
+        for later in reversed(_later_handles(self)):
+            later.unload()
         self.unload()
 
     def __repr__(self) -> str:
@@ -407,6 +448,8 @@ def apply(sd, concepts, library=None) -> AppliedConcepts:
         if len(ids) > 1:
             expansions[ids[0]] = ids
 
+    pattern = _tokenizer_pattern(special_tokens)
+
     # Mutate: nothing below can fail on bad input.
     _swap_variable(layer, old_variable, new_variable)
     tokenizer.vocab = new_vocab
@@ -414,11 +457,13 @@ def apply(sd, concepts, library=None) -> AppliedConcepts:
     tokenizer.decoder = decoder
     tokenizer.special_tokens = special_tokens
     tokenizer.cache = cache
-    tokenizer.pat = _tokenizer_pattern(special_tokens)
+    tokenizer.pat = pattern
     tokenizer._conceptlib_expansions = expansions
     tokenizer.encode = types.MethodType(_expanding_encode, tokenizer)
     reset_compiled_functions(text_encoder)
-    return AppliedConcepts(sd, concepts, token_ids, saved, layer, new_variable)
+    handle = AppliedConcepts(sd, concepts, token_ids, saved, layer, new_variable)
+    _handles(sd).append(handle)
+    return handle
 
 
 def expand_prompt_ids(sd, prompt: str) -> list[int]:

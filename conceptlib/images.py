@@ -264,7 +264,10 @@ def opened_image(path: Path, error: type[ConceptlibError], fix: str):
     except Image.DecompressionBombError as exc:
         raise error(f"{path}: {exc}; downscale it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        detail = f"{type(exc).__name__}: {str(exc)[:100]}" if str(exc) else type(exc).__name__
+        # PIL's own words say why (a truncated file, an unsupported mode); the path is said already.
+        reason = str(exc).replace(f"'{path}'", "").replace(str(path), "").strip(" :")
+        detail = type(exc).__name__ if isinstance(exc, UnidentifiedImageError) or not reason else \
+            f"{type(exc).__name__}: {reason[:100]}"
         raise error(f"{path}: cannot read this image ({detail}); {fix}") from None
 
 

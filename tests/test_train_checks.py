@@ -73,6 +73,11 @@ def test_unreadable_image(home, images):
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
     line = _refused(home, [str(images), "--name", "new", "--weights", "random"], "cannot read this image")
     assert "broken.png" in line and "replace or remove it" in line
+    (images / "broken.png").unlink()
+    whole = (images / "p0.png").read_bytes()
+    (images / "p0.png").write_bytes(whole[: len(whole) // 2])  # a download cut short: PIL says so
+    line = _refused(home, [str(images), "--name", "new", "--weights", "random"], "p0.png: cannot read this image (")
+    assert "truncated" in line and line.count(str(images / "p0.png")) == 1
 
 
 def test_tiny_image(home, images):

@@ -140,7 +140,7 @@ class TrainingConfig:
                                     ("--preview-steps", self.preview_steps, 1000)):
             if value > high:
                 raise UsageError(f"{option} {value} is more than {high}, the most conceptlib takes")
-        if self.warmup_steps >= self.steps > 0 and self.warmup_steps:
+        if self.warmup_steps and self.warmup_steps >= self.steps:
             raise UsageError(f"--warmup-steps {self.warmup_steps} leaves no step of the {self.steps}-step run after "
                              "the warm-up; use fewer warm-up steps")
         if self.num_vectors is not None and self.num_vectors > 75:

@@ -201,9 +201,9 @@ def _write_preview(name: str, path: Path, metadata: dict, out: Path) -> None:
     """Write the PNG in the ``preview`` metadata (else the ModelSpec thumbnail) of concept ``name``
     (file ``path``) to ``out`` (never over an existing file)."""
     from conceptlib.files import atomic_write_bytes
-    from conceptlib.formats.writers import preview_png
+    from conceptlib.formats.writers import preview_base64, preview_png
 
-    if not metadata.get("preview") and not metadata.get("modelspec.thumbnail"):
+    if not preview_base64(metadata):
         raise ConceptError(
             f"{name} has no preview image (a library concept gets one with `conceptlib describe NAME --thumbnail IMAGE`)"
         )
@@ -379,7 +379,9 @@ def _thumbnail_shown(metadata: dict) -> str:
     import base64
     import binascii
 
-    encoded = metadata.get("preview") or metadata.get("modelspec.thumbnail", "").partition("base64,")[2]
+    from conceptlib.formats.writers import preview_base64
+
+    encoded = preview_base64(metadata)
     if not encoded:
         return "(not set)"
     try:

@@ -104,15 +104,20 @@ def preview_file_for(fmt: str, written: Path) -> Path | None:
     return written.with_name(f"{written.stem}.preview.png")
 
 
+def preview_base64(metadata: dict) -> str:
+    """A concept's preview as base64 text: its ``preview``, else the payload of its ModelSpec
+    thumbnail data URI (a file from another tool may hold that alone); '' when it has neither."""
+    return metadata.get("preview") or metadata.get("modelspec.thumbnail", "").partition("base64,")[2]
+
+
 def preview_png(metadata: dict) -> bytes | None:
-    """The preview in a concept's ``metadata`` as PNG bytes (its ``preview``, else a PNG ModelSpec
-    thumbnail, which a file from another tool may hold alone), or None when it has no readable one."""
+    """The preview in a concept's ``metadata`` (``preview_base64``) as PNG bytes, or None when it
+    has no readable one."""
     import base64
     import binascii
 
-    encoded = metadata.get("preview") or metadata.get("modelspec.thumbnail", "").partition("base64,")[2]
     try:
-        data = base64.b64decode(encoded, validate=True)
+        data = base64.b64decode(preview_base64(metadata), validate=True)
     except (binascii.Error, ValueError):
         return None
     return data if data.startswith(b"\x89PNG\r\n\x1a\n") else None

@@ -75,11 +75,7 @@ def resolve_concepts(concepts, library=None) -> list[Concept]:
                 path = Path(item).expanduser()
             except RuntimeError:  # '~cat', a valid token, names no user's home
                 path = Path(item)
-            try:
-                is_file = path.is_file()
-            except OSError:  # a name too long to be a path: still a possible token
-                is_file = False
-            if is_file:
+            if _path_says(path.is_file):
                 resolved.extend(_load_path(path))
                 continue
             if library is None:
@@ -93,7 +89,7 @@ def resolve_concepts(concepts, library=None) -> list[Concept]:
                     by_ref.setdefault(header.token, header)
                     by_ref[header.name] = header
             header = by_ref.get(item)
-            if header is None and (_exists(path) or os.sep in item or item.endswith(_CONCEPT_SUFFIXES)):
+            if header is None and (_path_says(path.exists) or os.sep in item or item.endswith(_CONCEPT_SUFFIXES)):
                 resolved.extend(_load_path(path))  # a folder, or a path that is not there
             elif header is None:
                 resolved.append(library.get(item))  # raises NotFoundError with A's message
@@ -126,9 +122,11 @@ def _later_handles(handle) -> list:
     return handles[handles.index(handle) + 1:] if handle in handles else []
 
 
-def _exists(path: Path) -> bool:
+def _path_says(check) -> bool:
+    """``check()`` (a path's is_file or exists), False where the text cannot be a path at all (too
+    long for a file name): it may still be a token."""
     try:
-        return path.exists()
+        return check()
     except OSError:
         return False
 

@@ -53,6 +53,8 @@ def test_generate_says_where_it_looked_for_weights(home):
 def test_generate_size_must_be_a_multiple_of_64(home):
     result = CliRunner().invoke(main, ["generate", "a cat", "--size", "100"])
     assert result.exit_code == 2 and "--size 100" in result.output
+    result = CliRunner().invoke(main, ["generate", "a cat", "--size", "4096"])
+    assert result.exit_code == 2 and "--size 4096 is not a multiple of 64 from 64 to 2048" in result.output
 
 
 def _generate(home, *args):

@@ -52,6 +52,8 @@ def test_an_unknown_setting_is_named_with_the_ones_it_takes(library, images):
     ({"resolution": 100}, "--resolution 100 is not a multiple of 64 from 64 to 2048"),
     ({"resolution": 4096}, "--resolution 4096 is not a multiple of 64 from 64 to 2048"),
     ({"batch_size": 10**9}, "--batch-size 1000000000 is more than 1024, the most conceptlib takes"),
+    ({"grad_accum": 2000}, "--grad-accum 2000 is more than 1024"),
+    ({"preview_steps": 5000}, "--preview-steps 5000 is more than 1000"),
     ({"steps": 10, "warmup_steps": 10}, "--warmup-steps 10 leaves no step of the 10-step run"),
     ({"learning_rate": "0.05:10, fast"}, "'fast' is not a number"),
     ({"learning_rate": "0.05:10, 0.005", "lr_schedule": "constant"}, "a stepped --lr is its own schedule"),

@@ -484,11 +484,12 @@ def test_description_options_reach_the_trained_concept(home, images, monkeypatch
     _refused(home, ["--resume", str(images), "--author", "x"], "--author cannot change them", exit_code=2)
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"CONCEPTLIB_JAX_VARIANTS": "abc"}, "CONCEPTLIB_JAX_VARIANTS='abc': use a whole number of at least 1"),
-    ({"CONCEPTLIB_JAX_BATCH_SIZE": "0"}, "CONCEPTLIB_JAX_BATCH_SIZE='0': use a whole number of at least 1 or auto"),
+@pytest.mark.parametrize("env, args, message", [
+    ({"CONCEPTLIB_JAX_VARIANTS": "abc"}, [], "CONCEPTLIB_JAX_VARIANTS='abc': use a whole number of at least 1"),
+    ({"CONCEPTLIB_JAX_BATCH_SIZE": "0"}, [], "CONCEPTLIB_JAX_BATCH_SIZE='0': use a whole number of at least 1 or auto"),
+    ({}, ["--devices", "2", "-b", "2"], "--devices 2: this machine has 1 cpu device(s); use --devices all or at most 1"),
 ])
-def test_bad_jax_trainer_settings_are_one_line_before_any_run_folder(home, images, env, message):
+def test_bad_jax_trainer_settings_are_one_line_before_any_run_folder(home, images, env, args, message):
     """The trainer checks its settings when it is made, before the run folder exists (they used to
     fail with a traceback after the models were built, leaving a run to 'resume')."""
     import os
@@ -497,7 +498,7 @@ def test_bad_jax_trainer_settings_are_one_line_before_any_run_folder(home, image
 
     result = subprocess.run(
         [sys.executable, "-m", "conceptlib.cli", "train", str(images), "--name", "new", "--trainer", "jax",
-         "--weights", "random", "-r", "64", "--steps", "1", "-q"],
+         "--weights", "random", "-r", "64", "--steps", "1", "-q", *args],
         capture_output=True, text=True, env={**os.environ, "KERAS_BACKEND": "jax", **env}, timeout=300,
     )
     assert result.returncode == 1, result.stderr

@@ -203,6 +203,23 @@ def test_sixteen_bit_greyscale_keeps_its_tones(tmp_path):
         assert 120 < np.asarray(thumbnail).mean() < 135
 
 
+def test_a_large_camera_photo_loads_without_pil_warnings(tmp_path, monkeypatch):
+    """PIL warns about pictures between MAX_IMAGE_PIXELS (89 MP) and twice that; they are fine
+    training pictures (scaled down on loading), so nothing is printed. Lowered here to stay small."""
+    import warnings
+
+    from PIL import Image as PILImage
+
+    from conceptlib.images import load_rgb
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 64 * 64)
+    Image.new("RGB", (80, 80), (10, 200, 10)).save(tmp_path / "big.png")  # 6400 px: warned, not refused
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (image,) = find_images(tmp_path)
+        assert load_rgb(image.path, 64).shape == (64, 64, 3)
+
+
 def test_a_single_file_must_be_a_training_picture(tmp_path):
     Image.new("RGB", (80, 80)).save(tmp_path / "anim.gif")
     with pytest.raises(TrainingError, match="anim.gif: not a training picture"):

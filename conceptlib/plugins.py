@@ -13,6 +13,9 @@ it never stops the CLI or the other plugins.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -20,6 +23,10 @@ from conceptlib.errors import PluginError
 
 TRAINERS = "conceptlib.trainers"
 TEMPLATE_PACKS = "conceptlib.template_packs"
+# Loaded first, so a third-party plugin can never take a built-in trainer's or pack's name.
+BUILTIN_DISTRIBUTIONS = ("conceptlib", "conceptlib-tensorflow", "conceptlib-jax")
+# What a trainer's ``backend`` may be: the KERAS_BACKEND names.
+KERAS_BACKENDS = ("tensorflow", "jax", "torch", "numpy", "openvino")
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class Registry:
     trainers: dict[str, type] = field(default_factory=dict)
     template_packs: dict = field(default_factory=dict)  # name -> TemplatePack
     infos: list[PluginInfo] = field(default_factory=list)
+    trainer_sources: dict[str, str] = field(default_factory=dict)  # name -> "distribution:entry point"
+    keras_imported_by: str | None = None  # the entry point that imported keras, if one did
 
     @property
     def broken(self) -> list[PluginInfo]:
@@ -55,7 +64,10 @@ _registry: Registry | None = None
 
 
 def _entry_points(group: str):
-    return sorted(metadata.entry_points(group=group), key=lambda ep: ep.name)
+    def order(ep):
+        return (_dist(ep)[0] not in BUILTIN_DISTRIBUTIONS, ep.name)
+
+    return sorted(metadata.entry_points(group=group), key=order)
 
 
 def _dist(ep) -> tuple[str, str]:
@@ -71,42 +83,59 @@ def _one_line(exc: BaseException) -> str:
 
 
 def discover(refresh: bool = False) -> Registry:
-    """Load every trainer and template-pack entry point once per process (``refresh`` reloads)."""
+    """Load every trainer and template-pack entry point once per process (``refresh`` reloads).
+    Built-in plugins load first; a later plugin reusing a taken name is reported, not loaded."""
     global _registry
     if _registry is not None and not refresh:
         return _registry
-    from conceptlib.templates import coerce_packs
-
     registry = Registry()
-    for ep in _entry_points(TRAINERS):
-        dist, version = _dist(ep)
-        error = None
-        try:
-            cls = ep.load()
-            missing = [attr for attr in ("name", "backend", "run") if not hasattr(cls, attr)]
-            if missing:
-                raise PluginError(f"{ep.value} is not a Trainer (missing {', '.join(missing)})")
-            if ep.name in registry.trainers:
-                raise PluginError(f"trainer name {ep.name!r} is already taken by another plugin")
-            registry.trainers[ep.name] = cls
-        except Exception as exc:  # a broken plugin is reported, never fatal
-            error = _one_line(exc)
-        registry.infos.append(PluginInfo(TRAINERS, ep.name, ep.value, dist, version, error))
-    for ep in _entry_points(TEMPLATE_PACKS):
-        dist, version = _dist(ep)
-        error = None
-        try:
-            packs = coerce_packs(ep.load(), source=f"{dist}:{ep.name}")
-            taken = [p.name for p in packs if p.name in registry.template_packs]
-            if taken:
-                raise PluginError(f"template pack name(s) {', '.join(taken)} already taken by another plugin")
-            for pack in packs:
-                registry.template_packs[pack.name] = pack
-        except Exception as exc:
-            error = _one_line(exc)
-        registry.infos.append(PluginInfo(TEMPLATE_PACKS, ep.name, ep.value, dist, version, error))
+    for group, load in ((TRAINERS, _load_trainer), (TEMPLATE_PACKS, _load_template_packs)):
+        for ep in _entry_points(group):
+            dist, version = _dist(ep)
+            had_keras = "keras" in sys.modules
+            error = None
+            said = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(said):
+                    load(registry, ep, f"{dist}:{ep.name}")
+            except (Exception, SystemExit) as exc:  # a broken plugin is reported, never fatal
+                error = _one_line(exc)  # what it printed on the way (an argparse usage line) is dropped
+            else:
+                sys.stderr.write(said.getvalue())
+            if not had_keras and "keras" in sys.modules and registry.keras_imported_by is None:
+                registry.keras_imported_by = f"{dist}:{ep.name}"
+            registry.infos.append(PluginInfo(group, ep.name, ep.value, dist, version, error))
     _registry = registry
     return registry
+
+
+def _load_trainer(registry: Registry, ep, source: str) -> None:
+    cls = ep.load()
+    if not isinstance(cls, type):
+        raise PluginError(f"{ep.value} is a {type(cls).__name__}, not a Trainer class")
+    missing = [attr for attr in ("name", "version", "backend", "run") if not hasattr(cls, attr)]
+    if missing:
+        raise PluginError(f"{ep.value} is not a Trainer (missing {', '.join(missing)})")
+    if cls.backend not in KERAS_BACKENDS:
+        raise PluginError(f"{ep.value}: backend {cls.backend!r} is not a KERAS_BACKEND name "
+                          f"({', '.join(KERAS_BACKENDS)})")
+    if ep.name in registry.trainers:
+        raise PluginError(f"trainer name {ep.name!r} is already taken by {registry.trainer_sources[ep.name]}; "
+                          "rename this entry point")
+    registry.trainers[ep.name] = cls
+    registry.trainer_sources[ep.name] = source
+
+
+def _load_template_packs(registry: Registry, ep, source: str) -> None:
+    from conceptlib.templates import coerce_packs
+
+    packs = coerce_packs(ep.load(), source=source)
+    taken = [f"{pack.name!r} (taken by {registry.template_packs[pack.name].source})"
+             for pack in packs if pack.name in registry.template_packs]
+    if taken:
+        raise PluginError(f"template pack name {', '.join(taken)} already in use; rename it in this plugin")
+    for pack in packs:
+        registry.template_packs[pack.name] = pack
 
 
 def _unknown(kind: str, name: str, known, broken: list[PluginInfo]) -> PluginError:
@@ -114,6 +143,9 @@ def _unknown(kind: str, name: str, known, broken: list[PluginInfo]) -> PluginErr
     failed = [info for info in broken if info.name == name]
     if failed:
         return PluginError(f"{kind} plugin {name!r} failed to load ({failed[0].error}); run `conceptlib plugins`")
+    if broken:  # a pack's name is not its entry point's: it may be in one of these
+        names = ", ".join(f"{info.distribution}:{info.name}" for info in broken)
+        hint += f"; {len(broken)} {kind} plugin(s) failed to load ({names})"
     return PluginError(f"unknown {kind} {name!r}; {hint} (see `conceptlib plugins`)")
 
 
@@ -121,7 +153,8 @@ def get_trainer(name: str):
     """The Trainer class registered as ``name``; PluginError if unknown or broken."""
     registry = discover()
     if name not in registry.trainers:
-        raise _unknown("trainer", name, registry.trainers, registry.broken)
+        broken = [info for info in registry.broken if info.group == TRAINERS]
+        raise _unknown("trainer", name, registry.trainers, broken)
     return registry.trainers[name]
 
 
@@ -137,7 +170,8 @@ def get_template_pack(name: str):
         from conceptlib.templates import pack_from_file
 
         return pack_from_file(name)
-    raise _unknown("template pack", name, registry.template_packs, registry.broken)
+    broken = [info for info in registry.broken if info.group == TEMPLATE_PACKS]
+    raise _unknown("template pack", name, registry.template_packs, broken)
 
 
 def has_nvidia_gpu() -> bool:

@@ -28,31 +28,41 @@ _A1111_PLACEHOLDERS = {"[name]": TOKEN, "[filewords]": CAPTION}
 class TemplatePack:
     """A named list of prompt templates.
 
-    ``templates`` each contain ``{token}``; ``caption_templates`` are used for images that have a
-    caption (none: captions are not used): each contains ``{token}``, and ``{caption}`` where the
-    caption goes (a template without it leaves the caption out, as AUTOMATIC1111's template lines
-    without ``[filewords]`` do; at least one must hold it).
+    ``templates`` each contain ``{token}`` (and no ``{caption}``); ``caption_templates`` are used
+    for images that have a caption (none, the default: captions are not used and every image gets
+    ``templates``): each contains ``{token}``, and ``{caption}`` where the caption goes (a template
+    without it leaves the caption out, as AUTOMATIC1111's template lines without ``[filewords]``
+    do; at least one must hold it).
     """
 
     name: str
     description: str
     templates: tuple[str, ...]
-    caption_templates: tuple[str, ...] = ("a photo of a {token}, {caption}",)
+    caption_templates: tuple[str, ...] = ()
     source: str = field(default="builtin", compare=False)
     text: str | None = field(default=None, compare=False, repr=False)  # a template file's text
 
     def __post_init__(self) -> None:
         if not self.templates:
             raise PluginError(f"template pack {self.name!r} has no templates; give it at least one")
+        for kind, templates in (("template", self.templates), ("caption template", self.caption_templates)):
+            if isinstance(templates, str):
+                raise PluginError(f"template pack {self.name!r}: its {kind}s are one string; give a list of strings")
+            for template in templates:
+                if not isinstance(template, str):
+                    raise PluginError(
+                        f"template pack {self.name!r}: {kind} {template!r} is not a string "
+                        f"({type(template).__name__})"
+                    )
+                if TOKEN not in template:
+                    raise PluginError(
+                        f"template pack {self.name!r}: {kind} {template!r} lacks the {TOKEN} placeholder"
+                    )
         for template in self.templates:
-            if TOKEN not in template:
+            if CAPTION in template:
                 raise PluginError(
-                    f"template pack {self.name!r}: template {template!r} lacks the {TOKEN} placeholder"
-                )
-        for template in self.caption_templates:
-            if TOKEN not in template:
-                raise PluginError(
-                    f"template pack {self.name!r}: caption template {template!r} lacks the {TOKEN} placeholder"
+                    f"template pack {self.name!r}: template {template!r} holds {CAPTION}, which images without "
+                    "a caption would train on literally; put it in the pack's caption_templates"
                 )
         if self.caption_templates and not any(CAPTION in template for template in self.caption_templates):
             raise PluginError(
@@ -147,6 +157,7 @@ def builtin_packs() -> list[TemplatePack]:
             "object",
             "a thing or a character: 'a photo of a {token}' and 26 variations (keras.io example)",
             _OBJECT,
+            caption_templates=("a photo of a {token}, {caption}",),
         ),
         TemplatePack(
             "style",
@@ -167,7 +178,7 @@ def read_template_file(path: str | Path) -> tuple[Path, str]:
     """(absolute path, text) of a template file; TrainingError naming it if it cannot be read."""
     path = Path(path).expanduser().absolute()
     try:
-        return path, path.read_text(encoding="utf-8")
+        return path, path.read_text(encoding="utf-8-sig")  # -sig: Windows editors' byte-order mark
     except FileNotFoundError:
         raise TrainingError(f"template file {path} does not exist; give a file of templates or a pack name "
                             "(`conceptlib templates list`)") from None
@@ -225,18 +236,24 @@ def _without_caption(line: str) -> str:
 def coerce_packs(obj, source: str) -> list[TemplatePack]:
     """Turn what a template-pack entry point gives into TemplatePacks.
 
-    Accepted: a TemplatePack, an iterable of them, a callable returning either, or a dict
-    ``{name: [template, ...]}``.
+    Accepted: a TemplatePack, a list (or other iterable) of them, a callable returning either, or
+    a dict ``{name: [template, ...]}``. PluginError says what is wrong with anything else.
     """
     if callable(obj) and not isinstance(obj, TemplatePack):
         obj = obj()
     if isinstance(obj, TemplatePack):
         obj = [obj]
     if isinstance(obj, dict):
-        obj = [TemplatePack(str(name), "", tuple(templates)) for name, templates in obj.items()]
-    packs = []
+        obj = [TemplatePack(str(name), "", tuple(templates) if not isinstance(templates, str) else templates)
+               for name, templates in obj.items()]
+    if isinstance(obj, (str, bytes)) or not hasattr(obj, "__iter__"):
+        raise PluginError(f"{source}: gave {type(obj).__name__}, expected TemplatePack objects "
+                          "or a dict {pack name: [template, ...]}")
+    packs: dict[str, TemplatePack] = {}
     for pack in obj:
         if not isinstance(pack, TemplatePack):
             raise PluginError(f"{source}: gave {type(pack).__name__}, expected TemplatePack objects")
-        packs.append(TemplatePack(pack.name, pack.description, pack.templates, pack.caption_templates, source))
-    return packs
+        if pack.name in packs:
+            raise PluginError(f"{source}: gave two packs named {pack.name!r}; rename one")
+        packs[pack.name] = TemplatePack(pack.name, pack.description, pack.templates, pack.caption_templates, source)
+    return list(packs.values())

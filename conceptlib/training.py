@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
 
-from conceptlib.errors import ConceptlibError, TrainingError, UsageError
+from conceptlib.errors import ConceptlibError, PluginError, TrainingError, UsageError
 # Run folders live in conceptlib.runs; these names are part of the training API too.
 from conceptlib.runs import Checkpoint, RunDirectory, default_run_dir, find_run, run_summaries  # noqa: F401
 
@@ -604,6 +604,19 @@ class TrainingJob:
         return self.config.preview_every > 0
 
 
+def _start_trainer(trainer_cls, name: str):
+    """``trainer_cls()``: a trainer checks its options and environment as it starts; an error
+    that is not a ConceptlibError (a plugin's bug or missing dependency) is one line."""
+    try:
+        return trainer_cls()
+    except ConceptlibError:
+        raise
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+        raise PluginError(f"trainer plugin {name!r} could not start ({reason}); run `conceptlib plugins` "
+                          "or ask the plugin's author") from None
+
+
 def _ensure_backend(backend: str) -> None:
     """Make KERAS_BACKEND match the trainer before keras is imported (or fail clearly)."""
     current = os.environ.get("KERAS_BACKEND")
@@ -611,9 +624,14 @@ def _ensure_backend(backend: str) -> None:
         import keras
 
         if keras.backend.backend() != backend:
+            from conceptlib.plugins import discover
+
+            culprit = discover().keras_imported_by
+            why = (f" (plugin {culprit} imported keras when it loaded; a plugin must import it only when it "
+                   "runs: uninstall or fix it)") if culprit else ""
             raise TrainingError(
                 f"keras is already running on the {keras.backend.backend()!r} backend but this trainer "
-                f"needs {backend!r}; start a new process with KERAS_BACKEND={backend}"
+                f"needs {backend!r}{why}; start a new process with KERAS_BACKEND={backend}"
             )
     elif current and current != backend:
         raise TrainingError(
@@ -736,7 +754,7 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
     if resume is not None:
         job._checkpoint = _checked_checkpoint(run_dir, config)
     job.weights = _weights(config)
-    job.trainer = trainer_cls()  # its own checks (options, environment) before a run folder exists
+    job.trainer = _start_trainer(trainer_cls, config.trainer)  # its own checks before a run folder exists
     if resume is None:
         # Absolute paths, so `--resume` works from any working directory.
         config.images = str(Path(config.images).resolve())

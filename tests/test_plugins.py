@@ -95,6 +95,118 @@ def test_broken_plugins_are_reported_and_the_cli_keeps_working(tmp_path):
     assert shown.returncode == 0 and "a plastic {token}" in shown.stdout
 
 
+def test_builtin_trainers_and_packs_keep_their_names(tmp_path):
+    """A plugin reusing a built-in name never replaces it, whatever its entry point is called
+    (entry points load in name order; "aaa" sorts before conceptlib's "builtin")."""
+    _fake_distribution(
+        tmp_path,
+        "conceptlib-thief",
+        """
+        [conceptlib.trainers]
+        tensorflow = thief:Thief
+        [conceptlib.template_packs]
+        aaa = thief:PACKS
+        """,
+        {"thief": """
+            PACKS = {"object": ["my hijacked {token}"]}
+            class Thief:
+                name, version, backend = "tensorflow", "1", "jax"
+                def run(self, job): raise RuntimeError("the thief ran")
+            """},
+    )
+    as_json = json.loads(_run(["plugins", "--json"], tmp_path).stdout)
+    errors = {(e["distribution"], e["name"]): e["error"] for e in as_json["entry_points"] if e["error"]}
+    assert errors == {
+        ("conceptlib-thief", "tensorflow"): "PluginError: trainer name 'tensorflow' is already taken by "
+                                            "conceptlib-tensorflow:tensorflow; rename this entry point",
+        ("conceptlib-thief", "aaa"): "PluginError: template pack name 'object' (taken by conceptlib:builtin) "
+                                     "already in use; rename it in this plugin",
+    }
+    assert as_json["trainers"]["tensorflow"]["backend"] == "tensorflow"
+    assert {"object", "style", "group"} <= set(as_json["template_packs"])
+    shown = _run(["templates", "show", "object"], tmp_path)
+    assert "a photo of a {token}" in shown.stdout and "hijacked" not in shown.stdout
+
+
+def test_plugins_that_break_the_rules_are_reported_not_fatal(tmp_path):
+    _fake_distribution(
+        tmp_path,
+        "conceptlib-rulebreakers",
+        """
+        [conceptlib.trainers]
+        nobackend = rules:NoBackend
+        typo = rules:Typo
+        noversion = rules:NoVersion
+        instance = rules:INSTANCE
+        [conceptlib.template_packs]
+        empty = rules:EMPTY
+        exits = exits:PACKS
+        """,
+        {
+            "rules": """
+                class NoBackend:
+                    name, version, backend = "nobackend", "1", None
+                    def run(self, job): pass
+                class Typo(NoBackend):
+                    backend = "pytorch"
+                class NoVersion:
+                    name, backend = "noversion", "tensorflow"
+                    def run(self, job): pass
+                INSTANCE = Typo()
+                EMPTY = {"emptypack": []}
+                """,
+            "exits": "import argparse\nargparse.ArgumentParser().parse_args(['--bogus'])\n",
+        },
+    )
+    listed = _run(["plugins"], tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    as_json = json.loads(_run(["plugins", "--json"], tmp_path).stdout)
+    errors = {e["name"]: e["error"] for e in as_json["entry_points"] if e["error"]}
+    assert errors == {
+        "nobackend": "PluginError: rules:NoBackend: backend None is not a KERAS_BACKEND name "
+                     "(tensorflow, jax, torch, numpy, openvino)",
+        "typo": "PluginError: rules:Typo: backend 'pytorch' is not a KERAS_BACKEND name "
+                "(tensorflow, jax, torch, numpy, openvino)",
+        "noversion": "PluginError: rules:NoVersion is not a Trainer (missing version)",
+        "instance": "PluginError: rules:INSTANCE is a Typo, not a Trainer class",
+        "empty": "PluginError: template pack 'emptypack' has no templates; give it at least one",
+        "exits": "SystemExit: 2",
+    }
+    # Bare `templates` lists the packs, and says which template-pack plugins failed to load.
+    bare = _run(["templates"], tmp_path)
+    assert bare.returncode == 0, bare.stderr
+    assert bare.stdout.splitlines()[0].startswith("object ")
+    assert ("failed to load: conceptlib-rulebreakers:empty (PluginError: template pack 'emptypack' has no "
+            "templates; give it at least one); see `conceptlib plugins`") in bare.stdout.splitlines()
+    # A pack's name is not its entry point's: asking for it points at the plugins that failed.
+    unknown = _run(["templates", "show", "emptypack"], tmp_path)
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip().splitlines() == [
+        "Error: unknown template pack 'emptypack'; installed: group, object, style; 2 template pack plugin(s) "
+        "failed to load (conceptlib-rulebreakers:empty, conceptlib-rulebreakers:exits) (see `conceptlib plugins`)"
+    ]
+
+
+def test_a_plugin_that_imports_keras_when_loaded_is_named(tmp_path):
+    """Loading it fixes keras' backend before `train` can choose one: the line names it."""
+    _fake_distribution(
+        tmp_path, "conceptlib-heavy", "[conceptlib.template_packs]\nheavy = heavy:PACKS\n",
+        {"heavy": "import keras\nPACKS = {'heavy': ['a {token}']}\n"},
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    full_env = dict(env, PYTHONPATH=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="2", CONCEPTLIB_HOME=str(tmp_path / "home"))
+    train = subprocess.run([shutil.which("conceptlib"), "train", str(tmp_path), "--name", "x", "--trainer", "jax"],
+                           env=full_env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 1
+    # (TensorFlow's own start-up lines on stderr come from the plugin's import, not from conceptlib.)
+    assert [line for line in train.stderr.splitlines() if line.startswith("Error")] == [
+        "Error: keras is already running on the 'tensorflow' backend but this trainer needs 'jax' (plugin "
+        "conceptlib-heavy:heavy imported keras when it loaded; a plugin must import it only when it runs: "
+        "uninstall or fix it); start a new process with KERAS_BACKEND=jax"
+    ]
+    assert not (tmp_path / "home").exists()
+
+
 def test_listing_plugins_imports_no_keras_tensorflow_or_jax():
     code = (
         "import sys\n"

@@ -43,6 +43,22 @@ def test_pack_validation_errors_are_one_line():
         TemplatePack("bad", "", ("a {token}",), caption_templates=("a {token}, {caption}", "just {caption}"))
     with pytest.raises(PluginError, match="no templates"):
         TemplatePack("bad", "", ())
+    # {caption} in a plain template would reach the prompt literally for an image without one.
+    with pytest.raises(PluginError, match=r"template 'a \{token\}, \{caption\}' holds \{caption\}.*caption_templates"):
+        TemplatePack("bad", "", ("a {token}, {caption}",))
+    with pytest.raises(PluginError, match=r"template 1 is not a string \(int\)"):
+        TemplatePack("bad", "", ("a {token}", 1))
+    with pytest.raises(PluginError, match="its templates are one string; give a list of strings"):
+        TemplatePack("bad", "", "a photo of a {token}")
+
+
+def test_a_pack_without_caption_templates_ignores_captions():
+    """A plugin's dict pack (a style, say) trains captioned images on its own templates too,
+    never on a hidden object-style 'a photo of a {token}, {caption}'."""
+    (pack,) = coerce_packs({"ink": ["an ink drawing in the style of {token}"]}, source="demo:ep")
+    assert pack.caption_templates == ()
+    assert pack.count("a castle") == 1
+    assert pack.render(0, "<s>", "a castle") == "an ink drawing in the style of <s>"
 
 
 def test_coerce_accepts_dicts_callables_and_lists():
@@ -51,6 +67,21 @@ def test_coerce_accepts_dicts_callables_and_lists():
     assert packs[0].templates == ("a {token} toy", "the {token}") and packs[0].source == "demo:ep"
     with pytest.raises(PluginError, match="expected TemplatePack"):
         coerce_packs([1, 2], source="demo:ep")
+
+
+@pytest.mark.parametrize("given, message", [
+    (42, "demo:ep: gave int, expected TemplatePack objects or a dict"),
+    (lambda: None, "demo:ep: gave NoneType, expected TemplatePack objects"),
+    ("a {token}", "demo:ep: gave str, expected TemplatePack objects"),
+    ({"mine": "a photo of a {token}"}, "template pack 'mine': its templates are one string"),
+    ({"mine": ["a {token}", 7]}, "template pack 'mine': template 7 is not a string (int)"),
+    ([TemplatePack("dup", "", ("a {token}",)), TemplatePack("dup", "", ("the {token}",))],
+     "demo:ep: gave two packs named 'dup'; rename one"),
+])
+def test_coerce_refuses_what_is_not_packs_in_one_line(given, message):
+    with pytest.raises(PluginError) as caught:
+        coerce_packs(given, source="demo:ep")
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
 
 
 def test_cli_templates_list_and_show():
@@ -120,6 +151,15 @@ def test_a_template_file_without_filewords_ignores_captions(tmp_path):
     assert shown.exit_code == 0, shown.output
     assert shown.output.splitlines()[1:] == ["a painting, art by {token}", "a drawing in the style of {token}",
                                              "# captions are not used by this pack"]
+
+
+def test_a_template_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """Windows editors may start UTF-8 with U+FEFF; it must not become tokens of the first prompt."""
+    path = tmp_path / "bom.txt"
+    path.write_bytes("a photo of a [name]\na [name], [filewords]\n".encode("utf-8-sig"))
+    pack = get_template_pack(str(path))
+    assert pack.templates == ("a photo of a {token}", "a {token}")
+    assert pack.render(0, "<x>") == "a photo of a <x>"
 
 
 def test_template_file_errors_are_one_line(tmp_path):

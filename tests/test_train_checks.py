@@ -116,6 +116,25 @@ def test_unknown_trainer(home, images):
     _refused(home, [str(images), "--name", "new", "--trainer", "pytorch"], "unknown trainer 'pytorch'; installed:")
 
 
+def test_a_trainer_plugin_that_fails_to_start_is_one_line(home, images, monkeypatch):
+    """A third-party trainer checking its environment in __init__ (which runs during the checks)
+    the natural way, with a plain exception: one line naming it, nothing created."""
+    from conceptlib.plugins import discover
+
+    class NeedsTorch:
+        name, version, backend = "needstorch", "1", "tensorflow"
+
+        def __init__(self):
+            raise RuntimeError("cannot find my config file")
+
+        def run(self, job):
+            raise AssertionError("never runs")
+
+    monkeypatch.setitem(discover().trainers, "needstorch", NeedsTorch)
+    _refused(home, [str(images), "--name", "new", "--weights", "random", "--trainer", "needstorch"],
+             "trainer plugin 'needstorch' could not start (RuntimeError: cannot find my config file)")
+
+
 def test_unknown_template_pack(home, images):
     _refused(home, [str(images), "--name", "new", "--template", "landscapes"], "unknown template pack 'landscapes'")
 

@@ -340,18 +340,25 @@ def plugins(as_json):
             click.echo(f"  {info.group} {info.name} = {info.value} ({info.distribution} {info.version}): {info.error}")
 
 
-@main.group()
-def templates():
-    """Template packs: the prompts a concept is trained with."""
+@main.group(invoke_without_command=True)
+@click.pass_context
+def templates(ctx):
+    """Template packs: the prompts a concept is trained with (alone: `templates list`)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(templates_list)
 
 
 @templates.command("list")
 def templates_list():
-    """List the template packs."""
-    from conceptlib.plugins import discover
+    """List the template packs (and template-pack plugins that failed to load)."""
+    from conceptlib.plugins import TEMPLATE_PACKS, discover
 
-    for pack in discover().template_packs.values():
+    registry = discover()
+    for pack in registry.template_packs.values():
         click.echo(f"{pack.name:<12} {len(pack.templates):>3}  {pack.description}")
+    for info in registry.broken:
+        if info.group == TEMPLATE_PACKS:
+            click.echo(f"failed to load: {info.distribution}:{info.name} ({info.error}); see `conceptlib plugins`")
 
 
 @templates.command("show")

@@ -134,6 +134,9 @@ class RunDirectory:
             ) from None
         except ValueError as exc:
             raise TrainingError(f"{self.config_path}: corrupt ({exc}); start a new run") from None
+        except OSError as exc:
+            raise TrainingError(f"{self.config_path}: cannot be read ({exc.strerror or exc}); check that it is a "
+                                "file you may read, or start a new run") from None
         if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
             raise TrainingError(f"{self.config_path}: corrupt (no \"config\" settings); start a new run")
         return data
@@ -205,7 +208,7 @@ class RunDirectory:
                     optimizer=[data[f"optimizer_{i:04d}"].copy() for i in range(int(meta["optimizer"]))],
                     losses=[float(x) for x in meta["losses"]],
                 )
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
             raise TrainingError(f"{path}: unreadable checkpoint ({exc}); {fix}") from None
 
 
@@ -280,6 +283,7 @@ def run_summary(run: RunDirectory) -> dict:
     summary: dict = {"run": run.path.name, "path": str(run.path)}
     try:
         saved = run.read()
+        run.read_config()  # settings `--resume` would refuse: not a run to offer resuming
     except TrainingError as exc:
         return dict(summary, status="unreadable", error=str(exc), started=_started(run, {}))
     config = saved["config"]
@@ -299,12 +303,12 @@ def run_summary(run: RunDirectory) -> dict:
     return summary
 
 
-def run_steps(run: RunDirectory) -> list[dict]:
+def run_steps(run: RunDirectory, problems: list | None = None) -> list[dict]:
     """The steps of ``run`` to pick a concept from, in order: each step that left a checkpoint or
     a preview grid, and the final step of a finished run. Each is ``step``, ``checkpoint``,
     ``preview`` and ``concept`` (paths, or None) and ``loss``: the mean loss of the steps since
     the previous one listed (None where the run kept none), from the finished concept's loss
-    history or else the latest checkpoint's."""
+    history or else the latest checkpoint's (a damaged one: no losses, and a line in ``problems``)."""
     found: dict[int, dict] = {}
     for key, folder, suffix in (("checkpoint", run.checkpoints, ".npz"), ("preview", run.previews, ".png")):
         for path in sorted(folder.glob(f"step-*{suffix}")) if folder.is_dir() else []:
@@ -314,7 +318,7 @@ def run_steps(run: RunDirectory) -> list[dict]:
     finished = run.concept_path.is_file()
     if finished:
         found.setdefault(int(run.read()["config"]["steps"]), {})["concept"] = str(run.concept_path)
-    losses = _losses_by_step(run, finished)
+    losses = _losses_by_step(run, finished, [] if problems is None else problems)
     steps, previous = [], 0
     for step in sorted(found):
         window = [loss for done, loss in losses.items() if previous < done <= step]
@@ -324,16 +328,27 @@ def run_steps(run: RunDirectory) -> list[dict]:
     return steps
 
 
-def _losses_by_step(run: RunDirectory, finished: bool) -> dict[int, float]:
+def _losses_by_step(run: RunDirectory, finished: bool, problems: list) -> dict[int, float]:
     """Steps done -> loss: the finished concept's (possibly thinned) loss history, or every
-    step's loss up to the latest checkpoint."""
-    if finished:
-        from conceptlib.files import read_header
+    step's loss up to the latest checkpoint. A damaged file gives no losses (``problems`` gets a
+    line saying which), so the steps can still be listed and picked."""
+    from conceptlib.errors import ConceptlibError
 
-        history = json.loads(read_header(run.concept_path).metadata.get("loss_history") or "[]")
-        return {int(done): float(loss) for done, loss in history}
-    checkpoint = run.load_checkpoint()
-    return {index + 1: loss for index, loss in enumerate(checkpoint.losses)} if checkpoint else {}
+    try:
+        if finished:
+            from conceptlib.files import read_header
+
+            history = json.loads(read_header(run.concept_path).metadata.get("loss_history") or "[]")
+            return {int(done): float(loss) for done, loss in history}
+        checkpoint = run.load_checkpoint()
+        return {index + 1: loss for index, loss in enumerate(checkpoint.losses)} if checkpoint else {}
+    except (ConceptlibError, ValueError, TypeError) as exc:
+        if finished:
+            problems.append(f"losses not shown: the run's copy of its concept ({run.concept_path}) cannot be read; "
+                            "the library's copy is a file of its own, and the checkpoints still import")
+        else:
+            problems.append(f"losses not shown: {exc}")
+        return {}
 
 
 def _started(run: RunDirectory, saved: dict) -> str:

@@ -721,6 +721,14 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
         raise TrainingError(
             f"the images in {config.images} changed since run {run_dir.path} started; restore them or start a new run"
         )
+    captions = [image.caption for image in images]
+    if resume is not None and isinstance(saved.get("captions"), list) and saved["captions"] != captions:
+        changed = [image.path.name for image, before in zip(images, saved["captions"]) if image.caption != before]
+        raise TrainingError(
+            f"the captions of {len(changed)} image(s) changed since run {run_dir.path} started "
+            f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}), so the rest of the run would train on "
+            "other prompts; restore them or start a new run"
+        )
     # Pure Python, same ids as keras-cv's SimpleTokenizer: tokenizing prompts must not import
     # keras-cv (and TensorFlow) before the trainer needs it.
     from conceptlib.kerascv.tokenizer import make_clip_tokenizer
@@ -764,8 +772,8 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
             config.weights = str(Path(config.weights).expanduser().resolve())
         config.run_dir = str(run_dir.path)
         extra = {
-            "image_sha256": hashes, "init_ids": init_ids, "init_tokens": _init_tokens(tokenizer, init_ids),
-            "random_weights": job.random_weights, "trainer_version": str(getattr(trainer_cls, "version", "?")),
+            "image_sha256": hashes, "captions": captions, "init_ids": init_ids,
+            "init_tokens": _init_tokens(tokenizer, init_ids), "random_weights": job.random_weights, "trainer_version": str(getattr(trainer_cls, "version", "?")),
             "started": _dt.datetime.now().isoformat(timespec="seconds"),
         }
         if pack.text is not None:  # a template file: --resume trains with these lines, whatever the file becomes
@@ -884,6 +892,15 @@ def _check_resumable(run_dir: RunDirectory, config: TrainingConfig, library) -> 
                 f"the {key} of run {run_dir.path} were in {path}, which does not exist here; put them back "
                 f"or set \"{key}\" in {run_dir.config_path} to where they are now"
             )
+
+
+def _check_still_resumable(job: TrainingJob) -> None:
+    """Once the run's lock is held: another process may have finished the run, or trained it
+    further, between ``prepare``'s checks and now; continue from where it really is."""
+    if job.run_dir.concept_path.exists():
+        raise TrainingError(f"run {job.run_dir.path} already finished (concept.safetensors exists; another process "
+                            "finished it just now); nothing to resume")
+    job._checkpoint = _checked_checkpoint(job.run_dir, job.config)
 
 
 def _checked_checkpoint(run_dir: RunDirectory, config: TrainingConfig) -> Checkpoint | None:
@@ -1050,6 +1067,8 @@ def train(
     job.progress.enabled = progress
     # Held until the concept is in the library: nobody else may train (resume) this run meanwhile.
     with job.run_dir.hold():
+        if job.resume:
+            _check_still_resumable(job)
         if announce:
             _announce(job)
         trainer = job.trainer or job.trainer_cls()

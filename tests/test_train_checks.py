@@ -10,6 +10,7 @@ from PIL import Image
 
 from conceptlib.cli import main
 from conceptlib.concept import Concept
+from conceptlib.errors import TrainingError
 from conceptlib.library import ConceptLibrary
 
 
@@ -296,6 +297,22 @@ def test_resume_refuses_changed_images(home, images, tmp_path):
     _refused(home, ["--resume", str(run.path)], "changed since run")
 
 
+def test_resume_refuses_changed_captions(home, images, tmp_path):
+    """The rest of the run would train on other prompts than an uninterrupted run: refused like
+    changed images (a run from before captions were recorded is not checked)."""
+    from conceptlib.training import TrainingConfig, prepare
+
+    (images / "p0.txt").write_text("a red hat")
+    job = prepare(TrainingConfig(images=str(images), name="cap", token="<cap>", weights="random",
+                                 run_dir=str(tmp_path / "caprun")), library=home)
+    assert job.run_dir.read()["captions"] == ["a red hat", None]
+    (images / "p0.txt").write_text("a blue house")
+    line = _refused(home, ["--resume", str(job.run_dir.path)], "the captions of 1 image(s) changed since run ")
+    assert line.endswith("(p0.png), so the rest of the run would train on other prompts; restore them or start a new run")
+    (images / "p0.txt").write_text("a red hat")
+    assert prepare(None, library=home, resume=str(job.run_dir.path)).images[0].caption == "a red hat"
+
+
 def test_warmup_needs_the_cosine_schedule(home, images):
     _refused(home, [str(images), "--name", "new", "--lr-schedule", "constant", "--warmup-steps", "10"],
              "--warmup-steps 10 works with the cosine schedule only; drop it or use --lr-schedule cosine", 2)
@@ -413,6 +430,24 @@ def test_resume_checks_the_checkpoint_before_building_models(home, images, tmp_p
     path = other.save_checkpoint(Checkpoint(10, np.zeros((1, 768), np.float32), [], [1.0] * 10))
     _refused(home, ["--resume", str(other.path)],
              f"{path}: checkpoint of step 10 with vectors (1, 768) does not fit this run (1000 steps, vectors (2, 768))")
+
+
+def test_resume_looks_again_once_it_holds_the_runs_lock(home, images, tmp_path):
+    """Another process may train the run further, or finish it, between the checks and the lock:
+    the resume continues from the newest checkpoint, or stops with one line."""
+    from conceptlib.training import Checkpoint, _check_still_resumable, prepare
+
+    run = _run(tmp_path, images, "raced")
+    run.save_checkpoint(Checkpoint(10, np.zeros((1, 768), np.float32), [np.int64(10)], [1.0] * 10))
+    job = prepare(None, library=home, resume=str(run.path))
+    assert job._checkpoint.step == 10
+    run.save_checkpoint(Checkpoint(20, np.ones((1, 768), np.float32), [np.int64(20)], [1.0] * 20))
+    with run.hold():
+        _check_still_resumable(job)
+    assert job._checkpoint.step == 20
+    run.concept_path.write_bytes(b"written by the other process")
+    with pytest.raises(TrainingError, match="already finished .*another process finished it just now"):
+        _check_still_resumable(job)
 
 
 def test_resume_of_a_damaged_config_is_one_line(home, images, tmp_path):

@@ -17,6 +17,7 @@ from PIL import Image
 from conceptlib.cli import main
 from helpers import cli_imports
 from conceptlib.concept import Concept
+from conceptlib.errors import TrainingError
 from conceptlib.files import write_concept
 from conceptlib.library import ConceptLibrary
 from conceptlib.runs import Checkpoint, RunDirectory
@@ -103,6 +104,52 @@ def test_a_diverged_run_and_a_stray_checkpoint_name(library):
     steps = json.loads(result.output, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))["steps"]
     assert [(s["step"], s["loss"]) for s in steps] == [(10, 1.0), (20, 1.0), (30, None)]
     assert "loss nan" in CliRunner().invoke(main, ["runs", ink.path.name]).output
+
+
+def test_runs_that_cannot_be_read_or_resumed_are_listed_as_unreadable(library):
+    """One bad run folder never hides the others: a config.json that cannot be read (here a
+    folder; a permission error is the same) or whose settings `--resume` would refuse."""
+    cannot = library.runs_dir / "cannot-20261127-050000-15"
+    (cannot / "config.json").mkdir(parents=True)
+    edited = RunDirectory(library.runs_dir / "fresh-20261127-030000-13")
+    saved = json.loads(edited.config_path.read_text())
+    saved["config"]["steps"] = "many"
+    edited.config_path.write_text(json.dumps(saved))
+    runs = json.loads(CliRunner().invoke(main, ["runs", "--json"]).output)
+    status = {r["run"]: (r["status"], r.get("error", "")) for r in runs}
+    assert status["cannot-20261127-050000-15"] == ("unreadable", (
+        f"{cannot / 'config.json'}: cannot be read (Is a directory); check that it is a file you may read, "
+        "or start a new run"))
+    assert status["fresh-20261127-030000-13"][0] == "unreadable"
+    assert "invalid settings (--steps 'many' must be a whole number)" in status["fresh-20261127-030000-13"][1]
+    assert status["ink-20261127-020000-12"][0] == "stopped"
+    resumed = CliRunner().invoke(main, ["train", "--resume", str(cannot)])
+    assert resumed.exit_code == 1 and resumed.output.count("\n") == 1 and "cannot be read (Is a directory)" in resumed.output
+
+
+def test_a_run_with_damaged_files_still_lists_its_steps(library):
+    """A checkpoint or the run's concept copy that cannot be read costs the losses (a warning
+    says which file), not the list of steps to pick from."""
+    ink = RunDirectory(library.runs_dir / "ink-20261127-020000-12")
+    latest = ink.checkpoint_path(20)
+    with np.load(latest) as data:
+        arrays = dict(data)
+    arrays["meta"] = np.frombuffer(b"[1, 2, 3]", dtype=np.uint8)  # JSON, but not the object it should be
+    np.savez(latest, **arrays)
+    result = CliRunner().invoke(main, ["runs", ink.path.name])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith(f"Warning: losses not shown: {latest}: unreadable checkpoint (")
+    assert "  step     20  loss ?  checkpoints/step-0000020.npz" in result.stdout.splitlines()
+    with pytest.raises(TrainingError, match="unreadable checkpoint .*delete it to resume from an earlier one"):
+        ink.load_checkpoint()  # what --resume reads it with: one line, not a TypeError
+    done = RunDirectory(library.runs_dir / "done-20261127-010000-11")
+    done.concept_path.write_bytes(done.concept_path.read_bytes()[:100])
+    result = CliRunner().invoke(main, ["runs", done.path.name])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (f"Warning: losses not shown: the run's copy of its concept ({done.concept_path}) cannot "
+                             "be read; the library's copy is a file of its own, and the checkpoints still import\n")
+    assert "  step      5  loss ?  checkpoints/step-0000005.npz  concept.safetensors  previews/step-0000005.png" \
+        in result.stdout.splitlines()
 
 
 def test_runs_in_an_empty_library(tmp_path, monkeypatch):

@@ -247,7 +247,10 @@ def _show_run(library, name: str, as_json: bool) -> None:
     summary = run_summary(run)
     if summary["status"] == "unreadable":
         raise TrainingError(summary["error"])
-    steps = run_steps(run)
+    problems: list[str] = []
+    steps = run_steps(run, problems)
+    for problem in problems:
+        click.echo(f"Warning: {problem}", err=True)
     config = run.read()["config"]
     if as_json:
         # A diverged run's mean loss is NaN, which JSON cannot hold: null, as `show --json` does for norms.

@@ -36,6 +36,8 @@ def weight_problem(text: str) -> str | None:
     ref, star, weight = text.rpartition("*")
     if not star or match:
         return None
+    if not ref:
+        return f"{text}: a weight with no SOURCE before it; write NAME*{weight or 'WEIGHT'}"
     return (f"{text}: no concept of that name, and {weight!r} after '*' is not a weight; write SOURCE*WEIGHT "
             f"with a number, e.g. {ref or 'NAME'}*0.5")
 

@@ -140,9 +140,13 @@ def test_describe_refuses_bad_values_and_changes_nothing(library):
     before = snapshot(library.root)
     assert_one_line_error(run("describe", "nope", "--author", "x"), 1, "nope")
     for args in (["--author", "two\nlines"], ["--title", "x" * 600], ["--description", "x" * 20000],
-                 ["--author", "caf\udce9"]):
+                 ["--author", "caf\udce9"], ["--title", "line\u2028separator"]):
         result = run("describe", "cat-doll", *args)
         assert result.exit_code == 2 and "Invalid value for" in result.stderr, result.output
+    # Terminal escapes (and NUL through stdin) would reach everyone who shows the concept.
+    for args, given in ((["--title", "\x1b[31mred\x1b[0m"], None), (["--description", "-"], "x\0y")):
+        result = run("describe", "cat-doll", *args, input=given)
+        assert result.exit_code == 2 and "holds the control character U+00" in result.stderr, result.output
     result = CliRunner().invoke(main, ["describe", "cat-doll", "--description", "-"], input=b"caf\xe9\n")
     assert result.exit_code == 2 and "is not UTF-8" in result.stderr, result.output
     result = run("rename", "cat-doll", "new-name", "--token", "<caf\udce9>")
@@ -235,6 +239,7 @@ def test_mix_refuses_what_cannot_be_mixed_and_changes_nothing(library, tmp_path)
         (["cat-doll"] * 38 + ["--name", "long"], 1, "the mix has 76 vectors, more than a prompt's 75"),
         (["cat-doll"], 2, "give --name and/or --token"),
         (["cat-doll", "--token", "style"], 2, "ordinary word of the CLIP vocabulary"),
+        (["*2", "--name", "x"], 2, "*2: a weight with no SOURCE before it; write NAME*2"),
         (["cat-doll*abc", "--name", "x"], 2, "'abc' after '*' is not a weight; write SOURCE*WEIGHT with a number, e.g. cat-doll*0.5"),
         (["cat-doll*0.5*2", "--name", "x"], 2, "it has two weights; give one per SOURCE, e.g. cat-doll*2"),
         (["cat-doll*1e39", "--name", "x"], 2, "weight 1e39 is beyond float32's range"),
@@ -243,6 +248,18 @@ def test_mix_refuses_what_cannot_be_mixed_and_changes_nothing(library, tmp_path)
     ):
         assert_one_line_error(run("mix", *args), code, needle)
     assert snapshot(library.root) == before
+
+
+def test_mix_takes_a_source_whole_when_it_names_a_concept(library):
+    """A token may hold '*': the concept it names wins over reading '*2' as a weight."""
+    assert run("mix", "cat-doll", "--name", "star", "--token", "qq*2").exit_code == 0
+    again = run("mix", "qq*2", "--name", "again")
+    assert again.exit_code == 0, again.output
+    assert "Added again (<again>, 2x768): star, one after another" in again.stdout
+    np.testing.assert_array_equal(library.get("again").vectors, library.get("star").vectors)
+    weighted = run("mix", "qq*2*3", "--name", "tripled")
+    assert weighted.exit_code == 0 and "3 x star" in weighted.stdout
+    np.testing.assert_allclose(library.get("tripled").vectors, 3 * library.get("star").vectors)
 
 
 def test_list_searches_titles_descriptions_categories_and_tags(library):

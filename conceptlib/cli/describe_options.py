@@ -4,6 +4,7 @@ a library concept and `train` writes into the concept it makes, with their check
 from __future__ import annotations
 
 import sys
+import unicodedata
 
 import click
 
@@ -28,8 +29,12 @@ def _description_value(ctx, param, value):
         raise click.BadParameter(f"{ascii(value)[:80]} is not UTF-8 text (bytes from another encoding?); "
                                  "give it as UTF-8")
     limit = _DESCRIPTION_LIMIT if param.name == "description" else _LINE_LIMIT
-    if param.name != "description" and ("\n" in value or "\r" in value):
+    if param.name != "description" and len(value.splitlines()) > 1:  # also U+2028, U+0085, ...
         raise click.BadParameter("must be one line (only --description may hold several)")
+    control = next((c for c in value if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
+    if control is not None:
+        raise click.BadParameter(f"holds the control character U+{ord(control):04X} (terminal escapes and the like "
+                                 "would reach everyone who views it); remove it")
     if len(value) > limit:
         raise click.BadParameter(f"is {len(value)} characters long; keep it to at most {limit}")
     return value

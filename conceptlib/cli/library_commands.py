@@ -304,34 +304,43 @@ def mix_command(sources: tuple[str, ...], name: str | None, token: str | None, a
     their tokens in a row would give, or with --sum their weighted sum, as AUTOMATIC1111's
     embedding mixers do. The mix enters the library; the sources are unchanged."""
     from conceptlib.concept import slug_from_token
-    from conceptlib.kerascv.apply import resolve_concepts
-    from conceptlib.mixing import mix, parse_source, weight_problem
+    from conceptlib.mixing import mix
 
     if name is None and token is None:
         raise UsageError("give --name and/or --token for the mix, e.g. --name ink-doll")
     token = token or f"<{name}>"
     name = name or slug_from_token(token)
     library = _library()
-    parsed = [parse_source(source) for source in sources]
-    concepts = []
-    for source, (ref, _) in zip(sources, parsed):
-        try:
-            found = resolve_concepts([ref], library)
-        except ConceptlibError:
-            problem = weight_problem(source)
-            if problem is None:
-                raise
-            raise UsageError(problem) from None
-        if len(found) != 1:
-            raise ConceptError(f"{ref} holds {len(found)} concepts; mix takes one per SOURCE (name the files)")
-        concepts += found
-    mixed = mix(name, token, [(concept, weight) for concept, (_, weight) in zip(concepts, parsed)],
-                mode="sum" if as_sum else "concat")
+    weighted = [_mix_source(source, library) for source in sources]
+    mixed = mix(name, token, weighted, mode="sum" if as_sum else "concat")
     header = library.add(mixed)
     parts = " + ".join(f"{weight:g} x {concept.name}" if weight != 1 else concept.name
-                       for concept, (_, weight) in zip(concepts, parsed))
+                       for concept, weight in weighted)
     how = "summed" if as_sum else "one after another"
     click.echo(f"Added {header.name} ({header.token}, {header.num_vectors}x{header.dim}): {parts}, {how}")
+
+
+def _mix_source(source: str, library):
+    """(concept, weight) of one mix SOURCE: the concept the whole text names (a token may hold
+    '*'), else NAME*WEIGHT's."""
+    from conceptlib.kerascv.apply import resolve_concepts
+    from conceptlib.mixing import parse_source, weight_problem
+
+    ref, weight = parse_source(source)
+    attempts = [(source, 1.0)] + ([(ref, weight)] if ref != source else [])
+    for ref, weight in attempts:
+        try:
+            found = resolve_concepts([ref], library)
+        except ConceptlibError as exc:
+            error = exc
+            continue
+        if len(found) != 1:
+            raise ConceptError(f"{ref} holds {len(found)} concepts; mix takes one per SOURCE (name the files)")
+        return found[0], weight
+    problem = weight_problem(source)
+    if problem is None:
+        raise error
+    raise UsageError(problem) from None
 
 
 @main.command("describe")

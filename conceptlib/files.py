@@ -6,6 +6,7 @@ showing never load tensors, numpy or TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import json
@@ -113,23 +114,35 @@ def summary_fields(name: str, token: str, num_vectors: int, dim: int, metadata: 
 def read_file_header(path: str | os.PathLike) -> FileHeader:
     """Parse a safetensors file's header; raise ConceptFileError if it is not one."""
     path = Path(path)
+    with _opened(path) as handle:
+        return _file_header_from(handle, path)
+
+
+@contextlib.contextmanager
+def _opened(path: Path):
+    """``open(path, "rb")``, a file that cannot be opened a ConceptFileError saying why."""
     try:
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise ConceptFileError(f"{path}: file is empty or truncated ({len(prefix)} bytes); re-download or re-export it")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > MAX_HEADER_BYTES:
-                raise ConceptFileError(f"{path}: not a safetensors file (header length {length} is implausible)")
-            raw = handle.read(length)
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
+        handle = open(path, "rb")
     except FileNotFoundError:
         raise ConceptFileError(f"{path}: no such file; check the path") from None
     except IsADirectoryError:
         raise ConceptFileError(f"{path}: is a folder, expected a .safetensors file") from None
     except PermissionError:
         raise ConceptFileError(f"{path}: permission denied; make the file readable") from None
+    with handle:
+        yield handle
+
+
+def _file_header_from(handle, path: Path) -> FileHeader:
+    prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise ConceptFileError(f"{path}: file is empty or truncated ({len(prefix)} bytes); re-download or re-export it")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > MAX_HEADER_BYTES:
+        raise ConceptFileError(f"{path}: not a safetensors file (header length {length} is implausible)")
+    raw = handle.read(length)
+    handle.seek(0, os.SEEK_END)
+    size = handle.tell()
     if len(raw) < length:
         raise ConceptFileError(f"{path}: header truncated ({len(raw)} of {length} bytes); the file is incomplete, re-download or re-export it")
     try:
@@ -205,17 +218,18 @@ def vector_norms(path: str | os.PathLike) -> list[float]:
     holding NaN or Inf gives a non-finite norm (see ``non_finite_vectors``)."""
     from array import array
 
-    file_header = read_file_header(path)
-    header = _concept_header_from(file_header)
-    start, end = file_header.tensors[0].data_offsets
-    expected = header.num_vectors * header.dim * 4
-    if end - start != expected:
-        raise ConceptFileError(
-            f"{header.path}: corrupt safetensors entry for tensor {header.token!r} ({end - start} data bytes for shape "
-            f"[{header.num_vectors}, {header.dim}], expected {expected}); re-download or re-export it"
-        )
-    values = array("f")
-    with open(header.path, "rb") as handle:
+    path = Path(path)
+    with _opened(path) as handle:  # one open file: a concurrent rewrite cannot mix two versions
+        file_header = _file_header_from(handle, path)
+        header = _concept_header_from(file_header)
+        start, end = file_header.tensors[0].data_offsets
+        expected = header.num_vectors * header.dim * 4
+        if end - start != expected:
+            raise ConceptFileError(
+                f"{header.path}: corrupt safetensors entry for tensor {header.token!r} ({end - start} data bytes for "
+                f"shape [{header.num_vectors}, {header.dim}], expected {expected}); re-download or re-export it"
+            )
+        values = array("f")
         handle.seek(file_header.data_start + start)
         values.frombytes(handle.read(expected))
     if sys.byteorder != "little":

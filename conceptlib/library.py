@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
+import re
 import stat as stat_module
 import threading
 from pathlib import Path
@@ -65,7 +67,8 @@ def default_root() -> Path:
     """$CONCEPTLIB_HOME if set, else platformdirs' per-user data folder for conceptlib."""
     env = os.environ.get("CONCEPTLIB_HOME")
     if env:
-        return Path(env).expanduser()
+        # Absolute: a relative value would name another library in every working directory.
+        return Path(env).expanduser().absolute()
     import platformdirs
 
     return Path(platformdirs.user_data_path("conceptlib"))
@@ -138,13 +141,14 @@ class ConceptLibrary:
     """
 
     def __init__(self, root: Path | str | None = None):
-        self.root = Path(root).expanduser() if root is not None else default_root()
+        self.root = Path(root).expanduser().absolute() if root is not None else default_root()
         self.concepts_dir = self.root / "concepts"
         self._lock_path = self.root / ".lock"
         self._index_path = self.root / ".index.json"
         self._thread_lock = threading.RLock()
         self._lock_depth = 0
         self._lock_fd: int | None = None
+        self._lock_owner: int | None = None  # the thread holding the lock
         # While this object holds the lock nobody else can change the library, so the token
         # table is kept in memory (importing 1,000 files must not rescan 1,000 times).
         self._held_headers: dict[str, ConceptHeader] | None = None
@@ -179,6 +183,7 @@ class ConceptLibrary:
                     os.close(fd)
                     raise
                 self._lock_fd = fd
+                self._lock_owner = threading.get_ident()
                 self._held_headers = None
                 self._remove_stale_temp_files()
             self._lock_depth += 1
@@ -188,6 +193,7 @@ class ConceptLibrary:
                 self._lock_depth -= 1
                 if self._lock_depth == 0:
                     self._held_headers = None
+                    self._lock_owner = None
                     fd, self._lock_fd = self._lock_fd, None
                     fcntl.flock(fd, fcntl.LOCK_UN)
                     os.close(fd)
@@ -215,7 +221,7 @@ class ConceptLibrary:
         """The header of the concept whose name or token is ``ref``; NotFoundError otherwise."""
         if is_valid_name(ref):
             path = self.concepts_dir / f"{ref}{SUFFIX}"
-            if path.is_file():
+            if self._is_file(path):
                 return _with_name(read_header(path), ref)
         found = self.find_token(ref)
         if found is None:
@@ -232,8 +238,14 @@ class ConceptLibrary:
 
     def find_token(self, token: str) -> ConceptHeader | None:
         """The header of the concept whose token is ``token``, or None."""
-        headers = self._held_headers.values() if self._held_headers is not None else self.list()
-        if self._lock_depth and self._held_headers is None:
+        # Only the thread holding the lock may use (and fill) the held table: for another thread
+        # the library can change at any moment, and the table with it.
+        if self._lock_owner != threading.get_ident():
+            headers = self.list()
+        elif self._held_headers is not None:
+            headers = list(self._held_headers.values())
+        else:
+            headers = self.list()
             self._held_headers = {h.name: h for h in headers}
         for header in headers:
             if header.token == token:
@@ -276,7 +288,8 @@ class ConceptLibrary:
         if not name or name.startswith(".") or "/" in name or os.sep in name or "\0" in name:
             return None
         path = self.concepts_dir / f"{name}{SUFFIX}"
-        return path if os.path.lexists(path) and not path.is_dir() else None
+        with self._reading():
+            return path if os.path.lexists(path) and not path.is_dir() else None
 
     def remove(self, name: str) -> None:
         """Delete the concept called ``name`` (NotFoundError if there is none). The file is not
@@ -350,7 +363,7 @@ class ConceptLibrary:
     def _name_of(self, ref: str) -> str:
         """The name of the concept whose name or token is ``ref`` (a name is taken as it is, so
         a concept whose file is corrupt can still be named)."""
-        if is_valid_name(ref) and (self.concepts_dir / f"{ref}{SUFFIX}").is_file():
+        if is_valid_name(ref) and self._is_file(self.concepts_dir / f"{ref}{SUFFIX}"):
             return ref
         found = self.find_token(ref)
         if found is None:
@@ -360,21 +373,41 @@ class ConceptLibrary:
     @contextlib.contextmanager
     def _writing(self, path: Path) -> Iterator[None]:
         """Turn a failed write under the library root into one WriteError that says what to do."""
-        fix = f"make {self.root} a writable folder, or set CONCEPTLIB_HOME to one"
         try:
             yield
         except WriteError as exc:
-            raise WriteError(exc.path, exc.reason, fix) from None
+            raise WriteError(exc.path, exc.reason, self._write_fix(exc.__cause__ or exc.__context__)) from None
         except OSError as exc:
-            raise WriteError(path, write_failure_reason(path, exc), fix) from None
+            raise WriteError(path, write_failure_reason(path, exc), self._write_fix(exc)) from None
+
+    def _write_fix(self, exc) -> str:
+        code = getattr(exc, "errno", None)
+        if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return f"free some space on the disk of {self.root}, or set CONCEPTLIB_HOME to a folder on another one"
+        if code == errno.EROFS:
+            return f"{self.root} is on a read-only file system; set CONCEPTLIB_HOME to a folder on a writable one"
+        return f"make {self.root} a writable folder, or set CONCEPTLIB_HOME to one"
 
     def _existing_path(self, name: str) -> Path:
         if not is_valid_name(name):
             raise NotFoundError(self._not_found_message(name))
         path = self.concepts_dir / f"{name}{SUFFIX}"
-        if not path.is_file():
+        if not self._is_file(path):
             raise NotFoundError(self._not_found_message(name))
         return path
+
+    def _is_file(self, path: Path) -> bool:
+        with self._reading():
+            return path.is_file()
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Turn a library folder that cannot be read (permissions) into one LibraryError."""
+        try:
+            yield
+        except PermissionError:
+            raise LibraryError(f"cannot read the library folder {self.concepts_dir}: permission denied; make it "
+                               "readable (and searchable) for you, or set CONCEPTLIB_HOME to another folder") from None
 
     def _not_found_message(self, ref: str) -> str:
         return f"no concept named or with token {ref!r} in {self.root}; see `conceptlib list`"
@@ -385,7 +418,11 @@ class ConceptLibrary:
         validate_token(token)
         owner = self.find_token(token)
         token_taken = owner is not None and owner.name != replacing
-        if name != replacing and (self.concepts_dir / f"{name}{SUFFIX}").exists():
+        in_the_way = self.concepts_dir / f"{name}{SUFFIX}"
+        if name != replacing and in_the_way.is_dir():
+            raise LibraryError(f"{in_the_way} is a folder, not a concept; move it out of the concepts folder, or "
+                               "choose another name")
+        if name != replacing and in_the_way.exists():
             if token_taken:  # say both at once, not one per attempt
                 name_fix = (f"{name_fix or 'choose another name (--name)'}, and another token (--token), since "
                             f"concept {owner.name!r} has token {token!r}")
@@ -404,7 +441,14 @@ class ConceptLibrary:
 
     def _remove_stale_temp_files(self) -> None:
         # Called on taking the lock: no other process is writing now, so temp files are
-        # leftovers of a killed writer.
+        # leftovers of a killed writer. Index temp files are written without the lock (by
+        # listing): only those of processes that are gone.
+        with contextlib.suppress(OSError):
+            for entry in list(os.scandir(self.root)):
+                match = re.fullmatch(r"\.index\.(\d+)\.\d+\.tmp", entry.name)
+                if match and not _process_alive(int(match[1])):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
         try:
             entries = list(os.scandir(self.concepts_dir))
         except OSError:
@@ -418,11 +462,15 @@ class ConceptLibrary:
         """(path, index entry) for each usable concept file sorted by name, and the problems;
         index entries are re-read from the file when its (inode, mtime_ns, size) changed."""
         try:
-            entries = list(os.scandir(self.concepts_dir))
+            with self._reading():
+                entries = list(os.scandir(self.concepts_dir))
         except FileNotFoundError:
             return [], []
         except NotADirectoryError:
-            raise LibraryError(f"{self.concepts_dir} is not a folder; move it away or set CONCEPTLIB_HOME") from None
+            # The first of concepts/ and the folders above it that exists as something else.
+            blocker = next((p for p in (self.concepts_dir, *self.concepts_dir.parents) if p.exists() and not p.is_dir()),
+                           self.concepts_dir)
+            raise LibraryError(f"{blocker} is not a folder; move it away or set CONCEPTLIB_HOME") from None
         old_index = self._load_index()
         new_index: dict[str, dict] = {}
         changed = False
@@ -442,6 +490,10 @@ class ConceptLibrary:
                 continue
             except OSError:
                 continue
+            if stat_module.S_ISDIR(stat.st_mode):
+                problems.append(Problem(Path(entry.path), f"{entry.path}: a folder, not a concept file; move it out "
+                                                          "of the concepts folder"))
+                continue
             if not stat_module.S_ISREG(stat.st_mode):
                 # Never opened: reading a FIFO would wait forever.
                 problems.append(Problem(Path(entry.path), f"{entry.path}: not a regular file; remove it (conceptlib "
@@ -453,6 +505,8 @@ class ConceptLibrary:
             # check), so it gives this version's reason and fix, not the one cached earlier.
             if not _is_current(cached, key) or "error" in cached:
                 fresh = _index_entry(Path(entry.path), key)
+                if "error" in fresh and not os.path.lexists(entry.path):
+                    continue  # removed (or renamed) while listing
                 changed = changed or fresh != cached
                 cached = fresh
             new_index[file_name] = cached
@@ -489,6 +543,16 @@ class ConceptLibrary:
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def _is_current(entry, key: list[int]) -> bool:

@@ -461,3 +461,162 @@ def test_library_files_are_readable_by_others(library):
     finally:
         os.umask(old)
     assert not path.exists() and os.stat(renamed).st_mode & 0o777 == 0o644
+
+
+def test_a_relative_library_folder_is_made_absolute(tmp_path, monkeypatch):
+    """A relative CONCEPTLIB_HOME would be another library after every `cd`."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CONCEPTLIB_HOME", "rel-lib")
+    assert ConceptLibrary().root == tmp_path / "rel-lib"
+    assert ConceptLibrary("other").root == tmp_path / "other"
+
+
+def test_a_concept_removed_while_listing_is_skipped_quietly(library, monkeypatch):
+    """Readers take no lock: a file another process removes between the folder scan and the
+    header read is gone, not a problem (nor a traceback)."""
+    import conceptlib.files as files
+
+    library.add(make("stays"))
+    library.add(make("goes"))
+    (library.root / ".index.json").unlink()  # so both files are read again
+    real = files._file_header_from
+
+    def removed_meanwhile(handle, path):
+        if path.name == "goes.safetensors":
+            path.unlink()
+            raise files.ConceptFileError(f"{path}: no such file; check the path")
+        return real(handle, path)
+
+    monkeypatch.setattr(files, "_file_header_from", removed_meanwhile)
+    assert [h.name for h in library.list()] == ["stays"] and library.problems == []
+
+
+def test_norms_are_read_from_one_version_of_a_file_rewritten_meanwhile(library, monkeypatch):
+    """A concurrent `describe` replaces the file (a longer header moves the data): the norms must
+    come from the file whose header was read, never from the new file at the old offsets."""
+    import conceptlib.files as files
+
+    concept = make("doll", n=2)
+    path = library.add(concept).path
+    expected = [round(float(np.linalg.norm(v)), 4) for v in concept.vectors]
+    real = files._file_header_from
+    rewritten = []
+
+    def described_meanwhile(handle, header_path):
+        header = real(handle, header_path)
+        if not rewritten:
+            rewritten.append(True)
+            library.describe("doll", {"modelspec.description": "x" * 3000})
+        return header
+
+    monkeypatch.setattr(files, "_file_header_from", described_meanwhile)
+    assert [round(n, 4) for n in files.vector_norms(path)] == expected
+    assert rewritten
+
+
+def test_a_library_folder_that_cannot_be_read_is_one_line(library, monkeypatch):
+    """E.g. a shared library of another account (chmod 700): every command's one line, no traceback
+    (simulated: root reads everything)."""
+    library.add(make("doll"))
+    concepts = library.concepts_dir
+    real_scandir, real_is_file = os.scandir, Path.is_file
+
+    def scandir(path="."):
+        if Path(path) == concepts:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    def is_file(self):
+        if self.parent == concepts:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(Path, "is_file", is_file)
+    message = (f"cannot read the library folder {concepts}: permission denied; make it readable (and searchable) "
+               "for you, or set CONCEPTLIB_HOME to another folder")
+    for action in (library.list, lambda: library.header("doll"), lambda: library.header("<doll>"),
+                   lambda: library.rename("doll", "other"), lambda: library.add(make("new"))):
+        with pytest.raises(LibraryError) as caught:
+            action()
+        assert str(caught.value) == message
+
+
+def test_reader_threads_never_see_or_spoil_the_writers_token_table(library):
+    """A ConceptLibrary shared between threads: readers looking up tokens while one thread holds
+    the lock and writes get answers (no 'dictionary changed size'), and a taken token stays taken."""
+    import threading
+
+    errors, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                library.find_token("<nope>")
+            except Exception as exc:  # noqa: BLE001 - any exception here is the defect
+                errors.append(exc)
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for thread in readers:
+        thread.start()
+    duplicates = 0
+    try:
+        with library.lock():
+            for i in range(60):
+                library.add(make(f"a{i}", f"<t{i}>"))
+                library.describe(f"a{i}", {"modelspec.author": "x"})
+                try:
+                    library.add(make(f"b{i}", f"<t{i}>"))
+                    duplicates += 1
+                except TokenTakenError:
+                    pass
+    finally:
+        stop.set()
+        for thread in readers:
+            thread.join()
+    assert errors == [] and duplicates == 0
+    assert len(library.list()) == 60 and library.problems == []
+
+
+def test_index_temp_files_of_killed_processes_are_removed(library):
+    """Listing saves the index without the lock; a lister killed mid-save leaves its temp file,
+    which the next write removes (a live process's is left alone)."""
+    library.add(make("doll"))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = library.root / f".index.{int(gone.stdout)}.1.tmp"
+    alive = library.root / f".index.{os.getpid()}.2.tmp"
+    dead.write_text("{}")
+    alive.write_text("{}")
+    library.add(make("other"))
+    assert not dead.exists() and alive.exists()
+
+
+def test_library_folder_conditions_get_the_fix_that_fits(tmp_path, monkeypatch):
+    import errno
+
+    import conceptlib.library as library_module
+
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a folder")
+    with pytest.raises(LibraryError, match=f"^{a_file} is not a folder; move it away or set CONCEPTLIB_HOME$"):
+        ConceptLibrary(a_file).list()
+    library = ConceptLibrary(tmp_path / "lib")
+    library.add(make("doll"))
+    (library.concepts_dir / "d.safetensors").mkdir()
+    library.list()
+    assert [p.message for p in library.problems] == [
+        f"{library.concepts_dir / 'd.safetensors'}: a folder, not a concept file; move it out of the concepts folder"]
+    with pytest.raises(LibraryError, match="d.safetensors is a folder, not a concept; move it out of the concepts"):
+        library.rename("doll", "d")
+    (library.concepts_dir / "d.safetensors").rmdir()
+
+    def full_disk(concept, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(library_module, "write_concept", full_disk)
+    before = snapshot(library.root)
+    with pytest.raises(WriteError) as caught:
+        library.add(make("big"))
+    assert str(caught.value).endswith(f"free some space on the disk of {library.root}, or set CONCEPTLIB_HOME to a "
+                                      "folder on another one")
+    assert snapshot(library.root) == before

@@ -112,7 +112,12 @@ def show_command(ref: str, as_json: bool, preview_out: Path | None, nearest: int
         click.echo(f"Warning: {non_finite_message(header.path, header.name, bad)}", err=True)
     info = header.summary()
     # JSON has no NaN: a vector holding NaN or Inf has the norm null.
-    info.update({"path": str(header.path), "size_bytes": header.path.stat().st_size,
+    try:
+        size = header.path.stat().st_size
+    except FileNotFoundError:
+        raise NotFoundError(f"concept {header.name!r} was removed (or renamed) just now by another process; "
+                            "see `conceptlib list`") from None
+    info.update({"path": str(header.path), "size_bytes": size,
                  "norms": [None if i in bad else n for i, n in enumerate(norms)],
                  "metadata": dict(sorted(header.metadata.items()))})
     if nearest:

@@ -12,6 +12,10 @@ from conceptlib.errors import UsageError
 _NOT_SETTINGS = {"images", "name", "token", "init", "learning_rate", "lr_steps", "trainer", "describe"}
 
 
+# The parameters train() names itself (besides ``images``), for the unknown-setting message.
+_NAMED = ("name", "token", "init", "learning_rate", "trainer", "library", "progress")
+
+
 def train(images, *, name: str | None = None, token: str | None = None, init=None, learning_rate="5e-3",
           trainer: str = "auto", library=None, progress: bool = True, **settings):
     """Learn a new token from the pictures in ``images`` (a folder, or one image file) and add it
@@ -50,7 +54,7 @@ def train(images, *, name: str | None = None, token: str | None = None, init=Non
     if unknown:
         raise UsageError(
             f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for conceptlib.train; "
-            f"it takes {', '.join(sorted(known | set(DESCRIPTIVE_KEYS)))}"
+            f"it takes {', '.join(sorted(known | set(DESCRIPTIVE_KEYS) | set(_NAMED)))}"
         )
     config = training_config(
         images, name=name, token=token, init=init, learning_rate=learning_rate, trainer=_trainer(trainer),

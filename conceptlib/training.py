@@ -890,7 +890,7 @@ def _check_resumable(run_dir: RunDirectory, config: TrainingConfig, library) -> 
         if path not in (None, RANDOM_WEIGHTS) and not Path(path).exists():
             raise TrainingError(
                 f"the {key} of run {run_dir.path} were in {path}, which does not exist here; put them back "
-                f"or set \"{key}\" in {run_dir.config_path} to where they are now"
+                f"or set \"{key}\" in the \"config\" object of {run_dir.config_path} to where they are now"
             )
 
 

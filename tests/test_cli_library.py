@@ -794,14 +794,25 @@ def test_remove_takes_what_list_skips_and_path_needs_a_name(library):
     assert_one_line_error(run("path", ""), 1, "no concept named or with token ''")
 
 
-def test_export_a1111_says_the_prompt_word_and_warns_of_an_ordinary_word(library, tmp_path):
+def test_export_says_the_prompt_word_and_warns_of_an_ordinary_word(library, tmp_path):
+    """AUTOMATIC1111 and ComfyUI call an embedding file by its name (diffusers: by its token), for
+    a1111 files and for our own and kohya's .safetensors alike."""
     library.add(Concept("cat", "<my-cat>", np.ones((1, 768), np.float32)))
     result = run("export", "cat-doll", "--format", "a1111", "--out", str(tmp_path) + "/")
-    assert result.stdout.endswith(f"to {tmp_path / 'cat-doll.pt'}; AUTOMATIC1111 prompts call it 'cat-doll' (its file name)\n")
+    assert result.stdout.endswith(
+        f"to {tmp_path / 'cat-doll.pt'}; AUTOMATIC1111 and ComfyUI prompts call it 'cat-doll' (its file name)\n")
     result = run("export", "cat", "--format", "a1111", "--out", str(tmp_path) + "/")
-    assert "AUTOMATIC1111 prompts call it 'cat' (its file name), which is also an ordinary word there" in result.stdout
+    assert ("AUTOMATIC1111 and ComfyUI prompts call it 'cat' (its file name), which is also an ordinary word there"
+            in result.stdout and result.stdout.endswith("choose another word with --out WORD.pt\n"))
     result = run("export", "cat", "--format", "a1111", "--out", str(tmp_path / "card.png"))
     assert result.stdout == f"Exported cat (<my-cat>) as a1111 to {tmp_path / 'card.png'}\n"  # an image's word is the token
+    for fmt in ("conceptlib", "kohya"):
+        result = run("export", "cat", "--format", fmt, "--out", str(tmp_path / fmt) + "/")
+        assert result.stdout.endswith("choose another word with --out WORD.safetensors\n"), result.stdout
+    result = run("export", "cat", "--format", "conceptlib", "--out", str(tmp_path / "<my-cat>.safetensors"))
+    assert result.stdout == f"Exported cat (<my-cat>) as conceptlib to {tmp_path / '<my-cat>.safetensors'}\n"
+    result = run("export", "cat", "--format", "diffusers", "--out", str(tmp_path / "d"))
+    assert "call it" not in result.stdout  # diffusers reads the token
 
 
 def test_export_all_says_which_library_files_it_left_out(library, tmp_path):
@@ -948,3 +959,17 @@ def test_nan_concept_show_json_is_valid_and_list_flags_it(library):
     assert [r["name"] for r in json.loads(listed.stdout)] == ["cat-doll", "oil-style"]
     assert f"Warning: skipped {path}: vector 0 holds NaN or Inf" in listed.stderr
     assert run("remove", "nan", "-y").exit_code == 0 and not path.exists()
+
+
+def test_a_clip_vocabulary_set_but_missing_is_an_error_not_a_skipped_check(library, tmp_path, monkeypatch):
+    """Without any vocabulary the CLIP-word check is skipped (import never downloads it); one set
+    on purpose in $CONCEPTLIB_CLIP_VOCAB but missing is said, as train and generate say it."""
+    from safetensors.numpy import save_file
+
+    save_file({"style": np.ones((1, 768), np.float32)}, str(tmp_path / "style.safetensors"))
+    monkeypatch.setenv("CONCEPTLIB_CLIP_VOCAB", str(tmp_path / "nowhere.txt.gz"))
+    before = snapshot(library.root)
+    assert_one_line_error(run("import", str(tmp_path / "style.safetensors")), 1,
+                          f"$CONCEPTLIB_CLIP_VOCAB points to {tmp_path / 'nowhere.txt.gz'}, which is not a gzip file")
+    assert_one_line_error(run("mix", "cat-doll", "--name", "dog2", "--token", "dog"), 1, "CONCEPTLIB_CLIP_VOCAB")
+    assert snapshot(library.root) == before

@@ -15,7 +15,7 @@ import pytest
 
 from conceptlib.concept import Concept
 from conceptlib.errors import ConceptFileError, ConceptlibError, UnsafePickleError, UnsupportedFormatError, UsageError
-from conceptlib.files import read_concept, write_concept
+from conceptlib.files import read_concept, read_file_header, write_concept
 from conceptlib.formats import EXPORT_FORMATS, Source, discover, export, load_any, load_source
 
 torch = pytest.importorskip("torch")
@@ -302,6 +302,9 @@ def test_a_single_vector_exports_flat_for_diffusers_and_invokeai(tmp_path, conce
                  else torch.load(path, map_location="cpu", weights_only=True))
         assert list(state.values())[0].shape[0] == 768, out
         np.testing.assert_array_equal(one(path).vectors, single.vectors)
+    # Not our (n, dim) layout, so the file does not claim our format (a multi-vector one is ours).
+    assert "format" not in read_file_header(tmp_path / "learned_embeds.safetensors").metadata
+    assert read_file_header(export(concept, "diffusers", tmp_path / "many.safetensors")).metadata["format"] == "conceptlib/1"
 
 
 def test_export_diffusers_bin(tmp_path, concept):

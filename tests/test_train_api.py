@@ -44,6 +44,11 @@ def test_it_needs_a_name_or_a_token(library, images):
 def test_an_unknown_setting_is_named_with_the_ones_it_takes(library, images):
     with pytest.raises(UsageError, match=r"unknown setting stepz for conceptlib.train; it takes .*steps.*"):
         conceptlib.train(images, token="<cat-doll>", stepz=10, library=library)
+    # The CLI's --lr is learning_rate here: the list names it (and the other named parameters).
+    with pytest.raises(UsageError) as caught:
+        conceptlib.train(images, token="<cat-doll>", lr="5e-3", library=library)
+    listed = str(caught.value).split("it takes ")[1].split(", ")
+    assert {"learning_rate", "init", "name", "token", "trainer", "library", "progress", "flip"} <= set(listed)
     assert _unchanged(library)
 
 

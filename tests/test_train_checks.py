@@ -402,10 +402,10 @@ def test_resume_on_another_machine_says_how_to_point_the_run_at_its_files(home, 
     """IMAGES and --weights are ignored with --resume, so the fix named is the run's config.json."""
     moved = _run(tmp_path, images, "moved", images=str(tmp_path / "old-photos"))
     line = _refused(home, ["--resume", str(moved.path)], f"the images of run {moved.path} were in {tmp_path / 'old-photos'}")
-    assert line.endswith(f'put them back or set "images" in {moved.config_path} to where they are now')
+    assert line.endswith(f'put them back or set "images" in the "config" object of {moved.config_path} to where they are now')
     no_weights = _run(tmp_path, images, "weights", weights=str(tmp_path / "old-weights"))
     line = _refused(home, ["--resume", str(no_weights.path)], f"the weights of run {no_weights.path} were in")
-    assert "--weights" not in line and f'set "weights" in {no_weights.config_path}' in line
+    assert "--weights" not in line and f'set "weights" in the "config" object of {no_weights.config_path}' in line
 
 
 def test_resume_when_the_library_took_the_runs_name_or_token(home, images, tmp_path):

@@ -72,18 +72,20 @@ def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: 
 
 
 def _say_exported(concept, fmt: str, written: Path) -> None:
-    """The line for one exported file; for an a1111 file whose prompt word is not the token (a .pt
-    file is called by its file name), that word, and a warning when it is an ordinary CLIP word."""
+    """The line for one exported file; for a file whose prompt word in AUTOMATIC1111 and ComfyUI is
+    not the token (they call a file by its name), that word, and a warning when it is an ordinary
+    CLIP word."""
     from conceptlib.cli.library_commands import is_clip_word
     from conceptlib.formats.writers import a1111_prompt_word
 
     line = f"Exported {concept.name} ({concept.token}) as {fmt} to {written}"
-    word = a1111_prompt_word(concept, written) if fmt == "a1111" else concept.token
+    # AUTOMATIC1111, ComfyUI and kohya call an embedding file by its name; diffusers by the token.
+    word = a1111_prompt_word(concept, written) if fmt in ("a1111", "conceptlib", "kohya") else concept.token
     if word != concept.token:
-        line += f"; AUTOMATIC1111 prompts call it {word!r} (its file name)"
+        line += f"; AUTOMATIC1111 and ComfyUI prompts call it {word!r} (its file name)"
         if is_clip_word(word):
             line += (f", which is also an ordinary word there, so every {word!r} in a prompt would mean the concept: "
-                     "choose another word with --out WORD.pt")
+                     f"choose another word with --out WORD{written.suffix}")
     click.echo(line)
 
 

@@ -543,14 +543,18 @@ def clip_word_problem(token: str) -> str:
 
 def is_clip_word(token: str) -> bool:
     """True if ``token`` is one CLIP token, as train and generate decide. False when no readable
-    vocabulary is found locally: import never downloads it, so the check is skipped."""
+    vocabulary is found locally (import never downloads it, so the check is skipped), unless
+    $CONCEPTLIB_CLIP_VOCAB names one that cannot be read: that is a VocabularyError."""
     from conceptlib.errors import VocabularyError
+    from conceptlib.kerascv.tokenizer import ENV_VAR as VOCAB_ENV_VAR
     from conceptlib.kerascv.tokenizer import find_vocab_path
     from conceptlib.training import token_in_vocabulary
 
     try:
         tokenizer = _clip_tokenizer(find_vocab_path(download=False))
     except VocabularyError:
+        if os.environ.get(VOCAB_ENV_VAR):
+            raise  # set on purpose but wrong: say so, as train and generate do
         return False
     return tokenizer is not None and token_in_vocabulary(tokenizer, token)
 

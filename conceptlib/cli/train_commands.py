@@ -365,10 +365,10 @@ def templates_list():
 
 
 @templates.command("show")
-@click.argument("name")
+@click.argument("name", metavar="NAME|FILE")
 @click.option("--json", "as_json", is_flag=True, help="Print the pack as one JSON object.")
 def templates_show(name, as_json):
-    """Print the templates of pack NAME."""
+    """Print the templates of pack NAME, or how template file FILE is read."""
     from conceptlib.plugins import get_template_pack
 
     pack = get_template_pack(name)

@@ -47,7 +47,9 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
         tensors = {concept.token: _one_vector_flat(concept)}
         if target.suffix.lower() == ".bin":
             return atomic_write_bytes(target, _pickle(tensors, target))
-        return atomic_write_bytes(target, _safetensors(tensors, concept))
+        # A flat [dim] vector is not our (n, dim) layout: such a file must not claim our format.
+        flat = ("format",) if concept.num_vectors == 1 else ()
+        return atomic_write_bytes(target, _safetensors(tensors, concept, drop=flat))
     if fmt == "kohya":
         # Not our layout (the key is not the token), so the file must not claim our format;
         # modelspec.trigger_phrase still carries the token.

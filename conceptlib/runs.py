@@ -271,7 +271,9 @@ def find_run(resume: str | Path, library) -> RunDirectory:
     path = Path(resume).expanduser()
     if not path.exists() and len(path.parts) == 1 and (Path(library.runs_dir) / path).is_dir():
         path = Path(library.runs_dir) / path
-    return RunDirectory(path)
+    # Absolute, so paths in messages and --json are the same from any folder (one that does not
+    # exist is named as given).
+    return RunDirectory(path.absolute() if path.exists() else path)
 
 
 def run_summary(run: RunDirectory) -> dict:
@@ -285,7 +287,8 @@ def run_summary(run: RunDirectory) -> dict:
         saved = run.read()
         run.read_config()  # settings `--resume` would refuse: not a run to offer resuming
     except TrainingError as exc:
-        return dict(summary, status="unreadable", error=str(exc), started=_started(run, {}))
+        unknown = dict.fromkeys(("name", "token", "trainer", "steps", "step", "previews"))
+        return dict(summary, **unknown, status="unreadable", error=str(exc), started=_started(run, {}))
     config = saved["config"]
     summary.update(
         name=config.get("name"), token=config.get("token"), trainer=config.get("trainer"),

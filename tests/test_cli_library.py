@@ -292,6 +292,7 @@ def test_show(library):
     np.testing.assert_allclose(info["norms"], np.linalg.norm(concept.vectors, axis=1), rtol=1e-5)
     assert info["metadata"] == dict(sorted(concept.metadata.items()))
     assert info["metadata"]["preview"] == "iVBORw0KGgo" * 50
+    assert info["in_library"] is True and info["path"] == str(library.path_for("cat-doll"))
     text = run("show", "<cat-doll>").output  # by token too
     assert "name:        cat-doll" in text and "<base64 PNG" in text and "modelspec.architecture" in text
     assert f"{np.linalg.norm(concept.vectors[0]):.4f}" in text
@@ -400,11 +401,11 @@ def test_import_folder_reports_each(home, tmp_path):
     result = run("import", str(folder))
     # The valid files are imported; the SDXL file is a concept file that failed, so exit 1.
     assert result.exit_code == 1, result.output
-    out = result.stdout
-    assert "Imported a (<a>, 1x768)" in out and "Imported bdoll (bdoll, 2x768)" in out
-    assert "Skipped" in out and "xl.safetensors: an SDXL embedding" in out and "readme.txt: not a concept file" in out
+    out, err = result.stdout, result.stderr  # data on stdout, the reasons on stderr
+    assert "Imported a (<a>, 1x768)" in out and "Imported bdoll (bdoll, 2x768)" in out and "Skipped" not in out
+    assert "xl.safetensors: an SDXL embedding" in err and "readme.txt: not a concept file" in err
     assert out.strip().endswith("2 imported, 2 skipped")
-    assert result.stderr.strip() == "Error: 1 of 3 concept files could not be imported; see the reasons above"
+    assert err.strip().splitlines()[-1] == "Error: 1 of 3 concept files could not be imported; see the reasons above"
     assert [h.name for h in ConceptLibrary(home).list()] == ["a", "bdoll"]
     # Again (e.g. an embeddings folder synced later): what is already there, bit for bit, is no
     # failure; only the SDXL file fails again. The library is unchanged.
@@ -414,7 +415,7 @@ def test_import_folder_reports_each(home, tmp_path):
     assert f"Already in the library: a (<a>) holds the vectors of {folder / 'a.safetensors'}" in result.stdout
     assert f"Already in the library: bdoll (bdoll) holds the vectors of {folder / 'bdoll.pt'}" in result.stdout
     assert result.stdout.strip().endswith("0 imported, 2 already in the library, 2 skipped")
-    assert result.stderr.strip() == "Error: 1 of 3 concept files could not be imported; see the reasons above"
+    assert result.stderr.strip().splitlines()[-1] == "Error: 1 of 3 concept files could not be imported; see the reasons above"
     assert snapshot(home) == before
     # Other vectors under the same names: collisions, and the hints offer --name/--token only for
     # importing a file by itself (refused for several).
@@ -424,10 +425,10 @@ def test_import_folder_reports_each(home, tmp_path):
                folder / "bdoll.pt")
     result = run("import", str(folder))
     assert result.exit_code == 1
-    assert result.stderr.strip().startswith("Error: nothing imported")
-    skipped = [line for line in result.stdout.splitlines() if "already exists" in line]
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: nothing imported")
+    skipped = [line for line in result.stderr.splitlines() if "already exists" in line]
     assert len(skipped) == 2 and all("import this file by itself with --name NEW" in line for line in skipped)
-    assert "(--name)" not in result.stdout and "(--token)" not in result.stdout
+    assert "(--name)" not in result.output and "(--token)" not in result.output
     assert snapshot(home) == before
 
 
@@ -508,7 +509,7 @@ def test_export_with_preview_writes_the_card_picture_webuis_show(library, tmp_pa
     assert sorted(p.name for p in folder.iterdir()) == ["cat-doll.pt", "oil-style.preview.png", "oil-style.pt"]
     assert (folder / "oil-style.preview.png").read_bytes() == base64.b64decode(library.get("oil-style").metadata["preview"])
     assert f"  with its preview {folder / 'oil-style.preview.png'}" in result.stdout
-    assert "  cat-doll has no preview to write" in result.stdout  # its stored preview is not a readable PNG
+    assert "Note: cat-doll has no preview to write" in result.stderr  # its stored preview is not a readable PNG
     assert sorted(c.token for c in load_any(folder)) == ["cat-doll", "oil-style"]  # import passes the card over
     # An existing card is someone's file too: refused without --force, before anything is written.
     (folder / "oil-style.pt").unlink()
@@ -600,7 +601,7 @@ def test_bad_folder_imports_nothing(library, tmp_path):
     before = snapshot(library.root)
     result = run("import", str(tmp_path / "bad"))
     assert result.exit_code == 1
-    assert result.stdout.count("Skipped") == 10 and "0 imported" in result.stdout
+    assert result.stderr.count("Skipped") == 10 and "0 imported" in result.stdout
     assert snapshot(library.root) == before
     assert not (tmp_path / "bad" / "canary").exists()
 
@@ -890,8 +891,8 @@ def test_import_refuses_a_clip_word_token(library, tmp_path):
     _a1111(folder / "mystyle.pt")
     result = run("import", str(folder))
     assert result.exit_code == 1
-    assert f"Skipped {folder / 'style.pt'}: token 'style' is an ordinary word" in result.stdout
-    assert "import this file by itself with --token '<style>'" in result.stdout
+    assert f"Skipped {folder / 'style.pt'}: token 'style' is an ordinary word" in result.stderr
+    assert "import this file by itself with --token '<style>'" in result.stderr
     assert "Imported mystyle (mystyle, 2x768)" in result.stdout
 
 
@@ -919,12 +920,11 @@ def test_import_several_paths(library, tmp_path):
     other = _a1111(tmp_path / "other-doll.pt")
     result = run("import", str(tmp_path / "nope.pt"), str(other), str(folder / "xl.safetensors"))
     assert result.exit_code == 1
-    lines = result.stdout.splitlines()
-    assert lines[0] == f"Skipped {tmp_path / 'nope.pt'}: no such file or folder; check the path"
-    assert lines[1] == f"Imported other-doll (other-doll, 2x768) from {other}"
-    assert lines[2].startswith(f"Skipped {folder / 'xl.safetensors'}: an SDXL embedding")
-    assert lines[3] == "1 imported, 2 skipped"
-    assert result.stderr == "Error: 2 of 3 concept files could not be imported; see the reasons above\n"
+    assert result.stdout.splitlines() == [f"Imported other-doll (other-doll, 2x768) from {other}", "1 imported, 2 skipped"]
+    errors = result.stderr.splitlines()
+    assert errors[0] == f"Skipped {tmp_path / 'nope.pt'}: no such file or folder; check the path"
+    assert errors[1].startswith(f"Skipped {folder / 'xl.safetensors'}: an SDXL embedding")
+    assert errors[2:] == ["Error: 2 of 3 concept files could not be imported; see the reasons above"]
     assert set(snapshot(library.root)) == set(before) | {"other-doll.safetensors"}
     # --name/--token name one concept: refused (exit 2) for several paths.
     assert_one_line_error(run("import", str(single), str(other), "--name", "x"), 2, "one at a time")
@@ -973,3 +973,28 @@ def test_a_clip_vocabulary_set_but_missing_is_an_error_not_a_skipped_check(libra
                           f"$CONCEPTLIB_CLIP_VOCAB points to {tmp_path / 'nowhere.txt.gz'}, which is not a gzip file")
     assert_one_line_error(run("mix", "cat-doll", "--name", "dog2", "--token", "dog"), 1, "CONCEPTLIB_CLIP_VOCAB")
     assert snapshot(library.root) == before
+
+
+def test_output_in_a_locale_that_is_not_utf8(library, home):
+    """Scripts in an ISO-8859-1 locale: --json stays valid (ASCII) JSON, and text with characters
+    the locale lacks is escaped instead of ending in UnicodeEncodeError."""
+    run("describe", "cat-doll", "--title", "Caf\u00e9 \u2615")
+    env = dict(os.environ, CONCEPTLIB_HOME=str(home), PYTHONIOENCODING="latin-1")
+    exe = [shutil.which("conceptlib")]
+    listed = subprocess.run(exe + ["list", "--json"], env=env, capture_output=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert max(listed.stdout) < 128  # pure ASCII: the same bytes in every encoding
+    assert json.loads(listed.stdout)[0]["title"] == "Caf\u00e9 \u2615"
+    shown = subprocess.run(exe + ["show", "cat-doll"], env=env, capture_output=True, timeout=120)
+    assert shown.returncode == 0 and b"Traceback" not in shown.stderr, shown.stderr
+    assert "Caf\u00e9 \\u2615".encode("latin-1") in shown.stdout
+
+
+def test_an_output_that_cannot_be_written_is_one_line(home):
+    """`conceptlib path > /dev/full`: the disk of the output is full."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([shutil.which("conceptlib"), "list", "--json"], stdout=full, stderr=subprocess.PIPE,
+                                text=True, env=dict(os.environ, CONCEPTLIB_HOME=str(home)), timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "Error: cannot write the output: No space left on device; free some space or write it elsewhere"]

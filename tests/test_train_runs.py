@@ -123,6 +123,9 @@ def test_runs_that_cannot_be_read_or_resumed_are_listed_as_unreadable(library):
     assert status["fresh-20261127-030000-13"][0] == "unreadable"
     assert "invalid settings (--steps 'many' must be a whole number)" in status["fresh-20261127-030000-13"][1]
     assert status["ink-20261127-020000-12"][0] == "stopped"
+    unreadable = next(r for r in runs if r["run"] == "cannot-20261127-050000-15")
+    assert {key: unreadable[key] for key in ("name", "token", "trainer", "steps", "step", "previews")} == \
+        dict.fromkeys(("name", "token", "trainer", "steps", "step", "previews"))
     resumed = CliRunner().invoke(main, ["train", "--resume", str(cannot)])
     assert resumed.exit_code == 1 and resumed.output.count("\n") == 1 and "cannot be read (Is a directory)" in resumed.output
 
@@ -150,6 +153,21 @@ def test_a_run_with_damaged_files_still_lists_its_steps(library):
                              "be read; the library's copy is a file of its own, and the checkpoints still import\n")
     assert "  step      5  loss ?  checkpoints/step-0000005.npz  concept.safetensors  previews/step-0000005.png" \
         in result.stdout.splitlines()
+
+
+def test_run_json_is_strict_and_its_paths_absolute(library, monkeypatch):
+    """A NaN in a hand-edited config.json is null, never a bare NaN or a traceback; a run named by
+    a relative path gets absolute paths, the same from any folder."""
+    done = RunDirectory(library.runs_dir / "done-20261127-010000-11")
+    saved = json.loads(done.config_path.read_text())
+    saved["config"]["future_setting"] = float("nan")
+    done.config_path.write_text(json.dumps(saved))
+    monkeypatch.chdir(library.runs_dir)
+    result = CliRunner().invoke(main, ["runs", done.path.name, "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert shown["config"]["future_setting"] is None
+    assert shown["path"] == str(done.path) and shown["steps"][0]["checkpoint"] == str(done.checkpoint_path(5))
 
 
 def test_runs_in_an_empty_library(tmp_path, monkeypatch):

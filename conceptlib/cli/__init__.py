@@ -7,6 +7,7 @@ need them, after the backend has been chosen.
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -22,12 +23,28 @@ class _Group(click.Group):
     def invoke(self, ctx):
         from conceptlib.interrupts import reliable_ctrl_c
 
+        _degrade_unencodable_output()
         try:
             with reliable_ctrl_c():
                 return super().invoke(ctx)
         except ConceptlibError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EIO, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise
+            where = exc.filename or "the output"
+            click.echo(f"Error: cannot write {where}: {exc.strerror}; free some space or write it elsewhere", err=True)
+            ctx.exit(1)
+
+
+def _degrade_unencodable_output() -> None:
+    """In a locale whose encoding is not UTF-8 (e.g. ISO-8859-1), a title or template the
+    encoding lacks would end a command with UnicodeEncodeError: escape such characters instead."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding and encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

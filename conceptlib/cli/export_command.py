@@ -108,8 +108,8 @@ def _write_preview_file(concept, path: Path | None) -> None:
     from conceptlib.formats.writers import preview_png
 
     if path is None:
-        click.echo(f"  {concept.name} has no preview to write (give it one: conceptlib describe {concept.name} "
-                   "--thumbnail IMAGE)")
+        click.echo(f"Note: {concept.name} has no preview to write (give it one: conceptlib describe {concept.name} "
+                   "--thumbnail IMAGE)", err=True)
         return
     atomic_write_bytes(path, preview_png(concept.metadata), fix="choose another --out")
     click.echo(f"  with its preview {path}")

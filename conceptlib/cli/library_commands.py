@@ -61,7 +61,7 @@ def list_command(pattern: str | None, base_model: str | None, as_json: bool) -> 
     _warn_problems(library)
     rows = [row for row in everything if _listed(row, pattern, base_model)]
     if as_json:
-        click.echo(json.dumps(rows, ensure_ascii=False))
+        click.echo(json.dumps(rows))  # ASCII (\u escapes): valid UTF-8 JSON whatever the locale
         return
     if not everything:
         click.echo(f"No concepts in {library.root}. Add one with `conceptlib import PATH` or `conceptlib train`.")
@@ -117,7 +117,7 @@ def show_command(ref: str, as_json: bool, preview_out: Path | None, nearest: int
     except FileNotFoundError:
         raise NotFoundError(f"concept {header.name!r} was removed (or renamed) just now by another process; "
                             "see `conceptlib list`") from None
-    info.update({"path": str(header.path), "size_bytes": size,
+    info.update({"in_library": True, "path": str(header.path), "size_bytes": size,
                  "norms": [None if i in bad else n for i, n in enumerate(norms)],
                  "metadata": dict(sorted(header.metadata.items()))})
     if nearest:
@@ -163,7 +163,7 @@ def _show_file(path: Path, as_json: bool, preview_out: Path | None, nearest: int
     info = {
         "name": concept.name, "token": concept.token, "num_vectors": concept.num_vectors, "dim": concept.dim,
         "base_model": concept.base_model, "trainer": concept.metadata.get("trainer", ""),
-        "created_at": concept.metadata.get("created_at", ""), "in_library": False, "path": str(path),
+        "created_at": concept.metadata.get("created_at", ""), "in_library": False, "path": str(path.absolute()),
         "size_bytes": path.stat().st_size if path.is_file() else None,
         "norms": [round(float(n), 6) for n in norms], "metadata": dict(sorted(concept.metadata.items())),
     }
@@ -175,7 +175,7 @@ def _show_file(path: Path, as_json: bool, preview_out: Path | None, nearest: int
 
 def _print_info(info: dict, as_json: bool, *, where: str) -> None:
     if as_json:
-        click.echo(json.dumps(info, ensure_ascii=False, allow_nan=False))
+        click.echo(json.dumps(info, allow_nan=False))
         return
     lines = [
         f"name:        {info['name']}",
@@ -447,13 +447,13 @@ def import_command(paths: tuple[str, ...], name: str | None, token: str | None) 
             try:
                 header, added = _import_one(library, item, name=name, token=token, several=True)
             except ConceptlibError as exc:
-                click.echo(f"Skipped {item.path}: {_strip_path(str(exc), item.path)}")
+                click.echo(f"Skipped {item.path}: {_strip_path(str(exc), item.path)}", err=True)
                 continue
             imported += added
             present += not added
             click.echo(_imported_line(header, added, item.path))
     for entry in skipped:
-        click.echo(f"Skipped {entry.path}: {entry.reason}")
+        click.echo(f"Skipped {entry.path}: {entry.reason}", err=True)
     failures = len(items) - imported - present
     already = f"{present} already in the library, " if present else ""
     click.echo(f"{imported} imported, {already}{failures + len(skipped)} skipped")

@@ -219,7 +219,7 @@ def runs(run, as_json, remove, yes):
         return
     summaries = run_summaries(library)
     if as_json:
-        click.echo(json.dumps(summaries, indent=2))
+        click.echo(json.dumps(_json_safe(summaries), indent=2, allow_nan=False))
         return
     if not summaries:
         click.echo(f"No training runs in {library.runs_dir}")
@@ -256,7 +256,7 @@ def _show_run(library, name: str, as_json: bool) -> None:
         # A diverged run's mean loss is NaN, which JSON cannot hold: null, as `show --json` does for norms.
         finite = [dict(step, loss=step["loss"] if step["loss"] is None or math.isfinite(step["loss"]) else None)
                   for step in steps]
-        click.echo(json.dumps(dict(summary, config=config, steps=finite), indent=2, allow_nan=False))
+        click.echo(json.dumps(dict(summary, config=_json_safe(config), steps=finite), indent=2, allow_nan=False))
         return
     in_runs_folder = run.path.resolve().parent == Path(library.runs_dir).resolve()
     click.echo(_run_line(summary, None if in_runs_folder else str(run.path)))
@@ -268,6 +268,17 @@ def _show_run(library, name: str, as_json: bool) -> None:
     checkpoints = [entry["checkpoint"] for entry in steps if entry["checkpoint"]]
     if checkpoints:
         click.echo(f"Import a step as a concept: conceptlib import {checkpoints[-1]}")
+
+
+def _json_safe(value):
+    """``value`` with NaN/Infinity (which a hand-edited config.json may hold) as None: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def _settings_line(config: dict) -> str:

@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import collections
 import io
+import lzma
 import mmap
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +64,21 @@ _MAX_WIDTH = 1280
 _MAX_TENSOR_ELEMENTS = _MAX_VECTORS * _MAX_WIDTH
 # A view may skip elements of its storage (a strided slice), but not arbitrarily many.
 _MAX_SPAN_ELEMENTS = 16 * _MAX_TENSOR_ELEMENTS
-# SDXL files hold two tensors, every other embedding format one.
+# SDXL files hold two tensors, every other embedding format one. Counted as the pickle makes
+# them, so nothing a pickle does to its containers can hide one.
 _MAX_TOTAL_ELEMENTS = 4 * _MAX_TENSOR_ELEMENTS
-# The largest pickle record of a zip archive read (it is read whole before anything is checked);
-# an embedding file's is a few KB.
-_MAX_RECORD_BYTES = 32 * 1024 * 1024
+_MAX_TENSORS = 16
+# A storage may be larger than its tensor (a view of one row of a whole token-embedding table,
+# 49408 x 1280 at most), never larger than that.
+_MAX_STORAGE_ELEMENTS = 49408 * _MAX_WIDTH
+# The largest pickle record of a zip archive read (it is read whole before anything is checked),
+# and the most opcodes a pickle may run (one opcode can build a 200-byte object); an embedding
+# file's are a few KB and a few hundred.
+_MAX_RECORD_BYTES = 4 * 1024 * 1024
+_MAX_PICKLE_OPCODES = 200_000
+# A compressed storage record larger than this must not be much smaller on disk: torch.save
+# stores records uncompressed, and an embedding's floats barely compress.
+_MAX_INFLATED_STORAGE_BYTES = 8 * 1024 * 1024
 
 
 class _NotAnEmbedding(Exception):
@@ -135,6 +148,9 @@ class _Tensor(_Frozen):
         if self.span > _MAX_SPAN_ELEMENTS:
             raise pickle.UnpicklingError(
                 f"tensor of size {list(self.size)} has strides {list(self.stride)} that span far beyond it")
+        if self.numel and offset + self.span > storage.numel:
+            raise pickle.UnpicklingError(f"tensor of size {list(self.size)} at offset {offset} reaches past its "
+                                         f"storage ({storage.numel} elements)")
 
     @property
     def numel(self) -> int:
@@ -179,18 +195,38 @@ class _ParameterDict(dict):
         self.update(parameters)
 
 
+class _Budget:
+    """What one file's pickle has made so far: tensors and their values, counted as they are made
+    (never handed to the pickle)."""
+
+    def __init__(self):
+        self.tensors = self.elements = 0
+
+    def add(self, tensor: _Tensor) -> _Tensor:
+        self.tensors += 1
+        self.elements += tensor.numel
+        if self.tensors > _MAX_TENSORS or self.elements > _MAX_TOTAL_ELEMENTS:
+            raise _NotAnEmbedding(f"holds more than {min(self.elements, _MAX_TOTAL_ELEMENTS)} values in "
+                                  f"{self.tensors}+ tensors; a textual-inversion embedding file holds one or two "
+                                  "small tensors")
+        return tensor
+
+
 class _RebuildTensorV2(_Callable):
-    __slots__ = ()
+    __slots__ = ("budget",)
+
+    def __init__(self, budget: _Budget):
+        self._set(budget=budget)
 
     def __call__(self, storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-        return _Tensor(storage, offset, size, stride)
+        return self.budget.add(_Tensor(storage, offset, size, stride))
 
 
-class _RebuildTensor(_Callable):
+class _RebuildTensor(_RebuildTensorV2):
     __slots__ = ()
 
     def __call__(self, storage, offset, size, stride):
-        return _Tensor(storage, offset, size, stride)
+        return self.budget.add(_Tensor(storage, offset, size, stride))
 
 
 class _RebuildParameter(_Callable):
@@ -231,9 +267,12 @@ class _LatinEncode(_Callable):
         return text.encode("latin1")
 
 
+# The tensor rebuilders count against their file's _Budget: each unpickler makes its own.
+_REBUILDERS = {
+    ("torch._utils", "_rebuild_tensor_v2"): _RebuildTensorV2,
+    ("torch._utils", "_rebuild_tensor"): _RebuildTensor,
+}
 _ALLOWED = {
-    ("torch._utils", "_rebuild_tensor_v2"): _RebuildTensorV2(),
-    ("torch._utils", "_rebuild_tensor"): _RebuildTensor(),
     ("torch._utils", "_rebuild_parameter"): _RebuildParameter(),
     ("torch._utils", "_rebuild_parameter_with_state"): _RebuildParameter(),
     ("collections", "OrderedDict"): _OrderedDict(),
@@ -249,14 +288,16 @@ _ALLOWED[("torch.storage", "UntypedStorage")] = _ALLOWED[("torch", "UntypedStora
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, source: Path, storages: dict[str, _Storage]):
+    def __init__(self, file, source: Path, storages: dict[str, _Storage], budget: _Budget | None = None):
         super().__init__(file)
         self._source = source
         self._storages = storages
+        budget = budget or _Budget()
+        self._allowed = {**_ALLOWED, **{key: cls(budget) for key, cls in _REBUILDERS.items()}}
 
     def find_class(self, module: str, name: str):
         try:
-            return _ALLOWED[(module, name)]
+            return self._allowed[(module, name)]
         except (KeyError, TypeError):
             raise UnsafePickleError(
                 f"{self._source}: refused to load: the pickle asks for {module}.{name}, which a tensor "
@@ -273,6 +314,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         storage_type, key, _location, numel = pid[1:5]
         if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or type(numel) is not int:
             raise pickle.UnpicklingError("malformed storage reference")
+        if not 0 <= numel <= _MAX_STORAGE_ELEMENTS:
+            raise _NotAnEmbedding(f"has a storage of {numel} values, more than a whole token-embedding table")
         if len(pid) == 6 and pid[5] is not None:
             raise pickle.UnpicklingError("storage views are not supported")
         storage = self._storages.get(key)
@@ -315,19 +358,19 @@ def _load_open_pickle(handle, path: Path) -> Any:
             # a whole embedding matrix of which one row is read.
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as raw:
                 obj, byteorder = _load_legacy(raw, path)
-                _check_total_size(obj)
                 return _materialise(obj, byteorder, {})
         else:
             raise ConceptFileError(f"{path}: not a PyTorch file (neither a torch zip archive nor a pickle); the download "
                                    "is damaged or is something else, re-download it")
-        _check_total_size(obj)
         return _materialise(obj, byteorder, {})
     except (UnsafePickleError, ConceptFileError):
         raise
     except _NotAnEmbedding as exc:
         raise ConceptFileError(f"{path}: {exc}, so this file is not one (a model checkpoint?); nothing was loaded") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            struct.error, zipfile.BadZipFile, RecursionError, MemoryError, OverflowError) as exc:
+            struct.error, zipfile.BadZipFile, RecursionError, MemoryError, OverflowError,
+            # zip records that are encrypted, compressed by an unsupported method, or damaged:
+            RuntimeError, NotImplementedError, zlib.error, lzma.LZMAError, OSError) as exc:
         raise ConceptFileError(
             f"{path}: corrupt or truncated PyTorch file ({type(exc).__name__}: {str(exc)[:120]}); re-download or re-export it"
         ) from None
@@ -348,7 +391,9 @@ def _load_zip(handle, path: Path) -> tuple[Any, str]:
         # Checked before reading: a few KB of deflated zeros can declare gigabytes.
         raise _NotAnEmbedding(f"has a {pickled.file_size / 1e6:.0f} MB data.pkl record, where a textual-inversion "
                               "embedding file's is a few KB")
-    obj = _RestrictedUnpickler(io.BytesIO(archive.read(pickled)), path, storages).load()
+    data = archive.read(pickled)
+    _check_opcodes(io.BytesIO(data))
+    obj = _RestrictedUnpickler(io.BytesIO(data), path, storages).load()
     byteorder = "little"
     if f"{prefix}byteorder" in archive.namelist():
         byteorder = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
@@ -360,6 +405,11 @@ def _load_zip(handle, path: Path) -> tuple[Any, str]:
         need = storage.numel * storage.type.itemsize
         if info.file_size < need:
             raise ConceptFileError(f"{path}: storage {key} holds {info.file_size} bytes, expected {need}; the file is corrupt")
+        if (info.compress_type != zipfile.ZIP_STORED and info.file_size > _MAX_INFLATED_STORAGE_BYTES
+                and info.file_size > 16 * info.compress_size):
+            # Each read would inflate it from the start: a few KB could cost minutes.
+            raise _NotAnEmbedding(f"has a storage record that inflates {info.compress_size} bytes to "
+                                  f"{info.file_size}, where torch.save stores its records uncompressed")
         storage.attach(_zip_reader(archive, info, storage.type.itemsize))
     return obj, byteorder
 
@@ -378,17 +428,23 @@ def _load_legacy(raw: mmap.mmap, path: Path) -> tuple[Any, str]:
     stream = raw
     stream.seek(0)
     no_storages: dict[str, _Storage] = {}
-    magic = _RestrictedUnpickler(stream, path, no_storages).load()
+    budget = _Budget()
+
+    def unpickle(storages: dict[str, _Storage]):
+        _check_opcodes(stream)
+        return _RestrictedUnpickler(stream, path, storages, budget).load()
+
+    magic = unpickle(no_storages)
     if magic != _LEGACY_MAGIC:
         raise ConceptFileError(f"{path}: a pickle but not a torch.save file (no torch magic number)")
-    protocol = _RestrictedUnpickler(stream, path, no_storages).load()
+    protocol = unpickle(no_storages)
     if protocol != _LEGACY_PROTOCOL:
         raise ConceptFileError(f"{path}: unsupported legacy torch protocol {protocol!r}")
-    sys_info = _RestrictedUnpickler(stream, path, no_storages).load()
-    little = not isinstance(sys_info, dict) or sys_info.get("little_endian", True)
+    sys_info = unpickle(no_storages)
+    little = not isinstance(sys_info, dict) or dict.get(sys_info, "little_endian", True)
     storages: dict[str, _Storage] = {}
-    obj = _RestrictedUnpickler(stream, path, storages).load()
-    keys = _RestrictedUnpickler(stream, path, no_storages).load()
+    obj = unpickle(storages)
+    keys = unpickle(no_storages)
     if not isinstance(keys, list) or set(keys) != set(storages):
         raise ConceptFileError(f"{path}: storage list does not match the tensors; the file is corrupt")
     order = "<" if little else ">"
@@ -414,30 +470,15 @@ def _bytes_reader(raw: bytes, start: int, itemsize: int):
     return read
 
 
-def _tensors(obj: Any, seen: set[int]):
-    """Every distinct _Tensor in ``obj`` (dicts, lists, tuples; shared parts visited once)."""
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, _Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _tensors(value, seen)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _tensors(value, seen)
-
-
-def _check_total_size(obj: Any) -> None:
-    """Each tensor is embedding-sized (checked while unpickling); many of them together are not."""
-    total = count = 0
-    for tensor in _tensors(obj, set()):
-        total += tensor.numel
-        count += 1
-        if total > _MAX_TOTAL_ELEMENTS:
-            raise _NotAnEmbedding(f"holds more than {_MAX_TOTAL_ELEMENTS} values in {count}+ tensors; "
-                                  "a textual-inversion embedding file holds one or two small tensors")
+def _check_opcodes(stream) -> None:
+    """Refuse, before unpickling, a pickle (from ``stream``'s position to its STOP) of more
+    opcodes than any tensor dictionary has: each opcode may build an object of its own."""
+    start = stream.tell()
+    for count, _ in enumerate(pickletools.genops(stream), 1):
+        if count > _MAX_PICKLE_OPCODES:
+            raise _NotAnEmbedding(f"has a pickle of more than {_MAX_PICKLE_OPCODES} opcodes, where a "
+                                  "textual-inversion embedding file's has a few hundred")
+    stream.seek(start)
 
 
 def _materialise(obj: Any, byteorder: str, memo: dict[int, Any]) -> Any:
@@ -448,8 +489,10 @@ def _materialise(obj: Any, byteorder: str, memo: dict[int, Any]) -> Any:
     if isinstance(obj, _Tensor):
         out = memo[id(obj)] = _to_numpy(obj, byteorder)
     elif isinstance(obj, dict):
+        if getattr(obj, "__dict__", None):  # BUILD gave an OrderedDict attributes (its own items()?)
+            raise pickle.UnpicklingError("a dictionary with attributes of its own, which torch.save never writes")
         out = memo[id(obj)] = collections.OrderedDict() if type(obj) is collections.OrderedDict else {}
-        for key, value in obj.items():
+        for key, value in dict.items(obj):
             out[key] = _materialise(value, byteorder, memo)
     elif isinstance(obj, list):
         out = memo[id(obj)] = []

@@ -397,3 +397,95 @@ def test_not_a_pytorch_file_says_how_to_fix(tmp_path):
         load_tensor_pickle(page)
     assert str(info.value) == (f"{page}: not a PyTorch file (neither a torch zip archive nor a pickle); the download "
                                "is damaged or is something else, re-download it")
+
+
+# -- hostile files built opcode by opcode (no torch needed to write them) ------------------------
+
+def _text(value: str) -> bytes:
+    raw = value.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def _int(value: int) -> bytes:
+    return b"J" + struct.pack("<i", value)
+
+
+_REBUILD = b"ctorch._utils\n_rebuild_tensor_v2\n"
+
+
+def _tensor_ops(key: str, numel: int, offset: int, size, stride) -> bytes:
+    """``_rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())`` as opcodes."""
+    storage = b"(" + _text("storage") + b"ctorch\nFloatStorage\n" + _text(key) + _text("cpu") + _int(numel) + b"tQ"
+    return (_REBUILD + b"(" + storage + _int(offset) + b"(" + b"".join(map(_int, size)) + b"t"
+            + b"(" + b"".join(map(_int, stride)) + b"t" + b"\x89ccollections\nOrderedDict\n)R" + b"tR")
+
+
+def _zip_file(path, pickled: bytes, storages: dict, compression=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        for key, data in storages.items():
+            archive.writestr(f"archive/data/{key}", data)
+    return path
+
+
+def test_tensors_are_counted_as_they_are_made_whatever_the_containers_claim(tmp_path):
+    """A pickle can BUILD an OrderedDict an attribute ``values`` of its own, so a walk through
+    ``values()`` sees no tensors while ``items()`` holds 40 stride-0 (75, 1280) views of one
+    float: 15 MB from a 3 KB file. They are counted as the pickle makes them."""
+    first = _tensor_ops("0", 1, 0, (75, 1280), (0, 0))
+    ops = b"\x80\x02}" + _text("string_to_param") + b"ccollections\nOrderedDict\n)R("
+    ops += b"".join(_int(i) + first for i in range(40)) + b"u"
+    ops += b"}" + _text("values") + b"ccollections\nOrderedDict\ns" + b"b" + b"s."
+    path = _zip_file(tmp_path / "bypass.pt", ops, {"0": b"\0\0\0\0"})
+    with pytest.raises(ConceptFileError, match=r"holds more than 384000 values in \d+\+ tensors"):
+        load_tensor_pickle(path)
+    # Fewer, so the count allows them: the attribute itself is refused.
+    ops = b"\x80\x02}" + _text("string_to_param") + b"ccollections\nOrderedDict\n)R(" + _int(0) + first + b"u"
+    ops += b"}" + _text("values") + b"ccollections\nOrderedDict\ns" + b"b" + b"s."
+    with pytest.raises(ConceptFileError, match="a dictionary with attributes of its own"):
+        load_tensor_pickle(_zip_file(tmp_path / "attrs.pt", ops, {"0": b"\0\0\0\0"}))
+
+
+def test_storages_cannot_make_each_read_inflate_gigabytes(tmp_path):
+    """A tensor near the end of a compressed storage record makes every read inflate all of it:
+    storages beyond a whole token-embedding table, and compressed records that inflate far
+    beyond their size, are refused before anything is inflated."""
+    huge = 49408 * 1280 + 1
+    ops = b"\x80\x02}" + _text("<t>") + _tensor_ops("0", huge, huge - 1, (1,), (1,)) + b"s."
+    with pytest.raises(ConceptFileError, match=f"has a storage of {huge} values, more than a whole token-embedding"):
+        load_tensor_pickle(_zip_file(tmp_path / "huge.pt", ops, {"0": b""}))
+    numel = 3 * 2**20  # 12 MB of zeros, deflated to a few KB
+    ops = b"\x80\x02}" + _text("<t>") + _tensor_ops("0", numel, numel - 768, (768,), (1,)) + b"s."
+    path = _zip_file(tmp_path / "deflated.pt", ops, {"0": bytes(4 * numel)}, zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(ConceptFileError, match="has a storage record that inflates .* where torch.save stores its records"):
+        load_tensor_pickle(path)
+
+
+@FORMATS
+def test_a_pickle_of_more_opcodes_than_any_embedding_is_refused_unrun(tmp_path, zip_format):
+    """One-byte EMPTY_SET opcodes each build a 200-byte set: 300 KB would take 70 MB (and 31 KB
+    of deflated zip, 7 GB at the 32 MB record limit)."""
+    ops = b"\x80\x04" + b"\x8f" * 300_000 + b"."
+    path = tmp_path / "sets.pt"
+    path.write_bytes(_torch_zip(ops) if zip_format else _torch_legacy(ops))
+    with pytest.raises(ConceptFileError, match="has a pickle of more than 200000 opcodes"):
+        load_tensor_pickle(path)
+
+
+@pytest.mark.parametrize("damage", ["encrypted", "unknown-method", "bad-deflate"])
+def test_damaged_zip_records_are_one_line(tmp_path, damage):
+    """A corrupted download (bad deflate data) or a record zip cannot read: no traceback."""
+    ops = b"\x80\x02}" + _text("<t>") + _tensor_ops("0", 768, 0, (768,), (1,)) + b"s."
+    raw = bytearray(_zip_file(tmp_path / "ok.pt", ops, {"0": bytes(4 * 768)}).read_bytes())
+    for signature, flags, method in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        at = raw.find(signature)
+        if damage == "encrypted":
+            struct.pack_into("<H", raw, at + flags, struct.unpack_from("<H", raw, at + flags)[0] | 1)
+        else:
+            struct.pack_into("<H", raw, at + method, 97 if damage == "unknown-method" else zipfile.ZIP_DEFLATED)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ConceptFileError) as info:
+        load_tensor_pickle(bad)
+    assert str(info.value).startswith(f"{bad}: corrupt or truncated PyTorch file (") and "\n" not in str(info.value)

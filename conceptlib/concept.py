@@ -62,6 +62,12 @@ def validate_token(token: str) -> str:
         raise ConceptError(
             f"invalid token {token!r}: use 1-64 characters without whitespace, e.g. '<cat-doll>'"
         )
+    control = next((c for c in token if _is_control(c)), None)
+    if control is not None:
+        raise ConceptError(
+            f"invalid token {token!r}: it holds the control character U+{ord(control):04X}, which no prompt can "
+            f"type (and which would drive the terminal it is shown in); use e.g. {suggested_token(token)!r}"
+        )
     composed = unicodedata.normalize("NFC", token)
     if composed != token:
         raise ConceptError(
@@ -103,7 +109,14 @@ def suggested_token(text: str) -> str:
 
 
 def _clean_token_text(text: str) -> str:
+    text = "".join(c for c in text if not _is_control(c))
     return re.sub(r"\s+", "-", unicodedata.normalize("NFC", text.strip().lower()))
+
+
+def _is_control(character: str) -> bool:
+    """A control character (terminal escapes among them) or a bidirectional override."""
+    return (unicodedata.category(character) == "Cc" or "\u202a" <= character <= "\u202e"
+            or "\u2066" <= character <= "\u2069")
 
 
 def slug_from_token(token: str) -> str:

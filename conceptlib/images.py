@@ -222,6 +222,10 @@ def _thumbnail(image, size: int) -> bytes:
     return buffer.getvalue()
 
 
+# Cover pictures embedded in concept files are thumbnails or small renders.
+_MAX_EMBEDDED_PIXELS = 16_000_000
+
+
 def thumbnail_png_of_bytes(data: bytes, size: int = 128) -> bytes | None:
     """A PNG thumbnail of the picture file content ``data`` (PNG, JPEG, WebP, ...), or None if it
     is not one PIL can read (a picture another tool embedded: optional, never an error)."""
@@ -230,7 +234,10 @@ def thumbnail_png_of_bytes(data: bytes, size: int = 128) -> bytes | None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with _quiet_about_large_pictures(), Image.open(io.BytesIO(data)) as image:
+            # A cover picture in a stranger's file: a few KB may declare a huge one (skipped).
+            if image.width * image.height > _MAX_EMBEDDED_PIXELS:
+                return None
             return _thumbnail(as_rgb(image), size)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None

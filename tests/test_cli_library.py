@@ -998,3 +998,24 @@ def test_an_output_that_cannot_be_written_is_one_line(home):
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "Error: cannot write the output: No space left on device; free some space or write it elsewhere"]
+
+
+def test_text_from_a_strangers_file_cannot_drive_the_terminal(library, tmp_path):
+    """Metadata keys and values, listed columns and error lines show control characters as
+    escapes: a description must not clear the screen or retitle the terminal."""
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "evil.safetensors"
+    save_file({"<evil>": np.ones((1, 768), np.float32)}, str(path),
+              metadata={"modelspec.description": "hi \x1b]0;PWNED\x07\x1b[2J", "trainer": "kohya\x1b[31m",
+                        "evil\x1b[5mkey": "x"})
+    shown = run("show", str(path))
+    assert "\x1b" not in shown.output and "\x07" not in shown.output
+    assert "hi \\x1b]0;PWNED\\x07\\x1b[2J" in shown.stdout and "evil\\x1b[5mkey" in shown.stdout
+    assert run("import", str(path)).exit_code == 0
+    listed = run("list")
+    assert "kohya\\x1b[31m" in listed.stdout and "\x1b" not in listed.output
+    weird = tmp_path / "bad\x1b[2Jname.safetensors"
+    weird.write_bytes(b"junk")
+    failed = run("show", str(weird))
+    assert failed.exit_code == 1 and "\x1b" not in failed.stderr and "bad\\x1b[2Jname" in failed.stderr

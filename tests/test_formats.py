@@ -753,3 +753,99 @@ def test_sd_concepts_export_keeps_every_existing_file(tmp_path, concept, existin
     assert [p.name for p in folder.iterdir()] == [existing] and (folder / existing).read_text() == "mine"
     export(concept, "sd-concepts", folder, overwrite=True)
     assert (folder / "token_identifier.txt").read_text() == "<cat-doll>"
+
+
+# -- hostile files from strangers ------------------------------------------------------------------
+
+
+def test_pickled_values_that_cannot_be_printed_are_left_out(tmp_path):
+    """A 20,000-digit number as AUTOMATIC1111's name (str() refuses it) is not kept; as a key of a
+    dictionary that is no embedding, the message still says what the keys are."""
+    path = tmp_path / "bignum.pt"
+    torch.save({"string_to_param": {"*": torch.randn(1, 768)}, "name": 10**20000, "step": 10**30}, path)
+    concept = one(path)
+    assert "a1111.name" not in concept.metadata and "a1111.step" not in concept.metadata
+    torch.save({10**20000: "x", "y": "z"}, tmp_path / "bigkey.pt")
+    with pytest.raises(UnsupportedFormatError, match=r"keys: <a 66439-bit number>, y\)"):
+        load_any(tmp_path / "bigkey.pt")
+
+
+@pytest.mark.parametrize("header, needle", [
+    (b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "header is not valid JSON"),
+    (json.dumps({"<t>": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}}).encode(),
+     "has shape [4294967296, 4294967296], larger than any textual-inversion embedding"),
+])
+def test_malformed_safetensors_headers_are_one_line(tmp_path, header, needle):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ConceptFileError) as info:
+        load_any(path)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_concept_folders_text_files_must_be_small_regular_files(tmp_path):
+    """A FIFO would hang the import; a link to /dev/zero would read until memory runs out."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    safetensors_torch.save_file({"<s>": torch.randn(1, 768)}, folder / "learned_embeds.safetensors")
+    os.mkfifo(folder / "token_identifier.txt")
+    with pytest.raises(ConceptFileError, match="token_identifier.txt: not a regular file"):
+        load_any(folder)
+    (folder / "token_identifier.txt").unlink()
+    (folder / "token_identifier.txt").symlink_to("/dev/zero")
+    with pytest.raises(ConceptFileError, match="token_identifier.txt: not a regular file"):
+        load_any(folder)
+    (folder / "token_identifier.txt").unlink()
+    (folder / "token_identifier.txt").write_text("<s>" + " " * 5000)
+    with pytest.raises(ConceptFileError, match="more than 4096 bytes, where it holds a word or two"):
+        load_any(folder)
+
+
+def test_a_folder_import_stays_inside_the_folder(tmp_path):
+    """A shared folder (a zip, a git clone) may hold links: a subfolder linked out of it is not
+    followed, nor is a preview linked to a picture elsewhere; and nesting is bounded."""
+    from PIL import Image
+
+    private = tmp_path / "private"
+    private.mkdir()
+    safetensors_torch.save_file({"<secret>": torch.randn(1, 768)}, private / "secret.safetensors")
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(private / "photo.png")
+    shared = tmp_path / "shared"
+    (shared / "sub").mkdir(parents=True)
+    safetensors_torch.save_file({"<mine>": torch.randn(1, 768)}, shared / "mine.safetensors")
+    (shared / "sub" / "link").symlink_to(private)
+    sources, skipped = discover(shared)
+    assert [s.path.name for s in sources] == ["mine.safetensors"]
+    assert [k.reason for k in skipped] == [f"a link to a folder outside {shared.resolve()} ({private.resolve()}); "
+                                           "not followed"]
+    concept_folder = shared / "style"
+    concept_folder.mkdir()
+    safetensors_torch.save_file({"<style>": torch.randn(1, 768)}, concept_folder / "learned_embeds.safetensors")
+    (concept_folder / "preview.png").symlink_to(private / "photo.png")
+    assert "preview" not in one(concept_folder).metadata
+    deep = tmp_path / "deep"
+    bottom = deep.joinpath(*["d"] * 40)
+    bottom.mkdir(parents=True)
+    safetensors_torch.save_file({"<deep>": torch.randn(1, 768)}, bottom / "deep.safetensors")
+    with pytest.raises(ConceptFileError, match="no concept files in this folder"):
+        discover(deep)
+
+
+def test_tokens_with_control_characters_are_refused(tmp_path):
+    """A token holding ESC (from a key, a file name or token_identifier.txt) can never be typed
+    in a prompt, and would drive the terminal wherever it is printed."""
+    path = tmp_path / "escape.safetensors"
+    safetensors_torch.save_file({"<a\x1b[2jb>": torch.randn(1, 768)}, path)
+    with pytest.raises(ConceptFileError, match=r"holds the control character U\+001B, which no prompt can type.*'<a\[2jb>'"):
+        load_any(path)
+
+
+def test_an_embedding_image_of_huge_dimensions_is_refused_undecoded(tmp_path):
+    """A 20-megapixel PNG of black is a few KB, and decoding it would take hundreds of MB."""
+    from PIL import Image
+
+    path = tmp_path / "huge.png"
+    Image.new("L", (5000, 4000)).save(path)
+    assert path.stat().st_size < 200_000
+    with pytest.raises(ConceptFileError, match="a 5000x4000 picture, far larger than any embedding image"):
+        load_any(path)

@@ -679,3 +679,22 @@ def test_sd2_v_prediction_single_files_are_refused(tmp_path, no_models):
             assert "SD 2.x needs [49408, 1024]" in line, line
     assert not (tmp_path / "out").exists()
 
+
+
+def test_hostile_pipeline_files_are_one_line(tmp_path, no_models):
+    """A downloaded pipeline folder may hold anything: a FIFO (would hang), JSON nested too deep
+    to parse, shard names that reach outside the folder, or that are not names at all."""
+    deep = _configs(tmp_path / "deep")
+    (deep / "model_index.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert "model_index.json is not valid JSON (maximum recursion depth" in _one_line_error(_convert(deep, tmp_path / "o1"))
+    fifo = _configs(tmp_path / "fifo")
+    (fifo / "vae" / "config.json").unlink()
+    os.mkfifo(fifo / "vae" / "config.json")
+    assert f"{fifo / 'vae' / 'config.json'} is not a regular file" in _one_line_error(_convert(fifo, tmp_path / "o2"))
+    for shard, shown in (("../../secret.safetensors", "'../../secret.safetensors'"), (["x"], "\"['x']\""),
+                         ("/etc/passwd", "'/etc/passwd'")):
+        src = _configs(tmp_path / f"shards-{len(shown)}")
+        (src / "text_encoder" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shard}}))
+        line = _one_line_error(_convert(src, tmp_path / "o3"))
+        assert f"names a shard {shown}, which is not a .safetensors file name in {src / 'text_encoder'}" in line
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))

@@ -8,6 +8,7 @@ need them, after the backend has been chosen.
 from __future__ import annotations
 
 import errno
+import re
 import sys
 
 import click
@@ -28,7 +29,7 @@ class _Group(click.Group):
             with reliable_ctrl_c():
                 return super().invoke(ctx)
         except ConceptlibError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {printable(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EIO, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
@@ -36,6 +37,16 @@ class _Group(click.Group):
             where = exc.filename or "the output"
             click.echo(f"Error: cannot write {where}: {exc.strerror}; free some space or write it elsewhere", err=True)
             ctx.exit(1)
+
+
+# C0/C1 control characters but tab, newline and carriage return, and the bidirectional overrides.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\x1b``): names, metadata and file
+    names from a stranger's file must not drive the terminal (clear it, retitle it, hide text)."""
+    return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def _degrade_unencodable_output() -> None:

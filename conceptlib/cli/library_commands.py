@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from conceptlib.cli import main
+from conceptlib.cli import main, printable
 from conceptlib.errors import ConceptError, ConceptFileError, ConceptlibError, NotFoundError, UsageError
 from conceptlib.cli.describe_options import describe_options, described
 from conceptlib.files import DESCRIPTIVE_KEYS, LISTED_DESCRIPTIONS
@@ -45,7 +45,7 @@ def _listed(row: dict, pattern: str | None, base_model: str | None) -> bool:
 
 def _warn_problems(library) -> None:
     for problem in library.problems:
-        click.echo(f"Warning: skipped {problem.path}: {_strip_path(problem.message, problem.path)}", err=True)
+        click.echo(printable(f"Warning: skipped {problem.path}: {_strip_path(problem.message, problem.path)}"), err=True)
 
 
 @main.command("list")
@@ -74,7 +74,7 @@ def list_command(pattern: str | None, base_model: str | None, as_json: bool) -> 
     table = [[title for title, _ in columns]] + [[str(row.get(key, "")) for _, key in columns] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     out = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table)
-    click.echo(out)
+    click.echo(printable(out))
 
 
 @main.command("show")
@@ -199,7 +199,7 @@ def _print_info(info: dict, as_json: bool, *, where: str) -> None:
         if len(value) > 120:
             value = value[:117] + "..."
         lines.append(f"  {key.ljust(width)}  {value}")
-    click.echo("\n".join(lines))
+    click.echo(printable("\n".join(lines)))
 
 
 def _write_preview(name: str, path: Path, metadata: dict, out: Path) -> None:
@@ -439,7 +439,7 @@ def import_command(paths: tuple[str, ...], name: str | None, token: str | None) 
     if len(items) == 1 and not skipped:
         # A single file: its failure is the command's error (one line, exit 1).
         header, added = _import_one(library, items[0], name=name, token=token, several=False)
-        click.echo(_imported_line(header, added, items[0].path))
+        click.echo(printable(_imported_line(header, added, items[0].path)))
         return
     imported = present = 0
     with library.lock():
@@ -447,13 +447,13 @@ def import_command(paths: tuple[str, ...], name: str | None, token: str | None) 
             try:
                 header, added = _import_one(library, item, name=name, token=token, several=True)
             except ConceptlibError as exc:
-                click.echo(f"Skipped {item.path}: {_strip_path(str(exc), item.path)}", err=True)
+                click.echo(printable(f"Skipped {item.path}: {_strip_path(str(exc), item.path)}"), err=True)
                 continue
             imported += added
             present += not added
-            click.echo(_imported_line(header, added, item.path))
+            click.echo(printable(_imported_line(header, added, item.path)))
     for entry in skipped:
-        click.echo(f"Skipped {entry.path}: {entry.reason}", err=True)
+        click.echo(printable(f"Skipped {entry.path}: {entry.reason}"), err=True)
     failures = len(items) - imported - present
     already = f"{present} already in the library, " if present else ""
     click.echo(f"{imported} imported, {already}{failures + len(skipped)} skipped")

@@ -20,6 +20,7 @@ import base64
 import binascii
 import io
 import json
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,15 +101,26 @@ def write(data: dict, picture) -> bytes:
 
 # -- reading ---------------------------------------------------------------------------------------
 
+# Decoding costs memory by pixels, not by file size: a 200 KB PNG can declare 13000x13000.
+_MAX_PIXELS = 16_000_000
+
+
 def _open(path: Path):
     """(RGB pixels, the sd-ti-embedding text or None)."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            text = getattr(image, "text", {}).get(TEXT_KEY)
-            pixels = np.asarray(image.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
+            with Image.open(path) as image:
+                if image.width * image.height > _MAX_PIXELS:
+                    raise ConceptFileError(
+                        f"{path}: a {image.width}x{image.height} picture, far larger than any embedding image "
+                        "(AUTOMATIC1111's are well under 2000 px a side); not read"
+                    )
+                text = getattr(image, "text", {}).get(TEXT_KEY)
+                pixels = np.asarray(image.convert("RGB"))
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as exc:
         raise ConceptFileError(
             f"{path}: not a readable {path.suffix.lstrip('.').upper() or 'image'} image ({str(exc).splitlines()[0][:120]}); "

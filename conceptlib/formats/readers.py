@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -73,7 +74,7 @@ def discover(path: str | os.PathLike) -> tuple[list[Source], list[Skipped]]:
         raise ConceptFileError(f"{path}: {_NOT_REGULAR}")
     sources: list[Source] = []
     skipped: list[Skipped] = []
-    _discover_folder(path, sources, skipped, seen=set())
+    _discover_folder(path, sources, skipped, seen=set(), root=path.resolve())
     if not sources:
         checkpoints = [s for s in skipped if s.path in (path / _CHECKPOINTS, path / _RUN_CHECKPOINTS)]
         if checkpoints:
@@ -85,9 +86,15 @@ def discover(path: str | os.PathLike) -> tuple[list[Source], list[Skipped]]:
     return sources, skipped
 
 
-def _discover_folder(folder: Path, sources: list[Source], skipped: list[Skipped], seen: set[Path]) -> None:
+# Embeddings folders are sorted into a few levels of subfolders, never dozens.
+_MAX_FOLDER_DEPTH = 32
+_NOT_FOLLOWED = "; not followed"
+
+
+def _discover_folder(folder: Path, sources: list[Source], skipped: list[Skipped], seen: set[Path], root: Path,
+                     depth: int = 0) -> None:
     """Add what ``folder`` holds to ``sources``/``skipped``: itself if it is one concept folder,
-    else its concept files, concept folders and (recursively) subfolders."""
+    else its concept files, concept folders and (recursively) subfolders inside ``root``."""
     seen.add(folder.resolve())
     if (folder / "config.json").is_file() and (folder / _RUN_CHECKPOINTS).is_dir():
         _discover_run(folder, sources, skipped)
@@ -106,34 +113,53 @@ def _discover_folder(folder: Path, sources: list[Source], skipped: list[Skipped]
     for entry in entries:
         if entry in checkpoints:
             continue
-        if entry.is_dir():
-            _discover_subfolder(entry, sources, skipped, seen)
-        elif entry.is_file() and entry.suffix.lower() in FILE_SUFFIXES:
-            sources.append(Source(entry))
-        elif entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
-            _discover_image(entry, sources, skipped)
-        elif entry.is_file():
-            if entry.name not in _FOLDER_TEXTS:
-                skipped.append(Skipped(entry, f"not a concept file (expected {_LOOKED_FOR})"))
-        elif not entry.exists():
-            skipped.append(Skipped(entry, "a broken link (what it points to does not exist)"))
-        else:
-            skipped.append(Skipped(entry, _NOT_REGULAR))
+        try:
+            _discover_entry(entry, sources, skipped, seen, root, depth)
+        except OSError as exc:  # e.g. a folder of another account's
+            skipped.append(Skipped(entry, f"cannot be read ({exc.strerror or exc})"))
 
 
-def _discover_subfolder(folder: Path, sources: list[Source], skipped: list[Skipped], seen: set[Path]) -> None:
+def _discover_entry(entry: Path, sources: list[Source], skipped: list[Skipped], seen: set[Path], root: Path,
+                    depth: int) -> None:
+    """One entry of a folder being imported: a subfolder, a concept file or image, or a Skipped line."""
+    if entry.is_dir():
+        _discover_subfolder(entry, sources, skipped, seen, root, depth + 1)
+    elif entry.is_file() and entry.suffix.lower() in FILE_SUFFIXES:
+        sources.append(Source(entry))
+    elif entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
+        _discover_image(entry, sources, skipped)
+    elif entry.is_file():
+        if entry.name not in _FOLDER_TEXTS:
+            skipped.append(Skipped(entry, f"not a concept file (expected {_LOOKED_FOR})"))
+    elif not entry.exists():
+        skipped.append(Skipped(entry, "a broken link (what it points to does not exist)"))
+    else:
+        skipped.append(Skipped(entry, _NOT_REGULAR))
+
+
+def _discover_subfolder(folder: Path, sources: list[Source], skipped: list[Skipped], seen: set[Path], root: Path,
+                        depth: int) -> None:
     """A subfolder (AUTOMATIC1111 embeddings folders are often sorted into some). One that holds
-    no concept at all is reported as one line, not one line per file in it."""
-    if folder.resolve() in seen:
+    no concept at all is reported as one line, not one line per file in it. Links out of the
+    folder being imported are not followed (a shared folder's link could reach anything)."""
+    resolved = folder.resolve()
+    if resolved in seen:
         skipped.append(Skipped(folder, "a link to a folder that is already being imported"))
+        return
+    if not resolved.is_relative_to(root):
+        skipped.append(Skipped(folder, f"a link to a folder outside {root} ({resolved}){_NOT_FOLLOWED}"))
+        return
+    if depth > _MAX_FOLDER_DEPTH:
+        skipped.append(Skipped(folder, f"more than {_MAX_FOLDER_DEPTH} folders deep{_NOT_FOLLOWED}"))
         return
     found: list[Source] = []
     inner: list[Skipped] = []
-    _discover_folder(folder, found, inner, seen)
+    _discover_folder(folder, found, inner, seen, root, depth)
     if found:
         sources.extend(found)
         skipped.extend(inner)
-    elif any(s.path in (folder / _CHECKPOINTS, folder / _RUN_CHECKPOINTS) for s in inner):
+    elif any(s.path in (folder / _CHECKPOINTS, folder / _RUN_CHECKPOINTS) or s.reason.endswith(_NOT_FOLLOWED)
+             for s in inner):  # said one by one: they tell why nothing was found
         skipped.extend(inner)
     else:
         skipped.append(Skipped(folder, f"a folder without concept files (looked for {_LOOKED_FOR})"))
@@ -277,8 +303,10 @@ def _folder_preview(folder: Path) -> dict[str, str]:
     candidates = [folder / "preview.png"]
     if examples.is_dir():
         candidates += sorted(p for p in examples.iterdir() if p.suffix.lower() in EXTENSIONS and not p.name.startswith("."))
+    inside = folder.resolve()
     for picture in candidates:
-        if picture.is_file():
+        # A link to a picture elsewhere would copy it into the concept, and into every export.
+        if picture.is_file() and picture.resolve().is_relative_to(inside):
             try:
                 return {"preview": base64.b64encode(picture_thumbnail_png(picture)).decode("ascii")}
             except ConceptFileError:
@@ -286,12 +314,28 @@ def _folder_preview(folder: Path) -> dict[str, str]:
     return {}
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, limit: int = 4096) -> str:
+    """A concept folder's small text file (a token, a concept type), "" if there is none. Opened
+    without waiting (a FIFO there must not hang the import) and read only if it is a regular file
+    of at most ``limit`` bytes (not a link to /dev/zero)."""
+    import stat
+
     try:
-        return path.read_text(encoding="utf-8").strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return ""
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ConceptFileError(f"{path}: cannot read ({exc.strerror or exc}); fix or delete the file") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConceptFileError(f"{path}: not a regular file (a pipe, device or folder); replace it with a "
+                                   "text file or delete it")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ConceptFileError(f"{path}: more than {limit} bytes, where it holds a word or two; fix or delete the file")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
         raise ConceptFileError(f"{path}: cannot read ({exc}); fix or delete the file") from None
 
 
@@ -351,7 +395,7 @@ def _embedded_preview(metadata: dict) -> dict[str, str]:
     try:
         covers = json.loads(metadata.get("ssmd_cover_images") or "[]")
         candidates += [c for c in covers if isinstance(c, str)] if isinstance(covers, list) else []
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     thumbnail = metadata.get("modelspec.thumbnail", "")
     if thumbnail.startswith("data:image/") and "base64," in thumbnail:
@@ -375,7 +419,7 @@ def _read_safetensors_tensor(header: FileHeader):
     dtype = _SAFETENSORS_DTYPES.get(tensor.dtype)
     if dtype is None:
         raise ConceptFileError(f"{path}: tensor {tensor.key!r} is {tensor.dtype}; embeddings are F32, F16 or BF16")
-    elements = int(np.prod(tensor.shape)) if tensor.shape else 1
+    elements = math.prod(tensor.shape)  # Python ints: numpy's product wraps around to 0
     if elements > MAX_VECTORS * max(DIMS.values()):
         # Refused from the header, unread: a mistaken model file can be gigabytes.
         raise ConceptFileError(f"{path}: tensor {tensor.key!r} has shape {list(tensor.shape)}, larger than any "
@@ -448,8 +492,25 @@ def _load_embedding_dict(path: Path, data, what: str, *, word: str, token: str |
     if len(data) == 1 and len(tensors) == 1 and isinstance(next(iter(tensors)), str):
         key, vectors = next(iter(tensors.items()))
         return _make(path, None, key, vectors, {"source_format": "diffusers"}, token=token, name=name, fmt="diffusers")
-    keys = ", ".join(map(str, list(data)[:5]))
+    keys = ", ".join(_short(key) for key in list(data)[:5])
     raise UnsupportedFormatError(f"{path}: {what} but not a textual-inversion embedding (keys: {keys}); {expected}")
+
+
+def _short(value, limit: int = 60) -> str:
+    """``value`` as text of at most ``limit`` characters, whatever a pickle made it (reprlib
+    never converts a huge int to all its digits, nor recurses deeply)."""
+    import reprlib
+
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[: limit - 3] + "..."
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"<a {value.bit_length()}-bit number>"
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = short.maxlong = limit
+    try:
+        return short.repr(value)[:limit]
+    except (ValueError, RecursionError):
+        return f"<{type(value).__name__}>"
 
 
 def _load_a1111(path: Path, data: dict, *, word: str, token: str | None, name: str | None) -> Concept:
@@ -463,8 +524,10 @@ def _load_a1111(path: Path, data: dict, *, word: str, token: str | None, name: s
     metadata = {"source_format": "a1111"}
     for key in ("name", "step", "sd_checkpoint", "sd_checkpoint_name"):
         value = data.get(key)
-        if value is not None:
-            metadata[f"a1111.{key}"] = str(value)
+        # Only what AUTOMATIC1111 writes there (text or a number), kept short: a pickle could give a
+        # 20,000-digit number or a structure too deep to print.
+        if isinstance(value, (str, float)) or (type(value) is int and value.bit_length() <= 64):
+            metadata[f"a1111.{key}"] = _short(value, 256)
     # AUTOMATIC1111 uses the file name (an image: its data's name) as the word prompts contain.
     return _make(path, word, _token_from_text(word), vectors, metadata, token=token, name=name, fmt="a1111")
 

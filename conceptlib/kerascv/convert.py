@@ -338,12 +338,30 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
+# A pipeline's JSON files are a few KB (a sharded model's index, some hundred KB).
+_MAX_JSON_BYTES = 16 * 1024 * 1024
+
+
 def _read_json(path: Path, what: str) -> dict:
+    import stat
+
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        # Without waiting (a FIFO must not hang the command), and only a regular file's first bytes.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise WeightsError(f"{path} is missing; {what}") from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise WeightsError(f"{path} cannot be read ({exc.strerror or exc}); download it again") from None
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise WeightsError(f"{path} is not a regular file (a pipe, device or folder); download it again")
+            data = handle.read(_MAX_JSON_BYTES + 1)
+        if len(data) > _MAX_JSON_BYTES:
+            raise WeightsError(f"{path} is larger than {_MAX_JSON_BYTES // 2**20} MB, which no pipeline's JSON is; "
+                               "download it again")
+        value = json.loads(data.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
         raise WeightsError(f"{path} is not valid JSON ({_first_line(exc)}); download it again") from None
     if not isinstance(value, dict):
         raise WeightsError(f"{path} is not a JSON object; download it again")
@@ -365,7 +383,14 @@ def _weight_files(src: Path, sub: str, variant: str | None) -> list[Path]:
         weight_map = _read_json(index, "").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise WeightsError(f"{index} has no weight_map; download it again")
-        shards = [folder / name for name in sorted(set(weight_map.values()))]
+        names = list(weight_map.values())
+        # Shard file names only: a path (../../x, /etc/x) would read files outside the folder.
+        bad = next((n for n in names if not isinstance(n, str) or not re.fullmatch(r"[^/\\]+\.safetensors", n)
+                    or n.startswith(".")), None)
+        if bad is not None:
+            raise WeightsError(f"{index} names a shard {str(bad)[:80]!r}, which is not a .safetensors file name in "
+                               f"{folder}; download it again")
+        shards = [folder / name for name in sorted(set(names))]
         for shard in shards:
             if not shard.is_file():
                 raise WeightsError(f"{shard} (named in {index.name}) is missing; download it")

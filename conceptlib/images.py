@@ -323,12 +323,15 @@ def grid(images, columns: int | None = None):
     return out
 
 
-def save_png(array, path: Path) -> Path:
+def save_png(array, path: Path, **write) -> Path:
+    """``array`` (uint8 (H, W, 3)) as a PNG file at ``path``, atomically (``write``: the keyword
+    arguments of ``atomic_write_bytes``, e.g. its ``fix``)."""
+    import io
+
     from PIL import Image
 
     from conceptlib.files import atomic_write_bytes
-    import io
 
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
-    return atomic_write_bytes(Path(path), buffer.getvalue())
+    return atomic_write_bytes(Path(path), buffer.getvalue(), **write)

@@ -159,6 +159,11 @@ class RunDirectory:
         except (ConceptlibError, TypeError, ValueError) as exc:
             raise TrainingError(f"{self.config_path}: invalid settings ({exc}); undo the edit or start a new run") from None
 
+    @property
+    def write_fix(self) -> str:
+        """What to do when the run cannot write into its folder (a full disk, say)."""
+        return f"free some space there or make {self.path} writable"
+
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:07d}.npz"
 
@@ -184,7 +189,7 @@ class RunDirectory:
         )
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        return atomic_write_bytes(self.checkpoint_path(checkpoint.step), buffer.getvalue())
+        return atomic_write_bytes(self.checkpoint_path(checkpoint.step), buffer.getvalue(), fix=self.write_fix)
 
     def load_checkpoint(
         self, path: Path | None = None, *, fix: str = "delete it to resume from an earlier one"

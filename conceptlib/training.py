@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
 
-from conceptlib.errors import ConceptlibError, PluginError, TrainingError, UsageError
+from conceptlib.errors import CollisionError, ConceptlibError, PluginError, TrainingError, UsageError
 # Run folders live in conceptlib.runs; these names are part of the training API too.
 from conceptlib.runs import Checkpoint, RunDirectory, default_run_dir, find_run, run_summaries  # noqa: F401
 
@@ -341,6 +341,13 @@ class Progress:
     def tty(self) -> bool:
         return hasattr(self.stream, "isatty") and self.stream.isatty()
 
+    def end_line(self) -> None:
+        """End a terminal's open step line, so that what is printed next starts a line."""
+        if self._line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._line_open = False
+
     def stage(self, message: str) -> None:
         """One line saying what the run does now (e.g. building models, compiling), prefixed with
         the time since the run started: the minute before a first step should not be silent."""
@@ -582,6 +589,7 @@ class TrainingJob:
             render = render or self.preview_fn
             if render is None:
                 raise TrainingError("no preview renderer: set job.preview_fn or pass render to final_preview")
+            self.stage("rendering the preview of the final vectors")
             images = render(*self.preview_inputs())
             if isinstance(images, Future):
                 images = images.result()
@@ -590,7 +598,7 @@ class TrainingJob:
     def write_preview(self, step: int, images) -> Path:
         from conceptlib.images import grid, save_png
 
-        return save_png(grid(images), self.run_dir.preview_path(step))
+        return save_png(grid(images), self.run_dir.preview_path(step), fix=self.run_dir.write_fix)
 
     @property
     def random_weights(self) -> bool:
@@ -957,10 +965,11 @@ def finish(job: TrainingJob, result: TrainingResult, *, trainer_version: str):
     try:
         return job.library.add(concept)
     except ConceptlibError as exc:
-        raise TrainingError(
-            f"{exc} (the trained concept is saved in {job.run_dir.concept_path}; add it under another "
-            "name with `conceptlib import`)"
-        ) from None
+        taken = isinstance(exc, CollisionError)
+        add = (f"conceptlib import {job.run_dir.concept_path} --name NEW --token NEW" if taken
+               else f"conceptlib import {job.run_dir.concept_path}")
+        raise TrainingError(f"{exc} (the trained concept is saved in the run folder; once that is fixed, add it "
+                            f"with `{add}`)") from None
 
 
 def trained_metadata(
@@ -1021,21 +1030,23 @@ def _saved_template_pack(path: str, text: str, notes: list[str]):
     return pack_from_text(Path(path), text)
 
 
-def _announce(job: TrainingJob) -> None:
-    """The lines on stderr before a CLI run: random weights, the run folder, split --init words."""
+def _announce(job: TrainingJob, *, informational: bool = True) -> None:
+    """The lines on stderr before a CLI run: random weights, the run folder (``informational``:
+    not with -q), notes such as split --init words (warnings and notes always)."""
     if job.random_weights:
         print(
             "WARNING: training with RANDOM weights (from `conceptlib weights init-random`): this "
             "is a smoke run, the concept will be meaningless.",
             file=sys.stderr,
         )
-    verb = "Resuming" if job.resume else "Training"
-    print(
-        f"{verb} {job.config.name} ({job.config.token}) with trainer {job.config.trainer} on "
-        f"{len(job.images)} image(s); run folder {job.run_dir.path} (continue it with --resume)",
-        file=sys.stderr,
-        flush=True,
-    )
+    if informational:
+        verb = "Resuming" if job.resume else "Training"
+        print(
+            f"{verb} {job.config.name} ({job.config.token}) with trainer {job.config.trainer} on "
+            f"{len(job.images)} image(s); run folder {job.run_dir.path} (continue it with --resume)",
+            file=sys.stderr,
+            flush=True,
+        )
     for note in job.notes:
         print(note, file=sys.stderr)
     start = job.init_concept
@@ -1059,8 +1070,8 @@ def train(
     announce: bool = False,
 ):
     """Prepare, run the trainer plugin, and add the concept to the library. Returns
-    (ConceptHeader, TrainingJob). ``announce`` prints the run folder (and a warning for random
-    weights) on stderr."""
+    (ConceptHeader, TrainingJob). ``announce`` prints warnings and notes (random weights, split
+    --init words) on stderr, and with ``progress`` also the run folder."""
     from conceptlib.interrupts import reliable_ctrl_c
 
     job = prepare(config, library=library, resume=resume)
@@ -1070,15 +1081,24 @@ def train(
         if job.resume:
             _check_still_resumable(job)
         if announce:
-            _announce(job)
+            _announce(job, informational=progress)
         trainer = job.trainer or job.trainer_cls()
         try:
             with reliable_ctrl_c():  # for Python callers too, not only the CLI
                 result = trainer.run(job)
         except KeyboardInterrupt:
-            last = job.run_dir.latest_checkpoint()
-            where = f"from {last.name}" if last else "from the start (no checkpoint yet)"
-            print(f"\nInterrupted. Continue {where} with: conceptlib train --resume {job.run_dir.path}", file=sys.stderr)
+            job.progress.end_line()
+            print(f"Interrupted. {_continue_hint(job)}", file=sys.stderr)
+            raise
+        except ConceptlibError as exc:  # a full disk, weights gone: the run itself can go on
+            job.progress.end_line()
+            exc.add_note(f"Once that is fixed, the run can go on. {_continue_hint(job)}")
             raise
         header = finish(job, result, trainer_version=str(getattr(trainer, "version", "?")))
     return header, job
+
+
+def _continue_hint(job: TrainingJob) -> str:
+    last = job.run_dir.latest_checkpoint()
+    where = f"from {last.name}" if last else "from the start (no checkpoint yet)"
+    return f"Continue {where} with: conceptlib train --resume {job.run_dir.path}"

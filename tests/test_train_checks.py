@@ -350,7 +350,7 @@ def test_devices_reaches_the_jax_trainer(home, images, monkeypatch):
     monkeypatch.setattr(training, "train", fake_train)
     monkeypatch.setenv("CONCEPTLIB_JAX_DEVICES", "all")  # restored after the test
     result = CliRunner().invoke(
-        main, ["train", str(images), "--name", "new", "--trainer", "jax", "--devices", "2", "--batch-size", "4"]
+        main, ["train", str(images), "--name", "new", "--trainer", "jax", "--devices", "2", "--batch-size", "4", "-q"]
     )
     assert result.exit_code == 0, result.output
     assert seen == {"devices": "2", "trainer": "jax"}
@@ -380,7 +380,7 @@ def test_resume_with_devices_uses_the_runs_trainer_and_batch(home, images, tmp_p
     monkeypatch.setattr(training, "train", fake_train)
     monkeypatch.setenv("CONCEPTLIB_JAX_DEVICES", "all")  # restored after the test
     jax_run = run_folder("jax", 4)
-    result = CliRunner().invoke(main, ["train", "--resume", jax_run, "--devices", "2"])
+    result = CliRunner().invoke(main, ["train", "--resume", jax_run, "--devices", "2", "-q"])
     assert result.exit_code == 0, result.output
     assert seen == {"devices": "2", "resume": jax_run}
     _refused(home, ["--resume", run_folder("jax", 3), "--devices", "2"], "the batch of 3 does not split", 2)
@@ -472,7 +472,9 @@ def test_init_words_clip_reads_as_pieces_are_shown_before_the_models(home, image
                      "instead if that is not what you meant)"]
     quiet = CliRunner().invoke(main, ["train", str(images), "--name", "new2", "--weights", "random", "-q",
                                       "--init", "xyzzyqwerty"])
-    assert isinstance(quiet.exception, AssertionError) and "Note:" not in quiet.output
+    # -q silences the progress and the run-folder line, not warnings and notes.
+    assert isinstance(quiet.exception, AssertionError) and "Note: CLIP has no single token" in quiet.output
+    assert "run folder" not in quiet.output
 
 
 def test_resume_refuses_settings_it_would_ignore(home, images):
@@ -568,3 +570,86 @@ def test_devices_must_be_a_plain_number(home, images):
 def test_an_empty_token_is_named_as_such(home, images):
     _refused(home, [str(images), "--token", ""], "--token: invalid token ''", 2)
 
+
+
+class _QuickTrainer:
+    """A trainer plugin that needs no model: it reports steps, checkpoints and previews through
+    the job as real trainers do, and fails after ``fail_after`` steps if that is set."""
+
+    name, version, backend = "quick", "1", "tensorflow"
+    fail_after: int | None = None
+    during = None  # called before the result is returned (e.g. to make the library refuse it)
+
+    def run(self, job):
+        from conceptlib.training import TrainingResult
+
+        vectors = np.zeros((job.config.num_vectors, 768), np.float32)
+        job.checkpoint_fn = lambda: (vectors, [])
+        job.preview_fn = lambda ids, noise: np.zeros((len(ids), 8, 8, 3), np.uint8)
+        for step in range(job.start_step, job.config.steps):
+            if step == self.fail_after:
+                raise TrainingError("cannot write the next checkpoint: no space left on device")
+            job.step_done(step, 1.0)
+        if self.during:
+            self.during(job)
+        return TrainingResult(vectors, list(job.losses), job.final_preview())
+
+
+@pytest.fixture
+def quick(monkeypatch):
+    from conceptlib.plugins import discover
+
+    monkeypatch.setitem(discover().trainers, "quick", _QuickTrainer)
+    return _QuickTrainer
+
+
+def test_a_run_stopped_by_an_error_says_how_to_continue(home, images, quick, monkeypatch, tmp_path):
+    monkeypatch.setattr(quick, "fail_after", 3)
+    run = tmp_path / "stopped"
+    result = CliRunner().invoke(main, ["train", str(images), "--name", "fresh", "--weights", "random", "--trainer",
+                                       "quick", "--steps", "6", "--checkpoint-every", "2", "--run-dir", str(run)])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-2:] == [
+        "Error: cannot write the next checkpoint: no space left on device",
+        f"Once that is fixed, the run can go on. Continue from step-0000002.npz with: conceptlib train --resume {run}",
+    ]
+    assert result.stdout == ""
+
+
+def test_the_end_of_a_run_says_where_things_are_and_what_next(home, images, quick, tmp_path):
+    """stdout: the one result line for scripts; stderr: the run folder, its previews, and how to
+    pick an earlier step, try and share the concept. -q keeps the result line only."""
+    run = tmp_path / "done"
+    args = ["train", str(images), "--name", "fresh", "--weights", "random", "--trainer", "quick", "--steps", "4",
+            "--checkpoint-every", "2", "--preview-every", "3", "--run-dir", str(run)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"Added fresh (<fresh>) to the library: {home.path_for('fresh')}\n"
+    err = result.stderr.splitlines()
+    # Step 4's preview is not due (every 3), so the thumbnail is rendered after the last step, said.
+    assert any(line.endswith("rendering the preview of the final vectors") for line in err)
+    assert err[-2] == (f"Run folder {run}: 1 preview(s) in {run / 'previews'}; `conceptlib runs done` lists its "
+                       "checkpoints, to add an earlier step instead if the last one overfits")
+    assert err[-1] == "Share it: conceptlib export fresh --format a1111 --out DIR (or diffusers, kohya, ...)"
+    quiet = CliRunner().invoke(main, [*args[:3], "fresh2", *args[4:-1], str(tmp_path / "q"), "-q"])
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stdout.startswith("Added fresh2") and "Run folder" not in quiet.stderr
+    assert "WARNING: training with RANDOM weights" in quiet.stderr  # -q keeps warnings
+
+
+def test_a_concept_the_library_refuses_at_the_end_says_how_to_add_it(home, images, quick, monkeypatch, tmp_path):
+    """Trained, but its name was taken meanwhile: it stays in the run folder, and the line gives
+    the import that adds it (with a new name only when the name is the problem)."""
+    from conceptlib.concept import Concept
+
+    taken = Concept("fresh", "<other>", np.ones((1, 768), np.float32))
+    monkeypatch.setattr(quick, "during", staticmethod(lambda job: home.add(taken)))
+    run = tmp_path / "taken"
+    result = CliRunner().invoke(main, ["train", str(images), "--name", "fresh", "--weights", "random", "--trainer",
+                                       "quick", "--steps", "2", "--run-dir", str(run), "-q"])
+    assert result.exit_code == 1, (result.output, result.exception)
+    line = result.stderr.splitlines()[-1]
+    assert line.startswith("Error: a concept named 'fresh' already exists")
+    assert line.endswith(f"(the trained concept is saved in the run folder; once that is fixed, add it with "
+                         f"`conceptlib import {run / 'concept.safetensors'} --name NEW --token NEW`)")
+    assert (run / "concept.safetensors").is_file()

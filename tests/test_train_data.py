@@ -387,3 +387,11 @@ def test_stage_lines_tell_what_runs_before_the_first_step_and_never_overwrite_a_
     progress = Progress(3, stream=quiet, enabled=False)
     progress.stage("building the sd-1 models")
     assert quiet.getvalue() == ""
+
+    # An error (or Ctrl-C) mid-run: the open step line is ended first, so its line starts a line.
+    terminal = _Terminal()
+    progress = Progress(3, stream=terminal)
+    progress.update(0, 0.5)
+    progress.end_line()
+    progress.end_line()  # only once
+    assert terminal.text.startswith("\rstep 1/3") and terminal.text.endswith("\n") and terminal.text.count("\n") == 1

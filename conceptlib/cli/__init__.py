@@ -30,6 +30,8 @@ class _Group(click.Group):
                 return super().invoke(ctx)
         except ConceptlibError as exc:
             click.echo(f"Error: {printable(str(exc))}", err=True)
+            for note in getattr(exc, "__notes__", ()):  # e.g. how to resume a run stopped by it
+                click.echo(printable(note), err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EIO, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):

@@ -113,10 +113,35 @@ def train(images, name, token, init, init_from, weights, base_model, trainer, te
         settings = config if config is not None else _resumed_settings(resume)
         _use_devices(devices, settings.trainer, settings.batch_size, resumed=config is None)
     try:
-        header, job = run_training(config, resume=resume, progress=not quiet, announce=not quiet)
+        header, job = run_training(config, resume=resume, progress=not quiet, announce=True)
     except KeyboardInterrupt:
         sys.exit(130)  # training.train has said how to resume
     click.echo(f"Added {header.name} ({header.token}) to the library: {header.path}")
+    if not quiet:
+        _say_what_next(job, header)
+
+
+def _say_what_next(job, header) -> None:
+    """Where the run's files are and what to do with the concept (stderr: stdout stays the
+    result line for scripts)."""
+    import shlex
+
+    run = job.run_dir
+    previews = len(list(run.previews.glob("step-*.png"))) if run.previews.is_dir() else 0
+    shown = f"{previews} preview(s) in {run.previews}; " if previews else ""
+    click.echo(f"Run folder {run.path}: {shown}`conceptlib runs {run.path.name}` lists its checkpoints, to add an "
+               "earlier step instead if the last one overfits", err=True)
+    from conceptlib.training import RANDOM_WEIGHTS
+
+    share = f"conceptlib export {header.name} --format a1111 --out DIR (or diffusers, kohya, ...)"
+    weights = job.config.weights
+    if weights == RANDOM_WEIGHTS:  # in memory only: nothing to generate with
+        click.echo(f"Share it: {share}", err=True)
+        return
+    where = f" --weights {shlex.quote(weights)}" if weights else ""
+    model = f" --model {job.config.base_model}" if job.config.base_model != "sd-1" else ""
+    prompt = shlex.quote(f"a photo of {header.token}")
+    click.echo(f"Try it: conceptlib generate {prompt}{where}{model}; share it: {share}", err=True)
 
 
 # What --resume may be given besides the run: how it runs, not what it trains.

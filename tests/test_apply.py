@@ -293,6 +293,17 @@ def test_a_concept_object_changed_after_it_was_made_is_checked_again(sd1):
         assert applied.tokens == ["<oil-style>"]
 
 
+def test_leaving_the_block_unloads_what_was_applied_inside_it(sd1):
+    """However the block ends, the model is as before it: a handle applied inside and not
+    unloaded there goes first (it used to raise and leave both loaded)."""
+    plain = sd1.encode_text("<cat-doll> <oil-style>")
+    with apply(sd1, [CAT]) as outer:
+        inner = apply(sd1, [STYLE])
+    assert not outer.loaded and not inner.loaded
+    assert "<cat-doll>" not in sd1.tokenizer.encoder and "<oil-style>" not in sd1.tokenizer.encoder
+    np.testing.assert_array_equal(sd1.encode_text("<cat-doll> <oil-style>"), plain)
+
+
 def test_an_error_in_the_block_reaches_the_caller_and_everything_is_unloaded(sd1):
     plain = sd1.encode_text("<cat-doll> <oil-style>")
     with pytest.raises(RuntimeError, match="boom"):

@@ -211,11 +211,15 @@ def test_generate_end_to_end_with_init_random_weights(home, random_weights):
     for path in paths:
         with Image.open(path) as image:
             image.verify()
-    for path in paths[:2]:
+    for index, path in enumerate(paths[:2]):
         with Image.open(path) as image:
             assert image.size == (64, 64) and image.mode == "RGB"
             settings = json.loads(image.text["conceptlib"])
             assert settings["concepts"] == ["cat-doll"] and settings["concept_files"] == [str(ext)]
+            # The whole batch's noise comes from the seed: what reproduces this image is stored.
+            assert (settings["seed"], settings["num_images"], settings["index"]) == (7, 2, index)
+            assert image.text["parameters"].endswith(f"Seed: 7, CFG scale: 7.5, Size: 64x64, Batch size: 2, "
+                                                     f"Batch pos: {index}")
     assert {p.stem for p in (home / "home" / "concepts").iterdir()} == {"cat-doll", "wide-doll"}
     with Image.open(paths[2]) as sheet:
         assert sheet.size[0] > 64 and sheet.size[1] == 64
@@ -289,3 +293,22 @@ def test_generate_names_every_folder_of_random_weights(home, monkeypatch):
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith(f"Error: {mine / 'kcv_encoder.h5'}: could not load text_encoder") and "Traceback" not in result.output
     assert not (home / "out").exists()
+
+
+def test_generated_pictures_never_replace_a_file(tmp_path):
+    """Named -1, -2, ... when taken, and created exclusively: two runs finishing in the same
+    second into one folder keep both pictures."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from conceptlib.cli.model_commands import _save_new
+
+    taken = tmp_path / "20261128-101010-a-cat-7-0.png"
+    taken.write_bytes(b"someone's file")
+    picture = Image.new("RGB", (4, 4), (9, 9, 9))
+    first = _save_new(picture, taken, PngInfo())
+    second = _save_new(picture, taken, PngInfo())
+    assert (first.name, second.name) == ("20261128-101010-a-cat-7-0-1.png", "20261128-101010-a-cat-7-0-2.png")
+    assert taken.read_bytes() == b"someone's file"
+    with Image.open(first) as image:
+        assert image.getpixel((0, 0)) == (9, 9, 9)

@@ -30,13 +30,18 @@ def _slug(text: str, limit: int = 40) -> str:
     return slug[:limit].strip("-") or "image"
 
 
-def _unique(path: Path) -> Path:
-    if not path.exists():
-        return path
-    for index in range(1, 10_000):
-        candidate = path.with_name(f"{path.stem}-{index}{path.suffix}")
-        if not candidate.exists():
-            return candidate
+def _save_new(picture, path: Path, info) -> Path:
+    """Save ``picture`` as a PNG at ``path``, or at ``path`` with -1, -2, ... added: never over an
+    existing file, not even one another process creates meanwhile (the file is created exclusively)."""
+    for index in range(10_000):
+        candidate = path if index == 0 else path.with_name(f"{path.stem}-{index}{path.suffix}")
+        try:
+            handle = open(candidate, "xb")
+        except FileExistsError:
+            continue
+        with handle:
+            picture.save(handle, format="PNG", pnginfo=info)
+        return candidate
     raise UsageError(f"too many files named like {path} already; pass another --out folder")
 
 
@@ -286,25 +291,30 @@ def generate_command(prompt, negative, num_images, steps, seed, size, guidance, 
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    info = PngInfo()
     settings = {
         "prompt": prompt, "negative": negative, "seed": seed, "steps": steps, "size": size,
         "guidance": guidance, "base_model": base_model, "concepts": [h.name for h in headers],
         "concept_files": [str(path) for path in concept_paths], "random_weights": bool(random_dirs),
+        # keras-cv draws the whole batch's noise from the seed: an image is reproduced by the
+        # seed with the same batch size, at its position in the batch.
+        "num_images": len(images),
     }
-    info.add_text("conceptlib", json.dumps(settings, ensure_ascii=False))
-    info.add_text("parameters", f"{prompt}\nNegative prompt: {negative or ''}\nSteps: {steps}, Seed: {seed}, "
-                                f"CFG scale: {guidance}, Size: {size}x{size}")
+
+    def png_info(index: int | None):
+        info = PngInfo()
+        batch = {} if index is None else {"index": index}
+        info.add_text("conceptlib", json.dumps(dict(settings, **batch), ensure_ascii=False))
+        position = "" if index is None else f", Batch pos: {index}"
+        info.add_text("parameters", f"{prompt}\nNegative prompt: {negative or ''}\nSteps: {steps}, Seed: {seed}, "
+                                    f"CFG scale: {guidance}, Size: {size}x{size}, Batch size: {len(images)}{position}")
+        return info
+
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{_slug(prompt)}-{seed}"
     pictures = [Image.fromarray(array) for array in images]
-    paths = []
-    for index, picture in enumerate(pictures):
-        path = _unique(out_dir / f"{stem}-{index}.png")
-        picture.save(path, pnginfo=info)
-        paths.append(path)
-    sheet_path = _unique(out_dir / f"{stem}-sheet.png")
-    contact_sheet(pictures).save(sheet_path, pnginfo=info)
+    paths = [_save_new(picture, out_dir / f"{stem}-{index}.png", png_info(index))
+             for index, picture in enumerate(pictures)]
+    sheet_path = _save_new(contact_sheet(pictures), out_dir / f"{stem}-sheet.png", png_info(None))
     for path in paths + [sheet_path]:
         click.echo(str(path))
 

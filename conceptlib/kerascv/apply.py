@@ -319,11 +319,8 @@ class AppliedConcepts:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is None:
-            self.unload()
-            return
-        # An error is on its way out of the block: it must reach the caller, so handles applied
-        # later inside the block (and not unloaded there) are unloaded first, then this one.
+        # Leaving the block restores the model, however it is left: handles applied later inside
+        # the block (and not unloaded there) are unloaded first, then this one.
         for later in reversed(_later_handles(self)):
             later.unload()
         self.unload()

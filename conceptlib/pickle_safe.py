@@ -69,8 +69,9 @@ _MAX_SPAN_ELEMENTS = 16 * _MAX_TENSOR_ELEMENTS
 _MAX_TOTAL_ELEMENTS = 4 * _MAX_TENSOR_ELEMENTS
 _MAX_TENSORS = 16
 # A storage may be larger than its tensor (a view of one row of a whole token-embedding table,
-# 49408 x 1280 at most), never larger than that.
-_MAX_STORAGE_ELEMENTS = 49408 * _MAX_WIDTH
+# 49408 rows and the trained ones added, 1280 wide at most), never much larger than that. Only
+# the rows a tensor spans are read.
+_MAX_STORAGE_ELEMENTS = 2 * 49408 * _MAX_WIDTH
 # The largest pickle record of a zip archive read (it is read whole before anything is checked),
 # and the most opcodes a pickle may run (one opcode can build a 200-byte object); an embedding
 # file's are a few KB and a few hundred.

@@ -13,8 +13,6 @@ it never stops the CLI or the other plugins.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -94,14 +92,10 @@ def discover(refresh: bool = False) -> Registry:
             dist, version = _dist(ep)
             had_keras = "keras" in sys.modules
             error = None
-            said = io.StringIO()
             try:
-                with contextlib.redirect_stderr(said):
-                    load(registry, ep, f"{dist}:{ep.name}")
+                load(registry, ep, f"{dist}:{ep.name}")
             except (Exception, SystemExit) as exc:  # a broken plugin is reported, never fatal
-                error = _one_line(exc)  # what it printed on the way (an argparse usage line) is dropped
-            else:
-                sys.stderr.write(said.getvalue())
+                error = _one_line(exc)
             if not had_keras and "keras" in sys.modules and registry.keras_imported_by is None:
                 registry.keras_imported_by = f"{dist}:{ep.name}"
             registry.infos.append(PluginInfo(group, ep.name, ep.value, dist, version, error))

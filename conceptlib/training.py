@@ -1092,7 +1092,8 @@ def train(
             raise
         except ConceptlibError as exc:  # a full disk, weights gone: the run itself can go on
             job.progress.end_line()
-            exc.add_note(f"Once that is fixed, the run can go on. {_continue_hint(job)}")
+            # (what add_note does, on Python 3.10 too)
+            exc.__notes__ = [*getattr(exc, "__notes__", []), f"Once that is fixed, the run can go on. {_continue_hint(job)}"]
             raise
         header = finish(job, result, trainer_version=str(getattr(trainer, "version", "?")))
     return header, job

@@ -973,6 +973,11 @@ def test_a_clip_vocabulary_set_but_missing_is_an_error_not_a_skipped_check(libra
                           f"$CONCEPTLIB_CLIP_VOCAB points to {tmp_path / 'nowhere.txt.gz'}, which is not a gzip file")
     assert_one_line_error(run("mix", "cat-doll", "--name", "dog2", "--token", "dog"), 1, "CONCEPTLIB_CLIP_VOCAB")
     assert snapshot(library.root) == before
+    # Export only prints a CLIP-word warning: it goes on (all files written), and says it could not check.
+    exported = run("export", "cat-doll", "oil-style", "--format", "conceptlib", "--out", str(tmp_path / "out") + "/")
+    assert exported.exit_code == 0, exported.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cat-doll.safetensors", "oil-style.safetensors"]
+    assert exported.stderr.count("not checked against the CLIP vocabulary") == 2
 
 
 def test_output_in_a_locale_that_is_not_utf8(library, home):

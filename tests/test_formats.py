@@ -793,7 +793,12 @@ def test_a_concept_folders_text_files_must_be_small_regular_files(tmp_path):
         load_any(folder)
     (folder / "token_identifier.txt").unlink()
     (folder / "token_identifier.txt").symlink_to("/dev/zero")
-    with pytest.raises(ConceptFileError, match="token_identifier.txt: not a regular file"):
+    with pytest.raises(ConceptFileError, match="token_identifier.txt: a link to a file outside"):
+        load_any(folder)
+    (folder / "token_identifier.txt").unlink()
+    (folder / "device").symlink_to("/dev/zero")  # inside the folder, but a device
+    (folder / "token_identifier.txt").symlink_to(folder / "device")
+    with pytest.raises(ConceptFileError, match="token_identifier.txt: a link to a file outside"):
         load_any(folder)
     (folder / "token_identifier.txt").unlink()
     (folder / "token_identifier.txt").write_text("<s>" + " " * 5000)
@@ -818,11 +823,22 @@ def test_a_folder_import_stays_inside_the_folder(tmp_path):
     assert [s.path.name for s in sources] == ["mine.safetensors"]
     assert [k.reason for k in skipped] == [f"a link to a folder outside {shared.resolve()} ({private.resolve()}); "
                                            "not followed"]
+    (shared / "linked.safetensors").symlink_to(private / "secret.safetensors")  # a file link out
+    sources, skipped = discover(shared)
+    assert [s.path.name for s in sources] == ["mine.safetensors"]
+    assert skipped[0].path.name == "linked.safetensors" and skipped[0].reason.endswith("; not followed")
+    (shared / "linked.safetensors").unlink()
     concept_folder = shared / "style"
     concept_folder.mkdir()
     safetensors_torch.save_file({"<style>": torch.randn(1, 768)}, concept_folder / "learned_embeds.safetensors")
     (concept_folder / "preview.png").symlink_to(private / "photo.png")
     assert "preview" not in one(concept_folder).metadata
+    # A token file linked to a private one (an API key, say) would become the token, and go into
+    # every export: refused.
+    (private / "key").write_text("hf_secret123")
+    (concept_folder / "token_identifier.txt").symlink_to(private / "key")
+    with pytest.raises(ConceptFileError, match="token_identifier.txt: a link to a file outside .*; not read"):
+        load_any(concept_folder)
     deep = tmp_path / "deep"
     bottom = deep.joinpath(*["d"] * 40)
     bottom.mkdir(parents=True)
@@ -840,12 +856,34 @@ def test_tokens_with_control_characters_are_refused(tmp_path):
         load_any(path)
 
 
-def test_an_embedding_image_of_huge_dimensions_is_refused_undecoded(tmp_path):
-    """A 20-megapixel PNG of black is a few KB, and decoding it would take hundreds of MB."""
+def test_huge_pictures_are_never_decoded(tmp_path):
+    """A 20-megapixel PNG of black is a few KB, and decoding it would take hundreds of MB. With an
+    embedding text chunk it is refused; without one it is a photo (24 MP cameras are common),
+    passed over in a folder like any picture without an embedding."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
-    path = tmp_path / "huge.png"
-    Image.new("L", (5000, 4000)).save(path)
-    assert path.stat().st_size < 200_000
+    info = PngInfo()
+    info.add_text("sd-ti-embedding", "e30=")
+    Image.new("L", (5000, 4000)).save(tmp_path / "huge.png", pnginfo=info)
+    assert (tmp_path / "huge.png").stat().st_size < 200_000
     with pytest.raises(ConceptFileError, match="a 5000x4000 picture, far larger than any embedding image"):
-        load_any(path)
+        load_any(tmp_path / "huge.png")
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    Image.new("L", (6000, 4000)).save(folder / "holiday.png")
+    safetensors_torch.save_file({"<fine>": torch.randn(1, 768)}, folder / "fine.safetensors")
+    sources, skipped = discover(folder)
+    assert [s.path.name for s in sources] == ["fine.safetensors"]
+    assert [(k.path.name, k.reason) for k in skipped] == [("holiday.png", "an image without an embedding in it")]
+
+
+def test_a_file_name_that_is_not_utf8_is_escaped_in_metadata(tmp_path):
+    """Unzipped from a Windows archive: the name's bytes are not UTF-8 (safetensors metadata must
+    be); it is imported, its name escaped."""
+    folder = tmp_path / "unzipped"
+    folder.mkdir()
+    safetensors_torch.save_file({"<cafe>": torch.randn(1, 768)}, folder / "tmp.safetensors")
+    os.rename(folder / "tmp.safetensors", os.fsencode(folder) + b"/caf\xe9.safetensors")
+    (concept,) = load_any(folder)
+    assert concept.token == "<cafe>" and concept.metadata["source_file"] == "caf\\udce9.safetensors"

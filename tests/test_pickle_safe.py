@@ -450,7 +450,9 @@ def test_storages_cannot_make_each_read_inflate_gigabytes(tmp_path):
     """A tensor near the end of a compressed storage record makes every read inflate all of it:
     storages beyond a whole token-embedding table, and compressed records that inflate far
     beyond their size, are refused before anything is inflated."""
-    huge = 49408 * 1280 + 1
+    from conceptlib.pickle_safe import _MAX_STORAGE_ELEMENTS
+
+    huge = _MAX_STORAGE_ELEMENTS + 1
     ops = b"\x80\x02}" + _text("<t>") + _tensor_ops("0", huge, huge - 1, (1,), (1,)) + b"s."
     with pytest.raises(ConceptFileError, match=f"has a storage of {huge} values, more than a whole token-embedding"):
         load_tensor_pickle(_zip_file(tmp_path / "huge.pt", ops, {"0": b""}))

@@ -41,8 +41,9 @@ class _Group(click.Group):
             ctx.exit(1)
 
 
-# C0/C1 control characters but tab, newline and carriage return, and the bidirectional overrides.
-_UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# C0/C1 control characters but tab, newline and carriage return, the bidirectional overrides, and
+# the lone surrogates that stand for a file name's bytes that are not UTF-8.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\udc80-\udcff]")
 
 
 def printable(text: str) -> str:

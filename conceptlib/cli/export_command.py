@@ -75,7 +75,6 @@ def _say_exported(concept, fmt: str, written: Path) -> None:
     """The line for one exported file; for a file whose prompt word in AUTOMATIC1111 and ComfyUI is
     not the token (they call a file by its name), that word, and a warning when it is an ordinary
     CLIP word."""
-    from conceptlib.cli.library_commands import is_clip_word
     from conceptlib.formats.writers import a1111_prompt_word
 
     line = f"Exported {concept.name} ({concept.token}) as {fmt} to {written}"
@@ -83,10 +82,23 @@ def _say_exported(concept, fmt: str, written: Path) -> None:
     word = a1111_prompt_word(concept, written) if fmt in ("a1111", "conceptlib", "kohya") else concept.token
     if word != concept.token:
         line += f"; AUTOMATIC1111 and ComfyUI prompts call it {word!r} (its file name)"
-        if is_clip_word(word):
+        if _is_clip_word_if_known(word):
             line += (f", which is also an ordinary word there, so every {word!r} in a prompt would mean the concept: "
                      f"choose another word with --out WORD{written.suffix}")
     click.echo(line)
+
+
+def _is_clip_word_if_known(word: str) -> bool:
+    """``is_clip_word``, False (with a warning) when $CONCEPTLIB_CLIP_VOCAB cannot be read: the file
+    is written already, and a warning must not stop the export of the rest."""
+    from conceptlib.cli.library_commands import is_clip_word
+    from conceptlib.errors import VocabularyError
+
+    try:
+        return is_clip_word(word)
+    except VocabularyError as exc:
+        click.echo(f"Warning: {word!r} not checked against the CLIP vocabulary: {exc}", err=True)
+        return False
 
 
 def _preview_target(concept, fmt: str, file: Path, force: bool) -> Path | None:

@@ -60,6 +60,8 @@ def read(path: Path) -> ImageEmbedding | None:
     import numpy as np
 
     pixels, text = _open(path)
+    if pixels is None:
+        return None
     strips = _data_strips(pixels)
     if text is not None:
         data = _decode_json(path, _b64decode(path, text), "its sd-ti-embedding text chunk")
@@ -106,7 +108,8 @@ _MAX_PIXELS = 16_000_000
 
 
 def _open(path: Path):
-    """(RGB pixels, the sd-ti-embedding text or None)."""
+    """(RGB pixels, the sd-ti-embedding text or None); (None, None) for a picture too large to be
+    an embedding image that has no embedding text (a photo)."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
@@ -114,12 +117,14 @@ def _open(path: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
             with Image.open(path) as image:
+                text = getattr(image, "text", {}).get(TEXT_KEY)  # text chunks: read without the pixels
                 if image.width * image.height > _MAX_PIXELS:
+                    if text is None:
+                        return None, None  # a big photo (an embedding image is small): not decoded
                     raise ConceptFileError(
                         f"{path}: a {image.width}x{image.height} picture, far larger than any embedding image "
                         "(AUTOMATIC1111's are well under 2000 px a side); not read"
                     )
-                text = getattr(image, "text", {}).get(TEXT_KEY)
                 pixels = np.asarray(image.convert("RGB"))
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as exc:
         raise ConceptFileError(

@@ -122,7 +122,9 @@ def _discover_folder(folder: Path, sources: list[Source], skipped: list[Skipped]
 def _discover_entry(entry: Path, sources: list[Source], skipped: list[Skipped], seen: set[Path], root: Path,
                     depth: int) -> None:
     """One entry of a folder being imported: a subfolder, a concept file or image, or a Skipped line."""
-    if entry.is_dir():
+    if entry.is_symlink() and entry.is_file() and not _within(entry, root):
+        skipped.append(Skipped(entry, f"a link to a file outside {root} ({entry.resolve()}){_NOT_FOLLOWED}"))
+    elif entry.is_dir():
         _discover_subfolder(entry, sources, skipped, seen, root, depth + 1)
     elif entry.is_file() and entry.suffix.lower() in FILE_SUFFIXES:
         sources.append(Source(entry))
@@ -278,6 +280,10 @@ def _load_folder(path: Path, *, token: str | None, name: str | None) -> Concept:
             raise ConceptFileError(f"{path}: a folder of {len(sources)} concept file(s) (e.g. {sources[0].path.name}), "
                                    "not one concept's folder; give one of its files (import takes the whole folder)")
         raise ConceptFileError(f"{path}: no learned_embeds.safetensors or learned_embeds.bin in this folder")
+    for part in (embeds, path / "token_identifier.txt", path / "type_of_concept.txt"):
+        if os.path.lexists(part) and not _within(part, path):  # a shared folder's link to a private file
+            raise ConceptFileError(f"{part}: a link to a file outside {path}; not read (copy the file into the folder "
+                                   "if it belongs to the concept)")
     identifier = _read_text(path / "token_identifier.txt")
     concept_type = _read_text(path / "type_of_concept.txt")
     concept = load_source(Source(embeds), token=token or (identifier and _token_from_text(identifier)), name=name or _folder_slug(path))
@@ -288,6 +294,11 @@ def _load_folder(path: Path, *, token: str | None, name: str | None) -> Concept:
     if not metadata.get("preview"):
         metadata.update(_folder_preview(path))
     return Concept(concept.name, concept.token, concept.vectors, metadata)
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """Whether ``path``, its links followed, is inside ``folder`` (its links followed too)."""
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 def _folder_preview(folder: Path) -> dict[str, str]:
@@ -303,10 +314,9 @@ def _folder_preview(folder: Path) -> dict[str, str]:
     candidates = [folder / "preview.png"]
     if examples.is_dir():
         candidates += sorted(p for p in examples.iterdir() if p.suffix.lower() in EXTENSIONS and not p.name.startswith("."))
-    inside = folder.resolve()
     for picture in candidates:
         # A link to a picture elsewhere would copy it into the concept, and into every export.
-        if picture.is_file() and picture.resolve().is_relative_to(inside):
+        if picture.is_file() and _within(picture, folder):
             try:
                 return {"preview": base64.b64encode(picture_thumbnail_png(picture)).decode("ascii")}
             except ConceptFileError:
@@ -623,7 +633,8 @@ def _make(path: Path, stem_name: str | None, file_token: str, vectors, metadata:
         final_name = _slug(final_token)
     metadata = {str(k): str(v) for k, v in metadata.items()}
     if fmt is not None:
-        metadata.setdefault("source_file", path.name)
+        # A file name from another system may not be UTF-8 (metadata must be): escaped, not refused.
+        metadata.setdefault("source_file", path.name.encode("utf-8", "backslashreplace").decode("utf-8"))
     if not token:
         try:
             validate_token(derived_token)

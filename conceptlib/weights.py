@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def replacement_advice(path: Path) -> str:
     intact copy (init-random refuses folders of real weights)."""
     folder = Path(path).parent
     if is_random(folder):
-        return f"rewrite the folder with `conceptlib weights init-random {folder}`"
+        return f"rewrite the folder with `conceptlib weights init-random {shlex.quote(str(folder))}`"
     return "delete it and download it again, or put an intact copy there"
 
 
@@ -244,14 +245,25 @@ def local_weight_files(base_model: str, weights_dir: str | os.PathLike | None = 
     return found
 
 
+def weights_folder(weights_dir=None) -> Path | None:
+    """The weights folder given (``weights_dir``, else ``$CONCEPTLIB_WEIGHTS``), or None."""
+    return _weights_dir(weights_dir)
+
+
 def _search_dirs(weights_dir) -> list[Path]:
     directory = _weights_dir(weights_dir)
+    source = "--weights" if weights_dir is not None else f"${ENV_VAR}"
+    if directory is not None and directory.exists() and not directory.is_dir():
+        raise WeightsError(f"weights folder {directory} (from {source}) is a file, not a folder; point {source} at the "
+                           "folder holding keras-cv's weight files")
     if directory is not None and not directory.is_dir():
-        source = "--weights" if weights_dir is not None else f"${ENV_VAR}"
         raise WeightsError(
             f"weights folder {directory} (from {source}) does not exist; create it with "
-            f"`conceptlib weights init-random {directory}` or point {source} at keras-cv weight files"
+            f"`conceptlib weights init-random {shlex.quote(str(directory))}` or point {source} at keras-cv weight files"
         )
+    if directory is not None and not os.access(directory, os.R_OK | os.X_OK):
+        raise WeightsError(f"weights folder {directory} (from {source}) cannot be read (permission denied); make it "
+                           f"readable for you, or point {source} at another folder")
     return ([directory] if directory is not None else []) + keras_cache_dirs()
 
 
@@ -353,6 +365,8 @@ def write_random_weights(directory: str | os.PathLike, base_model: str = "sd-1",
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     except ValueError:
         manifest = {}
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        manifest = {}  # a damaged leftover of an earlier run: written anew
     manifest.setdefault("files", {})
     manifest.update({"format": "conceptlib-weights/1", "random": True})
     for part in parts:

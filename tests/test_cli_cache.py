@@ -162,3 +162,37 @@ def test_cache_commands_never_import_tensorflow_jax_or_numpy(cache, args):
     _fill(cache)
     code, imported, process = cli_imports(args, dict(os.environ))
     assert (code, imported) == (0, []), f"{args}: exit {code}, imported {imported}: {process.stderr}"
+
+
+def test_the_cache_variable_is_expanded_and_made_absolute(tmp_path, monkeypatch):
+    """'~/jaxc' is the folder in the home folder (it was a literal '~' folder, reported empty),
+    and a relative value is not another cache in every working folder."""
+    from conceptlib.kerascv import jax_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CONCEPTLIB_JAX_CACHE", "~/jaxc")
+    assert jax_cache_dir() == tmp_path / "home" / "jaxc"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CONCEPTLIB_JAX_CACHE", "rel")
+    assert jax_cache_dir() == tmp_path / "rel"
+
+
+def test_a_cache_folder_that_cannot_be_read_is_one_line(cache, monkeypatch):
+    """Not 'empty' (info) nor a traceback (clear); simulated, as root reads everything."""
+    _fill(cache)
+    real = os.walk
+
+    def walk(top, onerror=None, **kwargs):
+        error = PermissionError(13, "Permission denied", str(Path(top) / "locked"))
+        if onerror is not None:
+            onerror(error)
+        yield from real(top, **kwargs)
+
+    monkeypatch.setattr(os, "walk", walk)
+    for args in (["info"], ["clear", "-y"]):
+        result = run(*args)
+        assert result.exit_code == 1, result.output
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"Error: cannot read {cache / 'locked'} in the JAX cache (Permission denied); make it readable, or "
+            "delete it yourself")
+    assert any(cache.iterdir())  # nothing was deleted

@@ -172,10 +172,10 @@ def test_weights_where_lists_each_part(home):
 
     folder = write_random_weights(home / "w", "sd-1", parts=["image_encoder"])
     result = CliRunner().invoke(main, ["weights", "where", "--weights", str(folder)])
-    assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    assert result.exit_code == 1, result.output  # a given folder is never completed by a download
+    lines = result.stdout.splitlines()
     assert [line.split("\t")[0] for line in lines] == ["text_encoder", "diffusion_model", "decoder", "image_encoder"]
-    assert lines[0].startswith("text_encoder\tnot found locally; would download https://")
+    assert lines[0].startswith(f"text_encoder\tMISSING: not in {folder}")
     assert lines[3] == f"image_encoder\t{folder / 'vae_encoder.h5'}  (RANDOM)"
 
 
@@ -312,3 +312,16 @@ def test_generated_pictures_never_replace_a_file(tmp_path):
     assert taken.read_bytes() == b"someone's file"
     with Image.open(first) as image:
         assert image.getpixel((0, 0)) == (9, 9, 9)
+
+
+def test_init_random_rewrites_a_damaged_manifest_of_an_earlier_run(home):
+    """A leftover manifest that is JSON but not an object (an earlier run killed, a hand edit)."""
+    from conceptlib.weights import MANIFEST, RANDOM_MARKER, write_random_weights
+
+    folder = home / "w"
+    folder.mkdir()
+    (folder / RANDOM_MARKER).write_text("random")
+    (folder / MANIFEST).write_text("[]")
+    write_random_weights(folder, "sd-1", parts=["image_encoder"])
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["random"] is True and "vae_encoder.h5" in json.dumps(manifest["files"])

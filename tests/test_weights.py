@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 
 import h5py
 import numpy as np
@@ -90,14 +91,24 @@ def test_weights_where_lists_local_files_and_what_would_be_downloaded(cache, tmp
     mine = tmp_path / "mine"
     _h5(mine / "kcv_encoder.h5")
     _h5(cache / "kcv_decoder.h5")
-    result = CliRunner().invoke(main, ["weights", "where", "--weights", str(mine)])
+    result = CliRunner().invoke(main, ["weights", "where"])  # no folder given: the rest downloads
     assert result.exit_code == 0, result.output
     spec = W.WEIGHT_FILES["sd-1"]
     assert result.output.splitlines() == [
-        f"text_encoder\t{mine / 'kcv_encoder.h5'}",
+        f"text_encoder\tnot found locally; would download {spec['text_encoder'].url}",
         f"diffusion_model\tnot found locally; would download {spec['diffusion_model'].url}",
         f"decoder\t{cache / 'kcv_decoder.h5'}",
         f"image_encoder\tnot found locally; would download {spec['image_encoder'].url}",
+    ]
+    # With a folder given, a missing part is missing: train and generate never download then.
+    result = CliRunner().invoke(main, ["weights", "where", "--weights", str(mine)])
+    assert result.exit_code == 1, result.output
+    missing = f"not in {mine} (nor the Keras cache); a given weights folder is never completed by a download"
+    assert result.stdout.splitlines() == [
+        f"text_encoder\t{mine / 'kcv_encoder.h5'}",
+        f"diffusion_model\tMISSING: {missing}",
+        f"decoder\t{cache / 'kcv_decoder.h5'}",
+        f"image_encoder\tMISSING: {missing}",
     ]
     # Nothing was downloaded.
     assert sorted(p.name for p in cache.iterdir()) == ["kcv_decoder.h5"]
@@ -126,9 +137,9 @@ def test_weights_where_lists_every_bad_file_then_fails(cache, tmp_path):
     assert lines[1] == f"diffusion_model\t{mine / 'kcv_diffusion_model.h5'}"
     assert lines[2].startswith(f"decoder\tBAD: weights file {cache / 'kcv_decoder.h5'} is truncated or corrupt (")
     assert lines[2].endswith("delete it and download it again, or put an intact copy there")
-    assert lines[3] == f"image_encoder\tnot found locally; would download {W.WEIGHT_FILES['sd-1']['image_encoder'].url}"
-    assert result.stderr == ("Error: 2 of 4 weight files cannot be used (text_encoder, decoder); "
-                             "replace each as its line above says\n")
+    assert lines[3].startswith(f"image_encoder\tMISSING: not in {mine}")
+    assert result.stderr == ("Error: 3 of 4 weight files cannot be used (text_encoder, decoder, image_encoder); "
+                             "fix each as its line above says\n")
     # Nothing was downloaded or changed.
     assert sorted(p.name for p in cache.iterdir()) == ["kcv_decoder.h5"]
 
@@ -151,9 +162,19 @@ def test_weights_where_tells_to_rewrite_a_damaged_random_folder(cache, tmp_path)
     assert result.stderr.startswith("Error: 4 of 4 weight files cannot be used (")
 
 
-def test_missing_weights_folder_is_an_error(cache, tmp_path):
+def test_missing_weights_folder_is_an_error(cache, tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match=r"weights folder .*nope.* does not exist"):
         W.resolve_weights("sd-1", tmp_path / "nope")
+    with pytest.raises(WeightsError, match=r"create it with `conceptlib weights init-random '.*my weights'`"):
+        W.resolve_weights("sd-1", tmp_path / "my weights")  # quoted: the command must paste
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("CONCEPTLIB_WEIGHTS", str(tmp_path / "a-file"))
+    with pytest.raises(WeightsError, match=r"a-file \(from \$CONCEPTLIB_WEIGHTS\) is a file, not a folder"):
+        W.resolve_weights("sd-1")
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root reads everything: simulated
+    with pytest.raises(WeightsError, match=r"locked \(from --weights\) cannot be read \(permission denied\)"):
+        W.resolve_weights("sd-1", tmp_path / "locked")
 
 
 def test_unknown_base_model_or_part(cache):

@@ -23,9 +23,15 @@ def _folder_label(folder: Path) -> str:
 
 
 def _usage(folder: Path) -> tuple[int, int]:
-    """(number of files, bytes) under ``folder``, links not followed (each counts as a file)."""
+    """(number of files, bytes) under ``folder``, links not followed (each counts as a file); a
+    folder in it that cannot be read is an error, not an undercount."""
     count = size = 0
-    for root, dirs, files in os.walk(folder):
+
+    def unreadable(exc: OSError):
+        raise ConceptlibError(f"cannot read {exc.filename} in the JAX cache ({exc.strerror}); make it readable, or "
+                              "delete it yourself")
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
         for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             try:
                 size += os.lstat(os.path.join(root, name)).st_size
@@ -95,7 +101,11 @@ def clear_command(yes: bool) -> None:
             "the folder) to clear that folder"
         )
     _refuse_unsafe(folder)
-    entries = sorted(folder.iterdir()) if folder.exists() else []
+    try:
+        entries = sorted(folder.iterdir()) if folder.exists() else []
+    except OSError as exc:
+        raise ConceptlibError(f"cannot read the JAX cache {_folder_label(folder)} ({exc.strerror}); make it "
+                              "readable, or delete it yourself") from None
     if not entries:
         click.echo(f"Nothing to clear: {_folder_label(folder)} is empty")
         return

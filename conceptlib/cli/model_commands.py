@@ -349,14 +349,21 @@ def init_random_command(directory: Path, model: str) -> None:
               help="Folder of keras-cv weight files (default: $CONCEPTLIB_WEIGHTS), searched before the Keras cache.")
 def where_command(model: str, weights_dir: Path | None) -> None:
     """Print which file each part would be loaded from, or the URL it would be downloaded from
-    (nothing is downloaded). Every damaged file is listed with how to fix it; exit 1 if any is."""
+    (nothing is downloaded; with a weights folder given, nothing ever would be: a part missing
+    there is MISSING). Every damaged or missing file is listed with how to fix it; exit 1 if any is."""
     from conceptlib.errors import WeightsError
-    from conceptlib.weights import PARTS, WEIGHT_FILES, check_weight_file, is_random, local_weight_files
+    from conceptlib.weights import PARTS, WEIGHT_FILES, check_weight_file, is_random, local_weight_files, weights_folder
 
     located = local_weight_files(model, weights_dir)
+    given = weights_folder(weights_dir)
     bad = []
     for part in PARTS:
         path = located.get(part)
+        if path is None and given is not None:  # a folder was given: nothing is downloaded then
+            bad.append(part)
+            click.echo(f"{part}\tMISSING: not in {given} (nor the Keras cache); a given weights folder is never "
+                       "completed by a download")
+            continue
         if path is None:
             click.echo(f"{part}\tnot found locally; would download {WEIGHT_FILES[model][part].url}")
             continue
@@ -369,7 +376,7 @@ def where_command(model: str, weights_dir: Path | None) -> None:
             click.echo(f"{part}\t{path}{'  (RANDOM)' if is_random({part: path}) else ''}")
     if bad:
         raise WeightsError(
-            f"{len(bad)} of {len(PARTS)} weight files cannot be used ({', '.join(bad)}); replace each as its line above says"
+            f"{len(bad)} of {len(PARTS)} weight files cannot be used ({', '.join(bad)}); fix each as its line above says"
         )
 
 

@@ -85,7 +85,8 @@ def jax_cache_dir(path: str | os.PathLike | None = None) -> Path | None:
         import platformdirs
 
         return platformdirs.user_cache_path("conceptlib") / "jax"
-    return Path(path)
+    # As CONCEPTLIB_HOME is: '~' expanded, and absolute (not another cache in every folder).
+    return Path(path).expanduser().absolute()
 
 
 def enable_jax_compilation_cache(path: str | None = None) -> str | None:

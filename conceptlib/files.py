@@ -213,6 +213,28 @@ def read_header(path: str | os.PathLike) -> ConceptHeader:
     return _concept_header_from(read_file_header(path))
 
 
+class NotARegularFile(ValueError):
+    """``read_small_file``: the path is a pipe, device or folder (never read)."""
+
+
+class FileTooLarge(ValueError):
+    """``read_small_file``: the file holds more than the limit (read no further)."""
+
+
+def read_small_file(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of the small regular file ``path`` (at most ``limit``), from a stranger's folder:
+    opened without waiting, so a FIFO cannot hang the command. NotARegularFile or FileTooLarge
+    when it is not such a file; OSError as ``open`` raises it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotARegularFile("not a regular file (a pipe, device or folder)")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLarge(f"more than {limit} bytes")
+    return data
+
+
 def vector_norms(path: str | os.PathLike) -> list[float]:
     """The L2 norm of each vector of a concept file, read without numpy (a few KB); a vector
     holding NaN or Inf gives a non-finite norm (see ``non_finite_vectors``)."""

@@ -222,8 +222,9 @@ def _thumbnail(image, size: int) -> bytes:
     return buffer.getvalue()
 
 
-# Cover pictures embedded in concept files are thumbnails or small renders.
-_MAX_EMBEDDED_PIXELS = 16_000_000
+# Pictures inside concept files (cover images, AUTOMATIC1111's embedding images) are thumbnails or
+# small renders; decoding costs memory by pixels, and a few KB of PNG can declare 13000x13000.
+MAX_EMBEDDED_PIXELS = 16_000_000
 
 
 def thumbnail_png_of_bytes(data: bytes, size: int = 128) -> bytes | None:
@@ -236,7 +237,7 @@ def thumbnail_png_of_bytes(data: bytes, size: int = 128) -> bytes | None:
     try:
         with _quiet_about_large_pictures(), Image.open(io.BytesIO(data)) as image:
             # A cover picture in a stranger's file: a few KB may declare a huge one (skipped).
-            if image.width * image.height > _MAX_EMBEDDED_PIXELS:
+            if image.width * image.height > MAX_EMBEDDED_PIXELS:
                 return None
             return _thumbnail(as_rgb(image), size)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):

@@ -75,7 +75,8 @@ def _dist(ep) -> tuple[str, str]:
     return dist.metadata["Name"] or "?", dist.version or "?"
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """``exc`` as "Type: message", its first line only."""
     text = f"{type(exc).__name__}: {exc}".strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -95,7 +96,7 @@ def discover(refresh: bool = False) -> Registry:
             try:
                 load(registry, ep, f"{dist}:{ep.name}")
             except (Exception, SystemExit) as exc:  # a broken plugin is reported, never fatal
-                error = _one_line(exc)
+                error = one_line(exc)
             if not had_keras and "keras" in sys.modules and registry.keras_imported_by is None:
                 registry.keras_imported_by = f"{dist}:{ep.name}"
             registry.infos.append(PluginInfo(group, ep.name, ep.value, dist, version, error))

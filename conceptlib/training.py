@@ -620,8 +620,9 @@ def _start_trainer(trainer_cls, name: str):
     except ConceptlibError:
         raise
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-        raise PluginError(f"trainer plugin {name!r} could not start ({reason}); run `conceptlib plugins` "
+        from conceptlib.plugins import one_line
+
+        raise PluginError(f"trainer plugin {name!r} could not start ({one_line(exc)}); run `conceptlib plugins` "
                           "or ask the plugin's author") from None
 
 
@@ -781,7 +782,8 @@ def prepare(config: TrainingConfig | None, *, library=None, resume: str | Path |
         config.run_dir = str(run_dir.path)
         extra = {
             "image_sha256": hashes, "captions": captions, "init_ids": init_ids,
-            "init_tokens": _init_tokens(tokenizer, init_ids), "random_weights": job.random_weights, "trainer_version": str(getattr(trainer_cls, "version", "?")),
+            "init_tokens": _init_tokens(tokenizer, init_ids), "random_weights": job.random_weights,
+            "trainer_version": str(getattr(trainer_cls, "version", "?")),
             "started": _dt.datetime.now().isoformat(timespec="seconds"),
         }
         if pack.text is not None:  # a template file: --resume trains with these lines, whatever the file becomes
@@ -1092,8 +1094,8 @@ def train(
             raise
         except ConceptlibError as exc:  # a full disk, weights gone: the run itself can go on
             job.progress.end_line()
-            # (what add_note does, on Python 3.10 too)
-            exc.__notes__ = [*getattr(exc, "__notes__", []), f"Once that is fixed, the run can go on. {_continue_hint(job)}"]
+            hint = f"Once that is fixed, the run can go on. {_continue_hint(job)}"
+            exc.__notes__ = [*getattr(exc, "__notes__", []), hint]  # add_note(), which Python 3.10 lacks
             raise
         header = finish(job, result, trainer_version=str(getattr(trainer, "version", "?")))
     return header, job

@@ -166,7 +166,8 @@ def read_legacy_h5(path, datasets, *, dtypes=None, shapes=None) -> list:
     return arrays
 
 
-def _weights_dir(weights_dir) -> Path | None:
+def weights_folder(weights_dir=None) -> Path | None:
+    """The weights folder given (``weights_dir``, else ``$CONCEPTLIB_WEIGHTS``), or None."""
     if weights_dir is not None:
         return Path(weights_dir).expanduser()
     if os.environ.get(ENV_VAR):
@@ -192,7 +193,7 @@ def resolve_weights(
     validate_base_model(base_model)
     parts = _validate_parts(parts)
     search = _search_dirs(weights_dir)
-    given = _weights_dir(weights_dir)
+    given = weights_folder(weights_dir)
     resolved = find_local_weights(base_model, weights_dir, parts)
     missing = [part for part in parts if part not in resolved]
     if missing and (not download or given is not None):
@@ -245,13 +246,8 @@ def local_weight_files(base_model: str, weights_dir: str | os.PathLike | None = 
     return found
 
 
-def weights_folder(weights_dir=None) -> Path | None:
-    """The weights folder given (``weights_dir``, else ``$CONCEPTLIB_WEIGHTS``), or None."""
-    return _weights_dir(weights_dir)
-
-
 def _search_dirs(weights_dir) -> list[Path]:
-    directory = _weights_dir(weights_dir)
+    directory = weights_folder(weights_dir)
     source = "--weights" if weights_dir is not None else f"${ENV_VAR}"
     if directory is not None and directory.exists() and not directory.is_dir():
         raise WeightsError(f"weights folder {directory} (from {source}) is a file, not a folder; point {source} at the "

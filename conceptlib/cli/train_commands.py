@@ -126,13 +126,13 @@ def _say_what_next(job, header) -> None:
     result line for scripts)."""
     import shlex
 
+    from conceptlib.training import RANDOM_WEIGHTS
+
     run = job.run_dir
     previews = len(list(run.previews.glob("step-*.png"))) if run.previews.is_dir() else 0
     shown = f"{previews} preview(s) in {run.previews}; " if previews else ""
     click.echo(f"Run folder {run.path}: {shown}`conceptlib runs {run.path.name}` lists its checkpoints, to add an "
                "earlier step instead if the last one overfits", err=True)
-    from conceptlib.training import RANDOM_WEIGHTS
-
     share = f"conceptlib export {header.name} --format a1111 --out DIR (or diffusers, kohya, ...)"
     weights = job.config.weights
     if weights == RANDOM_WEIGHTS:  # in memory only: nothing to generate with
@@ -279,9 +279,7 @@ def _show_run(library, name: str, as_json: bool) -> None:
     config = run.read()["config"]
     if as_json:
         # A diverged run's mean loss is NaN, which JSON cannot hold: null, as `show --json` does for norms.
-        finite = [dict(step, loss=step["loss"] if step["loss"] is None or math.isfinite(step["loss"]) else None)
-                  for step in steps]
-        click.echo(json.dumps(dict(summary, config=_json_safe(config), steps=finite), indent=2, allow_nan=False))
+        click.echo(json.dumps(_json_safe(dict(summary, config=config, steps=steps)), indent=2, allow_nan=False))
         return
     in_runs_folder = run.path.resolve().parent == Path(library.runs_dir).resolve()
     click.echo(_run_line(summary, None if in_runs_folder else str(run.path)))

@@ -103,22 +103,20 @@ def write(data: dict, picture) -> bytes:
 
 # -- reading ---------------------------------------------------------------------------------------
 
-# Decoding costs memory by pixels, not by file size: a 200 KB PNG can declare 13000x13000.
-_MAX_PIXELS = 16_000_000
-
-
 def _open(path: Path):
     """(RGB pixels, the sd-ti-embedding text or None); (None, None) for a picture too large to be
     an embedding image that has no embedding text (a photo)."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
+    from conceptlib.images import MAX_EMBEDDED_PIXELS
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
             with Image.open(path) as image:
                 text = getattr(image, "text", {}).get(TEXT_KEY)  # text chunks: read without the pixels
-                if image.width * image.height > _MAX_PIXELS:
+                if image.width * image.height > MAX_EMBEDDED_PIXELS:
                     if text is None:
                         return None, None  # a big photo (an embedding image is small): not decoded
                     raise ConceptFileError(

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from conceptlib.concept import DIMS, FORMAT, MAX_VECTORS, Concept, slug_from_token, suggested_token, validate_token
 from conceptlib.errors import ConceptError, ConceptFileError, UnsupportedFormatError, UsageError
-from conceptlib.files import MAX_HEADER_BYTES, FileHeader, read_file_header
+from conceptlib.files import (
+    MAX_HEADER_BYTES, FileHeader, FileTooLarge, NotARegularFile, read_file_header, read_small_file,
+)
 from conceptlib.formats import a1111_image
 from conceptlib.formats.a1111_image import IMAGE_SUFFIXES
 from conceptlib.library import is_valid_name
@@ -325,24 +327,18 @@ def _folder_preview(folder: Path) -> dict[str, str]:
 
 
 def _read_text(path: Path, limit: int = 4096) -> str:
-    """A concept folder's small text file (a token, a concept type), "" if there is none. Opened
-    without waiting (a FIFO there must not hang the import) and read only if it is a regular file
-    of at most ``limit`` bytes (not a link to /dev/zero)."""
-    import stat
-
+    """A concept folder's small text file (a token, a concept type), "" if there is none; a pipe,
+    device or long file there is refused unread (``read_small_file``)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        data = read_small_file(path, limit)
     except FileNotFoundError:
         return ""
     except OSError as exc:
         raise ConceptFileError(f"{path}: cannot read ({exc.strerror or exc}); fix or delete the file") from None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConceptFileError(f"{path}: not a regular file (a pipe, device or folder); replace it with a "
-                                   "text file or delete it")
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise ConceptFileError(f"{path}: more than {limit} bytes, where it holds a word or two; fix or delete the file")
+    except NotARegularFile as exc:
+        raise ConceptFileError(f"{path}: {exc}; replace it with a text file or delete it") from None
+    except FileTooLarge as exc:
+        raise ConceptFileError(f"{path}: {exc}, where it holds a word or two; fix or delete the file") from None
     try:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError as exc:

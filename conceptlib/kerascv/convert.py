@@ -343,25 +343,22 @@ _MAX_JSON_BYTES = 16 * 1024 * 1024
 
 
 def _read_json(path: Path, what: str) -> dict:
-    import stat
+    from conceptlib.files import FileTooLarge, NotARegularFile, read_small_file
 
     try:
-        # Without waiting (a FIFO must not hang the command), and only a regular file's first bytes.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        data = read_small_file(path, _MAX_JSON_BYTES)
     except FileNotFoundError:
         raise WeightsError(f"{path} is missing; {what}") from None
     except OSError as exc:
         raise WeightsError(f"{path} cannot be read ({exc.strerror or exc}); download it again") from None
+    except NotARegularFile:
+        raise WeightsError(f"{path} is not a regular file (a pipe, device or folder); download it again") from None
+    except FileTooLarge:
+        raise WeightsError(f"{path} is larger than {_MAX_JSON_BYTES // 2**20} MB, which no pipeline's JSON is; "
+                           "download it again") from None
     try:
-        with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise WeightsError(f"{path} is not a regular file (a pipe, device or folder); download it again")
-            data = handle.read(_MAX_JSON_BYTES + 1)
-        if len(data) > _MAX_JSON_BYTES:
-            raise WeightsError(f"{path} is larger than {_MAX_JSON_BYTES // 2**20} MB, which no pipeline's JSON is; "
-                               "download it again")
         value = json.loads(data.decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise WeightsError(f"{path} is not valid JSON ({_first_line(exc)}); download it again") from None
     if not isinstance(value, dict):
         raise WeightsError(f"{path} is not a JSON object; download it again")

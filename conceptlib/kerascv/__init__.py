@@ -24,9 +24,10 @@ def set_default_backend(backend: str | None = None) -> str:
 
 def quiet_tensorflow_logs(backend: str) -> None:
     """Before TensorFlow is imported: no INFO/WARNING lines from its C++ side. On the JAX backend
-    keras-cv imports TensorFlow but runs nothing on it, so its oneDNN notice is turned off with
-    oneDNN itself; on the TensorFlow backend oneDNN stays on, as it is TensorFlow's fast CPU path
-    (``import_tensorflow_quietly`` keeps its notice out of stderr). The user's settings win."""
+    keras-cv may import TensorFlow (``sd_modules`` avoids it where it can) but runs nothing on it,
+    so its oneDNN notice is turned off with oneDNN itself; on the TensorFlow backend oneDNN stays
+    on, as it is TensorFlow's fast CPU path (``import_tensorflow_quietly`` keeps its notice out of
+    stderr). The user's settings win."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if backend == "jax":
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

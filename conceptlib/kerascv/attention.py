@@ -31,7 +31,9 @@ __all__ = ["AttentionPatch", "InstanceCallPatch", "fused_attention", "attention_
 
 def attention_layers(model) -> list:
     """Every keras-cv Stable Diffusion ``CrossAttention`` layer inside ``model`` (any depth)."""
-    from keras_cv.src.models.stable_diffusion.diffusion_model import CrossAttention
+    from conceptlib.kerascv.sd_modules import stable_diffusion_module
+
+    CrossAttention = stable_diffusion_module("diffusion_model").CrossAttention
 
     return [layer for layer in model._flatten_layers(include_self=True, recursive=True)
             if isinstance(layer, CrossAttention)]

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from conceptlib.errors import WeightsError
-from conceptlib.kerascv import keras_module
+from conceptlib.kerascv.sd_modules import stable_diffusion_module
 from conceptlib.weights import PARTS, validate_base_model
 
 MAX_PROMPT_LENGTH = 77
@@ -109,11 +109,8 @@ def _initialisers_skipped(weights):
 def build_text_encoder(base_model: str, weights=None):
     """keras-cv's TextEncoder (sd-1, 768-d) or TextEncoderV2 (sd-2, 1024-d)."""
     validate_base_model(base_model)
-    keras_module()
-    from keras_cv.models.stable_diffusion import TextEncoder
-    from keras_cv.src.models.stable_diffusion.text_encoder import TextEncoderV2
-
-    cls = TextEncoder if base_model == "sd-1" else TextEncoderV2
+    module = stable_diffusion_module("text_encoder")
+    cls = module.TextEncoder if base_model == "sd-1" else module.TextEncoderV2
     with _initialisers_skipped(weights):
         model = cls(MAX_PROMPT_LENGTH, download_weights=False)
     _load(model, "text_encoder", weights)
@@ -131,10 +128,8 @@ def build_diffusion_model(base_model: str, img_size: int, weights=None):
     """keras-cv's DiffusionModel (sd-1) or DiffusionModelV2 (sd-2) for ``img_size`` pixels."""
     validate_base_model(base_model)
     img_size = _check_size(img_size)
-    keras_module()
-    from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel, DiffusionModelV2
-
-    cls = DiffusionModel if base_model == "sd-1" else DiffusionModelV2
+    module = stable_diffusion_module("diffusion_model")
+    cls = module.DiffusionModel if base_model == "sd-1" else module.DiffusionModelV2
     with _initialisers_skipped(weights):
         model = cls(img_size, img_size, MAX_PROMPT_LENGTH, download_weights=False)
     _load(model, "diffusion_model", weights)
@@ -145,9 +140,7 @@ def build_decoder(base_model: str, img_size: int, weights=None):
     """keras-cv's VAE Decoder (shared by sd-1 and sd-2) for ``img_size`` pixels."""
     validate_base_model(base_model)
     img_size = _check_size(img_size)
-    keras_module()
-    from keras_cv.models.stable_diffusion import Decoder
-
+    Decoder = stable_diffusion_module("decoder").Decoder
     with _initialisers_skipped(weights):
         model = Decoder(img_size, img_size, download_weights=False)
     _load(model, "decoder", weights)
@@ -156,9 +149,7 @@ def build_decoder(base_model: str, img_size: int, weights=None):
 
 def build_image_encoder(img_size: int | None = None, weights=None):
     """keras-cv's VAE ImageEncoder (any image size; returns the scaled posterior mean only)."""
-    keras_module()
-    from keras_cv.models.stable_diffusion import ImageEncoder
-
+    ImageEncoder = stable_diffusion_module("image_encoder").ImageEncoder
     with _initialisers_skipped(weights):
         model = ImageEncoder(download_weights=False)
     _load(model, "image_encoder", weights)
@@ -239,10 +230,8 @@ def _stable_diffusion_class(base_model: str) -> type:
     module (never keras-cv's downloads) and whose tokenizer is found offline."""
     if base_model in _SD_CLASSES:
         return _SD_CLASSES[base_model]
-    keras_module()
-    from keras_cv.models import StableDiffusion, StableDiffusionV2
-
-    base_cls = StableDiffusion if base_model == "sd-1" else StableDiffusionV2
+    module = stable_diffusion_module("stable_diffusion")
+    base_cls = module.StableDiffusion if base_model == "sd-1" else module.StableDiffusionV2
 
     def _part(self, attribute: str, part: str):
         if getattr(self, attribute) is None:
@@ -302,12 +291,10 @@ def build_stable_diffusion(base_model: str, img_size: int = 512, weights=None, *
 
 def base_model_of(sd) -> str:
     """'sd-2' for a StableDiffusionV2 instance, 'sd-1' for a StableDiffusion one."""
-    keras_module()
-    from keras_cv.models import StableDiffusion, StableDiffusionV2
-
-    if isinstance(sd, StableDiffusionV2):
+    module = stable_diffusion_module("stable_diffusion")
+    if isinstance(sd, module.StableDiffusionV2):
         return "sd-2"
-    if isinstance(sd, StableDiffusion):
+    if isinstance(sd, module.StableDiffusion):
         return "sd-1"
     from conceptlib.errors import ApplyError
 

@@ -37,9 +37,9 @@ LATENT_CHANNELS = 4
 
 def make_noise_scheduler():
     """keras-cv's NoiseScheduler with Stable Diffusion's scaled-linear training schedule."""
-    from keras_cv.models.stable_diffusion import NoiseScheduler
+    from conceptlib.kerascv.sd_modules import stable_diffusion_module
 
-    return NoiseScheduler(
+    return stable_diffusion_module("noise_scheduler").NoiseScheduler(
         train_timesteps=TRAIN_TIMESTEPS,
         beta_start=BETA_START,
         beta_end=BETA_END,
@@ -453,7 +453,10 @@ def ddim_schedule(num_steps: int):
     The square roots are taken in float64, then rounded, as Python floats times tensors are."""
     import numpy as np
     from keras import ops
-    from keras_cv.src.models.stable_diffusion.constants import _ALPHAS_CUMPROD
+
+    from conceptlib.kerascv.sd_modules import stable_diffusion_module
+
+    _ALPHAS_CUMPROD = stable_diffusion_module("constants")._ALPHAS_CUMPROD
 
     ratio = (TRAIN_TIMESTEPS - 1) / (num_steps - 1) if num_steps > 1 else TRAIN_TIMESTEPS
     timesteps = (np.arange(0, num_steps) * ratio).round().astype(np.int64)

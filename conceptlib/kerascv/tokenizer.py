@@ -139,9 +139,9 @@ def make_tokenizer(*, download: bool = True):
     """A keras-cv ``SimpleTokenizer`` built from the locally found vocabulary (no network when
     the vocabulary is found locally; a download with keras-cv's URL and hash otherwise)."""
     path = find_vocab_path(download=download)
-    from keras_cv.models.stable_diffusion import SimpleTokenizer
+    from conceptlib.kerascv.sd_modules import stable_diffusion_module
 
-    return _read_vocab(SimpleTokenizer, path)
+    return _read_vocab(stable_diffusion_module("clip_tokenizer").SimpleTokenizer, path)
 
 
 def make_clip_tokenizer(*, download: bool = True):

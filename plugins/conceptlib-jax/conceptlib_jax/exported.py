@@ -1,8 +1,8 @@
 """The jax trainer's step cache: a repeated run needs neither keras-cv's models nor TensorFlow.
 
 Tracing the step needs keras-cv's models, and getting them is most of a warm start on the GPU
-machine: importing keras-cv (which imports TensorFlow, ~15 s) and Keras' functional construction
-of the UNet (~14 s). Nothing after tracing needs them, because every frozen weight is an argument
+machine: importing keras-cv's modules (without TensorFlow on this backend, see
+conceptlib.kerascv.sd_modules) and Keras' functional construction of the UNet (~14 s). Nothing after tracing needs them, because every frozen weight is an argument
 of the step. So the first run of a configuration exports the traced step and the VAE posterior
 function with ``jax.export`` (StableHLO, weights as arguments) into the compilation-cache folder,
 together with the dataset of the legacy HDF5 weight file that each weight argument is read from.

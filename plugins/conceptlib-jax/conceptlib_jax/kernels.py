@@ -23,7 +23,9 @@ from conceptlib.kerascv.attention import InstanceCallPatch
 
 
 def _padded_convs(model) -> list:
-    from keras_cv.src.models.stable_diffusion.padded_conv2d import PaddedConv2D
+    from conceptlib.kerascv.sd_modules import stable_diffusion_module
+
+    PaddedConv2D = stable_diffusion_module("padded_conv2d").PaddedConv2D
 
     return [layer for layer in model._flatten_layers(include_self=True, recursive=True)
             if isinstance(layer, PaddedConv2D)]

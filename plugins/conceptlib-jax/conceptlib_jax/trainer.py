@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -685,6 +686,8 @@ class JaxTrainer:
         self.report["peak_memory_gib_after"] = peaks
         self.report["timings"] = {k: round(v - timings["start"], 3) for k, v in timings.items()}
         self.report["longest_step_gap_s"] = round(job.longest_step_gap, 3)
+        # keras-cv's Stable Diffusion modules load without it on this backend (kerascv.sd_modules).
+        self.report["tensorflow_imported"] = "tensorflow" in sys.modules
         if "prepared" in job.timings:  # conceptlib.training.prepare's checks, before this trainer
             self.report["timings"]["job_prepared"] = round(job.timings["prepared"] - timings["start"], 3)
         job.timings.update({f"jax_{k}": v for k, v in timings.items()})

@@ -1,0 +1,97 @@
+"""keras-cv's Stable Diffusion modules, on the JAX backend imported without TensorFlow.
+
+``import keras_cv`` imports TensorFlow even on the JAX backend, where nothing runs on it: its
+backend config asks TensorFlow which Keras it uses, and its package ``__init__`` files import every
+model and layer it has. On the GPU machine that is 7.7 s of TensorFlow and 6.2 s of keras-cv
+before the jax trainer can build a model. The Stable Diffusion modules themselves need only Keras.
+
+So ``stable_diffusion_module`` loads them, on the JAX backend and while keras_cv is not imported
+yet, from keras-cv's own files under stand-ins for the parent packages (the package ``__init__``
+files skipped, the backend config answering "Keras 3" without asking TensorFlow), then takes the
+stand-ins out of ``sys.modules``. A later ``import keras_cv`` imports the whole package as usual
+and reuses the modules already loaded, so ``keras_cv.models.StableDiffusion`` is still the class
+of the models built here. Any other keras-cv version than the one this was checked on, any other
+backend, or any failure takes the usual ``import keras_cv``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+PACKAGE = "keras_cv.src.models.stable_diffusion"
+# The keras-cv versions whose package layout the stand-ins were written for.
+CHECKED_VERSIONS = ("0.9.0",)
+
+
+def stable_diffusion_module(name: str) -> types.ModuleType:
+    """keras-cv's ``keras_cv.src.models.stable_diffusion.<name>`` module (``diffusion_model``,
+    ``text_encoder``, ``stable_diffusion``, ...), with the backend already chosen."""
+    from conceptlib.kerascv import keras_module
+
+    full = f"{PACKAGE}.{name}"
+    if full in sys.modules:
+        return sys.modules[full]
+    keras = keras_module()
+    if keras.config.backend() == "jax" and "keras_cv" not in sys.modules and _version() in CHECKED_VERSIONS:
+        try:
+            return _import_without_tensorflow(full, keras)
+        except Exception:
+            _forget_partial_import()
+    import keras_cv  # noqa: F401  (the whole package; it imports TensorFlow)
+
+    return importlib.import_module(full)
+
+
+def tensorflow_skipped() -> bool:
+    """True when keras-cv's modules were loaded without TensorFlow in this process."""
+    return "tensorflow" not in sys.modules and any(name.startswith(PACKAGE + ".") for name in sys.modules)
+
+
+def _version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("keras-cv")
+    except PackageNotFoundError:
+        return None
+
+
+def _import_without_tensorflow(full: str, keras) -> types.ModuleType:
+    spec = importlib.util.find_spec("keras_cv")  # finds the package without running its __init__
+    root = Path(spec.origin).parent / "src"
+    placed = []
+
+    def stand_in(name, folder=None, **attributes):
+        module = types.ModuleType(name)
+        if folder is not None:
+            module.__path__ = [str(folder)]
+        module.__dict__.update(attributes)
+        sys.modules[name] = module
+        placed.append(name)
+        return module
+
+    try:
+        stand_in("keras_cv", root.parent)
+        stand_in("keras_cv.src", root)
+        config = stand_in("keras_cv.src.backend.config", keras_3=lambda: True, backend=keras.config.backend)
+        # What keras-cv's backend package sets up on Keras 3, minus its TensorFlow ops.
+        keras.backend.name_scope = keras.name_scope
+        backend = stand_in("keras_cv.src.backend", root / "backend", keras=keras, config=config,
+                           supports_ragged=lambda: False)
+        stand_in("keras_cv.src.models", root / "models")
+        stand_in(PACKAGE, root / "models" / "stable_diffusion")
+        backend.ops = importlib.import_module("keras_cv.src.backend.ops")
+        backend.random = importlib.import_module("keras_cv.src.backend.random")
+        return importlib.import_module(full)
+    finally:
+        for name in placed:
+            sys.modules.pop(name, None)
+
+
+def _forget_partial_import() -> None:
+    for name in [name for name in sys.modules if name == "keras_cv" or name.startswith("keras_cv.")]:
+        del sys.modules[name]

@@ -20,6 +20,14 @@ def _worker(case: str) -> None:
 
     if case == "unchecked-version":
         sd_modules.CHECKED_VERSIONS = ()
+    if case == "failing":  # loads keras-cv's modules, then fails as a changed layout might
+        real = sd_modules._import_without_tensorflow
+
+        def failing(full, keras):
+            real(full, keras)
+            raise AttributeError("module 'keras_cv.src.backend' has no attribute 'something_new'")
+
+        sd_modules._import_without_tensorflow = failing
     encoder = models.build_text_encoder("sd-1")
     ids = make_tokenizer(download=False).encode("a photo of a cat")
     report = {"tensorflow_after_build": "tensorflow" in sys.modules, "skipped": sd_modules.tensorflow_skipped(),
@@ -52,8 +60,8 @@ def test_jax_backend_builds_keras_cv_models_without_tensorflow():
     assert report["same_encoder_class"] and report["same_sd_class"]
 
 
-@pytest.mark.parametrize("case,backend", [("unchecked-version", "jax"), ("lite", "tensorflow")])
-def test_other_versions_and_backends_import_the_whole_package(case, backend):
+@pytest.mark.parametrize("case,backend", [("unchecked-version", "jax"), ("failing", "jax"), ("lite", "tensorflow")])
+def test_other_versions_backends_and_failures_import_the_whole_package(case, backend):
     report = _run(case, backend)
     assert report["tensorflow_after_build"] and not report["skipped"]
     assert report["same_encoder_class"] and report["same_sd_class"]

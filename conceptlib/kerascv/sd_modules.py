@@ -19,12 +19,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import threading
 import types
 from pathlib import Path
 
 PACKAGE = "keras_cv.src.models.stable_diffusion"
 # The keras-cv versions whose package layout the stand-ins were written for.
 CHECKED_VERSIONS = ("0.9.0",)
+_LOCK = threading.RLock()
 
 
 def stable_diffusion_module(name: str) -> types.ModuleType:
@@ -36,14 +38,20 @@ def stable_diffusion_module(name: str) -> types.ModuleType:
     if full in sys.modules:
         return sys.modules[full]
     keras = keras_module()
-    if keras.config.backend() == "jax" and "keras_cv" not in sys.modules and _version() in CHECKED_VERSIONS:
-        try:
-            return _import_without_tensorflow(full, keras)
-        except Exception:
-            _forget_partial_import()
-    import keras_cv  # noqa: F401  (the whole package; it imports TensorFlow)
+    # One thread at a time: the stand-ins are process-wide (the jax trainer builds preview models
+    # in a background thread).
+    with _LOCK:
+        if keras.config.backend() == "jax" and "keras_cv" not in sys.modules and _version() in CHECKED_VERSIONS:
+            before = set(sys.modules)
+            try:
+                return _import_without_tensorflow(full, keras)
+            except Exception:  # the whole package then, as if this had not been tried
+                for added in set(sys.modules) - before:
+                    if added.startswith("keras_cv"):
+                        del sys.modules[added]
+        import keras_cv  # noqa: F401  (the whole package; it imports TensorFlow)
 
-    return importlib.import_module(full)
+        return importlib.import_module(full)
 
 
 def tensorflow_skipped() -> bool:
@@ -91,7 +99,3 @@ def _import_without_tensorflow(full: str, keras) -> types.ModuleType:
         for name in placed:
             sys.modules.pop(name, None)
 
-
-def _forget_partial_import() -> None:
-    for name in [name for name in sys.modules if name == "keras_cv" or name.startswith("keras_cv.")]:
-        del sys.modules[name]

@@ -146,10 +146,9 @@ def validate_vectors(vectors, *, source: str = "concept") -> "np.ndarray":
         )
     num, dim = array.shape
     if dim not in BASE_MODEL_BY_DIM:
-        raise ConceptError(
-            f"{source}: vector width {dim} is not 768 (SD 1.x) or 1024 (SD 2.x); "
-            "this file was not made for a Stable Diffusion 1.x/2.x text encoder"
-        )
+        made_for = ("this is SDXL's second text encoder (CLIP-G), and KerasCV has no SDXL" if dim == 1280 else
+                    "this file was not made for a Stable Diffusion 1.x/2.x text encoder")
+        raise ConceptError(f"{source}: vector width {dim} is not 768 (SD 1.x) or 1024 (SD 2.x); {made_for}")
     if num < 1 or num > MAX_VECTORS:
         raise ConceptError(f"{source}: {num} vectors; a concept needs 1 to {MAX_VECTORS} vectors")
     if not np.isfinite(array).all():

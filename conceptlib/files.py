@@ -328,8 +328,8 @@ def concept_metadata(concept: Concept) -> dict[str, str]:
     metadata.setdefault("modelspec.resolution", "512x512")
     metadata.setdefault("modelspec.prediction_type", "epsilon")
     if metadata.get("preview"):
-        # Where other tools look for it: model pickers read the spec's thumbnail key; AUTOMATIC1111's
-        # Extra Networks cards and ComfyUI's model previews read kohya's cover images.
+        # Where other tools look for it: model pickers read the spec's thumbnail key; ComfyUI's model
+        # previews read kohya's cover images (AUTOMATIC1111 only for LoRAs: export --with-preview).
         metadata["modelspec.thumbnail"] = "data:image/png;base64," + metadata["preview"]
         metadata["ssmd_cover_images"] = json.dumps([metadata["preview"]])
     metadata.setdefault("init_tokens", "[]")

@@ -132,7 +132,7 @@ def test_described_keys_travel_with_exports(library, tmp_path):
         metadata = read_file_header(tmp_path / out).metadata
         assert metadata["modelspec.author"] == "Jo Doe" and metadata["modelspec.tags"] == "doll", fmt
         assert metadata["modelspec.thumbnail"].startswith("data:image/png;base64,iVBORw0KGgo")
-        # AUTOMATIC1111's Extra Networks cards and ComfyUI's model previews read kohya's cover images.
+        # ComfyUI's model previews read kohya's cover images.
         assert json.loads(metadata["ssmd_cover_images"]) == [library.get("cat-doll").metadata["preview"]]
 
 

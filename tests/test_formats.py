@@ -198,6 +198,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     safetensors_torch.save_file({"<n>": torch.tensor([[float("nan")] * 768])}, tmp_path / "nan.safetensors")
     torch.save({"<i>": torch.full((768,), float("inf"))}, tmp_path / "inf.bin")
     safetensors_torch.save_file({"a": torch.randn(768), "b": torch.randn(768)}, tmp_path / "two.safetensors")
+    safetensors_torch.save_file({"lora_up": torch.randn(4, 320), "lora_down": torch.randn(320, 4)},
+                                tmp_path / "lora.safetensors")
     safetensors_torch.save_file({"<i>": torch.arange(768)}, tmp_path / "ints.safetensors")
     torch.save({"<i>": torch.arange(768).reshape(1, 768)}, tmp_path / "ints.bin")
     safetensors_torch.save_file({"<big>": torch.zeros(2000, 768)}, tmp_path / "big.safetensors")
@@ -216,7 +218,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         "dim512.safetensors": "512",
         "nan.safetensors": "NaN or Inf",
         "inf.bin": "NaN or Inf",
-        "two.safetensors": "exactly one",
+        "two.safetensors": "holds 2 token embeddings (a, b)",
+        "lora.safetensors": "exactly one (is this a model checkpoint or a LoRA?)",
         "ints.safetensors": "I64",
         "ints.bin": "the embedding holds int64 values, but embeddings are floating-point",
         "big.safetensors": "has shape [2000, 768], larger than any textual-inversion embedding",
@@ -642,7 +645,7 @@ def test_misnamed_and_garbage_files_say_how_to_fix(tmp_path):
         "bare.pt": "holds a bare tensor of shape [1, 768], not a dictionary of embeddings; expected AUTOMATIC1111's "
                    "string_to_param or diffusers' {token: tensor}, so the token is unknown: re-save it as {'<token>': tensor}",
         "intkey.bin": "(keys: 5); expected AUTOMATIC1111's string_to_param or diffusers' {token: tensor}",
-        "twotok.bin": "(keys: <a>, <b>); expected AUTOMATIC1111's string_to_param or diffusers' {token: tensor}",
+        "twotok.bin": "holds 2 token embeddings (<a>, <b>); conceptlib, like AUTOMATIC1111 and diffusers, takes one",
     }
     for name, needle in expected.items():
         with pytest.raises(ConceptFileError) as info:
@@ -887,3 +890,92 @@ def test_a_file_name_that_is_not_utf8_is_escaped_in_metadata(tmp_path):
     os.rename(folder / "tmp.safetensors", os.fsencode(folder) + b"/caf\xe9.safetensors")
     (concept,) = load_any(folder)
     assert concept.token == "<cafe>" and concept.metadata["source_file"] == "caf\\udce9.safetensors"
+
+
+# -- other tools' less common files (audit of diffusers', ComfyUI's, A1111's and kohya's sources) --
+
+
+def _sdxl_output(folder):
+    """What diffusers' textual_inversion_sdxl.py writes: CLIP-L rows (768) in learned_embeds.*,
+    CLIP-G rows (1280) in learned_embeds_2.*, and both every --save_steps."""
+    folder.mkdir()
+    for prefix, width in (("learned_embeds", 768), ("learned_embeds_2", 1280)):
+        _save_embeds(folder / f"{prefix}.safetensors", "<xl-toy>", torch.randn(1, width))
+        _save_embeds(folder / f"{prefix}-steps-500.safetensors", "<xl-toy>", torch.randn(1, width))
+    return folder
+
+
+def test_a_diffusers_sdxl_output_is_refused_whole_and_by_its_parts(tmp_path):
+    run = _sdxl_output(tmp_path / "xl-run")
+    for path in (run, run / "learned_embeds.safetensors", run / "learned_embeds-steps-500.safetensors"):
+        with pytest.raises(ConceptlibError, match="diffusers SDXL textual-inversion output.*KerasCV has no SDXL"):
+            load_any(path)
+    # Inside a folder being imported: the other concepts come in, the SDXL output is one line.
+    (tmp_path / "other.safetensors").write_bytes(safetensors_torch.save({"<o>": torch.randn(1, 768)}))
+    sources, skipped = discover(tmp_path)
+    assert [s.path.name for s in sources] == ["other.safetensors"]
+    assert [s.path for s in skipped] == [run] and "SDXL" in skipped[0].reason
+    # Its CLIP-G file alone says what 1280 wide means.
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    _save_embeds(lone / "clip-g.safetensors", "<xl>", torch.randn(1, 1280))
+    with pytest.raises(ConceptFileError, match="width 1280 .*SDXL's second text encoder"):
+        load_any(lone / "clip-g.safetensors")
+
+
+@pytest.mark.parametrize("key,width,container", [("clip_l", 768, "safetensors"), ("clip_h", 1024, "pt")])
+def test_a_text_encoder_keyed_file_is_named_by_its_file(tmp_path, key, width, container):
+    """diffusers' pivotal-tuning scripts save {"clip_l": rows} (ComfyUI's key for SD 1.x, clip_h
+    for SD 2.x): the key names the text encoder, not a token, so the file name is the word."""
+    path = tmp_path / f"toy-bird_emb.{container}"
+    vec = torch.randn(2, width)
+    if container == "safetensors":
+        safetensors_torch.save_file({key: vec}, path)
+    else:
+        torch.save({key: vec}, path)
+    concept = one(path)
+    assert (concept.name, concept.token) == ("toy-bird_emb", "toy-bird_emb")
+    assert concept.metadata["source_format"] == "pivotal"
+    np.testing.assert_array_equal(concept.vectors, vec.numpy())
+
+
+def test_flux_and_several_token_files_say_what_they_are(tmp_path):
+    flux = tmp_path / "flux.safetensors"
+    safetensors_torch.save_file({"clip_l": torch.randn(1, 768), "t5": torch.randn(1, 4096)}, flux)
+    with pytest.raises(UnsupportedFormatError, match="a FLUX embedding .*KerasCV has no FLUX"):
+        load_any(flux)
+    tokens = {"<a>": torch.randn(1, 768), "<b>": torch.randn(2, 768)}
+    for path in (tmp_path / "two.safetensors", tmp_path / "two.bin"):
+        if path.suffix == ".safetensors":
+            safetensors_torch.save_file(tokens, path)
+        else:
+            torch.save(tokens, path)
+        with pytest.raises(UnsupportedFormatError, match=r"holds 2 token embeddings \(<a>, <b>\); .* one token per file"):
+            load_any(path)
+
+
+def test_a_kohya_ckpt_is_read_when_named_and_passed_over_in_folders(tmp_path):
+    """kohya's --save_model_as ckpt: torch.save({"emb_params": rows}, NAME.ckpt)."""
+    path = tmp_path / "mychar.ckpt"
+    torch.save({"emb_params": torch.randn(4, 768)}, path)
+    concept = one(path)
+    assert (concept.name, concept.token, concept.metadata["source_format"]) == ("mychar", "mychar", "kohya")
+    _good_safetensors(tmp_path / "other.safetensors")
+    sources, skipped = discover(tmp_path)
+    assert [s.path.name for s in sources] == ["other.safetensors"]
+    assert [s.path.name for s in skipped] == ["mychar.ckpt"]
+
+
+def test_a_training_checkpoints_a1111_export_and_card_give_its_own_step(tmp_path):
+    from conceptlib.formats.model_card import model_card
+    from conceptlib.pickle_safe import load_tensor_pickle
+
+    metadata = {"training": json.dumps({"steps": 3000, "batch_size": 1}), "trainer": "jax",
+                "checkpoint_of": json.dumps({"run": "/runs/cat", "step": 500})}
+    concept = Concept("cat-step500", "<cat-step500>", np.ones((1, 768), np.float32), metadata)
+    path = export(concept, "a1111", tmp_path / "cat-step500.pt")
+    assert load_tensor_pickle(path)["step"] == 500  # A1111 resumes training from it
+    assert "step 500 of a planned 3000" in model_card(concept, preview_file=None)
+    finished = Concept("cat", "<cat>", np.ones((1, 768), np.float32), {"training": metadata["training"]})
+    path = export(finished, "a1111", tmp_path / "cat.pt")
+    assert load_tensor_pickle(path)["step"] == 3000

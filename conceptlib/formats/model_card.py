@@ -72,6 +72,16 @@ def _about(metadata: dict, user_tags: list[str]) -> list[str]:
     return rows
 
 
+def checkpoint_step(metadata: dict) -> int | None:
+    """The step of the training checkpoint a concept was imported from (``checkpoint_of``), else
+    None: its ``training`` settings then give the run's planned steps, not the ones trained."""
+    try:
+        step = json.loads(metadata.get("checkpoint_of") or "{}").get("step")
+        return int(step) if step is not None else None
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
 def _training(metadata: dict) -> str:
     try:
         settings = json.loads(metadata.get("training") or "{}")
@@ -79,7 +89,8 @@ def _training(metadata: dict) -> str:
         return ""
     if not isinstance(settings, dict) or "steps" not in settings:
         return ""
-    parts = [f"{settings['steps']} steps"]
+    step = checkpoint_step(metadata)
+    parts = [f"{settings['steps']} steps" if step is None else f"step {step} of a planned {settings['steps']}"]
     for key, label in (("batch_size", "batch"), ("learning_rate", "learning rate"), ("resolution", "px")):
         if key in settings:
             parts.append(f"{settings[key]} {label}" if key == "resolution" else f"{label} {settings[key]}")

@@ -23,13 +23,22 @@ from conceptlib.library import is_valid_name
 
 PICKLE_SUFFIXES = (".pt", ".bin", ".pth")
 FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+# kohya's --save_model_as ckpt: read when named, never picked from a folder (full model checkpoints
+# are .ckpt files too).
+NAMED_ONLY_SUFFIXES = (".ckpt",)
 # What a folder import looks for (AUTOMATIC1111 also keeps embeddings inside images).
 _LOOKED_FOR = f"{', '.join(FILE_SUFFIXES)} files, AUTOMATIC1111 embedding images ({', '.join(IMAGE_SUFFIXES)})"
 # Files the diffusers / sd-concepts-library layouts keep next to the embedding.
 _FOLDER_EMBEDDINGS = ("learned_embeds.safetensors", "learned_embeds.bin")
 _FOLDER_TEXTS = ("token_identifier.txt", "type_of_concept.txt")
-# diffusers' textual_inversion.py saves these every --save_steps beside the final learned_embeds.*.
-_CHECKPOINT_RE = re.compile(r"^learned_embeds-steps-(\d+)\.(safetensors|bin)$")
+# diffusers' textual_inversion.py saves these every --save_steps beside the final learned_embeds.*
+# (textual_inversion_sdxl.py also learned_embeds_2-steps-N.*, its second text encoder's).
+_CHECKPOINT_RE = re.compile(r"^learned_embeds(?:_2)?-steps-(\d+)\.(safetensors|bin)$")
+# diffusers' textual_inversion_sdxl.py writes its second text encoder's (CLIP-G) rows here, beside
+# learned_embeds.* (CLIP-L, 768 wide: alone it would look like an SD 1.x concept).
+_SDXL_SECOND = ("learned_embeds_2.safetensors", "learned_embeds_2.bin")
+_SDXL_OUTPUT = ("a diffusers SDXL textual-inversion output (learned_embeds.* for CLIP-L beside learned_embeds_2.* "
+                "for CLIP-G); KerasCV has no SDXL, so conceptlib supports SD 1.x (768) and SD 2.x (1024) embeddings only")
 _CHECKPOINTS = "learned_embeds-steps-*"
 # A conceptlib training run folder (conceptlib.runs): config.json, checkpoints/step-N.npz, and
 # concept.safetensors once finished; init.safetensors is what an --init-from run started from.
@@ -37,6 +46,10 @@ _RUN_CHECKPOINTS = "checkpoints"
 # Library names derived from these file names would say nothing about the concept.
 _GENERIC_STEMS = {"learned_embeds", "emb_params", "embedding", "embeddings"}
 _SDXL_KEYS = {"clip_l", "clip_g"}
+_FLUX_KEYS = {"clip_l", "t5"}
+# Single keys that name no token: the file name is the prompt word (kohya, A1111's safetensors, and
+# ComfyUI's text-encoder keys, which diffusers' pivotal-tuning scripts write for SD 1.x / 2.x).
+_FILE_NAMED_KEYS = {"emb_params": "kohya", "*": "kohya", "clip_l": "pivotal", "clip_h": "pivotal"}
 _SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "bf16"}
 _MAX_LENGTH = 64  # of a token and of a name (concept.py)
 _NOT_REGULAR = ("not a regular file or folder (a device, pipe or socket); save the data to a "
@@ -78,7 +91,7 @@ def discover(path: str | os.PathLike) -> tuple[list[Source], list[Skipped]]:
     skipped: list[Skipped] = []
     _discover_folder(path, sources, skipped, seen=set(), root=path.resolve())
     if not sources:
-        checkpoints = [s for s in skipped if s.path in (path / _CHECKPOINTS, path / _RUN_CHECKPOINTS)]
+        checkpoints = [s for s in skipped if s.path in (path, path / _CHECKPOINTS, path / _RUN_CHECKPOINTS)]
         if checkpoints:
             raise ConceptFileError(f"{path}: {checkpoints[0].reason}")
         raise ConceptFileError(
@@ -100,6 +113,9 @@ def _discover_folder(folder: Path, sources: list[Source], skipped: list[Skipped]
     seen.add(folder.resolve())
     if (folder / "config.json").is_file() and (folder / _RUN_CHECKPOINTS).is_dir():
         _discover_run(folder, sources, skipped)
+        return
+    if _is_sdxl_output(folder):
+        skipped.append(Skipped(folder, _SDXL_OUTPUT))
         return
     try:
         entries = sorted(folder.iterdir())
@@ -162,7 +178,7 @@ def _discover_subfolder(folder: Path, sources: list[Source], skipped: list[Skipp
     if found:
         sources.extend(found)
         skipped.extend(inner)
-    elif any(s.path in (folder / _CHECKPOINTS, folder / _RUN_CHECKPOINTS) or s.reason.endswith(_NOT_FOLLOWED)
+    elif any(s.path in (folder, folder / _CHECKPOINTS, folder / _RUN_CHECKPOINTS) or s.reason.endswith(_NOT_FOLLOWED)
              for s in inner):  # said one by one: they tell why nothing was found
         skipped.extend(inner)
     else:
@@ -239,13 +255,15 @@ def load_any(path: str | os.PathLike, *, token: str | None = None, name: str | N
 def load_source(source: Source | str | os.PathLike, *, token: str | None = None, name: str | None = None) -> Concept:
     """Read one importable unit (see ``discover``) as a Concept, validated."""
     path = source.path if isinstance(source, Source) else Path(source)
+    if _is_sdxl_output(path) or (_is_diffusers_output_file(path.name) and _is_sdxl_output(path.parent)):
+        raise UnsupportedFormatError(f"{path}: {'' if path.is_dir() else 'part of '}{_SDXL_OUTPUT}")
     if path.is_dir():
         return _load_folder(path, token=token, name=name)
     if path.exists() and not path.is_file():
         raise ConceptFileError(f"{path}: {_NOT_REGULAR}")
     if path.suffix.lower() == ".safetensors":
         return _load_safetensors(path, token=token, name=name)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES + NAMED_ONLY_SUFFIXES:
         return _load_pickle(path, token=token, name=name)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return _load_image(path, token=token, name=name)
@@ -254,12 +272,20 @@ def load_source(source: Source | str | os.PathLike, *, token: str | None = None,
 
         return checkpoint_concept(path, name=name, token=token)
     raise UnsupportedFormatError(
-        f"{path}: unknown file type {path.suffix!r}; expected {', '.join(FILE_SUFFIXES + IMAGE_SUFFIXES)} "
+        f"{path}: unknown file type {path.suffix!r}; expected {', '.join(FILE_SUFFIXES + NAMED_ONLY_SUFFIXES + IMAGE_SUFFIXES)} "
         "(or a conceptlib training checkpoint, RUN/checkpoints/step-N.npz)"
     )
 
 
 # -- folders --------------------------------------------------------------------------------------
+
+def _is_sdxl_output(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _SDXL_SECOND)
+
+
+def _is_diffusers_output_file(name: str) -> bool:
+    return name in _FOLDER_EMBEDDINGS + _SDXL_SECOND or bool(_CHECKPOINT_RE.match(name))
+
 
 def _is_concept_folder(path: Path) -> bool:
     """learned_embeds.* and no other concept files than training checkpoints (else it is a folder
@@ -365,8 +391,9 @@ def _load_safetensors(path: Path, *, token: str | None, name: str | None) -> Con
         )
     header = read_file_header(path)  # validates framing, truncation, JSON
     keys = [t.key for t in header.tensors]
-    _refuse_sdxl(path, keys)
+    _refuse_other_models(path, keys)
     if len(keys) != 1:
+        _refuse_several_tokens(path, {t.key: t.shape for t in header.tensors})
         raise UnsupportedFormatError(
             f"{path}: holds {len(keys)} tensors ({', '.join(keys[:5]) or 'none'}{', ...' if len(keys) > 5 else ''}); "
             "a textual-inversion embedding holds exactly one (is this a model checkpoint or a LoRA?)"
@@ -379,11 +406,11 @@ def _load_safetensors(path: Path, *, token: str | None, name: str | None) -> Con
     if metadata.get("format") == FORMAT and key not in ("emb_params", "*"):
         # Our own file: it names itself.
         return _make(path, metadata.get("name"), key, vectors, metadata, token=token, name=name, fmt=None)
-    if key in ("emb_params", "*"):
-        # kohya-ss (and A1111's safetensors variant): the file name is the trigger word.
+    if key in _FILE_NAMED_KEYS:
+        # kohya-ss, A1111's safetensors variant, pivotal tuning: the file name is the trigger word.
         trigger = metadata.get("modelspec.trigger_phrase") or _token_from_text(path.stem)
-        metadata["source_format"] = "kohya"
-        return _make(path, path.stem, trigger, vectors, metadata, token=token, name=name, fmt="kohya")
+        metadata["source_format"] = _FILE_NAMED_KEYS[key]
+        return _make(path, path.stem, trigger, vectors, metadata, token=token, name=name, fmt=_FILE_NAMED_KEYS[key])
     metadata["source_format"] = "diffusers"
     return _make(path, None, key, vectors, metadata, token=token, name=name, fmt="diffusers")
 
@@ -488,13 +515,19 @@ def _load_embedding_dict(path: Path, data, what: str, *, word: str, token: str |
         )
     if not isinstance(data, dict):
         raise UnsupportedFormatError(f"{path}: holds a {type(data).__name__}, not a dictionary of embeddings; {expected}")
-    _refuse_sdxl(path, list(data))
+    _refuse_other_models(path, list(data))
     if "string_to_param" in data:
         return _load_a1111(path, data, word=word, token=token, name=name)
     if "emb_params" in data and _is_array(data["emb_params"]):
         return _make(path, path.stem, _token_from_text(path.stem), data["emb_params"], {"source_format": "kohya"},
                      token=token, name=name, fmt="kohya")
     tensors = {k: v for k, v in data.items() if _is_array(v)}
+    if len(data) == 1 and set(tensors) & {"clip_l", "clip_h"}:
+        (key, vectors), = tensors.items()
+        return _make(path, path.stem, _token_from_text(path.stem), vectors, {"source_format": "pivotal"},
+                     token=token, name=name, fmt="pivotal")
+    if len(data) == len(tensors) > 1:
+        _refuse_several_tokens(path, {key: tuple(value.shape) for key, value in tensors.items()})
     if len(data) == 1 and len(tensors) == 1 and isinstance(next(iter(tensors)), str):
         key, vectors = next(iter(tensors.items()))
         return _make(path, None, key, vectors, {"source_format": "diffusers"}, token=token, name=name, fmt="diffusers")
@@ -568,11 +601,23 @@ def _is_array(value) -> bool:
     return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
-def _refuse_sdxl(path: Path, keys) -> None:
-    if _SDXL_KEYS <= set(keys):
+def _refuse_other_models(path: Path, keys) -> None:
+    """SDXL and FLUX embeddings: one tensor per text encoder, for models KerasCV does not have."""
+    for model, encoders in (("SDXL", _SDXL_KEYS), ("FLUX", _FLUX_KEYS)):
+        if encoders <= set(keys):
+            raise UnsupportedFormatError(
+                f"{path}: a{'n' if model == 'SDXL' else ''} {model} embedding ({' + '.join(sorted(encoders))}, two text "
+                f"encoders); KerasCV has no {model}, so conceptlib supports SD 1.x (768) and SD 2.x (1024) embeddings only"
+            )
+
+
+def _refuse_several_tokens(path: Path, shapes: dict) -> None:
+    """A file of several token embeddings (every tensor (n, d) or (d,) with d an SD width)."""
+    if len(shapes) > 1 and all(0 < len(shape) <= 2 and shape[-1] in DIMS.values() for shape in map(tuple, shapes.values())):
+        keys = ", ".join(_short(str(key), 40) for key in list(shapes)[:5]) + (", ..." if len(shapes) > 5 else "")
         raise UnsupportedFormatError(
-            f"{path}: an SDXL embedding (clip_l + clip_g, two text encoders); KerasCV has no SDXL, so "
-            "conceptlib supports SD 1.x (768) and SD 2.x (1024) embeddings only"
+            f"{path}: holds {len(shapes)} token embeddings ({keys}); conceptlib, like AUTOMATIC1111 and diffusers, "
+            "takes one token per file: save each token's tensor to a file of its own and import those"
         )
 
 

@@ -70,8 +70,8 @@ def a1111_prompt_word(concept: Concept, target: Path) -> str:
 
 
 def _one_vector_flat(concept: Concept):
-    """A single vector as shape [dim], as diffusers' training script and sd-concepts-library files
-    store it: InvokeAI's installer reads a token-keyed tensor's width from its first dimension."""
+    """A single vector as shape [dim], as sd-concepts-library files store it: InvokeAI's installer
+    reads a token-keyed tensor's width from its first dimension (diffusers loads either shape)."""
     return concept.vectors[0] if concept.num_vectors == 1 else concept.vectors
 
 
@@ -148,16 +148,21 @@ def _default_file(concept: Concept, fmt: str) -> str:
 
 
 def _a1111_dict(concept: Concept, target: Path) -> dict:
-    """AUTOMATIC1111's fields: the prompt word as ``name``; the step from our training metadata,
-    else (a concept imported from an A1111 file) the step and checkpoint fields it was imported
-    with, so a round trip keeps them."""
+    """AUTOMATIC1111's fields: the prompt word as ``name``; the step from our training metadata
+    (a training checkpoint's own step, not the run's planned steps: A1111 resumes training from
+    it), else (a concept imported from an A1111 file) the step and checkpoint fields it was
+    imported with, so a round trip keeps them."""
     import json
+
+    from conceptlib.formats.model_card import checkpoint_step
 
     metadata = concept.metadata
     fields = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
     if "training" in metadata:
+        fields["step"] = checkpoint_step(metadata)
         try:
-            fields["step"] = int(json.loads(metadata["training"]).get("steps"))
+            if fields["step"] is None:
+                fields["step"] = int(json.loads(metadata["training"]).get("steps"))
         except (ValueError, TypeError, AttributeError):
             pass
     else:

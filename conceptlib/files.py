@@ -30,6 +30,10 @@ MODELSPEC_ARCHITECTURE = {
     "sd-1": "stable-diffusion-v1/textual-inversion",
     "sd-2": "stable-diffusion-v2-512/textual-inversion",
 }
+# Each base model's family in ModelSpec: an imported file's own architecture of the same family
+# (e.g. kohya's stable-diffusion-v2-768-v, the same text encoder) is kept with its resolution and
+# prediction type; one of another family is replaced, since the vectors' width decides.
+_MODELSPEC_FAMILY = {"sd-1": "stable-diffusion-v1", "sd-2": "stable-diffusion-v2"}
 # The ModelSpec keys a user describes a concept with (`conceptlib describe`), by option name.
 DESCRIPTIVE_KEYS = {
     "title": "modelspec.title",
@@ -308,6 +312,13 @@ def concept_metadata(concept: Concept) -> dict[str, str]:
     metadata = dict(concept.metadata)
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     metadata.setdefault("created_at", now)
+    architecture = metadata.get("modelspec.architecture", "")
+    family = _MODELSPEC_FAMILY[concept.base_model]
+    if not (architecture.startswith((family + "/", family + "-")) and architecture.endswith("/textual-inversion")):
+        if architecture:  # it named another model, and so do these
+            metadata.pop("modelspec.resolution", None)
+            metadata.pop("modelspec.prediction_type", None)
+        architecture = MODELSPEC_ARCHITECTURE[concept.base_model]
     metadata.update(
         {
             "format": FORMAT,
@@ -317,7 +328,7 @@ def concept_metadata(concept: Concept) -> dict[str, str]:
             "dim": str(concept.dim),
             "base_model": concept.base_model,
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": MODELSPEC_ARCHITECTURE[concept.base_model],
+            "modelspec.architecture": architecture,
             "modelspec.implementation": "conceptlib",
             "modelspec.title": metadata.get("modelspec.title") or concept.name,
             "modelspec.trigger_phrase": concept.token,

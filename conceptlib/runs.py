@@ -292,12 +292,12 @@ def run_summary(run: RunDirectory) -> dict:
         saved = run.read()
         run.read_config()  # settings `--resume` would refuse: not a run to offer resuming
     except TrainingError as exc:
-        unknown = dict.fromkeys(("name", "token", "trainer", "steps", "step", "previews"))
+        unknown = dict.fromkeys(("name", "token", "trainer", "base_model", "steps", "step", "previews"))
         return dict(summary, **unknown, status="unreadable", error=str(exc), started=_started(run, {}))
     config = saved["config"]
     summary.update(
         name=config.get("name"), token=config.get("token"), trainer=config.get("trainer"),
-        steps=config.get("steps"), started=_started(run, saved),
+        base_model=config.get("base_model") or "sd-1", steps=config.get("steps"), started=_started(run, saved),
         previews=len(list(run.previews.glob("*.png"))) if run.previews.is_dir() else 0,
     )
     latest = run.latest_checkpoint()

@@ -204,13 +204,13 @@ def resolve_weights(
                f"pass --weights DIR (or set ${ENV_VAR}) to a folder holding keras-cv's weight files, or run "
                "`conceptlib weights init-random DIR` for random smoke-test weights")
         raise WeightsError(f"{base_model} {', '.join(missing)} weights ({files}) not found in {looked}; {fix}"
-                           f"{_other_model_hint(base_model, search)}")
+                           f"{other_model_hint(base_model, search)}")
     for part in missing:
         resolved[part] = download_weight_file(base_model, part, looked_in=search)
     return resolved
 
 
-def _other_model_hint(base_model: str, folders) -> str:
+def other_model_hint(base_model: str, folders) -> str:
     """A note when a searched folder holds the other base model's own files (a --weights folder
     of sd-2 weights used for an sd-1 prompt), so the user learns which --model they have."""
     for other in BASE_MODELS:
@@ -277,7 +277,7 @@ def download_weight_file(base_model: str, part: str, *, looked_in=()) -> Path:
             f"{base_model} {part} weights ({spec.filename}) not found in {looked} and the download "
             f"from {spec.url} failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
             f"pass --weights DIR (or set ${ENV_VAR}) to a folder holding keras-cv's weight files"
-            f"{_other_model_hint(base_model, looked_in)}"
+            f"{other_model_hint(base_model, looked_in)}"
         ) from None
     return Path(path)
 

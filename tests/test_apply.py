@@ -200,7 +200,9 @@ def test_width_is_checked_before_the_text_encoder_is_built_or_downloaded(tmp_pat
     monkeypatch.setattr(keras.utils, "get_file", no_download)
     monkeypatch.setenv("CONCEPTLIB_WEIGHTS", str(tmp_path))  # empty: building would fail
     sd = keras_cv.models.StableDiffusionV2(img_height=128, img_width=128, jit_compile=False)
-    with pytest.raises(ApplyError, match=r"768-wide vectors \(sd-1\).*1024-wide vectors \(sd-2\)"):
+    with pytest.raises(ApplyError, match=r"768-wide vectors \(sd-1\) but this keras_cv.models.StableDiffusionV2's "
+                       r"text encoder takes 1024-wide vectors \(sd-2\); apply it to a keras_cv.models.StableDiffusion "
+                       r"\(sd-1\) instead, or use a concept trained for sd-2"):
         apply(sd, [CAT])
     assert sd._text_encoder is None
 

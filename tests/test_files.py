@@ -61,7 +61,7 @@ def test_modelspec_keys_model_pickers_read(tmp_path):
     meta = read_header(write_concept(concept(preview="iVBORw0KGgo="), tmp_path / "c.safetensors")).metadata
     assert meta["modelspec.resolution"] == "512x512" and meta["modelspec.prediction_type"] == "epsilon"
     assert meta["modelspec.thumbnail"] == "data:image/png;base64,iVBORw0KGgo="
-    assert json.loads(meta["ssmd_cover_images"]) == ["iVBORw0KGgo="]  # AUTOMATIC1111's and ComfyUI's cards
+    assert json.loads(meta["ssmd_cover_images"]) == ["iVBORw0KGgo="]  # ComfyUI's model previews
     meta = read_header(write_concept(concept(**{"modelspec.resolution": "768x768"}), tmp_path / "d.safetensors")).metadata
     assert meta["modelspec.resolution"] == "768x768" and not {"modelspec.thumbnail", "ssmd_cover_images"} & set(meta)
 
@@ -70,6 +70,19 @@ def test_sd2(tmp_path):
     header = read_header(write_concept(concept(n=1, dim=1024), tmp_path / "c.safetensors"))
     assert (header.dim, header.base_model) == (1024, "sd-2")
     assert header.metadata["modelspec.architecture"] == "stable-diffusion-v2-512/textual-inversion"
+
+
+def test_an_imported_files_architecture_of_the_same_family_is_kept_whole(tmp_path):
+    """kohya's SD 2.x 768-v embedding (the same text encoder as 2.x base) keeps its architecture,
+    resolution and prediction type; one that names another model than its vectors' width is
+    replaced with all three."""
+    v768 = {"modelspec.architecture": "stable-diffusion-v2-768-v/textual-inversion",
+            "modelspec.resolution": "768x768", "modelspec.prediction_type": "v"}
+    meta = read_header(write_concept(concept(n=1, dim=1024, **v768), tmp_path / "v.safetensors")).metadata
+    assert {key: meta[key] for key in v768} == v768
+    meta = read_header(write_concept(concept(n=1, dim=768, **v768), tmp_path / "w.safetensors")).metadata
+    assert (meta["modelspec.architecture"], meta["modelspec.resolution"], meta["modelspec.prediction_type"]) == (
+        "stable-diffusion-v1/textual-inversion", "512x512", "epsilon")
 
 
 def test_header_read_needs_no_numpy(tmp_path):

@@ -406,10 +406,12 @@ def test_sd_concepts_export_is_a_hub_ready_repository_with_a_model_card(tmp_path
     assert (folder / "preview.png").read_bytes() == picture.getvalue()
     card = (folder / "README.md").read_text()
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
-    assert front.splitlines() == ["license: cc-by-4.0", "tags:", '- "stable-diffusion"', '- "stable-diffusion-diffusers"',
+    assert front.splitlines() == ["license: cc-by-4.0", "base_model: stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                  "tags:", '- "stable-diffusion"', '- "stable-diffusion-diffusers"',
                                   '- "text-to-image"', '- "textual-inversion"', '- "toy"', '- "plush: soft"']
     for line in ("# Plush toy", "A *plush* toy.", "Trigger word: `<toy>` (3 vectors of 768, for Stable Diffusion 1.x).",
                  "weight 0.8", "![Plush toy](preview.png)", 'image = pipe("a photo of <toy>").images[0]',
+                 'pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")',
                  "- Author: Jo Doe", "- Trained with conceptlib (jax trainer): 500 steps, batch 4, learning rate 0.005, "
                  "512 px, final loss 0.1234"):
         assert line in body.splitlines(), line
@@ -421,6 +423,11 @@ def test_sd_concepts_export_is_a_hub_ready_repository_with_a_model_card(tmp_path
     assert "randomly initialised" not in plain and "randomly initialised" in (export(
         Concept("r", "<r>", concept.vectors, {"random_weights": "true"}), "sd-concepts", tmp_path / "r") / "README.md").read_text()
     assert not (tmp_path / "plain" / "preview.png").exists()
+    # A 1024-wide concept's card points the Hub and the snippet at an SD 2.x pipeline.
+    wide = Concept("wide", "<wide>", np.ones((1, 1024), np.float32), {})
+    wide_card = (export(wide, "sd-concepts", tmp_path / "wide") / "README.md").read_text()
+    assert "base_model: stabilityai/stable-diffusion-2-1-base" in wide_card.splitlines()
+    assert 'from_pretrained("stabilityai/stable-diffusion-2-1-base")' in wide_card
 
 
 def test_a_foreign_files_embedded_picture_becomes_the_preview(tmp_path):

@@ -157,7 +157,7 @@ def test_runs_run_lists_its_steps_and_how_to_import_one(home, tmp_path):
     lines = result.output.splitlines()
     assert lines[0].startswith("run  doll (<doll>), jax, started ") and "stopped at step 30/50" in lines[0]
     assert lines[0].endswith(f"continue with conceptlib train --resume {run.path}")  # not in the runs folder
-    assert lines[1] == "  settings: 50 steps, batch 1, lr 0.005 cosine, 512 px, 2 vector(s), template object, seed 0"
+    assert lines[1] == "  settings: sd-1, 50 steps, batch 1, lr 0.005 cosine, 512 px, 2 vector(s), template object, seed 0"
     assert lines[2:] == [
         f"  step     10  loss {_mean(0, 10):.4f}  checkpoints/step-0000010.npz",
         f"  step     20  loss {_mean(10, 20):.4f}  checkpoints/step-0000020.npz  previews/step-0000020.png",
@@ -195,7 +195,7 @@ def test_runs_run_shows_accumulation_stepped_rates_and_a_template_file(home, tmp
                           template=str(tmp_path / "templates" / "mine.txt"), seed=7)
     run.config_path.write_text(json.dumps(data))
     lines = CliRunner().invoke(main, ["runs", str(run.path)]).output.splitlines()
-    assert lines[1] == ("  settings: 50 steps, batch 2 x 4 accumulated, lr 0.05:10, 0.005, 512 px, 2 vector(s), "
+    assert lines[1] == ("  settings: sd-1, 50 steps, batch 2 x 4 accumulated, lr 0.05:10, 0.005, 512 px, 2 vector(s), "
                         "template mine.txt, seed 7")
 
 

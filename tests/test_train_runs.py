@@ -124,8 +124,9 @@ def test_runs_that_cannot_be_read_or_resumed_are_listed_as_unreadable(library):
     assert "invalid settings (--steps 'many' must be a whole number)" in status["fresh-20261127-030000-13"][1]
     assert status["ink-20261127-020000-12"][0] == "stopped"
     unreadable = next(r for r in runs if r["run"] == "cannot-20261127-050000-15")
-    assert {key: unreadable[key] for key in ("name", "token", "trainer", "steps", "step", "previews")} == \
-        dict.fromkeys(("name", "token", "trainer", "steps", "step", "previews"))
+    keys = ("name", "token", "trainer", "base_model", "steps", "step", "previews")
+    assert {key: unreadable[key] for key in keys} == dict.fromkeys(keys)
+    assert next(r for r in runs if r["run"] == "ink-20261127-020000-12")["base_model"] == "sd-1"
     resumed = CliRunner().invoke(main, ["train", "--resume", str(cannot)])
     assert resumed.exit_code == 1 and resumed.output.count("\n") == 1 and "cannot be read (Is a directory)" in resumed.output
 

@@ -114,6 +114,22 @@ def test_weights_where_lists_local_files_and_what_would_be_downloaded(cache, tmp
     assert sorted(p.name for p in cache.iterdir()) == ["kcv_decoder.h5"]
 
 
+def test_weights_where_names_the_other_model_a_folder_holds(cache, tmp_path):
+    """`where --model sd-1` on a folder of sd-2 weights says so, as train and generate do."""
+    from click.testing import CliRunner
+
+    from conceptlib.cli import main
+
+    sd2 = tmp_path / "sd2"
+    for part in ("text_encoder", "diffusion_model"):
+        _h5(sd2 / W.weight_filename("sd-2", part))
+    result = CliRunner().invoke(main, ["weights", "where", "--weights", str(sd2)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.endswith(f"fix each as its line above says ({sd2} holds sd-2 weights: use them with "
+                                  "--base-model sd-2 in train, --model sd-2 in generate)\n")
+    assert CliRunner().invoke(main, ["weights", "where", "--model", "sd-2", "--weights", str(sd2)]).exit_code == 1
+
+
 def test_weights_where_lists_every_bad_file_then_fails(cache, tmp_path):
     """A bad file does not hide the parts after it: each line says which file is wrong and how to
     fix it, and the exit code (1) comes at the end."""

@@ -410,6 +410,11 @@ def test_sd2_folders_are_checked_as_sd2(tmp_path, no_models):
     weights are named); an SD 2.x config that differs from keras-cv's V2 models is refused."""
     sd2 = {"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True}
     src = _configs(tmp_path / "sd2", unet=sd2, text=TEXT_CONFIG_SD2)
+    # Without its scheduler an SD 2.x folder cannot say whether it predicts the noise or v (768-v).
+    line = _one_line_error(_convert(src, tmp_path / "out"))
+    assert f"{src / 'scheduler' / 'scheduler_config.json'} is missing: an SD 2.x UNet predicts" in line
+    (src / "scheduler").mkdir()
+    (src / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon"}))
     line = _one_line_error(_convert(src, tmp_path / "out"))
     assert "model.safetensors is missing" in line and "text_encoder" in line
     heads = _configs(tmp_path / "heads", unet={**sd2, "attention_head_dim": 8}, text=TEXT_CONFIG_SD2)

@@ -352,7 +352,9 @@ def where_command(model: str, weights_dir: Path | None) -> None:
     (nothing is downloaded; with a weights folder given, nothing ever would be: a part missing
     there is MISSING). Every damaged or missing file is listed with how to fix it; exit 1 if any is."""
     from conceptlib.errors import WeightsError
-    from conceptlib.weights import PARTS, WEIGHT_FILES, check_weight_file, is_random, local_weight_files, weights_folder
+    from conceptlib.weights import (
+        PARTS, WEIGHT_FILES, other_model_hint, check_weight_file, is_random, local_weight_files, weights_folder,
+    )
 
     located = local_weight_files(model, weights_dir)
     given = weights_folder(weights_dir)
@@ -375,8 +377,10 @@ def where_command(model: str, weights_dir: Path | None) -> None:
         else:
             click.echo(f"{part}\t{path}{'  (RANDOM)' if is_random({part: path}) else ''}")
     if bad:
+        hint = other_model_hint(model, [given]) if given is not None else ""
         raise WeightsError(
-            f"{len(bad)} of {len(PARTS)} weight files cannot be used ({', '.join(bad)}); fix each as its line above says"
+            f"{len(bad)} of {len(PARTS)} weight files cannot be used ({', '.join(bad)}); fix each as its line above "
+            f"says{hint}"
         )
 
 

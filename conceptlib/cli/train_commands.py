@@ -305,8 +305,8 @@ def _json_safe(value):
 
 
 def _settings_line(config: dict) -> str:
-    """What a run trains with, to compare runs: steps, batch, learning rate, size, vectors,
-    template and seed (from its config.json)."""
+    """What a run trains with, to compare runs: base model, steps, batch, learning rate, size,
+    vectors, template and seed (from its config.json)."""
     from conceptlib.training import format_learning_rate
 
     batch = f"batch {config.get('batch_size', 1)}"
@@ -319,7 +319,7 @@ def _settings_line(config: dict) -> str:
         if config.get("warmup_steps"):
             rate += f" (warmup {config['warmup_steps']})"
     template = str(config.get("template", ""))
-    parts = [f"{config.get('steps')} steps", batch, rate, f"{config.get('resolution')} px",
+    parts = [config.get("base_model") or "sd-1", f"{config.get('steps')} steps", batch, rate, f"{config.get('resolution')} px",
              f"{config.get('num_vectors') or 1} vector(s)", f"template {Path(template).name}", f"seed {config.get('seed', 0)}"]
     return "  settings: " + ", ".join(parts)
 

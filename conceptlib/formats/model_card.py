@@ -10,6 +10,9 @@ import re
 from conceptlib.concept import Concept
 
 _BASE_MODEL_NAMES = {"sd-1": "Stable Diffusion 1.x", "sd-2": "Stable Diffusion 2.x"}
+# The Hub repository of each base model's usual pipeline (the card's base_model, which the Hub
+# links and filters by, as diffusers' textual-inversion script writes it).
+_BASE_MODEL_REPOS = {"sd-1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd-2": "stabilityai/stable-diffusion-2-1-base"}
 _TAGS = ("stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "textual-inversion")
 # The Hub's license field takes its own ids (cc-by-4.0, creativeml-openrail-m, mit, ...).
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
@@ -28,6 +31,8 @@ def model_card(concept: Concept, *, preview_file: str | None) -> str:
     if license_name:
         license_id = license_name.lower().replace(" ", "-")
         front.append(f"license: {license_id}" if _LICENSE_ID.match(license_id) else "license: other")
+    repo = _BASE_MODEL_REPOS[concept.base_model]
+    front.append(f"base_model: {repo}")
     front.append("tags:")
     front += [f"- {json.dumps(tag, ensure_ascii=False)}" for tag in dict.fromkeys([*_TAGS, *user_tags])]
     front.append("---")
@@ -46,6 +51,9 @@ def model_card(concept: Concept, *, preview_file: str | None) -> str:
         "", "## Use it", "",
         "With diffusers (this folder, or the Hub repository it is uploaded to):", "",
         "```python",
+        "from diffusers import StableDiffusionPipeline",
+        "",
+        f'pipe = StableDiffusionPipeline.from_pretrained("{repo}")',
         'pipe.load_textual_inversion("path/or/user/repo")',
         f'image = pipe("a photo of {concept.token}").images[0]',
         "```", "",

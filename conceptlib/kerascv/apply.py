@@ -333,14 +333,21 @@ class AppliedConcepts:
 # -- apply ----------------------------------------------------------------------------------------
 
 
+# The public keras-cv class of each base model (what users build; conceptlib's own are subclasses).
+_KERAS_CV_CLASSES = {"sd-1": "StableDiffusion", "sd-2": "StableDiffusionV2"}
+
+
 def _check_widths(sd, base_model: str, concepts, width: int) -> None:
     for concept in concepts:
         if concept.dim != width:
             other = {dim: base for base, dim in DIMS.items()}.get(concept.dim, "another model")
+            fix = f"use a concept trained for {base_model}"
+            if other in _KERAS_CV_CLASSES:
+                fix = f"apply it to a keras_cv.models.{_KERAS_CV_CLASSES[other]} ({other}) instead, or {fix}"
             raise ApplyError(
                 f"concept {concept.name!r} ({concept.token}) has {concept.dim}-wide vectors ({other}) but "
-                f"this {type(sd).__name__}'s text encoder takes {width}-wide vectors ({base_model}); "
-                f"use a concept trained for {base_model}"
+                f"this keras_cv.models.{_KERAS_CV_CLASSES[base_model]}'s text encoder takes {width}-wide vectors "
+                f"({base_model}); {fix}"
             )
 
 

@@ -610,6 +610,11 @@ def inspect_pipeline(src: str | os.PathLike, *, variant: str | None = None) -> P
     _check_config(src / "unet" / "config.json", configs["unet"],
                   _expected(_UNET_CONFIG, _UNET_CONFIG_SD2 if sd2 else {}), f"{label} UNet")
     _check_config(src / "vae" / "config.json", configs["vae"], _VAE_CONFIG, f"{label} VAE")
+    if base_model == "sd-2" and not scheduler.is_file():
+        raise WeightsError(
+            f"{scheduler} is missing: an SD 2.x UNet predicts the noise (2.x base) or v (768-v), and only its "
+            "scheduler's config says which; download the complete pipeline folder"
+        )
 
     files, tensors = {}, {}
     for sub in _SUBFOLDERS:

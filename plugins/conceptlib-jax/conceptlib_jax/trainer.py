@@ -426,13 +426,14 @@ class JaxTrainer:
         import numpy as np
 
         from conceptlib.errors import TrainingError, WeightsError
-        from conceptlib.kerascv import enable_jax_compilation_cache
+        from conceptlib.kerascv import enable_jax_compilation_cache, ignore_one_pixel_attention_warning
         from conceptlib.plugins import has_nvidia_gpu
         from conceptlib.training import TrainingResult
         from conceptlib_jax.exported import entry_key, read_weights
 
         timings = {"start": time.perf_counter()}
         config = job.config
+        ignore_one_pixel_attention_warning()
         xla_flags = apply_default_xla_flags()
         cache_dir = enable_jax_compilation_cache(self.compilation_cache)
         precision, flash, gpu = self._settings()

@@ -335,9 +335,11 @@ def concept_metadata(concept: Concept) -> dict[str, str]:
             "modelspec.date": metadata.get("modelspec.date") or metadata["created_at"],
         }
     )
-    # keras-cv's SD 1.x and 2.x (base) both generate at 512 px and predict the noise.
-    metadata.setdefault("modelspec.resolution", "512x512")
-    metadata.setdefault("modelspec.prediction_type", "epsilon")
+    # keras-cv's SD 1.x and 2.x (base) both generate at 512 px and predict the noise; a kept 2.x 768-v
+    # architecture (kohya's) names its own.
+    v_model = "-768-v/" in architecture
+    metadata.setdefault("modelspec.resolution", "768x768" if v_model else "512x512")
+    metadata.setdefault("modelspec.prediction_type", "v" if v_model else "epsilon")
     if metadata.get("preview"):
         # Where other tools look for it: model pickers read the spec's thumbnail key; ComfyUI's model
         # previews read kohya's cover images (AUTOMATIC1111 only for LoRAs: export --with-preview).

@@ -80,6 +80,9 @@ def test_an_imported_files_architecture_of_the_same_family_is_kept_whole(tmp_pat
             "modelspec.resolution": "768x768", "modelspec.prediction_type": "v"}
     meta = read_header(write_concept(concept(n=1, dim=1024, **v768), tmp_path / "v.safetensors")).metadata
     assert {key: meta[key] for key in v768} == v768
+    bare = {"modelspec.architecture": v768["modelspec.architecture"]}  # its own defaults then
+    meta = read_header(write_concept(concept(n=1, dim=1024, **bare), tmp_path / "b.safetensors")).metadata
+    assert {key: meta[key] for key in v768} == v768
     meta = read_header(write_concept(concept(n=1, dim=768, **v768), tmp_path / "w.safetensors")).metadata
     assert (meta["modelspec.architecture"], meta["modelspec.resolution"], meta["modelspec.prediction_type"]) == (
         "stable-diffusion-v1/textual-inversion", "512x512", "epsilon")

@@ -922,6 +922,14 @@ def test_a_diffusers_sdxl_output_is_refused_whole_and_by_its_parts(tmp_path):
     sources, skipped = discover(tmp_path)
     assert [s.path.name for s in sources] == ["other.safetensors"]
     assert [s.path for s in skipped] == [run] and "SDXL" in skipped[0].reason
+    # An unfinished SDXL run (checkpoints only) is refused too, and so is a folder holding only one.
+    unfinished = tmp_path / "holder" / "xl-unfinished"
+    unfinished.mkdir(parents=True)
+    for prefix, width in (("learned_embeds", 768), ("learned_embeds_2", 1280)):
+        _save_embeds(unfinished / f"{prefix}-steps-500.safetensors", "<xl-toy>", torch.randn(1, width))
+    for path in (unfinished, unfinished / "learned_embeds-steps-500.safetensors", tmp_path / "holder"):
+        with pytest.raises(ConceptlibError, match=f"{unfinished}.*: .*diffusers SDXL textual-inversion output"):
+            load_any(path)
     # Its CLIP-G file alone says what 1280 wide means.
     lone = tmp_path / "lone"
     lone.mkdir()
@@ -932,8 +940,9 @@ def test_a_diffusers_sdxl_output_is_refused_whole_and_by_its_parts(tmp_path):
 
 @pytest.mark.parametrize("key,width,container", [("clip_l", 768, "safetensors"), ("clip_h", 1024, "pt")])
 def test_a_text_encoder_keyed_file_is_named_by_its_file(tmp_path, key, width, container):
-    """diffusers' pivotal-tuning scripts save {"clip_l": rows} (ComfyUI's key for SD 1.x, clip_h
-    for SD 2.x): the key names the text encoder, not a token, so the file name is the word."""
+    """diffusers' pivotal-tuning scripts save {"clip_l": rows} for SD 1.5 (ComfyUI's key for SD 1.x;
+    clip_h is its SD 2.x one): the key names the text encoder, not a token, so the file name is
+    the word."""
     path = tmp_path / f"toy-bird_emb.{container}"
     vec = torch.randn(2, width)
     if container == "safetensors":
@@ -971,6 +980,7 @@ def test_a_kohya_ckpt_is_read_when_named_and_passed_over_in_folders(tmp_path):
     sources, skipped = discover(tmp_path)
     assert [s.path.name for s in sources] == ["other.safetensors"]
     assert [s.path.name for s in skipped] == ["mychar.ckpt"]
+    assert "import it by its own path" in skipped[0].reason
 
 
 def test_a_training_checkpoints_a1111_export_and_card_give_its_own_step(tmp_path):

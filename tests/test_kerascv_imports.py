@@ -28,15 +28,34 @@ def _worker(case: str) -> None:
             raise AttributeError("module 'keras_cv.src.backend' has no attribute 'something_new'")
 
         sd_modules._import_without_tensorflow = failing
+    # Two threads at once (as the jax trainer's background model builds): each gets whole modules.
+    import threading
+
+    sys.setswitchinterval(1e-6)
+    got = {}
+
+    def load(name, attribute):
+        got[name] = hasattr(sd_modules.stable_diffusion_module(name), attribute)
+
+    threads = [threading.Thread(target=load, args=args)
+               for args in (("stable_diffusion", "StableDiffusion"), ("text_encoder", "TextEncoder"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    sys.setswitchinterval(0.005)
     encoder = models.build_text_encoder("sd-1")
     ids = make_tokenizer(download=False).encode("a photo of a cat")
-    report = {"tensorflow_after_build": "tensorflow" in sys.modules, "skipped": sd_modules.tensorflow_skipped(),
+    report = {"threads": got, "tensorflow_after_build": "tensorflow" in sys.modules,
+              "skipped": sd_modules.tensorflow_skipped(),
               "ids": ids, "outputs": [list(o.shape) for o in encoder.outputs]}
     import keras_cv
 
     report.update({
         "tensorflow_after_import": "tensorflow" in sys.modules,
         "same_encoder_class": type(encoder) is keras_cv.models.stable_diffusion.TextEncoder,
+        # The modules loaded before are the real packages' attributes, as after a plain import.
+        "submodule_attribute": keras_cv.src.models.stable_diffusion.text_encoder.TextEncoder is type(encoder),
         "same_sd_class": keras_cv.models.StableDiffusion
         is sd_modules.stable_diffusion_module("stable_diffusion").StableDiffusion,
     })
@@ -57,7 +76,8 @@ def test_jax_backend_builds_keras_cv_models_without_tensorflow():
     assert report["outputs"] == [[None, 77, 768]]
     # The whole package imported afterwards (by a user's code, say) reuses the loaded modules.
     assert report["tensorflow_after_import"]
-    assert report["same_encoder_class"] and report["same_sd_class"]
+    assert report["same_encoder_class"] and report["same_sd_class"] and report["submodule_attribute"]
+    assert report["threads"] == {"stable_diffusion": True, "text_encoder": True}
 
 
 @pytest.mark.parametrize("case,backend", [("unchecked-version", "jax"), ("failing", "jax"), ("lite", "tensorflow")])

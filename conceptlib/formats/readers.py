@@ -35,8 +35,10 @@ _FOLDER_TEXTS = ("token_identifier.txt", "type_of_concept.txt")
 # (textual_inversion_sdxl.py also learned_embeds_2-steps-N.*, its second text encoder's).
 _CHECKPOINT_RE = re.compile(r"^learned_embeds(?:_2)?-steps-(\d+)\.(safetensors|bin)$")
 # diffusers' textual_inversion_sdxl.py writes its second text encoder's (CLIP-G) rows here, beside
-# learned_embeds.* (CLIP-L, 768 wide: alone it would look like an SD 1.x concept).
+# learned_embeds.* (CLIP-L, 768 wide: alone it would look like an SD 1.x concept), and every
+# --save_steps into learned_embeds_2-steps-N.* (an unfinished run has only those).
 _SDXL_SECOND = ("learned_embeds_2.safetensors", "learned_embeds_2.bin")
+_SDXL_SECOND_RE = re.compile(r"^learned_embeds_2(?:-steps-\d+)?\.(safetensors|bin)$")
 _SDXL_OUTPUT = ("a diffusers SDXL textual-inversion output (learned_embeds.* for CLIP-L beside learned_embeds_2.* "
                 "for CLIP-G); KerasCV has no SDXL, so conceptlib supports SD 1.x (768) and SD 2.x (1024) embeddings only")
 _CHECKPOINTS = "learned_embeds-steps-*"
@@ -48,7 +50,8 @@ _GENERIC_STEMS = {"learned_embeds", "emb_params", "embedding", "embeddings"}
 _SDXL_KEYS = {"clip_l", "clip_g"}
 _FLUX_KEYS = {"clip_l", "t5"}
 # Single keys that name no token: the file name is the prompt word (kohya, A1111's safetensors, and
-# ComfyUI's text-encoder keys, which diffusers' pivotal-tuning scripts write for SD 1.x / 2.x).
+# ComfyUI's text-encoder keys: clip_l for SD 1.x, as diffusers' pivotal-tuning scripts write, clip_h
+# for SD 2.x).
 _FILE_NAMED_KEYS = {"emb_params": "kohya", "*": "kohya", "clip_l": "pivotal", "clip_h": "pivotal"}
 _SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "bf16"}
 _MAX_LENGTH = 64  # of a token and of a name (concept.py)
@@ -94,6 +97,9 @@ def discover(path: str | os.PathLike) -> tuple[list[Source], list[Skipped]]:
         checkpoints = [s for s in skipped if s.path in (path, path / _CHECKPOINTS, path / _RUN_CHECKPOINTS)]
         if checkpoints:
             raise ConceptFileError(f"{path}: {checkpoints[0].reason}")
+        sdxl = [s for s in skipped if s.reason == _SDXL_OUTPUT]  # e.g. a folder holding one SDXL run
+        if sdxl:
+            raise ConceptFileError(f"{sdxl[0].path}: {sdxl[0].reason}")
         raise ConceptFileError(
             f"{path}: no concept files in this folder (looked for {_LOOKED_FOR} and "
             "sd-concepts-library folders); point at a file or a folder that holds some"
@@ -148,6 +154,9 @@ def _discover_entry(entry: Path, sources: list[Source], skipped: list[Skipped], 
         sources.append(Source(entry))
     elif entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
         _discover_image(entry, sources, skipped)
+    elif entry.is_file() and entry.suffix.lower() in NAMED_ONLY_SUFFIXES:
+        skipped.append(Skipped(entry, "a .ckpt file, usually a whole model, so not read in a folder import; if it is an "
+                                      "embedding (kohya's --save_model_as ckpt), import it by its own path"))
     elif entry.is_file():
         if entry.name not in _FOLDER_TEXTS:
             skipped.append(Skipped(entry, f"not a concept file (expected {_LOOKED_FOR})"))
@@ -280,7 +289,10 @@ def load_source(source: Source | str | os.PathLike, *, token: str | None = None,
 # -- folders --------------------------------------------------------------------------------------
 
 def _is_sdxl_output(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in _SDXL_SECOND)
+    try:
+        return folder.is_dir() and any(_SDXL_SECOND_RE.match(name) for name in os.listdir(folder))
+    except OSError:
+        return False
 
 
 def _is_diffusers_output_file(name: str) -> bool:

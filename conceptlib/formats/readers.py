@@ -37,7 +37,6 @@ _CHECKPOINT_RE = re.compile(r"^learned_embeds(?:_2)?-steps-(\d+)\.(safetensors|b
 # diffusers' textual_inversion_sdxl.py writes its second text encoder's (CLIP-G) rows here, beside
 # learned_embeds.* (CLIP-L, 768 wide: alone it would look like an SD 1.x concept), and every
 # --save_steps into learned_embeds_2-steps-N.* (an unfinished run has only those).
-_SDXL_SECOND = ("learned_embeds_2.safetensors", "learned_embeds_2.bin")
 _SDXL_SECOND_RE = re.compile(r"^learned_embeds_2(?:-steps-\d+)?\.(safetensors|bin)$")
 _SDXL_OUTPUT = ("a diffusers SDXL textual-inversion output (learned_embeds.* for CLIP-L beside learned_embeds_2.* "
                 "for CLIP-G); KerasCV has no SDXL, so conceptlib supports SD 1.x (768) and SD 2.x (1024) embeddings only")
@@ -52,7 +51,8 @@ _FLUX_KEYS = {"clip_l", "t5"}
 # Single keys that name no token: the file name is the prompt word (kohya, A1111's safetensors, and
 # ComfyUI's text-encoder keys: clip_l for SD 1.x, as diffusers' pivotal-tuning scripts write, clip_h
 # for SD 2.x).
-_FILE_NAMED_KEYS = {"emb_params": "kohya", "*": "kohya", "clip_l": "pivotal", "clip_h": "pivotal"}
+_PIVOTAL_KEYS = ("clip_l", "clip_h")
+_FILE_NAMED_KEYS = {"emb_params": "kohya", "*": "kohya", **dict.fromkeys(_PIVOTAL_KEYS, "pivotal")}
 _SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "bf16"}
 _MAX_LENGTH = 64  # of a token and of a name (concept.py)
 _NOT_REGULAR = ("not a regular file or folder (a device, pipe or socket); save the data to a "
@@ -296,7 +296,7 @@ def _is_sdxl_output(folder: Path) -> bool:
 
 
 def _is_diffusers_output_file(name: str) -> bool:
-    return name in _FOLDER_EMBEDDINGS + _SDXL_SECOND or bool(_CHECKPOINT_RE.match(name))
+    return name in _FOLDER_EMBEDDINGS or bool(_SDXL_SECOND_RE.match(name) or _CHECKPOINT_RE.match(name))
 
 
 def _is_concept_folder(path: Path) -> bool:
@@ -534,7 +534,7 @@ def _load_embedding_dict(path: Path, data, what: str, *, word: str, token: str |
         return _make(path, path.stem, _token_from_text(path.stem), data["emb_params"], {"source_format": "kohya"},
                      token=token, name=name, fmt="kohya")
     tensors = {k: v for k, v in data.items() if _is_array(v)}
-    if len(data) == 1 and set(tensors) & {"clip_l", "clip_h"}:
+    if len(data) == 1 and set(tensors) & set(_PIVOTAL_KEYS):
         (key, vectors), = tensors.items()
         return _make(path, path.stem, _token_from_text(path.stem), vectors, {"source_format": "pivotal"},
                      token=token, name=name, fmt="pivotal")

@@ -160,11 +160,11 @@ def _a1111_dict(concept: Concept, target: Path) -> dict:
     fields = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
     if "training" in metadata:
         fields["step"] = checkpoint_step(metadata)
-        try:
-            if fields["step"] is None:
+        if fields["step"] is None:
+            try:
                 fields["step"] = int(json.loads(metadata["training"]).get("steps"))
-        except (ValueError, TypeError, AttributeError):
-            pass
+            except (ValueError, TypeError, AttributeError):
+                pass
     else:
         for key in fields:
             fields[key] = metadata.get(f"a1111.{key}", fields[key])

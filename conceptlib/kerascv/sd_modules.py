@@ -21,6 +21,7 @@ comes here.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.machinery
 import importlib.util
@@ -68,6 +69,7 @@ def tensorflow_skipped() -> bool:
     return "tensorflow" not in sys.modules and any(name.startswith(PACKAGE + ".") for name in sys.modules)
 
 
+@functools.lru_cache(maxsize=None)
 def _version() -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 

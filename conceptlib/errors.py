@@ -50,8 +50,9 @@ class ApplyError(ConceptlibError):
     """Concepts could not be applied to a Stable Diffusion model (nothing was changed)."""
 
 
-class PromptTooLongError(ApplyError):
-    """A prompt exceeds the text encoder's 77 tokens after multi-vector expansion."""
+class PromptTooLongError(ConceptlibError, ValueError):
+    """A prompt exceeds the text encoder's 77 tokens after multi-vector expansion (a ValueError,
+    as keras-cv's own too-long error is, so code that catches that keeps working)."""
 
 
 class VocabularyError(ConceptlibError):

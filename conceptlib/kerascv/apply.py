@@ -4,9 +4,14 @@ How it works, and why it is fast: the text encoder is never rebuilt. Its token-e
 is swapped for a new, larger one (the original table with every concept's vectors appended, one
 resize for all concepts) and the tokenizer gets the new tokens. Each concept's token is one
 tokenizer entry; a multi-vector concept's extra rows get ids without text, and the token's id is
-expanded into all of its ids after tokenizing, so the user types the token once. ``unload()`` puts
-the original variable object and tokenizer state back, untouched, so encodings are bit-identical.
-Compiled predict functions captured the old variable, so they are dropped on every swap.
+expanded into all of its ids after tokenizing, so the user types the token once.
+
+What a model holds is always the original table and tokenizer plus every loaded concept, rebuilt
+from the original on each apply and unload: handles unload in any order, one token at a time if
+need be (``unload(sd, tokens)``), and only two tables are ever alive. When the last concept goes,
+the original variable object and tokenizer state are put back, untouched, so encodings are
+bit-identical. Compiled predict functions captured the old variable, so they are dropped on every
+swap.
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ from __future__ import annotations
 import contextlib
 import os
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from conceptlib.concept import DIMS, Concept
+from conceptlib.concept import DIMS, Concept, suggested_token
 from conceptlib.errors import ApplyError, ConceptError, ConceptFileError, PromptTooLongError
 
 MAX_PROMPT_LENGTH = 77
@@ -48,6 +53,11 @@ def resolve_concepts(concepts, library=None) -> list[Concept]:
 
     A string is an existing file, else a library name or token, else a folder or path (tokens
     may contain '/', e.g. '<style/oil>'). ``library`` is a ConceptLibrary or its root folder."""
+    return _resolve_with_sources(concepts, library)[0]
+
+
+def _resolve_with_sources(concepts, library=None) -> tuple[list[Concept], list[str]]:
+    """resolve_concepts, and where each concept came from: "library", "file" or "object"."""
     if isinstance(concepts, (str, os.PathLike, Concept)) or _is_header(concepts):
         concepts = [concepts]
     try:
@@ -64,10 +74,14 @@ def resolve_concepts(concepts, library=None) -> list[Concept]:
     elif library is not None and not hasattr(library, "list"):
         raise ApplyError(f"library={library!r}: pass a ConceptLibrary or its folder (or leave it out for the default)")
     resolved: list[Concept] = []
+    sources: list[str] = []
     by_ref = None
     for item in concepts:
+        before = len(resolved)
+        source = "file"
         if isinstance(item, Concept):
             resolved.append(_checked_again(item))
+            source = "object"
         elif isinstance(item, os.PathLike):
             resolved.extend(_load_path(Path(item)))
         elif isinstance(item, str):
@@ -77,49 +91,43 @@ def resolve_concepts(concepts, library=None) -> list[Concept]:
                 path = Path(item)
             if _path_says(path.is_file):
                 resolved.extend(_load_path(path))
-                continue
-            if library is None:
-                from conceptlib.library import ConceptLibrary
-
-                library = ConceptLibrary()
-            if by_ref is None:
-                # One listing for all lookups (header reads only), not one scan per reference.
-                by_ref = {}
-                for header in library.list():
-                    by_ref.setdefault(header.token, header)
-                    by_ref[header.name] = header
-            header = by_ref.get(item)
-            if header is None and (_path_says(path.exists) or os.sep in item or item.endswith(_CONCEPT_SUFFIXES)):
-                resolved.extend(_load_path(path))  # a folder, or a path that is not there
-            elif header is None:
-                resolved.append(library.get(item))  # raises NotFoundError with A's message
             else:
-                from conceptlib.files import read_concept
+                if library is None:
+                    from conceptlib.library import ConceptLibrary
 
-                concept = read_concept(header.path)
-                if concept.name != header.name:
-                    concept = Concept(header.name, concept.token, concept.vectors, concept.metadata)
-                resolved.append(concept)
+                    library = ConceptLibrary()
+                if by_ref is None:
+                    # One listing for all lookups (header reads only), not one scan per reference.
+                    by_ref = {}
+                    for header in library.list():
+                        by_ref.setdefault(header.token, header)
+                        by_ref[header.name] = header
+                header = by_ref.get(item)
+                if header is None and (_path_says(path.exists) or os.sep in item or item.endswith(_CONCEPT_SUFFIXES)):
+                    resolved.extend(_load_path(path))  # a folder, or a path that is not there
+                elif header is None:
+                    resolved.append(library.get(item))  # raises NotFoundError with A's message
+                    source = "library"
+                else:
+                    from conceptlib.files import read_concept
+
+                    concept = read_concept(header.path)
+                    if concept.name != header.name:
+                        concept = Concept(header.name, concept.token, concept.vectors, concept.metadata)
+                    resolved.append(concept)
+                    source = "library"
         elif _is_header(item):  # a ConceptHeader
             from conceptlib.files import read_concept
 
             resolved.append(read_concept(item.path))
+            source = "library"
         else:
             raise ApplyError(
                 f"cannot apply {item!r} ({type(item).__name__}); pass library names, tokens, "
                 "file paths or conceptlib.Concept objects"
             )
-    return resolved
-
-
-def _handles(sd) -> list:
-    """The loaded handles of ``sd``, in the order they were applied."""
-    return sd.__dict__.setdefault("_conceptlib_handles", [])
-
-
-def _later_handles(handle) -> list:
-    handles = _handles(handle.sd)
-    return handles[handles.index(handle) + 1:] if handle in handles else []
+        sources.extend([source] * (len(resolved) - before))
+    return resolved, sources
 
 
 def _path_says(check) -> bool:
@@ -246,33 +254,204 @@ def _tokenizer_pattern(special_tokens):
 def _vocab_entry(tokenizer, token: str) -> str:
     """``token`` as the tokenizer's vocabulary spells it: keras-cv maps each matched piece's
     UTF-8 bytes to unicode before looking it up, so '<café>' is looked up as '<cafÃ©>'."""
-    return "".join(tokenizer.byte_encoder[byte] for byte in token.encode("utf-8"))
+    return _byte_encoded(tokenizer.byte_encoder, token)
+
+
+def _byte_encoded(byte_encoder, text: str) -> str:
+    return "".join(byte_encoder[byte] for byte in text.encode("utf-8"))
+
+
+# -- what a model holds ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Original:
+    """The text encoder's table and the tokenizer as they were before any concept: put back
+    object for object when the last concept is unloaded, so encodings are bit-identical."""
+
+    layer: object
+    variable: object
+    input_dim: int
+    tokenizer_state: dict
+    encode_attribute: object  # the tokenizer's instance-level encode before apply, or None
+
+
+@dataclass
+class _ModelConcepts:
+    """Per StableDiffusion instance: its original state and the handles loaded now, in order.
+
+    The applied state is always rebuilt from the original plus every loaded concept, so handles
+    unload in any order and at most two tables (the original and the current one) are alive."""
+
+    original: _Original | None = None
+    handles: list = field(default_factory=list)
+    applied_count: int = 0  # handles ever applied: orders them for ``with`` blocks
+
+
+def _model_concepts(sd) -> _ModelConcepts:
+    return sd.__dict__.setdefault("_conceptlib_applied", _ModelConcepts())
+
+
+@dataclass
+class _Installation:
+    """Everything the model gets for a list of concepts, computed before anything changes."""
+
+    variable: object
+    input_dim: int
+    tokenizer_state: dict
+    expansions: dict
+    token_ids: dict
+
+
+def _installation(original: _Original, concepts: list, keras) -> _Installation:
+    """The table, tokenizer state and ids for ``concepts`` on top of ``original`` (no mutation)."""
+    import numpy as np
+
+    state = original.tokenizer_state
+    old_variable = original.variable
+    table_rows = int(old_variable.shape[0])
+    width = int(old_variable.shape[1])
+    first_id = max(len(state["vocab"]), table_rows)
+
+    vocab = list(state["vocab"])
+    vocab.extend(_PAD_ENTRY.format(index=i) for i in range(len(vocab), first_id))
+    token_ids: dict[str, tuple[int, ...]] = {}
+    for concept in concepts:
+        ids = tuple(range(len(vocab), len(vocab) + concept.num_vectors))
+        vocab.append(_byte_encoded(state["byte_encoder"], concept.token))
+        vocab.extend(
+            _byte_encoded(state["byte_encoder"], _EXTRA_VECTOR.format(token=concept.token, index=i))
+            for i in range(1, concept.num_vectors)
+        )
+        token_ids[concept.token] = ids
+    rows = np.concatenate(
+        [np.zeros((first_id - table_rows, width), np.float32)] + [concept.vectors for concept in concepts]
+    ).astype(old_variable.dtype, copy=False)
+
+    # Same path as the original ("clip_embedding/embedding/embeddings"), so the swapped-in
+    # variable is indistinguishable to code that looks variables up by path.
+    with contextlib.ExitStack() as scopes:
+        for part in old_variable.path.split("/")[:-1]:
+            scopes.enter_context(keras.name_scope(part))
+        variable = keras.Variable(
+            keras.ops.concatenate([old_variable.value, keras.ops.convert_to_tensor(rows)], axis=0),
+            dtype=old_variable.dtype,
+            trainable=old_variable.trainable,
+            name=old_variable.name,
+        )
+
+    special_tokens = dict(state["special_tokens"])
+    cache = dict(state["cache"])
+    encoder = dict(state["encoder"])
+    decoder = dict(state["decoder"])
+    expansions: dict[int, tuple[int, ...]] = {}
+    for index in range(len(state["vocab"]), len(vocab)):
+        decoder[index] = vocab[index]
+    # Only the tokens themselves go into the encoder: a placeholder ('<x>#1') there would take
+    # the id of a concept whose token is spelled the same. They decode as a word of their own
+    # (the '</w>' every CLIP word ends with), and the extra vectors' ids decode to nothing.
+    for token, ids in token_ids.items():
+        entry = vocab[ids[0]]
+        encoder[entry] = ids[0]
+        decoder[ids[0]] = entry + "</w>"
+        for extra in ids[1:]:
+            decoder[extra] = ""
+        special_tokens[token] = token
+        cache[entry] = entry
+        if len(ids) > 1:
+            expansions[ids[0]] = ids
+    tokenizer_state = {
+        "vocab": vocab, "encoder": encoder, "decoder": decoder, "special_tokens": special_tokens,
+        "cache": cache, "pat": _tokenizer_pattern(special_tokens),
+    }
+    return _Installation(variable, len(vocab), tokenizer_state, expansions, token_ids)
+
+
+def _set_table(original: _Original, variable, input_dim: int) -> None:
+    _swap_variable(original.layer, original.layer._embeddings, variable)
+    original.layer.input_dim = input_dim  # what get_config (a clone, a save) reports
+
+
+def _install(sd, model: _ModelConcepts, installation: _Installation) -> None:
+    """Give the model ``installation`` (nothing here can fail on bad input)."""
+    original = model.original
+    tokenizer = sd._tokenizer
+    _set_table(original, installation.variable, installation.input_dim)
+    for name, value in installation.tokenizer_state.items():
+        setattr(tokenizer, name, value)
+    tokenizer._conceptlib_expansions = installation.expansions
+    tokenizer.encode = types.MethodType(_expanding_encode, tokenizer)
+    reset_compiled_functions(sd._text_encoder)
+
+
+def _restore(sd, model: _ModelConcepts) -> None:
+    """Put the original table and tokenizer back, object for object."""
+    original = model.original
+    tokenizer = sd._tokenizer
+    _set_table(original, original.variable, original.input_dim)
+    for name in _TOKENIZER_STATE:
+        setattr(tokenizer, name, original.tokenizer_state[name])
+    tokenizer.__dict__.pop("_conceptlib_expansions", None)
+    if original.encode_attribute is None:
+        tokenizer.__dict__.pop("encode", None)
+    else:
+        tokenizer.encode = original.encode_attribute
+    reset_compiled_functions(sd._text_encoder)
+    model.original = None
+
+
+def _keep_only(sd, keep: dict) -> None:
+    """Leave loaded only the concepts in ``keep`` (handle -> its concepts to keep), every other
+    loaded handle unloaded, with one rebuild of the table (or the original put back)."""
+    model = _model_concepts(sd)
+    remaining = [(handle, keep.get(handle, [])) for handle in model.handles]
+    concepts = [concept for _, kept in remaining for concept in kept]
+    if concepts:
+        from conceptlib.kerascv import keras_module
+
+        installation = _installation(model.original, concepts, keras_module())
+        _install(sd, model, installation)
+    else:
+        _restore(sd, model)
+        installation = None
+    for handle, kept in remaining:
+        if kept:
+            handle.concepts = list(kept)
+            handle.token_ids = {c.token: installation.token_ids[c.token] for c in kept}
+        else:  # unloaded: it keeps its concepts, to say what it held
+            handle.loaded = False
+    model.handles = [handle for handle, kept in remaining if kept]
+
+
+def _check_table_is_ours(sd, model: _ModelConcepts) -> None:
+    original = model.original
+    if original is None:
+        return
+    text_encoder = getattr(sd, "_text_encoder", None)
+    if text_encoder is None or token_embedding_layer(text_encoder) is not original.layer:
+        raise ApplyError(
+            "this model's text encoder was replaced after concepts were applied to it; build the "
+            "StableDiffusion again, or put the text encoder the concepts were applied to back"
+        )
 
 
 # -- the handle -----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Saved:
-    variable: object
-    tokenizer_state: dict
-    encode_attribute: object  # the tokenizer's instance-level encode before apply, or None
-    expansions: object
-
-
 class AppliedConcepts:
-    """Concepts applied to one StableDiffusion instance. ``unload()`` (or leaving the ``with``
-    block) restores the text encoder and tokenizer exactly as they were."""
+    """Concepts applied to one StableDiffusion instance by one ``apply`` call. ``unload()`` (or
+    leaving the ``with`` block) takes them out again; once every concept is unloaded the text
+    encoder and tokenizer are exactly as they were."""
 
-    def __init__(self, sd, concepts, token_ids, saved: _Saved, layer, new_variable):
+    def __init__(self, sd, concepts, order: int):
         self.sd = sd
         self.concepts: list[Concept] = concepts
-        #: token -> the embedding-table ids its vectors occupy, in order.
-        self.token_ids: dict[str, tuple[int, ...]] = token_ids
-        self._saved = saved
-        self._layer = layer
-        self._variable = new_variable
+        #: token -> the embedding-table ids its vectors occupy now, in order (they can move when
+        #: concepts applied earlier are unloaded).
+        self.token_ids: dict[str, tuple[int, ...]] = {}
         self.loaded = True
+        self._order = order
+        self._entered: list[int] = []
 
     @property
     def tokens(self) -> list[str]:
@@ -291,43 +470,62 @@ class AppliedConcepts:
             )
 
     def unload(self) -> None:
-        """Restore the original token table and tokenizer (idempotent)."""
+        """Take this handle's concepts out of the model (idempotent; any order). Concepts other
+        handles applied stay loaded."""
         if not self.loaded:
             return
-        if self._layer._embeddings is not self._variable:
-            raise ApplyError(
-                f"cannot unload {', '.join(self.tokens[:3])}{'...' if len(self.tokens) > 3 else ''}: "
-                "concepts applied later to the same model are still loaded; unload those first"
-            )
-        tokenizer = self.sd._tokenizer
-        _swap_variable(self._layer, self._variable, self._saved.variable)
-        for name, value in self._saved.tokenizer_state.items():
-            setattr(tokenizer, name, value)
-        tokenizer._conceptlib_expansions = self._saved.expansions
-        if self._saved.encode_attribute is None:
-            tokenizer.__dict__.pop("encode", None)
-        else:
-            tokenizer.encode = self._saved.encode_attribute
-        reset_compiled_functions(self.sd._text_encoder)
-        self._variable = None
-        self.loaded = False
-        if self in _handles(self.sd):
-            _handles(self.sd).remove(self)
+        model = _model_concepts(self.sd)
+        _check_table_is_ours(self.sd, model)
+        _keep_only(self.sd, {h: h.concepts for h in model.handles if h is not self})
 
     def __enter__(self) -> "AppliedConcepts":
         self._check_loaded()
+        self._entered.append(_model_concepts(self.sd).applied_count)
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        # Leaving the block restores the model, however it is left: handles applied later inside
-        # the block (and not unloaded there) are unloaded first, then this one.
-        for later in reversed(_later_handles(self)):
-            later.unload()
-        self.unload()
+        # Leaving the block restores the model as it was before the block, however it is left:
+        # this handle and every handle applied inside the block and still loaded are unloaded
+        # (handles applied before the block stay).
+        entered = self._entered.pop()
+        model = _model_concepts(self.sd)
+        if self.loaded or any(h._order > entered for h in model.handles):
+            _check_table_is_ours(self.sd, model)
+            _keep_only(self.sd, {h: h.concepts for h in model.handles if h is not self and h._order <= entered})
 
     def __repr__(self) -> str:
         state = "loaded" if self.loaded else "unloaded"
         return f"<AppliedConcepts {state}: {', '.join(self.tokens)}>"
+
+
+def applied(sd) -> list[AppliedConcepts]:
+    """The handles loaded into ``sd`` now, in the order they were applied."""
+    return list(_model_concepts(sd).handles)
+
+
+def unload(sd, tokens=None) -> list[str]:
+    """Unload concepts from ``sd``: every concept (``tokens`` left out), or the concepts with
+    these tokens (a token or a list of them), whichever call applied them. Returns the tokens
+    unloaded. For when a handle was not kept (a notebook cell run again)."""
+    model = _model_concepts(sd)
+    loaded = {token: handle for handle in model.handles for token in handle.tokens}
+    if tokens is None:
+        tokens = list(loaded)
+    elif isinstance(tokens, str):
+        tokens = [tokens]
+    tokens = list(tokens)
+    missing = [token for token in tokens if token not in loaded]
+    if missing:
+        now = ", ".join(loaded) if loaded else "none"
+        raise ApplyError(
+            f"{', '.join(repr(t) for t in missing)} {'is' if len(missing) == 1 else 'are'} not applied to "
+            f"this model (applied now: {now}); pass tokens of applied concepts, or leave tokens out to unload all"
+        )
+    if tokens:
+        _check_table_is_ours(sd, model)
+        gone = set(tokens)
+        _keep_only(sd, {h: [c for c in h.concepts if c.token not in gone] for h in model.handles})
+    return tokens
 
 
 # -- apply ----------------------------------------------------------------------------------------
@@ -351,120 +549,101 @@ def _check_widths(sd, base_model: str, concepts, width: int) -> None:
             )
 
 
+def _another_token_advice(concept: Concept, source: str) -> str:
+    """How to give ``concept`` another token, for where it came from."""
+    suggestion = "<" + suggested_token(concept.token.strip("<>") + "-2") + ">"
+    if source == "library":
+        return f"`conceptlib rename {concept.name} NEW --token '{suggestion}'`"
+    if source == "file":
+        return (f"`conceptlib import FILE --token '{suggestion}'` then apply it by name, or pass "
+                f"the loaded Concept's .renamed(token='{suggestion}')")
+    return f"pass concept.renamed(token='{suggestion}')"
+
+
+def _check_tokens(model: _ModelConcepts, tokenizer, concepts, sources) -> None:
+    clip_encoder = model.original.tokenizer_state["encoder"] if model.original else tokenizer.encoder
+    loaded = {token for handle in model.handles for token in handle.tokens}
+    seen: dict[str, Concept] = {}
+    for concept, source in zip(concepts, sources):
+        if concept.token in seen:
+            raise ApplyError(
+                f"token {concept.token!r} is given twice ({seen[concept.token].name!r} and {concept.name!r}); "
+                f"apply each concept once, or give one another token: {_another_token_advice(concept, source)}"
+            )
+        seen[concept.token] = concept
+        if concept.token in loaded:
+            raise ApplyError(
+                f"token {concept.token!r} of concept {concept.name!r} is already applied to this model; unload "
+                f"it first (conceptlib.unload(sd, [{concept.token!r}]) or its handle's .unload()), or give the "
+                f"concept another token: {_another_token_advice(concept, source)}"
+            )
+        entry = _vocab_entry(tokenizer, concept.token)
+        if entry in clip_encoder or entry + "</w>" in clip_encoder:
+            raise ApplyError(
+                f"token {concept.token!r} of concept {concept.name!r} is already in the CLIP vocabulary (a word "
+                f"or special token), so prompts could not tell them apart; give the concept another token: "
+                f"{_another_token_advice(concept, source)}"
+            )
+
+
+def _check_layer(layer) -> None:
+    """Concepts grow the plain embedding table; a LoRA or quantized table has other parts."""
+    changed = ("LoRA enabled" if getattr(layer, "lora_enabled", False)
+               else f"{layer.quantization_mode}-quantized" if getattr(layer, "quantization_mode", None) else None)
+    if changed:
+        raise ApplyError(
+            f"the text encoder's token table is {changed}; conceptlib extends a plain table: "
+            "apply concepts before enable_lora() / quantize(), or to a text encoder without them"
+        )
+
+
 def apply(sd, concepts, library=None) -> AppliedConcepts:
     """Apply ``concepts`` (library names, tokens, file paths or Concept objects) to ``sd``, a
     keras-cv StableDiffusion or StableDiffusionV2, built or not, in one step.
 
     Everything is validated first (vector width vs the text encoder, tokens already in the
-    vocabulary, duplicates); on any error nothing is changed. Returns an AppliedConcepts handle
-    (``.unload()``, context manager).
+    vocabulary or applied, duplicates); on any error nothing is changed. Returns an
+    AppliedConcepts handle (``.unload()``, context manager); ``unload(sd)`` unloads without one.
     """
     from conceptlib.kerascv.models import base_model_of
 
     base_model = base_model_of(sd)
-    concepts = resolve_concepts(concepts, library)
+    concepts, sources = _resolve_with_sources(concepts, library)
     if not concepts:
         raise ApplyError("no concepts to apply; pass library names, tokens, file paths or Concept objects")
 
     # Validate everything before changing anything, and before building (or downloading) the
     # text encoder: the widths are known from the model class.
     _check_widths(sd, base_model, concepts, DIMS[base_model])
-    seen: dict[str, Concept] = {}
+    model = _model_concepts(sd)
     tokenizer = _ensure_tokenizer(sd)
-    for concept in concepts:
-        if concept.token in seen:
-            raise ApplyError(
-                f"token {concept.token!r} is given twice ({seen[concept.token].name!r} and {concept.name!r}); "
-                "apply each concept once, or rename one with `conceptlib rename NAME NEW --token`"
-            )
-        seen[concept.token] = concept
-        entry = _vocab_entry(tokenizer, concept.token)
-        if entry in tokenizer.encoder or entry + "</w>" in tokenizer.encoder:
-            raise ApplyError(
-                f"token {concept.token!r} of concept {concept.name!r} is already in the tokenizer's vocabulary "
-                "(a CLIP word, or a concept already applied to this model); unload it first or give the "
-                "concept another token with `conceptlib rename NAME NEW --token '<new-token>'`"
-            )
+    _check_tokens(model, tokenizer, concepts, sources)
     text_encoder = _ensure_text_encoder(sd, base_model)
     layer = token_embedding_layer(text_encoder)
-    width = int(layer.output_dim)
-    _check_widths(sd, base_model, concepts, width)
-
-    import numpy as np
+    _check_layer(layer)
+    _check_table_is_ours(sd, model)
+    _check_widths(sd, base_model, concepts, int(layer.output_dim))
 
     from conceptlib.kerascv import keras_module
 
-    keras = keras_module()
-    old_variable = layer._embeddings
-    table_rows = int(old_variable.shape[0])
-    first_id = max(len(tokenizer.vocab), table_rows)
-
-    # Tokenizer entries and table rows for every vector, in one pass.
-    new_vocab = list(tokenizer.vocab)
-    new_vocab.extend(_PAD_ENTRY.format(index=i) for i in range(len(new_vocab), first_id))
-    token_ids: dict[str, tuple[int, ...]] = {}
-    for concept in concepts:
-        ids = tuple(range(len(new_vocab), len(new_vocab) + concept.num_vectors))
-        new_vocab.append(_vocab_entry(tokenizer, concept.token))
-        new_vocab.extend(
-            _vocab_entry(tokenizer, _EXTRA_VECTOR.format(token=concept.token, index=i))
-            for i in range(1, concept.num_vectors)
-        )
-        token_ids[concept.token] = ids
-    rows = np.concatenate(
-        [np.zeros((first_id - table_rows, width), np.float32)] + [concept.vectors for concept in concepts]
-    ).astype(old_variable.dtype, copy=False)
-
-    # Same path as the original ("clip_embedding/embedding/embeddings"), so the swapped-in
-    # variable is indistinguishable to code that looks variables up by path.
-    with contextlib.ExitStack() as scopes:
-        for part in old_variable.path.split("/")[:-1]:
-            scopes.enter_context(keras.name_scope(part))
-        new_variable = keras.Variable(
-            keras.ops.concatenate([old_variable.value, keras.ops.convert_to_tensor(rows)], axis=0),
-            dtype=old_variable.dtype,
-            trainable=old_variable.trainable,
-            name=old_variable.name,
-        )
-
-    saved = _Saved(
-        variable=old_variable,
-        tokenizer_state={name: getattr(tokenizer, name) for name in _TOKENIZER_STATE},
+    original = model.original or _Original(
+        layer=layer,
+        variable=layer._embeddings,
+        input_dim=layer.input_dim,
+        tokenizer_state={name: getattr(tokenizer, name) for name in (*_TOKENIZER_STATE, "byte_encoder")},
         encode_attribute=tokenizer.__dict__.get("encode"),
-        expansions=getattr(tokenizer, "_conceptlib_expansions", None),
     )
-    special_tokens = dict(tokenizer.special_tokens)
-    cache = dict(tokenizer.cache)
-    encoder = dict(tokenizer.encoder)
-    decoder = dict(tokenizer.decoder)
-    expansions = dict(saved.expansions or {})
-    for index in range(len(tokenizer.vocab), len(new_vocab)):
-        decoder[index] = new_vocab[index]
-    # Only the tokens themselves go into the encoder: a placeholder ('<x>#1') there would take
-    # the id of a concept whose token is spelled the same.
-    for token, ids in token_ids.items():
-        entry = new_vocab[ids[0]]
-        encoder[entry] = ids[0]
-        special_tokens[token] = token
-        cache[entry] = entry
-        if len(ids) > 1:
-            expansions[ids[0]] = ids
-
-    pattern = _tokenizer_pattern(special_tokens)
+    loaded = [concept for handle in model.handles for concept in handle.concepts]
+    installation = _installation(original, loaded + concepts, keras_module())
 
     # Mutate: nothing below can fail on bad input.
-    _swap_variable(layer, old_variable, new_variable)
-    tokenizer.vocab = new_vocab
-    tokenizer.encoder = encoder
-    tokenizer.decoder = decoder
-    tokenizer.special_tokens = special_tokens
-    tokenizer.cache = cache
-    tokenizer.pat = pattern
-    tokenizer._conceptlib_expansions = expansions
-    tokenizer.encode = types.MethodType(_expanding_encode, tokenizer)
-    reset_compiled_functions(text_encoder)
-    handle = AppliedConcepts(sd, concepts, token_ids, saved, layer, new_variable)
-    _handles(sd).append(handle)
+    model.original = original
+    _install(sd, model, installation)
+    model.applied_count += 1
+    handle = AppliedConcepts(sd, concepts, model.applied_count)
+    model.handles.append(handle)
+    for each in model.handles:
+        each.token_ids = {c.token: installation.token_ids[c.token] for c in each.concepts}
     return handle
 
 

@@ -30,6 +30,18 @@ def sd1():
     return sd
 
 
+@pytest.fixture(autouse=True)
+def nothing_left_applied(request):
+    """Each test leaves the shared model as it found it; one that fails half-way is cleaned up
+    here, so the tests after it do not fail for its leftovers."""
+    yield
+    if "sd1" in request.fixturenames:
+        from conceptlib.kerascv.apply import unload
+
+        sd = request.getfixturevalue("sd1")
+        assert unload(sd) == [], "the test left concepts applied"
+
+
 @pytest.fixture(scope="module")
 def plain_tokenizer():
     return make_tokenizer()

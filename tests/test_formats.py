@@ -131,6 +131,19 @@ def test_kohya_emb_params(tmp_path, suffix):
     assert one(path, token="<my-style>", name="my-style").token == "<my-style>"
 
 
+def test_a1111_dictionary_flattened_into_safetensors_is_named_after_its_file(tmp_path):
+    """Converters write A1111's .pt as {'string_to_param.*': vectors}: the file name is the prompt
+    word (the key once became every such file's token, so the second file collided)."""
+    from safetensors.numpy import save_file
+
+    for stem, seed in (("ink-style", 1), ("bad-hands", 2)):
+        vectors = np.random.default_rng(seed).normal(size=(2, 768)).astype(np.float32)
+        save_file({"string_to_param.*": vectors}, str(tmp_path / f"{stem}.safetensors"))
+        concept = one(tmp_path / f"{stem}.safetensors")
+        assert (concept.name, concept.token, concept.metadata["source_format"]) == (stem, stem, "a1111")
+        np.testing.assert_array_equal(concept.vectors, vectors)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_safetensors(tmp_path, dtype):
     vec = torch.randn(2, 768).to(getattr(torch, dtype))

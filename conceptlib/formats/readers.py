@@ -52,7 +52,9 @@ _FLUX_KEYS = {"clip_l", "t5"}
 # ComfyUI's text-encoder keys: clip_l for SD 1.x, as diffusers' pivotal-tuning scripts write, clip_h
 # for SD 2.x).
 _PIVOTAL_KEYS = ("clip_l", "clip_h")
-_FILE_NAMED_KEYS = {"emb_params": "kohya", "*": "kohya", **dict.fromkeys(_PIVOTAL_KEYS, "pivotal")}
+# 'string_to_param.*' is AUTOMATIC1111's .pt dictionary flattened, as pt-to-safetensors converters write it.
+_FILE_NAMED_KEYS = {"emb_params": "kohya", "*": "kohya", "string_to_param.*": "a1111",
+                    **dict.fromkeys(_PIVOTAL_KEYS, "pivotal")}
 _SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "bf16"}
 _MAX_LENGTH = 64  # of a token and of a name (concept.py)
 _NOT_REGULAR = ("not a regular file or folder (a device, pipe or socket); save the data to a "

@@ -329,6 +329,22 @@ def test_show_a_file_from_another_tool_without_importing_it(library, tmp_path, m
     assert run("show", "oil-style").stdout.startswith("name:        oil-style")
 
 
+def test_show_of_a_library_file_or_an_imported_download_says_it_is_in_the_library(library, tmp_path):
+    own = json.loads(run("show", str(library.path_for("cat-doll")), "--json").stdout)
+    assert own["in_library"] is True and own["name"] == "cat-doll"
+    download = tmp_path / "learned_embeds.safetensors"
+    write_concept(Concept("x", "<dl-doll>", np.full((1, 768), 0.5, np.float32),
+                          {"modelspec.title": "DL Doll", "modelspec.tags": "doll, toy"}), download)
+    assert run("import", str(download), "--name", "dl-doll").exit_code == 0
+    text = run("show", str(download)).stdout
+    assert f"({download.stat().st_size} bytes; already in the library as dl-doll (<dl-doll>))" in text
+    info = json.loads(run("show", str(download), "--json").stdout)
+    assert info["in_library"] is False and info["library_name"] == "dl-doll"
+    # The same descriptive keys as `list --json` (which the docs promise).
+    listed = next(row for row in json.loads(run("list", "--json").stdout) if row["name"] == "dl-doll")
+    assert set(listed) <= set(info) and (info["title"], info["tags"]) == ("DL Doll", "doll, toy")
+
+
 def test_show_writes_the_preview_image(library, tmp_path):
     import base64
     import io

@@ -94,16 +94,19 @@ def show_command(ref: str, as_json: bool, preview_out: Path | None, nearest: int
     from conceptlib.files import non_finite_vectors, vector_norms
     from conceptlib.library import non_finite_message
 
+    library = _library()
     try:
-        header = _library().header(ref)
+        header = library.header(ref)
     except NotFoundError:
         if not os.path.exists(ref):
             if os.sep in ref or Path(ref).suffix.lower() in FILE_SUFFIXES + IMAGE_SUFFIXES:
                 raise ConceptFileError(f"{ref}: no such file or folder (nor a library concept of that name); "
                                        "check the path") from None
             raise
-        _show_file(Path(ref), as_json, preview_out, nearest, weights_dir)
-        return
+        header = _library_file_header(library, Path(ref))
+        if header is None:
+            _show_file(library, Path(ref), as_json, preview_out, nearest, weights_dir)
+            return
     if preview_out is not None:
         _write_preview(header.name, header.path, header.metadata, preview_out)
     norms = vector_norms(header.path)
@@ -149,28 +152,46 @@ def _nearest_words(vectors, base_model: str, count: int, weights_dir: str | None
     return nearest_words(vectors, token_table(found["text_encoder"]), tokenizer, count)
 
 
-def _show_file(path: Path, as_json: bool, preview_out: Path | None, nearest: int = 0, weights_dir: str | None = None) -> None:
+def _library_file_header(library, path: Path):
+    """The library concept whose own file ``path`` is (reached by its path), or None."""
+    from conceptlib.errors import ConceptlibError
+
+    try:
+        inside = path.resolve().parent == library.concepts_dir.resolve()
+        return library.header(path.stem) if inside and path.suffix == ".safetensors" else None
+    except (OSError, ConceptlibError):
+        return None
+
+
+def _show_file(library, path: Path, as_json: bool, preview_out: Path | None, nearest: int = 0,
+               weights_dir: str | None = None) -> None:
     """`show FILE`: a file or folder of any format `import` reads (import refuses non-finite
-    vectors, so every norm is a number), shown as the library would hold it."""
+    vectors, so every norm is a number), shown as the library would hold it, with the same keys
+    as a library concept's."""
     import numpy as np
 
+    from conceptlib.files import summary_fields
     from conceptlib.formats import load_source
 
     concept = load_source(path)
     if preview_out is not None:
         _write_preview(concept.name, path, concept.metadata, preview_out)
     norms = np.linalg.norm(concept.vectors.astype(np.float64), axis=1)
-    info = {
-        "name": concept.name, "token": concept.token, "num_vectors": concept.num_vectors, "dim": concept.dim,
-        "base_model": concept.base_model, "trainer": concept.metadata.get("trainer", ""),
-        "created_at": concept.metadata.get("created_at", ""), "in_library": False, "path": str(path.absolute()),
+    info = summary_fields(concept.name, concept.token, concept.num_vectors, concept.dim, concept.metadata)
+    info.update({
+        "in_library": False, "path": str(path.absolute()),
         "size_bytes": path.stat().st_size if path.is_file() else None,
         "norms": [round(float(n), 6) for n in norms], "metadata": dict(sorted(concept.metadata.items())),
-    }
+    })
+    same = _identical_in_library(library, concept)
+    if same is not None:
+        info["library_name"] = same.name
     if nearest:
         info["nearest"] = _nearest_words(concept.vectors, concept.base_model, nearest, weights_dir)
     size = f"{info['size_bytes']} bytes; " if info["size_bytes"] is not None else ""
-    _print_info(info, as_json, where=f"{size}not in the library: `conceptlib import` adds it")
+    where = (f"already in the library as {same.name} ({same.token})" if same is not None
+             else "not in the library: `conceptlib import` adds it")
+    _print_info(info, as_json, where=size + where)
 
 
 def _print_info(info: dict, as_json: bool, *, where: str) -> None:

@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import re
+import shlex
 import stat as stat_module
 import threading
 from pathlib import Path
@@ -486,7 +487,7 @@ class ConceptLibrary:
                 if not os.path.lexists(entry.path):
                     continue  # removed while listing
                 problems.append(Problem(Path(entry.path), f"{entry.path}: a link to a file that does not exist; "
-                                                          f"remove it (conceptlib remove '{file_name[: -len(SUFFIX)]}')"))
+                                                          f"remove it (conceptlib remove {shlex.quote(file_name[: -len(SUFFIX)])})"))
                 continue
             except OSError:
                 continue
@@ -570,7 +571,7 @@ def _index_entry(path: Path, key: list[int]) -> dict:
     name = path.name[: -len(SUFFIX)]
     if not is_valid_name(name):
         return {"key": key, "error": f"file name {path.name!r} is not a valid concept name; rename the file (e.g. to "
-                                     f"{slug_from_token(name)}{SUFFIX}) or remove it (conceptlib remove '{name}')"}
+                                     f"{slug_from_token(name)}{SUFFIX}) or remove it (conceptlib remove {shlex.quote(name)})"}
     try:
         header = read_header(path)
     except ConceptFileError as exc:
@@ -578,7 +579,7 @@ def _index_entry(path: Path, key: list[int]) -> dict:
     try:
         validate_token(header.token)
     except ConceptError as exc:
-        fix = f"give it another token: conceptlib rename {name} {name} --token '{suggested_token(header.token)}'"
+        fix = f"give it another token: conceptlib rename {name} {name} --token {shlex.quote(suggested_token(header.token))}"
         return {"key": key, "error": f"{path}: {exc} ({fix})"}
     if not 1 <= header.num_vectors <= MAX_VECTORS:
         return {"key": key, "error": f"{path}: holds {header.num_vectors} vectors, but a concept has 1 to {MAX_VECTORS}; "

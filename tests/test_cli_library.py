@@ -811,6 +811,27 @@ def test_remove_takes_what_list_skips_and_path_needs_a_name(library):
     assert_one_line_error(run("path", ""), 1, "no concept named or with token ''")
 
 
+def test_a_suggested_command_runs_as_pasted_even_with_an_apostrophe(library):
+    """Downloads are named "Jo's Doll.safetensors": the command `list` suggests is quoted for the
+    shell (it used to be 'Jo's Doll', an unterminated quote)."""
+    import re
+    import shlex
+
+    shutil.copy(library.path_for("cat-doll"), library.concepts_dir / "Jo's Doll.safetensors")
+    warning = run("list").stderr
+    suggested = re.search(r"\((conceptlib remove .*)\)$", warning.strip()).group(1)
+    assert suggested == "conceptlib remove " + shlex.quote("Jo's Doll")
+    result = run(*shlex.split(suggested)[1:], "-y")
+    assert result.exit_code == 0 and result.stdout == "Removed Jo's Doll.safetensors\n"
+    assert run("list").stderr == ""
+
+
+def test_a_capitalised_token_that_lowercases_to_a_word_gets_a_bracketed_suggestion(library):
+    result = run("rename", "cat-doll", "kitty", "--token", "Cat")
+    assert_one_line_error(result, 2, "'cat' is an ordinary word of the CLIP vocabulary; use e.g. --token '<cat>'")
+    assert run("rename", "cat-doll", "kitty", "--token", "<cat>").exit_code == 0
+
+
 def test_export_says_the_prompt_word_and_warns_of_an_ordinary_word(library, tmp_path):
     """AUTOMATIC1111 and ComfyUI call an embedding file by its name (diffusers: by its token), for
     a1111 files and for our own and kohya's .safetensors alike."""

@@ -287,8 +287,13 @@ def _name_value(ctx, param, value: str | None) -> str | None:
 
 def _token_value(ctx, param, value: str | None) -> str | None:
     """Click callback: an invalid --token, or one that is a CLIP word, is a usage error (exit 2)."""
-    from conceptlib.concept import validate_token
+    from conceptlib.concept import suggested_token, validate_token
 
+    if value is not None and value != value.lower() and is_clip_word(suggested_token(value)):
+        # Lowercasing alone would give a token that is refused next as a CLIP word.
+        lower = suggested_token(value)
+        raise UsageError(f"--token {value!r}: KerasCV lowercases prompts, so a token with capitals never matches, "
+                         f"and {lower!r} is an ordinary word of the CLIP vocabulary; use e.g. --token '<{lower}>'")
     token = _usage_checked(param, value, validate_token)
     if token is not None and is_clip_word(token):
         raise UsageError(f"--token {token!r}: {clip_word_problem(token)}; use e.g. --token '<{token}>'")

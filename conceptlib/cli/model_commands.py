@@ -13,6 +13,7 @@ import json
 import math
 import re
 import secrets
+import shlex
 import sys
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def file_concepts(library, paths, prompt: str, negative: str | None) -> list:
         concept = load_source(path)
         token = concept.token
         if is_clip_word(token):
-            raise ApplyError(f"{path}: {clip_word_problem(token)}; import it with --token '<{token}>' and use that")
+            raise ApplyError(f"{path}: {clip_word_problem(token)}; import it with --token {shlex.quote(f'<{token}>')} and use that")
         in_library = library.find_token(token)
         owner = in_library or next((c for c in concepts if c.token == token), None)
         if owner is not None:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shlex
 import struct
 import unicodedata
 from dataclasses import dataclass
@@ -695,7 +696,7 @@ def _make(path: Path, stem_name: str | None, file_token: str, vectors, metadata:
             validate_token(derived_token)
         except ConceptError as exc:  # the file's token: only --token can change it
             raise ConceptFileError(
-                f"{path}: {exc} (import this file by itself with --token '{suggested_token(derived_token)}')"
+                f"{path}: {exc} (import this file by itself with --token {shlex.quote(suggested_token(derived_token))})"
             ) from None
     try:
         return Concept(name=final_name, token=final_token, vectors=vectors, metadata=metadata)

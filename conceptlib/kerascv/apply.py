@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -553,11 +554,11 @@ def _another_token_advice(concept: Concept, source: str) -> str:
     """How to give ``concept`` another token, for where it came from."""
     suggestion = "<" + suggested_token(concept.token.strip("<>") + "-2") + ">"
     if source == "library":
-        return f"`conceptlib rename {concept.name} NEW --token '{suggestion}'`"
+        return f"`conceptlib rename {concept.name} NEW --token {shlex.quote(suggestion)}`"
     if source == "file":
-        return (f"`conceptlib import FILE --token '{suggestion}'` then apply it by name, or pass "
-                f"the loaded Concept's .renamed(token='{suggestion}')")
-    return f"pass concept.renamed(token='{suggestion}')"
+        return (f"`conceptlib import FILE --token {shlex.quote(suggestion)}` then apply it by name, or pass "
+                f"the loaded Concept's .renamed(token={suggestion!r})")
+    return f"pass concept.renamed(token={suggestion!r})"
 
 
 def _check_tokens(model: _ModelConcepts, tokenizer, concepts, sources) -> None:

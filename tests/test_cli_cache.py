@@ -89,7 +89,8 @@ def test_default_folder_is_the_one_the_jax_trainer_and_generate_use(tmp_path, mo
 def test_clear_asks_then_deletes_the_contents_only(cache):
     files = _fill(cache)
     result = run("clear", input="n\n")
-    assert result.exit_code == 1 and "Aborted" in result.output
+    assert result.exit_code == 1 and result.stderr.endswith(
+        "Error: nothing deleted: not confirmed; answer y, or pass -y to go ahead without asking\n")
     assert f"Delete 4 files (3.5 KB) in {cache} (from $CONCEPTLIB_JAX_CACHE)? [y/N]" in result.stderr
     assert all((cache / name).read_bytes() == data for name, data in files.items())
     result = run("clear", input="y\n")

@@ -388,6 +388,12 @@ def test_remove_asks(library):
     before = snapshot(library.root)
     result = run("remove", "cat-doll", input="n\n")
     assert result.exit_code == 1 and snapshot(library.root) == before
+    assert result.stderr.endswith("Error: cat-doll not removed: not confirmed; answer y, or pass -y to go ahead "
+                                  "without asking\n")
+    result = run("remove", "cat-doll", input="")  # no terminal, no answer (a script): one line, not 'Aborted!'
+    assert result.exit_code == 1 and snapshot(library.root) == before
+    assert result.stderr.splitlines()[-1] == ("Error: cat-doll not removed: not confirmed; answer y, or pass -y to go "
+                                             "ahead without asking")
     result = run("remove", "cat-doll", input="y\n")
     assert result.exit_code == 0 and "Removed cat-doll" in result.output
     assert run("remove", "-y", "oil-style").exit_code == 0
@@ -654,7 +660,8 @@ def test_bad_arguments(library, tmp_path):
 def test_usage_errors_exit_2(library, tmp_path):
     _foreign_folder(tmp_path / "in")
     before = snapshot(library.root)
-    assert run("export", "cat-doll").exit_code == 2  # --format missing
+    assert_one_line_error(run("export", "cat-doll"), 2, "missing --format: one of conceptlib, diffusers, a1111, "
+                                                        "sd-concepts, kohya (e.g. --format a1111 for AUTOMATIC1111")
     assert run("export", "cat-doll", "--format", "ckpt").exit_code == 2
     assert run("import").exit_code == 2
     assert_one_line_error(run("import", str(tmp_path / "in"), "--name", "x"), 2, "one at a time")
@@ -901,6 +908,31 @@ def test_export_into_a_folder(library, tmp_path, monkeypatch):
     assert (tmp_path / "cat-doll" / "token_identifier.txt").read_text() == "mine"
     assert run("export", "cat-doll", "--format", "sd-concepts", "--force").exit_code == 0
     assert (tmp_path / "cat-doll" / "token_identifier.txt").read_text() == "<cat-doll>"
+
+
+def test_sd_concepts_into_a_folder_of_other_files_makes_a_concept_folder_inside(library, tmp_path):
+    """--out ~/Downloads must not scatter README.md and three more files among the user's own
+    (and the --force a refusal suggested would have replaced their README.md)."""
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "README.md").write_text("mine")
+    for out in (str(downloads), str(tmp_path / "fresh") + "/"):
+        assert run("export", "cat-doll", "--format", "sd-concepts", "--out", out).exit_code == 0
+        assert list(torch.load(Path(out) / "cat-doll" / "learned_embeds.bin", weights_only=True)) == ["<cat-doll>"]
+    assert (downloads / "README.md").read_text() == "mine"
+    assert sorted(p.name for p in downloads.iterdir()) == ["README.md", "cat-doll"]
+    # An earlier export's own folder is the concept folder: replaced with --force, as before.
+    earlier = downloads / "cat-doll"
+    assert run("export", "cat-doll", "--format", "sd-concepts", "--out", str(earlier), "--force").exit_code == 0
+    assert sorted(p.name for p in earlier.iterdir()) == [
+        "README.md", "learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt"]
+
+
+def test_several_concepts_to_a_file_name_is_a_usage_error(library, tmp_path):
+    result = run("export", "cat-doll", "oil-style", "--format", "a1111", "--out", str(tmp_path / "file.pt"))
+    assert_one_line_error(result, 2, f"several concepts go into a folder, and this names a file; give a folder "
+                                     f"(e.g. --out {tmp_path / 'file'}/)")
+    assert list(tmp_path.iterdir()) == [library.root]
 
 
 def _a1111(path: Path) -> Path:

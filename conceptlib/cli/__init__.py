@@ -52,6 +52,18 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 
+def confirm(question: str, *, refused: str) -> None:
+    """Ask ``question`` (y/N) on stderr; a no, or no answer at all (stdin closed, as in a script),
+    stops the command with one line, ``refused`` and how to skip the question (exit 1)."""
+    try:
+        answered_yes = click.confirm(question, err=True)
+    except click.Abort:  # end of input, or Ctrl-C at the prompt
+        click.echo("", err=True)
+        answered_yes = False
+    if not answered_yes:
+        raise ConceptlibError(f"{refused}: not confirmed; answer y, or pass -y to go ahead without asking")
+
+
 def _degrade_unencodable_output() -> None:
     """In a locale whose encoding is not UTF-8 (e.g. ISO-8859-1), a title or template the
     encoding lacks would end a command with UnicodeEncodeError: escape such characters instead."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from conceptlib.cli import main
+from conceptlib.cli import confirm, main
 from conceptlib.errors import ConceptlibError
 from conceptlib.kerascv import JAX_CACHE_ENV, jax_cache_dir
 
@@ -111,7 +111,7 @@ def clear_command(yes: bool) -> None:
         return
     count, size = _usage(folder)
     if not yes:
-        click.confirm(f"Delete {_files(count)} ({_human(size)}) in {_folder_label(folder)}?", abort=True, err=True)
+        confirm(f"Delete {_files(count)} ({_human(size)}) in {_folder_label(folder)}?", refused="nothing deleted")
     for entry in entries:
         _delete(entry)
     click.echo(f"Cleared {_folder_label(folder)}: deleted {_files(count)} ({_human(size)})")

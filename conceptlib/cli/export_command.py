@@ -28,7 +28,7 @@ _EXPORT_SUFFIXES = {
 @main.command("export")
 @click.argument("refs", metavar="NAME...", nargs=-1)
 @click.option("--all", "export_all", is_flag=True, help="Export every concept in the library (into the --out folder).")
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=None,
               help="conceptlib | diffusers (learned_embeds.safetensors, or .bin) | a1111 (.pt, or an embedding image with "
                    "--out X.png) | sd-concepts (folder) | kohya (emb_params).")
 @click.option("--out", type=click.Path(path_type=str), default=None,
@@ -42,6 +42,9 @@ def export_command(refs: tuple[str, ...], export_all: bool, fmt: str, out: str |
                    with_preview: bool) -> None:
     """Export concept NAME in another tool's format; several NAMEs or --all export into one folder
     (e.g. another tool's embeddings folder)."""
+    if fmt is None:  # checked here: click lists the choices on five lines
+        raise UsageError(f"missing --format: one of {', '.join(EXPORT_FORMATS)} (e.g. --format a1111 for "
+                         "AUTOMATIC1111 and ComfyUI, --format diffusers for diffusers)")
     if export_all and refs:
         raise UsageError("give concept NAMEs or --all, not both")
     if not refs and not export_all:
@@ -62,7 +65,8 @@ def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: 
     library = _library()
     concept = library.get(ref)
     if fmt == "sd-concepts":
-        target = target or Path(concept.name)
+        target = target / concept.name if folder else target or Path(concept.name)
+        folder = False
     file = paths_in_folder(concept, fmt, target)[1][0] if folder else target
     _refuse_library_folder(file, out, library)
     preview = _preview_target(concept, fmt, file, force) if with_preview else None
@@ -136,6 +140,9 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {out}: exporting several concepts needs a folder, and this is a file; "
                          "give a folder (it is created if missing)")
+    if not folder.exists() and folder.suffix.lower() in (".safetensors", ".bin", ".pt", ".png"):
+        raise UsageError(f"--out {out}: several concepts go into a folder, and this names a file; give a folder "
+                         f"(e.g. --out {folder.with_suffix('')}/)")
     library = _library()
     _refuse_library_folder(folder, out, library)
     if refs:
@@ -192,7 +199,10 @@ def _export_target(fmt: str, out: str | None) -> tuple[Path | None, bool]:
         return (None, False) if fmt == "sd-concepts" else (Path("."), True)
     target = Path(out).expanduser()
     if fmt == "sd-concepts":
-        return target, False  # the concept folder itself
+        # The concept folder itself, unless that would scatter its four files among others: a
+        # folder given with a trailing '/', or one holding other files, gets OUT/NAME/ inside.
+        holds_others = target.is_dir() and any(target.iterdir()) and not (target / "learned_embeds.bin").exists()
+        return target, holds_others or out.endswith(("/", os.sep))
     if target.is_dir() or out.endswith(("/", os.sep)):
         return target, True
     suffixes = _EXPORT_SUFFIXES[fmt]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from conceptlib.cli import main, printable
+from conceptlib.cli import confirm, main, printable
 from conceptlib.errors import ConceptError, ConceptFileError, ConceptlibError, NotFoundError, UsageError
 from conceptlib.cli.describe_options import describe_options, described
 from conceptlib.files import DESCRIPTIVE_KEYS, LISTED_DESCRIPTIONS
@@ -258,7 +258,7 @@ def remove_command(name: str, yes: bool) -> None:
             raise
         # What `list` warns about and skips: a badly named file, a broken link, a FIFO, ...
         if not yes:
-            click.confirm(f"Remove {stray} (not a usable concept file)?", abort=True, err=True)
+            confirm(f"Remove {stray} (not a usable concept file)?", refused=f"{stray.name} not removed")
         library.remove(name)
         click.echo(f"Removed {stray.name}")
         return
@@ -266,14 +266,15 @@ def remove_command(name: str, yes: bool) -> None:
         # The file NAME exists but cannot be read: removing it is how the user repairs the library.
         if not yes:
             path = library.path_for(name)
-            click.confirm(f"Remove the unreadable concept file {path} ({_strip_path(str(exc), path)})?", abort=True, err=True)
+            confirm(f"Remove the unreadable concept file {path} ({_strip_path(str(exc), path)})?",
+                    refused=f"{name} not removed")
         library.remove(name)
         click.echo(f"Removed {name} (unreadable file)")
         return
     if header.name != name:
         raise UsageError(f"{name!r} is the token of concept {header.name!r}; remove it by name: conceptlib remove {header.name}")
     if not yes:
-        click.confirm(f"Remove concept {header.name!r} (token {header.token})?", abort=True, err=True)
+        confirm(f"Remove concept {header.name!r} (token {header.token})?", refused=f"{header.name} not removed")
     library.remove(header.name)
     click.echo(f"Removed {header.name} ({header.token})")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from conceptlib.cli import main
+from conceptlib.cli import confirm, main
 from conceptlib.cli.describe_options import describe_options, described
 from conceptlib.errors import UsageError
 
@@ -259,7 +259,7 @@ def _remove_run(library, name: str, yes: bool) -> None:
     run = removable_run(name, library)
     line = _run_line(run_summary(run))
     if not yes:
-        click.confirm(f"Remove run {line}?", abort=True, err=True)
+        confirm(f"Remove run {line}?", refused=f"run {run.path.name} not removed")
     remove_run(run)
     click.echo(f"Removed run {run.path.name}")
 

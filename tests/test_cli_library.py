@@ -76,6 +76,9 @@ def test_list(library):
     assert [r["name"] for r in rows] == ["cat-doll", "oil-style"]
     assert {k: rows[0][k] for k in ("name", "token", "num_vectors", "dim", "base_model")} == {
         "name": "cat-doll", "token": "<cat-doll>", "num_vectors": 2, "dim": 768, "base_model": "sd-1"}
+    for row in rows:  # where each file is, for scripts that copy or sync them
+        path = library.path_for(row["name"])
+        assert (row["path"], row["size_bytes"]) == (str(path), path.stat().st_size)
 
 
 def test_list_filters_by_pattern_and_base_model(library):

@@ -61,6 +61,13 @@ def list_command(pattern: str | None, base_model: str | None, as_json: bool) -> 
     _warn_problems(library)
     rows = [row for row in everything if _listed(row, pattern, base_model)]
     if as_json:
+        for row in rows:  # where each file is, for scripts that copy or sync them
+            path = library.path_for(row["name"])
+            row["path"] = str(path)
+            try:
+                row["size_bytes"] = path.stat().st_size
+            except OSError:  # removed since it was listed
+                row["size_bytes"] = None
         click.echo(json.dumps(rows))  # ASCII (\u escapes): valid UTF-8 JSON whatever the locale
         return
     if not everything:

@@ -931,6 +931,19 @@ def test_sd_concepts_into_a_folder_of_other_files_makes_a_concept_folder_inside(
         "README.md", "learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt"]
 
 
+def test_export_converts_a_downloaded_file_without_importing_it(library, tmp_path):
+    download = _a1111(tmp_path / "Cool Style.pt")
+    before = snapshot(library.root)
+    out = tmp_path / "converted"
+    result = run("export", str(download), "--format", "diffusers", "--out", str(out) + "/")
+    assert result.exit_code == 0, result.output
+    saved = safetensors_torch.load_file(out / "learned_embeds.safetensors")
+    original = torch.load(download, weights_only=True)["string_to_param"]["*"]
+    assert list(saved) == ["cool-style"] and torch.equal(saved["cool-style"], original)
+    assert snapshot(library.root) == before  # nothing imported
+    assert_one_line_error(run("export", str(tmp_path / "missing.pt"), "--format", "a1111"), 1, "missing.pt")
+
+
 def test_several_concepts_to_a_file_name_is_a_usage_error(library, tmp_path):
     result = run("export", "cat-doll", "oil-style", "--format", "a1111", "--out", str(tmp_path / "file.pt"))
     assert_one_line_error(result, 2, f"several concepts go into a folder, and this names a file; give a folder "

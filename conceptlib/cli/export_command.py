@@ -41,7 +41,11 @@ _EXPORT_SUFFIXES = {
 def export_command(refs: tuple[str, ...], export_all: bool, fmt: str, out: str | None, force: bool,
                    with_preview: bool) -> None:
     """Export concept NAME in another tool's format; several NAMEs or --all export into one folder
-    (e.g. another tool's embeddings folder)."""
+    (e.g. another tool's embeddings folder). NAME may also be a concept file or folder of any
+    format `import` reads: it is converted without being imported.
+
+    Examples: conceptlib export --all --format a1111 --out ~/stable-diffusion-webui/embeddings/ ;
+    conceptlib export 'Cool Style.pt' --format diffusers --out cool-style/"""
     if fmt is None:  # checked here: click lists the choices on five lines
         raise UsageError(f"missing --format: one of {', '.join(EXPORT_FORMATS)} (e.g. --format a1111 for "
                          "AUTOMATIC1111 and ComfyUI, --format diffusers for diffusers)")
@@ -63,7 +67,7 @@ def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: 
 
     target, folder = _export_target(fmt, out)
     library = _library()
-    concept = library.get(ref)
+    concept = _concept_to_export(library, ref)
     if fmt == "sd-concepts":
         target = target / concept.name if folder else target or Path(concept.name)
         folder = False
@@ -152,7 +156,7 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
         _warn_problems(library)  # as `list` does: a file left out is said, not silently skipped
     if not names:
         raise ConceptError("the library is empty: nothing to export")
-    concepts = list({concept.name: concept for concept in map(library.get, names)}.values())
+    concepts = list({concept.name: concept for concept in (_concept_to_export(library, n) for n in names)}.values())
     plans = [(concept, *paths_in_folder(concept, fmt, folder)) for concept in concepts]
     if not force:
         for _, _, files in plans:
@@ -166,6 +170,21 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
         if with_preview:
             _write_preview_file(concept, preview)
     click.echo(f"{len(plans)} concept{'s' if len(plans) != 1 else ''} exported to {folder}")
+
+
+def _concept_to_export(library, ref: str):
+    """Library concept ``ref`` (name or token), else the concept file or folder at that path: a
+    download converts for another tool without being imported."""
+    from conceptlib.errors import NotFoundError
+
+    try:
+        return library.get(ref)
+    except NotFoundError:
+        if not os.path.exists(ref):
+            raise
+    from conceptlib.formats import load_source
+
+    return load_source(Path(ref))
 
 
 def _refuse_library_folder(path: Path, out: str | None, library) -> None:

@@ -223,7 +223,10 @@ class ConceptLibrary:
         if is_valid_name(ref):
             path = self.concepts_dir / f"{ref}{SUFFIX}"
             if self._is_file(path):
-                return _with_name(read_header(path), ref)
+                try:
+                    return _with_name(read_header(path), ref)
+                except ConceptFileError as exc:
+                    raise UnreadableConceptError(exc, ref) from None
         found = self.find_token(ref)
         if found is None:
             raise NotFoundError(self._not_found_message(ref))
@@ -232,7 +235,7 @@ class ConceptLibrary:
     def get(self, ref: str) -> Concept:
         """Load the concept whose name or token is ``ref`` (vectors included)."""
         header = self.header(ref)
-        concept = read_concept(header.path)
+        concept = _read_library_file(header.path, header.name)
         if concept.name != header.name:
             concept = Concept(header.name, concept.token, concept.vectors, concept.metadata)
         return concept
@@ -312,7 +315,7 @@ class ConceptLibrary:
             old_path = self._existing_path(old)
             validate_name(new)
             # With a new token, a file whose own token is now refused can still be renamed.
-            concept = read_concept(old_path, token=validate_token(token) if token is not None else None)
+            concept = _read_library_file(old_path, old, token=validate_token(token) if token is not None else None)
             new_token = concept.token
             if new == old and new_token == read_header(old_path).token:
                 return _with_name(read_header(old_path), old)
@@ -347,7 +350,7 @@ class ConceptLibrary:
         with self.lock():
             name = self._name_of(ref)
             path = self._existing_path(name)
-            concept = read_concept(path)
+            concept = _read_library_file(path, name)
             metadata = dict(concept.metadata)
             for key, value in changes.items():
                 if value is None:
@@ -565,6 +568,23 @@ def _is_current(entry, key: list[int]) -> bool:
         and all(isinstance(entry[k], str) for k in ("name", "token"))
         and all(type(entry[k]) is int for k in ("num_vectors", "dim"))
     )
+
+
+class UnreadableConceptError(ConceptFileError):
+    """A library concept's own file cannot be read: the fix is the library's (remove, import again),
+    not the reader's "re-download it"."""
+
+    def __init__(self, cause: ConceptFileError, name: str):
+        self.reason = str(cause)
+        super().__init__(f"{self.reason} (library concept {name}: `conceptlib remove {name}` deletes the file; "
+                         "then import or train the concept again)")
+
+
+def _read_library_file(path: Path, name: str, **options) -> Concept:
+    try:
+        return read_concept(path, **options)
+    except ConceptFileError as exc:
+        raise UnreadableConceptError(exc, name) from None
 
 
 def _index_entry(path: Path, key: list[int]) -> dict:

@@ -116,7 +116,12 @@ def show_command(ref: str, as_json: bool, preview_out: Path | None, nearest: int
             return
     if preview_out is not None:
         _write_preview(header.name, header.path, header.metadata, preview_out)
-    norms = vector_norms(header.path)
+    try:
+        norms = vector_norms(header.path)
+    except ConceptFileError as exc:
+        from conceptlib.library import UnreadableConceptError
+
+        raise UnreadableConceptError(exc, header.name) from None
     bad = non_finite_vectors(norms)
     if bad:
         click.echo(f"Warning: {non_finite_message(header.path, header.name, bad)}", err=True)
@@ -273,7 +278,7 @@ def remove_command(name: str, yes: bool) -> None:
         # The file NAME exists but cannot be read: removing it is how the user repairs the library.
         if not yes:
             path = library.path_for(name)
-            confirm(f"Remove the unreadable concept file {path} ({_strip_path(str(exc), path)})?",
+            confirm(f"Remove the unreadable concept file {path} ({_strip_path(getattr(exc, 'reason', str(exc)), path)})?",
                     refused=f"{name} not removed")
         library.remove(name)
         click.echo(f"Removed {name} (unreadable file)")

@@ -547,13 +547,33 @@ def test_export_with_preview_writes_the_card_picture_webuis_show(library, tmp_pa
         assert_one_line_error(run("export", "oil-style", *args, "--with-preview"), 2, "--with-preview: only a1111, kohya")
 
 
+def test_exporting_all_again_into_a_tools_folder_passes_over_unchanged_files(library, tmp_path):
+    """The sync workflow: `export --all` into AUTOMATIC1111's folder after adding a concept used to
+    refuse everything (every earlier file 'already exists'), leaving only --force."""
+    formats = ("a1111", "kohya", "diffusers", "sd-concepts", "conceptlib")
+    for fmt in formats:
+        assert run("export", "--all", "--format", fmt, "--out", str(tmp_path / fmt)).exit_code == 0
+    library.add(Concept("new-one", "<new-one>", np.full((1, 768), 0.25, np.float32)))
+    for fmt in formats:
+        folder = tmp_path / fmt
+        before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+        result = run("export", "--all", "--format", fmt, "--out", str(folder))
+        assert result.exit_code == 0, result.output
+        assert result.stdout.splitlines()[-1] == f"1 concept exported to {folder} (2 already there, unchanged)"
+        assert "new-one" in result.stdout and all(p.stat().st_mtime_ns == t for p, t in before.items())
+    # A concept changed since (describe): its file differs, and is not replaced without --force.
+    assert run("describe", "cat-doll", "--title", "Cat doll v2").exit_code == 0
+    assert_one_line_error(run("export", "--all", "--format", "kohya", "--out", str(tmp_path / "kohya")), 1,
+                          "cat-doll.safetensors: already exists and differs from this export, so nothing was exported")
+
+
 def test_export_several_checks_everything_before_writing(library, tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "oil-style.pt").write_bytes(b"someone else's file")
     # cat-doll's file would be new, but oil-style's exists: nothing is written.
     assert_one_line_error(run("export", "cat-doll", "oil-style", "--format", "a1111", "--out", str(folder)), 1,
-                          "oil-style.pt: already exists, so nothing was exported")
+                          "oil-style.pt: already exists and differs from this export, so nothing was exported")
     assert sorted(p.name for p in folder.iterdir()) == ["oil-style.pt"]
     assert_one_line_error(run("export", "cat-doll", "missing", "--format", "a1111", "--out", str(folder)), 1, "missing")
     assert sorted(p.name for p in folder.iterdir()) == ["oil-style.pt"]

@@ -158,18 +158,65 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
         raise ConceptError("the library is empty: nothing to export")
     concepts = list({concept.name: concept for concept in (_concept_to_export(library, n) for n in names)}.values())
     plans = [(concept, *paths_in_folder(concept, fmt, folder)) for concept in concepts]
+    unchanged = 0
     if not force:
-        for _, _, files in plans:
+        # Exporting into a tool's folder again (to sync it) passes over files that already hold
+        # what would be written; any other existing file stops everything.
+        kept = []
+        for concept, target, files in plans:
             taken = next((path for path in files if path.exists()), None)
-            if taken is not None:
-                raise ConceptFileError(f"{taken}: already exists, so nothing was exported; choose another --out "
-                                       "or pass --force to replace such files")
+            if taken is None:
+                kept.append((concept, target, files))
+            elif _holds_this_export(concept, fmt, files, with_preview):
+                unchanged += 1
+            else:
+                raise ConceptFileError(f"{taken}: already exists and differs from this export, so nothing was "
+                                       "exported; choose another --out or pass --force to replace such files")
+        plans = kept
     previews = [_preview_target(concept, fmt, files[0], force) if with_preview else None for concept, _, files in plans]
     for (concept, target, _), preview in zip(plans, previews):
         _say_exported(concept, fmt, _write_export(concept, fmt, target, True, force))
         if with_preview:
             _write_preview_file(concept, preview)
-    click.echo(f"{len(plans)} concept{'s' if len(plans) != 1 else ''} exported to {folder}")
+    same = f" ({unchanged} already there, unchanged)" if unchanged else ""
+    click.echo(f"{len(plans)} concept{'s' if len(plans) != 1 else ''} exported to {folder}{same}")
+
+
+def _holds_this_export(concept, fmt: str, files: list[Path], with_preview: bool) -> bool:
+    """Whether ``files`` already hold exactly what exporting ``concept`` would write (safetensors
+    compared by header and data: their metadata order varies between writes)."""
+    import tempfile
+
+    from conceptlib.formats import export
+    from conceptlib.formats.writers import paths_in_folder, preview_file_for, preview_png
+
+    with tempfile.TemporaryDirectory() as scratch:
+        target, fresh = paths_in_folder(concept, fmt, Path(scratch))
+        target.mkdir(parents=True, exist_ok=True)
+        export(concept, fmt, target, overwrite=False)
+        if not all(old.is_file() and _same_content(old, new) for old, new in zip(files, fresh)):
+            return False
+    preview = preview_file_for(fmt, files[0]) if with_preview else None
+    data = preview_png(concept.metadata) if preview is not None else None
+    return data is None or (preview.is_file() and preview.read_bytes() == data)
+
+
+def _same_content(old: Path, new: Path) -> bool:
+    a, b = old.read_bytes(), new.read_bytes()
+    if a == b:
+        return True
+    if new.suffix != ".safetensors" or len(a) != len(b) or len(a) < 8:
+        return False
+    import json
+    import struct
+
+    size = struct.unpack("<Q", b[:8])[0]
+    if struct.unpack("<Q", a[:8])[0] != size or a[8 + size:] != b[8 + size:]:
+        return False
+    try:
+        return json.loads(a[8:8 + size]) == json.loads(b[8:8 + size])
+    except ValueError:
+        return False
 
 
 def _concept_to_export(library, ref: str):

@@ -193,7 +193,7 @@ def _show_file(library, path: Path, as_json: bool, preview_out: Path | None, nea
     info.update({
         "in_library": False, "path": str(path.absolute()),
         "size_bytes": path.stat().st_size if path.is_file() else None,
-        "norms": [round(float(n), 6) for n in norms], "metadata": dict(sorted(concept.metadata.items())),
+        "norms": [float(n) for n in norms], "metadata": dict(sorted(concept.metadata.items())),
     })
     same = _identical_in_library(library, concept)
     if same is not None:

@@ -457,6 +457,29 @@ def test_import_folder_reports_each(home, tmp_path):
     assert snapshot(home) == before
 
 
+def test_folder_import_collisions_name_every_clash_and_an_option_that_works(home, tmp_path):
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "bulk"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for stem in ("dup-a", "dup-b"):  # two downloads of one token, other vectors
+        save_file({"<dup>": rng.standard_normal((1, 768)).astype(np.float32)}, str(folder / f"{stem}.safetensors"))
+    ConceptLibrary(home).add(Concept("kohya-dog", "kdog", rng.standard_normal((1, 768)).astype(np.float32)))
+    save_file({"<kdog>": rng.standard_normal((1, 768)).astype(np.float32)}, str(folder / "kdog.safetensors"))
+    result = run("import", str(folder))
+    assert result.exit_code == 1
+    skipped = sorted(line for line in result.stderr.splitlines() if line.startswith("Skipped"))
+    assert skipped[0].endswith("dup-b.safetensors: a concept named 'dup' already exists; remove it first, or import "
+                               "this file by itself with --name NEW --token NEW (its token '<dup>' is concept 'dup''s too)")
+    assert skipped[1].endswith("kdog.safetensors: name 'kdog' is the token of concept 'kohya-dog', and commands take "
+                               "a name or a token alike; choose another name (import this file by itself with --name "
+                               "NEW or --token NEW)")
+    # Following the hint works.
+    assert run("import", str(folder / "dup-b.safetensors"), "--name", "dup-2", "--token", "<dup-2>").exit_code == 0
+    assert run("import", str(folder / "kdog.safetensors"), "--name", "kdog-2").exit_code == 0
+
+
 def test_importing_the_same_file_again_changes_nothing_and_succeeds(home, tmp_path):
     path = tmp_path / "learned_embeds.safetensors"
     safetensors_torch.save_file({"<x-doll>": torch.randn(2, 768)}, path)

@@ -541,7 +541,7 @@ def _import_one(library, source, *, name, token, several: bool):
     is already there (importing a folder again must not fail on what it imported before). With
     ``several`` the hints name no option that is refused for several files."""
     from conceptlib.formats import load_source
-    from conceptlib.library import NameTakenError, TokenTakenError
+    from conceptlib.library import CollisionError, NameTakenError, TokenTakenError
 
     if isinstance(source, _UnusablePath):
         raise source.error
@@ -551,15 +551,23 @@ def _import_one(library, source, *, name, token, several: bool):
         raise ConceptError(f"{source.path}: {clip_word_problem(concept.token)}; {alone} --token '<{concept.token}>'")
     try:
         return library.add(concept), True
-    except (NameTakenError, TokenTakenError) as exc:
+    except CollisionError as exc:
         existing = _identical_in_library(library, concept)
         if existing is not None:
             return existing, False
         if not several:
             raise
+        # The library's own hints name --name/--token, which several files do not take.
         if isinstance(exc, NameTakenError):
+            owner = library.find_token(concept.token)
+            if owner is not None:  # both at once, not one per attempt
+                raise NameTakenError(exc.name, f"remove it first, or {alone} --name NEW --token NEW (its token "
+                                               f"{concept.token!r} is concept {owner.name!r}'s too)") from None
             raise NameTakenError(exc.name, f"remove it first, or {alone} --name NEW") from None
-        raise TokenTakenError(exc.token, exc.owner, f"{alone} --token NEW") from None
+        if isinstance(exc, TokenTakenError):
+            raise TokenTakenError(exc.token, exc.owner, f"{alone} --token NEW") from None
+        # A name that is another concept's token (or the reverse): commands take either.
+        raise CollisionError(f"{exc} ({alone} --name NEW or --token NEW)") from None
 
 
 def _identical_in_library(library, concept):

@@ -489,6 +489,10 @@ def test_importing_the_same_file_again_changes_nothing_and_succeeds(home, tmp_pa
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == f"Already in the library: x-doll (<x-doll>) holds the vectors of {path}"
     assert snapshot(home) == before
+    result = run("import", str(path), "--name", "x-doll-2")  # --name is not dropped without a word
+    assert result.stdout.strip() == (f"Already in the library: x-doll (<x-doll>) holds the vectors of {path}; "
+                                     "--name x-doll-2 not used (to rename it: conceptlib rename x-doll x-doll-2)")
+    assert snapshot(home) == before
 
 
 def test_import_single_file_with_name_and_token(home, tmp_path):

@@ -478,7 +478,12 @@ def import_command(paths: tuple[str, ...], name: str | None, token: str | None) 
     if len(items) == 1 and not skipped:
         # A single file: its failure is the command's error (one line, exit 1).
         header, added = _import_one(library, items[0], name=name, token=token, several=False)
-        click.echo(printable(_imported_line(header, added, items[0].path)))
+        line = _imported_line(header, added, items[0].path)
+        if not added and name not in (None, header.name):
+            # The concept is there under its first name (same token, same vectors): say so
+            # instead of dropping --name without a word.
+            line += f"; --name {name} not used (to rename it: conceptlib rename {header.name} {name})"
+        click.echo(printable(line))
         return
     imported = present = 0
     with library.lock():

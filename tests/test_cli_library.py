@@ -891,6 +891,24 @@ def test_a_capitalised_token_that_lowercases_to_a_word_gets_a_bracketed_suggesti
     assert run("rename", "cat-doll", "kitty", "--token", "<cat>").exit_code == 0
 
 
+@pytest.mark.parametrize("command", ["list", "show", "remove", "rename", "import", "export"])
+def test_every_help_example_is_a_valid_command_line(library, tmp_path, monkeypatch, command):
+    """The examples in --help parse (no usage error, exit 2) and run; the files they name may be
+    missing here (exit 1, one line)."""
+    import shlex
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # '~/...' in an example stays in the test's folder
+    monkeypatch.chdir(tmp_path)
+    text = run(command, "--help").stdout
+    examples = text.split("Example", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    assert examples and all(line.strip().startswith(f"conceptlib {command}") for line in examples)
+    for line in examples:
+        result = run(*shlex.split(line.strip())[1:])
+        assert result.exit_code in (0, 1), (line, result.output)
+        if result.exit_code == 1:
+            assert_one_line_error(result, 1)
+
+
 def test_export_says_the_prompt_word_and_warns_of_an_ordinary_word(library, tmp_path):
     """AUTOMATIC1111 and ComfyUI call an embedding file by its name (diffusers: by its token), for
     a1111 files and for our own and kohya's .safetensors alike."""

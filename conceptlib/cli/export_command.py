@@ -44,8 +44,11 @@ def export_command(refs: tuple[str, ...], export_all: bool, fmt: str, out: str |
     (e.g. another tool's embeddings folder). NAME may also be a concept file or folder of any
     format `import` reads: it is converted without being imported.
 
-    Examples: conceptlib export --all --format a1111 --out ~/stable-diffusion-webui/embeddings/ ;
-    conceptlib export 'Cool Style.pt' --format diffusers --out cool-style/"""
+    \b
+    Examples:
+      conceptlib export cat-doll --format a1111
+      conceptlib export --all --format a1111 --out ~/stable-diffusion-webui/embeddings/
+      conceptlib export 'Cool Style.pt' --format diffusers --out cool-style/"""
     if fmt is None:  # checked here: click lists the choices on five lines
         raise UsageError(f"missing --format: one of {', '.join(EXPORT_FORMATS)} (e.g. --format a1111 for "
                          "AUTOMATIC1111 and ComfyUI, --format diffusers for diffusers)")

@@ -55,7 +55,13 @@ def _warn_problems(library) -> None:
 def list_command(pattern: str | None, base_model: str | None, as_json: bool) -> None:
     """List the concepts in the library; PATTERN keeps those whose name, token, title, description,
     category or tags (`conceptlib describe`) contain it (case-insensitive; *, ? and [...] make it a
-    wildcard pattern that must match one of them whole)."""
+    wildcard pattern that must match one of them whole).
+
+    \b
+    Examples:
+      conceptlib list
+      conceptlib list style --base-model sd-1
+      conceptlib list --json"""
     library = _library()
     everything = library.summaries()
     _warn_problems(library)
@@ -96,7 +102,12 @@ def list_command(pattern: str | None, base_model: str | None, as_json: bool) -> 
               help="Folder with the text encoder's weights for --nearest (else $CONCEPTLIB_WEIGHTS or the Keras cache).")
 def show_command(ref: str, as_json: bool, preview_out: Path | None, nearest: int, weights_dir: str | None) -> None:
     """Show everything in a concept's header and its vector norms: a library concept (NAME or
-    token), or any concept file or folder `import` reads, without importing it."""
+    token), or any concept file or folder `import` reads, without importing it.
+
+    \b
+    Examples:
+      conceptlib show cat-doll
+      conceptlib show ~/Downloads/learned_embeds.safetensors --json"""
     from conceptlib.errors import NotFoundError
     from conceptlib.files import non_finite_vectors, vector_norms
     from conceptlib.library import non_finite_message
@@ -260,7 +271,11 @@ def _write_preview(name: str, path: Path, metadata: dict, out: Path) -> None:
 @click.argument("name")
 @click.option("-y", "--yes", is_flag=True, help="Don't ask for confirmation.")
 def remove_command(name: str, yes: bool) -> None:
-    """Remove a concept from the library (also one whose file is corrupt)."""
+    """Remove a concept from the library (also one whose file is corrupt).
+
+    \b
+    Example:
+      conceptlib remove cat-doll -y"""
     library = _library()
     try:
         header = library.header(name)
@@ -331,7 +346,11 @@ def _param_label(param) -> str:
 @click.argument("new", callback=_name_value)
 @click.option("--token", default=None, callback=_token_value, help="Also give the concept a new token.")
 def rename_command(old: str, new: str, token: str | None) -> None:
-    """Rename concept OLD (its name or token) to NEW (and optionally change its token)."""
+    """Rename concept OLD (its name or token) to NEW (and optionally change its token).
+
+    \b
+    Example:
+      conceptlib rename cat-doll kitty --token '<kitty>'"""
     header = _library().rename(old, new, token=token)
     click.echo(f"Renamed {old} -> {header.name} ({header.token})")
 
@@ -464,10 +483,15 @@ def import_command(paths: tuple[str, ...], name: str | None, token: str | None) 
     """Import concept files, concept folders, or folders of them into the library.
 
     Reads conceptlib files, diffusers learned_embeds.safetensors/.bin, sd-concepts-library folders,
-    AUTOMATIC1111 .pt (zip or legacy pickle; never executed) and single-tensor .safetensors (kohya);
-    a conceptlib training run folder gives its final concept, RUN/checkpoints/step-N.npz that step's.
-    With several files, the valid ones are imported and each other one is reported; the exit code
-    is 1 if any concept file failed.
+    AUTOMATIC1111 .pt (zip or legacy pickle; never executed), embedding images (.png/.webp) and
+    single-tensor .safetensors (kohya); a conceptlib training run folder gives its final concept,
+    RUN/checkpoints/step-N.npz that step's. With several files, the valid ones are imported and
+    each other one is reported; the exit code is 1 if any concept file failed.
+
+    \b
+    Examples:
+      conceptlib import ~/Downloads/embeddings/
+      conceptlib import learned_embeds.safetensors --name cat-toy --token '<cat-toy>'
     """
     items, skipped = _discover_all(paths)
     if (name or token) and len(items) > 1:

@@ -928,6 +928,12 @@ def test_export_says_the_prompt_word_and_warns_of_an_ordinary_word(library, tmp_
     assert result.stdout == f"Exported cat (<my-cat>) as conceptlib to {tmp_path / '<my-cat>.safetensors'}\n"
     result = run("export", "cat", "--format", "diffusers", "--out", str(tmp_path / "d"))
     assert "call it" not in result.stdout  # diffusers reads the token
+    # With several concepts --out is a folder: the fix offered is a command that exports it alone.
+    result = run("export", "--all", "--format", "a1111", "--out", str(tmp_path / "all"))
+    line = next(line for line in result.stdout.splitlines() if line.startswith("Exported cat "))
+    fix = f"conceptlib export cat --format a1111 --out {tmp_path / 'all' / 'cat-ti.pt'}"
+    assert line.endswith(f"would mean the concept: export it alone under another word: {fix}")
+    assert run(*fix.split()[1:]).exit_code == 0 and (tmp_path / "all" / "cat-ti.pt").is_file()
 
 
 def test_export_all_says_which_library_files_it_left_out(library, tmp_path):

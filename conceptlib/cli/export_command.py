@@ -4,6 +4,7 @@ into another tool's folder), with the checks that keep existing files. Imports n
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 import click
@@ -82,7 +83,7 @@ def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: 
         _write_preview_file(concept, preview)
 
 
-def _say_exported(concept, fmt: str, written: Path) -> None:
+def _say_exported(concept, fmt: str, written: Path, *, several: bool = False) -> None:
     """The line for one exported file; for a file whose prompt word in AUTOMATIC1111 and ComfyUI is
     not the token (they call a file by its name), that word, and a warning when it is an ordinary
     CLIP word."""
@@ -94,8 +95,10 @@ def _say_exported(concept, fmt: str, written: Path) -> None:
     if word != concept.token:
         line += f"; AUTOMATIC1111 and ComfyUI prompts call it {word!r} (its file name)"
         if _is_clip_word_if_known(word):
-            line += (f", which is also an ordinary word there, so every {word!r} in a prompt would mean the concept: "
-                     f"choose another word with --out WORD{written.suffix}")
+            other = written.with_name(f"{word}-ti{written.suffix}")
+            fix = (f"export it alone under another word: conceptlib export {concept.name} --format {fmt} --out "
+                   f"{shlex.quote(str(other))}" if several else f"choose another word with --out WORD{written.suffix}")
+            line += f", which is also an ordinary word there, so every {word!r} in a prompt would mean the concept: {fix}"
     click.echo(line)
 
 
@@ -178,7 +181,7 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
         plans = kept
     previews = [_preview_target(concept, fmt, files[0], force) if with_preview else None for concept, _, files in plans]
     for (concept, target, _), preview in zip(plans, previews):
-        _say_exported(concept, fmt, _write_export(concept, fmt, target, True, force))
+        _say_exported(concept, fmt, _write_export(concept, fmt, target, True, force), several=True)
         if with_preview:
             _write_preview_file(concept, preview)
     same = f" ({unchanged} already there, unchanged)" if unchanged else ""

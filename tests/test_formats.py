@@ -129,6 +129,17 @@ def test_kohya_emb_params(tmp_path, suffix):
     assert (concept.name, concept.token, concept.base_model) == ("mystyle", "mystyle", "sd-2")
     np.testing.assert_array_equal(concept.vectors, vec.numpy())
     assert one(path, token="<my-style>", name="my-style").token == "<my-style>"
+    assert "created_at" not in concept.metadata  # no date in the file: the import time, set on adding
+
+
+def test_an_imported_file_keeps_the_date_it_was_made(tmp_path):
+    from safetensors.numpy import save_file
+
+    vectors = np.ones((1, 768), np.float32)
+    save_file({"emb_params": vectors}, str(tmp_path / "dated.safetensors"), metadata={"modelspec.date": "2023-05-01T10:00:00"})
+    save_file({"emb_params": vectors}, str(tmp_path / "junk.safetensors"), metadata={"modelspec.date": "last spring"})
+    assert one(tmp_path / "dated.safetensors").metadata["created_at"] == "2023-05-01T10:00:00"
+    assert "created_at" not in one(tmp_path / "junk.safetensors").metadata
 
 
 def test_a1111_dictionary_flattened_into_safetensors_is_named_after_its_file(tmp_path):

@@ -99,6 +99,19 @@ def test_list_filters_by_pattern_and_base_model(library):
     assert run("list", "--base-model", "sd-3").exit_code == 2
 
 
+def test_list_by_tag_matches_whole_tags(library):
+    assert run("describe", "cat-doll", "--tags", "Doll, plush toy").exit_code == 0
+    assert run("describe", "oil-style", "--tags", "style, dollhouse").exit_code == 0
+
+    def names(*args):
+        return [row["name"] for row in json.loads(run("list", *args, "--json").stdout)]
+
+    assert names("--tag", "doll") == ["cat-doll"]  # not 'dollhouse'
+    assert names("--tag", "PLUSH TOY") == ["cat-doll"]
+    assert names("--tag", "doll", "--tag", "style") == []  # every tag given
+    assert names("--tag", "style", "--base-model", "sd-2") == ["oil-style"]
+
+
 def test_describe_sets_modelspec_keys_for_sharing(library):
     before = library.get("cat-doll")
     result = run("describe", "<cat-doll>", "--author", "Jo Doe", "--license", "CC-BY-4.0", "--category", "Object",

@@ -29,9 +29,13 @@ def _library():
     return ConceptLibrary()
 
 
-def _listed(row: dict, pattern: str | None, base_model: str | None) -> bool:
+def _listed(row: dict, pattern: str | None, base_model: str | None, tags: tuple[str, ...] = ()) -> bool:
     if base_model and row.get("base_model") != base_model:
         return False
+    if tags:
+        own = {tag.strip().lower() for tag in str(row.get("tags", "")).split(",")}
+        if not all(tag.strip().lower() in own for tag in tags):
+            return False
     if not pattern:
         return True
     import fnmatch
@@ -51,8 +55,10 @@ def _warn_problems(library) -> None:
 @main.command("list")
 @click.argument("pattern", required=False)
 @click.option("--base-model", type=click.Choice(["sd-1", "sd-2"]), help="Only the concepts for this base model.")
+@click.option("--tag", "tags", multiple=True, metavar="TAG",
+              help="Only the concepts with this tag (`describe --tags`; whole tags, any case; repeat for all of several).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
-def list_command(pattern: str | None, base_model: str | None, as_json: bool) -> None:
+def list_command(pattern: str | None, base_model: str | None, tags: tuple[str, ...], as_json: bool) -> None:
     """List the concepts in the library; PATTERN keeps those whose name, token, title, description,
     category or tags (`conceptlib describe`) contain it (case-insensitive; *, ? and [...] make it a
     wildcard pattern that must match one of them whole).
@@ -61,11 +67,12 @@ def list_command(pattern: str | None, base_model: str | None, as_json: bool) -> 
     Examples:
       conceptlib list
       conceptlib list style --base-model sd-1
+      conceptlib list --tag anime
       conceptlib list --json"""
     library = _library()
     everything = library.summaries()
     _warn_problems(library)
-    rows = [row for row in everything if _listed(row, pattern, base_model)]
+    rows = [row for row in everything if _listed(row, pattern, base_model, tags)]
     if as_json:
         for row in rows:  # where each file is, for scripts that copy or sync them
             path = library.path_for(row["name"])

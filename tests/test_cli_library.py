@@ -99,6 +99,19 @@ def test_list_filters_by_pattern_and_base_model(library):
     assert run("list", "--base-model", "sd-3").exit_code == 2
 
 
+def test_list_table_lines_up_wide_characters(library):
+    import unicodedata
+
+    library.add(Concept("neko", "<猫>", np.ones((1, 768), np.float32)))
+    lines = run("list").stdout.splitlines()
+
+    def column_of(line, text):  # in terminal columns: a CJK character takes two
+        before = line[: line.index(text)]
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in before)
+
+    assert len({column_of(line, line.split()[2]) for line in lines}) == 1, lines  # the VECTORS column
+
+
 def test_list_by_tag_matches_whole_tags(library):
     assert run("describe", "cat-doll", "--tags", "Doll, plush toy").exit_code == 0
     assert run("describe", "oil-style", "--tags", "style, dollhouse").exit_code == 0

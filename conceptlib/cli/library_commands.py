@@ -92,9 +92,18 @@ def list_command(pattern: str | None, base_model: str | None, tags: tuple[str, .
     columns = [("NAME", "name"), ("TOKEN", "token"), ("VECTORS", "num_vectors"), ("DIM", "dim"),
                ("BASE", "base_model"), ("TRAINER", "trainer"), ("CREATED", "created_at")]
     table = [[title for title, _ in columns]] + [[str(row.get(key, "")) for _, key in columns] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    out = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table)
-    click.echo(printable(out))
+    table = [[printable(cell) for cell in line] for line in table]
+    widths = [max(_display_width(line[i]) for line in table) for i in range(len(columns))]
+    out = "\n".join("  ".join(cell + " " * (w - _display_width(cell)) for cell, w in zip(line, widths)).rstrip()
+                    for line in table)
+    click.echo(out)
+
+
+def _display_width(text: str) -> int:
+    """Terminal columns ``text`` takes: CJK and other wide characters take two, combining marks none."""
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 @main.command("show")

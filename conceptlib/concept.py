@@ -31,9 +31,14 @@ _TOKEN_RE = re.compile(r"[^\sA-Z]{1,64}")
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid library name (a lowercase slug), else raise ConceptError."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.endswith("."):
+        example = slug_from_token(name) if isinstance(name, str) else "cat-doll"
+        example = example if example not in ("concept", name) else "cat-doll"
+        too_long = f" ({len(name)} here)" if isinstance(name, str) and len(name) > 64 else ""
+        looks_like_a_token = (f"; a token? give it with --token {name!r}" if isinstance(name, str)
+                              and name.startswith("<") and name.endswith(">") else "")
         raise ConceptError(
-            f"invalid concept name {name!r}: use 1-64 lowercase letters, digits, '-', '_' or '.' "
-            "(no '/', '..' or leading '.'), e.g. 'cat-doll'"
+            f"invalid concept name {name!r}: use 1-64 lowercase letters, digits, '-', '_' or '.'{too_long} "
+            f"(no '/', '..' or leading '.'), e.g. {example!r}{looks_like_a_token}"
         )
     return name
 

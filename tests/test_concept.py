@@ -40,6 +40,20 @@ def test_a_name_with_a_trailing_newline_is_refused():
         validate_name("cat\n")
 
 
+@pytest.mark.parametrize("name,needle", [
+    ("Kitty", "e.g. 'kitty'"),
+    ("<kitty>", "e.g. 'kitty'; a token? give it with --token '<kitty>'"),
+    ("a" * 70, "'.' (70 here) (no '/'"),
+    ("...", "e.g. 'cat-doll'"),
+])
+def test_an_invalid_name_is_told_a_name_close_to_it(name, needle):
+    from conceptlib.concept import validate_name
+
+    with pytest.raises(ConceptError) as info:
+        validate_name(name)
+    assert needle in str(info.value)
+
+
 @pytest.mark.parametrize("token,becomes,use", [
     ("&amp;", "&", "&"),
     ("<a&amp;b>", "<a&b>", "<a&b>"),

@@ -253,9 +253,11 @@ def _search_dirs(weights_dir) -> list[Path]:
         raise WeightsError(f"weights folder {directory} (from {source}) is a file, not a folder; point {source} at the "
                            "folder holding keras-cv's weight files")
     if directory is not None and not directory.is_dir():
+        folder = shlex.quote(str(directory))
         raise WeightsError(
-            f"weights folder {directory} (from {source}) does not exist; create it with "
-            f"`conceptlib weights init-random {shlex.quote(str(directory))}` or point {source} at keras-cv weight files"
+            f"weights folder {directory} (from {source}) does not exist; check the path, or make it from a Stable "
+            f"Diffusion model with `conceptlib weights convert MODEL {folder}` (a diffusers folder or .safetensors "
+            f"checkpoint; `conceptlib weights init-random {folder}` writes random weights, to try the tools)"
         )
     if directory is not None and not os.access(directory, os.R_OK | os.X_OK):
         raise WeightsError(f"weights folder {directory} (from {source}) cannot be read (permission denied); make it "

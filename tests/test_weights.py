@@ -181,7 +181,8 @@ def test_weights_where_tells_to_rewrite_a_damaged_random_folder(cache, tmp_path)
 def test_missing_weights_folder_is_an_error(cache, tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match=r"weights folder .*nope.* does not exist"):
         W.resolve_weights("sd-1", tmp_path / "nope")
-    with pytest.raises(WeightsError, match=r"create it with `conceptlib weights init-random '.*my weights'`"):
+    with pytest.raises(WeightsError, match=r"check the path, or make it from a Stable Diffusion model with "
+                       r"`conceptlib weights convert MODEL '.*my weights'`"):
         W.resolve_weights("sd-1", tmp_path / "my weights")  # quoted: the command must paste
     (tmp_path / "a-file").write_text("x")
     monkeypatch.setenv("CONCEPTLIB_WEIGHTS", str(tmp_path / "a-file"))

@@ -413,6 +413,13 @@ def test_show_writes_the_preview_image(library, tmp_path):
     assert (tmp_path / "pick.png").read_bytes() == picture.getvalue()
 
 
+def test_a_rename_that_changes_nothing_says_so(library):
+    result = run("rename", "cat-doll", "cat-doll")
+    assert result.exit_code == 0
+    assert result.stdout == "Nothing to change: cat-doll (<cat-doll>) already has that name and token\n"
+    assert run("rename", "<cat-doll>", "cat-doll", "--token", "<cat-doll>").stdout.startswith("Nothing to change")
+
+
 def test_remove_asks(library):
     before = snapshot(library.root)
     result = run("remove", "cat-doll", input="n\n")

@@ -367,7 +367,12 @@ def rename_command(old: str, new: str, token: str | None) -> None:
     \b
     Example:
       conceptlib rename cat-doll kitty --token '<kitty>'"""
-    header = _library().rename(old, new, token=token)
+    library = _library()
+    before = library.header(old)
+    header = library.rename(old, new, token=token)
+    if (before.name, before.token) == (header.name, header.token):
+        click.echo(f"Nothing to change: {header.name} ({header.token}) already has that name and token")
+        return
     click.echo(f"Renamed {old} -> {header.name} ({header.token})")
 
 
@@ -511,8 +516,8 @@ def import_command(paths: tuple[str, ...], name: str | None, token: str | None) 
     """
     items, skipped = _discover_all(paths)
     if (name or token) and len(items) > 1:
-        where = paths[0] if len(paths) == 1 else "these paths"
-        raise UsageError(f"--name/--token apply to a single concept, but {where} hold {len(items)}; "
+        where = f"{paths[0]} holds" if len(paths) == 1 else "these paths hold"
+        raise UsageError(f"--name/--token apply to a single concept, but {where} {len(items)}; "
                          "import them one at a time")
     library = _library()
     if len(items) == 1 and not skipped:

@@ -413,6 +413,19 @@ def test_show_writes_the_preview_image(library, tmp_path):
     assert (tmp_path / "pick.png").read_bytes() == picture.getvalue()
 
 
+def test_remove_several_checks_every_name_first(library):
+    before = snapshot(library.root)
+    assert_one_line_error(run("remove", "cat-doll", "nope", "-y"), 1, "no concept named or with token 'nope'")
+    assert_one_line_error(run("remove", "cat-doll", "<oil-style>", "-y"), 2, "remove it by name: conceptlib remove oil-style")
+    result = run("remove", "cat-doll", "oil-style", input="n\n")
+    assert "Remove 2 concepts: cat-doll (<cat-doll>), oil-style (<oil-style>)? [y/N]" in result.stderr
+    assert result.exit_code == 1 and snapshot(library.root) == before
+    result = run("remove", "cat-doll", "oil-style", "-y")
+    assert result.exit_code == 0
+    assert result.stdout == "Removed cat-doll (<cat-doll>)\nRemoved oil-style (<oil-style>)\n"
+    assert ConceptLibrary(library.root).list() == []
+
+
 def test_a_rename_that_changes_nothing_says_so(library):
     result = run("rename", "cat-doll", "cat-doll")
     assert result.exit_code == 0

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+import shlex
 from pathlib import Path
 
 import click
@@ -284,15 +285,20 @@ def _write_preview(name: str, path: Path, metadata: dict, out: Path) -> None:
 
 
 @main.command("remove")
-@click.argument("name")
+@click.argument("names", metavar="NAME...", nargs=-1, required=True)
 @click.option("-y", "--yes", is_flag=True, help="Don't ask for confirmation.")
-def remove_command(name: str, yes: bool) -> None:
-    """Remove a concept from the library (also one whose file is corrupt).
+def remove_command(names: tuple[str, ...], yes: bool) -> None:
+    """Remove concepts from the library (also one whose file is corrupt: give that one alone).
 
     \b
-    Example:
-      conceptlib remove cat-doll -y"""
+    Examples:
+      conceptlib remove cat-doll -y
+      conceptlib remove old-style old-doll"""
     library = _library()
+    if len(names) > 1:
+        _remove_several(library, names, yes)
+        return
+    name = names[0]
     try:
         header = library.header(name)
     except NotFoundError:
@@ -320,6 +326,31 @@ def remove_command(name: str, yes: bool) -> None:
         confirm(f"Remove concept {header.name!r} (token {header.token})?", refused=f"{header.name} not removed")
     library.remove(header.name)
     click.echo(f"Removed {header.name} ({header.token})")
+
+
+def _remove_several(library, names: tuple[str, ...], yes: bool) -> None:
+    """Every NAME is checked before the first is removed: a refusal removes nothing."""
+    headers = []
+    for name in dict.fromkeys(names):
+        try:
+            header = library.header(name)
+        except ConceptFileError:
+            raise ConceptFileError(f"{library.path_for(name)}: cannot be read; remove it alone (conceptlib remove "
+                                   f"{name}), so nothing else was removed") from None
+        except NotFoundError as exc:
+            hint = f" (remove that file alone: conceptlib remove {shlex.quote(name)})" if library.file_entry(name) else ""
+            raise NotFoundError(f"{exc}{hint}; nothing was removed") from None
+        if header.name != name:
+            raise UsageError(f"{name!r} is the token of concept {header.name!r}; remove it by name: "
+                             f"conceptlib remove {header.name}")
+        headers.append(header)
+    if not yes:
+        listed = ", ".join(f"{h.name} ({h.token})" for h in headers)
+        confirm(f"Remove {len(headers)} concepts: {listed}?", refused="nothing removed")
+    with library.lock():
+        for header in headers:
+            library.remove(header.name)
+            click.echo(f"Removed {header.name} ({header.token})")
 
 
 def _name_value(ctx, param, value: str | None) -> str | None:

@@ -432,6 +432,84 @@ def test_a_with_block_unloads_only_what_was_applied_inside_it(sd1):
     assert len(sd1.tokenizer.vocab) == 49408
 
 
+def test_nested_blocks_of_one_handle_unload_it_at_the_outermost_exit(sd1):
+    handle = apply(sd1, [CAT])
+    with handle:
+        with handle:
+            inner = apply(sd1, [STYLE])
+        assert handle.loaded and not inner.loaded  # the inner exit took only what was applied inside it
+    assert not handle.loaded and handle.token_ids == {}
+
+
+def test_a_replaced_text_encoder_is_refused_before_building_and_unload_all_is_the_way_out(sd1, monkeypatch):
+    from conceptlib.kerascv import apply as apply_module
+
+    text_encoder = sd1._text_encoder
+    handle = apply(sd1, [CAT])
+    sd1._text_encoder = None
+    monkeypatch.setattr(apply_module, "_ensure_text_encoder", lambda *a: pytest.fail("built a text encoder"))
+    with pytest.raises(ApplyError, match="text encoder was replaced after concepts were applied to it; put back"):
+        apply(sd1, [STYLE])
+    monkeypatch.undo()
+    assert apply_module.unload(sd1) == ["<cat-doll>"] and not handle.loaded
+    assert "<cat-doll>" not in sd1.tokenizer.encoder
+    sd1._text_encoder = text_encoder  # put back: it got its original table back too
+    assert token_embedding_layer(text_encoder)._embeddings.shape[0] == 49408
+
+
+def test_lora_enabled_after_apply_is_refused_on_unload_and_a_blocks_own_error_goes_through(plain_tokenizer):
+    sd = build_stable_diffusion("sd-1", 128)
+    with pytest.raises(RuntimeError, match="boom") as info:
+        with apply(sd, [CAT]) as handle:
+            token_embedding_layer(sd.text_encoder).enable_lora(2)
+            raise RuntimeError("boom")
+    assert info.value.__notes__ == ["conceptlib could not unload on leaving the block: the text encoder's token "
+                                    "table was LoRA enabled after concepts were applied, so they cannot be taken out "
+                                    "of it; build the text encoder again (and apply concepts before enable_lora() / "
+                                    "quantize())"]
+    assert handle.loaded
+    with pytest.raises(ApplyError, match="token table was LoRA enabled after concepts were applied"):
+        handle.unload()
+
+
+def test_an_instance_sharing_the_text_encoder_cannot_take_the_extended_table_for_the_original(sd1):
+    other = build_stable_diffusion("sd-1", 128)
+    other._text_encoder = sd1.text_encoder
+    with apply(sd1, [CAT]):
+        with pytest.raises(ApplyError, match="holds concepts applied through another StableDiffusion"):
+            apply(other, [STYLE])
+    with apply(other, [STYLE]):  # once sd1's concepts are out, the table is the original again
+        assert "<oil-style>" in other.tokenizer.encoder
+
+
+def test_an_encode_wrapper_installed_before_apply_keeps_being_called(sd1):
+    calls = []
+    plain = sd1.tokenizer.encode
+
+    def wrapper(text):
+        calls.append(text)
+        return plain(text)
+
+    sd1.tokenizer.encode = wrapper
+    try:
+        with apply(sd1, [STYLE]) as handle:
+            ids = sd1.tokenizer.encode("an <oil-style> painting")
+            assert calls == ["an <oil-style> painting"] and len(ids) == 2 + 1 + 3 + 1
+            assert handle.token_ids["<oil-style>"] == tuple(ids[2:5])
+        assert sd1.tokenizer.encode is wrapper
+    finally:
+        del sd1.tokenizer.encode
+
+
+def test_unload_takes_a_handle_and_refuses_other_things(sd1):
+    import conceptlib
+
+    handle = apply(sd1, [CAT, STYLE])
+    with pytest.raises(ApplyError, match=r"unload\(sd, 5\): pass a token, a list of tokens, a handle, or nothing"):
+        conceptlib.unload(sd1, 5)
+    assert conceptlib.unload(sd1, handle) == ["<cat-doll>", "<oil-style>"] and not handle.loaded
+
+
 def test_a_too_long_prompt_is_still_a_value_error(sd1):
     """keras-cv raises ValueError for a too-long prompt; code catching that keeps working."""
     with apply(sd1, [CAT]):

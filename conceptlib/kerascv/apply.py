@@ -8,7 +8,8 @@ expanded into all of its ids after tokenizing, so the user types the token once.
 
 What a model holds is always the original table and tokenizer plus every loaded concept, rebuilt
 from the original on each apply and unload: handles unload in any order, one token at a time if
-need be (``unload(sd, tokens)``), and only two tables are ever alive. When the last concept goes,
+need be (``unload(sd, tokens)``), and old tables are freed (the original and the current one stay;
+a third exists while the next is built). When the last concept goes,
 the original variable object and tokenizer state are put back, untouched, so encodings are
 bit-identical. Compiled predict functions captured the old variable, so they are dropped on every
 swap.
@@ -20,6 +21,7 @@ import contextlib
 import os
 import shlex
 import types
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,8 +220,9 @@ def _swap_variable(layer, old, new) -> None:
 
 
 def _expanding_encode(tokenizer, text):
-    """SimpleTokenizer.encode, then each multi-vector token's id expanded into all of its ids."""
-    ids = type(tokenizer).encode(tokenizer, text)
+    """The tokenizer's encode as it was before apply (keras-cv's, or a wrapper someone installed),
+    then each multi-vector token's id expanded into all of its ids."""
+    ids = tokenizer._conceptlib_base_encode(text)
     expansions = tokenizer._conceptlib_expansions
     if expansions:
         expanded = []
@@ -227,7 +230,7 @@ def _expanding_encode(tokenizer, text):
             expanded.extend(expansions.get(token_id, (token_id,)))
         ids = expanded
     if len(ids) > MAX_PROMPT_LENGTH:
-        grown = len(ids) - len(type(tokenizer).encode(tokenizer, text)) if expansions else 0
+        grown = len(ids) - len(tokenizer._conceptlib_base_encode(text)) if expansions else 0
         because = f" ({grown} of them from multi-vector concepts)" if grown else ""
         raise PromptTooLongError(
             f"prompt {text[:40] + '...' if len(text) > 40 else text!r} is {len(ids)} tokens{because}; "
@@ -270,6 +273,7 @@ class _Original:
     """The text encoder's table and the tokenizer as they were before any concept: put back
     object for object when the last concept is unloaded, so encodings are bit-identical."""
 
+    text_encoder: object
     layer: object
     variable: object
     input_dim: int
@@ -282,11 +286,17 @@ class _ModelConcepts:
     """Per StableDiffusion instance: its original state and the handles loaded now, in order.
 
     The applied state is always rebuilt from the original plus every loaded concept, so handles
-    unload in any order and at most two tables (the original and the current one) are alive."""
+    unload in any order and only the original and the current table are kept."""
 
     original: _Original | None = None
     handles: list = field(default_factory=list)
     applied_count: int = 0  # handles ever applied: orders them for ``with`` blocks
+    token_ids: dict = field(default_factory=dict)  # every loaded token's ids now
+
+
+# Token tables extended by one model's concepts: another StableDiffusion sharing the text encoder
+# must not take the extended table for the original.
+_EXTENDED_BY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _model_concepts(sd) -> _ModelConcepts:
@@ -381,59 +391,76 @@ def _install(sd, model: _ModelConcepts, installation: _Installation) -> None:
     for name, value in installation.tokenizer_state.items():
         setattr(tokenizer, name, value)
     tokenizer._conceptlib_expansions = installation.expansions
+    tokenizer._conceptlib_base_encode = original.encode_attribute or types.MethodType(type(tokenizer).encode, tokenizer)
     tokenizer.encode = types.MethodType(_expanding_encode, tokenizer)
     reset_compiled_functions(sd._text_encoder)
+    model.token_ids = installation.token_ids
+    _EXTENDED_BY[original.layer] = weakref.ref(model)
 
 
 def _restore(sd, model: _ModelConcepts) -> None:
-    """Put the original table and tokenizer back, object for object."""
+    """Put the original table and tokenizer back, object for object (the table into the text
+    encoder the concepts were applied to, even if ``sd`` holds another one now)."""
     original = model.original
     tokenizer = sd._tokenizer
     _set_table(original, original.variable, original.input_dim)
+    reset_compiled_functions(original.text_encoder)
+    _EXTENDED_BY.pop(original.layer, None)
     for name in _TOKENIZER_STATE:
         setattr(tokenizer, name, original.tokenizer_state[name])
-    tokenizer.__dict__.pop("_conceptlib_expansions", None)
+    for name in ("_conceptlib_expansions", "_conceptlib_base_encode"):
+        tokenizer.__dict__.pop(name, None)
     if original.encode_attribute is None:
         tokenizer.__dict__.pop("encode", None)
     else:
         tokenizer.encode = original.encode_attribute
-    reset_compiled_functions(sd._text_encoder)
     model.original = None
 
 
 def _keep_only(sd, keep: dict) -> None:
     """Leave loaded only the concepts in ``keep`` (handle -> its concepts to keep), every other
-    loaded handle unloaded, with one rebuild of the table (or the original put back)."""
+    loaded handle unloaded, with one rebuild of the table (or the original put back). Everything
+    is checked first."""
     model = _model_concepts(sd)
     remaining = [(handle, keep.get(handle, [])) for handle in model.handles]
     concepts = [concept for _, kept in remaining for concept in kept]
+    if concepts and _text_encoder_replaced(sd, model):
+        raise _replaced_error()  # unloading all still works: the original encoder gets its table back
+    _check_layer(model.original.layer, since=True)
     if concepts:
         from conceptlib.kerascv import keras_module
 
-        installation = _installation(model.original, concepts, keras_module())
-        _install(sd, model, installation)
+        _install(sd, model, _installation(model.original, concepts, keras_module()))
     else:
         _restore(sd, model)
-        installation = None
+    _settle(model, remaining)
+
+
+def _settle(model: _ModelConcepts, remaining) -> None:
+    """Handles after a rebuild: those keeping concepts get their ids now; the others are unloaded
+    (they keep the concepts they held last, to say what they held, and no ids)."""
     for handle, kept in remaining:
         if kept:
             handle.concepts = list(kept)
-            handle.token_ids = {c.token: installation.token_ids[c.token] for c in kept}
-        else:  # unloaded: it keeps its concepts, to say what it held
+            handle.token_ids = {c.token: model.token_ids[c.token] for c in kept}
+        else:
             handle.loaded = False
+            handle.token_ids = {}
     model.handles = [handle for handle, kept in remaining if kept]
 
 
-def _check_table_is_ours(sd, model: _ModelConcepts) -> None:
-    original = model.original
-    if original is None:
-        return
+def _text_encoder_replaced(sd, model: _ModelConcepts) -> bool:
+    if model.original is None:
+        return False
     text_encoder = getattr(sd, "_text_encoder", None)
-    if text_encoder is None or token_embedding_layer(text_encoder) is not original.layer:
-        raise ApplyError(
-            "this model's text encoder was replaced after concepts were applied to it; build the "
-            "StableDiffusion again, or put the text encoder the concepts were applied to back"
-        )
+    return text_encoder is None or token_embedding_layer(text_encoder) is not model.original.layer
+
+
+def _replaced_error() -> ApplyError:
+    return ApplyError(
+        "this model's text encoder was replaced after concepts were applied to it; put back the text encoder "
+        "they were applied to, or call conceptlib.unload(sd) (all of them) to start again"
+    )
 
 
 # -- the handle -----------------------------------------------------------------------------------
@@ -476,7 +503,6 @@ class AppliedConcepts:
         if not self.loaded:
             return
         model = _model_concepts(self.sd)
-        _check_table_is_ours(self.sd, model)
         _keep_only(self.sd, {h: h.concepts for h in model.handles if h is not self})
 
     def __enter__(self) -> "AppliedConcepts":
@@ -486,13 +512,21 @@ class AppliedConcepts:
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         # Leaving the block restores the model as it was before the block, however it is left:
-        # this handle and every handle applied inside the block and still loaded are unloaded
-        # (handles applied before the block stay).
+        # every handle applied inside the block and still loaded is unloaded, and this one too
+        # when this is its outermost block (handles applied before the block stay).
         entered = self._entered.pop()
+        outermost = not self._entered
         model = _model_concepts(self.sd)
-        if self.loaded or any(h._order > entered for h in model.handles):
-            _check_table_is_ours(self.sd, model)
-            _keep_only(self.sd, {h: h.concepts for h in model.handles if h is not self and h._order <= entered})
+        if not ((outermost and self.loaded) or any(h._order > entered for h in model.handles)):
+            return
+        keep = {h: h.concepts for h in model.handles if h._order <= entered and (h is not self or not outermost)}
+        try:
+            _keep_only(self.sd, keep)
+        except ApplyError as error:
+            if exc is None:
+                raise
+            # The block's own error goes through; the failed clean-up is said beside it.
+            exc.add_note(f"conceptlib could not unload on leaving the block: {error}")
 
     def __repr__(self) -> str:
         state = "loaded" if self.loaded else "unloaded"
@@ -512,8 +546,12 @@ def unload(sd, tokens=None) -> list[str]:
     loaded = {token: handle for handle in model.handles for token in handle.tokens}
     if tokens is None:
         tokens = list(loaded)
+    elif isinstance(tokens, AppliedConcepts):
+        tokens = tokens.tokens if tokens.loaded else []
     elif isinstance(tokens, str):
         tokens = [tokens]
+    elif not isinstance(tokens, (list, tuple, set, frozenset)) or not all(isinstance(t, str) for t in tokens):
+        raise ApplyError(f"unload(sd, {tokens!r}): pass a token, a list of tokens, a handle, or nothing (all)")
     tokens = list(tokens)
     missing = [token for token in tokens if token not in loaded]
     if missing:
@@ -523,7 +561,6 @@ def unload(sd, tokens=None) -> list[str]:
             f"this model (applied now: {now}); pass tokens of applied concepts, or leave tokens out to unload all"
         )
     if tokens:
-        _check_table_is_ours(sd, model)
         gone = set(tokens)
         _keep_only(sd, {h: [c for c in h.concepts if c.token not in gone] for h in model.handles})
     return tokens
@@ -587,10 +624,15 @@ def _check_tokens(model: _ModelConcepts, tokenizer, concepts, sources) -> None:
             )
 
 
-def _check_layer(layer) -> None:
+def _check_layer(layer, *, since: bool = False) -> None:
     """Concepts grow the plain embedding table; a LoRA or quantized table has other parts."""
     changed = ("LoRA enabled" if getattr(layer, "lora_enabled", False)
                else f"{layer.quantization_mode}-quantized" if getattr(layer, "quantization_mode", None) else None)
+    if changed and since:
+        raise ApplyError(
+            f"the text encoder's token table was {changed} after concepts were applied, so they cannot be taken "
+            "out of it; build the text encoder again (and apply concepts before enable_lora() / quantize())"
+        )
     if changed:
         raise ApplyError(
             f"the text encoder's token table is {changed}; conceptlib extends a plain table: "
@@ -619,15 +661,23 @@ def apply(sd, concepts, library=None) -> AppliedConcepts:
     model = _model_concepts(sd)
     tokenizer = _ensure_tokenizer(sd)
     _check_tokens(model, tokenizer, concepts, sources)
+    if _text_encoder_replaced(sd, model):  # before building one: nothing is changed on an error
+        raise _replaced_error()
     text_encoder = _ensure_text_encoder(sd, base_model)
     layer = token_embedding_layer(text_encoder)
-    _check_layer(layer)
-    _check_table_is_ours(sd, model)
+    _check_layer(layer, since=model.original is not None)
+    owner = _EXTENDED_BY.get(layer)
+    if owner is not None and owner() is not model:
+        raise ApplyError(
+            "this text encoder holds concepts applied through another StableDiffusion instance that shares it; "
+            "apply these there too, or give each instance its own text encoder"
+        )
     _check_widths(sd, base_model, concepts, int(layer.output_dim))
 
     from conceptlib.kerascv import keras_module
 
     original = model.original or _Original(
+        text_encoder=text_encoder,
         layer=layer,
         variable=layer._embeddings,
         input_dim=layer.input_dim,
@@ -642,9 +692,7 @@ def apply(sd, concepts, library=None) -> AppliedConcepts:
     _install(sd, model, installation)
     model.applied_count += 1
     handle = AppliedConcepts(sd, concepts, model.applied_count)
-    model.handles.append(handle)
-    for each in model.handles:
-        each.token_ids = {c.token: installation.token_ids[c.token] for c in each.concepts}
+    _settle(model, [(each, each.concepts) for each in (*model.handles, handle)])
     return handle
 
 

@@ -638,9 +638,17 @@ def test_bad_arguments(library, tmp_path):
 def test_usage_errors_exit_2(library, tmp_path):
     _foreign_folder(tmp_path / "in")
     before = snapshot(library.root)
-    assert run("export", "cat-doll").exit_code == 2  # --format missing
-    assert run("export", "cat-doll", "--format", "ckpt").exit_code == 2
-    assert run("import").exit_code == 2
+    formats = "conceptlib, diffusers, a1111, sd-concepts, kohya"
+    missing = run("export", "cat-doll")
+    assert missing.exit_code == 2
+    # click lists the choices one per line, tab-indented: compare the words.
+    assert " ".join(missing.output.split()).endswith(f"Error: Missing option '--format'. Choose from: {formats}")
+    bad = run("export", "cat-doll", "--format", "ckpt")
+    assert bad.exit_code == 2
+    assert bad.output.splitlines()[-1] == ("Error: Invalid value for '--format': 'ckpt' is not one of "
+                                           "'conceptlib', 'diffusers', 'a1111', 'sd-concepts', 'kohya'.")
+    nothing = run("import")
+    assert nothing.exit_code == 2 and nothing.output.splitlines()[-1] == "Error: Missing argument 'PATH...'."
     assert_one_line_error(run("import", str(tmp_path / "in"), "--name", "x"), 2, "one at a time")
     assert snapshot(library.root) == before
 

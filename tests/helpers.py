@@ -150,3 +150,24 @@ def trivial_1d_weights(models) -> list[str]:
                 if np.all(value == 0) or np.all(value == 1):
                     found.append(variable.path)
     return found
+
+
+def png_pixels(source):
+    """The RGB pixels, as a uint8 (height, width, 3) array, of a PNG file (a path) or of PNG bytes;
+    fails the test if it is not a PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    data = source if isinstance(source, bytes) else open(source, "rb").read()
+    assert data.startswith(b"\x89PNG"), f"not a PNG: {data[:16]!r}"
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def is_flat(pixels) -> bool:
+    """True when an image is one colour everywhere (a blank or failed render)."""
+    import numpy as np
+
+    return len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) == 1

@@ -50,6 +50,16 @@ def isolated_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def clip_tokenizer():
+    """CLIP's real BPE tokenizer (conceptlib.clip_bpe: keras-cv's ids, no keras import) on the
+    local vocabulary; never downloads: a missing vocabulary fails the tests that need it."""
+    from conceptlib.clip_bpe import ClipTokenizer
+    from conceptlib.kerascv.tokenizer import find_vocab_path
+
+    return ClipTokenizer(find_vocab_path(download=False))
+
+
+@pytest.fixture(scope="session")
 def random_weights(tmp_path_factory):
     """`conceptlib weights init-random` run once per test session as a real CLI process: every
     sd-1 part (~4 GB, ~25 s to write), shared by the end-to-end tests, which only read it. Yields

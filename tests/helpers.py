@@ -91,20 +91,6 @@ def interrupt_when_ready(cmd, env, ready, what: str):
     return found, process.returncode, stdout, stderr
 
 
-class WordTokenizer:
-    """A stand-in for CLIP's tokenizer: one id per word (enough for the id bookkeeping)."""
-
-    def __init__(self):
-        self.encoder = {f"w{i}": i for i in range(49408)}
-        self.words: dict[str, int] = {}
-
-    def encode(self, text):
-        from conceptlib.kerascv.textual_inversion import END_OF_TEXT, START_OF_TEXT
-
-        ids = [self.words.setdefault(word, 100 + len(self.words)) for word in text.lower().split()]
-        return [START_OF_TEXT, *ids, END_OF_TEXT]
-
-
 def deterministic_weights(models, seed: int, *, only_1d: bool = False) -> None:
     """Overwrite the variables of ``models`` (Keras models, in order) with values that depend only
     on ``seed``, the variable's position among all of them, and its shape, so two processes (two

@@ -91,15 +91,69 @@ def interrupt_when_ready(cmd, env, ready, what: str):
     return found, process.returncode, stdout, stderr
 
 
-class WordTokenizer:
-    """A stand-in for CLIP's tokenizer: one id per word (enough for the id bookkeeping)."""
+def deterministic_weights(models, seed: int, *, only_1d: bool = False) -> None:
+    """Overwrite the variables of ``models`` (Keras models, in order) with values that depend only
+    on ``seed``, the variable's position among all of them, and its shape, so two processes (two
+    backends) hold identical weights without writing files.
 
-    def __init__(self):
-        self.encoder = {f"w{i}": i for i in range(49408)}
-        self.words: dict[str, int] = {}
+    Kernels (2-D and up) get N(0, 1/fan-in); 1-D (and 0-D) variables get non-trivial values:
+    norm scales (gamma) ``1 + 0.1·n``, everything else (beta, biases) ``0.1·n``. Keras' default
+    initialisers (and ``weights init-random`` files) leave every bias and beta at 0 and every
+    gamma at 1, which makes ``+ bias`` / ``* gamma`` / ``+ beta`` identities that a comparison
+    cannot see. ``only_1d=True`` sets only those variables (cheap: a few million values) and
+    keeps the kernels the model already has; a variable gets the same value either way."""
+    import numpy as np
 
-    def encode(self, text):
-        from conceptlib.kerascv.textual_inversion import END_OF_TEXT, START_OF_TEXT
+    index = 0
+    for model in models:
+        for variable in model.weights:
+            shape = tuple(variable.shape)
+            if only_1d and len(shape) >= 2:
+                index += 1
+                continue
+            noise = np.random.default_rng([seed, index]).standard_normal(shape, dtype=np.float32)
+            if len(shape) >= 2:
+                value = noise / np.sqrt(float(np.prod(shape[:-1])))
+            elif "gamma" in variable.path or "scale" in variable.path:
+                value = 1.0 + 0.1 * noise
+            else:
+                value = 0.1 * noise
+            variable.assign(value.astype(np.float32))
+            index += 1
 
-        ids = [self.words.setdefault(word, 100 + len(self.words)) for word in text.lower().split()]
-        return [START_OF_TEXT, *ids, END_OF_TEXT]
+
+def trivial_1d_weights(models) -> list[str]:
+    """The paths of the 1-D variables of ``models`` that are all 0 or all 1 (identities of a
+    bias add or a norm's scale/shift): what ``deterministic_weights`` leaves none of."""
+    import keras
+    import numpy as np
+
+    found = []
+    for model in models:
+        for variable in model.weights:
+            if len(variable.shape) == 1:
+                value = keras.ops.convert_to_numpy(variable.value)
+                if np.all(value == 0) or np.all(value == 1):
+                    found.append(variable.path)
+    return found
+
+
+def png_pixels(source):
+    """The RGB pixels, as a uint8 (height, width, 3) array, of a PNG file (a path) or of PNG bytes;
+    fails the test if it is not a PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    data = source if isinstance(source, bytes) else open(source, "rb").read()
+    assert data.startswith(b"\x89PNG"), f"not a PNG: {data[:16]!r}"
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def is_flat(pixels) -> bool:
+    """True when an image is one colour everywhere (a blank or failed render)."""
+    import numpy as np
+
+    return len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) == 1

@@ -758,8 +758,12 @@ def test_usage_errors_exit_2(library, tmp_path):
     before = snapshot(library.root)
     assert_one_line_error(run("export", "cat-doll"), 2, "missing --format: one of conceptlib, diffusers, a1111, "
                                                         "sd-concepts, kohya (e.g. --format a1111 for AUTOMATIC1111")
-    assert run("export", "cat-doll", "--format", "ckpt").exit_code == 2
-    assert run("import").exit_code == 2
+    bad = run("export", "cat-doll", "--format", "ckpt")
+    assert bad.exit_code == 2
+    assert bad.output.splitlines()[-1] == ("Error: Invalid value for '--format': 'ckpt' is not one of "
+                                           "'conceptlib', 'diffusers', 'a1111', 'sd-concepts', 'kohya'.")
+    nothing = run("import")
+    assert nothing.exit_code == 2 and nothing.output.splitlines()[-1] == "Error: Missing argument 'PATH...'."
     assert_one_line_error(run("import", str(tmp_path / "in"), "--name", "x"), 2, "one at a time")
     assert snapshot(library.root) == before
 

@@ -2,8 +2,13 @@
 computes keras-cv's attention.
 
 Keras fixes its backend per process, so each backend runs this file as a worker subprocess
-(``python tests/test_jax_equivalence.py BACKEND OUT.npz``) on the same deterministic weights and
+(``python tests/test_jax_equivalence.py BACKEND OUT.npz WEIGHTS_DIR``) on the same weights and
 batch, and the test compares the .npz files. One model build per backend, at 64 px, fp32.
+
+The weights are the session's ``weights init-random`` files (conftest's random_weights), so both
+processes load identical values and run no random initialisers; every 1-D variable (biases, norm
+gammas and betas, which those files hold at 0, 1 and 0) is then set to deterministic non-trivial
+values (helpers.deterministic_weights), so the bias adds and norm scales are really compared.
 
 - TensorFlow: the reference path (TextualInversion.loss under tf.GradientTape, as the
   TensorFlow trainer's step does: VAE posterior sample, concat-table text encoding, keras-cv's
@@ -29,25 +34,6 @@ NUM_NEW = 2
 SEED = 1234
 
 
-def _deterministic_weights(models) -> None:
-    """Overwrite every variable with values that depend only on its position and shape, so two
-    processes (two backends) hold identical weights without writing ~4 GB of files."""
-    index = 0
-    for model in models:
-        for variable in model.weights:
-            shape = tuple(variable.shape)
-            rng = np.random.default_rng([SEED, index])
-            noise = rng.standard_normal(shape, dtype=np.float32)
-            if len(shape) >= 2:
-                value = noise / np.sqrt(float(np.prod(shape[:-1])))
-            elif "gamma" in variable.path or "scale" in variable.path:
-                value = 1.0 + 0.1 * noise
-            else:
-                value = 0.1 * noise
-            variable.assign(value.astype(np.float32))
-            index += 1
-
-
 def _batch(vocab: int, dim: int):
     rng = np.random.default_rng(SEED)
     ids = np.full((BATCH, 77), 49407, dtype=np.int32)
@@ -65,13 +51,17 @@ def _batch(vocab: int, dim: int):
     }
 
 
-def worker(backend: str, out: str) -> None:
-    from conceptlib.kerascv import models
+def worker(backend: str, out: str, weights_dir: str) -> None:
+    from helpers import deterministic_weights
 
-    text_encoder = models.build_text_encoder("sd-1")
-    diffusion_model = models.build_diffusion_model("sd-1", RES)
-    image_encoder = models.build_image_encoder(RES)
-    _deterministic_weights([text_encoder, diffusion_model, image_encoder])
+    from conceptlib.kerascv import models
+    from conceptlib.weights import resolve_weights
+
+    files = resolve_weights("sd-1", weights_dir, ["text_encoder", "diffusion_model", "image_encoder"], download=False)
+    text_encoder = models.build_text_encoder("sd-1", files)
+    diffusion_model = models.build_diffusion_model("sd-1", RES, files)
+    image_encoder = models.build_image_encoder(RES, files)
+    deterministic_weights([text_encoder, diffusion_model, image_encoder], SEED, only_1d=True)
     results = {}
     if backend == "tensorflow":
         import tensorflow as tf
@@ -140,10 +130,11 @@ def worker(backend: str, out: str) -> None:
     np.savez(out, **results)
 
 
-def _run_worker(backend: str, out: Path) -> dict:
+def _run_worker(backend: str, out: Path, weights: Path) -> dict:
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, __file__, backend, str(out)], env=env, capture_output=True, text=True, timeout=1200
+        [sys.executable, __file__, backend, str(out), str(weights)], env=env, capture_output=True, text=True,
+        timeout=1200,
     )
     assert proc.returncode == 0, f"{backend} worker failed:\n{proc.stderr[-4000:]}"
     with np.load(out) as data:
@@ -151,10 +142,11 @@ def _run_worker(backend: str, out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, random_weights):
     folder = tmp_path_factory.mktemp("jax-equivalence")
+    weights, _ = random_weights
     # Sequential, not parallel: each worker holds a full SD model (~7 GB) on a shared machine.
-    return {backend: _run_worker(backend, folder / f"{backend}.npz") for backend in ("tensorflow", "jax")}
+    return {backend: _run_worker(backend, folder / f"{backend}.npz", weights) for backend in ("tensorflow", "jax")}
 
 
 @pytest.mark.slow
@@ -209,4 +201,4 @@ def test_fused_attention_matches_keras_cv_attention(results):
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2])
+    worker(sys.argv[1], sys.argv[2], sys.argv[3])

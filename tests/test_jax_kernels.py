@@ -8,9 +8,15 @@ masked), all together (the trainer's default), are installed on keras-cv's SD 1 
 under jax.jit as the trainer's step is. SD 2's DiffusionModelV2 (1024-d context, 5/10/20 heads of 64, Dense instead of 1x1-conv
 projections around its transformers) is checked with all rewrites at once: one comparison covers
 what differs, and each compile of a UNet costs ~30 s on CPU. Keras fixes its backend per process,
-so a worker subprocess (``python tests/test_jax_kernels.py OUT.npz``) runs on the JAX backend and
-builds both models in turn, one at a time. It keeps a compilation cache in the test's folder, so
-the model after ``restore()`` (the same program as the reference) is not compiled twice.
+so a worker subprocess (``python tests/test_jax_kernels.py OUT.npz WEIGHTS_DIR``) runs on the JAX
+backend and builds both models in turn, one at a time. It keeps a compilation cache in the test's
+folder, so the model after ``restore()`` (the same program as the reference) is not compiled twice.
+
+SD 1 is loaded from the session's ``weights init-random`` files (no random initialisers to run:
+~20 s less on the JAX backend); SD 2 has no such files and is randomly initialised. Either way
+every bias, norm gamma and beta is then set to deterministic non-trivial values: as initialised
+(or written by init-random) they are 0, 1 and 0, and a rewrite that dropped a bias add or swapped
+gamma and beta would compute the same function.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import pytest
 
 RES = 64
 BATCH = 2
+SEED = 5
 # "all" (the trainer's default) checks every rewrite; a subset (CONCEPTLIB_JAX_KERNELS) needs no
 # run of its own (each UNet compile costs ~30 s on CPU). The convolution and group-norm rewrites
 # each replace one kind of layer whatever else is on. An attention layer projects (fused or not),
@@ -44,18 +51,25 @@ MODELS = {
 CASES = [(base, name) for base, (_, _, names) in MODELS.items() for name in names]
 
 
-def check_model(base_model: str, results: dict) -> None:
-    """Build ``base_model``'s UNet, run the reference and each of its variants (and, on SD 1, the
-    model again after restoring); add the arrays to ``results``."""
+def check_model(base_model: str, results: dict, weights_dir: str) -> None:
+    """Build ``base_model``'s UNet (SD 1 from the files in ``weights_dir``), give its 1-D variables
+    non-trivial values, run the reference and each of its variants (and, on SD 1, the model again
+    after restoring); add the arrays to ``results``."""
     import jax
     import jax.numpy as jnp
+    from helpers import deterministic_weights, trivial_1d_weights
 
     from conceptlib.kerascv import models
     from conceptlib.kerascv.attention import fused_attention
+    from conceptlib.weights import resolve_weights
     from conceptlib_jax.kernels import fast_kernels
 
     prefix, dim, names = MODELS[base_model]
-    model = models.build_diffusion_model(base_model, RES, None)
+    files = resolve_weights(base_model, weights_dir, ["diffusion_model"], download=False) if base_model == "sd-1" else None
+    model = models.build_diffusion_model(base_model, RES, files)
+    deterministic_weights([model], SEED, only_1d=True)
+    results[f"{prefix}_trivial_1d"] = np.asarray(len(trivial_1d_weights([model])))
+    results[f"{prefix}_1d"] = np.asarray(sum(len(v.shape) == 1 for v in model.weights))
     rng = np.random.default_rng(3)
     latents = rng.standard_normal((BATCH, RES // 8, RES // 8, 4)).astype(np.float32)
     t_emb = rng.standard_normal((BATCH, 320)).astype(np.float32)
@@ -93,24 +107,25 @@ def check_model(base_model: str, results: dict) -> None:
         nothing.restore()
 
 
-def worker(out: str) -> None:
+def worker(out: str, weights_dir: str) -> None:
     import gc
 
     results: dict = {}
     for base_model in MODELS:
-        check_model(base_model, results)
+        check_model(base_model, results, weights_dir)
         gc.collect()  # the next UNet is built only once this one's ~3.4 GB are freed
     np.savez(out, **results)
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, random_weights):
     out = tmp_path_factory.mktemp("jax-kernels") / "out.npz"
+    weights, _ = random_weights
     env = dict(
         os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
         JAX_COMPILATION_CACHE_DIR=str(out.parent / "jax-cache"),
     )
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([sys.executable, __file__, str(out), str(weights)], env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"worker failed:\n{proc.stderr[-4000:]}"
     with np.load(out) as data:
         return {k: data[k] for k in data.files}
@@ -120,6 +135,8 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("base_model, name", CASES)
 def test_rewrite_matches_keras_cv(results, base_model, name):
     prefix = MODELS[base_model][0]
+    # Every bias, gamma and beta holds a value that a dropped or swapped term would change.
+    assert results[f"{prefix}_1d"] > 300 and results[f"{prefix}_trivial_1d"] == 0
     ref_out, ref_grad = results[f"{prefix}_ref_out"], results[f"{prefix}_ref_grad"]
     assert np.abs(ref_out).max() > 0 and np.abs(ref_grad).max() > 0
     assert ref_grad.shape == (BATCH, 77, MODELS[base_model][1])
@@ -152,4 +169,4 @@ def test_restore_gives_back_keras_cv_layers(results):
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    worker(sys.argv[1], sys.argv[2])

@@ -154,7 +154,7 @@ def test_placement_spreads_a_batch_over_the_devices_that_divide_it():
     assert out["notes"] == ["batch 3 does not split over 2 devices: training on 1 (a --batch-size that is a multiple of 2 uses them all)"]
 
 
-def test_prompt_table_uses_every_template_for_a_pack_that_ignores_captions(tmp_path):
+def test_prompt_table_uses_every_template_for_a_pack_that_ignores_captions(tmp_path, clip_tokenizer):
     """A template file without [filewords] has no caption templates: a captioned image's prompts
     are the pack's templates (as the TensorFlow trainer's job.batch renders them), not none."""
     import numpy as np
@@ -164,7 +164,6 @@ def test_prompt_table_uses_every_template_for_a_pack_that_ignores_captions(tmp_p
     from conceptlib.templates import pack_from_file
     from conceptlib.training import RunDirectory, TrainingConfig, TrainingJob
     from conceptlib_jax.trainer import JaxTrainer
-    from helpers import WordTokenizer
 
     images = tmp_path / "images"
     images.mkdir()
@@ -173,7 +172,7 @@ def test_prompt_table_uses_every_template_for_a_pack_that_ignores_captions(tmp_p
     (images / "a.txt").write_text("on a red chair")
     (tmp_path / "t.txt").write_text("a painting by [name]\na drawing by [name]\nart by [name]\n")
     config = TrainingConfig(images=str(images), name="x", token="<x>", resolution=64, num_vectors=1).validate()
-    job = TrainingJob(config, None, pack_from_file(tmp_path / "t.txt"), find_images(images), WordTokenizer(), [],
+    job = TrainingJob(config, None, pack_from_file(tmp_path / "t.txt"), find_images(images), clip_tokenizer, [],
                       None, RunDirectory(tmp_path / "run"), None, False)
     _, _, prompts, counts = JaxTrainer(variants=1).host_data(job)
     assert list(counts) == [3, 3]

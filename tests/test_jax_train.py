@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import is_flat, png_pixels
+
 pytestmark = pytest.mark.slow
 
 
@@ -135,7 +137,8 @@ def test_jax_run_folder_has_checkpoint_and_preview(run):
         assert data["vectors"].shape == (3, 768)
         assert all(data[k].shape in ((), (3, 768)) for k in data.files if k.startswith("optimizer_"))
         assert len([k for k in data.files if k.startswith("optimizer_")]) >= 3
-    assert (folder / "previews" / "step-0000002.png").is_file()
+    preview = png_pixels(folder / "previews" / "step-0000002.png")
+    assert preview.shape == (64, 128, 3) and not is_flat(preview)  # two 64-px images side by side
 
 
 def test_a_second_jax_run_uses_the_step_cache_without_keras_cv(run, resumed):

@@ -47,6 +47,25 @@ def test_location_from_env_and_platformdirs(tmp_path, monkeypatch):
     assert ConceptLibrary(tmp_path).runs_dir == tmp_path / "runs"
 
 
+def test_the_suite_keeps_the_library_the_jax_cache_and_keras_home_in_tmp(isolated_home, monkeypatch):
+    """conftest's isolated_home: the defaults a test forgets to redirect, with or without the
+    conceptlib variables, and in a child process, are under the session's tmp folder."""
+    from conceptlib.kerascv import jax_cache_dir
+    from conceptlib.kerascv.tokenizer import keras_cache_dirs
+
+    probe = ("import os; from conceptlib.library import ConceptLibrary; from conceptlib.kerascv import jax_cache_dir; "
+             "print(ConceptLibrary().root); print(jax_cache_dir()); print(os.environ['KERAS_HOME'])")
+    child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    expected = [isolated_home / "data" / "conceptlib", isolated_home / "cache" / "conceptlib" / "jax",
+                isolated_home / "keras"]
+    assert [Path(line) for line in child.stdout.splitlines()] == expected
+    assert keras_cache_dirs()[0] == isolated_home / "keras" / "datasets"
+    monkeypatch.delenv("CONCEPTLIB_HOME")
+    monkeypatch.delenv("CONCEPTLIB_JAX_CACHE")
+    assert [ConceptLibrary().root, jax_cache_dir()] == expected[:2]
+
+
 def test_add_get_list_remove(library):
     assert library.list() == []
     header = library.add(make("cat-doll", n=2, trainer="tensorflow", custom_key="kept"))

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,14 +18,10 @@ from helpers import cli_imports
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """A folder with only the sd-1 text encoder (random), written the way `weights init-random` does."""
-    folder = tmp_path_factory.mktemp("nearest") / "weights"
-    code = "import sys; from conceptlib.weights import write_random_weights; " \
-           "write_random_weights(sys.argv[1], 'sd-1', parts=('text_encoder',))"
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-c", code, str(folder)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def weights(random_weights):
+    """The session's `weights init-random` folder (conftest; every sd-1 part, random): --nearest
+    reads only its text encoder, kcv_encoder.h5. Shared by the whole session: read, never write."""
+    folder, _ = random_weights
     return folder
 
 

@@ -4,6 +4,7 @@ per-step batches (a pure function of seed and step), run folders and checkpoints
 from __future__ import annotations
 
 import io
+import re
 import threading
 from concurrent.futures import Future
 
@@ -16,31 +17,40 @@ from conceptlib.kerascv.textual_inversion import END_OF_TEXT, MAX_LENGTH, START_
 from conceptlib.plugins import get_template_pack
 from conceptlib.errors import TrainingError
 from conceptlib.training import Checkpoint, RunDirectory, TrainingConfig, TrainingJob
-from helpers import WordTokenizer
 
 
-def test_encode_prompt_places_every_vector_of_the_token():
-    tok = WordTokenizer()
-    ids = encode_prompt(tok, "a photo of <x>, on <x> chair", "<x>", [49408, 49409])
-    a, photo, of, comma, on, chair = (tok.words[w] for w in ("a", "photo", "of", ",", "on", "chair"))
-    assert ids[:10] == [START_OF_TEXT, a, photo, of, 49408, 49409, comma, on, 49408, 49409]
-    assert ids[10:12] == [chair, END_OF_TEXT]
+def _ids(tokenizer, text):
+    """CLIP's ids of ``text`` without its start and end tokens."""
+    return tokenizer.encode(text)[1:-1]
+
+
+def test_encode_prompt_places_every_vector_of_the_token(clip_tokenizer):
+    ids = encode_prompt(clip_tokenizer, "a photo of <x>, on <x> chair", "<x>", [49408, 49409])
+    a_photo_of, comma_on, chair = (_ids(clip_tokenizer, text) for text in ("a photo of", ", on", "chair"))
+    assert len(a_photo_of) == 3 and len(comma_on) == 2 and len(chair) == 1  # one CLIP token per word here
+    assert ids[:10] == [START_OF_TEXT, *a_photo_of, 49408, 49409, *comma_on, 49408, 49409]
+    assert ids[10:12] == [*chair, END_OF_TEXT]
     assert len(ids) == MAX_LENGTH and set(ids[12:]) == {END_OF_TEXT}
 
 
-def test_encode_prompt_finds_a_bare_word_token_only_as_a_whole_word():
+def test_encode_prompt_finds_a_bare_word_token_only_as_a_whole_word(clip_tokenizer):
     """'hoto' is not spliced into 'photo', nor 'mydoll' into 'mydollhouse' (as apply matches)."""
-    tok = WordTokenizer()
-    ids = encode_prompt(tok, "a photo of hoto", "hoto", [49408])
-    assert ids.count(49408) == 1 and ids.index(49408) == 4  # <start> a photo of <hoto>
-    ids = encode_prompt(tok, "mydoll in a mydollhouse, (mydoll)", "mydoll", [49408, 49409])
+    ids = encode_prompt(clip_tokenizer, "a photo of hoto", "hoto", [49408])
+    expected = [START_OF_TEXT, *_ids(clip_tokenizer, "a photo of"), 49408, END_OF_TEXT]
+    assert ids[:len(expected)] == expected and ids.count(49408) == 1
+    ids = encode_prompt(clip_tokenizer, "mydoll in a mydollhouse, (mydoll)", "mydoll", [49408, 49409])
     assert ids.count(49408) == 2 and ids.count(49409) == 2
-    assert ids[1:3] == [49408, 49409]
+    # "mydollhouse" stays CLIP's own pieces (several BPE tokens), between the two replaced words.
+    middle = _ids(clip_tokenizer, " in a mydollhouse, (")
+    assert len(middle) > 5
+    expected = [START_OF_TEXT, 49408, 49409, *middle, 49408, 49409, *_ids(clip_tokenizer, ")"), END_OF_TEXT]
+    assert ids[:len(expected)] == expected
 
 
-def test_encode_prompt_too_long_says_by_how_much():
+def test_encode_prompt_too_long_says_by_how_much(clip_tokenizer):
+    assert _ids(clip_tokenizer, " ".join(["w"] * 77)) == [_ids(clip_tokenizer, "w")[0]] * 77  # one token each
     with pytest.raises(ValueError, match="needs 80 tokens, 3 more than"):
-        encode_prompt(WordTokenizer(), " ".join(["w"] * 77) + " <x>", "<x>", [49408])
+        encode_prompt(clip_tokenizer, " ".join(["w"] * 77) + " <x>", "<x>", [49408])
 
 
 def test_initial_rows_spread_init_words_over_vectors():
@@ -74,7 +84,7 @@ def test_grid_tiles_images():
 
 
 @pytest.fixture
-def job(tmp_path):
+def job(tmp_path, clip_tokenizer):
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -84,7 +94,7 @@ def job(tmp_path):
     config = TrainingConfig(images=str(folder), name="x", token="<x>", resolution=64, batch_size=2,
                             num_vectors=2, seed=11).validate()
     images = find_images(folder)
-    return TrainingJob(config, None, get_template_pack("object"), images, WordTokenizer(), [], None,
+    return TrainingJob(config, None, get_template_pack("object"), images, clip_tokenizer, [], None,
                        RunDirectory(tmp_path / "run"), None, False)
 
 
@@ -356,6 +366,12 @@ class _Terminal:
         return True
 
 
+def _untimed(text: str) -> str:
+    """``text`` with each stage line's elapsed time ("[m:ss] " or "[h:mm:ss] ", which depends on
+    how long the machine took) replaced by "[t] "."""
+    return re.sub(r"(?m)^\[(?:\d+:)?\d+:\d\d\] ", "[t] ", text)
+
+
 def test_stage_lines_tell_what_runs_before_the_first_step_and_never_overwrite_a_step_line():
     import io
 
@@ -365,8 +381,8 @@ def test_stage_lines_tell_what_runs_before_the_first_step_and_never_overwrite_a_
     progress = Progress(3, stream=plain)
     progress.stage("compiling the training step")
     progress.update(0, 0.5)
-    assert plain.getvalue().splitlines() == [
-        "[0:00] compiling the training step", "step 1/3  loss 0.5000  first step  ETA ?",
+    assert _untimed(plain.getvalue()).splitlines() == [
+        "[t] compiling the training step", "step 1/3  loss 0.5000  first step  ETA ?",
     ]
 
     terminal = _Terminal()
@@ -377,11 +393,11 @@ def test_stage_lines_tell_what_runs_before_the_first_step_and_never_overwrite_a_
     progress.update(1, 0.4)
     progress.update(2, 0.3)  # the last step ends its line
     progress.stage("done")
-    lines = terminal.text.split("\n")
-    assert lines[0] == "[0:00] building the sd-1 models"
-    assert lines[1].startswith("\rstep 1/3  loss 0.5000") and lines[2] == "[0:00] rendering the preview of step 1"
+    lines = _untimed(terminal.text).split("\n")
+    assert lines[0] == "[t] building the sd-1 models"
+    assert lines[1].startswith("\rstep 1/3  loss 0.5000") and lines[2] == "[t] rendering the preview of step 1"
     assert lines[3].startswith("\rstep 2/3") and "\rstep 3/3  loss 0.3000" in lines[3]
-    assert lines[4:] == ["[0:00] done", ""]
+    assert lines[4:] == ["[t] done", ""]
 
     quiet = io.StringIO()
     progress = Progress(3, stream=quiet, enabled=False)

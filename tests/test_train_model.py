@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import interrupt_when_ready
+from helpers import interrupt_when_ready, is_flat, png_pixels
 
 pytestmark = pytest.mark.slow
 
@@ -105,13 +105,21 @@ def test_cli_train_adds_concept_with_full_metadata(workspace, cli_run):
     assert meta["random_weights"] == "true" and meta["preview_source"] == "generated"
     import base64
 
-    assert base64.b64decode(meta["preview"]).startswith(b"\x89PNG")
+    # The final preview's thumbnail (longest side 128): the two 64-px preview images side by side.
+    thumbnail = png_pixels(base64.b64decode(meta["preview"]))
+    assert thumbnail.shape == (64, 128, 3) and not is_flat(thumbnail)
     assert meta["created_at"] and meta["modelspec.trigger_phrase"] == "<cli-concept>"
 
     run = workspace["root"] / "cli-run"
     assert (run / "config.json").is_file() and (run / "concept.safetensors").is_file()
-    assert (run / "checkpoints" / "step-0000001.npz").is_file()
-    assert (run / "previews" / "step-0000002.png").is_file()
+    with np.load(run / "checkpoints" / "step-0000001.npz") as data:
+        # The vectors after step 1 and the optimizer's state (iterations, learning rate, Adam's m, v).
+        assert data["vectors"].shape == (2, 768) and np.all(np.isfinite(data["vectors"]))
+        assert json.loads(bytes(data["meta"]).decode())["step"] == 1
+        optimizer = [k for k in data.files if k.startswith("optimizer_")]
+        assert len(optimizer) >= 3 and all(data[k].shape in ((), (2, 768)) for k in optimizer)
+    preview = png_pixels(run / "previews" / "step-0000002.png")
+    assert preview.shape == (64, 128, 3) and not is_flat(preview)  # two 64-px images side by side
 
 
 def test_ctrl_c_stops_a_cli_run_and_resume_finishes_it(workspace):

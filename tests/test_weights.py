@@ -127,7 +127,18 @@ def test_weights_where_names_the_other_model_a_folder_holds(cache, tmp_path):
     assert result.exit_code == 1, result.output
     assert result.stderr.endswith(f"fix each as its line above says ({sd2} holds sd-2 weights: use them with "
                                   "--base-model sd-2 in train, --model sd-2 in generate)\n")
-    assert CliRunner().invoke(main, ["weights", "where", "--model", "sd-2", "--weights", str(sd2)]).exit_code == 1
+    # As sd-2 weights the folder holds two of the four parts, and no other model's hint.
+    result = CliRunner().invoke(main, ["weights", "where", "--model", "sd-2", "--weights", str(sd2)])
+    assert result.exit_code == 1, result.output
+    missing = f"MISSING: not in {sd2} (nor the Keras cache); a given weights folder is never completed by a download"
+    assert result.stdout.splitlines() == [
+        f"text_encoder\t{sd2 / W.weight_filename('sd-2', 'text_encoder')}",
+        f"diffusion_model\t{sd2 / W.weight_filename('sd-2', 'diffusion_model')}",
+        f"decoder\t{missing}",
+        f"image_encoder\t{missing}",
+    ]
+    assert result.stderr == ("Error: 2 of 4 weight files cannot be used (decoder, image_encoder); "
+                             "fix each as its line above says\n")
 
 
 def test_weights_where_lists_every_bad_file_then_fails(cache, tmp_path):

@@ -981,9 +981,8 @@ def test_export_says_the_prompt_word_and_warns_of_an_ordinary_word(library, tmp_
     # With several concepts --out is a folder: the fix offered is a command that exports it alone.
     result = run("export", "--all", "--format", "a1111", "--out", str(tmp_path / "all"))
     line = next(line for line in result.stdout.splitlines() if line.startswith("Exported cat "))
-    fix = f"conceptlib export cat --format a1111 --out {tmp_path / 'all' / 'cat-ti.pt'}"
-    assert line.endswith(f"would mean the concept: export it alone under another word: {fix}")
-    assert run(*fix.split()[1:]).exit_code == 0 and (tmp_path / "all" / "cat-ti.pt").is_file()
+    assert line.endswith(f"would mean the concept: rename the file: mv {tmp_path / 'all' / 'cat.pt'} "
+                         f"{tmp_path / 'all' / 'cat-ti.pt'}")
 
 
 def test_export_all_says_which_library_files_it_left_out(library, tmp_path):
@@ -1065,6 +1064,40 @@ def test_export_converts_a_downloaded_file_without_importing_it(library, tmp_pat
     assert list(saved) == ["cool-style"] and torch.equal(saved["cool-style"], original)
     assert snapshot(library.root) == before  # nothing imported
     assert_one_line_error(run("export", str(tmp_path / "missing.pt"), "--format", "a1111"), 1, "missing.pt")
+
+
+def test_export_review_cases_file_refs_previews_and_missing_paths(library, tmp_path):
+    # Two downloads named alike would replace each other: refused, nothing written.
+    for sub in ("a", "b"):
+        (tmp_path / "dl" / sub).mkdir(parents=True)
+        _a1111(tmp_path / "dl" / sub / "thing.pt")
+    out = tmp_path / "two"
+    result = run("export", str(tmp_path / "dl/a/thing.pt"), str(tmp_path / "dl/b/thing.pt"), "--format", "kohya",
+                 "--out", str(out))
+    assert_one_line_error(result, 2, "two of these are concepts named alike")
+    assert not out.exists()
+    # A folder synced without previews gets them on a later --with-preview, the rest unchanged.
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "render.png")
+    assert run("describe", "oil-style", "--thumbnail", str(tmp_path / "render.png")).exit_code == 0
+    sync = tmp_path / "sync"
+    assert run("export", "--all", "--format", "a1111", "--out", str(sync)).exit_code == 0
+    result = run("export", "--all", "--format", "a1111", "--out", str(sync), "--with-preview")
+    assert result.exit_code == 0, result.output
+    assert f"Unchanged oil-style; wrote its preview {sync / 'oil-style.preview.png'}" in result.stdout
+    (sync / "oil-style.preview.png").write_bytes(b"someone's picture")
+    result = run("export", "--all", "--format", "a1111", "--out", str(sync), "--with-preview")
+    assert_one_line_error(result, 1, "oil-style.preview.png: already exists and differs from this export")
+    # A path that is not there says so, as show does.
+    assert_one_line_error(run("export", str(tmp_path / "missing file.pt"), "--format", "a1111"), 1,
+                          "missing file.pt: no such file or folder (nor a library concept of that name); check the path")
+
+
+def test_remove_a_name_twice_and_an_empty_tag(library):
+    result = run("remove", "cat-doll", "cat-doll", "-y")
+    assert result.exit_code == 0 and result.stdout == "Removed cat-doll (<cat-doll>)\n"
+    assert_one_line_error(run("list", "--tag", " "), 2, "--tag: give a tag (e.g. --tag anime)")
 
 
 def test_several_concepts_to_a_file_name_is_a_usage_error(library, tmp_path):

@@ -96,8 +96,8 @@ def _say_exported(concept, fmt: str, written: Path, *, several: bool = False) ->
         line += f"; AUTOMATIC1111 and ComfyUI prompts call it {word!r} (its file name)"
         if _is_clip_word_if_known(word):
             other = written.with_name(f"{word}-ti{written.suffix}")
-            fix = (f"export it alone under another word: conceptlib export {concept.name} --format {fmt} --out "
-                   f"{shlex.quote(str(other))}" if several else f"choose another word with --out WORD{written.suffix}")
+            fix = (f"rename the file: mv {shlex.quote(str(written))} {shlex.quote(str(other))}" if several
+                   else f"choose another word with --out WORD{written.suffix}")
             line += f", which is also an ordinary word there, so every {word!r} in a prompt would mean the concept: {fix}"
     click.echo(line)
 
@@ -152,7 +152,7 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
                          "give a folder (it is created if missing)")
     if not folder.exists() and folder.suffix.lower() in (".safetensors", ".bin", ".pt", ".png"):
         raise UsageError(f"--out {out}: several concepts go into a folder, and this names a file; give a folder "
-                         f"(e.g. --out {folder.with_suffix('')}/)")
+                         f"(e.g. --out {shlex.quote(str(folder.with_suffix('')) + '/')})")
     library = _library()
     _refuse_library_folder(folder, out, library)
     if refs:
@@ -163,34 +163,47 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
     if not names:
         raise ConceptError("the library is empty: nothing to export")
     concepts = list({concept.name: concept for concept in (_concept_to_export(library, n) for n in names)}.values())
+    if len(concepts) < len({_same_concept_key(library, n) for n in names}):
+        raise UsageError(f"{', '.join(names)}: two of these are concepts named alike (files named the same?), whose "
+                         f"exports would replace each other in {folder}; export them one at a time with --out")
     plans = [(concept, *paths_in_folder(concept, fmt, folder)) for concept in concepts]
-    unchanged = 0
+    unchanged, previews_only = 0, []
     if not force:
         # Exporting into a tool's folder again (to sync it) passes over files that already hold
         # what would be written; any other existing file stops everything.
         kept = []
         for concept, target, files in plans:
-            taken = next((path for path in files if path.exists()), None)
-            if taken is None:
+            if not any(path.exists() for path in files):
                 kept.append((concept, target, files))
-            elif _holds_this_export(concept, fmt, files, with_preview):
-                unchanged += 1
-            else:
-                raise ConceptFileError(f"{taken}: already exists and differs from this export, so nothing was "
+                continue
+            differs = _differing_file(concept, fmt, files, with_preview)
+            if differs is not None:
+                raise ConceptFileError(f"{differs}: already exists and differs from this export, so nothing was "
                                        "exported; choose another --out or pass --force to replace such files")
+            unchanged += 1
+            preview = _preview_target(concept, fmt, files[0], True) if with_preview else None
+            if preview is not None and not preview.exists():  # a folder synced before without previews
+                previews_only.append((concept, preview))
         plans = kept
     previews = [_preview_target(concept, fmt, files[0], force) if with_preview else None for concept, _, files in plans]
     for (concept, target, _), preview in zip(plans, previews):
         _say_exported(concept, fmt, _write_export(concept, fmt, target, True, force), several=True)
         if with_preview:
             _write_preview_file(concept, preview)
+    for concept, preview in previews_only:
+        from conceptlib.files import atomic_write_bytes
+        from conceptlib.formats.writers import preview_png
+
+        atomic_write_bytes(preview, preview_png(concept.metadata), fix="choose another --out")
+        click.echo(f"Unchanged {concept.name}; wrote its preview {preview}")
     same = f" ({unchanged} already there, unchanged)" if unchanged else ""
     click.echo(f"{len(plans)} concept{'s' if len(plans) != 1 else ''} exported to {folder}{same}")
 
 
-def _holds_this_export(concept, fmt: str, files: list[Path], with_preview: bool) -> bool:
-    """Whether ``files`` already hold exactly what exporting ``concept`` would write (safetensors
-    compared by header and data: their metadata order varies between writes)."""
+def _differing_file(concept, fmt: str, files: list[Path], with_preview: bool) -> Path | None:
+    """The first of ``files`` (or the existing preview beside them) that does not hold exactly
+    what exporting ``concept`` would write, else None (safetensors compared by header and data:
+    their metadata order varies between writes)."""
     import tempfile
 
     from conceptlib.formats import export
@@ -200,11 +213,14 @@ def _holds_this_export(concept, fmt: str, files: list[Path], with_preview: bool)
         target, fresh = paths_in_folder(concept, fmt, Path(scratch))
         target.mkdir(parents=True, exist_ok=True)
         export(concept, fmt, target, overwrite=False)
-        if not all(old.is_file() and _same_content(old, new) for old, new in zip(files, fresh)):
-            return False
+        differs = next((old for old, new in zip(files, fresh) if not (old.is_file() and _same_content(old, new))), None)
+    if differs is not None:
+        return differs
     preview = preview_file_for(fmt, files[0]) if with_preview else None
     data = preview_png(concept.metadata) if preview is not None else None
-    return data is None or (preview.is_file() and preview.read_bytes() == data)
+    if data is not None and preview.exists() and preview.read_bytes() != data:
+        return preview
+    return None
 
 
 def _same_content(old: Path, new: Path) -> bool:
@@ -227,15 +243,30 @@ def _same_content(old: Path, new: Path) -> bool:
         return False
 
 
+def _same_concept_key(library, ref: str):
+    """What ``ref`` names: a library concept (by its name) or a file (by its resolved path)."""
+    from conceptlib.errors import ConceptlibError
+
+    try:
+        return ("library", library.header(ref).name)
+    except ConceptlibError:
+        return ("file", str(Path(ref).resolve()))
+
+
 def _concept_to_export(library, ref: str):
     """Library concept ``ref`` (name or token), else the concept file or folder at that path: a
     download converts for another tool without being imported."""
     from conceptlib.errors import NotFoundError
 
+    from conceptlib.formats.readers import FILE_SUFFIXES, IMAGE_SUFFIXES
+
     try:
         return library.get(ref)
     except NotFoundError:
         if not os.path.exists(ref):
+            if os.sep in ref or Path(ref).suffix.lower() in FILE_SUFFIXES + IMAGE_SUFFIXES:
+                raise ConceptFileError(f"{ref}: no such file or folder (nor a library concept of that name); "
+                                       "check the path") from None
             raise
     from conceptlib.formats import load_source
 
@@ -283,6 +314,6 @@ def _export_target(fmt: str, out: str | None) -> tuple[Path | None, bool]:
     if target.suffix.lower() not in suffixes:
         raise UsageError(
             f"--out {out}: {fmt} files must end in {' or '.join(suffixes)} (tools choose how to load a file by its "
-            f"extension); use e.g. --out {target.with_suffix(suffixes[0])}, or a folder ending in '/'"
+            f"extension); use e.g. --out {shlex.quote(str(target.with_suffix(suffixes[0])))}, or a folder ending in '/'"
         )
     return target, False

@@ -70,6 +70,8 @@ def list_command(pattern: str | None, base_model: str | None, tags: tuple[str, .
       conceptlib list style --base-model sd-1
       conceptlib list --tag anime
       conceptlib list --json"""
+    if any(not tag.strip() for tag in tags):
+        raise UsageError("--tag: give a tag (e.g. --tag anime); an empty one would match only untagged concepts")
     library = _library()
     everything = library.summaries()
     _warn_problems(library)
@@ -295,6 +297,7 @@ def remove_command(names: tuple[str, ...], yes: bool) -> None:
       conceptlib remove cat-doll -y
       conceptlib remove old-style old-doll"""
     library = _library()
+    names = tuple(dict.fromkeys(names))
     if len(names) > 1:
         _remove_several(library, names, yes)
         return
@@ -331,7 +334,7 @@ def remove_command(names: tuple[str, ...], yes: bool) -> None:
 def _remove_several(library, names: tuple[str, ...], yes: bool) -> None:
     """Every NAME is checked before the first is removed: a refusal removes nothing."""
     headers = []
-    for name in dict.fromkeys(names):
+    for name in names:
         try:
             header = library.header(name)
         except ConceptFileError:

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from conceptlib.cli import confirm, main, printable
-from conceptlib.errors import ConceptError, ConceptFileError, ConceptlibError, NotFoundError, UsageError
+from conceptlib.errors import ConceptError, ConceptFileError, ConceptlibError, LibraryError, NotFoundError, UsageError
 from conceptlib.cli.describe_options import describe_options, described
 from conceptlib.files import DESCRIPTIVE_KEYS, LISTED_DESCRIPTIONS
 from conceptlib.formats.readers import FILE_SUFFIXES, IMAGE_SUFFIXES
@@ -351,6 +351,14 @@ def _remove_several(library, names: tuple[str, ...], yes: bool) -> None:
         listed = ", ".join(f"{h.name} ({h.token})" for h in headers)
         confirm(f"Remove {len(headers)} concepts: {listed}?", refused="nothing removed")
     with library.lock():
+        for header in headers:  # again, under the lock: another process may have changed them
+            try:
+                now = library.header(header.name)
+            except ConceptlibError:
+                now = None
+            if now is None or now.token != header.token:
+                raise LibraryError(f"concept {header.name!r} was removed or changed by another process just now, so "
+                                   "nothing was removed; see `conceptlib list` and try again")
         for header in headers:
             library.remove(header.name)
             click.echo(f"Removed {header.name} ({header.token})")

@@ -1094,6 +1094,20 @@ def test_export_review_cases_file_refs_previews_and_missing_paths(library, tmp_p
                           "missing file.pt: no such file or folder (nor a library concept of that name); check the path")
 
 
+def test_remove_several_removes_nothing_if_another_process_changed_one_meanwhile(library, monkeypatch):
+    """Fault injection: the other process removes a concept while the question is on screen."""
+    import conceptlib.cli.library_commands as commands
+
+    def answer_while_another_process_removes(question, refused):
+        ConceptLibrary(library.root).remove("oil-style")
+
+    monkeypatch.setattr(commands, "confirm", answer_while_another_process_removes)
+    result = run("remove", "cat-doll", "oil-style")
+    assert_one_line_error(result, 1, "concept 'oil-style' was removed or changed by another process just now, so "
+                                     "nothing was removed")
+    assert [h.name for h in ConceptLibrary(library.root).list()] == ["cat-doll"]
+
+
 def test_remove_a_name_twice_and_an_empty_tag(library):
     result = run("remove", "cat-doll", "cat-doll", "-y")
     assert result.exit_code == 0 and result.stdout == "Removed cat-doll (<cat-doll>)\n"

@@ -258,15 +258,13 @@ def _concept_to_export(library, ref: str):
     download converts for another tool without being imported."""
     from conceptlib.errors import NotFoundError
 
-    from conceptlib.formats.readers import FILE_SUFFIXES, IMAGE_SUFFIXES
+    from conceptlib.cli.library_commands import refuse_missing_path
 
     try:
         return library.get(ref)
     except NotFoundError:
         if not os.path.exists(ref):
-            if os.sep in ref or Path(ref).suffix.lower() in FILE_SUFFIXES + IMAGE_SUFFIXES:
-                raise ConceptFileError(f"{ref}: no such file or folder (nor a library concept of that name); "
-                                       "check the path") from None
+            refuse_missing_path(ref)
             raise
     from conceptlib.formats import load_source
 

@@ -136,9 +136,7 @@ def show_command(ref: str, as_json: bool, preview_out: Path | None, nearest: int
         header = library.header(ref)
     except NotFoundError:
         if not os.path.exists(ref):
-            if os.sep in ref or Path(ref).suffix.lower() in FILE_SUFFIXES + IMAGE_SUFFIXES:
-                raise ConceptFileError(f"{ref}: no such file or folder (nor a library concept of that name); "
-                                       "check the path") from None
+            refuse_missing_path(ref)
             raise
         header = _library_file_header(library, Path(ref))
         if header is None:
@@ -192,6 +190,14 @@ def _nearest_words(vectors, base_model: str, count: int, weights_dir: str | None
     if is_random(found["text_encoder"].parent):
         click.echo("Note: these weights are random (`weights init-random`): the nearest words mean nothing", err=True)
     return nearest_words(vectors, token_table(found["text_encoder"]), tokenizer, count)
+
+
+def refuse_missing_path(ref: str) -> None:
+    """For a REF that names no library concept and no existing file: if it looks like a path (a
+    folder separator, a concept-file extension), say so rather than "no concept named ..."."""
+    if os.sep in ref or Path(ref).suffix.lower() in FILE_SUFFIXES + IMAGE_SUFFIXES:
+        raise ConceptFileError(f"{ref}: no such file or folder (nor a library concept of that name); "
+                               "check the path") from None
 
 
 def _library_file_header(library, path: Path):

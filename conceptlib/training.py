@@ -20,12 +20,14 @@ import base64
 import contextlib
 import dataclasses
 import datetime as _dt
+import gc
 import json
 import math
 import os
 import re
 import sys
 import time
+import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -433,6 +435,17 @@ class TrainingJob:
         self._last_preview: tuple[int, object] | None = None  # (step, images) step_done rendered
         self._pending_previews: list[tuple[int, Future]] = []  # (step, Future) in step order
         self._checkpoint: Checkpoint | None = None  # read and checked by prepare when resuming
+
+    def release_trainer(self) -> None:
+        """Drop the trainer's checkpoint and preview callbacks once its run is over, and what
+        only they held: its models and optimizer state (GBs for the preview models), which a
+        caller that keeps the returned job, or trains again in the same process, must not keep
+        alive."""
+        self.checkpoint_fn = None
+        self.preview_fn = None
+        # Models sit in reference cycles (closures, Keras' layer graph) that Python's cycle
+        # collector may not visit for a long time: its thresholds count objects, not bytes.
+        gc.collect()
 
     # --- data -------------------------------------------------------------------------------
 
@@ -1088,17 +1101,29 @@ def train(
         try:
             with reliable_ctrl_c():  # for Python callers too, not only the CLI
                 result = trainer.run(job)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             job.progress.end_line()
             print(f"Interrupted. {_continue_hint(job)}", file=sys.stderr)
+            _clear_trainer_frames(exc)
             raise
         except ConceptlibError as exc:  # a full disk, weights gone: the run itself can go on
             job.progress.end_line()
+            _clear_trainer_frames(exc)
             hint = f"Once that is fixed, the run can go on. {_continue_hint(job)}"
             exc.__notes__ = [*getattr(exc, "__notes__", []), hint]  # add_note(), which Python 3.10 lacks
             raise
+        finally:
+            job.release_trainer()
         header = finish(job, result, trainer_version=str(getattr(trainer, "version", "?")))
     return header, job
+
+
+def _clear_trainer_frames(exc: BaseException) -> None:
+    """Drop the local variables of the finished frames ``exc`` passed through (the trainer's): a
+    notebook keeps the last traceback, and with it the trainer's models, for as long as it runs.
+    Kept only for these expected stops (Ctrl-C, ConceptlibError); a bug keeps its frames whole
+    for debugging."""
+    traceback.clear_frames(exc.__traceback__)  # skips the frames still running (this one's caller)
 
 
 def _continue_hint(job: TrainingJob) -> str:

@@ -28,6 +28,7 @@ def run_interrupted(job, after_step: int) -> int | None:
         return after_step
     finally:
         del job.step_done  # the class's own method again
+        job.release_trainer()  # as conceptlib.training.train does when a run stops
     return None
 
 

@@ -3,6 +3,9 @@ is built, and leaves the library (and the runs folder) unchanged."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -574,23 +577,39 @@ def test_an_empty_token_is_named_as_such(home, images):
 
 
 
+class _Models:
+    """Stands for a trainer's models: what its checkpoint and preview callbacks hold."""
+
+    def __init__(self, num_vectors: int):
+        self.vectors = np.zeros((num_vectors, 768), np.float32)
+
+    def state(self):
+        return self.vectors, []
+
+    def render(self, token_ids, noise):
+        return np.zeros((len(token_ids), 8, 8, 3), np.uint8)
+
+
 class _QuickTrainer:
     """A trainer plugin that needs no model: it reports steps, checkpoints and previews through
     the job as real trainers do, and fails after ``fail_after`` steps if that is set."""
 
     name, version, backend = "quick", "1", "tensorflow"
     fail_after: int | None = None
+    fail_with = TrainingError
     during = None  # called before the result is returned (e.g. to make the library refuse it)
+    last_models = None  # a weak reference to the last run's _Models
 
     def run(self, job):
         from conceptlib.training import TrainingResult
 
-        vectors = np.zeros((job.config.num_vectors, 768), np.float32)
-        job.checkpoint_fn = lambda: (vectors, [])
-        job.preview_fn = lambda ids, noise: np.zeros((len(ids), 8, 8, 3), np.uint8)
+        models = _Models(job.config.num_vectors)
+        type(self).last_models = weakref.ref(models)
+        vectors = models.vectors
+        job.checkpoint_fn, job.preview_fn = models.state, models.render
         for step in range(job.start_step, job.config.steps):
             if step == self.fail_after:
-                raise TrainingError("cannot write the next checkpoint: no space left on device")
+                raise self.fail_with("cannot write the next checkpoint: no space left on device")
             job.step_done(step, 1.0)
         if self.during:
             self.during(job)
@@ -616,6 +635,31 @@ def test_a_run_stopped_by_an_error_says_how_to_continue(home, images, quick, mon
         f"Once that is fixed, the run can go on. Continue from step-0000002.npz with: conceptlib train --resume {run}",
     ]
     assert result.stdout == ""
+
+
+def test_a_finished_or_failed_run_lets_go_of_the_trainers_models(home, images, quick, monkeypatch):
+    """A notebook keeps the job train() returns, or the traceback of a failed or interrupted run
+    (sys.last_traceback: with it the job and the trainer's frames); neither may keep the trainer's
+    models (GBs, on the GPU) alive."""
+    from conceptlib.training import train, training_config
+
+    def config(name):
+        return training_config(images, name=name, token=f"<{name}>", weights="random", trainer="quick", steps=3,
+                               checkpoint_every=1, preview_every=2)
+
+    _, job = train(config("kept"), library=home, progress=False)
+    gc.collect()
+    assert (job.checkpoint_fn, job.preview_fn, quick.last_models()) == (None, None, None)
+    assert home.get("kept").metadata["preview_source"] == "generated"  # the preview was rendered first
+
+    monkeypatch.setattr(quick, "fail_after", 2)
+    for error in (TrainingError, KeyboardInterrupt):
+        monkeypatch.setattr(quick, "fail_with", error)
+        with pytest.raises(error) as failed:
+            train(config(f"failed-{error.__name__.lower()}"), library=home, progress=False)
+        gc.collect()
+        assert failed.tb is not None and quick.last_models() is None, error
+        assert "no space left on device" in str(failed.value)
 
 
 def test_the_end_of_a_run_says_where_things_are_and_what_next(home, images, quick, tmp_path):

@@ -93,6 +93,7 @@ def test_list_filters_by_pattern_and_base_model(library):
     assert names("*-style") == ["oil-style"]  # a wildcard pattern matches the whole name or token
     assert names("*-st") == []
     assert names("--base-model", "sd-2") == ["oil-style"]
+    assert names("--model", "sd-2") == ["oil-style"]  # the name generate and weights use, too
     assert names("doll", "--base-model", "sd-2") == []
     table = run("list", "nothing-like-this")
     assert table.exit_code == 0 and table.stdout.startswith("None of the 2 concepts in ")
@@ -566,6 +567,7 @@ def test_export_formats(library, tmp_path, fmt, out_name, check):
     if fmt != "sd-concepts":
         assert_one_line_error(again, 1, "--force")
         assert run("export", "cat-doll", "--format", fmt, "--out", str(out), "--force").exit_code == 0
+        assert run("export", "cat-doll", "--format", fmt, "--out", str(out), "--overwrite").exit_code == 0  # convert's name
 
 
 @pytest.mark.parametrize("fmt,files", [
@@ -1279,3 +1281,22 @@ def test_text_from_a_strangers_file_cannot_drive_the_terminal(library, tmp_path)
     weird.write_bytes(b"junk")
     failed = run("show", str(weird))
     assert failed.exit_code == 1 and "\x1b" not in failed.stderr and "bad\\x1b[2Jname" in failed.stderr
+
+
+@pytest.mark.parametrize("command, args, param, value", [
+    (["train"], ["images", "--model", "sd-2"], "base_model", "sd-2"),
+    (["list"], ["--model", "sd-2"], "base_model", "sd-2"),
+    (["generate"], ["a cat", "--base-model", "sd-2"], "model", "sd-2"),
+    (["weights", "where"], ["--base-model", "sd-2"], "model", "sd-2"),
+    (["weights", "init-random"], ["folder", "--base-model", "sd-2"], "model", "sd-2"),
+    (["export"], ["cat-doll", "--format", "a1111", "--overwrite"], "force", True),
+    (["weights", "convert"], ["source", "folder", "--force"], "overwrite", True),
+])
+def test_an_option_answers_to_the_name_another_command_gives_it(command, args, param, value):
+    """--base-model / --model and --force / --overwrite each name one thing; every command that
+    takes it takes both names, so a name learnt from one command works in the others."""
+    group = main
+    for name in command:
+        group = group.commands[name]
+    context = group.make_context(" ".join(command), list(args))
+    assert context.params[param] == value

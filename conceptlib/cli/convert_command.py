@@ -22,7 +22,7 @@ import click
 @click.option("--variant", default=None, metavar="NAME",
               help="Read the NAME variant files (e.g. fp16: model.fp16.safetensors). Default: the plain files, or "
                    "the only variant there is.")
-@click.option("--overwrite", is_flag=True, help="Replace DIRECTORY if an earlier `weights convert` wrote it.")
+@click.option("--overwrite", "--force", "overwrite", is_flag=True, help="Replace DIRECTORY if an earlier `weights convert` wrote it.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the folder at the end.")
 def convert_command(src: Path, directory: Path, variant: str | None, overwrite: bool, quiet: bool) -> None:
     """Convert SRC, a Stable Diffusion 1.x or 2.x model, into DIRECTORY, a keras-cv weights folder

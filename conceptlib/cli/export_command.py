@@ -35,7 +35,7 @@ _EXPORT_SUFFIXES = {
 @click.option("--out", type=click.Path(path_type=str), default=None,
               help="File to write, or a folder (existing, or given with a trailing '/'; the conventional file name is "
                    "used inside). Default: the current folder; for sd-concepts ./NAME/. Several concepts: a folder.")
-@click.option("--force", is_flag=True, help="Replace existing files.")
+@click.option("--force", "--overwrite", "force", is_flag=True, help="Replace existing files.")
 @click.option("--with-preview", is_flag=True,
               help="Also write each concept's preview beside its file as NAME.preview.png: the card picture "
                    "AUTOMATIC1111's (and SD.Next's) Extra Networks tab shows (a1111, kohya, conceptlib).")

@@ -55,7 +55,7 @@ def _warn_problems(library) -> None:
 
 @main.command("list")
 @click.argument("pattern", required=False)
-@click.option("--base-model", type=click.Choice(["sd-1", "sd-2"]), help="Only the concepts for this base model.")
+@click.option("--base-model", "--model", "base_model", type=click.Choice(["sd-1", "sd-2"]), help="Only the concepts for this base model.")
 @click.option("--tag", "tags", multiple=True, metavar="TAG",
               help="Only the concepts with this tag (`describe --tags`; whole tags, any case; repeat for all of several).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")

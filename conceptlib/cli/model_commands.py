@@ -209,7 +209,7 @@ def _check_out_dir(out_dir: Path) -> None:
 @click.option("--guidance", default=7.5, show_default=True, type=float, help="Classifier-free guidance scale (0 or more; 1: none).")
 @click.option("--weights", "weights_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Folder of keras-cv weight files (default: $CONCEPTLIB_WEIGHTS, then the Keras cache, then download).")
-@click.option("--model", default=None, type=_MODELS,
+@click.option("--model", "--base-model", "model", default=None, type=_MODELS,
               help="Base model (default: that of the concepts in the prompt, else sd-1).")
 @click.option("--offline", is_flag=True,
               help="Never download weights; fail if they are not found locally. (The CLIP vocabulary is still "
@@ -327,7 +327,7 @@ def weights_group() -> None:
 
 @weights_group.command("init-random")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--model", default="sd-1", show_default=True, type=_MODELS, help="Base model.")
+@click.option("--model", "--base-model", "model", default="sd-1", show_default=True, type=_MODELS, help="Base model.")
 def init_random_command(directory: Path, model: str) -> None:
     """Write RANDOMLY initialised weights into DIRECTORY (for --weights), for smoke runs and tests.
 
@@ -345,7 +345,7 @@ def init_random_command(directory: Path, model: str) -> None:
 
 
 @weights_group.command("where")
-@click.option("--model", default="sd-1", show_default=True, type=_MODELS, help="Base model.")
+@click.option("--model", "--base-model", "model", default="sd-1", show_default=True, type=_MODELS, help="Base model.")
 @click.option("--weights", "weights_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Folder of keras-cv weight files (default: $CONCEPTLIB_WEIGHTS), searched before the Keras cache.")
 def where_command(model: str, weights_dir: Path | None) -> None:

@@ -33,7 +33,7 @@ from conceptlib.errors import UsageError
 @click.option("--weights", "-w", type=click.Path(file_okay=False, path_type=str), metavar="DIR|random",
               help="Folder with keras-cv weight files (else $CONCEPTLIB_WEIGHTS, the Keras cache, or download); "
               "'random' = random weights in memory, for smoke runs only.")
-@click.option("--base-model", type=click.Choice(["sd-1", "sd-2"]),
+@click.option("--base-model", "--model", "base_model", type=click.Choice(["sd-1", "sd-2"]),
               help="Stable Diffusion 1.x or 2.x.  [default: sd-1, or the --init-from concept's]")
 @click.option("--trainer", default="auto", show_default=True,
               help="Trainer plugin (see `conceptlib plugins`); auto = jax where there is an NVIDIA GPU and JAX's "

@@ -773,6 +773,34 @@ def test_usage_errors_exit_2(library, tmp_path):
 # -- real processes --------------------------------------------------------------------------------
 
 
+def test_ctrl_c_at_a_prompt_interrupts_and_changes_nothing(library):
+    """A real process asking whether to remove a concept gets Ctrl-C (SIGINT to its process group,
+    as a terminal sends it): exit 130 and "Interrupted", as for a training run, not click's
+    "Aborted!" and 1; the concept is still there."""
+    import signal
+
+    before = snapshot(library.root)
+    exe = shutil.which("conceptlib")
+    process = subprocess.Popen([exe, "remove", "cat-doll"], env=dict(os.environ, CONCEPTLIB_HOME=str(library.root)),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        asked = b""
+        while b"[y/N]" not in asked:  # the prompt, waiting for an answer that never comes
+            chunk = os.read(process.stderr.fileno(), 256)
+            assert chunk, f"the process ended before asking: {asked!r}"
+            asked += chunk
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert (asked + stderr).decode().splitlines()[-1] == "Interrupted"
+    assert snapshot(library.root) == before
+
+
 def _conceptlib(*args, home, cwd=None):
     exe = shutil.which("conceptlib")
     cmd = [exe] if exe else [sys.executable, "-c", "from conceptlib.cli import main; main()"]

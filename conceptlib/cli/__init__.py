@@ -19,7 +19,8 @@ from conceptlib.errors import ConceptlibError
 
 class _Group(click.Group):
     """Maps ConceptlibError to one line on stderr and its exit code (1, or 2 for usage), and
-    makes sure Ctrl-C interrupts every command (``reliable_ctrl_c``)."""
+    makes sure Ctrl-C interrupts every command (``reliable_ctrl_c``), with the shell's exit code
+    for it (130) rather than click's "Aborted!" and 1."""
 
     def invoke(self, ctx):
         from conceptlib.interrupts import reliable_ctrl_c
@@ -33,6 +34,9 @@ class _Group(click.Group):
             for note in getattr(exc, "__notes__", ()):  # e.g. how to resume a run stopped by it
                 click.echo(printable(note), err=True)
             ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted", err=True)  # after whatever the line held (a prompt, progress)
+            ctx.exit(130)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EIO, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
                 raise
@@ -54,10 +58,13 @@ def printable(text: str) -> str:
 
 def confirm(question: str, *, refused: str) -> None:
     """Ask ``question`` (y/N) on stderr; a no, or no answer at all (stdin closed, as in a script),
-    stops the command with one line, ``refused`` and how to skip the question (exit 1)."""
+    stops the command with one line, ``refused`` and how to skip the question (exit 1). Ctrl-C at
+    the prompt is an interrupt, as anywhere else (exit 130)."""
     try:
         answered_yes = click.confirm(question, err=True)
-    except click.Abort:  # end of input, or Ctrl-C at the prompt
+    except click.Abort as exc:  # end of input, or Ctrl-C at the prompt
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
         click.echo("", err=True)
         answered_yes = False
     if not answered_yes:

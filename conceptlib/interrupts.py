@@ -35,6 +35,27 @@ def reliable_ctrl_c():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """Within the block, a Ctrl-C waits: its KeyboardInterrupt is raised once the block has run to
+    its end, so a change made in several steps (a model's table, then its tokenizer) is never left
+    half made. Does nothing outside the main thread, or where SIGINT is handled by someone else."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous not in (
+        signal.default_int_handler, _on_ctrl_c
+    ):
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def _on_ctrl_c(signum, frame):
     if _in_collector_callback(frame):
         threading.Timer(_RESEND_AFTER_S, os.kill, (os.getpid(), signal.SIGINT)).start()

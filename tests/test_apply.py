@@ -355,6 +355,39 @@ def test_concepts_by_library_name_token_and_path(sd1, tmp_path):
         apply(sd1, ["no-such-concept"], library=library)
 
 
+@pytest.mark.parametrize("during", ["apply", "unload"])
+def test_ctrl_c_in_the_middle_of_a_change_waits_until_the_model_is_whole(sd1, monkeypatch, during):
+    """A Ctrl-C that arrives after the new table is in place but before the tokenizer knows the
+    token would leave a model that neither applies the concept nor unloads it. It is raised once
+    the change is whole: applied (unload(sd) takes it out) or unloaded."""
+    import os
+    import signal
+
+    import conceptlib
+    import conceptlib.kerascv.apply as applying
+
+    before = sd1.encode_text(PROMPT_A)
+    variable = token_embedding_layer(sd1.text_encoder)._embeddings
+    set_table = applying._set_table
+
+    def ctrl_c_then_set_table(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode, before the table is set
+        set_table(*args)
+
+    handle = apply(sd1, [CAT]) if during == "unload" else None
+    monkeypatch.setattr(applying, "_set_table", ctrl_c_then_set_table)
+    with pytest.raises(KeyboardInterrupt):
+        apply(sd1, [CAT]) if during == "apply" else handle.unload()
+    monkeypatch.undo()
+    if during == "apply":
+        assert [each.tokens for each in conceptlib.applied(sd1)] == [["<cat-doll>"]]
+        assert "<cat-doll>" in sd1.tokenizer.encoder and token_embedding_layer(sd1.text_encoder).input_dim == 49408 + CAT.num_vectors
+        assert conceptlib.unload(sd1) == ["<cat-doll>"]
+    assert conceptlib.applied(sd1) == [] and token_embedding_layer(sd1.text_encoder)._embeddings is variable
+    assert "<cat-doll>" not in sd1.tokenizer.encoder
+    np.testing.assert_array_equal(sd1.encode_text(PROMPT_A), before)
+
+
 def test_a_lost_handle_is_unloaded_through_conceptlib_unload(sd1):
     """A notebook cell `conceptlib.apply(sd, [...])` run twice, its handle never kept: the model
     is not stuck (it used to be: apply again said "unload it first", with nothing to unload)."""

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from conceptlib.concept import DIMS, Concept, suggested_token
 from conceptlib.errors import ApplyError, ConceptError, ConceptFileError, PromptTooLongError
+from conceptlib.interrupts import ctrl_c_deferred
 
 MAX_PROMPT_LENGTH = 77
 _CONCEPT_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
@@ -430,10 +431,13 @@ def _keep_only(sd, keep: dict) -> None:
     if concepts:
         from conceptlib.kerascv import keras_module
 
-        _install(sd, model, _installation(model.original, concepts, keras_module()))
-    else:
-        _restore(sd, model)
-    _settle(model, remaining)
+        installation = _installation(model.original, concepts, keras_module())
+    with ctrl_c_deferred():  # the change is whole, or not made
+        if concepts:
+            _install(sd, model, installation)
+        else:
+            _restore(sd, model)
+        _settle(model, remaining)
 
 
 def _settle(model: _ModelConcepts, remaining) -> None:
@@ -687,12 +691,13 @@ def apply(sd, concepts, library=None) -> AppliedConcepts:
     loaded = [concept for handle in model.handles for concept in handle.concepts]
     installation = _installation(original, loaded + concepts, keras_module())
 
-    # Mutate: nothing below can fail on bad input.
-    model.original = original
-    _install(sd, model, installation)
-    model.applied_count += 1
-    handle = AppliedConcepts(sd, concepts, model.applied_count)
-    _settle(model, [(each, each.concepts) for each in (*model.handles, handle)])
+    # Mutate: nothing below can fail on bad input, and a Ctrl-C waits until it is whole.
+    with ctrl_c_deferred():
+        model.original = original
+        _install(sd, model, installation)
+        model.applied_count += 1
+        handle = AppliedConcepts(sd, concepts, model.applied_count)
+        _settle(model, [(each, each.concepts) for each in (*model.handles, handle)])
     return handle
 
 

@@ -11,10 +11,11 @@ runs hit the step cache the CLI run filled: they read the weights from the files
 keras-cv model for training; with previews due, the models are built in a background thread once
 the first step runs (previews read the vectors, never change them or the data).
 
-Before that, the worker trains another concept with the same shapes but other images (four
-instead of three), vectors (four instead of three: both train four rows), steps, learning rate
-and warmup: those are arguments of the exported step, so it hits the same cache entry too.
-Last, it trains one step onward from the CLI run's finished concept (--init-from its file).
+A second worker (a process of its own, so that each holds only its own runs' memory) trains
+another concept with the same shapes but other images (four instead of three), vectors (four
+instead of three: both train four rows), steps, learning rate and warmup: those are arguments of
+the exported step, so it hits the same cache entry too. Then it trains one step onward from the
+CLI run's finished concept (--init-from its file).
 """
 
 from __future__ import annotations
@@ -81,13 +82,18 @@ def resumed(run):
     """The CLI run's config again, interrupted after step 1 and resumed, in a library of its own."""
     assert run["proc"].returncode == 0, run["proc"].stderr[-4000:]
     root = run["root"]
-    home, out = root / "resume-home", root / "resume.json"
-    proc = subprocess.run(
-        [sys.executable, __file__, str(run["run"]), str(home), str(out)],
-        env=_env(home, root / "jax-cache"), capture_output=True, text=True, timeout=1800,
-    )
-    assert proc.returncode == 0, f"worker failed:\n{proc.stderr[-4000:]}"
-    return {"home": home, "report": json.loads(out.read_text())}
+    home, report = root / "resume-home", {}
+    # One process per part: each holds one part's models and allocator leftovers, not both
+    # parts' (the machine that runs the suite has 23 GB).
+    for part in ("resume", "other"):
+        out = root / f"{part}.json"
+        proc = subprocess.run(
+            [sys.executable, __file__, part, str(run["run"]), str(home), str(out)],
+            env=_env(home, root / "jax-cache"), capture_output=True, text=True, timeout=1800,
+        )
+        assert proc.returncode == 0, f"{part} worker failed:\n{proc.stderr[-4000:]}"
+        report.update(json.loads(out.read_text()))
+    return {"home": home, "report": report}
 
 
 def test_cli_train_with_jax_trainer_adds_the_concept(run):
@@ -248,14 +254,40 @@ def _stages(stderr: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Worker: python tests/test_jax_train.py RUN_FOLDER HOME OUT.json
+# Workers: python tests/test_jax_train.py resume|other RUN_FOLDER HOME OUT.json
 
 
 def _resume_worker(run_folder: str, home: str, out: str) -> None:
+    """The CLI run's config interrupted after step 1, then resumed."""
+    from conceptlib.library import ConceptLibrary
+    from conceptlib.training import RunDirectory, TrainingConfig, prepare, train
+    from helpers import run_interrupted
+
+    config = TrainingConfig.from_dict(RunDirectory(run_folder).read()["config"])
+    library = ConceptLibrary(home)
+    config.run_dir = str(Path(home) / "interrupted-run")
+    job = prepare(config, library=library)
+    job.progress.enabled = False
+    interrupted = run_interrupted(job, after_step=1)
+    checkpoints = sorted(p.name for p in job.run_dir.checkpoints.glob("*.npz"))
+    _, resumed_job = train(None, library=library, resume=job.run_dir.path, progress=False)
+    report = {
+        "interrupted_after_step": interrupted,
+        "checkpoints_when_interrupted": checkpoints,
+        "checkpoint": str(job.run_dir.checkpoint_path(1)),
+        "resumed_from_step": resumed_job.start_step,
+        "trainer": json.loads(Path(os.environ["CONCEPTLIB_JAX_REPORT"]).read_text()),  # the resumed run's
+        "previews": sorted(p.name for p in job.run_dir.previews.glob("*.png")),
+    }
+    Path(out).write_text(json.dumps(report, indent=2))
+
+
+def _other_worker(run_folder: str, home: str, out: str) -> None:
+    """Another concept of the same shapes (no previews: never imports keras-cv), then one step
+    onward from the CLI run's finished concept."""
     from conceptlib.files import read_concept
     from conceptlib.library import ConceptLibrary
     from conceptlib.training import RunDirectory, TrainingConfig, init_record, prepare, train
-    from helpers import run_interrupted
 
     config = TrainingConfig.from_dict(RunDirectory(run_folder).read()["config"])
     library = ConceptLibrary(home)
@@ -270,28 +302,13 @@ def _resume_worker(run_folder: str, home: str, out: str) -> None:
     other_job.progress.stream = io.StringIO()  # for its stage lines
     other_result = other_job.trainer_cls().run(other_job)
     other_report = json.loads(Path(os.environ["CONCEPTLIB_JAX_REPORT"]).read_text())
-    other_run = {
-        "step_cache": other_report["step_cache"], "latent_variants": other_report["latent_variants"],
-        "losses": [float(loss) for loss in other_job.losses], "vectors_shape": list(other_result.vectors.shape),
-        "stages": _stages(other_job.progress.stream.getvalue()),
-    }
-    imported_after_other = sorted({name.split(".")[0] for name in sys.modules} & {"keras_cv", "tensorflow"})
-
-    config.run_dir = str(Path(home) / "interrupted-run")
-    job = prepare(config, library=library)
-    job.progress.enabled = False
-    interrupted = run_interrupted(job, after_step=1)
-    checkpoints = sorted(p.name for p in job.run_dir.checkpoints.glob("*.npz"))
-    _, resumed_job = train(None, library=library, resume=job.run_dir.path, progress=False)
     report = {
-        "interrupted_after_step": interrupted,
-        "checkpoints_when_interrupted": checkpoints,
-        "checkpoint": str(job.run_dir.checkpoint_path(1)),
-        "resumed_from_step": resumed_job.start_step,
-        "trainer": json.loads(Path(os.environ["CONCEPTLIB_JAX_REPORT"]).read_text()),  # the resumed run's
-        "previews": sorted(p.name for p in job.run_dir.previews.glob("*.png")),
-        "other_run": other_run,
-        "imported_after_other_run": imported_after_other,
+        "other_run": {
+            "step_cache": other_report["step_cache"], "latent_variants": other_report["latent_variants"],
+            "losses": [float(loss) for loss in other_job.losses], "vectors_shape": list(other_result.vectors.shape),
+            "stages": _stages(other_job.progress.stream.getvalue()),
+        },
+        "imported_after_other_run": sorted({name.split(".")[0] for name in sys.modules} & {"keras_cv", "tensorflow"}),
         "cache_folder": str(Path(os.environ["CONCEPTLIB_JAX_CACHE"]) / "conceptlib-steps"),
     }
 
@@ -318,4 +335,4 @@ def _resume_worker(run_folder: str, home: str, out: str) -> None:
 
 if __name__ == "__main__":
     os.environ["KERAS_BACKEND"] = "jax"
-    _resume_worker(*sys.argv[1:4])
+    {"resume": _resume_worker, "other": _other_worker}[sys.argv[1]](*sys.argv[2:5])

@@ -551,6 +551,11 @@ def test_import_single_file_with_name_and_token(home, tmp_path):
     assert header.token == "<my-x>" and header.metadata["source_format"] == "diffusers"
 
 
+def _flip_last_byte(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+
+
 @pytest.mark.parametrize("fmt,out_name,check", [
     ("conceptlib", "c.safetensors", lambda p: list(safetensors_torch.load_file(p)) == ["<cat-doll>"]),
     ("diffusers", "learned_embeds.safetensors", lambda p: list(safetensors_torch.load_file(p)) == ["<cat-doll>"]),
@@ -563,11 +568,20 @@ def test_export_formats(library, tmp_path, fmt, out_name, check):
     result = run("export", "cat-doll", "--format", fmt, "--out", str(out))
     assert result.exit_code == 0, result.output
     assert check(out)
+    # The same export again (a script run twice) finds it done, as an export of several does.
     again = run("export", "cat-doll", "--format", fmt, "--out", str(out))
-    if fmt != "sd-concepts":
-        assert_one_line_error(again, 1, "--force")
-        assert run("export", "cat-doll", "--format", fmt, "--out", str(out), "--force").exit_code == 0
-        assert run("export", "cat-doll", "--format", fmt, "--out", str(out), "--overwrite").exit_code == 0  # convert's name
+    written = out / "learned_embeds.bin" if fmt == "sd-concepts" else out
+    assert again.exit_code == 0 and again.stdout == (
+        f"Unchanged cat-doll: {out} already holds this export\n"), again.output
+    # A file that differs is kept unless --force.
+    _flip_last_byte(written)
+    refused = run("export", "cat-doll", "--format", fmt, "--out", str(out))
+    assert_one_line_error(refused, 1, "--force")
+    assert run("export", "cat-doll", "--format", fmt, "--out", str(out), "--force").exit_code == 0
+    assert check(out)
+    _flip_last_byte(written)
+    assert run("export", "cat-doll", "--format", fmt, "--out", str(out), "--overwrite").exit_code == 0  # convert's name
+    assert check(out)
 
 
 @pytest.mark.parametrize("fmt,files", [
@@ -1328,3 +1342,54 @@ def test_an_option_answers_to_the_name_another_command_gives_it(command, args, p
         group = group.commands[name]
     context = group.make_context(" ".join(command), list(args))
     assert context.params[param] == value
+
+
+def test_a_training_photo_preview_stays_out_of_exports_unless_asked_for(library, tmp_path):
+    """Trained without --preview-every, a concept keeps its first training image as its preview:
+    one of the user's photos (a person, a child). Sharing the concept must not publish it
+    unnoticed: exports leave it out and say so; --keep-training-photo keeps it."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from conceptlib.files import read_concept
+    from conceptlib.formats import load_source
+
+    picture = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(picture, format="PNG")
+    photo = base64.b64encode(picture.getvalue()).decode("ascii")
+    library.add(Concept("portrait", "<portrait>", np.ones((1, 768), np.float32),
+                        {"preview": photo, "preview_source": "training-image"}))
+    assert read_concept(library.path_for("portrait")).metadata["modelspec.thumbnail"].endswith(photo)
+
+    note = ("Note: portrait's preview is one of its training images, so it is left out of the export "
+            "(--keep-training-photo exports it; conceptlib describe portrait --thumbnail IMAGE gives the concept another)")
+    for fmt, out, written in (("conceptlib", "c/", "c/portrait.safetensors"), ("kohya", "k/", "k/portrait.safetensors"),
+                              ("sd-concepts", "s/", "s/portrait"), ("a1111", "card.png", "card.png")):
+        result = run("export", "portrait", "--format", fmt, "--out", f"{tmp_path}/{out}")
+        assert result.exit_code == 0, result.output
+        assert result.stderr.splitlines()[0] == note
+        exported = load_source(tmp_path / written)
+        assert photo not in str(exported.metadata), fmt
+    assert not (tmp_path / "s" / "portrait" / "preview.png").exists()
+    with Image.open(tmp_path / "card.png") as card:  # the embedding image's picture is not the photo either
+        assert card.convert("RGB").getpixel((card.width // 2, card.height // 2)) != (200, 40, 40)
+    result = run("export", "--all", "--format", "a1111", "--out", str(tmp_path / "all"), "--with-preview")
+    assert result.exit_code == 0 and note in result.stderr and not (tmp_path / "all" / "portrait.preview.png").exists()
+
+    kept = run("export", "portrait", "--format", "kohya", "--out", str(tmp_path / "kept") + "/", "--keep-training-photo")
+    assert kept.exit_code == 0 and "Note" not in kept.stderr
+    assert load_source(tmp_path / "kept" / "portrait.safetensors").metadata["modelspec.thumbnail"].endswith(photo)
+    # A preview the user chose, or a rendered one, is exported as before.
+    run("describe", "portrait", "--thumbnail", str(_png_file(tmp_path / "chosen.png")))
+    chosen = run("export", "portrait", "--format", "kohya", "--out", str(tmp_path / "chosen") + "/")
+    assert chosen.exit_code == 0 and "Note" not in chosen.stderr
+    assert "modelspec.thumbnail" in load_source(tmp_path / "chosen" / "portrait.safetensors").metadata
+
+
+def _png_file(path: Path) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (32, 24), (20, 120, 200)).save(path)
+    return path

@@ -39,8 +39,11 @@ _EXPORT_SUFFIXES = {
 @click.option("--with-preview", is_flag=True,
               help="Also write each concept's preview beside its file as NAME.preview.png: the card picture "
                    "AUTOMATIC1111's (and SD.Next's) Extra Networks tab shows (a1111, kohya, conceptlib).")
+@click.option("--keep-training-photo", is_flag=True,
+              help="Export a preview that is one of the concept's training images (trained without --preview-every, "
+                   "a concept keeps its first image as its preview). Left out by default: it is one of your photos.")
 def export_command(refs: tuple[str, ...], export_all: bool, fmt: str, out: str | None, force: bool,
-                   with_preview: bool) -> None:
+                   with_preview: bool, keep_training_photo: bool) -> None:
     """Export concept NAME in another tool's format; several NAMEs or --all export into one folder
     (e.g. another tool's embeddings folder). NAME may also be a concept file or folder of any
     format `import` reads: it is converted without being imported.
@@ -61,22 +64,35 @@ def export_command(refs: tuple[str, ...], export_all: bool, fmt: str, out: str |
         raise UsageError(f"--with-preview: only {', '.join(PREVIEW_FILE_FORMATS)} files get a NAME.preview.png "
                          "beside them (an embedding image is its own picture); drop --with-preview")
     if len(refs) == 1 and not export_all:
-        _export_one(refs[0], fmt, out, force, with_preview)
+        _export_one(refs[0], fmt, out, force, with_preview, keep_training_photo)
     else:
-        _export_many(refs, fmt, out, force, with_preview)
+        _export_many(refs, fmt, out, force, with_preview, keep_training_photo)
 
 
-def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: bool) -> None:
-    from conceptlib.formats.writers import paths_in_folder
+def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: bool, keep_photo: bool) -> None:
+    from conceptlib.formats.writers import default_file, sd_concepts_files
 
     target, folder = _export_target(fmt, out)
     library = _library()
-    concept = _concept_to_export(library, ref)
+    concept = _concept_to_export(library, ref, keep_photo)
     if fmt == "sd-concepts":
         target = target / concept.name if folder else target or Path(concept.name)
         folder = False
-    file = paths_in_folder(concept, fmt, target)[1][0] if folder else target
+    if fmt == "sd-concepts":
+        files = [target / name for name in sd_concepts_files(concept)]
+    else:
+        files = [target / default_file(concept, fmt)] if folder else [target]
+    file = files[0]
     _refuse_library_folder(file, out, library)
+    if not force and any(path.exists() for path in files) and not _differing_file(
+        concept, fmt, target, folder, files, with_preview
+    ):
+        # The same export again (a script run twice): nothing to do, as for several concepts.
+        preview = _preview_target(concept, fmt, file, True) if with_preview else None
+        click.echo(f"Unchanged {concept.name}: {file if fmt != 'sd-concepts' else target} already holds this export")
+        if preview is not None and not preview.exists():
+            _write_preview_file(concept, preview)
+        return
     preview = _preview_target(concept, fmt, file, force) if with_preview else None
     _say_exported(concept, fmt, _write_export(concept, fmt, target, folder, force))
     if with_preview:
@@ -141,7 +157,8 @@ def _write_preview_file(concept, path: Path | None) -> None:
     click.echo(f"  with its preview {path}")
 
 
-def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, with_preview: bool) -> None:
+def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, with_preview: bool,
+                 keep_photo: bool) -> None:
     """Several concepts into one folder: every concept and every target is checked before the
     first file is written, so a refusal writes nothing."""
     from conceptlib.formats.writers import paths_in_folder
@@ -162,7 +179,7 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
         _warn_problems(library)  # as `list` does: a file left out is said, not silently skipped
     if not names:
         raise ConceptError("the library is empty: nothing to export")
-    concepts = list({concept.name: concept for concept in (_concept_to_export(library, n) for n in names)}.values())
+    concepts = list({concept.name: concept for concept in (_concept_to_export(library, n, keep_photo) for n in names)}.values())
     if len(concepts) < len({_same_concept_key(library, n) for n in names}):
         raise UsageError(f"{', '.join(names)}: two of these are concepts named alike (files named the same?), whose "
                          f"exports would replace each other in {folder}; export them one at a time with --out")
@@ -176,7 +193,7 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
             if not any(path.exists() for path in files):
                 kept.append((concept, target, files))
                 continue
-            differs = _differing_file(concept, fmt, files, with_preview)
+            differs = _differing_file(concept, fmt, target, True, files, with_preview)
             if differs is not None:
                 raise ConceptFileError(f"{differs}: already exists and differs from this export, so nothing was "
                                        "exported; choose another --out or pass --force to replace such files")
@@ -200,19 +217,23 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
     click.echo(f"{len(plans)} concept{'s' if len(plans) != 1 else ''} exported to {folder}{same}")
 
 
-def _differing_file(concept, fmt: str, files: list[Path], with_preview: bool) -> Path | None:
-    """The first of ``files`` (or the existing preview beside them) that does not hold exactly
-    what exporting ``concept`` would write, else None (safetensors compared by header and data:
-    their metadata order varies between writes)."""
+def _differing_file(concept, fmt: str, target: Path, folder: bool, files: list[Path], with_preview: bool) -> Path | None:
+    """The first of ``files`` (what exporting ``concept`` to ``target`` writes; ``folder``: into
+    it), or the existing preview beside them, that does not hold exactly what that export would
+    write, else None (safetensors compared by header and data: their metadata order varies
+    between writes). The export is made again in a scratch folder, under the same names."""
     import tempfile
 
     from conceptlib.formats import export
-    from conceptlib.formats.writers import paths_in_folder, preview_file_for, preview_png
+    from conceptlib.formats.writers import preview_file_for, preview_png
 
+    target, files = Path(os.path.abspath(target)), [Path(os.path.abspath(path)) for path in files]  # '.' has no name
     with tempfile.TemporaryDirectory() as scratch:
-        target, fresh = paths_in_folder(concept, fmt, Path(scratch))
-        target.mkdir(parents=True, exist_ok=True)
-        export(concept, fmt, target, overwrite=False)
+        again = Path(scratch) / target.name
+        if folder:
+            again.mkdir()
+        export(concept, fmt, again, overwrite=False)
+        fresh = [Path(scratch) / path.relative_to(target.parent) for path in files]
         differs = next((old for old, new in zip(files, fresh) if not (old.is_file() and _same_content(old, new))), None)
     if differs is not None:
         return differs
@@ -253,22 +274,36 @@ def _same_concept_key(library, ref: str):
         return ("file", str(Path(ref).resolve()))
 
 
-def _concept_to_export(library, ref: str):
+def _concept_to_export(library, ref: str, keep_photo: bool):
     """Library concept ``ref`` (name or token), else the concept file or folder at that path: a
-    download converts for another tool without being imported."""
+    download converts for another tool without being imported. A preview that is one of the
+    training images is left out (said on stderr) unless ``keep_photo``."""
     from conceptlib.errors import NotFoundError
 
     from conceptlib.cli.library_commands import refuse_missing_path
 
     try:
-        return library.get(ref)
+        concept = library.get(ref)
     except NotFoundError:
         if not os.path.exists(ref):
             refuse_missing_path(ref)
             raise
-    from conceptlib.formats import load_source
+        from conceptlib.formats import load_source
 
-    return load_source(Path(ref))
+        concept = load_source(Path(ref))
+    if keep_photo or concept.metadata.get("preview_source") != "training-image":
+        return concept
+    from conceptlib.concept import Concept
+
+    click.echo(f"Note: {concept.name}'s preview is one of its training images, so it is left out of the export "
+               f"(--keep-training-photo exports it; conceptlib describe {shlex.quote(concept.name)} --thumbnail IMAGE "
+               "gives the concept another)", err=True)
+    metadata = {key: value for key, value in concept.metadata.items() if key not in _PREVIEW_KEYS}
+    return Concept(concept.name, concept.token, concept.vectors, metadata)
+
+
+# Where a concept's metadata holds its preview (files.concept_metadata adds the last two).
+_PREVIEW_KEYS = ("preview", "preview_source", "modelspec.thumbnail", "ssmd_cover_images")
 
 
 def _refuse_library_folder(path: Path, out: str | None, library) -> None:

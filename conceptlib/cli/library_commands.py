@@ -113,7 +113,7 @@ def _display_width(text: str) -> int:
 @click.argument("ref", metavar="NAME|FILE")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--preview", "preview_out", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
-              help="Also write the concept's preview image (made at the end of training) to FILE.png.")
+              help="Also write the concept's preview image (a render from training, the first training image, or a describe --thumbnail) to FILE.png.")
 @click.option("--nearest", type=click.IntRange(0, 100), default=0, metavar="K",
               help="Also list the K vocabulary words closest to each vector (cosine similarity in the text "
                    "encoder's token table; needs its weight file, never downloads).")

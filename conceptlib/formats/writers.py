@@ -39,7 +39,7 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
     out = Path(out).expanduser()
     if fmt == "sd-concepts":
         return _export_sd_concepts(concept, out, overwrite)
-    target = out / _default_file(concept, fmt) if out.is_dir() else out
+    target = out / default_file(concept, fmt) if out.is_dir() else out
     _check_target(target, overwrite)
     if fmt == "conceptlib":
         return write_concept(concept, target)
@@ -131,14 +131,14 @@ def paths_in_folder(concept: Concept, fmt: str, folder: Path) -> tuple[Path, lis
     learned_embeds.*, the sd-concepts folder) get a subfolder per concept."""
     if fmt == "sd-concepts":
         out = folder / concept.name
-        return out, [out / name for name in _sd_concepts_files(concept)]
+        return out, [out / name for name in sd_concepts_files(concept)]
     if fmt == "diffusers":
         out = folder / concept.name
-        return out, [out / _default_file(concept, fmt)]
-    return folder, [folder / _default_file(concept, fmt)]
+        return out, [out / default_file(concept, fmt)]
+    return folder, [folder / default_file(concept, fmt)]
 
 
-def _default_file(concept: Concept, fmt: str) -> str:
+def default_file(concept: Concept, fmt: str) -> str:
     return {
         "conceptlib": f"{concept.name}.safetensors",
         "diffusers": "learned_embeds.safetensors",
@@ -186,7 +186,7 @@ def _export_sd_concepts(concept: Concept, folder: Path, overwrite: bool) -> Path
     from conceptlib.formats.model_card import model_card
 
     embeds = folder / "learned_embeds.bin"
-    for name in _sd_concepts_files(concept):
+    for name in sd_concepts_files(concept):
         _check_target(folder / name, overwrite)
     atomic_write_bytes(embeds, _pickle({concept.token: _one_vector_flat(concept)}, embeds))
     atomic_write_bytes(folder / "token_identifier.txt", concept.token.encode("utf-8"))
@@ -200,7 +200,7 @@ def _export_sd_concepts(concept: Concept, folder: Path, overwrite: bool) -> Path
     return folder
 
 
-def _sd_concepts_files(concept: Concept) -> list[str]:
+def sd_concepts_files(concept: Concept) -> list[str]:
     """The files an sd-concepts export writes: the three the sd-concepts-library layout has, the
     Hub model card (README.md) and the concept's preview if it has one."""
     files = [*_SD_CONCEPTS_FILES, "README.md"]

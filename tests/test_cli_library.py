@@ -1004,15 +1004,17 @@ def test_every_help_example_is_a_valid_command_line(library, tmp_path, monkeypat
 
 
 def test_export_says_the_prompt_word_and_warns_of_an_ordinary_word(library, tmp_path):
-    """AUTOMATIC1111 and ComfyUI call an embedding file by its name (diffusers: by its token), for
-    a1111 files and for our own and kohya's .safetensors alike."""
+    """AUTOMATIC1111 calls an embedding file by its name, ComfyUI by embedding:NAME (diffusers: by
+    its token), for a1111 files and for our own and kohya's .safetensors alike. Only AUTOMATIC1111
+    takes an ordinary word for the concept."""
     library.add(Concept("cat", "<my-cat>", np.ones((1, 768), np.float32)))
     result = run("export", "cat-doll", "--format", "a1111", "--out", str(tmp_path) + "/")
-    assert result.stdout.endswith(
-        f"to {tmp_path / 'cat-doll.pt'}; AUTOMATIC1111 and ComfyUI prompts call it 'cat-doll' (its file name)\n")
+    assert result.stdout.endswith(f"to {tmp_path / 'cat-doll.pt'}; AUTOMATIC1111 prompts call it 'cat-doll' (its file "
+                                  "name; ComfyUI: embedding:cat-doll)\n")
     result = run("export", "cat", "--format", "a1111", "--out", str(tmp_path) + "/")
-    assert ("AUTOMATIC1111 and ComfyUI prompts call it 'cat' (its file name), which is also an ordinary word there"
-            in result.stdout and result.stdout.endswith("choose another word with --out WORD.pt\n"))
+    assert ("AUTOMATIC1111 prompts call it 'cat' (its file name; ComfyUI: embedding:cat), which is also an ordinary "
+            "word, so every 'cat' in an AUTOMATIC1111 prompt would mean the concept" in result.stdout
+            and result.stdout.endswith("choose another word with --out WORD.pt\n"))
     result = run("export", "cat", "--format", "a1111", "--out", str(tmp_path / "card.png"))
     assert result.stdout == f"Exported cat (<my-cat>) as a1111 to {tmp_path / 'card.png'}\n"  # an image's word is the token
     for fmt in ("conceptlib", "kohya"):
@@ -1393,3 +1395,28 @@ def _png_file(path: Path) -> Path:
 
     Image.new("RGB", (32, 24), (20, 120, 200)).save(path)
     return path
+
+
+@pytest.mark.parametrize("given, fmt", [("A1111", "a1111"), ("ComfyUI", "a1111"), ("InvokeAI", "a1111"),
+                                        ("automatic1111", "a1111"), ("Diffusers", "diffusers"), ("KOHYA", "kohya")])
+def test_format_takes_any_case_and_the_tools_names(library, tmp_path, given, fmt):
+    """The README names ComfyUI and InvokeAI as targets, so users try those names: they load
+    AUTOMATIC1111's files."""
+    result = run("export", "cat-doll", "--format", given, "--out", str(tmp_path) + "/")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"Exported cat-doll (<cat-doll>) as {fmt} to ")
+
+
+def test_describe_and_rename_of_a_file_say_to_import_it_first(library, tmp_path):
+    """show, export and mix read files; describe and rename change library concepts, so a file
+    outside the library is refused with the import that brings it in (the library's own file is
+    its concept)."""
+    file = tmp_path / "my style.safetensors"
+    write_concept(Concept("x", "<x>", np.ones((1, 768), np.float32)), file)
+    for args in (["describe", str(file), "--author", "Jo"], ["rename", str(file), "mine"]):
+        result = run(*args)
+        assert_one_line_error(result, 1, f"Error: {file}: {args[0]} changes concepts in the library, and this file is "
+                                         f"not one of them; import it first: conceptlib import '{file}'")
+    own = library.path_for("cat-doll")
+    assert run("describe", str(own), "--author", "Jo").exit_code == 0
+    assert library.header("cat-doll").metadata["modelspec.author"] == "Jo"

@@ -26,10 +26,22 @@ _EXPORT_SUFFIXES = {
 }
 
 
+# What users call the tools whose files a format is (ComfyUI, InvokeAI and SD.Next load A1111's).
+_FORMAT_ALIASES = {"automatic1111": "a1111", "webui": "a1111", "comfyui": "a1111", "invokeai": "a1111",
+                   "sdnext": "a1111", "sd-next": "a1111"}
+
+
+class _FormatChoice(click.Choice):
+    """--format: a format, in any case, or the name of a tool that loads it (``_FORMAT_ALIASES``)."""
+
+    def convert(self, value, param, ctx):
+        return super().convert(_FORMAT_ALIASES.get(str(value).lower(), value), param, ctx)
+
+
 @main.command("export")
 @click.argument("refs", metavar="NAME...", nargs=-1)
 @click.option("--all", "export_all", is_flag=True, help="Export every concept in the library (into the --out folder).")
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=None,
+@click.option("--format", "fmt", type=_FormatChoice(EXPORT_FORMATS, case_sensitive=False), default=None,
               help="conceptlib | diffusers (learned_embeds.safetensors, or .bin) | a1111 (.pt, or an embedding image with "
                    "--out X.png) | sd-concepts (folder) | kohya (emb_params).")
 @click.option("--out", type=click.Path(path_type=str), default=None,
@@ -100,21 +112,22 @@ def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: 
 
 
 def _say_exported(concept, fmt: str, written: Path, *, several: bool = False) -> None:
-    """The line for one exported file; for a file whose prompt word in AUTOMATIC1111 and ComfyUI is
-    not the token (they call a file by its name), that word, and a warning when it is an ordinary
-    CLIP word."""
+    """The line for one exported file; for a file whose prompt word in AUTOMATIC1111 is not the
+    token (it calls a file by its name, ComfyUI by embedding:NAME), that word, and a warning when
+    it is an ordinary CLIP word (which only AUTOMATIC1111 would take for the concept)."""
     from conceptlib.formats.writers import a1111_prompt_word
 
     line = f"Exported {concept.name} ({concept.token}) as {fmt} to {written}"
     # AUTOMATIC1111, ComfyUI and kohya call an embedding file by its name; diffusers by the token.
     word = a1111_prompt_word(concept, written) if fmt in ("a1111", "conceptlib", "kohya") else concept.token
     if word != concept.token:
-        line += f"; AUTOMATIC1111 and ComfyUI prompts call it {word!r} (its file name)"
+        line += f"; AUTOMATIC1111 prompts call it {word!r} (its file name; ComfyUI: embedding:{word})"
         if _is_clip_word_if_known(word):
             other = written.with_name(f"{word}-ti{written.suffix}")
             fix = (f"rename the file: mv {shlex.quote(str(written))} {shlex.quote(str(other))}" if several
                    else f"choose another word with --out WORD{written.suffix}")
-            line += f", which is also an ordinary word there, so every {word!r} in a prompt would mean the concept: {fix}"
+            line += (f", which is also an ordinary word, so every {word!r} in an AUTOMATIC1111 prompt would mean "
+                     f"the concept: {fix}")
     click.echo(line)
 
 

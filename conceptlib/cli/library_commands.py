@@ -200,6 +200,21 @@ def refuse_missing_path(ref: str) -> None:
                                "check the path") from None
 
 
+def _edited_concept(library, ref: str, command: str):
+    """The header of the library concept ``ref`` names (its name, its token, or its own file in
+    the library); a file outside the library is refused with how to bring it in."""
+    try:
+        return library.header(ref)
+    except NotFoundError:
+        if not os.path.exists(ref):
+            raise
+        header = _library_file_header(library, Path(ref))
+        if header is not None:
+            return header
+        raise ConceptError(f"{ref}: {command} changes concepts in the library, and this file is not one of them; "
+                           f"import it first: conceptlib import {shlex.quote(ref)}") from None
+
+
 def _library_file_header(library, path: Path):
     """The library concept whose own file ``path`` is (reached by its path), or None."""
     from conceptlib.errors import ConceptlibError
@@ -416,8 +431,8 @@ def rename_command(old: str, new: str, token: str | None) -> None:
     Example:
       conceptlib rename cat-doll kitty --token '<kitty>'"""
     library = _library()
-    before = library.header(old)
-    header = library.rename(old, new, token=token)
+    before = _edited_concept(library, old, "rename")
+    header = library.rename(before.name, new, token=token)
     if (before.name, before.token) == (header.name, header.token):
         click.echo(f"Nothing to change: {header.name} ({header.token}) already has that name and token")
         return
@@ -491,7 +506,8 @@ def describe_command(ref: str, thumbnail: str | None, **values: str | None) -> N
     changes = described(values)
     if thumbnail is not None:
         changes.update(_thumbnail_changes(thumbnail))
-    header = library.describe(ref, changes) if changes else library.header(ref)
+    name = _edited_concept(library, ref, "describe").name
+    header = library.describe(name, changes) if changes else library.header(name)
     metadata = header.metadata
     width = max(len(option) for option in DESCRIPTIVE_KEYS) + 1
     for option, key in DESCRIPTIVE_KEYS.items():

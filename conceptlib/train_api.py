@@ -62,7 +62,8 @@ def train(images, *, name: str | None = None, token: str | None = None, init=Non
     )
     if library is None or isinstance(library, (str, os.PathLike)):
         library = ConceptLibrary(library)
-    header, _job = run_training(config, library=library, progress=progress, announce=progress)
+    # As the CLI: progress=False is -q (no progress, no run-folder line), warnings and notes stay.
+    header, _job = run_training(config, library=library, progress=progress, announce=True)
     return library.get(header.name)
 
 

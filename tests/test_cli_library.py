@@ -92,6 +92,10 @@ def test_list_filters_by_pattern_and_base_model(library):
     assert names("<oil") == ["oil-style"]
     assert names("*-style") == ["oil-style"]  # a wildcard pattern matches the whole name or token
     assert names("*-st") == []
+    library.add(Concept("v2-style", "<style-[v2]>", np.ones((1, 768), np.float32)))
+    assert names("<style-[v2]>") == ["v2-style"]  # a token that is itself a wildcard pattern
+    assert names("*-[v]2*") == []
+    library.remove("v2-style")
     assert names("--base-model", "sd-2") == ["oil-style"]
     assert names("--model", "sd-2") == ["oil-style"]  # the name generate and weights use, too
     assert names("doll", "--base-model", "sd-2") == []

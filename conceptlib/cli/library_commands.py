@@ -44,7 +44,8 @@ def _listed(row: dict, pattern: str | None, base_model: str | None, tags: tuple[
     pattern = pattern.lower()
     fields = tuple(str(row.get(key, "")).lower() for key in ("name", "token") + LISTED_DESCRIPTIONS)
     if any(char in pattern for char in "*?["):
-        return any(fnmatch.fnmatchcase(field, pattern) for field in fields)
+        # A token such as '<style-[v2]>' is itself a pattern that does not match it: exact first.
+        return any(field == pattern or fnmatch.fnmatchcase(field, pattern) for field in fields)
     return any(pattern in field for field in fields)
 
 

@@ -734,6 +734,21 @@ def test_non_ascii_file_names_give_distinct_sensible_names(tmp_path):
     assert one(tmp_path / "日本語.pt").name == hashed[0]  # stable: the same file gives the same name
 
 
+def test_prompt_syntax_in_a_file_name_stays_out_of_its_token(tmp_path):
+    """Brackets and braces are emphasis in AUTOMATIC1111, ComfyUI and compel prompts: a token taken
+    from a file name leaves them out (so a prompt can hold it); other characters stay, and a token
+    read from inside a file is kept whole."""
+    import safetensors.torch
+
+    a1111_save(tmp_path / "(my) emb [v2]!.pt", torch.randn(1, 768))
+    safetensors.torch.save_file({"emb_params": torch.randn(2, 768)}, str(tmp_path / "{cool} style.safetensors"))
+    a1111_save(tmp_path / "emb@home#1.pt", torch.randn(1, 768))
+    torch.save({"<(kept)>": torch.randn(768)}, tmp_path / "learned_embeds.bin")
+    tokens = {c.metadata["source_file"]: c.token for c in load_any(tmp_path)}
+    assert tokens == {"(my) emb [v2]!.pt": "my-emb-v2!", "{cool} style.safetensors": "cool-style",
+                      "emb@home#1.pt": "emb@home#1", "learned_embeds.bin": "<(kept)>"}
+
+
 def test_long_file_names_are_not_cut_into_tokens(tmp_path):
     stem = "a-very-long-embedding-name-downloaded-from-a-model-sharing-site-v2-final"
     assert len(stem) > 64

@@ -1424,3 +1424,36 @@ def test_describe_and_rename_of_a_file_say_to_import_it_first(library, tmp_path)
     own = library.path_for("cat-doll")
     assert run("describe", str(own), "--author", "Jo").exit_code == 0
     assert library.header("cat-doll").metadata["modelspec.author"] == "Jo"
+
+
+def test_an_a1111_file_comes_back_under_its_own_name_its_prompt_word(library, tmp_path):
+    """AUTOMATIC1111 calls an embedding by its file name: 'Bad Hands v2' in saved prompts. Imported,
+    it is named bad-hands-v2 (a library name); exported back to A1111 or kohya it gets its own file
+    name again, unless its token changed since. Two exports that would share a file are refused."""
+    import safetensors.torch
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    safetensors.torch.save_file({"emb_params": torch.randn(2, 768)}, str(downloads / "Bad Hands v2.safetensors"))
+    _a1111(downloads / "my style c.pt")
+    assert run("import", str(downloads)).exit_code == 0
+    assert {h.name: h.token for h in library.list()}["bad-hands-v2"] == "bad-hands-v2"
+
+    out = tmp_path / "embeddings"
+    result = run("export", "bad-hands-v2", "my-style-c", "--format", "a1111", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["Bad Hands v2.pt", "my style c.pt"]
+    assert "AUTOMATIC1111 prompts call it 'Bad Hands v2'" in result.stdout
+    assert run("export", "bad-hands-v2", "--format", "kohya", "--out", f"{tmp_path}/k/").exit_code == 0
+    assert (tmp_path / "k" / "Bad Hands v2.safetensors").is_file()
+
+    assert run("rename", "my-style-c", "my-style-c", "--token", "<my-style>").exit_code == 0
+    again = run("export", "my-style-c", "--format", "a1111", "--out", f"{tmp_path}/renamed/")
+    assert again.exit_code == 0 and (tmp_path / "renamed" / "my-style-c.pt").is_file()
+
+    # Two concepts whose files would be one where file names ignore case: refused, nothing written.
+    assert run("import", str(_a1111(downloads / "Straße.pt")), "--name", "street").exit_code == 0  # token straße
+    library.add(Concept("strasse", "<strasse>", np.ones((1, 768), np.float32)))
+    clash = run("export", "street", "strasse", "--format", "a1111", "--out", f"{tmp_path}/clash/")
+    assert_one_line_error(clash, 2, f"Error: street and strasse would both be written to {tmp_path / 'clash' / 'strasse.pt'}")
+    assert not (tmp_path / "clash").exists()

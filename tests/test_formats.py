@@ -777,12 +777,14 @@ def test_a1111_round_trip_keeps_a1111_fields(tmp_path):
     (tmp_path / "out").mkdir()
     path = export(imported, "a1111", tmp_path / "out")
     data = torch.load(path, map_location="cpu", weights_only=True)
-    # The name field is the word A1111 prompts use (the file name), which diffusers takes as the token.
+    # The file gets its own name back, the word A1111 prompts use; the name field holds it too
+    # (diffusers takes it as the token).
     assert (path.name, data["name"], data["step"], data["sd_checkpoint"], data["sd_checkpoint_name"]) == (
-        "mydoll.pt", "mydoll", 1999, "6ce0161689", "v1-5-pruned-emaonly")
+        "MyDoll.pt", "MyDoll", 1999, "6ce0161689", "v1-5-pruned-emaonly")
     again = one(path)
+    assert again.token == imported.token == "mydoll"
     assert {k: again.metadata[k] for k in again.metadata if k.startswith("a1111.")} == {
-        "a1111.name": "mydoll", "a1111.step": "1999", "a1111.sd_checkpoint": "6ce0161689",
+        "a1111.name": "MyDoll", "a1111.step": "1999", "a1111.sd_checkpoint": "6ce0161689",
         "a1111.sd_checkpoint_name": "v1-5-pruned-emaonly"}
     # Renamed (or given another token) and exported again: no stale word from the first file.
     renamed = Concept("ink2", "<ink2>", imported.vectors, imported.metadata)

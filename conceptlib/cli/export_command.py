@@ -197,6 +197,13 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
         raise UsageError(f"{', '.join(names)}: two of these are concepts named alike (files named the same?), whose "
                          f"exports would replace each other in {folder}; export them one at a time with --out")
     plans = [(concept, *paths_in_folder(concept, fmt, folder)) for concept in concepts]
+    writers = {}
+    for concept, _, files in plans:
+        # Case-insensitively: macOS' and Windows' file systems (and an A1111 folder on them) are.
+        other = writers.setdefault(str(files[0]).casefold(), concept.name)
+        if other != concept.name:
+            raise UsageError(f"{other} and {concept.name} would both be written to {files[0]}; export one of them "
+                             "by itself with --out")
     unchanged, previews_only = 0, []
     if not force:
         # Exporting into a tool's folder again (to sync it) passes over files that already hold

@@ -423,7 +423,7 @@ def _load_safetensors(path: Path, *, token: str | None, name: str | None) -> Con
         return _make(path, metadata.get("name"), key, vectors, metadata, token=token, name=name, fmt=None)
     if key in _FILE_NAMED_KEYS:
         # kohya-ss, A1111's safetensors variant, pivotal tuning: the file name is the trigger word.
-        trigger = metadata.get("modelspec.trigger_phrase") or _token_from_file_name(path.stem)
+        trigger = metadata.get("modelspec.trigger_phrase") or token_from_file_name(path.stem)
         metadata["source_format"] = _FILE_NAMED_KEYS[key]
         return _make(path, path.stem, trigger, vectors, metadata, token=token, name=name, fmt=_FILE_NAMED_KEYS[key])
     metadata["source_format"] = "diffusers"
@@ -534,12 +534,12 @@ def _load_embedding_dict(path: Path, data, what: str, *, word: str, token: str |
     if "string_to_param" in data:
         return _load_a1111(path, data, word=word, token=token, name=name)
     if "emb_params" in data and _is_array(data["emb_params"]):
-        return _make(path, path.stem, _token_from_file_name(path.stem), data["emb_params"], {"source_format": "kohya"},
+        return _make(path, path.stem, token_from_file_name(path.stem), data["emb_params"], {"source_format": "kohya"},
                      token=token, name=name, fmt="kohya")
     tensors = {k: v for k, v in data.items() if _is_array(v)}
     if len(data) == 1 and set(tensors) & set(_PIVOTAL_KEYS):
         (key, vectors), = tensors.items()
-        return _make(path, path.stem, _token_from_file_name(path.stem), vectors, {"source_format": "pivotal"},
+        return _make(path, path.stem, token_from_file_name(path.stem), vectors, {"source_format": "pivotal"},
                      token=token, name=name, fmt="pivotal")
     if len(data) == len(tensors) > 1:
         _refuse_several_tokens(path, {key: tuple(value.shape) for key, value in tensors.items()})
@@ -583,7 +583,7 @@ def _load_a1111(path: Path, data: dict, *, word: str, token: str | None, name: s
         if isinstance(value, (str, float)) or (type(value) is int and value.bit_length() <= 64):
             metadata[f"a1111.{key}"] = _short(value, 256)
     # AUTOMATIC1111 uses the file name (an image: its data's name) as the word prompts contain.
-    file_word = _token_from_file_name(word) if word == path.stem else _token_from_text(word)
+    file_word = token_from_file_name(word) if word == path.stem else _token_from_text(word)
     return _make(path, word, file_word, vectors, metadata, token=token, name=name, fmt="a1111")
 
 
@@ -644,7 +644,7 @@ def _token_from_text(text: str) -> str:
     return re.sub(r"\s+", "-", unicodedata.normalize("NFC", text.strip()).lower())
 
 
-def _token_from_file_name(stem: str) -> str:
+def token_from_file_name(stem: str) -> str:
     """``_token_from_text`` of a file name without the brackets, braces and backslashes that are
     prompt syntax in AUTOMATIC1111, ComfyUI and compel (emphasis, escapes): 'Cool (v2) [final]'
     gives 'cool-v2-final', a token prompts can hold. Such a file's own name cannot be typed

@@ -139,12 +139,35 @@ def paths_in_folder(concept: Concept, fmt: str, folder: Path) -> tuple[Path, lis
 
 
 def default_file(concept: Concept, fmt: str) -> str:
+    """The file name an export of ``concept`` in ``fmt`` gets inside a folder. AUTOMATIC1111 and
+    kohya call a file by its name, so a concept imported from such a file gets that file's name
+    back (its prompt word there: 'Bad Hands v2', not the library name 'bad-hands-v2'), unless its
+    token has changed since."""
+    stem = _imported_file_word(concept) if fmt in ("a1111", "kohya") else None
     return {
         "conceptlib": f"{concept.name}.safetensors",
         "diffusers": "learned_embeds.safetensors",
-        "a1111": f"{concept.name}.pt",
-        "kohya": f"{concept.name}.safetensors",
+        "a1111": f"{stem or concept.name}.pt",
+        "kohya": f"{stem or concept.name}.safetensors",
     }[fmt]
+
+
+# Sources whose prompt word is their file's name (an embedding image's is the name inside it).
+_FILE_NAMED_SOURCES = ("a1111", "kohya", "pivotal")
+
+
+def _imported_file_word(concept: Concept) -> str | None:
+    """The name (without extension) of the AUTOMATIC1111/kohya file ``concept`` was imported from,
+    while its token is still the one taken from that name; else None."""
+    from conceptlib.formats.readers import token_from_file_name
+
+    source = concept.metadata.get("source_file", "")
+    stem = Path(source).stem
+    if concept.metadata.get("source_format") not in _FILE_NAMED_SOURCES or not stem or stem.startswith("."):
+        return None
+    if os.sep in source or "\\" in stem or token_from_file_name(stem) != concept.token:
+        return None
+    return stem
 
 
 def _a1111_dict(concept: Concept, target: Path) -> dict:

@@ -1457,3 +1457,19 @@ def test_an_a1111_file_comes_back_under_its_own_name_its_prompt_word(library, tm
     clash = run("export", "street", "strasse", "--format", "a1111", "--out", f"{tmp_path}/clash/")
     assert_one_line_error(clash, 2, f"Error: street and strasse would both be written to {tmp_path / 'clash' / 'strasse.pt'}")
     assert not (tmp_path / "clash").exists()
+
+
+def test_export_all_chooses_by_base_model_and_tag_as_list_does(library, tmp_path):
+    """A tool's embeddings folder holds one base model's concepts: --all takes list's filters."""
+    result = run("export", "--all", "--model", "sd-2", "--format", "a1111", "--out", str(tmp_path / "sd2"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "sd2").iterdir()) == ["oil-style.pt"]
+    run("describe", "cat-doll", "--tags", "toy, Cute")
+    result = run("export", "--all", "--tag", "cute", "--format", "kohya", "--out", str(tmp_path / "cute"))
+    assert result.exit_code == 0 and sorted(p.name for p in (tmp_path / "cute").iterdir()) == ["cat-doll.safetensors"]
+    none = run("export", "--all", "--tag", "cute", "--base-model", "sd-2", "--format", "kohya", "--out", str(tmp_path / "n"))
+    assert_one_line_error(none, 1, "none of the 2 concepts in the library has --base-model sd-2 and --tag cute: nothing "
+                                   "to export; see conceptlib list")
+    assert_one_line_error(run("export", "cat-doll", "--tag", "toy", "--format", "kohya"), 2,
+                          "--tag chooses among --all; add --all, or drop --tag and name the concepts")
+    assert not (tmp_path / "n").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from conceptlib.cli import main
-from conceptlib.cli.library_commands import _library, _warn_problems
+from conceptlib.cli.library_commands import _library, _listed, _warn_problems
 from conceptlib.errors import ConceptError, ConceptFileError, UsageError
 from conceptlib.files import write_failure_reason
 from conceptlib.formats.writers import EXPORT_FORMATS, PREVIEW_FILE_FORMATS
@@ -51,11 +51,16 @@ class _FormatChoice(click.Choice):
 @click.option("--with-preview", is_flag=True,
               help="Also write each concept's preview beside its file as NAME.preview.png: the card picture "
                    "AUTOMATIC1111's (and SD.Next's) Extra Networks tab shows (a1111, kohya, conceptlib).")
+@click.option("--base-model", "--model", "base_model", type=click.Choice(["sd-1", "sd-2"]),
+              help="With --all: only the concepts for this base model (a tool's folder holds one model's).")
+@click.option("--tag", "tags", multiple=True, metavar="TAG",
+              help="With --all: only the concepts with this tag (as `list --tag`; repeat for all of several).")
 @click.option("--keep-training-photo", is_flag=True,
               help="Export a preview that is one of the concept's training images (trained without --preview-every, "
                    "a concept keeps its first image as its preview). Left out by default: it is one of your photos.")
 def export_command(refs: tuple[str, ...], export_all: bool, fmt: str, out: str | None, force: bool,
-                   with_preview: bool, keep_training_photo: bool) -> None:
+                   with_preview: bool, base_model: str | None, tags: tuple[str, ...],
+                   keep_training_photo: bool) -> None:
     """Export concept NAME in another tool's format; several NAMEs or --all export into one folder
     (e.g. another tool's embeddings folder). NAME may also be a concept file or folder of any
     format `import` reads: it is converted without being imported.
@@ -64,6 +69,7 @@ def export_command(refs: tuple[str, ...], export_all: bool, fmt: str, out: str |
     Examples:
       conceptlib export cat-doll --format a1111
       conceptlib export --all --format a1111 --out ~/stable-diffusion-webui/embeddings/
+      conceptlib export --all --base-model sd-2 --format kohya --out ~/sd2-embeddings/
       conceptlib export 'Cool Style.pt' --format diffusers --out cool-style/"""
     if fmt is None:  # checked here: click lists the choices on five lines
         raise UsageError(f"missing --format: one of {', '.join(EXPORT_FORMATS)} (e.g. --format a1111 for "
@@ -72,13 +78,18 @@ def export_command(refs: tuple[str, ...], export_all: bool, fmt: str, out: str |
         raise UsageError("give concept NAMEs or --all, not both")
     if not refs and not export_all:
         raise UsageError("missing NAME: give the concept to export (or several, or --all)")
+    if (base_model or tags) and not export_all:
+        option = "--base-model" if base_model else "--tag"
+        raise UsageError(f"{option} chooses among --all; add --all, or drop {option} and name the concepts")
+    if any(not tag.strip() for tag in tags):
+        raise UsageError("--tag: give a tag (e.g. --tag anime); an empty one would match only untagged concepts")
     if with_preview and (fmt not in PREVIEW_FILE_FORMATS or (out or "").lower().endswith(".png")):
         raise UsageError(f"--with-preview: only {', '.join(PREVIEW_FILE_FORMATS)} files get a NAME.preview.png "
                          "beside them (an embedding image is its own picture); drop --with-preview")
     if len(refs) == 1 and not export_all:
         _export_one(refs[0], fmt, out, force, with_preview, keep_training_photo)
     else:
-        _export_many(refs, fmt, out, force, with_preview, keep_training_photo)
+        _export_many(refs, fmt, out, force, with_preview, keep_training_photo, base_model, tags)
 
 
 def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: bool, keep_photo: bool) -> None:
@@ -171,7 +182,7 @@ def _write_preview_file(concept, path: Path | None) -> None:
 
 
 def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, with_preview: bool,
-                 keep_photo: bool) -> None:
+                 keep_photo: bool, base_model: str | None = None, tags: tuple[str, ...] = ()) -> None:
     """Several concepts into one folder: every concept and every target is checked before the
     first file is written, so a refusal writes nothing."""
     from conceptlib.formats.writers import paths_in_folder
@@ -188,8 +199,14 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
     if refs:
         names = list(dict.fromkeys(refs))
     else:
-        names = [header.name for header in library.list()]
+        everything = library.summaries()
         _warn_problems(library)  # as `list` does: a file left out is said, not silently skipped
+        names = [row["name"] for row in everything if _listed(row, None, base_model, tags)]
+        if everything and not names:
+            chosen = " and ".join(filter(None, [base_model and f"--base-model {base_model}",
+                                                tags and " ".join(f"--tag {shlex.quote(t)}" for t in tags)]))
+            raise ConceptError(f"none of the {len(everything)} concepts in the library has {chosen}: nothing to export; "
+                               "see conceptlib list")
     if not names:
         raise ConceptError("the library is empty: nothing to export")
     concepts = list({concept.name: concept for concept in (_concept_to_export(library, n, keep_photo) for n in names)}.values())

@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from conceptlib.concept import MAX_VECTORS, Concept, slug_from_token, suggested_token, validate_name, validate_token
+from conceptlib.concept import FORMAT, MAX_VECTORS, Concept, slug_from_token, suggested_token, validate_name, validate_token
 from conceptlib.errors import (
     CollisionError,
     ConceptError,
@@ -482,7 +482,13 @@ class ConceptLibrary:
         problems: list[Problem] = []
         for entry in entries:
             file_name = entry.name
-            if file_name.startswith(".") or not file_name.endswith(SUFFIX):
+            if file_name.startswith("."):  # ours in progress (atomic writes), or the system's
+                continue
+            if not file_name.endswith(SUFFIX):
+                # Copied in by hand (an A1111 .pt, a diffusers .bin): said, never read.
+                problems.append(Problem(Path(entry.path), f"{entry.path}: not a library file (the library keeps "
+                                                          f"NAME{SUFFIX} files); move it out of the concepts folder, "
+                                                          "then add it with conceptlib import FILE"))
                 continue
             try:
                 stat = entry.stat()
@@ -596,6 +602,10 @@ def _index_entry(path: Path, key: list[int]) -> dict:
         header = read_header(path)
     except ConceptFileError as exc:
         return {"key": key, "error": str(exc)}
+    if header.metadata.get("format") != FORMAT:
+        # Another tool's .safetensors copied in by hand: its tensor key ('emb_params') is no token.
+        return {"key": key, "error": f"{path}: not a conceptlib file (another tool's embedding, copied in by hand?); "
+                                     "move it out of the concepts folder, then add it with conceptlib import FILE"}
     try:
         validate_token(header.token)
     except ConceptError as exc:

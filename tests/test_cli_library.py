@@ -1248,7 +1248,7 @@ def test_nan_concept_show_json_is_valid_and_list_flags_it(library):
     vectors = torch.ones(2, 768)
     vectors[0, 1] = float("nan")
     path = library.root / "concepts" / "nan.safetensors"
-    safetensors_torch.save_file({"<nan>": vectors}, path)
+    safetensors_torch.save_file({"<nan>": vectors}, path, metadata={"format": "conceptlib/1"})  # a library file
     result = run("show", "nan", "--json")
     assert result.exit_code == 0
 

@@ -189,11 +189,34 @@ def test_broken_files_in_the_library_are_reported_not_fatal(library):
     folder = library.root / "concepts"
     (folder / "broken.safetensors").write_bytes(b"\x10\x00")
     (folder / "Bad Name.safetensors").write_bytes((folder / "good.safetensors").read_bytes())
-    (folder / ".tmp-abc.safetensors").write_bytes(b"partial")
-    (folder / "notes.txt").write_text("ignored")
+    (folder / ".tmp-abc.safetensors").write_bytes(b"partial")  # hidden: a write in progress, passed over
+    (folder / "notes.txt").write_text("not a concept")
     assert [h.name for h in library.list()] == ["good"]
-    assert sorted(p.path.name for p in library.problems) == ["Bad Name.safetensors", "broken.safetensors"]
+    assert sorted(p.path.name for p in library.problems) == ["Bad Name.safetensors", "broken.safetensors", "notes.txt"]
     assert all("\n" not in p.message for p in library.problems)
+
+
+def test_another_tools_file_copied_into_the_concepts_folder_is_said_not_listed(library, tmp_path):
+    """`conceptlib path` shows the folder, and people copy downloads into it: a kohya .safetensors
+    (whose tensor key 'emb_params' is no token) or an A1111 .pt is reported with how to add it,
+    never listed (it used to be, as the concept 'emb_params')."""
+    from safetensors.numpy import save_file
+
+    library.add(make("good"))
+    folder = library.root / "concepts"
+    save_file({"emb_params": np.ones((2, 768), np.float32)}, str(folder / "badhands.safetensors"))
+    (folder / "dreamy.pt").write_bytes(b"PK\x03\x04 a torch zip")
+    assert [h.name for h in library.list()] == ["good"]
+    messages = {p.path.name: p.message for p in library.problems}
+    assert messages == {
+        "badhands.safetensors": f"{folder / 'badhands.safetensors'}: not a conceptlib file (another tool's embedding, "
+                                "copied in by hand?); move it out of the concepts folder, then add it with conceptlib "
+                                "import FILE",
+        "dreamy.pt": f"{folder / 'dreamy.pt'}: not a library file (the library keeps NAME.safetensors files); move it "
+                     "out of the concepts folder, then add it with conceptlib import FILE",
+    }
+    library.remove("badhands")  # as for any file the listing skips
+    assert library.list() != [] and [p.path.name for p in library.problems] == ["dreamy.pt"]
 
 
 def test_a_name_never_hides_a_token_and_both_collisions_are_said_at_once(library):
@@ -419,7 +442,7 @@ def test_nan_vectors_are_a_problem_even_with_an_old_index(library):
     library.add(make("good"))
     vectors = np.ones((2, 768), np.float32)
     vectors[1, 0] = np.nan
-    save_file({"<nan>": vectors}, str(library.root / "concepts" / "nan.safetensors"))
+    save_file({"<nan>": vectors}, str(library.root / "concepts" / "nan.safetensors"), metadata={"format": "conceptlib/1"})
     assert [h.name for h in library.list()] == ["good"]
     assert [p.path.name for p in library.problems] == ["nan.safetensors"]
     assert "vector 1 holds NaN or Inf" in library.problems[0].message

@@ -111,6 +111,17 @@ class RunDirectory:
         data = {"config": config.to_dict(), **extra}
         atomic_write_bytes(self.config_path, json.dumps(data, indent=2).encode())
 
+    def record(self, settings: dict, **extra) -> None:
+        """Update config.json with what a trainer settled as the run started: ``settings`` into
+        the run's settings (e.g. the batch size an override chose), ``extra`` beside them (the
+        trainer's own, e.g. ``jax={"variants": 8}``), so a resume draws the same batches."""
+        from conceptlib.files import atomic_write_bytes
+
+        data = self.read()
+        data["config"].update(settings)
+        data.update(extra)
+        atomic_write_bytes(self.config_path, json.dumps(data, indent=2).encode())
+
     def load_init(self):
         """The Concept the run started from (TrainingError if its file is gone or damaged)."""
         from conceptlib.errors import ConceptlibError

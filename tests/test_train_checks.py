@@ -699,3 +699,41 @@ def test_a_concept_the_library_refuses_at_the_end_says_how_to_add_it(home, image
     assert line.endswith(f"(the trained concept is saved in the run folder; once that is fixed, add it with "
                          f"`conceptlib import {run / 'concept.safetensors'} --name NEW --token NEW`)")
     assert (run / "concept.safetensors").is_file()
+
+
+def test_the_jax_trainers_batch_size_and_crops_are_recorded_and_a_resume_keeps_them(home, images, monkeypatch):
+    """CONCEPTLIB_JAX_BATCH_SIZE (or 'auto') and CONCEPTLIB_JAX_VARIANTS decide which samples each
+    step draws, but config.json kept the command line's --batch-size: a resume without the same
+    variables trained on other batches. The settled values are recorded as the run starts, and a
+    resume keeps them, saying so when an override asks otherwise."""
+    from conceptlib.training import prepare, training_config
+    from conceptlib_jax.trainer import JaxTrainer
+
+    monkeypatch.setenv("KERAS_BACKEND", "jax")  # what prepare checks; nothing here imports keras
+    monkeypatch.setenv("CONCEPTLIB_JAX_BATCH_SIZE", "3")
+    monkeypatch.setenv("CONCEPTLIB_JAX_VARIANTS", "2")
+    job = prepare(training_config(images, name="batched", token="<batched>", weights="random", trainer="jax", steps=2),
+                  library=home)
+    JaxTrainer()._settle_data_settings(job, "fp32", False, devices=[])
+    recorded = job.run_dir.read()
+    assert (job.config.batch_size, recorded["config"]["batch_size"], recorded["jax"]) == (3, 3, {"variants": 2})
+    assert job.run_dir.read_config().batch_size == 3  # what `conceptlib runs RUN` shows
+
+    monkeypatch.setenv("CONCEPTLIB_JAX_BATCH_SIZE", "5")
+    monkeypatch.setenv("CONCEPTLIB_JAX_VARIANTS", "4")
+    resumed = prepare(None, library=home, resume=job.run_dir.path)
+    said = []
+    monkeypatch.setattr(resumed, "stage", said.append)
+    trainer = JaxTrainer()
+    trainer._settle_data_settings(resumed, "fp32", False, devices=[])
+    assert (resumed.config.batch_size, trainer.variants) == (3, 2)
+    assert said == [
+        "CONCEPTLIB_JAX_BATCH_SIZE=5 ignored: a resumed run keeps the 3 it started with, to draw the same batches",
+        "CONCEPTLIB_JAX_VARIANTS=4 ignored: a resumed run keeps the 2 it started with, to draw the same batches",
+    ]
+    monkeypatch.delenv("CONCEPTLIB_JAX_BATCH_SIZE")
+    monkeypatch.delenv("CONCEPTLIB_JAX_VARIANTS")
+    quiet = prepare(None, library=home, resume=job.run_dir.path)
+    monkeypatch.setattr(quiet, "stage", said.append)
+    JaxTrainer()._settle_data_settings(quiet, "fp32", False, devices=[])
+    assert len(said) == 2 and quiet.config.batch_size == 3  # nothing asked otherwise: nothing said

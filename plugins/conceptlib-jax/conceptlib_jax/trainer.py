@@ -269,6 +269,7 @@ class JaxTrainer:
         if self.batch_size is not None:
             self.batch_size = _count(self.batch_size, "CONCEPTLIB_JAX_BATCH_SIZE", auto=True)
         self.variants = _count(variants if variants is not None else _env("VARIANTS", "8"), "CONCEPTLIB_JAX_VARIANTS")
+        self._variants_asked = variants is not None or "CONCEPTLIB_JAX_VARIANTS" in os.environ
         self.steps_per_call = int(steps_per_call)
         if export is None:
             export = _env("EXPORT", "on") in ("on", "1", "true")
@@ -666,11 +667,7 @@ class JaxTrainer:
 
         config = job.config
         devices = resolve_devices(self.devices)
-        requested = self.batch_size if self.batch_size is not None else config.batch_size
-        if requested in (None, 0, "auto"):
-            config.batch_size = auto_batch_size(config.resolution, precision, flash, devices)
-        else:
-            config.batch_size = int(requested)
+        self._settle_data_settings(job, precision, flash, devices)
         devices, note = devices_for_batch(devices, config.batch_size, self.devices)
         if note:
             job.stage(note)
@@ -680,6 +677,29 @@ class JaxTrainer:
         # Weights, data, carry and key live on every device; only each batch is split.
         replicated = jax.sharding.NamedSharding(distribution.device_mesh.backend_mesh, jax.sharding.PartitionSpec())
         return devices, distribution, replicated
+
+    def _settle_data_settings(self, job, precision: str, flash: bool, devices) -> None:
+        """The batch size (CONCEPTLIB_JAX_BATCH_SIZE, or 'auto' from free memory, override
+        --batch-size) and crops per image (CONCEPTLIB_JAX_VARIANTS) decide which samples each step
+        draws. A new run records them in its config.json; a resumed run takes the recorded ones,
+        so it ends with the vectors of an uninterrupted run (an override asking otherwise is said
+        and ignored)."""
+        config = job.config
+        if job.resume:
+            recorded = job.run_dir.read().get("jax", {}).get("variants", self.variants)
+            for name, asked, kept in (("BATCH_SIZE", self.batch_size, config.batch_size),
+                                      ("VARIANTS", self.variants if self._variants_asked else None, recorded)):
+                if asked is not None and asked != kept:
+                    job.stage(f"CONCEPTLIB_JAX_{name}={asked} ignored: a resumed run keeps the {kept} it started with, "
+                              "to draw the same batches")
+            self.variants = recorded
+            return
+        requested = self.batch_size if self.batch_size is not None else config.batch_size
+        if requested == "auto":
+            config.batch_size = auto_batch_size(config.resolution, precision, flash, devices)
+        else:
+            config.batch_size = int(requested)
+        job.run_dir.record({"batch_size": config.batch_size}, jax={"variants": self.variants})
 
     def _finish_report(self, job, timings: dict, peaks: dict) -> None:
         """Add the run's phase timings and memory peaks to ``self.report``; write it to

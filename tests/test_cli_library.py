@@ -1473,3 +1473,16 @@ def test_export_all_chooses_by_base_model_and_tag_as_list_does(library, tmp_path
     assert_one_line_error(run("export", "cat-doll", "--tag", "toy", "--format", "kohya"), 2,
                           "--tag chooses among --all; add --all, or drop --tag and name the concepts")
     assert not (tmp_path / "n").exists()
+
+
+def test_nearest_without_weights_names_the_folders_it_searched(library, tmp_path, monkeypatch):
+    from conceptlib.weights import keras_cache_dirs
+
+    monkeypatch.delenv("CONCEPTLIB_WEIGHTS", raising=False)
+    result = run("show", "cat-doll", "--nearest", "3")
+    assert_one_line_error(result, 1, f"(kcv_encoder.h5) are not in {', '.join(map(str, keras_cache_dirs()))}; pass "
+                                     "--weights DIR")
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    result = run("show", "cat-doll", "--nearest", "3", "--weights", str(empty))
+    assert_one_line_error(result, 1, f"(kcv_encoder.h5) are not in {empty}; pass --weights DIR")

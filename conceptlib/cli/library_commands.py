@@ -176,13 +176,15 @@ def _nearest_words(vectors, base_model: str, count: int, weights_dir: str | None
     from conceptlib.errors import WeightsError
     from conceptlib.kerascv.tokenizer import find_vocab_path
     from conceptlib.nearest_words import nearest_words, token_table
-    from conceptlib.weights import find_local_weights, is_random, weight_filename
+    from conceptlib.weights import find_local_weights, is_random, keras_cache_dirs, weight_filename, weights_folder
 
     found = find_local_weights(base_model, weights_dir, parts=("text_encoder",))
     if "text_encoder" not in found:
+        given = weights_folder(weights_dir)
+        searched = [given] if weights_dir is not None else [*filter(None, [given]), *keras_cache_dirs()]
         raise WeightsError(
             f"--nearest compares with the {base_model} text encoder's token table, and its weights "
-            f"({weight_filename(base_model, 'text_encoder')}) are not in {weights_dir or 'the Keras cache or $CONCEPTLIB_WEIGHTS'}; "
+            f"({weight_filename(base_model, 'text_encoder')}) are not in {', '.join(map(str, searched))}; "
             "pass --weights DIR (a folder of keras-cv weight files)"
         )
     tokenizer = _clip_tokenizer(find_vocab_path(download=False))
@@ -495,7 +497,7 @@ def _mix_source(source: str, library):
 @click.argument("ref", metavar="NAME")
 @describe_options
 @click.option("--thumbnail", default=None, metavar="IMAGE",
-              help="Make the picture IMAGE (PNG/JPEG/WebP, shrunk to 128 px) the concept's preview: the "
+              help="Make the picture IMAGE (PNG, JPEG, WebP, ...; shrunk to 128 px) the concept's preview: the "
                    "thumbnail model pickers show, and the picture of `export --format a1111 --out X.png`.")
 def describe_command(ref: str, thumbnail: str | None, **values: str | None) -> None:
     """Describe concept NAME (its name or token) for the people and tools you share it with: the

@@ -218,7 +218,7 @@ def _check_out_dir(out_dir: Path) -> None:
               type=click.Path(file_okay=False, path_type=Path), help="Folder for the PNGs.")
 @click.option("--concept", "concept_paths", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
               help="Also apply the concept in FILE (any format `import` reads) without adding it to the library, "
-                   "e.g. to try a downloaded embedding first; repeatable. Its token must be in the prompt.")
+                   "e.g. to try a downloaded embedding first; repeatable. Its token must be in the prompt or --negative.")
 def generate_command(prompt, negative, num_images, steps, seed, size, guidance, weights_dir, model, offline, out_dir,
                      concept_paths):
     """Generate images for PROMPT, applying every library concept whose token it contains (and

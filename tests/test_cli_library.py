@@ -608,8 +608,7 @@ def test_export_all_into_another_tools_folder(library, tmp_path, fmt, files):
     exported = {c.token: c for c in load_any(folder)}
     for name in ("cat-doll", "oil-style"):
         original = library.get(name)
-        token = name if fmt == "a1111" else original.token  # A1111: the file name is the word
-        np.testing.assert_array_equal(exported[token].vectors, original.vectors)
+        np.testing.assert_array_equal(exported[original.token].vectors, original.vectors)
 
 
 def test_export_with_preview_writes_the_card_picture_webuis_show(library, tmp_path):
@@ -628,7 +627,10 @@ def test_export_with_preview_writes_the_card_picture_webuis_show(library, tmp_pa
     assert (folder / "oil-style.preview.png").read_bytes() == base64.b64decode(library.get("oil-style").metadata["preview"])
     assert f"  with its preview {folder / 'oil-style.preview.png'}" in result.stdout
     assert "Note: cat-doll has no preview to write" in result.stderr  # its stored preview is not a readable PNG
-    assert sorted(c.token for c in load_any(folder)) == ["cat-doll", "oil-style"]  # import passes the card over
+    # Read back, each is its own concept again, and the card is the preview of the file it belongs to.
+    back = {c.token: c for c in load_any(folder)}
+    assert sorted(back) == ["<cat-doll>", "<oil-style>"]
+    assert back["<oil-style>"].metadata["preview"] and "preview" not in back["<cat-doll>"].metadata
     # An existing card is someone's file too: refused without --force, before anything is written.
     (folder / "oil-style.pt").unlink()
     assert_one_line_error(run("export", "oil-style", "--format", "a1111", "--out", str(folder), "--with-preview"), 1,
@@ -1486,3 +1488,29 @@ def test_nearest_without_weights_names_the_folders_it_searched(library, tmp_path
     empty.mkdir()
     result = run("show", "cat-doll", "--nearest", "3", "--weights", str(empty))
     assert_one_line_error(result, 1, f"(kcv_encoder.h5) are not in {empty}; pass --weights DIR")
+
+
+def test_an_a1111_export_imports_back_whole_token_description_and_card(library, tmp_path, monkeypatch):
+    """Shared as an AUTOMATIC1111 file (A1111 calls it 'kitty', its file name, an ordinary word),
+    a concept comes back into another library with its token, its description and the card
+    picture exported beside it, instead of being refused for a token that is a CLIP word."""
+    from conceptlib.formats import load_source
+
+    library.add(Concept("kitty", "<kitty>", np.ones((2, 768), np.float32)))
+    assert run("describe", "kitty", "--author", "Jo Doe", "--license", "CC-BY-4.0", "--tags", "toy, cute",
+               "--thumbnail", str(_png_file(tmp_path / "thumb.png"))).exit_code == 0
+    shared = tmp_path / "embeddings"
+    assert run("export", "kitty", "--format", "a1111", "--out", f"{shared}/", "--with-preview").exit_code == 0
+    assert sorted(p.name for p in shared.iterdir()) == ["kitty.preview.png", "kitty.pt"]
+    assert torch.load(shared / "kitty.pt", weights_only=True)["name"] == "kitty"  # A1111's word is unchanged
+
+    other = ConceptLibrary(tmp_path / "friend")
+    monkeypatch.setenv("CONCEPTLIB_HOME", str(other.root))
+    result = run("import", str(shared))
+    assert result.exit_code == 0, result.output
+    assert "Skipped" not in result.output  # the card is the concept's preview, not a skipped picture
+    header = other.header("kitty")
+    assert header.token == "<kitty>"
+    assert {k: header.metadata[k] for k in ("modelspec.author", "modelspec.license", "modelspec.tags")} == {
+        "modelspec.author": "Jo Doe", "modelspec.license": "CC-BY-4.0", "modelspec.tags": "toy, cute"}
+    assert header.metadata["preview"] and load_source(shared / "kitty.pt").metadata["preview"] == header.metadata["preview"]

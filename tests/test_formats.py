@@ -355,8 +355,12 @@ def test_export_a1111(tmp_path, concept):
     assert data["string_to_token"] == {"*": 265}
     assert data["name"] == "cat-doll" and data["step"] == 1200
     assert "sd_checkpoint" in data and "sd_checkpoint_name" in data
+    assert data["conceptlib"]["token"] == "<cat-doll>"  # for conceptlib; the tools pass it over
     back = one(path)
-    assert back.token == "cat-doll"  # the file name is A1111's prompt word
+    assert back.token == "<cat-doll>"  # its own token (A1111's prompt word is the file name)
+    data.pop("conceptlib")
+    torch.save(data, tmp_path / "plain.pt")  # as A1111 writes it: the file name is the token
+    assert one(tmp_path / "plain.pt").token == "plain"
     np.testing.assert_array_equal(back.vectors, concept.vectors)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from conceptlib.concept import DIMS, FORMAT, MAX_VECTORS, Concept, slug_from_token, suggested_token, validate_token
 from conceptlib.errors import ConceptError, ConceptFileError, UnsupportedFormatError, UsageError
 from conceptlib.files import (
-    MAX_HEADER_BYTES, FileHeader, FileTooLarge, NotARegularFile, read_file_header, read_small_file,
+    DESCRIPTIVE_KEYS, MAX_HEADER_BYTES, FileHeader, FileTooLarge, NotARegularFile, read_file_header, read_small_file,
 )
 from conceptlib.formats import a1111_image
 from conceptlib.formats.a1111_image import IMAGE_SUFFIXES
@@ -201,7 +201,8 @@ def _discover_image(path: Path, sources: list[Source], skipped: list[Skipped]) -
     """An image in an embeddings folder is a concept only if it carries an embedding; previews
     (``NAME.preview.png``) and other pictures are passed over, as AUTOMATIC1111 does."""
     if a1111_image.is_preview_name(path):
-        skipped.append(Skipped(path, "a preview image (NAME.preview.png), not an embedding"))
+        if _previewed_file(path) is None:  # else it comes in as that file's preview
+            skipped.append(Skipped(path, "a preview image (NAME.preview.png), not an embedding"))
         return
     try:
         holds_one = a1111_image.read(path) is not None
@@ -274,9 +275,9 @@ def load_source(source: Source | str | os.PathLike, *, token: str | None = None,
     if path.exists() and not path.is_file():
         raise ConceptFileError(f"{path}: {_NOT_REGULAR}")
     if path.suffix.lower() == ".safetensors":
-        return _load_safetensors(path, token=token, name=name)
+        return _with_card_preview(_load_safetensors(path, token=token, name=name), path)
     if path.suffix.lower() in PICKLE_SUFFIXES + NAMED_ONLY_SUFFIXES:
-        return _load_pickle(path, token=token, name=name)
+        return _with_card_preview(_load_pickle(path, token=token, name=name), path)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return _load_image(path, token=token, name=name)
     if path.suffix.lower() == ".npz":
@@ -287,6 +288,41 @@ def load_source(source: Source | str | os.PathLike, *, token: str | None = None,
         f"{path}: unknown file type {path.suffix!r}; expected {', '.join(FILE_SUFFIXES + NAMED_ONLY_SUFFIXES + IMAGE_SUFFIXES)} "
         "(or a conceptlib training checkpoint, RUN/checkpoints/step-N.npz)"
     )
+
+
+# AUTOMATIC1111's card pictures: NAME.preview.EXT beside the embedding file NAME.pt (or .safetensors).
+_CARD_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_CARD_OWNERS = (".pt", ".safetensors", ".bin")
+
+
+def _card_picture(path: Path) -> Path | None:
+    """The card picture AUTOMATIC1111 shows for embedding file ``path``, if there is one."""
+    return next((card for suffix in _CARD_SUFFIXES if (card := path.with_name(f"{path.stem}.preview{suffix}")).is_file()),
+                None)
+
+
+def _previewed_file(card: Path) -> Path | None:
+    """The embedding file whose card picture ``card`` (NAME.preview.png) is, if it is there."""
+    stem = Path(card.stem).stem
+    return next((owner for suffix in _CARD_OWNERS if (owner := card.with_name(stem + suffix)).is_file()), None)
+
+
+def _with_card_preview(concept: Concept, path: Path) -> Concept:
+    """``concept`` with its file's card picture as its preview when it has none of its own (a
+    picture that cannot be read is passed over: the embedding is what is imported)."""
+    import base64
+
+    from conceptlib.images import picture_thumbnail_png
+
+    card = None if concept.metadata.get("preview") else _card_picture(path)
+    if card is None:
+        return concept
+    try:
+        png = picture_thumbnail_png(card)
+    except ConceptFileError:
+        return concept
+    metadata = dict(concept.metadata, preview=base64.b64encode(png).decode("ascii"))
+    return Concept(concept.name, concept.token, concept.vectors, metadata)
 
 
 # -- folders --------------------------------------------------------------------------------------
@@ -584,7 +620,19 @@ def _load_a1111(path: Path, data: dict, *, word: str, token: str | None, name: s
             metadata[f"a1111.{key}"] = _short(value, 256)
     # AUTOMATIC1111 uses the file name (an image: its data's name) as the word prompts contain.
     file_word = token_from_file_name(word) if word == path.stem else _token_from_text(word)
+    own = data.get("conceptlib")
+    if isinstance(own, dict):  # exported by conceptlib: its token and description come back
+        metadata.update({key: _short(value, _MAX_DESCRIPTION) for key, value in own.items()
+                         if key in _A1111_EXTRA_KEYS and isinstance(value, str)})
+        if isinstance(own.get("token"), str) and own["token"].strip():
+            file_word = own["token"]
     return _make(path, word, file_word, vectors, metadata, token=token, name=name, fmt="a1111")
+
+
+# What conceptlib keeps in an AUTOMATIC1111 file's "conceptlib" entry (writers.a1111_extra) besides
+# the token, and the longest text taken from it.
+_A1111_EXTRA_KEYS = (*DESCRIPTIVE_KEYS.values(), "created_at", "base_model")
+_MAX_DESCRIPTION = 20000
 
 
 # -- images ----------------------------------------------------------------------------------------

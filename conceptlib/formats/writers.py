@@ -193,7 +193,18 @@ def _a1111_dict(concept: Concept, target: Path) -> dict:
             fields[key] = metadata.get(f"a1111.{key}", fields[key])
         fields["step"] = _int_or_none(fields["step"])
     return {"string_to_token": {"*": _A1111_STAR_TOKEN_ID}, "string_to_param": {"*": concept.vectors},
-            "name": a1111_prompt_word(concept, target), **fields}
+            "name": a1111_prompt_word(concept, target), **fields, "conceptlib": a1111_extra(concept)}
+
+
+def a1111_extra(concept: Concept) -> dict[str, str]:
+    """What an AUTOMATIC1111 file cannot say in its own fields and conceptlib reads back on
+    import: the token (A1111 calls the file by its name, which may be an ordinary word) and the
+    description people share a concept with. A1111, ComfyUI, InvokeAI and diffusers pass over
+    keys they do not know."""
+    from conceptlib.files import DESCRIPTIVE_KEYS
+
+    kept = [*DESCRIPTIVE_KEYS.values(), "created_at", "base_model"]
+    return {"token": concept.token, **{key: concept.metadata[key] for key in kept if key in concept.metadata}}
 
 
 def _int_or_none(value) -> int | None:

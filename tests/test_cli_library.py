@@ -1023,6 +1023,8 @@ def test_export_says_the_prompt_word_and_warns_of_an_ordinary_word(library, tmp_
             and result.stdout.endswith("choose another word with --out WORD.pt\n"))
     result = run("export", "cat", "--format", "a1111", "--out", str(tmp_path / "card.png"))
     assert result.stdout == f"Exported cat (<my-cat>) as a1111 to {tmp_path / 'card.png'}\n"  # an image's word is the token
+    assert result.stderr == ("Note: cat has no preview, so its embedding image is a plain grey card (give it one: "
+                             "conceptlib describe cat --thumbnail IMAGE)\n")
     for fmt in ("conceptlib", "kohya"):
         result = run("export", "cat", "--format", fmt, "--out", str(tmp_path / fmt) + "/")
         assert result.stdout.endswith("choose another word with --out WORD.safetensors\n"), result.stdout
@@ -1040,9 +1042,12 @@ def test_export_says_the_prompt_word_and_warns_of_an_ordinary_word(library, tmp_
 def test_export_all_says_which_library_files_it_left_out(library, tmp_path):
     (library.concepts_dir / "broken.safetensors").write_bytes(b"not a concept")
     result = run("export", "--all", "--format", "conceptlib", "--out", str(tmp_path / "out"))
-    assert result.exit_code == 0
     assert result.stderr.startswith(f"Warning: skipped {library.concepts_dir / 'broken.safetensors'}: ")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cat-doll.safetensors", "oil-style.safetensors"]
+    # The others are exported, but a script syncing a folder learns that it is not whole: exit 1.
+    assert result.exit_code == 1 and result.stdout.endswith(f"2 concepts exported to {tmp_path / 'out'}\n")
+    assert result.stderr.splitlines()[-1] == ("Error: 1 file in the library could not be read (the warnings above) and "
+                                              "was not exported; fix or remove it, then export again")
 
 
 @pytest.mark.parametrize("args", [

@@ -126,9 +126,12 @@ def _say_exported(concept, fmt: str, written: Path, *, several: bool = False) ->
     """The line for one exported file; for a file whose prompt word in AUTOMATIC1111 is not the
     token (it calls a file by its name, ComfyUI by embedding:NAME), that word, and a warning when
     it is an ordinary CLIP word (which only AUTOMATIC1111 would take for the concept)."""
-    from conceptlib.formats.writers import a1111_prompt_word
+    from conceptlib.formats.writers import a1111_prompt_word, preview_png
 
     line = f"Exported {concept.name} ({concept.token}) as {fmt} to {written}"
+    if written.suffix.lower() == ".png" and preview_png(concept.metadata) is None:
+        click.echo(f"Note: {concept.name} has no preview, so its embedding image is a plain grey card (give it one: "
+                   f"conceptlib describe {shlex.quote(concept.name)} --thumbnail IMAGE)", err=True)
     # AUTOMATIC1111, ComfyUI and kohya call an embedding file by its name; diffusers by the token.
     word = a1111_prompt_word(concept, written) if fmt in ("a1111", "conceptlib", "kohya") else concept.token
     if word != concept.token:
@@ -252,6 +255,12 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
         click.echo(f"Unchanged {concept.name}; wrote its preview {preview}")
     same = f" ({unchanged} already there, unchanged)" if unchanged else ""
     click.echo(f"{len(plans)} concept{'s' if len(plans) != 1 else ''} exported to {folder}{same}")
+    if not refs and library.problems:
+        # The rest is exported; a script syncing a tool's folder must still learn that it is not whole.
+        count = len(library.problems)
+        raise ConceptError(f"{count} file{'s' if count != 1 else ''} in the library could not be read (the warnings "
+                           f"above) and {'were' if count != 1 else 'was'} not exported; fix or remove "
+                           f"{'them' if count != 1 else 'it'}, then export again")
 
 
 def _differing_file(concept, fmt: str, target: Path, folder: bool, files: list[Path], with_preview: bool) -> Path | None:

@@ -564,9 +564,10 @@ def test_diffusers_output_folder_imports_the_final_file_only(tmp_path, suffix):
     sources, skipped = discover(tmp_path)
     assert sorted(s.path.name for s in sources) == ["other.safetensors", "textual_inversion_cat"]
     assert [s.path for s in skipped] == [run / "learned_embeds-steps-*"]
-    # A checkpoint given by its own path is imported.
+    # A checkpoint given by its own path is imported, beside the final concept.
     checkpoint = one(run / f"learned_embeds-steps-1000{suffix}")
-    assert checkpoint.token == "<cat-toy>" and not np.array_equal(checkpoint.vectors, concept.vectors)
+    assert (checkpoint.name, checkpoint.token) == (f"{concept.name}-step1000", "<cat-toy-step1000>")
+    assert not np.array_equal(checkpoint.vectors, concept.vectors)
 
 
 def test_checkpoints_beside_other_files_are_never_imported(tmp_path):
@@ -1041,3 +1042,23 @@ def test_a_training_checkpoints_a1111_export_and_card_give_its_own_step(tmp_path
     finished = Concept("cat", "<cat>", np.ones((1, 768), np.float32), {"training": metadata["training"]})
     path = export(finished, "a1111", tmp_path / "cat.pt")
     assert load_tensor_pickle(path)["step"] == 3000
+
+
+def test_a_diffusers_checkpoint_comes_in_beside_the_final_concept(tmp_path):
+    """diffusers' script saves learned_embeds-steps-N beside the final learned_embeds: a folder
+    import takes the final one; a checkpoint given by its path is FOLDER-stepN, <TOKEN-stepN>,
+    as conceptlib's own checkpoints are, so it never collides with the final concept."""
+    import safetensors.torch
+
+    out = tmp_path / "train-out"
+    out.mkdir()
+    safetensors.torch.save_file({"<tr>": torch.randn(768)}, str(out / "learned_embeds.safetensors"))
+    safetensors.torch.save_file({"<tr>": torch.randn(768)}, str(out / "learned_embeds-steps-500.safetensors"))
+    torch.save({"<tr>": torch.randn(768)}, out / "learned_embeds-steps-1000.bin")
+    assert [(c.name, c.token) for c in load_any(out)] == [("train-out", "<tr>")]
+    step = one(out / "learned_embeds-steps-500.safetensors")
+    assert (step.name, step.token, step.metadata["source_format"]) == ("train-out-step500", "<tr-step500>", "diffusers")
+    assert (one(out / "learned_embeds-steps-1000.bin").name, one(out / "learned_embeds-steps-1000.bin").token) == (
+        "train-out-step1000", "<tr-step1000>")
+    given = load_source(out / "learned_embeds-steps-500.safetensors", token="<mine>", name="mine")
+    assert (given.name, given.token) == ("mine", "<mine>")

@@ -274,6 +274,9 @@ def load_source(source: Source | str | os.PathLike, *, token: str | None = None,
         return _load_folder(path, token=token, name=name)
     if path.exists() and not path.is_file():
         raise ConceptFileError(f"{path}: {_NOT_REGULAR}")
+    checkpoint = _CHECKPOINT_RE.match(path.name)
+    if checkpoint and not checkpoint.group(0).startswith("learned_embeds_2"):
+        return _diffusers_checkpoint(path, int(checkpoint.group(1)), token=token, name=name)
     if path.suffix.lower() == ".safetensors":
         return _with_card_preview(_load_safetensors(path, token=token, name=name), path)
     if path.suffix.lower() in PICKLE_SUFFIXES + NAMED_ONLY_SUFFIXES:
@@ -373,6 +376,22 @@ def _load_folder(path: Path, *, token: str | None, name: str | None) -> Concept:
     if not metadata.get("preview"):
         metadata.update(_folder_preview(path))
     return Concept(concept.name, concept.token, concept.vectors, metadata)
+
+
+def _diffusers_checkpoint(path: Path, step: int, *, token: str | None, name: str | None) -> Concept:
+    """An intermediate checkpoint of diffusers' textual-inversion script (learned_embeds-steps-N.*
+    beside the final learned_embeds.*), named as conceptlib's own checkpoints are, so it sits
+    beside the final concept: FOLDER-stepN with token <TOKEN-stepN>, unless given."""
+    loader = _load_safetensors if path.suffix.lower() == ".safetensors" else _load_pickle
+    concept = loader(path, token=token, name=name or f"{_folder_slug(path.parent)}-step{step}")
+    if token:
+        return concept
+    own = concept.token
+    stepped = f"{own[:-1]}-step{step}>" if own.endswith(">") else f"{own}-step{step}"
+    try:
+        return Concept(concept.name, stepped, concept.vectors, concept.metadata)
+    except ConceptError as exc:
+        raise ConceptFileError(f"{path}: {exc} (import it with --token)") from None
 
 
 def _within(path: Path, folder: Path) -> bool:

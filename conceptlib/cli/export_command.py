@@ -101,7 +101,6 @@ def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: 
     if fmt == "sd-concepts":
         target = target / concept.name if folder else target or Path(concept.name)
         folder = False
-    if fmt == "sd-concepts":
         files = [target / name for name in sd_concepts_files(concept)]
     else:
         files = [target / default_file(concept, fmt)] if folder else [target]
@@ -185,7 +184,7 @@ def _write_preview_file(concept, path: Path | None) -> None:
 
 
 def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, with_preview: bool,
-                 keep_photo: bool, base_model: str | None = None, tags: tuple[str, ...] = ()) -> None:
+                 keep_photo: bool, base_model: str | None, tags: tuple[str, ...]) -> None:
     """Several concepts into one folder: every concept and every target is checked before the
     first file is written, so a refusal writes nothing."""
     from conceptlib.formats.writers import paths_in_folder
@@ -217,10 +216,10 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
         raise UsageError(f"{', '.join(names)}: two of these are concepts named alike (files named the same?), whose "
                          f"exports would replace each other in {folder}; export them one at a time with --out")
     plans = [(concept, *paths_in_folder(concept, fmt, folder)) for concept in concepts]
-    writers = {}
+    owners = {}
     for concept, _, files in plans:
         # Case-insensitively: macOS' and Windows' file systems (and an A1111 folder on them) are.
-        other = writers.setdefault(str(files[0]).casefold(), concept.name)
+        other = owners.setdefault(str(files[0]).casefold(), concept.name)
         if other != concept.name:
             raise UsageError(f"{other} and {concept.name} would both be written to {files[0]}; export one of them "
                              "by itself with --out")

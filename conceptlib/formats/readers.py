@@ -642,7 +642,7 @@ def _load_a1111(path: Path, data: dict, *, word: str, token: str | None, name: s
     own = data.get("conceptlib")
     if isinstance(own, dict):  # exported by conceptlib: its token and description come back
         metadata.update({key: _short(value, _MAX_DESCRIPTION) for key, value in own.items()
-                         if key in _A1111_EXTRA_KEYS and isinstance(value, str)})
+                         if key in A1111_EXTRA_KEYS and isinstance(value, str)})
         if isinstance(own.get("token"), str) and own["token"].strip():
             file_word = own["token"]
     return _make(path, word, file_word, vectors, metadata, token=token, name=name, fmt="a1111")
@@ -650,7 +650,7 @@ def _load_a1111(path: Path, data: dict, *, word: str, token: str | None, name: s
 
 # What conceptlib keeps in an AUTOMATIC1111 file's "conceptlib" entry (writers.a1111_extra) besides
 # the token, and the longest text taken from it.
-_A1111_EXTRA_KEYS = (*DESCRIPTIVE_KEYS.values(), "created_at", "base_model")
+A1111_EXTRA_KEYS = (*DESCRIPTIVE_KEYS.values(), "created_at", "base_model")
 _MAX_DESCRIPTION = 20000
 
 

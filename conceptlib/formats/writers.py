@@ -201,10 +201,9 @@ def a1111_extra(concept: Concept) -> dict[str, str]:
     import: the token (A1111 calls the file by its name, which may be an ordinary word) and the
     description people share a concept with. A1111, ComfyUI, InvokeAI and diffusers pass over
     keys they do not know."""
-    from conceptlib.files import DESCRIPTIVE_KEYS
+    from conceptlib.formats.readers import A1111_EXTRA_KEYS
 
-    kept = [*DESCRIPTIVE_KEYS.values(), "created_at", "base_model"]
-    return {"token": concept.token, **{key: concept.metadata[key] for key in kept if key in concept.metadata}}
+    return {"token": concept.token, **{key: concept.metadata[key] for key in A1111_EXTRA_KEYS if key in concept.metadata}}
 
 
 def _int_or_none(value) -> int | None:

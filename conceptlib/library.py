@@ -414,7 +414,15 @@ class ConceptLibrary:
                                "readable (and searchable) for you, or set CONCEPTLIB_HOME to another folder") from None
 
     def _not_found_message(self, ref: str) -> str:
-        return f"no concept named or with token {ref!r} in {self.root}; see `conceptlib list`"
+        import difflib
+
+        try:
+            known = [ref for header in self.list() for ref in (header.name, header.token)]
+        except LibraryError:
+            known = []
+        close = difflib.get_close_matches(ref, known, n=1, cutoff=0.75) if ref else []
+        hint = f"did you mean {close[0]!r}? (see `conceptlib list`)" if close else "see `conceptlib list`"
+        return f"no concept named or with token {ref!r} in {self.root}; {hint}"
 
     def _check_available(self, name: str, token: str, *, replacing: str | None, name_fix: str | None = None,
                          token_fix: str | None = None) -> None:

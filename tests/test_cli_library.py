@@ -421,6 +421,10 @@ def test_show_writes_the_preview_image(library, tmp_path):
 def test_remove_several_checks_every_name_first(library):
     before = snapshot(library.root)
     assert_one_line_error(run("remove", "cat-doll", "nope", "-y"), 1, "no concept named or with token 'nope'")
+    # A typo gets the concept it probably meant.
+    assert_one_line_error(run("show", "catt-doll"), 1, f"Error: no concept named or with token 'catt-doll' in "
+                                                      f"{library.root}; did you mean 'cat-doll'? (see `conceptlib list`)")
+    assert_one_line_error(run("show", "<oil-styl>"), 1, "did you mean '<oil-style>'?")
     assert_one_line_error(run("remove", "cat-doll", "<oil-style>", "-y"), 2, "remove it by name: conceptlib remove oil-style")
     result = run("remove", "cat-doll", "oil-style", input="n\n")
     assert "Remove 2 concepts: cat-doll (<cat-doll>), oil-style (<oil-style>)? [y/N]" in result.stderr

@@ -251,7 +251,9 @@ def test_mix_puts_vectors_one_after_another_or_sums_them(library, tmp_path):
     assert [(s["name"], s["weight"]) for s in sources] == [("cat-doll", 1.0), ("dl-style", 0.5)]
     assert mixed.metadata["mix_mode"] == "concat"
     # --sum: row by row; a one-vector source is added to every row.
-    assert run("mix", "<cat-doll>*0.7", f"{tmp_path / 'dl.safetensors'}*0.3", "--sum", "--token", "<blend>").exit_code == 0
+    result = run("mix", "<cat-doll>*0.7", f"{tmp_path / 'dl.safetensors'}*0.3", "--sum", "--token", "<blend>")
+    assert result.stdout == ("Added blend (<blend>, 2x768): 0.7 x cat-doll + 0.3 x dl-style, summed (dl-style: its one "
+                             "vector added to each of the 2 rows)\n")
     np.testing.assert_allclose(library.get("blend").vectors, 0.7 * cat + 0.3 * other, rtol=1e-6)
     assert library.get("cat-doll").metadata["trainer"] == "tensorflow"  # sources unchanged
 

@@ -467,6 +467,9 @@ def mix_command(sources: tuple[str, ...], name: str | None, token: str | None, a
     parts = " + ".join(f"{weight:g} x {concept.name}" if weight != 1 else concept.name
                        for concept, weight in weighted)
     how = "summed" if as_sum else "one after another"
+    spread = [concept.name for concept, _ in weighted if as_sum and concept.num_vectors == 1 < header.num_vectors]
+    if spread:  # a one-vector source is added to every row: say so, it is easy to miss
+        how += f" ({', '.join(spread)}: its one vector added to each of the {header.num_vectors} rows)"
     click.echo(f"Added {header.name} ({header.token}, {header.num_vectors}x{header.dim}): {parts}, {how}")
 
 

@@ -155,6 +155,11 @@ def test_describe_sets_modelspec_keys_for_sharing(library):
     # Without options it only prints.
     assert run("describe", "cat-doll").stdout == result.stdout
     assert library.header("cat-doll").metadata == metadata
+    # Tags in one form; none at all removes the key.
+    assert run("describe", "cat-doll", "--tags", " toy,, plush ,").exit_code == 0
+    assert library.header("cat-doll").metadata["modelspec.tags"] == "toy, plush"
+    assert run("describe", "cat-doll", "--tags", ",,, ,").exit_code == 0
+    assert "modelspec.tags" not in library.header("cat-doll").metadata
 
 
 def test_described_keys_travel_with_exports(library, tmp_path):

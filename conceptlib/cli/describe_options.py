@@ -37,6 +37,9 @@ def _description_value(ctx, param, value):
                                  "would reach everyone who views it); remove it")
     if len(value) > limit:
         raise click.BadParameter(f"is {len(value)} characters long; keep it to at most {limit}")
+    if param.name == "tags":
+        # One form for the tools that split them (list --tag, model pickers): ' a,, b ,' is 'a, b'.
+        value = ", ".join(tag.strip() for tag in value.split(",") if tag.strip())
     return value
 
 

@@ -542,6 +542,25 @@ def test_folder_import_collisions_name_every_clash_and_an_option_that_works(home
     assert run("import", str(folder / "kdog.safetensors"), "--name", "kdog-2").exit_code == 0
 
 
+def test_an_export_of_the_library_read_back_under_another_token_is_already_there(library, tmp_path):
+    """A tool's folder synced from the library, imported again, calls a concept otherwise (A1111:
+    the file name): same name and the very same vectors are the same concept, not a clash that
+    asks to remove a good one."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "cat-doll"
+    folder.mkdir()
+    save_file({"cat-dolly": library.get("cat-doll").vectors}, str(folder / "learned_embeds.safetensors"))
+    before = snapshot(library.root)
+    result = run("import", str(folder))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == (f"Already in the library: cat-doll (<cat-doll>) holds the vectors of "
+                                     f"{folder / 'learned_embeds.safetensors'}")
+    assert snapshot(library.root) == before
+    save_file({"cat-dolly": np.zeros((2, 768), np.float32)}, str(folder / "learned_embeds.safetensors"))
+    assert_one_line_error(run("import", str(folder)), 1, "a concept named 'cat-doll' already exists")
+
+
 def test_importing_the_same_file_again_changes_nothing_and_succeeds(home, tmp_path):
     path = tmp_path / "learned_embeds.safetensors"
     safetensors_torch.save_file({"<x-doll>": torch.randn(2, 768)}, path)

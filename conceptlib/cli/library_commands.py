@@ -657,8 +657,8 @@ def _imported_line(header, added: bool, path) -> str:
 
 def _import_one(library, source, *, name, token, several: bool):
     """Read ``source``, refuse a token that is a CLIP word, and add it to ``library``: (header,
-    True), or (the existing header, False) when a concept with its token and exactly its vectors
-    is already there (importing a folder again must not fail on what it imported before). With
+    True), or (the existing header, False) when a concept with its token or name and exactly its
+    vectors is already there (importing a folder again must not fail on what it imported before). With
     ``several`` the hints name no option that is refused for several files."""
     from conceptlib.formats import load_source
     from conceptlib.library import CollisionError, NameTakenError, TokenTakenError
@@ -691,16 +691,19 @@ def _import_one(library, source, *, name, token, several: bool):
 
 
 def _identical_in_library(library, concept):
-    """The header of the library concept with ``concept``'s token and bit-identical vectors, or None."""
+    """The header of the library concept with ``concept``'s token or name and bit-identical
+    vectors, or None. By name too: an export of the library read back (diffusers keys a concept
+    by the token, A1111 by the file name) may call the same concept otherwise."""
     import numpy as np
 
-    try:
-        existing = library.get(concept.token)
-    except ConceptlibError:
-        return None
-    if existing.token != concept.token or not np.array_equal(existing.vectors, concept.vectors):
-        return None
-    return library.header(existing.name)
+    for ref in (concept.token, concept.name):
+        try:
+            existing = library.get(ref)
+        except ConceptlibError:
+            continue
+        if ref in (existing.token, existing.name) and np.array_equal(existing.vectors, concept.vectors):
+            return library.header(existing.name)
+    return None
 
 
 def clip_word_problem(token: str) -> str:

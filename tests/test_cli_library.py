@@ -407,7 +407,11 @@ def test_show_writes_the_preview_image(library, tmp_path):
         assert image.size == (96, 64) and image.getpixel((5, 5)) == (200, 30, 40)
 
     before = snapshot(library.root)
-    assert_one_line_error(run("show", "robot", "--preview", str(out)), 1, "the file exists; remove it or choose another name")
+    assert_one_line_error(run("show", "robot", "--preview", str(out)), 1,
+                          "the file exists; choose another name, or pass --force to replace it")
+    out.write_bytes(b"someone's picture")
+    assert run("show", "robot", "--preview", str(out), "--force").exit_code == 0
+    assert out.read_bytes() == picture.getvalue()
     assert_one_line_error(run("show", "robot", "--preview", str(tmp_path / "robot.jpg")), 2, "give a file name ending in .png")
     assert_one_line_error(run("show", "oil-style", "--preview", str(tmp_path / "oil.png")), 1,
                           "oil-style has no preview image")

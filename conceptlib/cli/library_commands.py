@@ -120,7 +120,9 @@ def _display_width(text: str) -> int:
                    "encoder's token table; needs its weight file, never downloads).")
 @click.option("--weights", "weights_dir", type=click.Path(file_okay=False, path_type=str), metavar="DIR",
               help="Folder with the text encoder's weights for --nearest (else $CONCEPTLIB_WEIGHTS or the Keras cache).")
-def show_command(ref: str, as_json: bool, preview_out: Path | None, nearest: int, weights_dir: str | None) -> None:
+@click.option("--force", "--overwrite", "force", is_flag=True, help="With --preview: replace an existing FILE.png.")
+def show_command(ref: str, as_json: bool, preview_out: Path | None, nearest: int, weights_dir: str | None,
+                 force: bool) -> None:
     """Show everything in a concept's header and its vector norms: a library concept (NAME or
     token), or any concept file or folder `import` reads, without importing it.
 
@@ -141,10 +143,10 @@ def show_command(ref: str, as_json: bool, preview_out: Path | None, nearest: int
             raise
         header = _library_file_header(library, Path(ref))
         if header is None:
-            _show_file(library, Path(ref), as_json, preview_out, nearest, weights_dir)
+            _show_file(library, Path(ref), as_json, preview_out, nearest, weights_dir, force)
             return
     if preview_out is not None:
-        _write_preview(header.name, header.path, header.metadata, preview_out)
+        _write_preview(header.name, header.path, header.metadata, preview_out, force)
     try:
         norms = vector_norms(header.path)
     except ConceptFileError as exc:
@@ -230,7 +232,7 @@ def _library_file_header(library, path: Path):
 
 
 def _show_file(library, path: Path, as_json: bool, preview_out: Path | None, nearest: int = 0,
-               weights_dir: str | None = None) -> None:
+               weights_dir: str | None = None, force: bool = False) -> None:
     """`show FILE`: a file or folder of any format `import` reads (import refuses non-finite
     vectors, so every norm is a number), shown as the library would hold it, with the same keys
     as a library concept's."""
@@ -241,7 +243,7 @@ def _show_file(library, path: Path, as_json: bool, preview_out: Path | None, nea
 
     concept = load_source(path)
     if preview_out is not None:
-        _write_preview(concept.name, path, concept.metadata, preview_out)
+        _write_preview(concept.name, path, concept.metadata, preview_out, force)
     norms = np.linalg.norm(concept.vectors.astype(np.float64), axis=1)
     info = summary_fields(concept.name, concept.token, concept.num_vectors, concept.dim, concept.metadata)
     info.update({
@@ -289,9 +291,9 @@ def _print_info(info: dict, as_json: bool, *, where: str) -> None:
     click.echo(printable("\n".join(lines)))
 
 
-def _write_preview(name: str, path: Path, metadata: dict, out: Path) -> None:
+def _write_preview(name: str, path: Path, metadata: dict, out: Path, force: bool = False) -> None:
     """Write the PNG in the ``preview`` metadata (else the ModelSpec thumbnail) of concept ``name``
-    (file ``path``) to ``out`` (never over an existing file)."""
+    (file ``path``) to ``out`` (over an existing file only with ``force``)."""
     from conceptlib.files import atomic_write_bytes
     from conceptlib.formats.writers import preview_base64, preview_png
 
@@ -304,8 +306,8 @@ def _write_preview(name: str, path: Path, metadata: dict, out: Path) -> None:
         raise ConceptFileError(f"{path}: its preview metadata is not a base64 PNG; the file was edited or damaged")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--preview {out}: the preview is a PNG; give a file name ending in .png")
-    if out.exists():
-        raise ConceptFileError(f"--preview {out}: the file exists; remove it or choose another name")
+    if out.exists() and not force:
+        raise ConceptFileError(f"--preview {out}: the file exists; choose another name, or pass --force to replace it")
     atomic_write_bytes(out, data, fix="choose another --preview file")
     click.echo(f"Wrote the preview of {name} to {out}", err=True)
 

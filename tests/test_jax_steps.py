@@ -122,8 +122,11 @@ from conceptlib_jax.trainer import JaxTrainer
 
 notes = []
 out = {}
+recorded = []
 for batch in (4, 3):
-    job = SimpleNamespace(config=SimpleNamespace(batch_size=batch, resolution=64), stage=notes.append)
+    run_dir = SimpleNamespace(record=lambda settings, **extra: recorded.append((settings, extra)))
+    job = SimpleNamespace(config=SimpleNamespace(batch_size=batch, resolution=64), stage=notes.append, resume=False,
+                          run_dir=run_dir)
     devices, distribution, replicated = JaxTrainer(devices="all")._placement(job, "fp32", False)
     out[batch] = {
         "devices": [str(d) for d in devices],
@@ -131,6 +134,7 @@ for batch in (4, 3):
         "replicated": None if replicated is None else [replicated.spec == PartitionSpec(), len(replicated.device_set)],
     }
 out["notes"] = notes
+out["recorded"] = recorded
 print(json.dumps(out))
 """
 
@@ -152,6 +156,8 @@ def test_placement_spreads_a_batch_over_the_devices_that_divide_it():
     assert out["4"] == {"devices": ["cpu:0", "cpu:1"], "distribution": ["cpu:0", "cpu:1"], "replicated": [True, 2]}
     assert out["3"] == {"devices": ["cpu:0"], "distribution": None, "replicated": None}
     assert out["notes"] == ["batch 3 does not split over 2 devices: training on 1 (a --batch-size that is a multiple of 2 uses them all)"]
+    # Each new run records the batch size it settled on (for --resume).
+    assert out["recorded"] == [[{"batch_size": 4}, {"jax": {"variants": 8}}], [{"batch_size": 3}, {"jax": {"variants": 8}}]]
 
 
 def test_prompt_table_uses_every_template_for_a_pack_that_ignores_captions(tmp_path, clip_tokenizer):

@@ -709,7 +709,11 @@ def test_the_jax_trainers_batch_size_and_crops_are_recorded_and_a_resume_keeps_t
     from conceptlib.training import prepare, training_config
     from conceptlib_jax.trainer import JaxTrainer
 
-    monkeypatch.setenv("KERAS_BACKEND", "jax")  # what prepare checks; nothing here imports keras
+    import conceptlib.training
+
+    # prepare makes sure keras runs on the trainer's backend; this process's keras may already run
+    # on TensorFlow (other tests), and nothing here needs keras.
+    monkeypatch.setattr(conceptlib.training, "_ensure_backend", lambda backend: None)
     monkeypatch.setenv("CONCEPTLIB_JAX_BATCH_SIZE", "3")
     monkeypatch.setenv("CONCEPTLIB_JAX_VARIANTS", "2")
     job = prepare(training_config(images, name="batched", token="<batched>", weights="random", trainer="jax", steps=2),

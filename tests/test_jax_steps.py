@@ -94,6 +94,11 @@ def test_serial_worker_runs_one_function_at_a_time_in_order_and_returns_futures(
     with pytest.raises(ValueError, match="sampler failed"):
         futures[1].result()
     assert order == ["a", "broken", "c"]
+    # Closed, the thread ends once what was submitted has run (the trainer closes it after a run).
+    last = worker.submit(work, "d")
+    worker.close()
+    worker._thread.join(timeout=60)
+    assert last.result() == "D" and not worker._thread.is_alive()
 
 
 def test_a_batch_that_does_not_split_uses_as_many_devices_as_divide_it():

@@ -49,9 +49,10 @@ from concurrent.futures import Future
 
 from conceptlib_jax import __version__
 
-# Models built in this process, keyed by what they depend on; training never writes a model
-# variable, so benchmarks and tests can run several configurations on one build. One build at a
-# time: a second caller waits for the first and reuses its models.
+# The models last built in this process, keyed by what they depend on; training never writes a
+# model variable, so runs with the same settings (a notebook, benchmarks, tests) share one build,
+# and other settings replace it (each set is GBs). One build at a time: a second caller waits for
+# the first and reuses its models.
 _MODELS: dict = {}
 _BUILD_LOCK = threading.Lock()
 
@@ -194,6 +195,8 @@ def _build_models(base_model, resolution, weights, *, precision, decoder, distri
     scope = distribution.scope() if distribution is not None else contextlib.nullcontext()
     with scope:
         if cached is None:
+            if cache:
+                _MODELS.clear()  # before building: never two sets at once
             policy = keras.config.dtype_policy()
             keras.config.set_dtype_policy("bfloat16" if precision == "bf16" else "float32")
             try:
@@ -519,6 +522,7 @@ class JaxTrainer:
             shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated), shapes)
 
         patches = []
+        renderer = None  # the previews' worker thread, closed however the run ends
         try:
             step_for = None  # steps_per_call -> the traced step function (traced runs only)
             if entry is None:
@@ -652,6 +656,8 @@ class JaxTrainer:
         finally:
             for patch in patches:
                 patch.restore()
+            if renderer is not None:
+                renderer.close()
         timings["done"] = time.perf_counter()
         peaks["done"] = peak_memory_gib()
         self._finish_report(job, timings, peaks)
@@ -854,7 +860,9 @@ def ready_for_previews(ti, rows, job, build):
 
 class SerialWorker:
     """Runs the functions given to ``submit`` one after another in a daemon thread (an
-    interrupted run exits without waiting for them); ``submit`` returns a Future at once."""
+    interrupted run exits without waiting for them); ``submit`` returns a Future at once.
+    ``close`` lets the thread end once what was submitted has run (a process that trains again,
+    a notebook, would otherwise keep one idle thread per run)."""
 
     def __init__(self):
         self._queue = queue.SimpleQueue()
@@ -868,9 +876,13 @@ class SerialWorker:
             self._thread.start()
         return future
 
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+
     def _run(self):
-        while True:
-            _settle(*self._queue.get())
+        while (item := self._queue.get()) is not None:
+            _settle(*item)
 
 
 def in_background(fn, *args) -> Future:

@@ -51,14 +51,18 @@ def isolated_home(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def freed_memory_returned():
-    """After each module (its fixtures torn down first), collect and hand freed heap back to the
-    system. The suite runs in one process on a 23 GB machine: glibc keeps what Stable Diffusion's
-    models freed in its arenas, fragmented, and the process grew module after module (19.6 GB
-    during the weight-conversion tests at the end of the last full run)."""
+    """After each module (its fixtures torn down first), drop the trainers' kept models, collect,
+    and hand freed heap back to the system. The suite runs in one process on a 23 GB machine:
+    glibc keeps what Stable Diffusion's models freed in its arenas, fragmented, and the process
+    grew module after module (19.6-20.5 GB during the weight-conversion tests at the end of the
+    last full runs)."""
     yield
     import ctypes
     import gc
 
+    for trainer in ("conceptlib_tensorflow", "conceptlib_jax.trainer"):
+        if trainer in sys.modules:  # the models its last run built, kept for the next (GBs)
+            sys.modules[trainer]._MODELS.clear()
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -741,3 +741,42 @@ def test_the_jax_trainers_batch_size_and_crops_are_recorded_and_a_resume_keeps_t
     monkeypatch.setattr(quiet, "stage", said.append)
     JaxTrainer()._settle_data_settings(quiet, "fp32", False, devices=[])
     assert len(said) == 2 and quiet.config.batch_size == 3  # nothing asked otherwise: nothing said
+
+
+@pytest.mark.parametrize("trainer", ["tensorflow", "jax"])
+def test_the_trainers_keep_only_the_models_of_their_last_settings(monkeypatch, trainer):
+    """A run's models stay for the next run with the same settings (a notebook trains again in
+    seconds); other settings replace them instead of adding GBs of models per setting tried.
+    Model building is replaced by stand-ins: the policy is what is tested here."""
+    import weakref
+
+    import conceptlib.kerascv.models as kerascv_models
+    import conceptlib.kerascv.textual_inversion as textual_inversion
+    import conceptlib_jax.step
+    import conceptlib_jax.trainer
+    import conceptlib_tensorflow
+
+    class Part:
+        pass
+
+    class Models:
+        def __init__(self, text_encoder, diffusion_model, image_encoder=None, decoder=None):
+            self.text_encoder, self.diffusion_model, self.decoder = text_encoder, diffusion_model, decoder
+
+    built = []
+    for part in ("text_encoder", "diffusion_model", "image_encoder", "decoder"):
+        monkeypatch.setattr(kerascv_models, f"build_{part}", lambda *args, part=part: built.append(part) or Part())
+    monkeypatch.setattr(textual_inversion, "TextualInversion", Models)
+    monkeypatch.setattr(conceptlib_jax.step, "fast_textual_inversion_class", lambda: Models)
+    module = conceptlib_tensorflow if trainer == "tensorflow" else conceptlib_jax.trainer
+    monkeypatch.setattr(module, "_MODELS", {})
+
+    first = module.build_models("sd-1", 64, None)
+    assert module.build_models("sd-1", 64, None) is first and len(built) == 3  # reused
+    with_decoder = module.build_models("sd-1", 64, None, decoder=True)
+    assert with_decoder.diffusion_model is first.diffusion_model and built[-1] == "decoder"  # only the decoder added
+    gone = weakref.ref(first.diffusion_model)
+    del first, with_decoder
+    other = module.build_models("sd-1", 128, None)
+    assert list(module._MODELS.values()) == [other]
+    assert gone() is None  # the 64 px models were let go, not kept beside the new ones

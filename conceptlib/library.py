@@ -495,8 +495,7 @@ class ConceptLibrary:
             if not file_name.endswith(SUFFIX):
                 # Copied in by hand (an A1111 .pt, a diffusers .bin): said, never read.
                 problems.append(Problem(Path(entry.path), f"{entry.path}: not a library file (the library keeps "
-                                                          f"NAME{SUFFIX} files); move it out of the concepts folder, "
-                                                          "then add it with conceptlib import FILE"))
+                                                          f"NAME{SUFFIX} files); {_BRING_IN_INSTEAD}"))
                 continue
             try:
                 stat = entry.stat()
@@ -601,6 +600,10 @@ def _read_library_file(path: Path, name: str, **options) -> Concept:
         raise UnreadableConceptError(exc, name) from None
 
 
+# The fix for another tool's file copied into the concepts folder by hand.
+_BRING_IN_INSTEAD = "move it out of the concepts folder, then add it with conceptlib import FILE"
+
+
 def _index_entry(path: Path, key: list[int]) -> dict:
     name = path.name[: -len(SUFFIX)]
     if not is_valid_name(name):
@@ -613,7 +616,7 @@ def _index_entry(path: Path, key: list[int]) -> dict:
     if header.metadata.get("format") != FORMAT:
         # Another tool's .safetensors copied in by hand: its tensor key ('emb_params') is no token.
         return {"key": key, "error": f"{path}: not a conceptlib file (another tool's embedding, copied in by hand?); "
-                                     "move it out of the concepts folder, then add it with conceptlib import FILE"}
+                                     f"{_BRING_IN_INSTEAD}"}
     try:
         validate_token(header.token)
     except ConceptError as exc:

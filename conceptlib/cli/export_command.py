@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from conceptlib.cli import main
-from conceptlib.cli.library_commands import _library, _listed, _warn_problems
+from conceptlib.cli.library_commands import _library, _listed, _warn_problems, refuse_empty_tags
 from conceptlib.errors import ConceptError, ConceptFileError, UsageError
 from conceptlib.files import write_failure_reason
 from conceptlib.formats.writers import EXPORT_FORMATS, PREVIEW_FILE_FORMATS
@@ -81,8 +81,7 @@ def export_command(refs: tuple[str, ...], export_all: bool, fmt: str, out: str |
     if (base_model or tags) and not export_all:
         option = "--base-model" if base_model else "--tag"
         raise UsageError(f"{option} chooses among --all; add --all, or drop {option} and name the concepts")
-    if any(not tag.strip() for tag in tags):
-        raise UsageError("--tag: give a tag (e.g. --tag anime); an empty one would match only untagged concepts")
+    refuse_empty_tags(tags)
     if with_preview and (fmt not in PREVIEW_FILE_FORMATS or (out or "").lower().endswith(".png")):
         raise UsageError(f"--with-preview: only {', '.join(PREVIEW_FILE_FORMATS)} files get a NAME.preview.png "
                          "beside them (an embedding image is its own picture); drop --with-preview")

@@ -30,6 +30,12 @@ def _library():
     return ConceptLibrary()
 
 
+def refuse_empty_tags(tags: tuple[str, ...]) -> None:
+    """--tag '' (list, export --all) would match only untagged concepts: a usage error."""
+    if any(not tag.strip() for tag in tags):
+        raise UsageError("--tag: give a tag (e.g. --tag anime); an empty one would match only untagged concepts")
+
+
 def _listed(row: dict, pattern: str | None, base_model: str | None, tags: tuple[str, ...] = ()) -> bool:
     if base_model and row.get("base_model") != base_model:
         return False
@@ -71,8 +77,7 @@ def list_command(pattern: str | None, base_model: str | None, tags: tuple[str, .
       conceptlib list style --base-model sd-1
       conceptlib list --tag anime
       conceptlib list --json"""
-    if any(not tag.strip() for tag in tags):
-        raise UsageError("--tag: give a tag (e.g. --tag anime); an empty one would match only untagged concepts")
+    refuse_empty_tags(tags)
     library = _library()
     everything = library.summaries()
     _warn_problems(library)

@@ -45,7 +45,7 @@ DESCRIPTIVE_KEYS = {
     "tags": "modelspec.tags",
 }
 # Those `list --json` carries (and `list PATTERN` searches) when a concept has them.
-LISTED_DESCRIPTIONS = ("title", "description", "category", "tags")
+LISTED_DESCRIPTIONS = ("title", "description", "author", "license", "category", "tags")
 
 
 class WriteError(ConceptFileError, OSError):

@@ -56,7 +56,8 @@ from conceptlib.files import (
 )
 
 # 3: entries also record files whose vectors hold NaN or Inf (version 2 listed them as usable).
-INDEX_VERSION = 4
+# 5: entries also hold the author and license (`list` shows and searches them).
+INDEX_VERSION = 5
 _ENTRY_FIELDS = {"key", "name", "token", "num_vectors", "dim", "metadata"}
 # The metadata keys ConceptHeader.summary() shows; the rest is read from the file when used.
 # What `list` shows and searches without opening each file (the ModelSpec asks tools that list

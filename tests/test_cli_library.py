@@ -306,6 +306,7 @@ def test_mix_takes_a_source_whole_when_it_names_a_concept(library):
 def test_list_searches_titles_descriptions_categories_and_tags(library):
     run("describe", "oil-style", "--description", "Thick impasto brushwork", "--tags", "painting, texture")
     run("describe", "cat-doll", "--category", "Toy", "--title", "Plush kitten")
+    run("describe", "oil-style", "--author", "Ada Brush", "--license", "CC-BY-4.0")
 
     def names(pattern):
         return [row["name"] for row in json.loads(run("list", pattern, "--json").stdout)]
@@ -313,8 +314,10 @@ def test_list_searches_titles_descriptions_categories_and_tags(library):
     assert names("impasto") == ["oil-style"] and names("TEXTURE") == ["oil-style"]
     assert names("kitten") == ["cat-doll"] and names("toy") == ["cat-doll"]
     assert names("plush*") == ["cat-doll"]  # a wildcard matches one field whole: the title
+    assert names("ada") == ["oil-style"] and names("cc-by*") == ["oil-style"]  # who made it, on what terms
     rows = json.loads(run("list", "--json").stdout)
     assert rows[1]["description"] == "Thick impasto brushwork" and rows[0]["title"] == "Plush kitten"
+    assert (rows[1]["author"], rows[1]["license"]) == ("Ada Brush", "CC-BY-4.0") and "author" not in rows[0]
 
 
 def test_list_warns_about_broken_files(library):

@@ -68,7 +68,7 @@ def _warn_problems(library) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def list_command(pattern: str | None, base_model: str | None, tags: tuple[str, ...], as_json: bool) -> None:
     """List the concepts in the library; PATTERN keeps those whose name, token, title, description,
-    category or tags (`conceptlib describe`) contain it (case-insensitive; *, ? and [...] make it a
+    author, license, category or tags (`conceptlib describe`) contain it (case-insensitive; *, ? and [...] make it a
     wildcard pattern that must match one of them whole).
 
     \b
@@ -514,7 +514,7 @@ def describe_command(ref: str, thumbnail: str | None, **values: str | None) -> N
     Stability AI ModelSpec keys (modelspec.title, .description, .author, .license, .usage_hint,
     .category, .tags, .thumbnail) that model pickers such as kohya's and civitai's tools read. An
     empty value removes a key (an empty --title gives back the default, the name). Without options,
-    prints them. `list PATTERN` searches the title, description, category and tags."""
+    prints them. `list PATTERN` searches the title, description, author, license, category and tags."""
     library = _library()
     changes = described(values)
     if thumbnail is not None:

@@ -641,6 +641,20 @@ def test_special_files_are_one_line_errors(tmp_path):
         "x.pt": "not a regular file or folder", "zero.pt": "not a regular file or folder", "gone.pt": "a broken link"}
 
 
+def test_a_hidden_concept_file_in_a_folder_is_said(tmp_path):
+    """A dot file with a concept suffix is not imported with its folder, but said; macOS' resource
+    forks (._NAME, beside every file of a zip made on a Mac) and other dot files are passed over."""
+    _good_safetensors(tmp_path / "good.safetensors")
+    _good_safetensors(tmp_path / ".hidden.safetensors")
+    (tmp_path / "._good.safetensors").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    sources, skipped = discover(tmp_path)
+    assert [s.path.name for s in sources] == ["good.safetensors"]
+    assert [(s.path.name, s.reason) for s in skipped] == [
+        (".hidden.safetensors", "a hidden file (its name starts with a dot); import it by its path to bring it in")]
+    assert [s.path.name for s in discover(tmp_path / ".hidden.safetensors")[0]] == [".hidden.safetensors"]
+
+
 # -- corrupt and misnamed files --------------------------------------------------------------------
 
 

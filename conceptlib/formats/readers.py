@@ -130,6 +130,9 @@ def _discover_folder(folder: Path, sources: list[Source], skipped: list[Skipped]
         entries = sorted(folder.iterdir())
     except PermissionError:
         raise ConceptFileError(f"{folder}: permission denied; make the folder readable") from None
+    for entry in entries:
+        if _is_hidden_concept_file(entry):
+            skipped.append(Skipped(entry, "a hidden file (its name starts with a dot); import it by its path to bring it in"))
     entries = [e for e in entries if not e.name.startswith(".")]
     checkpoints = [e for e in entries if _CHECKPOINT_RE.match(e.name) and e.is_file()]
     if checkpoints:
@@ -144,6 +147,13 @@ def _discover_folder(folder: Path, sources: list[Source], skipped: list[Skipped]
             _discover_entry(entry, sources, skipped, seen, root, depth)
         except OSError as exc:  # e.g. a folder of another account's
             skipped.append(Skipped(entry, f"cannot be read ({exc.strerror or exc})"))
+
+
+def _is_hidden_concept_file(entry: Path) -> bool:
+    """A dot file with a concept file's suffix, other than macOS' resource forks (``._NAME``, which
+    zip archives made on a Mac hold beside every file and which are never embeddings)."""
+    return (entry.name.startswith(".") and not entry.name.startswith("._")
+            and entry.suffix.lower() in FILE_SUFFIXES and entry.is_file())
 
 
 def _discover_entry(entry: Path, sources: list[Source], skipped: list[Skipped], seen: set[Path], root: Path,

@@ -4,6 +4,36 @@ start as subprocesses (``python tests/test_x.py``): either way tests/ is on sys.
 from __future__ import annotations
 
 
+def in_child(fn, *args):
+    """``fn(*args)`` in a fresh (spawned) Python process; its result comes back pickled, an
+    exception it raises is raised here. For tests that hold full-size Stable Diffusion models:
+    what such a model allocated stays in the heap of the process that built it (glibc keeps freed
+    memory fragmented in its arenas), and the suite shares one 23 GB machine with its workers."""
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def convert_in_a_process(source, dest):
+    """`conceptlib weights convert SOURCE DEST` as the real CLI process (its models stay out of
+    the test process); the CompletedProcess, output as text."""
+    import os
+    import subprocess
+    import sys
+
+    from conceptlib import weights
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop(weights.ENV_VAR, None)
+    return subprocess.run(
+        [sys.executable, "-m", "conceptlib", "weights", "convert", str(source), str(dest)],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+
+
 class Interrupted(Exception):
     """Raised inside a run that ``run_interrupted`` stops."""
 

@@ -20,8 +20,6 @@ import gc
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,9 +30,10 @@ from click.testing import CliRunner
 from conceptlib.cli import main
 from conceptlib.kerascv import convert as C
 from conceptlib import weights as W
+from helpers import convert_in_a_process, in_child
 from torch_reference import (
-    TEXT_CONFIG, TEXT_CONFIG_SD2, TIMESTEP, UNET_CONFIG, VAE_CONFIG, KerasCvChoices, assert_close, h5_weights,
-    randomise, save_pipeline, seeded_inputs, torch_state, unet_outputs,
+    TEXT_CONFIG, TEXT_CONFIG_SD2, UNET_CONFIG, VAE_CONFIG, KerasCvChoices, assert_close, assert_single_file_genuine, h5_weights,
+    keras_outputs, randomise, save_pipeline, seeded_inputs, unet_outputs,
 )
 
 # diffusers and transformers (imported in the fixture) must never reach for the Hub: every model
@@ -109,14 +108,9 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
     src, dest = root / "sd15-diffusers", root / "keras-weights"
     start = time.monotonic()
-    reference = _torch_pipeline(src)
+    reference = in_child(_torch_pipeline, src)
     torch_seconds = time.monotonic() - start
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop(W.ENV_VAR, None)
-    result = subprocess.run(
-        [sys.executable, "-m", "conceptlib", "weights", "convert", str(src), str(dest)],
-        capture_output=True, text=True, env=env, timeout=900,
-    )
+    result = convert_in_a_process(src, dest)
     assert result.returncode == 0, result.stderr[-3000:]
     print(f"\ntorch models + save_pretrained: {torch_seconds:.0f} s; convert: {time.monotonic() - start - torch_seconds:.0f} s")
     yield {"src": src, "dest": dest, "stdout": result.stdout, "stderr": result.stderr, **reference}
@@ -124,17 +118,11 @@ def converted(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sd(converted):
-    """keras-cv's StableDiffusion whose parts load lazily from the converted folder."""
-    from conceptlib.kerascv.models import build_stable_diffusion
-
-    weights = W.resolve_weights("sd-1", converted["dest"], download=False)
-    return build_stable_diffusion("sd-1", 64, weights)
-
-
-def _free(sd, attribute: str) -> None:
-    setattr(sd, attribute, None)
-    gc.collect()
+def keras_out(converted):
+    """keras-cv's outputs for the same inputs, its models loaded from the converted folder
+    (in a process of their own, as torch's were)."""
+    parts = ("text_encoder", "diffusion_model", "decoder", "image_encoder")
+    return in_child(keras_outputs, "sd-1", converted["dest"], converted["inputs"], parts)
 
 
 @pytest.mark.slow
@@ -159,45 +147,24 @@ def test_convert_writes_keras_cv_files_and_says_where_they_came_from(converted):
 
 
 @pytest.mark.slow
-def test_text_encoder_matches_transformers(converted, sd):
-    ids = converted["inputs"]["ids"].astype(np.int32)
-    positions = np.tile(np.arange(77, dtype=np.int32), (2, 1))
-    hidden = np.asarray(sd.text_encoder.predict_on_batch([ids, positions]))
-    _free(sd, "_text_encoder")
-    assert_close("text encoder (last hidden state)", hidden, converted["text"])
+def test_text_encoder_matches_transformers(converted, keras_out):
+    assert_close("text encoder (last hidden state)", keras_out["text"], converted["text"])
 
 
 @pytest.mark.slow
-def test_diffusion_model_matches_diffusers_unet(converted, sd):
-    inputs = converted["inputs"]
-    latent = inputs["latent"].transpose(0, 2, 3, 1)  # NCHW -> NHWC
-    t_embedding = np.asarray(sd._get_timestep_embedding(TIMESTEP, 1))  # keras-cv's own embedding
-    eps = np.asarray(sd.diffusion_model.predict_on_batch([latent, t_embedding, inputs["context"]]))
-    _free(sd, "_diffusion_model")
-    assert_close("unet (noise prediction)", eps.transpose(0, 3, 1, 2), converted["unet"], converted["unet_diffusers"])
+def test_diffusion_model_matches_diffusers_unet(converted, keras_out):
+    assert_close("unet (noise prediction)", keras_out["unet"], converted["unet"], converted["unet_diffusers"])
 
 
 @pytest.mark.slow
-def test_decoder_matches_diffusers_vae_decode(converted, sd):
-    latent = converted["inputs"]["latent"].transpose(0, 2, 3, 1)
-    image = np.asarray(sd.decoder.predict_on_batch(latent)).transpose(0, 3, 1, 2)
-    _free(sd, "_decoder")
-    assert_close("decoder (image)", image, converted["decoder"], converted["decoder_diffusers"])
+def test_decoder_matches_diffusers_vae_decode(converted, keras_out):
+    assert_close("decoder (image)", keras_out["decoder"], converted["decoder"], converted["decoder_diffusers"])
 
 
 @pytest.mark.slow
-def test_image_encoder_matches_diffusers_vae_encode(converted, sd):
-    from conceptlib.kerascv import keras_module
-
-    keras = keras_module()
-    image = converted["inputs"]["image"].transpose(0, 2, 3, 1)
-    encoder = sd.image_encoder
-    mean = np.asarray(encoder.predict_on_batch(image)).transpose(0, 3, 1, 2)
-    moments = keras.Model(encoder.inputs, encoder.layers[-2].output)  # mean and log-variance
-    logvar = np.asarray(moments.predict_on_batch(image))[..., 4:].transpose(0, 3, 1, 2)
-    _free(sd, "_image_encoder")
-    assert_close("image encoder (mean x 0.18215)", mean, converted["mean"], converted["mean_diffusers"])
-    assert_close("image encoder (log-variance)", logvar, converted["logvar"])
+def test_image_encoder_matches_diffusers_vae_encode(converted, keras_out):
+    assert_close("image encoder (mean x 0.18215)", keras_out["mean"], converted["mean"], converted["mean_diffusers"])
+    assert_close("image encoder (log-variance)", keras_out["logvar"], converted["logvar"])
 
 
 @pytest.mark.slow
@@ -226,7 +193,7 @@ def single_file(converted):
     (schedule buffers, EMA bookkeeping, position_ids) and EMA copies of three UNet tensors (set to
     other values, to show which copy is read). The LDM names come from conceptlib's table; the
     test proves them with diffusers' own single-file loader."""
-    path = _write_single_file(converted["src"], converted["src"].parent / "sd15-single-file.safetensors")
+    path = in_child(_write_single_file, converted["src"], converted["src"].parent / "sd15-single-file.safetensors")
     yield path
     path.unlink(missing_ok=True)
 
@@ -259,29 +226,8 @@ def _write_single_file(src: Path, path: Path) -> Path:
 def test_single_file_checkpoint_is_genuine_for_diffusers(converted, single_file):
     """diffusers' own single-file loader reads the file back into the original models' tensors
     (float16-rounded): the file is a genuine LDM checkpoint, so conceptlib's LDM names are right."""
-    from diffusers import StableDiffusionPipeline
-    from safetensors import safe_open
-
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(single_file), config=str(converted["src"]), local_files_only=True,
-        tokenizer=None, safety_checker=None, feature_extractor=None)
-    for sub, model in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet), ("vae", pipe.vae)):
-        loaded = torch_state(model)
-        # One original tensor at a time: the whole UNet again would be 3.4 GB more (the suite
-        # shares a 23 GB machine).
-        with safe_open(str(converted["src"] / sub / f"{C._SUBFOLDERS[sub][0]}.safetensors"), "np") as original:
-            for name in original.keys():
-                key = name
-                for new, old in OLD_VAE_NAMES.items():
-                    key = key.replace(f".attentions.0.{old}.", f".attentions.0.{new}.")
-                key = key if key in loaded else key.removeprefix(C._TEXT_PREFIX)
-                assert key in loaded, f"{sub}: diffusers did not load {key} from the single file"
-                want = original.get_tensor(name).astype(np.float16).astype(np.float32)
-                assert np.array_equal(loaded.pop(key), want), f"{sub}: {key} differs"
-        assert set(loaded) <= {"text_model.embeddings.position_ids", "embeddings.position_ids"}, (sub, sorted(loaded)[:3])
-        del loaded
-    del pipe
-    gc.collect()
+    renames = {f".attentions.0.{old}.": f".attentions.0.{new}." for new, old in OLD_VAE_NAMES.items()}
+    in_child(assert_single_file_genuine, single_file, converted["src"], ("text_encoder", "unet", "vae"), renames)
 
 
 @pytest.mark.slow
@@ -298,8 +244,8 @@ def test_single_file_converts_to_the_same_keras_cv_files(converted, single_file,
 def _convert_single_file_and_compare(converted, single_file: Path, dest: Path) -> None:
     import h5py
 
-    result = CliRunner().invoke(main, ["weights", "convert", str(single_file), str(dest)])
-    assert result.exit_code == 0, result.output + result.stderr
+    result = convert_in_a_process(single_file, dest)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == str(dest)
     assert "single-file sd-1 checkpoint" in result.stderr and "its 3 model_ema.* tensors are not used" in result.stderr
     manifest = json.loads((dest / W.MANIFEST).read_text())

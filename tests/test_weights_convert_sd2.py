@@ -22,14 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from conceptlib import weights as W
-from conceptlib.cli import main
 from conceptlib.kerascv import convert as C
+from helpers import convert_in_a_process, in_child
 from torch_reference import (
-    TEXT_CONFIG_SD2, TIMESTEP, UNET_CONFIG_SD2, VAE_CONFIG, assert_close, randomise, seeded_inputs,
-    save_pipeline, torch_state, unet_outputs,
+    TEXT_CONFIG_SD2, UNET_CONFIG_SD2, VAE_CONFIG, assert_close, assert_single_file_genuine, keras_outputs,
+    randomise, seeded_inputs, save_pipeline, unet_outputs,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,20 +82,18 @@ def converted(tmp_path_factory):
     pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("convert-sd2")
     src, dest = root / "sd21-base-diffusers", root / "keras-weights"
-    reference = _torch_pipeline(src)
-    result = CliRunner().invoke(main, ["weights", "convert", str(src), str(dest)])
-    assert result.exit_code == 0, result.output + result.stderr
+    reference = in_child(_torch_pipeline, src)
+    result = convert_in_a_process(src, dest)
+    assert result.returncode == 0, result.stderr[-3000:]
     yield {"src": src, "dest": dest, "stdout": result.stdout, "stderr": result.stderr, **reference}
     shutil.rmtree(root, ignore_errors=True)  # ~10 GB
 
 
 @pytest.fixture(scope="module")
-def sd(converted):
-    """keras-cv's StableDiffusionV2 whose parts load lazily from the converted folder."""
-    from conceptlib.kerascv.models import build_stable_diffusion
-
-    weights = W.resolve_weights("sd-2", converted["dest"], download=False)
-    return build_stable_diffusion("sd-2", 64, weights)
+def keras_out(converted):
+    """keras-cv's V2 outputs for the same inputs, its models loaded from the converted folder
+    (in a process of their own, as torch's were)."""
+    return in_child(keras_outputs, "sd-2", converted["dest"], converted["inputs"], ("text_encoder", "diffusion_model"))
 
 
 def test_sd2_folder_becomes_keras_cv_v2_files(converted):
@@ -110,23 +107,12 @@ def test_sd2_folder_becomes_keras_cv_v2_files(converted):
     assert manifest["files"][W.weight_filename("sd-2", "text_encoder")]["base_model"] == "sd-2"
 
 
-def test_sd2_text_encoder_matches_transformers(converted, sd):
-    ids = converted["inputs"]["ids"].astype(np.int32)
-    positions = np.tile(np.arange(77, dtype=np.int32), (2, 1))
-    hidden = np.asarray(sd.text_encoder.predict_on_batch([ids, positions]))
-    sd._text_encoder = None
-    gc.collect()
-    assert_close("sd-2 text encoder (penultimate layer, final norm)", hidden, converted["text"], converted["text_exact"])
+def test_sd2_text_encoder_matches_transformers(converted, keras_out):
+    assert_close("sd-2 text encoder (penultimate layer, final norm)", keras_out["text"], converted["text"], converted["text_exact"])
 
 
-def test_sd2_diffusion_model_matches_diffusers_unet(converted, sd):
-    inputs = converted["inputs"]
-    latent = inputs["latent"].transpose(0, 2, 3, 1)
-    t_embedding = np.asarray(sd._get_timestep_embedding(TIMESTEP, 1))
-    eps = np.asarray(sd.diffusion_model.predict_on_batch([latent, t_embedding, inputs["context"]]))
-    sd._diffusion_model = None
-    gc.collect()
-    assert_close("sd-2 unet (noise prediction)", eps.transpose(0, 3, 1, 2), converted["unet"], converted["unet_diffusers"])
+def test_sd2_diffusion_model_matches_diffusers_unet(converted, keras_out):
+    assert_close("sd-2 unet (noise prediction)", keras_out["unet"], converted["unet"], converted["unet_diffusers"])
 
 
 # --- the original single-file layout -----------------------------------------------------------
@@ -154,11 +140,9 @@ def _openclip_tensors(text: dict) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def single_file(converted):
+def _write_single_file(src: Path, path: Path) -> Path:
     from safetensors.numpy import load_file, save_file
 
-    src = converted["src"]
     tensors = {}
     for sub, (stem, _) in C._SUBFOLDERS.items():
         part = {key.removeprefix(C._TEXT_PREFIX): value for key, value in load_file(str(src / sub / f"{stem}.safetensors")).items()}
@@ -170,10 +154,13 @@ def single_file(converted):
                 value = value.reshape(value.shape + (1, 1))  # the original VAE's 1x1 conv attention
             tensors[C.ldm_name(sub, key)] = value
     tensors = {key: value.astype(np.float16) if value.dtype == np.float32 else value for key, value in tensors.items()}
-    path = src.parent / "v2-1_512-random.safetensors"
     save_file(tensors, str(path))
-    del tensors
-    gc.collect()
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_file(converted):
+    path = in_child(_write_single_file, converted["src"], converted["src"].parent / "v2-1_512-random.safetensors")
     yield path
     path.unlink(missing_ok=True)
 
@@ -181,25 +168,7 @@ def single_file(converted):
 def test_sd2_single_file_is_genuine_for_diffusers(converted, single_file):
     """diffusers' single-file loader reads the file back into the original models' tensors
     (float16-rounded): the OpenCLIP layout and the LDM names are what the original code wrote."""
-    from diffusers import StableDiffusionPipeline
-    from safetensors import safe_open
-
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(single_file), config=str(converted["src"]), local_files_only=True,
-        tokenizer=None, safety_checker=None, feature_extractor=None)
-    for sub, model in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet)):
-        loaded = torch_state(model)
-        # One original tensor at a time: the whole UNet again would be 3.5 GB more (the suite
-        # shares a 23 GB machine).
-        with safe_open(str(converted["src"] / sub / f"{C._SUBFOLDERS[sub][0]}.safetensors"), "np") as original:
-            for name in original.keys():
-                key = name if name in loaded else name.removeprefix(C._TEXT_PREFIX)
-                assert key in loaded, f"{sub}: diffusers did not load {key} from the single file"
-                want = original.get_tensor(name).astype(np.float16).astype(np.float32)
-                assert np.array_equal(loaded.pop(key), want), f"{sub}: {key} differs"
-        del loaded
-    del pipe
-    gc.collect()
+    in_child(assert_single_file_genuine, single_file, converted["src"], ("text_encoder", "unet"))
 
 
 def test_sd2_single_file_reads_as_the_folder(converted, single_file):

@@ -160,3 +160,75 @@ def h5_weights(handle) -> list:
         group = handle[layer]
         out += [(f"{layer}/{weight}", group[weight]) for weight in group.attrs["weight_names"]]
     return out
+
+
+def keras_outputs(base_model: str, weights_dir, inputs: dict, parts: tuple) -> dict:
+    """keras-cv's outputs for ``inputs`` (as torch's: NCHW), each of ``parts`` built in turn
+    through conceptlib's own loading path from ``weights_dir`` and dropped before the next:
+    "text" (text_encoder), "unet" (diffusion_model), "decoder", "mean" and "logvar"
+    (image_encoder)."""
+    import gc
+
+    from conceptlib import weights as W
+    from conceptlib.kerascv import keras_module
+    from conceptlib.kerascv.models import build_stable_diffusion
+
+    sd = build_stable_diffusion(base_model, 64, W.resolve_weights(base_model, weights_dir, download=False))
+    out = {}
+    if "text_encoder" in parts:
+        ids = inputs["ids"].astype(np.int32)
+        positions = np.tile(np.arange(ids.shape[1], dtype=np.int32), (len(ids), 1))
+        out["text"] = np.asarray(sd.text_encoder.predict_on_batch([ids, positions]))
+        sd._text_encoder = None
+    if "diffusion_model" in parts:
+        latent = inputs["latent"].transpose(0, 2, 3, 1)
+        t_embedding = np.asarray(sd._get_timestep_embedding(TIMESTEP, 1))  # keras-cv's own embedding
+        eps = sd.diffusion_model.predict_on_batch([latent, t_embedding, inputs["context"]])
+        out["unet"] = np.asarray(eps).transpose(0, 3, 1, 2)
+        sd._diffusion_model = None
+    if "decoder" in parts:
+        image = sd.decoder.predict_on_batch(inputs["latent"].transpose(0, 2, 3, 1))
+        out["decoder"] = np.asarray(image).transpose(0, 3, 1, 2)
+        sd._decoder = None
+    if "image_encoder" in parts:
+        image = inputs["image"].transpose(0, 2, 3, 1)
+        encoder = sd.image_encoder
+        out["mean"] = np.asarray(encoder.predict_on_batch(image)).transpose(0, 3, 1, 2)
+        moments = keras_module().Model(encoder.inputs, encoder.layers[-2].output)  # mean and log-variance
+        out["logvar"] = np.asarray(moments.predict_on_batch(image))[..., 4:].transpose(0, 3, 1, 2)
+    del sd
+    gc.collect()
+    return out
+
+
+def assert_single_file_genuine(single_file, pipeline_folder, subfolders, renames=None) -> None:
+    """diffusers' own single-file loader reads ``single_file`` back into the tensors of
+    ``pipeline_folder`` (float16-rounded) for each of ``subfolders``: the file is a genuine
+    original checkpoint, so conceptlib's names for that layout are right. ``renames`` maps a
+    name fragment of the folder's files to today's (diffusers' pre-0.14 VAE attention names)."""
+    import gc
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from conceptlib.kerascv import convert as C
+
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(single_file), config=str(pipeline_folder), local_files_only=True,
+        tokenizer=None, safety_checker=None, feature_extractor=None)
+    for sub in subfolders:
+        loaded = torch_state(getattr(pipe, sub))
+        # One original tensor at a time: the whole UNet again would be 3.4 GB more.
+        with safe_open(str(pipeline_folder / sub / f"{C._SUBFOLDERS[sub][0]}.safetensors"), "np") as original:
+            for name in original.keys():
+                key = name
+                for old, new in (renames or {}).items():
+                    key = key.replace(old, new)
+                key = key if key in loaded else key.removeprefix(C._TEXT_PREFIX)
+                assert key in loaded, f"{sub}: diffusers did not load {key} from the single file"
+                want = original.get_tensor(name).astype(np.float16).astype(np.float32)
+                assert np.array_equal(loaded.pop(key), want), f"{sub}: {key} differs"
+        assert set(loaded) <= {"text_model.embeddings.position_ids", "embeddings.position_ids"}, (sub, sorted(loaded)[:3])
+        del loaded
+    del pipe
+    gc.collect()

@@ -122,6 +122,34 @@ def test_cli_train_adds_concept_with_full_metadata(workspace, cli_run):
     assert preview.shape == (64, 128, 3) and not is_flat(preview)  # two 64-px images side by side
 
 
+def test_cli_trains_an_sd2_concept(workspace, tmp_path):
+    """SD 2.x end to end under the TensorFlow trainer: keras-cv's TextEncoderV2 (1024 wide, the
+    penultimate layer) and DiffusionModelV2, random weights in memory (no SD 2 weight files here)."""
+    home = tmp_path / "home"
+    cmd = [
+        shutil.which("conceptlib"), "train", str(workspace["images"]), "--base-model", "sd-2", "--weights", "random",
+        "--name", "sd2-doll", "--token", "<sd2-doll>", "--init", "doll", "--resolution", "64", "--steps", "2",
+        "--batch-size", "1", "--trainer", "tensorflow", "--seed", "3", "--checkpoint-every", "1",
+        "--run-dir", str(tmp_path / "run"),
+    ]
+    proc = subprocess.run(cmd, env=_env(home), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "building the sd-2 models" in proc.stderr and "step 2/2" in proc.stderr
+
+    from conceptlib.library import ConceptLibrary
+
+    concept = ConceptLibrary(home).get("sd2-doll")
+    assert concept.vectors.shape == (1, 1024) and concept.base_model == "sd-2"
+    training = json.loads(concept.metadata["training"])
+    assert training["base_model"] == "sd-2" and training["resolution"] == 64
+    history = json.loads(concept.metadata["loss_history"])
+    assert [step for step, _ in history] == [1, 2] and all(np.isfinite(loss) for _, loss in history)
+    with np.load(tmp_path / "run" / "checkpoints" / "step-0000001.npz") as data:
+        after_one = data["vectors"]
+    # Each step moved the vector (the gradient reached it through the V2 text encoder).
+    assert after_one.shape == (1, 1024) and not np.array_equal(after_one, concept.vectors)
+
+
 def test_ctrl_c_stops_a_cli_run_and_resume_finishes_it(workspace):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) once the run has saved its
     second checkpoint: it stops with exit 130 and says how to continue; `--resume` then finishes

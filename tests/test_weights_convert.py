@@ -7,6 +7,8 @@ writes them with ``save_pretrained`` as the Hub holds them, converts the folder 
 CLI, builds keras-cv's models through conceptlib's own loading path (``--weights DIR``) and
 compares each part's outputs with torch's on the same inputs. A swapped, untransposed or
 misplaced tensor changes outputs by O(1); the tolerances are ~1e-4 of each output's scale.
+Every full-size model is built in a process of its own (``helpers.in_child``, the CLI), so the
+test process, which runs the whole suite, never holds one.
 
 keras-cv's SD 1.x differs from diffusers in two documented details that are not weights: its
 GEGLU uses the tanh approximation of GELU, and its GroupNorms use eps 1e-5 where diffusers' VAE

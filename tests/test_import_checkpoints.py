@@ -16,6 +16,7 @@ from PIL import Image
 from conceptlib.cli import main
 from conceptlib.concept import Concept
 from conceptlib.files import write_concept
+from conceptlib.formats import load_any
 from conceptlib.library import ConceptLibrary
 from conceptlib.runs import Checkpoint, RunDirectory
 from conceptlib.training import TrainingConfig
@@ -64,6 +65,16 @@ def test_a_checkpoint_becomes_a_concept_with_its_steps_metadata(home, tmp_path):
     np.testing.assert_array_equal(concept.vectors, _vectors(20))
     meta = concept.metadata
     assert json.loads(meta["checkpoint_of"]) == {"run": str(run.path.resolve()), "step": 20}
+    # What is shared names the run by its folder only (the library's absolute path holds the home).
+    for fmt in ("conceptlib", "kohya", "diffusers", "a1111"):
+        out = tmp_path / f"shared-{fmt}"
+        out.mkdir()
+        assert CliRunner().invoke(main, ["export", "doll-step20", "--format", fmt, "--out", str(out)]).exit_code == 0
+        data = b"".join(path.read_bytes() for path in out.rglob("*") if path.is_file())
+        assert str(run.path.resolve()).encode() not in data and str(tmp_path).encode() not in data, fmt
+        if fmt == "conceptlib":
+            shared = load_any(next(out.iterdir()))[0]
+            assert json.loads(shared.metadata["checkpoint_of"]) == {"run": run.path.name, "step": 20}
     assert json.loads(meta["loss_history"]) == [[i + 1, round(loss, 6)] for i, loss in enumerate(LOSSES[:20])]
     assert meta["final_loss"] == f"{LOSSES[19]:.6f}"
     assert meta["trainer"] == "jax" and meta["trainer_version"] == "0.1.0" and meta["random_weights"] == "true"

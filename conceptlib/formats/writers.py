@@ -36,6 +36,7 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
     """
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    concept = _without_local_paths(concept)
     out = Path(out).expanduser()
     if fmt == "sd-concepts":
         return _export_sd_concepts(concept, out, overwrite)
@@ -59,6 +60,22 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
 
         return atomic_write_bytes(target, a1111_image.write(_a1111_dict(concept, target), _preview_pixels(concept)))
     return atomic_write_bytes(target, _pickle(_a1111_dict(concept, target), target))
+
+
+def _without_local_paths(concept: Concept) -> Concept:
+    """``concept`` as it may leave this machine: a checkpoint's ``checkpoint_of`` names its run by
+    the folder's name, not by the absolute path the library keeps (which holds the user's home)."""
+    import json
+
+    try:
+        record = json.loads(concept.metadata.get("checkpoint_of") or "{}")
+    except ValueError:
+        return concept
+    run = record.get("run") if isinstance(record, dict) else None
+    if not isinstance(run, str) or run == Path(run).name:
+        return concept
+    metadata = {**concept.metadata, "checkpoint_of": json.dumps({**record, "run": Path(run).name})}
+    return Concept(concept.name, concept.token, concept.vectors, metadata)
 
 
 def a1111_prompt_word(concept: Concept, target: Path) -> str:

@@ -9,6 +9,7 @@ import unicodedata
 import click
 
 from conceptlib.concept import is_utf8
+from conceptlib.errors import UsageError
 from conceptlib.files import DESCRIPTIVE_KEYS
 
 # A description may be long (markdown, as the ModelSpec suggests); every other value is one line.
@@ -17,29 +18,36 @@ _LINE_LIMIT = 512
 
 
 def _description_value(ctx, param, value):
+    """The checked value (a refusal is conceptlib's one-line usage error, exit 2, not click's
+    Usage block: these are our checks, not the command line's shape)."""
     if value is None:
         return None
+    option = param.opts[0]
     if param.name == "description" and value == "-":
         try:
             value = sys.stdin.read()
         except UnicodeDecodeError:
-            raise click.BadParameter("the text on standard input is not UTF-8; convert it (e.g. with iconv)") from None
+            raise UsageError(f"{option}: the text on standard input is not UTF-8; convert it (e.g. with iconv)") from None
     value = value.strip()
     if not is_utf8(value):
-        raise click.BadParameter(f"{ascii(value)[:80]} is not UTF-8 text (bytes from another encoding?); "
+        raise UsageError(f"{option}: {ascii(value)[:80]} is not UTF-8 text (bytes from another encoding?); "
                                  "give it as UTF-8")
     limit = _DESCRIPTION_LIMIT if param.name == "description" else _LINE_LIMIT
     if param.name != "description" and len(value.splitlines()) > 1:  # also U+2028, U+0085, ...
-        raise click.BadParameter("must be one line (only --description may hold several)")
+        raise UsageError(f"{option}: must be one line (only --description may hold several)")
     control = next((c for c in value if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
     if control is not None:
-        raise click.BadParameter(f"holds the control character U+{ord(control):04X} (terminal escapes and the like "
+        raise UsageError(f"{option}: holds the control character U+{ord(control):04X} (terminal escapes and the like "
                                  "would reach everyone who views it); remove it")
     if len(value) > limit:
-        raise click.BadParameter(f"is {len(value)} characters long; keep it to at most {limit}")
+        raise UsageError(f"{option}: {len(value)} characters; keep it to at most {limit}")
     if param.name == "tags":
-        # One form for the tools that split them (list --tag, model pickers): ' a,, b ,' is 'a, b'.
-        value = ", ".join(tag.strip() for tag in value.split(",") if tag.strip())
+        # One form for the tools that split them (list --tag, model pickers): ' a,, b ,A' is 'a, b'.
+        tags = {}
+        for tag in (tag.strip() for tag in value.split(",")):
+            if tag:
+                tags.setdefault(tag.casefold(), tag)
+        value = ", ".join(tags.values())
     return value
 
 

@@ -303,6 +303,10 @@ class ConceptLibrary:
         with self.lock():
             path = self.file_entry(name)
             if path is None:
+                owner = self.find_token(name)
+                if owner is not None:  # by name only: a token is no file name, and removing is for good
+                    raise NotFoundError(f"{name!r} is the token of concept {owner.name!r}; remove it by name: "
+                                        f"remove({owner.name!r})")
                 raise NotFoundError(self._not_found_message(name))
             with self._writing(path):
                 os.unlink(path)
@@ -421,7 +425,8 @@ class ConceptLibrary:
             known = [ref for header in self.list() for ref in (header.name, header.token)]
         except LibraryError:
             known = []
-        close = difflib.get_close_matches(ref, known, n=1, cutoff=0.75) if ref else []
+        close = difflib.get_close_matches(ref, [known_ref for known_ref in known if known_ref != ref], n=1,
+                                          cutoff=0.75) if ref else []
         hint = f"did you mean {close[0]!r}? (see `conceptlib list`)" if close else "see `conceptlib list`"
         return f"no concept named or with token {ref!r} in {self.root}; {hint}"
 

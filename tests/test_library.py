@@ -87,6 +87,14 @@ def test_add_get_list_remove(library):
         library.get("cat-doll")
     with pytest.raises(NotFoundError):
         library.remove("cat-doll")
+    # A token is not removed (by name only), and the error says whose it is, not "did you mean" itself.
+    with pytest.raises(NotFoundError) as info:
+        library.remove("<oil-style>")
+    assert str(info.value) == "'<oil-style>' is the token of concept 'oil-style'; remove it by name: remove('oil-style')"
+    with pytest.raises(NotFoundError) as info:
+        library.get("oil-styl")
+    assert "did you mean 'oil-style'?" in str(info.value)
+    assert [h.name for h in library.list()] == ["oil-style"]
 
 
 def test_names_and_tokens_are_unique(library):

@@ -458,6 +458,35 @@ def test_sd_concepts_export_is_a_hub_ready_repository_with_a_model_card(tmp_path
     assert 'from_pretrained("stabilityai/stable-diffusion-2-1-base")' in wide_card
 
 
+@pytest.mark.parametrize("license_name, lines", [
+    ("CreativeML Open RAIL-M", ["license: creativeml-openrail-m"]),  # describe --help's own example
+    ("cc by-nc 4.0", ["license: cc-by-nc-4.0"]),
+    ("CC0", ["license: cc0-1.0"]),
+    ("Proprietary, ask me", ["license: other", 'license_name: "proprietary-ask-me"']),
+    ("https://example.com/terms", ["license: other", 'license_link: "https://example.com/terms"']),
+])
+def test_the_model_cards_license_is_a_hub_id_or_other(concept, tmp_path, license_name, lines):
+    """The Hub accepts only its own license ids; any other license is `other` with its name or link."""
+    described = Concept("toy", "<toy>", concept.vectors, {"modelspec.license": license_name})
+    card = (export(described, "sd-concepts", tmp_path / "toy") / "README.md").read_text()
+    front = card.split("---\n")[1].splitlines()
+    assert front[:len(lines)] == lines and front[len(lines)].startswith("base_model: ")
+
+
+@pytest.mark.parametrize("metadata, kind", [
+    ({"training": json.dumps({"steps": 500, "template": "style"})}, "style"),
+    ({"modelspec.category": "Style"}, "style"),
+    ({"training": json.dumps({"steps": 500, "template": "object"})}, "object"),
+    ({"type_of_concept": "object", "modelspec.category": "Style"}, "object"),  # as the imported folder said
+    ({}, "object"),
+])
+def test_sd_concepts_type_follows_how_the_concept_was_trained_or_described(concept, tmp_path, metadata, kind):
+    folder = export(Concept("ink", "<ink>", concept.vectors, metadata), "sd-concepts", tmp_path / "ink")
+    assert (folder / "type_of_concept.txt").read_text() == kind
+    prompt = {"style": "a painting in the style of <ink>", "object": "a photo of <ink>"}[kind]
+    assert f'image = pipe("{prompt}").images[0]' in (folder / "README.md").read_text().splitlines()
+
+
 def test_a_foreign_files_embedded_picture_becomes_the_preview(tmp_path):
     """kohya-family files (and civitai's) carry cover images, ModelSpec files a thumbnail data URI:
     either becomes the concept's preview; a damaged one is passed over, the import goes on."""

@@ -14,8 +14,22 @@ _BASE_MODEL_NAMES = {"sd-1": "Stable Diffusion 1.x", "sd-2": "Stable Diffusion 2
 # links and filters by, as diffusers' textual-inversion script writes it).
 _BASE_MODEL_REPOS = {"sd-1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd-2": "stabilityai/stable-diffusion-2-1-base"}
 _TAGS = ("stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "textual-inversion")
-# The Hub's license field takes its own ids (cc-by-4.0, creativeml-openrail-m, mit, ...).
-_LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
+# The Hub's license field takes only its own ids; any other license is `license: other` with
+# license_name (and license_link for a URL). The ids concepts are usually shared under:
+_HUB_LICENSES = (
+    "apache-2.0", "mit", "openrail", "openrail++", "creativeml-openrail-m", "bigscience-openrail-m",
+    "cc0-1.0", "cc-by-2.0", "cc-by-3.0", "cc-by-4.0", "cc-by-sa-3.0", "cc-by-sa-4.0", "cc-by-nc-2.0",
+    "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nd-4.0", "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0", "cc-by-nc-nd-4.0",
+    "gpl-3.0", "agpl-3.0", "lgpl-3.0", "bsd-3-clause", "unlicense", "wtfpl",
+)
+# Spellings people write for them (after lowercasing and turning runs of spaces and _ into -).
+_LICENSE_SPELLINGS = {
+    "creativeml-open-rail-m": "creativeml-openrail-m", "creativeml-openrail-m-license": "creativeml-openrail-m",
+    "openrail-m": "creativeml-openrail-m", "open-rail-m": "creativeml-openrail-m", "cc0": "cc0-1.0",
+    "public-domain": "cc0-1.0", "apache": "apache-2.0", "apache-2": "apache-2.0", "gpl-3": "gpl-3.0",
+    "gplv3": "gpl-3.0", "mit-license": "mit",
+}
+_NOT_SLUG = re.compile(r"[^a-z0-9.+-]+")
 
 
 def model_card(concept: Concept, *, preview_file: str | None) -> str:
@@ -29,8 +43,7 @@ def model_card(concept: Concept, *, preview_file: str | None) -> str:
     front = ["---"]
     license_name = metadata.get("modelspec.license", "").strip()
     if license_name:
-        license_id = license_name.lower().replace(" ", "-")
-        front.append(f"license: {license_id}" if _LICENSE_ID.match(license_id) else "license: other")
+        front += _license_fields(license_name)
     repo = _BASE_MODEL_REPOS[concept.base_model]
     front.append(f"base_model: {repo}")
     front.append("tags:")
@@ -55,7 +68,7 @@ def model_card(concept: Concept, *, preview_file: str | None) -> str:
         "",
         f'pipe = StableDiffusionPipeline.from_pretrained("{repo}")',
         'pipe.load_textual_inversion("path/or/user/repo")',
-        f'image = pipe("a photo of {concept.token}").images[0]',
+        f'image = pipe("{_EXAMPLE_PROMPTS[concept_type(metadata)].format(token=concept.token)}").images[0]',
         "```", "",
         "With conceptlib (KerasCV), AUTOMATIC1111, ComfyUI or InvokeAI: `conceptlib import` this folder, then",
         "`conceptlib export` the concept in the tool's own format (`--format a1111`, `kohya`, ...).",
@@ -64,6 +77,36 @@ def model_card(concept: Concept, *, preview_file: str | None) -> str:
     if about:
         lines += ["", "## About", "", *about]
     return "\n".join(lines) + "\n"
+
+
+_EXAMPLE_PROMPTS = {"object": "a photo of {token}", "style": "a painting in the style of {token}"}
+
+
+def concept_type(metadata: dict) -> str:
+    """sd-concepts' ``type_of_concept``: "style" or "object". An imported one as it came, else
+    "style" for a concept trained with the style templates or described with category Style."""
+    given = metadata.get("type_of_concept", "").strip().lower()
+    if given in _EXAMPLE_PROMPTS:
+        return given
+    try:
+        template = json.loads(metadata.get("training") or "{}").get("template")
+    except (ValueError, AttributeError):
+        template = None
+    if template == "style" or metadata.get("modelspec.category", "").strip().lower() == "style":
+        return "style"
+    return "object"
+
+
+def _license_fields(license_name: str) -> list[str]:
+    """The card's license lines: the Hub's id when ``license_name`` is (a spelling of) one, else
+    ``license: other`` with the name, and the link when it is one."""
+    slug = _NOT_SLUG.sub("-", license_name.lower().replace("_", "-")).strip("-")
+    slug = _LICENSE_SPELLINGS.get(slug, slug)
+    if slug in _HUB_LICENSES:
+        return [f"license: {slug}"]
+    if re.match(r"https?://", license_name):
+        return ["license: other", f"license_link: {json.dumps(license_name)}"]
+    return ["license: other", f"license_name: {json.dumps(slug or 'custom')}"]
 
 
 def _about(metadata: dict, user_tags: list[str]) -> list[str]:

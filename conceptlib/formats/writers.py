@@ -233,15 +233,14 @@ def _int_or_none(value) -> int | None:
 def _export_sd_concepts(concept: Concept, folder: Path, overwrite: bool) -> Path:
     if folder.exists() and not folder.is_dir():
         raise ConceptFileError(f"{folder}: exists and is not a folder; sd-concepts export writes a folder, choose another --out")
-    from conceptlib.formats.model_card import model_card
+    from conceptlib.formats.model_card import concept_type, model_card
 
     embeds = folder / "learned_embeds.bin"
     for name in sd_concepts_files(concept):
         _check_target(folder / name, overwrite)
     atomic_write_bytes(embeds, _pickle({concept.token: _one_vector_flat(concept)}, embeds))
     atomic_write_bytes(folder / "token_identifier.txt", concept.token.encode("utf-8"))
-    kind = concept.metadata.get("type_of_concept", "object")
-    atomic_write_bytes(folder / "type_of_concept.txt", kind.encode("utf-8"))
+    atomic_write_bytes(folder / "type_of_concept.txt", concept_type(concept.metadata).encode("utf-8"))
     preview = preview_png(concept.metadata)
     if preview is not None:
         atomic_write_bytes(folder / _SD_CONCEPTS_PREVIEW, preview)

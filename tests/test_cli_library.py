@@ -640,6 +640,12 @@ def test_export_all_into_another_tools_folder(library, tmp_path, fmt, files):
     assert result.exit_code == 0, result.output
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == files
     assert result.stdout.strip().splitlines()[-1] == f"2 concepts exported to {folder}"
+    # A tool's folder serves one base model: the mix is said, and how to keep them apart.
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Note: these are 1 sd-1 and 1 sd-2 concepts in one folder; a tool uses only those of the model it runs "
+        "(export each base model to its own folder with --all --base-model MODEL)")
+    one_model = run("export", "--all", "--base-model", "sd-1", "--format", fmt, "--out", str(tmp_path / "sd1"))
+    assert one_model.exit_code == 0 and "Note: these are" not in one_model.stderr
     # Each file reads back as its concept.
     from conceptlib.formats import load_any
 

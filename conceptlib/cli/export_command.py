@@ -120,6 +120,18 @@ def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: 
         _write_preview_file(concept, preview)
 
 
+def _note_mixed_base_models(concepts) -> None:
+    """A tool's embeddings folder serves one base model: the others' files are skipped by
+    AUTOMATIC1111 and rejected (shape mismatch) by ComfyUI, so a folder of several is said."""
+    counts = {}
+    for concept in concepts:
+        counts[concept.base_model] = counts.get(concept.base_model, 0) + 1
+    if len(counts) > 1:
+        held = " and ".join(f"{count} {model}" for model, count in sorted(counts.items()))
+        click.echo(f"Note: these are {held} concepts in one folder; a tool uses only those of the model it runs "
+                   "(export each base model to its own folder with --all --base-model MODEL)", err=True)
+
+
 def _say_exported(concept, fmt: str, written: Path, *, several: bool = False) -> None:
     """The line for one exported file; for a file whose prompt word in AUTOMATIC1111 is not the
     token (it calls a file by its name, ComfyUI by embedding:NAME), that word, and a warning when
@@ -253,6 +265,7 @@ def _export_many(refs: tuple[str, ...], fmt: str, out: str | None, force: bool, 
         click.echo(f"Unchanged {concept.name}; wrote its preview {preview}")
     same = f" ({unchanged} already there, unchanged)" if unchanged else ""
     click.echo(f"{len(plans)} concept{'s' if len(plans) != 1 else ''} exported to {folder}{same}")
+    _note_mixed_base_models(concepts)
     if not refs and library.problems:
         # The rest is exported; a script syncing a tool's folder must still learn that it is not whole.
         count = len(library.problems)

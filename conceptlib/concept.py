@@ -31,8 +31,8 @@ _TOKEN_RE = re.compile(r"[^\sA-Z]{1,64}")
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid library name (a lowercase slug), else raise ConceptError."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.endswith("."):
-        example = slug_from_token(name) if isinstance(name, str) else "cat-doll"
-        example = example if example not in ("concept", name) else "cat-doll"
+        example = _ascii_slug(name) if isinstance(name, str) else ""
+        example = example if example not in ("", name) else "cat-doll"
         too_long = f" ({len(name)} here)" if isinstance(name, str) and len(name) > 64 else ""
         looks_like_a_token = (f"; a token? give it with --token {name!r}" if isinstance(name, str)
                               and name.startswith("<") and name.endswith(">") else "")
@@ -125,10 +125,23 @@ def _is_control(character: str) -> bool:
 
 
 def slug_from_token(token: str) -> str:
-    """A default library name for a token: '<Cat Doll>' -> 'cat-doll'."""
-    slug = re.sub(r"[^a-z0-9._-]+", "-", token.lower()).strip("-._")
+    """A default library name for a token (or a file or folder name): '<Cat Doll>' -> 'cat-doll';
+    accents dropped ('<Ärger-ß>' -> 'arger-ss'), other non-ASCII characters left out; a name from
+    a short hash of ``token`` when no ASCII letter or digit is left ('<日本>' -> 'concept-1a2b3c4d'),
+    so different tokens never all get the same name."""
+    import hashlib
+
+    return _ascii_slug(token) or "concept-" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+def _ascii_slug(text: str) -> str:
+    """``text`` as a library name of ASCII letters, digits and '-', '_', '.'; '' if none is left."""
+    import unicodedata
+
+    folded = unicodedata.normalize("NFKD", text.casefold()).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9._-]+", "-", folded).strip("-._")
     slug = re.sub(r"\.{2,}", ".", slug)[:64].strip("-._")
-    return slug or "concept"
+    return slug if re.search(r"[a-z0-9]", slug) else ""
 
 
 def validate_vectors(vectors, *, source: str = "concept") -> "np.ndarray":

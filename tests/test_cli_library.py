@@ -293,6 +293,18 @@ def test_mix_refuses_what_cannot_be_mixed_and_changes_nothing(library, tmp_path)
     assert snapshot(library.root) == before
 
 
+def test_default_names_from_non_ascii_tokens_keep_their_letters(library):
+    """As import names files: accents folded, and a token of no ASCII letter gets a name of its
+    own (before, every CJK token became 'concept', and the second one collided)."""
+    assert run("mix", "cat-doll", "--token", "<ärger-mix>").stdout.startswith("Added arger-mix ")
+    first, second = run("mix", "cat-doll", "--token", "<日本>"), run("mix", "oil-style", "--token", "<中文>")
+    assert first.exit_code == 0 and second.exit_code == 0, second.output
+    names = {h.token: h.name for h in library.list()}
+    assert names["<日本>"].startswith("concept-") and names["<中文>"].startswith("concept-")
+    assert names["<日本>"] != names["<中文>"]
+    assert_one_line_error(run("rename", "cat-doll", "Ärger"), 2, "e.g. 'arger'")
+
+
 def test_mix_takes_a_source_whole_when_it_names_a_concept(library):
     """A token may hold '*': the concept it names wins over reading '*2' as a weight."""
     assert run("mix", "cat-doll", "--name", "star", "--token", "qq*2").exit_code == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -452,7 +451,7 @@ def _read_text(path: Path, limit: int = 4096) -> str:
 
 
 def _folder_slug(path: Path) -> str:
-    return _slug(path.resolve().name)
+    return slug_from_token(path.resolve().name)
 
 
 # -- safetensors ---------------------------------------------------------------------------------
@@ -730,16 +729,6 @@ def token_from_file_name(stem: str) -> str:
     return cleaned or _token_from_text(stem)
 
 
-def _slug(text: str) -> str:
-    """A library name from a file, folder or token: accents dropped ('Ärger-ß' -> 'arger-ss'),
-    other non-ASCII characters left out; a name from a short hash of ``text`` when no ASCII
-    letter or digit is left, so different files never all get the same name."""
-    ascii_text = unicodedata.normalize("NFKD", text.casefold()).encode("ascii", "ignore").decode("ascii")
-    if re.search(r"[a-z0-9]", ascii_text):
-        return slug_from_token(ascii_text)
-    return "concept-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
-
-
 def _refuse_long(path: Path, stem_name: str | None, derived_token: str, *, token, name) -> None:
     """A token or name longer than 64 characters would have to be cut short, and prompts written
     for other tools would then not match it; ask for explicit ones instead."""
@@ -780,10 +769,10 @@ def _make(path: Path, stem_name: str | None, file_token: str, vectors, metadata:
         final_name = name
     elif stem_name and is_valid_name(stem_name) and stem_name not in _GENERIC_STEMS:
         final_name = stem_name
-    elif stem_name and _slug(stem_name) not in _GENERIC_STEMS:
-        final_name = _slug(stem_name)
+    elif stem_name and slug_from_token(stem_name) not in _GENERIC_STEMS:
+        final_name = slug_from_token(stem_name)
     else:
-        final_name = _slug(final_token)
+        final_name = slug_from_token(final_token)
     metadata = {str(k): str(v) for k, v in metadata.items()}
     if fmt is not None:
         # A file name from another system may not be UTF-8 (metadata must be): escaped, not refused.

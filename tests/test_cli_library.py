@@ -381,6 +381,12 @@ def test_show_a_file_from_another_tool_without_importing_it(library, tmp_path, m
     for token in ("<a>", "<b>"):
         write_concept(Concept(token[1], token, np.ones((1, 768), np.float32)), several / f"{token[1]}.safetensors")
     assert_one_line_error(run("show", str(several)), 1, "a folder of 2 concept file(s) (e.g. a.safetensors), not one concept's")
+    # diffusers' learned_embeds beside other concept files: several concepts, as import reads it,
+    # not that one under the folder's name.
+    write_concept(Concept("x", "<dl>", np.ones((1, 768), np.float32)), several / "learned_embeds.safetensors")
+    for command in (["show", str(several)], ["export", str(several), "--format", "a1111", "--out", str(tmp_path / "x.pt")]):
+        assert_one_line_error(run(*command), 1, "a folder of 3 concept file(s) (e.g. a.safetensors), not one concept's")
+    assert not (tmp_path / "x.pt").exists()
     # A library concept wins over a file of the same name in the current folder.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "oil-style").write_bytes(b"not a concept")

@@ -365,7 +365,7 @@ def _load_folder(path: Path, *, token: str | None, name: str | None) -> Concept:
     """diffusers' output folder / an sd-concepts-library repo: learned_embeds.* plus optional
     token_identifier.txt and type_of_concept.txt (and, from diffusers, checkpoints: ignored)."""
     embeds = next((path / f for f in _FOLDER_EMBEDDINGS if (path / f).is_file()), None)
-    if embeds is None:
+    if embeds is None or not _is_concept_folder(path):  # as import reads it: then several concepts
         sources, _ = discover(path)
         if sources:
             raise ConceptFileError(f"{path}: a folder of {len(sources)} concept file(s) (e.g. {sources[0].path.name}), "

@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import os
+import re
 import stat
 import struct
 import sys
@@ -46,6 +47,41 @@ DESCRIPTIVE_KEYS = {
 }
 # Those `list --json` carries (and `list PATTERN` searches) when a concept has them.
 LISTED_DESCRIPTIONS = ("title", "description", "author", "license", "category", "tags")
+# A description may be long (markdown, as the ModelSpec suggests); every other value is one line.
+DESCRIPTION_LIMIT = 16384
+LINE_LIMIT = 512
+# C0/C1 control characters but tab, newline and carriage return: terminal escapes and the like.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def is_iso_date(text: str) -> bool:
+    try:
+        _dt.datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def cleaned_metadata(metadata: dict) -> dict:
+    """``metadata`` held to what conceptlib itself writes, for what came from someone else's file
+    (the library stores it so, exports share it so): the description keys (``DESCRIPTIVE_KEYS``)
+    without control characters (they would reach everyone the concept is shared with, in its
+    model card and embedding image), one-line keys on one line, each cut to `describe`'s limit
+    (marked with an ellipsis); a ``created_at`` that is no date left out (the library dates the
+    concept on arrival instead)."""
+    cleaned = dict(metadata)
+    if "created_at" in cleaned and not is_iso_date(cleaned["created_at"]):
+        del cleaned["created_at"]
+    for key in DESCRIPTIVE_KEYS.values():
+        value = cleaned.get(key)
+        if not isinstance(value, str):
+            continue
+        value = _CONTROL.sub("", value)
+        limit = DESCRIPTION_LIMIT
+        if key != DESCRIPTIVE_KEYS["description"]:
+            value, limit = " ".join(value.split()), LINE_LIMIT
+        cleaned[key] = value if len(value) <= limit else value[: limit - 1] + "\u2026"
+    return cleaned
 
 
 class WriteError(ConceptFileError, OSError):

@@ -46,6 +46,7 @@ from conceptlib.files import (
     ConceptHeader,
     WriteError,
     _fsync_dir,
+    cleaned_metadata,
     non_finite_vectors,
     read_concept,
     read_header,
@@ -274,8 +275,11 @@ class ConceptLibrary:
         """Store ``concept`` as <root>/concepts/<name>.safetensors, atomically and under the lock.
 
         With ``overwrite`` an existing concept of the same name is replaced; a token used by a
-        different concept is always a CollisionError.
+        different concept is always a CollisionError. The concept is checked as it is now (its
+        vectors may have changed since it was made), and its metadata stored cleaned
+        (``files.cleaned_metadata``: it may come from a stranger's file).
         """
+        concept = Concept(concept.name, concept.token, concept.vectors, cleaned_metadata(concept.metadata))
         with self.lock():
             self._check_available(concept.name, concept.token, replacing=concept.name if overwrite else None)
             target = self.path_for(concept.name)

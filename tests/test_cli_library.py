@@ -1400,6 +1400,32 @@ def test_text_from_a_strangers_file_cannot_drive_the_terminal(library, tmp_path)
     assert failed.exit_code == 1 and "\x1b" not in failed.stderr and "bad\\x1b[2Jname" in failed.stderr
 
 
+def test_a_strangers_descriptions_are_stored_and_shared_as_describe_would_accept_them(library, tmp_path):
+    """show FILE shows what the file holds (escaped); import stores the descriptions without control
+    characters, on one line where describe wants one, within describe's limits, and drops a
+    created_at that is no date: so nothing of it reaches the model card or embedding image the
+    user shares."""
+    import torch
+
+    path = tmp_path / "liar.pt"
+    torch.save({"string_to_param": {"*": torch.ones(1, 768)}, "name": "liar",
+                "conceptlib": {"token": "<liar>", "created_at": "not a date", "modelspec.title": "T\x1b[31mred\nline",
+                               "modelspec.description": "para\n\x07" + "x" * 20000}}, path)
+    assert "T\\x1b[31mred" in run("show", str(path)).stdout
+    assert run("import", str(path)).exit_code == 0
+    meta = library.get("liar").metadata
+    assert meta["modelspec.title"] == "T[31mred line" and meta["created_at"] != "not a date"
+    description = meta["modelspec.description"]
+    assert description.startswith("para\nxxx") and len(description) == 16384 and description.endswith("\u2026")
+    assert run("export", "liar", "--format", "sd-concepts", "--out", str(tmp_path / "card")).exit_code == 0
+    assert run("export", "liar", "--format", "a1111", "--out", str(tmp_path / "liar.png")).exit_code == 0
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert "\x1b" not in card and "\x07" not in card and "# T[31mred line" in card
+    from conceptlib.formats import load_any
+
+    assert load_any(tmp_path / "liar.png")[0].metadata["modelspec.title"] == "T[31mred line"
+
+
 @pytest.mark.parametrize("command, args, param, value", [
     (["train"], ["images", "--model", "sd-2"], "base_model", "sd-2"),
     (["list"], ["--model", "sd-2"], "base_model", "sd-2"),

@@ -473,6 +473,16 @@ def test_the_model_cards_license_is_a_hub_id_or_other(concept, tmp_path, license
     assert front[:len(lines)] == lines and front[len(lines)].startswith("base_model: ")
 
 
+def test_exports_hold_descriptions_to_describes_rules(concept, tmp_path):
+    """A library file stored before import cleaned descriptions may hold terminal escapes: what is
+    shared never does."""
+    dirty = Concept("toy", "<toy>", concept.vectors, {"modelspec.title": "a\x1b]0;x\x07b", "modelspec.author": "c\nd"})
+    card = (export(dirty, "sd-concepts", tmp_path / "toy") / "README.md").read_text()
+    assert "# a]0;xb" in card.splitlines() and "- Author: c d" in card.splitlines()
+    shared = read_file_header(export(dirty, "kohya", tmp_path / "toy.safetensors")).metadata
+    assert (shared["modelspec.title"], shared["modelspec.author"]) == ("a]0;xb", "c d")
+
+
 @pytest.mark.parametrize("metadata, kind", [
     ({"training": json.dumps({"steps": 500, "template": "style"})}, "style"),
     ({"modelspec.category": "Style"}, "style"),

@@ -97,6 +97,21 @@ def test_add_get_list_remove(library):
     assert [h.name for h in library.list()] == ["oil-style"]
 
 
+def test_add_checks_the_concept_as_it_is_now(library):
+    """A Concept's vectors can change after it was made: add() checks them again, so a NaN never
+    reaches the library and a wrong width is a ConceptError, not a KeyError."""
+    before = snapshot(library.root)
+    diverged = make("diverged")
+    diverged.vectors[0, 0] = np.nan
+    with pytest.raises(ConceptError, match="vector 0 contains NaN or Inf"):
+        library.add(diverged)
+    narrow = make("narrow")
+    narrow.vectors = np.ones((2, 5), np.float32)
+    with pytest.raises(ConceptError, match="vector width 5 is not 768"):
+        library.add(narrow)
+    assert snapshot(library.root) == before
+
+
 def test_names_and_tokens_are_unique(library):
     library.add(make("cat-doll"))
     before = snapshot(library.root)

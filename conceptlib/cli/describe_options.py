@@ -10,11 +10,7 @@ import click
 
 from conceptlib.concept import is_utf8
 from conceptlib.errors import UsageError
-from conceptlib.files import DESCRIPTIVE_KEYS
-
-# A description may be long (markdown, as the ModelSpec suggests); every other value is one line.
-_DESCRIPTION_LIMIT = 16384
-_LINE_LIMIT = 512
+from conceptlib.files import DESCRIPTION_LIMIT, DESCRIPTIVE_KEYS, LINE_LIMIT
 
 
 def _description_value(ctx, param, value):
@@ -32,7 +28,7 @@ def _description_value(ctx, param, value):
     if not is_utf8(value):
         raise UsageError(f"{option}: {ascii(value)[:80]} is not UTF-8 text (bytes from another encoding?); "
                                  "give it as UTF-8")
-    limit = _DESCRIPTION_LIMIT if param.name == "description" else _LINE_LIMIT
+    limit = DESCRIPTION_LIMIT if param.name == "description" else LINE_LIMIT
     if param.name != "description" and len(value.splitlines()) > 1:  # also U+2028, U+0085, ...
         raise UsageError(f"{option}: must be one line (only --description may hold several)")
     control = next((c for c in value if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)

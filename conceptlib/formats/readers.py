@@ -15,7 +15,8 @@ from pathlib import Path
 from conceptlib.concept import DIMS, FORMAT, MAX_VECTORS, Concept, slug_from_token, suggested_token, validate_token
 from conceptlib.errors import ConceptError, ConceptFileError, UnsupportedFormatError, UsageError
 from conceptlib.files import (
-    DESCRIPTIVE_KEYS, MAX_HEADER_BYTES, FileHeader, FileTooLarge, NotARegularFile, read_file_header, read_small_file,
+    DESCRIPTIVE_KEYS, MAX_HEADER_BYTES, FileHeader, FileTooLarge, NotARegularFile, is_iso_date, read_file_header,
+    read_small_file,
 )
 from conceptlib.formats import a1111_image
 from conceptlib.formats.a1111_image import IMAGE_SUFFIXES
@@ -748,16 +749,6 @@ def _refuse_long(path: Path, stem_name: str | None, derived_token: str, *, token
         )
 
 
-def _is_iso_date(text: str) -> bool:
-    import datetime
-
-    try:
-        datetime.datetime.fromisoformat(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _make(path: Path, stem_name: str | None, file_token: str, vectors, metadata: dict, *, token, name, fmt) -> Concept:
     if _is_array(vectors) and vectors.dtype.kind != "f":
         raise ConceptFileError(f"{path}: the embedding holds {vectors.dtype} values, but embeddings are floating-point "
@@ -777,7 +768,7 @@ def _make(path: Path, stem_name: str | None, file_token: str, vectors, metadata:
     if fmt is not None:
         # A file name from another system may not be UTF-8 (metadata must be): escaped, not refused.
         metadata.setdefault("source_file", path.name.encode("utf-8", "backslashreplace").decode("utf-8"))
-        if "created_at" not in metadata and _is_iso_date(metadata.get("modelspec.date", "")):
+        if "created_at" not in metadata and is_iso_date(metadata.get("modelspec.date", "")):
             # When the concept was made (ModelSpec's date: kohya, other trainers), not when imported.
             metadata["created_at"] = metadata["modelspec.date"]
     if not token:

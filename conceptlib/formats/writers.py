@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conceptlib.concept import Concept
 from conceptlib.errors import ConceptFileError, UsageError
-from conceptlib.files import atomic_write_bytes, concept_metadata, write_concept
+from conceptlib.files import atomic_write_bytes, cleaned_metadata, concept_metadata, write_concept
 
 EXPORT_FORMATS = ("conceptlib", "diffusers", "a1111", "sd-concepts", "kohya")
 _SD_CONCEPTS_FILES = ("learned_embeds.bin", "token_identifier.txt", "type_of_concept.txt")
@@ -36,7 +36,7 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
     """
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    concept = _without_local_paths(concept)
+    concept = _shareable(concept)
     out = Path(out).expanduser()
     if fmt == "sd-concepts":
         return _export_sd_concepts(concept, out, overwrite)
@@ -62,19 +62,23 @@ def export(concept: Concept, fmt: str, out: str | os.PathLike, *, overwrite: boo
     return atomic_write_bytes(target, _pickle(_a1111_dict(concept, target), target))
 
 
-def _without_local_paths(concept: Concept) -> Concept:
-    """``concept`` as it may leave this machine: a checkpoint's ``checkpoint_of`` names its run by
-    the folder's name, not by the absolute path the library keeps (which holds the user's home)."""
+def _shareable(concept: Concept) -> Concept:
+    """``concept`` as it may leave this machine: its metadata cleaned (``cleaned_metadata``: a file
+    imported before the library cleaned what it stores may hold terminal escapes), and a
+    checkpoint's ``checkpoint_of`` naming its run by the folder's name, not by the absolute path
+    the library keeps (which holds the user's home)."""
     import json
 
+    metadata = cleaned_metadata(concept.metadata)
     try:
-        record = json.loads(concept.metadata.get("checkpoint_of") or "{}")
+        record = json.loads(metadata.get("checkpoint_of") or "{}")
     except ValueError:
-        return concept
+        record = None
     run = record.get("run") if isinstance(record, dict) else None
-    if not isinstance(run, str) or run == Path(run).name:
+    if isinstance(run, str) and run != Path(run).name:
+        metadata["checkpoint_of"] = json.dumps({**record, "run": Path(run).name})
+    if metadata == concept.metadata:
         return concept
-    metadata = {**concept.metadata, "checkpoint_of": json.dumps({**record, "run": Path(run).name})}
     return Concept(concept.name, concept.token, concept.vectors, metadata)
 
 

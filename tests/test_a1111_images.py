@@ -167,6 +167,10 @@ def test_export_without_a_preview_writes_a_grey_card(home, vectors, tmp_path):
     _, from_pixels, shown = a1111_read(tmp_path / "ink.png")
     assert shown.shape == (512, 512, 3) and (shown == 96).all()
     np.testing.assert_array_equal(from_pixels["string_to_param"]["*"].numpy().astype(np.float32), vectors)
+    # Imported again, the card is no preview: the round trip does not invent one.
+    back = load_source(tmp_path / "ink.png")
+    assert "preview" not in back.metadata and back.token == "<ink>"
+    np.testing.assert_array_equal(back.vectors, vectors)
 
 
 def test_folder_import_passes_over_previews_and_pictures(home, tmp_path, vectors, picture):

@@ -684,7 +684,10 @@ def _load_image(path: Path, *, token: str | None, name: str | None) -> Concept:
     metadata = dict(concept.metadata)
     if metadata.get("source_format") == "a1111":
         metadata["source_format"] = "a1111-image"
-    metadata["preview"] = base64.b64encode(thumbnail_png(found.picture)).decode("ascii")
+    # A picture of one colour is the plain card an exporter draws for a concept without a
+    # preview (conceptlib's grey one): no preview, or a round trip would invent one.
+    if found.picture.size and found.picture.min() != found.picture.max():
+        metadata["preview"] = base64.b64encode(thumbnail_png(found.picture)).decode("ascii")
     return Concept(concept.name, concept.token, concept.vectors, metadata)
 
 

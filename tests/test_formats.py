@@ -473,6 +473,24 @@ def test_the_model_cards_license_is_a_hub_id_or_other(concept, tmp_path, license
     assert front[:len(lines)] == lines and front[len(lines)].startswith("base_model: ")
 
 
+def test_an_sd_concepts_export_comes_back_with_its_description(concept, tmp_path):
+    """The model card carries the description keys and the creation date in a comment the Hub does
+    not show; import reads them back (before, only the vectors and token came back). A Hub repo's
+    card without that comment gives its front matter's license."""
+    described = Concept("toy", "<toy>", concept.vectors, {
+        "modelspec.title": "Plush -- toy", "modelspec.description": "Soft.\n\n<!-- not the end -->", "modelspec.author": "Jo",
+        "modelspec.license": "CC-BY-4.0", "modelspec.usage_hint": "weight 0.8", "modelspec.category": "Object",
+        "modelspec.tags": "toy, plush", "created_at": "2026-01-02T03:04:05+00:00"})
+    back = one(export(described, "sd-concepts", tmp_path / "toy"))
+    for key, value in described.metadata.items():
+        assert back.metadata[key] == value, key
+    hub = tmp_path / "hub-repo"
+    hub.mkdir()
+    repo = export(Concept("cat", "<cat-toy>", concept.vectors[:1]), "sd-concepts", hub / "cat")
+    (repo / "README.md").write_text("---\nlicense: mit\ntags:\n- textual-inversion\n---\n# cat\n")
+    assert one(repo).metadata["modelspec.license"] == "mit"
+
+
 def test_exports_hold_descriptions_to_describes_rules(concept, tmp_path):
     """A library file stored before import cleaned descriptions may hold terminal escapes: what is
     shared never does."""

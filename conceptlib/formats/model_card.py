@@ -76,7 +76,32 @@ def model_card(concept: Concept, *, preview_file: str | None) -> str:
     about = _about(metadata, user_tags)
     if about:
         lines += ["", "## About", "", *about]
+    lines += ["", carried_metadata_comment(concept)]
     return "\n".join(lines) + "\n"
+
+
+_CARRIED = re.compile(r"<!-- conceptlib (\{.*?\}) -->")
+
+
+def carried_metadata_comment(concept: Concept) -> str:
+    """An HTML comment (the Hub does not show it) with what `conceptlib import` reads back from
+    the card: the description keys, created_at, base model (``writers.a1111_extra``), so a shared
+    folder comes back as it left. ASCII JSON, its '--' (only in strings) escaped: a comment may
+    not hold one."""
+    from conceptlib.formats.writers import a1111_extra
+
+    carried = json.dumps(a1111_extra(concept), ensure_ascii=True, separators=(",", ":"))
+    return f"<!-- conceptlib {carried.replace('--', '-' + chr(92) + 'u002d')} -->"
+
+
+def carried_metadata(card: str) -> dict:
+    """What ``carried_metadata_comment`` put into a model card's text, {} if none (or damaged)."""
+    found = _CARRIED.search(card)
+    try:
+        carried = json.loads(found.group(1)) if found else {}
+    except ValueError:
+        return {}
+    return carried if isinstance(carried, dict) else {}
 
 
 _EXAMPLE_PROMPTS = {"object": "a photo of {token}", "style": "a painting in the style of {token}"}

@@ -385,7 +385,29 @@ def _load_folder(path: Path, *, token: str | None, name: str | None) -> Concept:
         metadata["type_of_concept"] = concept_type
     if not metadata.get("preview"):
         metadata.update(_folder_preview(path))
+    metadata.update(_model_card_metadata(path / "README.md"))
     return Concept(concept.name, concept.token, concept.vectors, metadata)
+
+
+def _model_card_metadata(card: Path) -> dict[str, str]:
+    """What an sd-concepts folder's model card says that its other files do not: the description
+    keys a conceptlib export carried in it (``model_card.carried_metadata``), else the license of
+    its front matter (the Hub's sd-concepts-library repos). A card that cannot be read is passed
+    over: it is not the concept."""
+    from conceptlib.formats.model_card import carried_metadata
+
+    try:
+        card_text = read_small_file(card, 1 << 18).decode("utf-8", "replace")
+    except (OSError, NotARegularFile, FileTooLarge):
+        return {}
+    carried = carried_metadata(card_text)
+    found = {key: _short(value, _MAX_DESCRIPTION) for key, value in carried.items()
+             if key in A1111_EXTRA_KEYS and isinstance(value, str)}
+    front = re.match(r"---\n(.*?)\n---", card_text, re.S)
+    hub_license = re.search(r"^license:\s*([A-Za-z0-9.+-]+)\s*$", front.group(1), re.M) if front else None
+    if hub_license and hub_license.group(1) != "other":
+        found.setdefault("modelspec.license", hub_license.group(1))
+    return found
 
 
 def _diffusers_checkpoint(path: Path, step: int, *, token: str | None, name: str | None) -> Concept:

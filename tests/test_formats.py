@@ -749,8 +749,8 @@ def test_misnamed_and_garbage_files_say_how_to_fix(tmp_path):
         "st.pt": "a safetensors file, not a PyTorch file, despite its name; rename it to st.safetensors and import that",
         "garbage.safetensors": "not a safetensors file (it does not start with a safetensors header); the download is "
                                "damaged or is something else (an HTML error page?): re-download it",
-        "bare.pt": "holds a bare tensor of shape [1, 768], not a dictionary of embeddings; expected AUTOMATIC1111's "
-                   "string_to_param or diffusers' {token: tensor}, so the token is unknown: re-save it as {'<token>': tensor}",
+        "bare.pt": "holds a bare tensor of shape [1, 768], not a dictionary of embeddings, so its token is unknown; "
+                   "import this file by itself with --token '<bare>'",
         "intkey.bin": "(keys: 5); expected AUTOMATIC1111's string_to_param or diffusers' {token: tensor}",
         "twotok.bin": "holds 2 token embeddings (<a>, <b>); conceptlib, like AUTOMATIC1111 and diffusers, takes one",
     }
@@ -758,6 +758,9 @@ def test_misnamed_and_garbage_files_say_how_to_fix(tmp_path):
         with pytest.raises(ConceptFileError) as info:
             load_any(tmp_path / name)
         assert needle in str(info.value) and "{{" not in str(info.value), (name, str(info.value))
+    # Given its token, a bare tensor is a concept (as diffusers' load_textual_inversion takes it).
+    bare = load_source(tmp_path / "bare.pt", token="<bare>")
+    assert (bare.name, bare.token, bare.vectors.shape, bare.metadata["source_format"]) == ("bare", "<bare>", (1, 768), "tensor")
 
 
 def test_unknown_byteorder_is_a_corrupt_file_not_diverged_training(tmp_path):

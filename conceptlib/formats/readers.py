@@ -611,9 +611,12 @@ def _load_embedding_dict(path: Path, data, what: str, *, word: str, token: str |
     ``word`` is AUTOMATIC1111's prompt word for it."""
     expected = "expected AUTOMATIC1111's string_to_param or diffusers' {token: tensor}"
     if _is_array(data):
+        if token:  # as diffusers' load_textual_inversion takes one: the caller names its token
+            return _make(path, path.stem, token, data, {"source_format": "tensor"}, token=token, name=name, fmt="tensor")
+        suggestion = shlex.quote(f"<{slug_from_token(path.stem)}>")
         raise UnsupportedFormatError(
-            f"{path}: holds a bare tensor of shape {list(data.shape)}, not a dictionary of embeddings; {expected}, "
-            "so the token is unknown: re-save it as {'<token>': tensor}"
+            f"{path}: holds a bare tensor of shape {list(data.shape)}, not a dictionary of embeddings, so its token is "
+            f"unknown; import this file by itself with --token {suggestion}"
         )
     if not isinstance(data, dict):
         raise UnsupportedFormatError(f"{path}: holds a {type(data).__name__}, not a dictionary of embeddings; {expected}")

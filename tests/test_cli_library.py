@@ -409,6 +409,15 @@ def test_show_of_a_library_file_or_an_imported_download_says_it_is_in_the_librar
     assert set(listed) <= set(info) and (info["title"], info["tags"]) == ("DL Doll", "doll, toy")
 
 
+def test_show_of_a_file_whose_token_import_would_refuse_says_which_to_give(library, tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"emb_params": np.ones((1, 768), np.float32)}, str(tmp_path / "star.safetensors"))
+    shown = run("show", str(tmp_path / "star.safetensors")).stdout
+    assert "not in the library: `conceptlib import` adds it with --token '<star>')" in shown
+    assert run("import", str(tmp_path / "star.safetensors"), "--token", "<star>").exit_code == 0
+
+
 def test_show_writes_the_preview_image(library, tmp_path):
     import base64
     import io
@@ -1306,7 +1315,7 @@ def test_import_several_paths(library, tmp_path):
 
 def test_rename_by_token(library):
     result = run("rename", "<cat-doll>", "doll")
-    assert result.exit_code == 0 and result.stdout == "Renamed <cat-doll> -> doll (<cat-doll>)\n"
+    assert result.exit_code == 0 and result.stdout == "Renamed cat-doll -> doll (<cat-doll>)\n"  # names, old and new
     assert ConceptLibrary(library.root).header("doll").token == "<cat-doll>"
     result = run("rename", "<cat-doll>", "oil-style")
     assert_one_line_error(result, 1, "a concept named 'oil-style' already exists; choose another new name")

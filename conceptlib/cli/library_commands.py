@@ -263,7 +263,7 @@ def _show_file(library, path: Path, as_json: bool, preview_out: Path | None, nea
         info["nearest"] = _nearest_words(concept.vectors, concept.base_model, nearest, weights_dir)
     size = f"{info['size_bytes']} bytes; " if info["size_bytes"] is not None else ""
     where = (f"already in the library as {same.name} ({same.token})" if same is not None
-             else "not in the library: `conceptlib import` adds it")
+             else f"not in the library: `conceptlib import` adds it{_token_to_give(concept.token)}")
     _print_info(info, as_json, where=size + where)
 
 
@@ -446,7 +446,7 @@ def rename_command(old: str, new: str, token: str | None) -> None:
     if (before.name, before.token) == (header.name, header.token):
         click.echo(f"Nothing to change: {header.name} ({header.token}) already has that name and token")
         return
-    click.echo(f"Renamed {old} -> {header.name} ({header.token})")
+    click.echo(f"Renamed {before.name} -> {header.name} ({header.token})")
 
 
 @main.command("mix")
@@ -716,6 +716,18 @@ def _identical_in_library(library, concept):
 def clip_word_problem(token: str) -> str:
     return (f"token {token!r} is an ordinary word of the CLIP vocabulary, so prompts would mean the word, "
             "not the concept (generate and train refuse it)")
+
+
+def _token_to_give(token: str) -> str:
+    """For `show FILE`: how to import a file whose own token import would refuse (an ordinary CLIP
+    word), else ""."""
+    from conceptlib.concept import suggested_token
+
+    try:
+        refused = is_clip_word(token)
+    except ConceptlibError:  # a vocabulary named but unreadable: show is no place to fail for it
+        return ""
+    return f" with --token {shlex.quote('<' + suggested_token(token).strip('<>') + '>')}" if refused else ""
 
 
 def is_clip_word(token: str) -> bool:

@@ -50,8 +50,9 @@ LISTED_DESCRIPTIONS = ("title", "description", "author", "license", "category", 
 # A description may be long (markdown, as the ModelSpec suggests); every other value is one line.
 DESCRIPTION_LIMIT = 16384
 LINE_LIMIT = 512
-# C0/C1 control characters but tab, newline and carriage return: terminal escapes and the like.
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# C0/C1 control characters (Unicode's Cc) but tab, newline and carriage return: terminal escapes
+# and the like, which neither `describe` nor an imported file may put into a description.
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 def is_iso_date(text: str) -> bool:
@@ -76,7 +77,7 @@ def cleaned_metadata(metadata: dict) -> dict:
         value = cleaned.get(key)
         if not isinstance(value, str):
             continue
-        value = _CONTROL.sub("", value)
+        value = CONTROL_CHARACTERS.sub("", value)
         limit = DESCRIPTION_LIMIT
         if key != DESCRIPTIVE_KEYS["description"]:
             value, limit = " ".join(value.split()), LINE_LIMIT

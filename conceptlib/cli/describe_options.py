@@ -4,13 +4,12 @@ a library concept and `train` writes into the concept it makes, with their check
 from __future__ import annotations
 
 import sys
-import unicodedata
 
 import click
 
 from conceptlib.concept import is_utf8
 from conceptlib.errors import UsageError
-from conceptlib.files import DESCRIPTION_LIMIT, DESCRIPTIVE_KEYS, LINE_LIMIT
+from conceptlib.files import CONTROL_CHARACTERS, DESCRIPTION_LIMIT, DESCRIPTIVE_KEYS, LINE_LIMIT
 
 
 def _description_value(ctx, param, value):
@@ -31,9 +30,9 @@ def _description_value(ctx, param, value):
     limit = DESCRIPTION_LIMIT if param.name == "description" else LINE_LIMIT
     if param.name != "description" and len(value.splitlines()) > 1:  # also U+2028, U+0085, ...
         raise UsageError(f"{option}: must be one line (only --description may hold several)")
-    control = next((c for c in value if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
+    control = CONTROL_CHARACTERS.search(value)
     if control is not None:
-        raise UsageError(f"{option}: holds the control character U+{ord(control):04X} (terminal escapes and the like "
+        raise UsageError(f"{option}: holds the control character U+{ord(control.group()):04X} (terminal escapes and the like "
                                  "would reach everyone who views it); remove it")
     if len(value) > limit:
         raise UsageError(f"{option}: {len(value)} characters; keep it to at most {limit}")

@@ -123,9 +123,9 @@ def _export_one(ref: str, fmt: str, out: str | None, force: bool, with_preview: 
 def _note_mixed_base_models(concepts) -> None:
     """A tool's embeddings folder serves one base model: the others' files are skipped by
     AUTOMATIC1111 and rejected (shape mismatch) by ComfyUI, so a folder of several is said."""
-    counts = {}
-    for concept in concepts:
-        counts[concept.base_model] = counts.get(concept.base_model, 0) + 1
+    from collections import Counter
+
+    counts = Counter(concept.base_model for concept in concepts)
     if len(counts) > 1:
         held = " and ".join(f"{count} {model}" for model, count in sorted(counts.items()))
         click.echo(f"Note: these are {held} concepts in one folder; a tool uses only those of the model it runs "

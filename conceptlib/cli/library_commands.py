@@ -721,13 +721,11 @@ def clip_word_problem(token: str) -> str:
 def _token_to_give(token: str) -> str:
     """For `show FILE`: how to import a file whose own token import would refuse (an ordinary CLIP
     word), else ""."""
-    from conceptlib.concept import suggested_token
-
     try:
         refused = is_clip_word(token)
     except ConceptlibError:  # a vocabulary named but unreadable: show is no place to fail for it
         return ""
-    return f" with --token {shlex.quote('<' + suggested_token(token).strip('<>') + '>')}" if refused else ""
+    return f" with --token {shlex.quote(f'<{token}>')}" if refused else ""
 
 
 def is_clip_word(token: str) -> bool:
